@@ -1,0 +1,49 @@
+# Bento: `make run` starts a server, `make test` passes the tests. Both set up
+# whatever is missing first: Debian packages (when root), a .venv, the package.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8765
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test install system-deps lint bench clean
+
+run: $(STAMP)
+	$(PY) -m bento.app server --host $(HOST) --port $(PORT) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
+	  echo "make: cannot create a venv; on Debian: apt-get install python3-venv" >&2; exit 1; }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	@touch $(STAMP)
+
+# Debian packages the project uses, installed only when running as root and missing.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; \
+	  $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	  command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "make: installing$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
+	      || echo "make: could not install$$missing (continuing)" >&2; \
+	  fi; \
+	fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check bento driver sandbox clients tests
+	$(VENV)/bin/mypy bento driver/bento_driver sandbox/bento_sandbox
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

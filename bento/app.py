@@ -1,0 +1,106 @@
+"""The ``bento`` command: ``bento server`` runs a server; the other commands are
+the client CLI (``bento_clients.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from bento.config import Config, default_data_dir
+
+
+def server_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bento server", description="Run a Bento server.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--data-dir", default=default_data_dir(), help="where sessions and functions live")
+    p.add_argument("--sandbox", default="none", help="environment backend: none (more to come)")
+    p.add_argument("--api-key", action="append", default=[],
+                   help="require this API key for store/execute/list (repeatable; also BENTO_API_KEYS)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback address without API keys")
+    p.add_argument("--tls-cert", help="certificate (PEM) to serve wss://")
+    p.add_argument("--tls-key", help="private key (PEM) for --tls-cert")
+    p.add_argument("--ttl", type=float, default=24 * 3600.0,
+                   help="seconds an unattached session lives (default 86400)")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="close connections silent this long (default 300 s)")
+    p.add_argument("--handshake-timeout", type=float, default=10.0,
+                   help="close connections that do not say hello this fast (default 10 s)")
+    p.add_argument("--max-message", type=int, default=16 * 1024 * 1024,
+                   help="largest message in either direction, bytes (default 16 MiB)")
+    p.add_argument("--max-buffer-bytes", type=int, default=1024 * 1024 * 1024,
+                   help="largest buffer.max_bytes an execute may ask for (default 1 GiB)")
+    p.add_argument("--send-timeout", type=float, default=30.0,
+                   help="drop a client that does not read a message this long (default 30 s)")
+    p.add_argument("--buffer-bytes", type=int, default=64 * 1024 * 1024,
+                   help="default output buffer per session (default 64 MiB)")
+    p.add_argument("--buffer-policy", default="block", choices=["block", "drop_oldest", "fail"])
+    p.add_argument("--node", default="node-1", help="this node's name, sent in hello")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def run_server(argv: list[str]) -> int:
+    args = server_parser().parse_args(argv)
+    keys = list(args.api_key)
+    env_keys = os.environ.get("BENTO_API_KEYS", "")
+    keys += [k.strip() for k in env_keys.split(",") if k.strip()]
+    config = Config(
+        host=args.host, port=args.port, data_dir=args.data_dir, sandbox=args.sandbox,
+        api_keys=keys, insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        ttl_s=args.ttl, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
+        buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
+        handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
+        max_buffer_bytes=args.max_buffer_bytes,
+    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config.check()
+    except ValueError as exc:
+        print(f"bento server: {exc}", file=sys.stderr)
+        return 2
+    if config.sandbox != "none":
+        print(f"bento server: sandbox {config.sandbox!r} is not implemented yet; use --sandbox none",
+              file=sys.stderr)
+        return 2
+
+    import trio
+
+    from bento.server import serve
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            ws_server = await nursery.start(serve, config)
+            port = ws_server.port
+            scheme = "wss" if config.tls_cert else "ws"
+            host = f"[{config.host}]" if ":" in config.host else config.host
+            print(f"bento: listening on {scheme}://{host}:{port}/v1", flush=True)
+            print(f"bento: data dir {os.path.abspath(config.data_dir)}", flush=True)
+            if config.sandbox == "none":
+                print("bento: WARNING sandbox 'none': functions run UNSANDBOXED as this user "
+                      "(rlimits only)", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["server"]:
+        return run_server(argv[1:])
+    try:
+        from bento_clients.cli import main as client_main
+    except ImportError:
+        print("bento: the client commands are not built yet; only 'bento server' works", file=sys.stderr)
+        return 2
+    return client_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Server settings, their defaults, and where the embedded store lives."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from bento import protocol
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "bento")
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data_dir: str = field(default_factory=default_data_dir)
+    sandbox: str = "none"
+    api_keys: list[str] = field(default_factory=list)
+    insecure: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    node: str = "node-1"
+    max_message: int = protocol.DEFAULT_MAX_MESSAGE
+    buffer_bytes: int = 64 * 1024 * 1024
+    buffer_policy: str = "block"
+    max_buffer_bytes: int = 1024 * 1024 * 1024
+    ttl_s: float = 24 * 3600.0
+    idle_timeout_s: float = 300.0
+    handshake_timeout_s: float = 10.0
+    send_timeout_s: float = 30.0
+    max_connections_per_peer: int = 256
+    max_sessions: int = 10_000
+    out_event_bytes: int = 1024 * 1024
+    default_limits: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+
+    def check(self) -> None:
+        """Refuse settings that are unsafe or cannot work."""
+        if not self.loopback and not self.api_keys and not self.insecure:
+            raise ValueError(
+                f"refusing to listen on {self.host} without API keys: "
+                "give --api-key (or BENTO_API_KEYS), or --insecure if you really mean it"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.buffer_policy not in protocol.BUFFER_POLICIES:
+            raise ValueError(f"unknown buffer policy {self.buffer_policy!r}")

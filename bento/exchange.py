@@ -1,0 +1,862 @@
+"""The exchange: one small process per session, the authority on its logs.
+
+It owns the environment's pipes, appends every output frame to the session's
+output log, records every accepted input in the input log and feeds it to the
+function exactly once, enforces the wall-time, output and buffer limits, keeps
+the shared state, and records the exit. The server talks to it over a Unix
+socket in the session directory (``ctl.sock``), and reads the output log
+directly from disk. The exchange does not die with the server: a server that
+restarts reconnects and finds everything where it was.
+
+Started by the server as ``python -I -S -c ... SESSION_DIR [--adopt]``. With
+``--adopt`` there is no function to run: a previous exchange died, and this one
+recovers the logs (cutting a torn tail), marks the session ``lost`` if it never
+recorded an exit, and serves reads, acks and shared state until the session's
+life ends.
+
+It must never import trio (it exists once per session and must start fast),
+never block on a peer (every fd is non-blocking, every outgoing buffer is
+bounded or coalesced), and never trust what the function writes to its pipes.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+import cbor2
+
+import bento_sandbox
+from bento import protocol, sessionlog
+
+LEN = struct.Struct(">I")
+READ_SIZE = 1 << 16
+MAX_PENDING_INPUT = 16 * 1024 * 1024
+MAX_STATE_BYTES = 64 * 1024
+MAX_CTL_OUT = 64 * 1024 * 1024
+DRAIN_SECONDS = 2.0
+STATE_FLUSH_SECONDS = 0.1
+SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name.removeprefix("SIG")
+    except ValueError:
+        return str(num)
+
+
+class Framed:
+    """Length-prefixed CBOR messages over one non-blocking fd pair."""
+
+    def __init__(self, rfd: int, wfd: int, max_in: int) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.max_in = max_in
+        self.eof = False
+
+    def feed(self) -> bool:
+        """Read what is there; False at EOF."""
+        try:
+            chunk = os.read(self.rfd, READ_SIZE * 4)
+        except BlockingIOError:
+            return True
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            return False
+        self.inbuf += chunk
+        return True
+
+    def messages(self) -> list[bytes]:
+        out = []
+        while len(self.inbuf) >= 4:
+            n = LEN.unpack_from(self.inbuf, 0)[0]
+            if n > self.max_in:
+                raise ValueError(f"message of {n} bytes exceeds {self.max_in}")
+            if len(self.inbuf) < 4 + n:
+                break
+            out.append(bytes(self.inbuf[4 : 4 + n]))
+            del self.inbuf[: 4 + n]
+        return out
+
+    def queue(self, body: bytes) -> None:
+        self.outbuf += LEN.pack(len(body)) + body
+
+    def flush(self) -> None:
+        while self.outbuf:
+            try:
+                n = os.write(self.wfd, self.outbuf)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.outbuf.clear()
+                return
+            del self.outbuf[:n]
+
+
+class Exchange:
+    def __init__(self, sdir: str, adopt: bool) -> None:
+        self.dir = sdir
+        self.adopt = adopt
+        with open(os.path.join(sdir, "meta.cbor"), "rb") as f:
+            self.meta: dict[str, Any] = cbor2.loads(f.read())
+        buffer = self.meta["buffer"]
+        self.max_bytes: int = buffer["max_bytes"]
+        self.policy: str = buffer["policy"]
+        self.limits = bento_sandbox.Limits.from_map(self.meta["limits"])
+        self.max_message: int = self.meta["max_message"]
+        # An out event carries one frame at least: leave room for its envelope.
+        self.max_value = self.max_message - 1024
+        self.sel = selectors.DefaultSelector()
+        self.out = sessionlog.Writer(sdir, "out")
+        self.inlog = sessionlog.Writer(sdir, "in")
+
+        saved = self._load_saved()
+        self.state: str = saved.get("state", "starting")
+        self.exit: dict | None = saved.get("exit")
+        self.ended: float | None = saved.get("ended")
+        self.acked_seq: int = saved.get("acked_seq", 0)
+        self.dropped_to: int = saved.get("dropped_to", 0)
+        self.shared_version: int = saved.get("shared_version", 0)
+        self.shared_value: bytes = saved.get("shared_value", protocol.encode(None))
+        self.enforced: dict[str, str] = saved.get("enforced", {})
+        self.exit_seq: int | None = saved.get("exit_seq")
+
+        # Per-frame data sizes from seq ``size_base`` on, for buffer accounting
+        # (the exit frame counts 0: it is never blocked or dropped).
+        self.size_base = self.out.next_seq
+        self.sizes = array.array("q")
+        last: tuple[int, bytes] | None = None
+        for seq, payload in self.out.records():
+            if not self.sizes:
+                self.size_base = seq
+            self.sizes.append(_data_len(payload))
+            last = (seq, payload)
+        if last is not None:
+            _seq, ch, data = protocol.decode(last[1], require_map=False)
+            if ch == "exit":
+                # The exit frame is on disk even if the state file missed it.
+                self.exit, self.exit_seq, self.state = data, last[0], data["state"]
+                self.ended = self.ended or time.time()
+                self.sizes[-1] = 0
+        self.first_seq = max(self.size_base, self.acked_seq + 1, self.dropped_to + 1)
+        self.first_seq = min(self.first_seq, self.out.next_seq)
+        self.buffer_bytes = sum(self.sizes[self.first_seq - self.size_base :])
+        self.input_seq = self.inlog.next_seq - 1
+        self.output_total = 0
+
+        self.child: bento_sandbox.Spawned | None = None
+        self.pidfd = -1
+        self.child_status: int | None = None
+        self.kill_reason: str | None = None
+        self.report: dict | None = None
+        self.drain_deadline: float | None = None
+        self.wall_deadline: float | None = None
+        self.pipes: dict[int, str] = {}  # fd -> "stdout" | "stderr"
+        self.to_close: list[int] = []
+        self.driver: Framed | None = None
+        self.reading = False
+        self.server: Framed | None = None
+        self.server_sock: socket.socket | None = None
+        self.progress_dirty = True
+        self.state_dirty_at: float | None = None
+        self.finished = False
+        self.remove = False  # delete the session directory on the way out
+        self.kill_error: dict | None = None
+
+    # -- persistence ------------------------------------------------------
+
+    def _load_saved(self) -> dict:
+        try:
+            with open(os.path.join(self.dir, "state.cbor"), "rb") as f:
+                return cbor2.loads(f.read())
+        except FileNotFoundError:
+            return {}
+
+    def save(self) -> None:
+        write_atomic(
+            os.path.join(self.dir, "state.cbor"),
+            cbor2.dumps(
+                {
+                    "state": self.state,
+                    "exit": self.exit,
+                    "ended": self.ended,
+                    "exit_seq": self.exit_seq,
+                    "acked_seq": self.acked_seq,
+                    "dropped_to": self.dropped_to,
+                    "shared_version": self.shared_version,
+                    "shared_value": self.shared_value,
+                    "enforced": self.enforced,
+                    "sandbox": self.meta["sandbox"],
+                }
+            ),
+        )
+        self.state_dirty_at = None
+
+    def save_soon(self) -> None:
+        if self.state_dirty_at is None:
+            self.state_dirty_at = time.monotonic() + STATE_FLUSH_SECONDS
+
+    # -- control socket ---------------------------------------------------
+
+    def listen(self) -> socket.socket:
+        path = os.path.join(self.dir, "ctl.sock")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            # /proc/self/fd/N keeps the path short whatever the data dir is.
+            sock.bind(f"/proc/self/fd/{dfd}/ctl.sock")
+        finally:
+            os.close(dfd)
+        sock.listen(4)
+        sock.setblocking(False)
+        self.sel.register(sock, selectors.EVENT_READ, self.on_accept)
+        return sock
+
+    def on_accept(self, sock: socket.socket) -> None:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return
+        # One server at a time: a new connection replaces the old one.
+        self.drop_server()
+        conn.setblocking(False)
+        self.server_sock = conn
+        self.server = Framed(conn.fileno(), conn.fileno(), 2 * self.max_message + 4096)
+        self.sel.register(conn, selectors.EVENT_READ, self.on_server)
+        self.send_server(self.snapshot(kind="hello"))
+        self.progress_dirty = False
+
+    def drop_server(self) -> None:
+        if self.server_sock is not None:
+            self.sel.unregister(self.server_sock)
+            self.server_sock.close()
+            self.server_sock = None
+            self.server = None
+
+    def send_server(self, msg: dict) -> None:
+        if self.server is None:
+            return
+        self.server.queue(cbor2.dumps(msg))
+        self.server.flush()
+        if len(self.server.outbuf) > MAX_CTL_OUT:
+            # The server stopped reading: drop it; it reconnects and gets a snapshot.
+            self.drop_server()
+
+    def snapshot(self, kind: str = "progress") -> dict:
+        msg = {
+            "t": kind,
+            "state": self.state,
+            "next_seq": self.out.next_seq,
+            "first_seq": self.first_seq,
+            "acked_seq": self.acked_seq,
+            "input_seq": self.input_seq,
+            "buffer_bytes": self.buffer_bytes,
+            "dropped_to": self.dropped_to,
+            "ended": self.ended,
+            "exit": self.exit,
+            "exit_seq": self.exit_seq,
+        }
+        if kind == "hello":
+            msg.update(
+                pid=os.getpid(),
+                enforced=self.enforced,
+                shared_version=self.shared_version,
+                shared_value=self.shared_value,
+            )
+        return msg
+
+    def on_server(self, _sock: socket.socket) -> None:
+        server = self.server
+        assert server is not None
+        alive = server.feed()
+        try:
+            bodies = server.messages()
+        except ValueError:
+            bodies, alive = [], False
+        for body in bodies:
+            self.handle_server(cbor2.loads(body))
+            if self.finished:
+                return
+        if not alive:
+            self.drop_server()
+
+    def reply(self, rid: int, **fields: Any) -> None:
+        self.send_server({"rid": rid, **fields})
+
+    def handle_server(self, msg: dict) -> None:
+        t = msg.get("t")
+        rid = msg.get("rid", 0)
+        if t == "input":
+            self.on_input(rid, msg)
+        elif t == "ack":
+            self.on_ack(msg["seq"])
+        elif t == "signal":
+            if self.state in protocol.ENDED_STATES or self.child is None:
+                self.reply(rid, ok=False, code="gone", message="the function has ended")
+            else:
+                sig = SIGNALS[msg["signal"]]
+                if sig == signal.SIGINT:
+                    self._signal_driver(sig)
+                else:
+                    bento_sandbox.kill_group(self.child.pgid, sig)
+                self.reply(rid, ok=True)
+        elif t == "state_get":
+            self.reply(rid, ok=True, version=self.shared_version, value=self.shared_value)
+        elif t == "state_put":
+            ok, version = self.put_state(msg["value"], msg.get("if_version"))
+            if ok:
+                self.reply(rid, ok=True, version=version)
+            else:
+                self.reply(rid, ok=False, code="conflict", message="shared state changed", version=version)
+        elif t == "end":
+            # destroy, or the session's life is over: nothing of it remains.
+            self.kill_reason = self.kill_reason or "destroyed"
+            self.kill_child()
+            self.reply(rid, ok=True)
+            if self.server:
+                self.server.flush()
+            self.finished = True
+            self.remove = True
+        else:
+            self.reply(rid, ok=False, code="bad_request", message=f"unknown control message {t!r}")
+
+    # -- input ------------------------------------------------------------
+
+    def on_input(self, rid: int, msg: dict) -> None:
+        seq = msg["seq"]
+        if seq <= self.input_seq:
+            self.reply(rid, ok=True, input_seq=self.input_seq)
+            return
+        if seq > self.input_seq + 1:
+            self.reply(rid, ok=False, code="input_gap",
+                       message=f"input seq {seq} skips {self.input_seq + 1}", input_seq=self.input_seq)
+            return
+        if self.state in protocol.ENDED_STATES or self.drain_deadline is not None:
+            self.reply(rid, ok=False, code="gone", message="the function has ended")
+            return
+        if self.driver is not None and len(self.driver.outbuf) > MAX_PENDING_INPUT:
+            self.reply(rid, ok=False, code="limit",
+                       message="too much input is waiting for the function to read it")
+            return
+        eof = bool(msg.get("eof"))
+        data = msg.get("data")
+        self.inlog.append(seq, cbor2.dumps([seq, None if eof else data]))
+        self.input_seq = seq
+        if self.driver is not None:
+            self.driver.queue(cbor2.dumps({"t": "eof"} if eof else {"t": "in", "data": data}))
+            self.flush_driver()
+        self.reply(rid, ok=True, input_seq=seq)
+
+    def flush_driver(self) -> None:
+        drv = self.driver
+        if drv is None:
+            return
+        drv.flush()
+        want = selectors.EVENT_WRITE if drv.outbuf else 0
+        self._modify(drv.wfd, want, self.on_driver_writable)
+
+    def on_driver_writable(self, _fd: int) -> None:
+        self.flush_driver()
+
+    def _modify(self, fd: int, events: int, cb: Any) -> None:
+        try:
+            key = self.sel.get_key(fd)
+        except KeyError:
+            key = None
+        if events == 0:
+            if key is not None:
+                self.sel.unregister(fd)
+        elif key is None:
+            self.sel.register(fd, events, cb)
+        elif key.events != events:
+            self.sel.modify(fd, events, cb)
+
+    # -- output -----------------------------------------------------------
+
+    def on_ack(self, seq: int) -> None:
+        seq = min(seq, self.out.next_seq - 1)
+        if seq <= self.acked_seq:
+            return
+        self.acked_seq = seq
+        self.trim_to(seq + 1)
+        self.save_soon()
+        self.progress_dirty = True
+
+    def trim_to(self, first: int) -> None:
+        """Free frames below ``first``."""
+        if first <= self.first_seq:
+            return
+        lo = self.first_seq - self.size_base
+        hi = first - self.size_base
+        self.buffer_bytes -= sum(self.sizes[lo:hi])
+        self.first_seq = first
+        if hi > 4096 and hi > len(self.sizes) // 2:
+            del self.sizes[:hi]
+            self.size_base = first
+        self.out.drop_before(first)
+        self.update_reading()
+
+    def append(self, ch: str, data_cbor: bytes, size: int) -> None:
+        seq = self.out.next_seq
+        self.out.append(seq, protocol.encode_frame(seq, ch, data_cbor))
+        self.sizes.append(size)
+        self.progress_dirty = True
+        if ch == "exit":
+            return
+        self.buffer_bytes += size
+        if self.buffer_bytes > self.max_bytes:
+            if self.policy == "drop_oldest":
+                drop = self.first_seq
+                excess = self.buffer_bytes - self.max_bytes
+                freed = 0
+                while freed < excess and drop < seq:
+                    freed += self.sizes[drop - self.size_base]
+                    drop += 1
+                if drop > self.first_seq:
+                    self.dropped_to = drop - 1
+                    self.trim_to(drop)
+                    self.save_soon()
+            elif self.policy == "fail" and self.drain_deadline is None:
+                self.kill("buffer")
+        self.update_reading()
+
+    def emit_stream(self, ch: str, chunk: bytes) -> None:
+        limit = self.limits.output_bytes
+        if limit is not None:
+            room = limit - self.output_total
+            if len(chunk) > room:
+                chunk = chunk[: max(0, room)]
+                self.kill("output_bytes")
+                if not chunk:
+                    return
+        self.output_total += len(chunk)
+        self.append(ch, protocol.encode_head(2, len(chunk)) + chunk, len(chunk))
+
+    def update_reading(self) -> None:
+        """Read the function's output unless policy ``block`` says the buffer is full."""
+        want = self.child is not None and (
+            self.drain_deadline is not None
+            or not (self.policy == "block" and self.buffer_bytes >= self.max_bytes)
+        )
+        if want == self.reading:
+            return
+        self.reading = want
+        for fd, ch in list(self.pipes.items()):
+            self._modify(fd, selectors.EVENT_READ if want else 0, self.on_pipe)
+        if self.driver is not None and not self.driver.eof:
+            self._modify(self.driver.rfd, selectors.EVENT_READ if want else 0, self.on_driver)
+
+    def on_pipe(self, fd: int) -> None:
+        if fd in self.pipes:
+            self.read_pipe(fd)
+
+    def read_pipe(self, fd: int) -> bool:
+        """One read of a stdout/stderr pipe; False when nothing more is there now."""
+        try:
+            chunk = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError:
+            chunk = b""
+        if not chunk:
+            # Closed after this round of events, so a stale event cannot hit a reused fd.
+            self._modify(fd, 0, None)
+            del self.pipes[fd]
+            self.to_close.append(fd)
+            return False
+        self.emit_stream(self.pipes[fd], chunk)
+        return True
+
+    def drain_pipes(self) -> None:
+        """Take what the function already wrote to stdout/stderr, so a message
+        it sends after printing lands after the printed text."""
+        for fd in list(self.pipes):
+            for _ in range(16):
+                if fd not in self.pipes or not self.read_pipe(fd):
+                    break
+
+    # -- the driver's messages ---------------------------------------------
+
+    def on_driver(self, _fd: int) -> None:
+        drv = self.driver
+        assert drv is not None
+        alive = drv.feed()
+        try:
+            for body in drv.messages():
+                self.handle_driver(protocol.decode(body, max_size=self.max_message + 4096))
+        except (ValueError, KeyError, TypeError, protocol.ProtocolError) as exc:
+            self.violation(f"the function broke the driver protocol: {exc}")
+            return
+        if not alive:
+            self._modify(drv.rfd, 0, None)
+
+    def violation(self, message: str) -> None:
+        self.kill("protocol", error={"type": "ProtocolViolation", "message": message})
+
+    def handle_driver(self, msg: dict) -> None:
+        t = msg.get("t")
+        if t == "send":
+            ch, data = msg["ch"], msg["v"]
+            if not isinstance(data, bytes) or len(data) > self.max_value:
+                raise ValueError("bad send")
+            if ch is not None and (not isinstance(ch, str) or not ch or len(ch) > 256):
+                raise ValueError("bad channel")
+            protocol.decode(data, max_size=self.max_value, max_depth=protocol.MAX_DEPTH - 3,
+                            require_map=False)
+            self.drain_pipes()
+            limit = self.limits.output_bytes
+            if limit is not None and self.output_total + len(data) > limit:
+                self.kill("output_bytes")
+                return
+            self.output_total += len(data)
+            self.append("msg" if ch is None else f"msg:{ch}", data, len(data))
+        elif t == "get":
+            self.to_driver({"t": "state", "version": self.shared_version, "value": self.shared_value})
+        elif t == "put":
+            value, if_version = msg["v"], msg.get("if")
+            if not isinstance(value, bytes) or (if_version is not None and not isinstance(if_version, int)):
+                raise ValueError("bad put")
+            if len(value) > MAX_STATE_BYTES:
+                self.to_driver({"t": "put", "ok": False, "version": self.shared_version,
+                                "error": f"shared state is limited to {MAX_STATE_BYTES} bytes"})
+                return
+            protocol.decode(value, max_size=MAX_STATE_BYTES, max_depth=protocol.MAX_DEPTH - 2,
+                            require_map=False)
+            ok, version = self.put_state(value, if_version)
+            self.to_driver({"t": "put", "ok": ok, "version": version})
+        elif t == "exit":
+            if msg.get("result") is not None:
+                protocol.decode(msg["result"], max_size=self.max_value,
+                                max_depth=protocol.MAX_DEPTH - 4, require_map=False)
+            self.report = msg
+        else:
+            raise ValueError(f"unknown message {t!r}")
+
+    def to_driver(self, msg: dict) -> None:
+        if self.driver is not None:
+            self.driver.queue(cbor2.dumps(msg))
+            self.flush_driver()
+
+    def put_state(self, value: bytes, if_version: int | None) -> tuple[bool, int]:
+        if if_version is not None and if_version != self.shared_version:
+            return False, self.shared_version
+        self.shared_version += 1
+        self.shared_value = value
+        self.save()
+        self.send_server({"t": "state", "version": self.shared_version, "value": value})
+        return True, self.shared_version
+
+    # -- the environment ----------------------------------------------------
+
+    def start(self) -> None:
+        backend = bento_sandbox.get_backend(self.meta["sandbox"])
+        work = os.path.join(self.dir, "work")
+        os.makedirs(work, exist_ok=True)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        to_r, to_w = os.pipe()  # exchange -> driver (driver's fd 3)
+        from_r, from_w = os.pipe()  # driver -> exchange (driver's fd 4)
+        # The driver expects its pipes at fds 3 and 4: move ours out of the
+        # way first, then dup into place inside the child via pass_fds order.
+        child_in, child_out = _fd_at_least(to_r, 10), _fd_at_least(from_w, 10)
+        paths = self.meta["driver_path"]
+        boot = (
+            "import os,sys;"
+            f"os.dup2({child_in},3);os.dup2({child_out},4);os.close({child_in});os.close({child_out});"
+            f"sys.path[:0]={paths!r};"
+            "from bento_driver.main import main;main()"
+        )
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "LANG": "C.UTF-8"}
+        env.update(self.meta["env"])
+        try:
+            self.child = backend.spawn(
+                [self.meta["python"], "-I", "-S", "-c", boot],
+                cwd=work,
+                env=env,
+                limits=self.limits,
+                network=self.meta["network"],
+                pass_fds=(child_in, child_out),
+                stdout=out_w,
+                stderr=err_w,
+            )
+        except (OSError, bento_sandbox.SandboxUnavailable) as exc:
+            for fd in (out_r, out_w, err_r, err_w, to_r, to_w, from_r, from_w, child_in, child_out):
+                _close(fd)
+            self.finish_exit(
+                {"state": "failed", "code": None, "signal": None, "result": None,
+                 "error": {"type": "SandboxError", "message": str(exc), "traceback": ""}}
+            )
+            return
+        for fd in (out_w, err_w, child_in, child_out, to_r, from_w):
+            _close(fd)
+        self.enforced = self.child.enforced
+        for fd in (out_r, err_r, to_w, from_r):
+            os.set_blocking(fd, False)
+        self.pipes = {out_r: "stdout", err_r: "stderr"}
+        self.driver = Framed(from_r, to_w, self.max_message + 4096)
+        self.pidfd = os.pidfd_open(self.child.process.pid)
+        self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
+        with open(os.path.join(self.dir, "env.pid"), "w") as f:
+            f.write(f"{self.child.pgid}\n")
+        if self.limits.wall_s is not None:
+            self.wall_deadline = time.monotonic() + self.limits.wall_s
+        start = {
+            "t": "start",
+            "code": self.meta["code"],
+            "entry": self.meta["entry"],
+            "args": self.meta["args"],
+            "kwargs": self.meta["kwargs"],
+            "max_value": self.max_value,
+            "max_depth": protocol.MAX_DEPTH - 4,
+            "max_items": protocol.DEFAULT_MAX_ITEMS,
+        }
+        self.driver.queue(cbor2.dumps(start))
+        # Input accepted before the function started goes to it now, in order.
+        for seq, payload in self.inlog.records():
+            _s, data = cbor2.loads(payload)
+            self.driver.queue(cbor2.dumps({"t": "eof"} if data is None else {"t": "in", "data": data}))
+            del seq
+        self.flush_driver()
+        self.state = "running"
+        self.update_reading()
+        self.save()
+        self.progress_dirty = True
+
+    def _signal_driver(self, sig: int) -> None:
+        assert self.child is not None
+        try:
+            os.kill(self.child.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self, reason: str, error: dict | None = None) -> None:
+        """End the function because of a limit or a violation."""
+        if self.kill_reason is None:
+            self.kill_reason = reason
+            self.kill_error = error
+        self.kill_child()
+
+    def kill_child(self) -> None:
+        if self.child is not None:
+            bento_sandbox.kill_group(self.child.pgid)
+
+    def on_child_exit(self, _fd: int) -> None:
+        assert self.child is not None
+        self.sel.unregister(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        _pid, status = os.waitpid(self.child.process.pid, 0)
+        self.child.process.returncode = os.waitstatus_to_exitcode(status)
+        self.child_status = status
+        # Whatever the function left behind dies with it.
+        bento_sandbox.kill_group(self.child.pgid)
+        self.drain_deadline = time.monotonic() + DRAIN_SECONDS
+        self.reading = False
+        self.update_reading()
+
+    def maybe_finish_drain(self, now: float) -> None:
+        if self.drain_deadline is None or self.exit is not None:
+            return
+        driver_open = self.driver is not None and not self.driver.eof
+        if (self.pipes or driver_open) and now < self.drain_deadline:
+            return
+        for fd in list(self.pipes):
+            self._modify(fd, 0, None)
+            self.to_close.append(fd)
+        self.pipes.clear()
+        if self.driver is not None:
+            for fd in (self.driver.rfd, self.driver.wfd):
+                self._modify(fd, 0, None)
+                self.to_close.append(fd)
+        self.finish_exit(self.exit_data())
+
+    def exit_data(self) -> dict:
+        status = self.child_status
+        assert status is not None
+        rep = self.report
+        data: dict[str, Any] = {"state": "exited", "code": None, "signal": None, "result": None, "error": None}
+        signaled = os.WIFSIGNALED(status)
+        if self.kill_reason is not None and self.kill_reason != "destroyed":
+            err = self.kill_error or {"type": "LimitExceeded", "message": self.kill_reason}
+            data.update(state="killed", signal="KILL", error=err)
+        elif signaled:
+            sig = os.WTERMSIG(status)
+            data.update(state="killed", signal=signal_name(sig))
+            if sig == signal.SIGKILL and self.limits.cpu_s is not None and self._cpu_exhausted():
+                data["error"] = {"type": "LimitExceeded", "message": "cpu_s"}
+        elif rep is not None:
+            kind = rep.get("kind")
+            if kind == "failed":
+                data.update(state="failed", error=rep.get("error"))
+            elif kind == "interrupted":
+                data.update(state="killed", signal="INT", error=rep.get("error"))
+            else:
+                data.update(code=rep.get("code", 0), error=rep.get("error"))
+                if rep.get("result") is not None:
+                    data["result"] = cbor2.loads(rep["result"])
+        else:
+            data.update(code=os.WEXITSTATUS(status))
+        return data
+
+    def _cpu_exhausted(self) -> bool:
+        assert self.child is not None and self.limits.cpu_s is not None
+        usage = os.times()
+        return usage.children_user + usage.children_system >= self.limits.cpu_s * 0.9
+
+    def finish_exit(self, data: dict) -> None:
+        self.exit = data
+        self.state = data["state"]
+        self.ended = time.time()
+        self.exit_seq = self.out.next_seq
+        self.append("exit", protocol.encode(data), 0)
+        self.drain_deadline = None
+        self.save()
+        self.progress_dirty = True
+
+    # -- adoption -----------------------------------------------------------
+
+    def adopt_lost(self) -> None:
+        if self.exit is None:
+            self.finish_exit(
+                {"state": "lost", "code": None, "signal": None, "result": None,
+                 "error": {"type": "ExchangeLost",
+                           "message": "the session's exchange died; output up to here is kept",
+                           "traceback": ""}}
+            )
+
+    # -- main loop ----------------------------------------------------------
+
+    def run(self) -> None:
+        while not self.finished:
+            now = time.monotonic()
+            timeout = 1.0
+            for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at):
+                if deadline is not None:
+                    timeout = min(timeout, max(0.0, deadline - now))
+            for key, _mask in self.sel.select(timeout):
+                key.data(key.fileobj)
+                if self.finished:
+                    break
+            for fd in self.to_close:
+                _close(fd)
+            self.to_close.clear()
+            now = time.monotonic()
+            if self.wall_deadline is not None and now >= self.wall_deadline and self.exit is None:
+                self.wall_deadline = None
+                self.kill("wall_s")
+            self.maybe_finish_drain(now)
+            if self.state_dirty_at is not None and now >= self.state_dirty_at:
+                self.save()
+            if self.progress_dirty and self.server is not None:
+                self.progress_dirty = False
+                self.send_server(self.snapshot())
+            if self.server is not None and self.server.outbuf:
+                self._modify(self.server.rfd, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_server_io)
+            elif self.server is not None:
+                self._modify(self.server.rfd, selectors.EVENT_READ, self.on_server_io)
+
+    def on_server_io(self, sock: socket.socket) -> None:
+        if self.server is not None and self.server.outbuf:
+            self.server.flush()
+        self.on_server(sock)
+
+
+def _data_len(payload: bytes) -> int:
+    """Length of a frame's encoded ``data`` inside its encoded ``[seq, ch, data]``."""
+    pos = 1
+    for _ in range(2):  # skip seq (uint) and ch (text)
+        ai = payload[pos] & 0x1F
+        major = payload[pos] >> 5
+        size = {24: 1, 25: 2, 26: 4, 27: 8}.get(ai, 0)
+        n = ai if size == 0 else int.from_bytes(payload[pos + 1 : pos + 1 + size], "big")
+        pos += 1 + size + (n if major == 3 else 0)
+    return len(payload) - pos
+
+
+def _fd_at_least(fd: int, low: int) -> int:
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD, low)
+    os.close(fd)
+    return new
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def main(argv: list[str]) -> None:
+    sdir = argv[0]
+    adopt = "--adopt" in argv[1:]
+    lock_fd = os.open(os.path.join(sdir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            sys.stdout.write("busy\n")
+            sys.stdout.flush()
+            os._exit(3)
+        raise
+    ex = Exchange(sdir, adopt)
+    sock = ex.listen()
+    with open(os.path.join(sdir, "exchange.pid"), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    if adopt:
+        ex.adopt_lost()
+    # Tell the server we are ready, then let go of its pipe: a process that
+    # outlives the server must not hold anything the server's parent waits on.
+    sys.stdout.write(f"ready {os.getpid()}\n")
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if not adopt and ex.exit is None:
+        ex.start()
+    try:
+        ex.run()
+    finally:
+        if ex.child is not None and ex.exit is None:
+            ex.kill_child()
+            try:
+                ex.child.process.wait(timeout=5)
+            except Exception as exc:  # noqa: BLE001 - report, then leave anyway
+                sys.stderr.write(f"exchange: could not reap the environment: {exc}\n")
+        sock.close()
+    if ex.remove:
+        shutil.rmtree(sdir, ignore_errors=True)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,621 @@
+"""Bento wire protocol, version 1: encoding, safe decoding and request validation.
+
+Sans-IO, like h11: this module turns bytes into checked Python values and
+values into bytes, nothing else. It must never do I/O (no sockets, files,
+clocks or processes), never import trio or any other part of bento, and never
+hand untrusted bytes to ``cbor2.loads`` (which accepts tags, duplicate keys,
+trailing bytes and unbounded item counts): ``decode`` is a small strict CBOR
+decoder of its own. It is imported by the server, by the per-session exchange
+process that must start fast, and by clients, so its import stays cheap
+(stdlib ``struct``/``math`` and ``cbor2`` only).
+
+The contract this implements is the Bento wire protocol v1 (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from math import isfinite
+from typing import Any
+
+from cbor2 import dumps as _dumps
+
+__all__ = [
+    "BUFFER_POLICIES",
+    "DEFAULT_MAX_ITEMS",
+    "DEFAULT_MAX_MESSAGE",
+    "ENDED_STATES",
+    "ERROR_CODES",
+    "LIMIT_KEYS",
+    "MAX_DEPTH",
+    "PROTO_VERSION",
+    "SIGNALS",
+    "STATES",
+    "ProtocolError",
+    "RequestError",
+    "decode",
+    "encode",
+    "encode_frame",
+    "encode_head",
+    "error_event",
+    "event",
+    "gap_frame",
+    "out_event",
+    "parse_request",
+    "reply_error",
+    "reply_ok",
+]
+
+PROTO_VERSION = 1
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+MAX_DEPTH = 32
+DEFAULT_MAX_ITEMS = 262_144
+
+ERROR_CODES: frozenset[str] = frozenset(
+    {
+        "proto",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "bad_request",
+        "too_large",
+        "limit",
+        "conflict",
+        "input_gap",
+        "gone",
+        "internal",
+    }
+)
+STATES: tuple[str, ...] = ("starting", "running", "exited", "failed", "killed", "lost")
+ENDED_STATES: frozenset[str] = frozenset({"exited", "failed", "killed", "lost"})
+SIGNALS: frozenset[str] = frozenset({"INT", "TERM", "KILL"})
+BUFFER_POLICIES: frozenset[str] = frozenset({"block", "drop_oldest", "fail"})
+LIMIT_KEYS: frozenset[str] = frozenset(
+    {"wall_s", "cpu_s", "memory_bytes", "pids", "output_bytes", "file_bytes"}
+)
+
+_UINT64_MAX = 2**64 - 1
+_NINT64_MIN = -(2**64)
+
+
+class ProtocolError(Exception):
+    """The peer sent an invalid message: the connection must be closed (after an
+    `error` event with code `proto` when possible)."""
+
+    code = "proto"
+
+    def __init__(self, message: str, close_code: int = 1002) -> None:
+        super().__init__(message)
+        self.message = message
+        self.close_code = close_code
+
+
+class RequestError(Exception):
+    """A valid message carrying a bad request: answer with an error reply/event;
+    the connection stays open."""
+
+    def __init__(
+        self, code: str, message: str, request_id: int | None = None, **extra: Any
+    ) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.extra = extra
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+# --------------------------------------------------------------------------
+# Decoding untrusted CBOR (RFC 8949), strictly.
+
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+_U64 = struct.Struct(">Q").unpack_from
+_F16 = struct.Struct(">e").unpack_from
+_F32 = struct.Struct(">f").unpack_from
+_F64 = struct.Struct(">d").unpack_from
+_SIMPLE = {20: False, 21: True, 22: None}
+_NESTED_KEY_TYPES = frozenset({str, int, bytes})
+
+
+def decode(
+    data: bytes,
+    *,
+    max_size: int = DEFAULT_MAX_MESSAGE,
+    max_depth: int = MAX_DEPTH,
+    max_items: int = DEFAULT_MAX_ITEMS,
+    require_map: bool = True,
+) -> Any:
+    """Decode one CBOR item from untrusted ``data``, or raise ProtocolError.
+
+    Rejects (close code 1002): empty, truncated or trailing input, tags,
+    indefinite lengths, reserved encodings, simple values other than
+    false/true/null, invalid UTF-8, duplicate map keys, map keys that are not
+    text/int/bytes (text only at the top level when ``require_map``), nesting
+    deeper than ``max_depth`` (top level is depth 1) and more than ``max_items``
+    items in all. ``len(data) > max_size`` is rejected with close code 1009
+    before any decoding. With ``require_map`` the top-level item must be a map
+    with text keys; without it any value is returned.
+    """
+    size = len(data)
+    if size > max_size:
+        raise ProtocolError(f"message of {size} bytes exceeds the limit of {max_size}", 1009)
+    if size == 0:
+        raise ProtocolError("empty message")
+    if type(data) is not bytes:
+        if isinstance(data, str):
+            raise ProtocolError("a text message is not CBOR: send binary")
+        data = bytes(data)
+    if require_map and data[0] >> 5 != 5:
+        raise ProtocolError("the top-level item is not a map")
+    budget = max_items - 1  # the top-level item itself
+    if budget < 0:
+        raise ProtocolError(f"more than {max_items} items in the message")
+
+    def item(i: int, depth: int) -> tuple[Any, int]:
+        nonlocal budget
+        ib = data[i]
+        major = ib >> 5
+        ai = ib & 31
+        i += 1
+        if ai < 24:
+            n = ai
+        elif ai == 24:
+            if major == 7:
+                raise ProtocolError(
+                    f"simple value (initial byte {ib:#04x}) not allowed at byte {i - 1}"
+                )
+            n = data[i]
+            i += 1
+        elif ai == 25:
+            if major == 7:
+                return _F16(data, i)[0], i + 2
+            n = _U16(data, i)[0]
+            i += 2
+        elif ai == 26:
+            if major == 7:
+                return _F32(data, i)[0], i + 4
+            n = _U32(data, i)[0]
+            i += 4
+        elif ai == 27:
+            if major == 7:
+                return _F64(data, i)[0], i + 8
+            n = _U64(data, i)[0]
+            i += 8
+        elif ai == 31:
+            raise ProtocolError(f"indefinite length or break (major type {major}) at byte {i - 1}")
+        else:
+            raise ProtocolError(f"reserved additional information {ai} at byte {i - 1}")
+        if major == 3:
+            j = i + n
+            if j > size:
+                raise ProtocolError(f"truncated message: string of {n} bytes at byte {i}")
+            try:
+                return data[i:j].decode("utf-8"), j
+            except UnicodeDecodeError:
+                raise ProtocolError(f"invalid UTF-8 in text string at byte {i}") from None
+        if major == 2:
+            j = i + n
+            if j > size:
+                raise ProtocolError(f"truncated message: string of {n} bytes at byte {i}")
+            return data[i:j], j
+        if major == 0:
+            return n, i
+        if major == 4:
+            if depth > max_depth:
+                raise ProtocolError(f"nesting deeper than {max_depth} at byte {i}")
+            if n > size - i:
+                raise ProtocolError(f"array of {n} items cannot fit in the message at byte {i}")
+            budget -= n
+            if budget < 0:
+                raise ProtocolError(f"more than {max_items} items in the message")
+            depth += 1
+            out = []
+            append = out.append
+            for _ in range(n):
+                v, i = item(i, depth)
+                append(v)
+            return out, i
+        if major == 5:
+            if depth > max_depth:
+                raise ProtocolError(f"nesting deeper than {max_depth} at byte {i}")
+            if 2 * n > size - i:
+                raise ProtocolError(f"map of {n} entries cannot fit in the message at byte {i}")
+            budget -= 2 * n
+            if budget < 0:
+                raise ProtocolError(f"more than {max_items} items in the message")
+            top = depth == 1 and require_map
+            depth += 1
+            m: dict[Any, Any] = {}
+            for entry in range(1, n + 1):
+                at = i
+                k, i = item(i, depth)
+                if top:
+                    if type(k) is not str:
+                        raise ProtocolError(f"top-level map key at byte {at} is not text")
+                elif type(k) not in _NESTED_KEY_TYPES:
+                    raise ProtocolError(f"map key at byte {at} is not text, an integer or bytes")
+                m[k], i = item(i, depth)
+                if len(m) != entry:
+                    raise ProtocolError(f"duplicate map key {k!r} at byte {at}")
+            return m, i
+        if major == 1:
+            return -1 - n, i
+        if major == 6:
+            raise ProtocolError(f"CBOR tag {n} not allowed at byte {i}")
+        # major 7 with a value below 24
+        if n in _SIMPLE:
+            return _SIMPLE[n], i
+        raise ProtocolError(f"simple value (initial byte {ib:#04x}) not allowed at byte {i - 1}")
+
+    try:
+        value, end = item(0, 1)
+    except (IndexError, struct.error):
+        raise ProtocolError("truncated message") from None
+    if end != size:
+        raise ProtocolError(f"{size - end} trailing bytes after the top-level item")
+    return value
+
+
+# --------------------------------------------------------------------------
+# Encoding.
+
+
+def _check(value: Any, depth: int, max_depth: int) -> None:
+    t = type(value)
+    if t is str or t is bytes or t is float or t is bool or value is None:
+        return
+    if t is int:
+        if not _NINT64_MIN <= value <= _UINT64_MAX:
+            raise ValueError(f"integer {value} is outside the 64-bit CBOR range")
+        return
+    if t is list or t is tuple:
+        if depth > max_depth:
+            raise ValueError(f"value nested deeper than {max_depth}")
+        for x in value:
+            _check(x, depth + 1, max_depth)
+        return
+    if t is dict:
+        if depth > max_depth:
+            raise ValueError(f"value nested deeper than {max_depth}")
+        for k, x in value.items():
+            tk = type(k)
+            if tk is int:
+                _check(k, depth + 1, max_depth)
+            elif tk is not str and tk is not bytes:
+                raise TypeError(f"map key of type {tk.__name__} cannot be encoded")
+            _check(x, depth + 1, max_depth)
+        return
+    raise TypeError(f"value of type {t.__name__} cannot be encoded")
+
+
+def encode(value: Any, *, max_depth: int = MAX_DEPTH) -> bytes:
+    """CBOR bytes of a protocol value (None, bool, int, float, str, bytes,
+    list/tuple, dict with str/int/bytes keys), never with a tag.
+
+    Raises TypeError for any other type (subclasses included) and ValueError
+    for integers outside the 64-bit range or containers nested deeper than
+    ``max_depth`` (the value itself is depth 1), which also stops cycles.
+    """
+    _check(value, 1, max_depth)
+    return _dumps(value)
+
+
+def encode_head(major: int, n: int) -> bytes:
+    """The shortest CBOR initial byte(s) for major type ``major`` with argument ``n``."""
+    mt = major << 5
+    if n < 24:
+        if n < 0:
+            raise ValueError(f"negative CBOR argument {n}")
+        return bytes((mt | n,))
+    if n < 0x100:
+        return bytes((mt | 24, n))
+    if n < 0x10000:
+        return bytes((mt | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((mt | 26,)) + n.to_bytes(4, "big")
+    if n <= _UINT64_MAX:
+        return bytes((mt | 27,)) + n.to_bytes(8, "big")
+    raise ValueError(f"CBOR argument {n} exceeds 64 bits")
+
+
+def _text(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return encode_head(3, len(b)) + b
+
+
+_CHANNELS = {ch: _text(ch) for ch in ("stdout", "stderr", "msg", "gap", "exit")}
+_OUT_HEAD = b"\xa3" + _text("ev") + _text("out") + _text("session")
+_FRAMES_KEY = _text("frames")
+
+
+def reply_ok(request_id: int, **fields: Any) -> bytes:
+    """``{"id": request_id, "ok": true, **fields}``."""
+    return encode({"id": request_id, "ok": True, **fields})
+
+
+def reply_error(request_id: int, code: str, message: str, **extra: Any) -> bytes:
+    """``{"id": request_id, "ok": false, "error": {"code", "message", **extra}}``."""
+    return encode(
+        {"id": request_id, "ok": False, "error": {"code": code, "message": message, **extra}}
+    )
+
+
+def event(ev: str, **fields: Any) -> bytes:
+    """``{"ev": ev, **fields}``."""
+    return encode({"ev": ev, **fields})
+
+
+def error_event(session: str | None, code: str, message: str) -> bytes:
+    """``{"ev": "error", "session": session, "error": {"code", "message"}}``."""
+    return event("error", session=session, error={"code": code, "message": message})
+
+
+def encode_frame(seq: int, ch: str, data_cbor: bytes) -> bytes:
+    """The CBOR array ``[seq, ch, data]``; ``data_cbor`` is already-encoded CBOR, spliced."""
+    chb = _CHANNELS.get(ch)
+    if chb is None:
+        chb = _text(ch)
+    return b"".join((b"\x83", encode_head(0, seq), chb, data_cbor))
+
+
+def gap_frame(from_seq: int, to_seq: int, reason: str) -> bytes:
+    """A ``gap`` frame with seq ``to_seq`` standing in for frames from_seq..to_seq."""
+    return encode_frame(to_seq, "gap", encode({"from": from_seq, "to": to_seq, "reason": reason}))
+
+
+def out_event(session: str, frames: Sequence[bytes]) -> bytes:
+    """``{"ev": "out", "session": session, "frames": [...]}`` from already-encoded frames."""
+    return b"".join((_OUT_HEAD, _text(session), _FRAMES_KEY, encode_head(4, len(frames)), *frames))
+
+
+# --------------------------------------------------------------------------
+# Request validation. Each checker returns the normalised value or raises
+# _BadField with the end of a sentence ("must be ...").
+
+
+class _BadField(Exception):
+    pass
+
+
+def _any(v: Any) -> Any:
+    return v
+
+
+def _text_field(v: Any) -> str:
+    if type(v) is not str:
+        raise _BadField("must be text")
+    return v
+
+
+def _int_field(v: Any) -> int:
+    if type(v) is not int:
+        raise _BadField("must be an integer")
+    return v
+
+
+def _uint(v: Any) -> int:
+    if type(v) is not int or v < 0:
+        raise _BadField("must be an unsigned integer")
+    return v
+
+
+def _positive(v: Any) -> int:
+    if type(v) is not int or v < 1:
+        raise _BadField("must be an integer >= 1")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise _BadField("must be a boolean")
+    return v
+
+
+def _true(v: Any) -> bool:
+    if v is not True:
+        raise _BadField("must be true")
+    return v
+
+
+def _array(v: Any) -> list[Any]:
+    if type(v) is not list:
+        raise _BadField("must be an array")
+    return v
+
+
+def _kwargs(v: Any) -> dict[str, Any]:
+    if type(v) is not dict or any(type(k) is not str for k in v):
+        raise _BadField("must be a map with text keys")
+    return v
+
+
+def _env(v: Any) -> dict[str, str]:
+    if type(v) is not dict or any(type(k) is not str or type(x) is not str for k, x in v.items()):
+        raise _BadField("must be a map of text to text")
+    return v
+
+
+def _seconds(v: Any) -> int | float:
+    if (type(v) is not int and type(v) is not float) or not isfinite(v) or v < 0:
+        raise _BadField("must be a non-negative finite number")
+    return v
+
+
+_LIMIT_CHECKS: dict[str, Callable[[Any], Any]] = {
+    k: _seconds if k in ("wall_s", "cpu_s") else _uint for k in LIMIT_KEYS
+}
+
+
+def _limits(v: Any) -> dict[str, int | float]:
+    if type(v) is not dict:
+        raise _BadField("must be a map")
+    out = {}
+    for k, x in v.items():
+        check = _LIMIT_CHECKS.get(k) if type(k) is str else None
+        if check is None:
+            raise _BadField(f"has unknown key {k!r} (known: {', '.join(sorted(LIMIT_KEYS))})")
+        try:
+            out[k] = check(x)
+        except _BadField as e:
+            raise _BadField(f"key {k!r} {e}") from None
+    return out
+
+
+def _policy(v: Any) -> str:
+    if type(v) is not str or v not in BUFFER_POLICIES:
+        raise _BadField(f"must be one of {', '.join(sorted(BUFFER_POLICIES))}")
+    return v
+
+
+_BUFFER_CHECKS: dict[str, Callable[[Any], Any]] = {"max_bytes": _uint, "policy": _policy}
+
+
+def _buffer(v: Any) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    if type(v) is not dict:
+        raise _BadField("must be a map or null")
+    out = {}
+    for k, x in v.items():
+        check = _BUFFER_CHECKS.get(k) if type(k) is str else None
+        if check is None:
+            raise _BadField(f"has unknown key {k!r} (known: max_bytes, policy)")
+        try:
+            out[k] = check(x)
+        except _BadField as e:
+            raise _BadField(f"key {k!r} {e}") from None
+    return out
+
+
+def _idempotency_key(v: Any) -> str:
+    if type(v) is not str or not 1 <= len(v) <= 256:
+        raise _BadField("must be text of 1 to 256 characters")
+    return v
+
+
+def _signal(v: Any) -> str:
+    if type(v) is not str or v not in SIGNALS:
+        raise _BadField(f"must be one of {', '.join(sorted(SIGNALS))}")
+    return v
+
+
+def _one_of_function_code(msg: dict[str, Any], out: dict[str, Any]) -> None:
+    if (out["function"] is None) == (out["code"] is None):
+        raise _BadField("execute needs exactly one of 'function' and 'code'")
+
+
+def _one_of_data_eof(msg: dict[str, Any], out: dict[str, Any]) -> None:
+    has_data = "data" in msg
+    if has_data == out["eof"]:
+        raise _BadField("input needs exactly one of 'data' and 'eof'")
+    out["data"] = msg["data"] if has_data else None
+
+
+_REQUIRED = object()
+_TOKEN = {"token": (_text_field, _REQUIRED)}
+
+# op -> (id required, {field: (checker, default or _REQUIRED)}, cross-field check or None).
+# A default that is a list or dict is copied for each request.
+_OPS: dict[
+    str,
+    tuple[
+        bool,
+        dict[str, tuple[Callable[[Any], Any], Any]],
+        Callable[[dict[str, Any], dict[str, Any]], None] | None,
+    ],
+] = {
+    "hello": (
+        True,
+        {
+            "proto": (_int_field, _REQUIRED),
+            "client": (_text_field, None),
+            "auth": (_text_field, None),
+        },
+        None,
+    ),
+    "store": (True, {"name": (_text_field, _REQUIRED), "code": (_text_field, _REQUIRED)}, None),
+    "execute": (
+        True,
+        {
+            "function": (_text_field, None),
+            "code": (_text_field, None),
+            "entry": (_text_field, "main"),
+            "args": (_array, []),
+            "kwargs": (_kwargs, {}),
+            "env": (_env, {}),
+            "limits": (_limits, {}),
+            "buffer": (_buffer, None),
+            "network": (_bool, False),
+            "idempotency_key": (_idempotency_key, None),
+            "attach": (_bool, True),
+        },
+        _one_of_function_code,
+    ),
+    "attach": (True, {**_TOKEN, "from": (_positive, 1)}, None),
+    "detach": (True, {"session": (_text_field, _REQUIRED)}, None),
+    "ack": (False, {"session": (_text_field, _REQUIRED), "seq": (_uint, _REQUIRED)}, None),
+    "input": (
+        False,
+        {"session": (_text_field, _REQUIRED), "seq": (_positive, _REQUIRED), "eof": (_true, False)},
+        _one_of_data_eof,
+    ),
+    "signal": (True, {**_TOKEN, "signal": (_signal, _REQUIRED)}, None),
+    "status": (True, _TOKEN, None),
+    "destroy": (True, _TOKEN, None),
+    "state_get": (True, _TOKEN, None),
+    "list": (True, {}, None),
+    "state_put": (
+        True,
+        {**_TOKEN, "value": (_any, _REQUIRED), "if_version": (_uint, None)},
+        None,
+    ),
+    "ping": (True, {}, None),
+}
+
+
+def parse_request(msg: dict[str, Any]) -> dict[str, Any]:
+    """Validate a decoded client message; return a new dict with "op", "id" and
+    every field of that op, normalised, defaults filled in (unknown fields dropped).
+
+    ``id`` is None for ``ack`` and ``input`` (whose ``id`` is ignored). Raises
+    RequestError("bad_request", ..., request_id=<id when it is a valid uint>).
+    """
+    rid = msg.get("id")
+    if type(rid) is not int or rid < 0:
+        rid = None
+    op = msg.get("op")
+    if type(op) is not str:
+        raise RequestError("bad_request", "missing or non-text 'op'", request_id=rid)
+    spec = _OPS.get(op)
+    if spec is None:
+        raise RequestError("bad_request", f"unknown op {op!r}", request_id=rid)
+    needs_id, fields, cross_check = spec
+    if not needs_id:
+        rid = None
+    elif rid is None:
+        raise RequestError("bad_request", f"{op}: 'id' must be an unsigned integer")
+    out: dict[str, Any] = {"op": op, "id": rid}
+    try:
+        for name, (check, default) in fields.items():
+            if name in msg:
+                try:
+                    out[name] = check(msg[name])
+                except _BadField as e:
+                    raise _BadField(f"{op}: {name!r} {e}") from None
+            elif default is _REQUIRED:
+                raise _BadField(f"{op}: missing field {name!r}")
+            elif type(default) is list or type(default) is dict:
+                out[name] = default.copy()
+            else:
+                out[name] = default
+        if cross_check is not None:
+            cross_check(msg, out)
+    except _BadField as e:
+        raise RequestError("bad_request", str(e), request_id=rid) from None
+    return out

@@ -1,0 +1,488 @@
+"""The Bento server: WebSocket endpoint, one task per connection, one worker per attachment.
+
+A connection task reads messages, validates them with the protocol module and
+answers each request. An attachment's worker reads the session's output log
+from its own position and pushes ``out`` events; it never holds frames in
+memory beyond one batch, so the server's memory does not grow with unread
+output. Sends to a client have a timeout: a client that stops reading loses
+its connection (its sessions and their buffers stay), never stalls anyone else.
+
+Nothing a client sends may take the server down: every handler catches what
+it must (an exception escaping a trio-websocket handler kills the listener).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+import time
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+import bento
+from bento import auth, protocol, sessionlog
+from bento.config import Config
+from bento.sessions import Attachment, ExchangeGone, Registry, Session
+from bento.store import Store
+
+log = logging.getLogger("bento.server")
+
+MAX_STATE_BYTES = 64 * 1024
+TOKEN_OPS = ("attach", "signal", "status", "destroy", "state_get", "state_put")
+
+
+class Closing(Exception):
+    """Close this connection with ``code`` (after an error event when useful)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Server:
+    def __init__(self, config: Config, registry: Registry, store: Store) -> None:
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self.keys = auth.ApiKeys(config.api_keys)
+        self.guesses = auth.GuessLimiter()
+        self.peers: dict[str, int] = {}
+        self.name = f"bento/{bento.__version__}"
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        """Entry point for each WebSocket connection. Never raises."""
+        try:
+            if request.path.split("?")[0] != "/v1":
+                await request.reject(404, body=b"Bento speaks WebSocket at /v1\n")
+                return
+            ws = await request.accept()
+        except ConnectionClosed:
+            return
+        except Exception:  # noqa: BLE001 - a broken handshake costs only its connection
+            log.exception("handshake failed")
+            return
+        peer = _peer_host(ws)
+        count = self.peers.get(peer, 0)
+        self.peers[peer] = count + 1
+        conn = Connection(self, ws, peer)
+        try:
+            if count >= self.config.max_connections_per_peer:
+                await conn.close(1008, "too many connections from this peer")
+                return
+            await conn.run()
+        except Exception:  # noqa: BLE001 - the server must outlive any one connection
+            log.exception("connection from %s failed", peer)
+        finally:
+            conn.detach_all()
+            left = self.peers.get(peer, 1) - 1
+            if left:
+                self.peers[peer] = left
+            else:
+                self.peers.pop(peer, None)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await ws.aclose()
+
+
+def _peer_host(ws: WebSocketConnection) -> str:
+    remote = ws.remote
+    return str(getattr(remote, "address", remote))
+
+
+class Connection:
+    def __init__(self, server: Server, ws: WebSocketConnection, peer: str) -> None:
+        self.server = server
+        self.config = server.config
+        self.registry = server.registry
+        self.ws = ws
+        self.peer = peer
+        self.key: str | None = None  # hash of a valid API key ('' when none are required)
+        self.hello = False
+        self.attachments: dict[str, Attachment] = {}
+        self.nursery: trio.Nursery | None = None
+        self.dead = False
+
+    # -- sending ------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        """Send one message; a client that does not take it in time is dropped."""
+        if self.dead:
+            raise ConnectionClosed(None)  # type: ignore[arg-type]
+        try:
+            with trio.fail_after(self.config.send_timeout_s):
+                await self.ws.send_message(data)
+        except trio.TooSlowError:
+            self.dead = True
+            log.warning("dropping %s: it stopped reading", self.peer)
+            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                await self.ws.aclose(1008, "send timeout")
+            raise ConnectionClosed(None) from None  # type: ignore[arg-type]
+
+    async def close(self, code: int, reason: str) -> None:
+        self.dead = True
+        with trio.move_on_after(2):
+            await self.ws.aclose(code, reason[:120])
+
+    async def proto_error(self, message: str, code: int = 1002, request_id: int | None = None) -> None:
+        try:
+            if request_id is not None:
+                await self.send(protocol.reply_error(request_id, "proto", message))
+            else:
+                await self.send(protocol.error_event(None, "proto", message))
+        except ConnectionClosed:
+            pass
+        await self.close(code, message)
+
+    # -- the read loop ---------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            try:
+                await self._read_loop()
+            except ConnectionClosed:
+                pass
+            except Closing as exc:
+                await self.close(exc.code, exc.reason)
+            nursery.cancel_scope.cancel()
+
+    async def _read_loop(self) -> None:
+        while not self.dead:
+            timeout = self.config.idle_timeout_s if self.hello else self.config.handshake_timeout_s
+            with trio.move_on_after(timeout) as idle:
+                raw = await self.ws.get_message()
+            if idle.cancelled_caught:
+                raise Closing(1008, "idle timeout" if self.hello else "handshake timeout")
+            if isinstance(raw, str):
+                await self.proto_error("text messages are not allowed: send binary CBOR")
+                return
+            try:
+                msg = protocol.decode(raw, max_size=self.config.max_message)
+            except protocol.ProtocolError as exc:
+                await self.proto_error(exc.message, exc.close_code)
+                return
+            try:
+                req = protocol.parse_request(msg)
+            except protocol.RequestError as exc:
+                if not self.hello:
+                    await self.proto_error(f"the first message must be hello ({exc.message})",
+                                           request_id=exc.request_id)
+                    return
+                await self._send_error(exc.request_id, msg.get("session"), exc)
+                continue
+            if not self.hello and req["op"] != "hello":
+                await self.proto_error("the first message must be hello", request_id=req["id"])
+                return
+            try:
+                await self.dispatch(req)
+            except protocol.RequestError as exc:
+                await self._send_error(req["id"], req.get("session"), exc)
+            except ExchangeGone as exc:
+                await self._send_error(req["id"], req.get("session"),
+                                       protocol.RequestError("internal", str(exc)))
+
+    async def _send_error(self, request_id: int | None, session: Any, exc: protocol.RequestError) -> None:
+        if request_id is not None:
+            await self.send(protocol.reply_error(request_id, exc.code, exc.message, **exc.extra))
+        else:
+            sid = session if isinstance(session, str) else None
+            await self.send(protocol.error_event(sid, exc.code, exc.message))
+
+    async def dispatch(self, req: dict) -> None:
+        op = req["op"]
+        handler = getattr(self, f"op_{op}")
+        await handler(req)
+
+    # -- helpers -------------------------------------------------------------
+
+    def need_key(self) -> str:
+        if self.key is None:
+            raise protocol.RequestError("unauthorized", "this server requires a valid API key (hello auth)")
+        return self.key
+
+    def by_token(self, token: str, owner: bool) -> tuple[Session, str]:
+        if not self.server.guesses.allowed(self.peer):
+            raise protocol.RequestError("limit", "too many failed token guesses; slow down")
+        found = self.registry.by_token(token)
+        if found is None:
+            self.server.guesses.failed(self.peer)
+            raise protocol.RequestError("not_found", "no session has this token")
+        s, mode = found
+        if owner and mode != "rw":
+            raise protocol.RequestError("forbidden", "this needs the owner token, not a viewer token")
+        return s, mode
+
+    def attachment(self, sid: str, write: bool) -> Attachment:
+        att = self.attachments.get(sid)
+        if att is None:
+            raise protocol.RequestError("not_found", f"this connection is not attached to {sid}")
+        if write and att.mode != "rw":
+            raise protocol.RequestError("forbidden", "this attachment is read-only")
+        return att
+
+    # -- ops -------------------------------------------------------------------
+
+    async def op_hello(self, req: dict) -> None:
+        if self.hello:
+            raise protocol.RequestError("bad_request", "hello was already sent")
+        if req["proto"] != protocol.PROTO_VERSION:
+            await self.proto_error(f"this server speaks protocol {protocol.PROTO_VERSION}",
+                                   request_id=req["id"])
+            raise ConnectionClosed(None)  # type: ignore[arg-type]
+        self.hello = True
+        presented = req.get("auth")
+        self.key = self.server.keys.check(presented)
+        if presented is not None and self.key is None:
+            self.server.guesses.failed(self.peer)
+        await self.send(protocol.reply_ok(
+            req["id"], proto=protocol.PROTO_VERSION, server=self.server.name,
+            node=self.config.node, max_message=self.config.max_message,
+        ))
+
+    async def op_ping(self, req: dict) -> None:
+        await self.send(protocol.reply_ok(req["id"]))
+
+    async def op_store(self, req: dict) -> None:
+        self.need_key()
+        fid = await trio.to_thread.run_sync(self.server.store.put_function, req["name"], req["code"])
+        await self.send(protocol.reply_ok(req["id"], function=fid))
+
+    async def op_execute(self, req: dict) -> None:
+        key = self.need_key()
+        code = req.get("code")
+        if code is None:
+            code = self.server.store.get_function(req["function"])
+            if code is None:
+                raise protocol.RequestError("not_found", f"no stored function {req['function']!r}")
+        meta = {
+            "code": code,
+            "function": req.get("function"),
+            "entry": req["entry"],
+            "args": protocol.encode(req["args"]),
+            "kwargs": protocol.encode(req["kwargs"]),
+            "env": req["env"],
+            "limits": self._limits(req["limits"]),
+            "buffer": self._buffer(req["buffer"]),
+            "network": req["network"],
+            "sandbox": self.config.sandbox,
+            "max_message": self.config.max_message,
+            "key": key,
+        }
+        idem = req.get("idempotency_key")
+        s, owner, viewer = await self.registry.create(meta, auth.idem_hash(key, idem) if idem else None)
+        await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
+        if req["attach"]:
+            self.attach(s, "rw", 1)
+
+    def _limits(self, asked: dict) -> dict:
+        limits = dict(self.config.default_limits)
+        for k, v in asked.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise protocol.RequestError("bad_request", f"limit {k} must be finite")
+            limits[k] = v
+        return limits
+
+    def _buffer(self, asked: dict | None) -> dict:
+        asked = asked or {}
+        max_bytes = asked.get("max_bytes", self.config.buffer_bytes)
+        if max_bytes > self.config.max_buffer_bytes:
+            raise protocol.RequestError(
+                "bad_request", f"buffer.max_bytes is at most {self.config.max_buffer_bytes} on this server")
+        return {"max_bytes": max_bytes, "policy": asked.get("policy", self.config.buffer_policy)}
+
+    async def op_attach(self, req: dict) -> None:
+        s, mode = self.by_token(req["token"], owner=False)
+        start = req["from"]
+        if start > s.next_seq:
+            raise protocol.RequestError("bad_request", f"from {start} is beyond next_seq {s.next_seq}")
+        await self.send(protocol.reply_ok(
+            req["id"], session=s.sid, mode=mode, state=s.state, first_seq=s.first_seq,
+            next_seq=s.next_seq, input_seq=s.input_seq,
+        ))
+        self.attach(s, mode, start)
+
+    def attach(self, s: Session, mode: str, start: int) -> None:
+        old = self.attachments.pop(s.sid, None)
+        if old is not None:
+            self._drop(old)
+        assert self.nursery is not None
+        att = Attachment(session=s, conn=self, mode=mode, next_seq=start, cancel=trio.CancelScope())
+        self.attachments[s.sid] = att
+        s.attachments.add(att)
+        self.nursery.start_soon(self.worker, att)
+
+    def _drop(self, att: Attachment) -> None:
+        att.cancel.cancel()
+        s = att.session
+        s.attachments.discard(att)
+        if not s.attachments:
+            s.idle_since = time.monotonic()
+
+    def detach_all(self) -> None:
+        for att in self.attachments.values():
+            self._drop(att)
+        sessions = [a.session for a in self.attachments.values()]
+        self.attachments.clear()
+        for s in sessions:
+            self.registry.nursery.start_soon(self._maybe_end, s)
+
+    async def _maybe_end(self, s: Session) -> None:
+        if not s.removed and s.life_over(time.monotonic(), self.config.ttl_s):
+            await self.registry.end(s)
+
+    async def op_detach(self, req: dict) -> None:
+        att = self.attachment(req["session"], write=False)
+        self.attachments.pop(att.session.sid, None)
+        self._drop(att)
+        await self.send(protocol.reply_ok(req["id"]))
+        await self._maybe_end(att.session)
+
+    async def op_ack(self, req: dict) -> None:
+        att = self.attachment(req["session"], write=False)
+        if att.mode != "rw":
+            return  # acks over a viewer attachment are ignored
+        await self.registry.ack(att.session, req["seq"])
+
+    async def op_input(self, req: dict) -> None:
+        att = self.attachment(req["session"], write=True)
+        s = att.session
+        msg: dict[str, Any] = {"t": "input", "seq": req["seq"]}
+        if req["eof"]:
+            msg["eof"] = True
+        else:
+            msg["data"] = protocol.encode(req["data"])
+        try:
+            r = await self.registry.call(s, msg)
+        except ExchangeGone:
+            if s.state in protocol.ENDED_STATES:
+                raise protocol.RequestError("gone", "the function has ended") from None
+            raise
+        if r["ok"]:
+            await self.send(protocol.event("in_ack", session=s.sid, seq=r["input_seq"]))
+        else:
+            raise protocol.RequestError(r["code"], r["message"])
+
+    async def op_signal(self, req: dict) -> None:
+        s, _ = self.by_token(req["token"], owner=True)
+        if s.state in protocol.ENDED_STATES:
+            raise protocol.RequestError("gone", "the function has ended")
+        r = await self.registry.call(s, {"t": "signal", "signal": req["signal"]})
+        if not r["ok"]:
+            raise protocol.RequestError(r["code"], r["message"])
+        await self.send(protocol.reply_ok(req["id"]))
+
+    async def op_status(self, req: dict) -> None:
+        s, _ = self.by_token(req["token"], owner=False)
+        await self.send(protocol.reply_ok(req["id"], **s.status()))
+
+    async def op_list(self, req: dict) -> None:
+        key = self.need_key()
+        every = not self.server.keys.required
+        out = [s.status() for s in self.registry.sessions.values() if every or s.meta.get("key") == key]
+        await self.send(protocol.reply_ok(req["id"], sessions=out))
+
+    async def op_destroy(self, req: dict) -> None:
+        s, _ = self.by_token(req["token"], owner=True)
+        await self.registry.end(s)
+        await self.send(protocol.reply_ok(req["id"]))
+
+    async def op_state_get(self, req: dict) -> None:
+        s, _ = self.by_token(req["token"], owner=False)
+        value = protocol.decode(s.shared_value, require_map=False)
+        await self.send(protocol.reply_ok(req["id"], version=s.shared_version, value=value))
+
+    async def op_state_put(self, req: dict) -> None:
+        s, _ = self.by_token(req["token"], owner=True)
+        value = protocol.encode(req["value"])
+        if len(value) > MAX_STATE_BYTES:
+            raise protocol.RequestError("too_large", f"shared state is at most {MAX_STATE_BYTES} bytes encoded")
+        r = await self.registry.call(s, {"t": "state_put", "value": value, "if_version": req["if_version"]})
+        if r["ok"]:
+            s.set_shared(r["version"], value)
+            await self.send(protocol.reply_ok(req["id"], version=r["version"]))
+        else:
+            raise protocol.RequestError(r["code"], r["message"], version=r.get("version"))
+
+    # -- the attachment worker ---------------------------------------------------
+
+    async def worker(self, att: Attachment) -> None:
+        s = att.session
+        cursor = sessionlog.Cursor(s.dir, "out", att.next_seq)
+        try:
+            with att.cancel:
+                await self._pump(att, s, cursor)
+        except ConnectionClosed:
+            pass
+        finally:
+            cursor.close()
+            if att.ended and not self.dead and self.attachments.get(s.sid) is att:
+                self.attachments.pop(s.sid, None)
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await self.send(protocol.error_event(s.sid, "gone", "the session was destroyed"))
+                    except ConnectionClosed:
+                        pass
+
+    async def _pump(self, att: Attachment, s: Session, cursor: sessionlog.Cursor) -> None:
+        while True:
+            changed = s.changed
+            if s.removed:
+                att.ended = True
+                return
+            if s.shared_version > att.state_version_sent:
+                att.state_version_sent = s.shared_version
+                value = protocol.decode(s.shared_value, require_map=False)
+                await self.send(protocol.event("state", session=s.sid, version=s.shared_version, value=value))
+                continue
+            if att.next_seq < s.first_seq:
+                a, b = att.next_seq, s.first_seq - 1
+                reason = "dropped" if a <= s.dropped_to else "acked"
+                await self.send(protocol.out_event(s.sid, [protocol.gap_frame(a, b, reason)]))
+                att.next_seq = b + 1
+                cursor.seek(att.next_seq)
+                continue
+            if att.next_seq < s.next_seq:
+                try:
+                    frames = cursor.read(s.next_seq, self.config.out_event_bytes)
+                except FileNotFoundError:
+                    # Trimmed under our feet: the exchange's next progress says how far.
+                    cursor.seek(att.next_seq)
+                    with trio.move_on_after(0.05):
+                        await changed.wait()
+                    continue
+                except sessionlog.LogCorrupt as exc:
+                    log.error("session %s: output log is corrupt: %s", s.sid, exc)
+                    await self.send(protocol.error_event(s.sid, "internal", f"output log is corrupt: {exc}"))
+                    return
+                if frames:
+                    await self.send(protocol.out_event(s.sid, frames))
+                    att.next_seq = cursor.next_seq
+                continue
+            await changed.wait()
+
+
+async def serve(config: Config, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the server until cancelled."""
+    config.check()
+    store = Store(config.data_dir)
+    ssl_context = None
+    if config.tls_cert:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
+    async with trio.open_nursery() as nursery:
+        registry = Registry(config, store, nursery)
+        await registry.recover()
+        nursery.start_soon(registry.reaper)
+        server = Server(config, registry, store)
+        ws_server = await nursery.start(
+            lambda task_status: serve_websocket(
+                server.handle, config.host, config.port, ssl_context,
+                max_message_size=config.max_message, receive_buffer_size=64 * 1024,
+                connect_timeout=config.handshake_timeout_s, disconnect_timeout=5,
+                task_status=task_status,
+            )
+        )
+        task_status.started(ws_server)

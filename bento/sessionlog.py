@@ -1,0 +1,278 @@
+"""A session's on-disk logs: append-only segment files of checksummed records.
+
+The exchange is the only writer (``Writer``); the server only reads
+(``Cursor``). A record is a header (payload length, seq, CRC-32 of seq and
+payload) followed by the payload. For the output log the payload is the CBOR
+encoding of the frame ``[seq, ch, data]``, exactly the bytes the server splices
+into ``out`` events, so frames are never decoded or re-encoded on their way to
+a client.
+
+A crash can leave a torn record at the end of the last segment: the writer
+finds it on recovery (short header, short payload or bad checksum) and cuts it
+off, so a reader never sees garbage. Readers only read records whose seq the
+exchange has announced, so they never race a write in progress.
+
+This module must stay importable without trio (the exchange imports it) and
+must never trust what it reads: lengths are bounded and checksums checked.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+
+HEAD = struct.Struct("<IQI")  # payload length, seq, crc32(seq bytes + payload)
+MAX_PAYLOAD = 64 * 1024 * 1024
+SEGMENT_BYTES = 8 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
+
+
+class LogCorrupt(Exception):
+    """A record that was announced as complete does not check out."""
+
+
+def _crc(seq: int, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(seq.to_bytes(8, "little")))
+
+
+def pack(seq: int, payload: bytes) -> bytes:
+    return HEAD.pack(len(payload), seq, _crc(seq, payload)) + payload
+
+
+def segment_name(prefix: str, start_seq: int) -> str:
+    return f"{prefix}.{start_seq:020d}"
+
+
+def list_segments(dirpath: str, prefix: str) -> list[tuple[int, str]]:
+    """Segments as (first seq, path), oldest first."""
+    out = []
+    for name in os.listdir(dirpath):
+        head, _, tail = name.partition(".")
+        if head == prefix and len(tail) == 20 and tail.isdigit():
+            out.append((int(tail), os.path.join(dirpath, name)))
+    out.sort()
+    return out
+
+
+def parse(buf: bytes | memoryview, offset: int = 0) -> Iterator[tuple[int, int, int, int]]:
+    """Yield (seq, payload start, payload end, record end) for each whole, valid
+    record in ``buf`` from ``offset``; stop at the first incomplete or invalid one."""
+    n = len(buf)
+    mv = memoryview(buf)
+    while offset + HEAD.size <= n:
+        length, seq, crc = HEAD.unpack_from(buf, offset)
+        start = offset + HEAD.size
+        end = start + length
+        if length > MAX_PAYLOAD or end > n or _crc(seq, mv[start:end]) != crc:
+            return
+        yield seq, start, end, end
+        offset = end
+
+
+def scan_file(path: str) -> Iterator[tuple[int, bytes, int]]:
+    """Yield (seq, payload, record end offset) for every valid record of a
+    segment, stopping at the first incomplete or invalid one."""
+    with open(path, "rb") as f:
+        base = 0
+        buf = b""
+        while True:
+            chunk = f.read(READ_CHUNK)
+            if not chunk:
+                return
+            buf = buf + chunk if buf else chunk
+            used = 0
+            for seq, start, end, rec_end in parse(buf):
+                yield seq, bytes(buf[start:end]), base + rec_end
+                used = rec_end
+            base += used
+            buf = buf[used:]
+            if len(buf) >= HEAD.size:
+                length = HEAD.unpack_from(buf, 0)[0]
+                if length > MAX_PAYLOAD:
+                    return
+
+
+class Writer:
+    """Appends records to a log's segments. Used only by the exchange.
+
+    On open it recovers: the torn tail of the last segment (if any) is cut off,
+    and ``next_seq`` is one past the last valid record.
+    """
+
+    def __init__(self, dirpath: str, prefix: str, segment_bytes: int = SEGMENT_BYTES) -> None:
+        self.dirpath = dirpath
+        self.prefix = prefix
+        self.segment_bytes = segment_bytes
+        self.segments = list_segments(dirpath, prefix)
+        self.fd = -1
+        self.size = 0
+        self.next_seq = 1
+        self.torn_bytes = 0
+        if self.segments:
+            self.next_seq = self.segments[-1][0]
+            path = self.segments[-1][1]
+            valid_end = 0
+            for seq, _payload, rec_end in scan_file(path):
+                self.next_seq = seq + 1
+                valid_end = rec_end
+            file_size = os.path.getsize(path)
+            if file_size > valid_end:
+                self.torn_bytes = file_size - valid_end
+                os.truncate(path, valid_end)
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self.size = valid_end
+
+    def records(self) -> Iterator[tuple[int, bytes]]:
+        """Every record still on disk, oldest first (for recovery)."""
+        for _start, path in list_segments(self.dirpath, self.prefix):
+            for seq, payload, _end in scan_file(path):
+                yield seq, payload
+
+    def append(self, seq: int, payload: bytes) -> None:
+        if seq != self.next_seq:
+            raise ValueError(f"log {self.prefix}: appending seq {seq}, expected {self.next_seq}")
+        if self.fd < 0 or self.size >= self.segment_bytes:
+            self._rotate(seq)
+        rec = pack(seq, payload)
+        written = os.write(self.fd, rec)
+        while written < len(rec):
+            written += os.write(self.fd, rec[written:])
+        self.size += len(rec)
+        self.next_seq = seq + 1
+
+    def _rotate(self, start_seq: int) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        path = os.path.join(self.dirpath, segment_name(self.prefix, start_seq))
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        self.segments.append((start_seq, path))
+        self.size = 0
+
+    def drop_before(self, seq: int) -> None:
+        """Delete whole segments that hold only records below ``seq``."""
+        while len(self.segments) > 1 and self.segments[1][0] <= seq:
+            _start, path = self.segments.pop(0)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Cursor:
+    """A reader's position in an output log: the next seq it wants.
+
+    Reads only records below ``limit`` (the seq the exchange has announced as
+    written), so it never sees a record being written. Cancellation: a read is
+    synchronous and leaves the cursor either before or after the whole batch.
+    """
+
+    def __init__(self, dirpath: str, prefix: str, next_seq: int) -> None:
+        self.dirpath = dirpath
+        self.prefix = prefix
+        self.next_seq = next_seq
+        self._fd = -1
+        self._seg_start = 0
+        self._offset = 0
+        self._positioned = False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._positioned = False
+
+    def seek(self, seq: int) -> None:
+        self.close()
+        self.next_seq = seq
+
+    def _position(self) -> bool:
+        """Open the segment holding ``next_seq`` and find its offset."""
+        self.close()
+        segs = list_segments(self.dirpath, self.prefix)
+        chosen = None
+        for start, path in segs:
+            if start <= self.next_seq:
+                chosen = (start, path)
+        if chosen is None:
+            return False
+        start, path = chosen
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        offset = 0
+        for seq, _payload, rec_end in scan_file(path):
+            if seq >= self.next_seq:
+                break
+            offset = rec_end
+        self._fd, self._seg_start, self._offset = fd, start, offset
+        self._positioned = True
+        return True
+
+    def _next_segment(self) -> bool:
+        for start, path in list_segments(self.dirpath, self.prefix):
+            if start > self._seg_start:
+                if start != self.next_seq:
+                    raise LogCorrupt(f"segment starts at {start}, expected {self.next_seq}")
+                self.close()
+                self._fd = os.open(path, os.O_RDONLY)
+                self._seg_start, self._offset = start, 0
+                self._positioned = True
+                return True
+        return False
+
+    def read(self, limit: int, max_bytes: int, max_count: int = 4096) -> list[bytes]:
+        """Payloads of records from ``next_seq`` up to (not including) ``limit``,
+        about ``max_bytes`` in all (at least one record when one is available).
+        Raises FileNotFoundError when the wanted records are no longer on disk."""
+        out: list[bytes] = []
+        if self.next_seq >= limit:
+            return out
+        if not self._positioned and not self._position():
+            raise FileNotFoundError(f"seq {self.next_seq} is not on disk")
+        total = 0
+        while self.next_seq < limit and total < max_bytes and len(out) < max_count:
+            head = os.pread(self._fd, max(HEAD.size, min(READ_CHUNK, max_bytes - total + HEAD.size)), self._offset)
+            if len(head) < HEAD.size:
+                if not self._next_segment():
+                    raise LogCorrupt(f"record {self.next_seq} announced but not found")
+                continue
+            length, seq, crc = HEAD.unpack_from(head, 0)
+            if length > MAX_PAYLOAD or seq != self.next_seq:
+                raise LogCorrupt(f"expected record {self.next_seq}, found seq {seq} length {length}")
+            rec_len = HEAD.size + length
+            if rec_len <= len(head):
+                buf = head
+            else:
+                buf = head + os.pread(self._fd, rec_len - len(head), self._offset + len(head))
+                if len(buf) < rec_len:
+                    raise LogCorrupt(f"record {seq} is short")
+            pos = 0
+            while True:
+                length, seq, crc = HEAD.unpack_from(buf, pos)
+                start = pos + HEAD.size
+                end = start + length
+                if seq != self.next_seq or length > MAX_PAYLOAD:
+                    raise LogCorrupt(f"expected record {self.next_seq}, found seq {seq}")
+                payload = bytes(buf[start:end])
+                if _crc(seq, payload) != crc:
+                    raise LogCorrupt(f"record {seq} fails its checksum")
+                out.append(payload)
+                total += length
+                self.next_seq += 1
+                self._offset += HEAD.size + length
+                pos = end
+                if (self.next_seq >= limit or total >= max_bytes or len(out) >= max_count
+                        or pos + HEAD.size > len(buf)):
+                    break
+                nlen = HEAD.unpack_from(buf, pos)[0]
+                if pos + HEAD.size + nlen > len(buf):
+                    break
+        return out

@@ -1,0 +1,98 @@
+"""The embedded on-disk store: functions, session directories, the server secret.
+
+Layout under the data dir:
+
+    secret                      32 random bytes (0600): derives idempotent tokens
+    functions/<sha256>.cbor     {"name", "code"}: content-addressed
+    sessions/<session id>/      one directory per session (0700)
+        meta.cbor               written once by the server before the exchange starts
+        state.cbor              the exchange's saved state
+        out.<seq>, in.<seq>     output and input log segments (see sessionlog)
+        ctl.sock, lock, exchange.pid, env.pid, exchange.log, work/
+
+Every file is written atomically (write, then rename); files read back after a
+crash are treated as untrusted and a bad one costs only its own session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+
+import cbor2
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    tmp = f"{path}.tmp.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class Store:
+    def __init__(self, data_dir: str) -> None:
+        self.root = os.path.abspath(data_dir)
+        self.functions = os.path.join(self.root, "functions")
+        self.sessions = os.path.join(self.root, "sessions")
+        for d in (self.root, self.functions, self.sessions):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self.secret = self._secret()
+
+    def _secret(self) -> bytes:
+        path = os.path.join(self.root, "secret")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            if len(data) == 32:
+                return data
+        except FileNotFoundError:
+            pass
+        data = secrets.token_bytes(32)
+        write_atomic(path, data)
+        return data
+
+    # -- functions ----------------------------------------------------------
+
+    def put_function(self, name: str, code: str) -> str:
+        fid = hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+        path = os.path.join(self.functions, f"{fid}.cbor")
+        if not os.path.exists(path):
+            write_atomic(path, cbor2.dumps({"name": name, "code": code}))
+        return fid
+
+    def get_function(self, fid: str) -> str | None:
+        if len(fid) != 64 or any(c not in "0123456789abcdef" for c in fid):
+            return None
+        try:
+            with open(os.path.join(self.functions, f"{fid}.cbor"), "rb") as f:
+                return cbor2.loads(f.read())["code"]
+        except FileNotFoundError:
+            return None
+
+    # -- sessions -----------------------------------------------------------
+
+    def session_dir(self, sid: str) -> str:
+        return os.path.join(self.sessions, sid)
+
+    def create_session(self, sid: str, meta: dict) -> str:
+        sdir = self.session_dir(sid)
+        os.mkdir(sdir, 0o700)
+        write_atomic(os.path.join(sdir, "meta.cbor"), cbor2.dumps(meta))
+        return sdir
+
+    def session_ids(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.sessions) if n.startswith("s_"))
+
+    def read_cbor(self, sid: str, name: str) -> dict | None:
+        try:
+            with open(os.path.join(self.session_dir(sid), name), "rb") as f:
+                value = cbor2.loads(f.read())
+        except FileNotFoundError:
+            return None
+        return value if isinstance(value, dict) else None

@@ -1,0 +1,286 @@
+"""Driver entry point: ``python -I -S -u -c 'from bento_driver.main import main; main()'``.
+
+Runs inside the environment with fd 3 (messages from the exchange) and fd 4
+(messages to the exchange). Never writes anything but framed messages to fd 4:
+the exchange treats a malformed message as the function's fault.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import struct
+import sys
+import time
+import traceback
+import types
+from collections import deque
+from typing import Any
+
+import cbor2
+
+IN_FD = 3
+OUT_FD = 4
+LEN = struct.Struct(">I")
+
+
+class StateConflict(Exception):
+    """``api.state.put(..., if_version=v)`` found another version."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"shared state is at version {version}")
+        self.version = version
+
+
+class _Link:
+    """Framed messages over the two pipes to the exchange."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.inbox: deque[dict] = deque()  # input messages read while waiting for something else
+        self.closed = False
+
+    def send(self, msg: dict) -> None:
+        body = cbor2.dumps(msg)
+        data = LEN.pack(len(body)) + body
+        view = memoryview(data)
+        while view:
+            n = os.write(OUT_FD, view)
+            view = view[n:]
+
+    def _parse(self) -> dict | None:
+        if len(self.buf) < 4:
+            return None
+        n = LEN.unpack_from(self.buf, 0)[0]
+        if len(self.buf) < 4 + n:
+            return None
+        msg = cbor2.loads(bytes(self.buf[4 : 4 + n]))
+        del self.buf[: 4 + n]
+        return msg
+
+    def receive(self, timeout: float | None) -> dict | None:
+        """The next message, or None on timeout or when the exchange is gone."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            msg = self._parse()
+            if msg is not None:
+                return msg
+            if self.closed:
+                return None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                ready, _, _ = select.select([IN_FD], [], [], left)
+                if not ready:
+                    return None
+            chunk = os.read(IN_FD, 1 << 16)
+            if not chunk:
+                self.closed = True
+                continue
+            self.buf += chunk
+
+    def reply(self, kind: str) -> dict:
+        """Wait for the reply of kind ``kind``, keeping inputs that come first."""
+        while True:
+            msg = self.receive(None)
+            if msg is None:
+                raise ConnectionError("the exchange is gone")
+            if msg.get("t") == kind:
+                return msg
+            self.inbox.append(msg)
+
+
+def _check(value: Any, depth: int, budget: list[int]) -> None:
+    """Raise TypeError/ValueError unless ``value`` is a plain protocol value."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError("value has too many items")
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return
+    if isinstance(value, int):
+        if not -(2**64) <= value < 2**64:
+            raise ValueError("integer out of the 64-bit range")
+        return
+    if isinstance(value, float):
+        return
+    if depth <= 0:
+        raise ValueError("value is nested too deeply")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check(item, depth - 1, budget)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int, bytes)):
+                raise TypeError(f"map keys must be str, int or bytes, not {type(k).__name__}")
+            _check(k, depth - 1, budget)
+            _check(v, depth - 1, budget)
+        return
+    raise TypeError(f"cannot send a value of type {type(value).__name__}")
+
+
+class _Encoder:
+    def __init__(self, max_bytes: int, max_depth: int, max_items: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_depth = max_depth
+        self.max_items = max_items
+
+    def __call__(self, value: Any) -> bytes:
+        _check(value, self.max_depth, [self.max_items])
+        data = cbor2.dumps(value)
+        if len(data) > self.max_bytes:
+            raise ValueError(f"encoded value is {len(data)} bytes, more than {self.max_bytes}")
+        return data
+
+
+class _State:
+    def __init__(self, link: _Link, encode: _Encoder) -> None:
+        self._link = link
+        self._encode = encode
+
+    def get(self) -> tuple[int, Any]:
+        self._link.send({"t": "get"})
+        r = self._link.reply("state")
+        return r["version"], cbor2.loads(r["value"])
+
+    def put(self, value: Any, if_version: int | None = None) -> int:
+        data = self._encode(value)
+        self._link.send({"t": "put", "v": data, "if": if_version})
+        r = self._link.reply("put")
+        if not r["ok"]:
+            if r.get("error"):
+                raise ValueError(r["error"])
+            raise StateConflict(r["version"])
+        return r["version"]
+
+
+class Api:
+    """The ``api`` global the function sees."""
+
+    StateConflict = StateConflict
+
+    def __init__(self, link: _Link, encode: _Encoder) -> None:
+        self._link = link
+        self._encode = encode
+        self._eof = False
+        self.state = _State(link, encode)
+
+    def send(self, value: Any, channel: str | None = None) -> None:
+        if channel is not None and (not isinstance(channel, str) or not channel):
+            raise ValueError("channel must be a non-empty str")
+        data = self._encode(value)
+        # Whatever the function printed before this send goes into the stdout
+        # pipe first; the exchange drains that pipe before taking the message.
+        _flush()
+        self._link.send({"t": "send", "ch": channel, "v": data})
+
+    def _next_input(self, timeout: float | None) -> dict | None:
+        _flush()
+        link = self._link
+        while True:
+            if link.inbox:
+                return link.inbox.popleft()
+            msg = link.receive(timeout)
+            if msg is None or msg.get("t") in ("in", "eof"):
+                return msg
+            # stray replies cannot happen: requests wait for their reply
+
+    def recv(self, timeout: float | None = None) -> Any:
+        if self._eof:
+            raise EOFError("input is closed")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or math.isnan(timeout)):
+            raise TypeError("timeout must be a number or None")
+        msg = self._next_input(None if timeout is None else max(0.0, timeout))
+        if msg is None:
+            if self._link.closed:
+                self._eof = True
+                raise EOFError("input is closed")
+            raise TimeoutError("no input within the timeout")
+        if msg["t"] == "eof":
+            self._eof = True
+            raise EOFError("input is closed")
+        return cbor2.loads(msg["data"])
+
+    def poll(self) -> bool:
+        if self._link.inbox:
+            return True
+        msg = self._link.receive(0)
+        if msg is None:
+            return False
+        self._link.inbox.append(msg)
+        return True
+
+
+def _error(exc: BaseException) -> dict:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def _flush() -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # the function closed or broke its own streams
+
+
+def main() -> None:
+    # Line-buffered: a print() is one stdout frame, and every api call flushes
+    # first, so a prompt without a newline shows before the function waits.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    link = _Link()
+    start = link.receive(None)
+    if start is None or start.get("t") != "start":
+        os._exit(70)
+    encode = _Encoder(start["max_value"], start["max_depth"], start["max_items"])
+    api = Api(link, encode)
+    report: dict[str, Any] = {"t": "exit", "kind": "return", "result": None, "error": None, "code": 0}
+
+    module = types.ModuleType("__bento__")
+    module.__dict__["api"] = api
+    sys.modules["__bento__"] = module
+    entry_name = start["entry"]
+    try:
+        code = compile(start["code"], "<function>", "exec")
+        exec(code, module.__dict__)
+        entry = module.__dict__.get(entry_name)
+        if not callable(entry):
+            raise LookupError(f"the code defines no callable named {entry_name!r}")
+    except BaseException as exc:  # noqa: BLE001 - every failure at load is reported
+        report.update(kind="failed", error=_error(exc), code=1)
+        _finish(link, report)
+        return
+
+    try:
+        result = entry(*cbor2.loads(start["args"]), **cbor2.loads(start["kwargs"]))
+        try:
+            report["result"] = encode(result)
+        except (TypeError, ValueError) as exc:
+            report.update(
+                code=1,
+                error={"type": "ResultNotEncodable", "message": str(exc), "traceback": ""},
+            )
+    except KeyboardInterrupt as exc:
+        report.update(kind="interrupted", error=_error(exc), code=1)
+    except SystemExit as exc:
+        code = exc.code
+        report.update(kind="sysexit", code=code if isinstance(code, int) else (0 if code is None else 1))
+    except BaseException as exc:  # noqa: BLE001 - the function's exception is its result
+        report.update(code=1, error=_error(exc))
+    _finish(link, report)
+
+
+def _finish(link: _Link, report: dict) -> None:
+    _flush()
+    link.send(report)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Test helpers: a real server process on a free loopback port, and a raw
+protocol client that speaks PROTOCOL.md byte for byte (no SDK in between).
+
+Everything started here is stopped by pid: the server, every exchange it
+started (each in its own process group) and every environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import cbor2
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from bento import protocol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT_S = 20.0
+
+
+class ServerProcess:
+    """``bento server`` as a child process, on a free port, stopped by pid."""
+
+    def __init__(self, data_dir: str, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.extra = list(extra)
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_path = os.path.join(os.path.dirname(data_dir), f"server-{os.path.basename(data_dir)}.log")
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1"
+
+    def start(self, port: int = 0) -> ServerProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bento.app", "server", "--port", str(port),
+             "--data-dir", self.data_dir, *self.extra],
+            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
+        )
+        log.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                raise RuntimeError(f"server exited: {self.read_log()}")
+            if "listening on" in line:
+                self.port = int(line.rsplit(":", 1)[1].split("/")[0])
+                break
+        else:
+            raise RuntimeError("server did not start in time")
+        # Keep draining stdout so the server never blocks on a full pipe.
+        self._drain = threading.Thread(target=self.proc.stdout.read, daemon=True)
+        self._drain.start()
+        return self
+
+    def read_log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            self._drain.join(timeout=5)
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
+
+    def exchange_pids(self) -> list[int]:
+        out = []
+        sessions = os.path.join(self.data_dir, "sessions")
+        if not os.path.isdir(sessions):
+            return out
+        for sid in os.listdir(sessions):
+            for name in ("exchange.pid", "env.pid"):
+                try:
+                    with open(os.path.join(sessions, sid, name)) as f:
+                        out.append(int(f.read().strip()))
+                except (OSError, ValueError):
+                    pass
+        return out
+
+    def stop(self) -> None:
+        """Stop the server and everything it started."""
+        pids = self.exchange_pids()
+        self.kill(signal.SIGTERM)
+        pids += self.exchange_pids()
+        for pid in set(pids):
+            for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                try:
+                    target()
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+class Client:
+    """A raw protocol client: requests by id, events kept in order."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.next_id = 1
+        self.replies: dict[int, dict] = {}
+        self.events: deque[dict] = deque()
+        self.closed: ConnectionClosed | None = None
+
+    async def send(self, msg: dict) -> None:
+        await self.ws.send_message(cbor2.dumps(msg))
+
+    async def send_raw(self, data: bytes | str) -> None:
+        await self.ws.send_message(data)
+
+    async def _read_one(self) -> None:
+        raw = await self.ws.get_message()
+        msg = protocol.decode(raw, max_items=10_000_000)
+        if "id" in msg and "ev" not in msg:
+            self.replies[msg["id"]] = msg
+        else:
+            self.events.append(msg)
+
+    async def request(self, op: str, timeout: float = 15, **fields: Any) -> dict:
+        rid = self.next_id
+        self.next_id += 1
+        await self.send({"op": op, "id": rid, **fields})
+        with trio.fail_after(timeout):
+            while rid not in self.replies:
+                await self._read_one()
+        return self.replies.pop(rid)
+
+    async def ok(self, op: str, **fields: Any) -> dict:
+        r = await self.request(op, **fields)
+        assert r["ok"], r
+        return r
+
+    async def event(self, timeout: float = 15, **match: Any) -> dict:
+        """The next event matching all of ``match`` (others are kept)."""
+        with trio.fail_after(timeout):
+            while True:
+                for i, ev in enumerate(self.events):
+                    if all(ev.get(k) == v for k, v in match.items()):
+                        del self.events[i]
+                        return ev
+                await self._read_one()
+
+    async def frames(self, session: str, until_exit: bool = True, count: int | None = None,
+                     timeout: float = 20) -> list[list]:
+        """Frames of ``out`` events for ``session``, up to the exit frame (or ``count``)."""
+        got: list[list] = []
+        with trio.fail_after(timeout):
+            while True:
+                ev = await self.event(ev="out", session=session, timeout=timeout)
+                got.extend(ev["frames"])
+                if until_exit and got and got[-1][1] == "exit":
+                    return got
+                if count is not None and len(got) >= count:
+                    return got
+
+    async def close(self) -> None:
+        await self.ws.aclose()
+
+
+class connect:
+    """``async with connect(url) as c`` — a Client that has said hello."""
+
+    def __init__(self, url: str, auth: str | None = None, hello: bool = True) -> None:
+        self.url, self.auth, self.hello = url, auth, hello
+
+    async def __aenter__(self) -> Client:
+        self._cm = open_websocket_url(self.url, max_message_size=64 * 1024 * 1024)
+        ws = await self._cm.__aenter__()
+        self.client = Client(ws)
+        if self.hello:
+            fields: dict[str, Any] = {"proto": 1, "client": "tests/1"}
+            if self.auth is not None:
+                fields["auth"] = self.auth
+            r = await self.client.request("hello", **fields)
+            assert r["ok"], r
+        return self.client
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._cm.__aexit__(*exc)
+
+
+def data_of(frames: list[list], ch: str = "stdout") -> bytes:
+    return b"".join(f[2] for f in frames if f[1] == ch)
+
+
+def assert_contiguous(frames: list[list], start: int = 1) -> None:
+    """Seqs go up by one (a gap frame covers from..to), with no repeats."""
+    expect = start
+    for seq, ch, data in frames:
+        if ch == "gap":
+            assert data["from"] == expect, (data, expect)
+            assert seq == data["to"]
+        else:
+            assert seq == expect, (seq, expect, ch)
+        expect = seq + 1
