@@ -16,7 +16,9 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--data-dir", default=default_data_dir(), help="where sessions and functions live")
-    p.add_argument("--sandbox", default="none", help="environment backend: none (more to come)")
+    p.add_argument("--sandbox", default="auto", choices=["auto", "bwrap", "none", "cmd"],
+                   help="environment backend (default auto: bwrap when it works here, else none)")
+    p.add_argument("--sandbox-cmd", help="run the driver behind this command prefix (implies --sandbox cmd)")
     p.add_argument("--api-key", action="append", default=[],
                    help="require this API key for store/execute/list (repeatable; also BENTO_API_KEYS)")
     p.add_argument("--insecure", action="store_true",
@@ -62,9 +64,16 @@ def run_server(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"bento server: {exc}", file=sys.stderr)
         return 2
-    if config.sandbox != "none":
-        print(f"bento server: sandbox {config.sandbox!r} is not implemented yet; use --sandbox none",
-              file=sys.stderr)
+    import bento_sandbox
+
+    if args.sandbox_cmd:
+        config.sandbox, config.sandbox_cmd = "cmd", args.sandbox_cmd
+    elif config.sandbox == "auto":
+        config.sandbox = bento_sandbox.default_backend()
+    try:
+        bento_sandbox.get_backend(config.sandbox, config.sandbox_cmd)
+    except bento_sandbox.SandboxUnavailable as exc:
+        print(f"bento server: {exc}", file=sys.stderr)
         return 2
 
     import trio
@@ -79,9 +88,10 @@ def run_server(argv: list[str]) -> int:
             host = f"[{config.host}]" if ":" in config.host else config.host
             print(f"bento: listening on {scheme}://{host}:{port}/v1", flush=True)
             print(f"bento: data dir {os.path.abspath(config.data_dir)}", flush=True)
-            if config.sandbox == "none":
-                print("bento: WARNING sandbox 'none': functions run UNSANDBOXED as this user "
-                      "(rlimits only)", flush=True)
+            print(f"bento: sandbox {config.sandbox}", flush=True)
+            if config.sandbox != "bwrap":
+                print(f"bento: WARNING sandbox '{config.sandbox}': functions run UNSANDBOXED "
+                      "as this user (rlimits only)", flush=True)
 
     try:
         trio.run(run)

@@ -19,6 +19,7 @@ class Config:
     port: int = 8765
     data_dir: str = field(default_factory=default_data_dir)
     sandbox: str = "none"
+    sandbox_cmd: str | None = None
     api_keys: list[str] = field(default_factory=list)
     insecure: bool = False
     tls_cert: str | None = None

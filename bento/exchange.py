@@ -34,9 +34,9 @@ import sys
 import time
 from typing import Any
 
+import bento_sandbox
 import cbor2
 
-import bento_sandbox
 from bento import protocol, sessionlog
 
 LEN = struct.Struct(">I")
@@ -46,7 +46,6 @@ MAX_STATE_BYTES = 64 * 1024
 MAX_CTL_OUT = 64 * 1024 * 1024
 DRAIN_SECONDS = 2.0
 STATE_FLUSH_SECONDS = 0.1
-SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -168,7 +167,11 @@ class Exchange:
         self.input_seq = self.inlog.next_seq - 1
         self.output_total = 0
 
-        self.child: bento_sandbox.Spawned | None = None
+        self.child: bento_sandbox.Environment | None = None
+        self.driver_up = False
+        self.user_signal: str | None = None
+        self.stderr_tail = b""
+        self.next_cpu_check = 0.0
         self.pidfd = -1
         self.child_status: int | None = None
         self.kill_reason: str | None = None
@@ -319,14 +322,16 @@ class Exchange:
         elif t == "ack":
             self.on_ack(msg["seq"])
         elif t == "signal":
-            if self.state in protocol.ENDED_STATES or self.child is None:
+            if self.state in protocol.ENDED_STATES or self.child is None or self.drain_deadline is not None:
                 self.reply(rid, ok=False, code="gone", message="the function has ended")
             else:
-                sig = SIGNALS[msg["signal"]]
-                if sig == signal.SIGINT:
-                    self._signal_driver(sig)
+                name = msg["signal"]
+                self.user_signal = name
+                if name == "KILL":
+                    self.child.kill()
                 else:
-                    bento_sandbox.kill_group(self.child.pgid, sig)
+                    # Raised in the function's main thread by the driver's reader.
+                    self.to_driver({"t": "signal", "sig": name})
                 self.reply(rid, ok=True)
         elif t == "state_get":
             self.reply(rid, ok=True, version=self.shared_version, value=self.shared_value)
@@ -458,6 +463,8 @@ class Exchange:
                 if not chunk:
                     return
         self.output_total += len(chunk)
+        if ch == "stderr":
+            self.stderr_tail = (self.stderr_tail + chunk)[-2048:]
         self.append(ch, protocol.encode_head(2, len(chunk)) + chunk, len(chunk))
 
     def update_reading(self) -> None:
@@ -469,7 +476,7 @@ class Exchange:
         if want == self.reading:
             return
         self.reading = want
-        for fd, ch in list(self.pipes.items()):
+        for fd in list(self.pipes):
             self._modify(fd, selectors.EVENT_READ if want else 0, self.on_pipe)
         if self.driver is not None and not self.driver.eof:
             self._modify(self.driver.rfd, selectors.EVENT_READ if want else 0, self.on_driver)
@@ -552,6 +559,11 @@ class Exchange:
                             require_map=False)
             ok, version = self.put_state(value, if_version)
             self.to_driver({"t": "put", "ok": ok, "version": version})
+        elif t == "up":
+            self.driver_up = True
+            if self.state == "starting":
+                self.state = "running"
+                self.save()
         elif t == "exit":
             if msg.get("result") is not None:
                 protocol.decode(msg["result"], max_size=self.max_value,
@@ -577,7 +589,6 @@ class Exchange:
     # -- the environment ----------------------------------------------------
 
     def start(self) -> None:
-        backend = bento_sandbox.get_backend(self.meta["sandbox"])
         work = os.path.join(self.dir, "work")
         os.makedirs(work, exist_ok=True)
         out_r, out_w = os.pipe()
@@ -594,18 +605,21 @@ class Exchange:
             f"sys.path[:0]={paths!r};"
             "from bento_driver.main import main;main()"
         )
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "LANG": "C.UTF-8"}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
         env.update(self.meta["env"])
         try:
+            backend = bento_sandbox.get_backend(self.meta["sandbox"], self.meta.get("sandbox_cmd"))
             self.child = backend.spawn(
                 [self.meta["python"], "-I", "-S", "-c", boot],
-                cwd=work,
+                name=self.meta["session"],
+                workdir=work,
                 env=env,
                 limits=self.limits,
                 network=self.meta["network"],
                 pass_fds=(child_in, child_out),
                 stdout=out_w,
                 stderr=err_w,
+                bind=paths,
             )
         except (OSError, bento_sandbox.SandboxUnavailable) as exc:
             for fd in (out_r, out_w, err_r, err_w, to_r, to_w, from_r, from_w, child_in, child_out):
@@ -622,7 +636,7 @@ class Exchange:
             os.set_blocking(fd, False)
         self.pipes = {out_r: "stdout", err_r: "stderr"}
         self.driver = Framed(from_r, to_w, self.max_message + 4096)
-        self.pidfd = os.pidfd_open(self.child.process.pid)
+        self.pidfd = os.pidfd_open(self.child.pid)
         self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
         with open(os.path.join(self.dir, "env.pid"), "w") as f:
             f.write(f"{self.child.pgid}\n")
@@ -645,17 +659,9 @@ class Exchange:
             self.driver.queue(cbor2.dumps({"t": "eof"} if data is None else {"t": "in", "data": data}))
             del seq
         self.flush_driver()
-        self.state = "running"
         self.update_reading()
         self.save()
         self.progress_dirty = True
-
-    def _signal_driver(self, sig: int) -> None:
-        assert self.child is not None
-        try:
-            os.kill(self.child.process.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def kill(self, reason: str, error: dict | None = None) -> None:
         """End the function because of a limit or a violation."""
@@ -666,18 +672,18 @@ class Exchange:
 
     def kill_child(self) -> None:
         if self.child is not None:
-            bento_sandbox.kill_group(self.child.pgid)
+            self.child.kill()
 
     def on_child_exit(self, _fd: int) -> None:
         assert self.child is not None
         self.sel.unregister(self.pidfd)
         os.close(self.pidfd)
         self.pidfd = -1
-        _pid, status = os.waitpid(self.child.process.pid, 0)
+        _pid, status = os.waitpid(self.child.pid, 0)
         self.child.process.returncode = os.waitstatus_to_exitcode(status)
         self.child_status = status
         # Whatever the function left behind dies with it.
-        bento_sandbox.kill_group(self.child.pgid)
+        self.child.release()
         self.drain_deadline = time.monotonic() + DRAIN_SECONDS
         self.reading = False
         self.update_reading()
@@ -700,18 +706,31 @@ class Exchange:
 
     def exit_data(self) -> dict:
         status = self.child_status
-        assert status is not None
+        assert status is not None and self.child is not None
         rep = self.report
         data: dict[str, Any] = {"state": "exited", "code": None, "signal": None, "result": None, "error": None}
-        signaled = os.WIFSIGNALED(status)
+        sig: int | None = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        if sig is None and code is not None and code > 128 and self.child.signal_exit_codes and rep is None:
+            sig, code = code - 128, None
+        if self.kill_reason is None and sig == signal.SIGKILL and self.child.oom_killed():
+            self.kill_reason = "memory_bytes"
+        if self.kill_reason is None and sig == signal.SIGKILL and self._cpu_exhausted():
+            self.kill_reason = "cpu_s"
         if self.kill_reason is not None and self.kill_reason != "destroyed":
             err = self.kill_error or {"type": "LimitExceeded", "message": self.kill_reason}
             data.update(state="killed", signal="KILL", error=err)
-        elif signaled:
-            sig = os.WTERMSIG(status)
+        elif rep is None and not self.driver_up:
+            tail = self.stderr_tail.decode("utf-8", "replace").strip()
+            data.update(state="failed", error={
+                "type": "SandboxError",
+                "message": f"the environment did not start (status {status}): {tail[-500:]}",
+                "traceback": "",
+            })
+        elif rep is None and self.user_signal is not None:
+            data.update(state="killed", signal=self.user_signal)
+        elif sig is not None:
             data.update(state="killed", signal=signal_name(sig))
-            if sig == signal.SIGKILL and self.limits.cpu_s is not None and self._cpu_exhausted():
-                data["error"] = {"type": "LimitExceeded", "message": "cpu_s"}
         elif rep is not None:
             kind = rep.get("kind")
             if kind == "failed":
@@ -723,13 +742,27 @@ class Exchange:
                 if rep.get("result") is not None:
                     data["result"] = cbor2.loads(rep["result"])
         else:
-            data.update(code=os.WEXITSTATUS(status))
+            data.update(code=code)
         return data
 
     def _cpu_exhausted(self) -> bool:
-        assert self.child is not None and self.limits.cpu_s is not None
-        usage = os.times()
-        return usage.children_user + usage.children_system >= self.limits.cpu_s * 0.9
+        assert self.child is not None
+        if self.limits.cpu_s is None:
+            return False
+        used = self.child.cpu_seconds()
+        if used is None:
+            usage = os.times()
+            used = usage.children_user + usage.children_system
+        return used >= self.limits.cpu_s * 0.95
+
+    def check_cpu(self, now: float) -> None:
+        if (self.limits.cpu_s is None or self.child is None or self.drain_deadline is not None
+                or self.exit is not None or now < self.next_cpu_check):
+            return
+        self.next_cpu_check = now + 0.1
+        used = self.child.cpu_seconds()
+        if used is not None and used >= self.limits.cpu_s:
+            self.kill("cpu_s")
 
     def finish_exit(self, data: dict) -> None:
         self.exit = data
@@ -758,7 +791,8 @@ class Exchange:
         while not self.finished:
             now = time.monotonic()
             timeout = 1.0
-            for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at):
+            cpu_check = self.next_cpu_check if self.limits.cpu_s is not None and self.child else None
+            for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check):
                 if deadline is not None:
                     timeout = min(timeout, max(0.0, deadline - now))
             for key, _mask in self.sel.select(timeout):
@@ -772,6 +806,7 @@ class Exchange:
             if self.wall_deadline is not None and now >= self.wall_deadline and self.exit is None:
                 self.wall_deadline = None
                 self.kill("wall_s")
+            self.check_cpu(now)
             self.maybe_finish_drain(now)
             if self.state_dirty_at is not None and now >= self.state_dirty_at:
                 self.save()

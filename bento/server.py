@@ -268,6 +268,7 @@ class Connection:
             "buffer": self._buffer(req["buffer"]),
             "network": req["network"],
             "sandbox": self.config.sandbox,
+            "sandbox_cmd": self.config.sandbox_cmd,
             "max_message": self.config.max_message,
             "key": key,
         }

@@ -41,17 +41,29 @@ class ExchangeGone(Exception):
     """The session's exchange is not reachable (it died or the session ended)."""
 
 
-def child_sys_path() -> list[str]:
-    """Where the exchange and the driver find bento and cbor2 (they run with -I -S)."""
-    import bento_driver
-    import bento_sandbox
-
+def _parents(*modules: Any) -> list[str]:
     dirs: list[str] = []
-    for mod in (bento, bento_sandbox, bento_driver, cbor2):
+    for mod in modules:
         d = os.path.dirname(os.path.dirname(os.path.abspath(mod.__file__ or "")))
         if d not in dirs:
             dirs.append(d)
     return dirs
+
+
+def exchange_sys_path() -> list[str]:
+    """Where the exchange finds bento, the sandbox backends and cbor2 (it runs with -I -S)."""
+    import bento_driver
+    import bento_sandbox
+
+    return _parents(bento, bento_sandbox, bento_driver, cbor2)
+
+
+def driver_sys_path() -> list[str]:
+    """Where the driver finds itself and cbor2; the sandbox shows it these, read-only, and
+    nothing else of the host (never the data dir)."""
+    import bento_driver
+
+    return _parents(bento_driver, cbor2)
 
 
 def real_python() -> str:
@@ -214,7 +226,8 @@ class Registry:
         self.tokens: dict[str, tuple[Session, str]] = {}
         self.idem: dict[str, Session] = {}
         self.idem_locks: dict[str, trio.Lock] = {}
-        self.sys_path = child_sys_path()
+        self.sys_path = exchange_sys_path()
+        self.driver_path = driver_sys_path()
         self.python = real_python()
 
     # -- lookup -------------------------------------------------------------
@@ -272,7 +285,7 @@ class Registry:
             "owner_hash": auth.token_hash(owner),
             "viewer_hash": auth.token_hash(viewer),
             "python": self.python,
-            "driver_path": self.sys_path,
+            "driver_path": self.driver_path,
         }
         sdir = self.store.create_session(sid, meta)
         s = Session(sid, sdir, meta)

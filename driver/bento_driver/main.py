@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-import select
+import queue
+import signal
 import struct
 import sys
-import time
+import threading
 import traceback
 import types
-from collections import deque
 from typing import Any
 
 import cbor2
@@ -34,20 +34,28 @@ class StateConflict(Exception):
 
 
 class _Link:
-    """Framed messages over the two pipes to the exchange."""
+    """Framed messages over the two pipes to the exchange.
+
+    A reader thread takes every message from the exchange as it comes: inputs
+    and replies go to queues, and a ``signal`` message is raised in the main
+    thread at once (so a function blocked in a call still gets its
+    KeyboardInterrupt, whatever sandbox sits between the exchange and us).
+    """
 
     def __init__(self) -> None:
         self.buf = bytearray()
-        self.inbox: deque[dict] = deque()  # input messages read while waiting for something else
-        self.closed = False
+        self.inputs: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self.replies: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self.send_lock = threading.Lock()
 
     def send(self, msg: dict) -> None:
         body = cbor2.dumps(msg)
         data = LEN.pack(len(body)) + body
-        view = memoryview(data)
-        while view:
-            n = os.write(OUT_FD, view)
-            view = view[n:]
+        with self.send_lock:
+            view = memoryview(data)
+            while view:
+                n = os.write(OUT_FD, view)
+                view = view[n:]
 
     def _parse(self) -> dict | None:
         if len(self.buf) < 4:
@@ -59,37 +67,53 @@ class _Link:
         del self.buf[: 4 + n]
         return msg
 
-    def receive(self, timeout: float | None) -> dict | None:
-        """The next message, or None on timeout or when the exchange is gone."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def first(self) -> dict | None:
+        """The start message, read before the reader thread runs."""
         while True:
             msg = self._parse()
             if msg is not None:
                 return msg
-            if self.closed:
-                return None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                ready, _, _ = select.select([IN_FD], [], [], left)
-                if not ready:
-                    return None
             chunk = os.read(IN_FD, 1 << 16)
             if not chunk:
-                self.closed = True
-                continue
+                return None
             self.buf += chunk
 
-    def reply(self, kind: str) -> dict:
-        """Wait for the reply of kind ``kind``, keeping inputs that come first."""
+    def start_reader(self) -> None:
+        threading.Thread(target=self._reader, name="bento-link", daemon=True).start()
+
+    def _reader(self) -> None:
+        main_ident = threading.main_thread().ident
+        assert main_ident is not None
         while True:
-            msg = self.receive(None)
+            msg = self._parse()
             if msg is None:
-                raise ConnectionError("the exchange is gone")
-            if msg.get("t") == kind:
-                return msg
-            self.inbox.append(msg)
+                try:
+                    chunk = os.read(IN_FD, 1 << 16)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    self.inputs.put(None)
+                    self.replies.put(None)
+                    return
+                self.buf += chunk
+                continue
+            t = msg.get("t")
+            if t in ("in", "eof"):
+                self.inputs.put(msg)
+            elif t == "signal":
+                signal.pthread_kill(main_ident, SIGNALS[msg["sig"]])
+            else:
+                self.replies.put(msg)
+
+    def reply(self) -> dict:
+        msg = self.replies.get()
+        if msg is None:
+            self.replies.put(None)
+            raise ConnectionError("the exchange is gone")
+        return msg
+
+
+SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}
 
 
 def _check(value: Any, depth: int, budget: list[int]) -> None:
@@ -142,13 +166,13 @@ class _State:
 
     def get(self) -> tuple[int, Any]:
         self._link.send({"t": "get"})
-        r = self._link.reply("state")
+        r = self._link.reply()
         return r["version"], cbor2.loads(r["value"])
 
     def put(self, value: Any, if_version: int | None = None) -> int:
         data = self._encode(value)
         self._link.send({"t": "put", "v": data, "if": if_version})
-        r = self._link.reply("put")
+        r = self._link.reply()
         if not r["ok"]:
             if r.get("error"):
                 raise ValueError(r["error"])
@@ -176,41 +200,23 @@ class Api:
         _flush()
         self._link.send({"t": "send", "ch": channel, "v": data})
 
-    def _next_input(self, timeout: float | None) -> dict | None:
-        _flush()
-        link = self._link
-        while True:
-            if link.inbox:
-                return link.inbox.popleft()
-            msg = link.receive(timeout)
-            if msg is None or msg.get("t") in ("in", "eof"):
-                return msg
-            # stray replies cannot happen: requests wait for their reply
-
     def recv(self, timeout: float | None = None) -> Any:
         if self._eof:
             raise EOFError("input is closed")
         if timeout is not None and (not isinstance(timeout, (int, float)) or math.isnan(timeout)):
             raise TypeError("timeout must be a number or None")
-        msg = self._next_input(None if timeout is None else max(0.0, timeout))
-        if msg is None:
-            if self._link.closed:
-                self._eof = True
-                raise EOFError("input is closed")
-            raise TimeoutError("no input within the timeout")
-        if msg["t"] == "eof":
+        _flush()
+        try:
+            msg = self._link.inputs.get(timeout=None if timeout is None else max(0.0, timeout))
+        except queue.Empty:
+            raise TimeoutError("no input within the timeout") from None
+        if msg is None or msg["t"] == "eof":
             self._eof = True
             raise EOFError("input is closed")
         return cbor2.loads(msg["data"])
 
     def poll(self) -> bool:
-        if self._link.inbox:
-            return True
-        msg = self._link.receive(0)
-        if msg is None:
-            return False
-        self._link.inbox.append(msg)
-        return True
+        return not self._eof and not self._link.inputs.empty()
 
 
 def _error(exc: BaseException) -> dict:
@@ -235,9 +241,11 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     link = _Link()
-    start = link.receive(None)
+    link.send({"t": "up"})
+    start = link.first()
     if start is None or start.get("t") != "start":
         os._exit(70)
+    link.start_reader()
     encode = _Encoder(start["max_value"], start["max_depth"], start["max_items"])
     api = Api(link, encode)
     report: dict[str, Any] = {"t": "exit", "kind": "return", "result": None, "error": None, "code": 0}
