@@ -40,6 +40,8 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-bytes", type=int, default=64 * 1024 * 1024,
                    help="default output buffer per session (default 64 MiB)")
     p.add_argument("--buffer-policy", default="block", choices=["block", "drop_oldest", "fail"])
+    p.add_argument("--pool", type=int, default=2,
+                   help="fresh sandboxes kept started ahead of time for fast executes (default 2; 0 = off)")
     p.add_argument("--node", default="node-1", help="this node's name, sent in hello")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -56,7 +58,7 @@ def run_server(argv: list[str]) -> int:
         ttl_s=args.ttl, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
-        max_buffer_bytes=args.max_buffer_bytes,
+        max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

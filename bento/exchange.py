@@ -248,6 +248,9 @@ class Exchange:
             conn, _ = sock.accept()
         except BlockingIOError:
             return
+        self.use_server(conn)
+
+    def use_server(self, conn: socket.socket) -> None:
         # One server at a time: a new connection replaces the old one.
         self.drop_server()
         conn.setblocking(False)
@@ -588,54 +591,20 @@ class Exchange:
 
     # -- the environment ----------------------------------------------------
 
-    def start(self) -> None:
-        work = os.path.join(self.dir, "work")
-        os.makedirs(work, exist_ok=True)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        to_r, to_w = os.pipe()  # exchange -> driver (driver's fd 3)
-        from_r, from_w = os.pipe()  # driver -> exchange (driver's fd 4)
-        # The driver expects its pipes at fds 3 and 4: move ours out of the
-        # way first, then dup into place inside the child via pass_fds order.
-        child_in, child_out = _fd_at_least(to_r, 10), _fd_at_least(from_w, 10)
-        paths = self.meta["driver_path"]
-        boot = (
-            "import os,sys;"
-            f"os.dup2({child_in},3);os.dup2({child_out},4);os.close({child_in});os.close({child_out});"
-            f"sys.path[:0]={paths!r};"
-            "from bento_driver.main import main;main()"
-        )
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-        env.update(self.meta["env"])
-        try:
-            backend = bento_sandbox.get_backend(self.meta["sandbox"], self.meta.get("sandbox_cmd"))
-            self.child = backend.spawn(
-                [self.meta["python"], "-I", "-S", "-c", boot],
-                name=self.meta["session"],
-                workdir=work,
-                env=env,
-                limits=self.limits,
-                network=self.meta["network"],
-                pass_fds=(child_in, child_out),
-                stdout=out_w,
-                stderr=err_w,
-                bind=paths,
-            )
-        except (OSError, bento_sandbox.SandboxUnavailable) as exc:
-            for fd in (out_r, out_w, err_r, err_w, to_r, to_w, from_r, from_w, child_in, child_out):
-                _close(fd)
+    def start(self, launched: Launched | None) -> None:
+        """Give the session its environment (started ahead of time, or None if
+        that failed) and send the function its code, limits and early input."""
+        if launched is None or launched.error is not None:
+            message = launched.error if launched is not None else "no environment"
             self.finish_exit(
                 {"state": "failed", "code": None, "signal": None, "result": None,
-                 "error": {"type": "SandboxError", "message": str(exc), "traceback": ""}}
+                 "error": {"type": "SandboxError", "message": message, "traceback": ""}}
             )
             return
-        for fd in (out_w, err_w, child_in, child_out, to_r, from_w):
-            _close(fd)
-        self.enforced = self.child.enforced
-        for fd in (out_r, err_r, to_w, from_r):
-            os.set_blocking(fd, False)
-        self.pipes = {out_r: "stdout", err_r: "stderr"}
-        self.driver = Framed(from_r, to_w, self.max_message + 4096)
+        self.child = launched.env
+        self.enforced, rlimits = self.child.apply(self.limits)
+        self.pipes = {launched.out_r: "stdout", launched.err_r: "stderr"}
+        self.driver = Framed(launched.from_r, launched.to_w, self.max_message + 4096)
         self.pidfd = os.pidfd_open(self.child.pid)
         self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
         with open(os.path.join(self.dir, "env.pid"), "w") as f:
@@ -648,16 +617,17 @@ class Exchange:
             "entry": self.meta["entry"],
             "args": self.meta["args"],
             "kwargs": self.meta["kwargs"],
+            "env": self.meta["env"],
+            "rlimits": rlimits,
             "max_value": self.max_value,
             "max_depth": protocol.MAX_DEPTH - 4,
             "max_items": protocol.DEFAULT_MAX_ITEMS,
         }
         self.driver.queue(cbor2.dumps(start))
         # Input accepted before the function started goes to it now, in order.
-        for seq, payload in self.inlog.records():
+        for _seq, payload in self.inlog.records():
             _s, data = cbor2.loads(payload)
             self.driver.queue(cbor2.dumps({"t": "eof"} if data is None else {"t": "in", "data": data}))
-            del seq
         self.flush_driver()
         self.update_reading()
         self.save()
@@ -824,6 +794,64 @@ class Exchange:
         self.on_server(sock)
 
 
+class Launched:
+    """A started environment and the exchange's ends of its pipes."""
+
+    def __init__(self, env: bento_sandbox.Environment | None, out_r: int = -1, err_r: int = -1,
+                 to_w: int = -1, from_r: int = -1, error: str | None = None) -> None:
+        self.env, self.error = env, error
+        self.out_r, self.err_r, self.to_w, self.from_r = out_r, err_r, to_w, from_r
+
+    def discard(self) -> None:
+        if self.env is not None:
+            self.env.release()
+            try:
+                os.waitpid(self.env.pid, 0)
+            except ChildProcessError:
+                pass
+        for fd in (self.out_r, self.err_r, self.to_w, self.from_r):
+            if fd >= 0:
+                _close(fd)
+
+
+def launch(cfg: dict, name: str, workdir: str) -> Launched:
+    """Start an environment whose driver waits for its ``start`` message.
+
+    ``cfg`` holds sandbox, sandbox_cmd, python, driver_path, network. No
+    session-specific setting is needed yet: limits, env and code come later."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    to_r, to_w = os.pipe()  # exchange -> driver (driver's fd 3)
+    from_r, from_w = os.pipe()  # driver -> exchange (driver's fd 4)
+    # The driver expects its pipes at fds 3 and 4: pass them high, dup them down inside.
+    child_in, child_out = _fd_at_least(to_r, 10), _fd_at_least(from_w, 10)
+    paths = cfg["driver_path"]
+    boot = (
+        "import os,sys;"
+        f"os.dup2({child_in},3);os.dup2({child_out},4);os.close({child_in});os.close({child_out});"
+        f"sys.path[:0]={paths!r};"
+        "from bento_driver.main import main;main()"
+    )
+    try:
+        backend = bento_sandbox.get_backend(cfg["sandbox"], cfg.get("sandbox_cmd"))
+        env = backend.spawn(
+            [cfg["python"], "-I", "-S", "-c", boot],
+            name=name, workdir=workdir,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+            network=cfg["network"], pass_fds=(child_in, child_out),
+            stdout=out_w, stderr=err_w, bind=paths,
+        )
+    except (OSError, bento_sandbox.SandboxUnavailable) as exc:
+        for fd in (out_r, out_w, err_r, err_w, to_w, from_r, child_in, child_out):
+            _close(fd)
+        return Launched(None, error=str(exc))
+    for fd in (out_w, err_w, child_in, child_out):
+        _close(fd)
+    for fd in (out_r, err_r, to_w, from_r):
+        os.set_blocking(fd, False)
+    return Launched(env, out_r, err_r, to_w, from_r)
+
+
 def _data_len(payload: bytes) -> int:
     """Length of a frame's encoded ``data`` inside its encoded ``[seq, ch, data]``."""
     pos = 1
@@ -849,35 +877,99 @@ def _close(fd: int) -> None:
         pass
 
 
-def main(argv: list[str]) -> None:
-    sdir = argv[0]
-    adopt = "--adopt" in argv[1:]
+def _lock(sdir: str) -> int | None:
+    """The session's lock, held for this process's life; None if another exchange has it."""
     lock_fd = os.open(os.path.join(sdir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
-            sys.stdout.write("busy\n")
-            sys.stdout.flush()
-            os._exit(3)
+            os.close(lock_fd)
+            return None
         raise
+    return lock_fd
+
+
+def _detach_stdio() -> None:
+    """Let go of the server's pipes: a process that outlives the server must
+    not hold anything the server's parent waits on."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def _warm(sock: socket.socket) -> tuple[Launched, str] | None:
+    """Warm mode: start an environment now, wait for the server to assign a session."""
+    link = Framed(sock.fileno(), sock.fileno(), 1 << 20)
+    os.set_blocking(sock.fileno(), True)
+
+    def receive() -> dict | None:
+        while True:
+            bodies = link.messages()
+            if bodies:
+                return cbor2.loads(bodies[0])
+            if not link.feed():
+                return None
+
+    cfg = receive()
+    if cfg is None or cfg.get("t") != "warm":
+        return None
+    name = f"warm-{os.getpid()}"
+    launched = launch(cfg, name, cfg["workdir"])
+    link.queue(cbor2.dumps({"t": "warm_ready", "pid": os.getpid(), "error": launched.error}))
+    link.flush()
+    assign = receive()
+    if assign is None or assign.get("t") != "assign":
+        launched.discard()
+        return None
+    if link.inbuf:
+        raise RuntimeError("the server sent more than one message before the session was set up")
+    os.set_blocking(sock.fileno(), False)
+    return launched, assign["dir"]
+
+
+def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    warm_sock: socket.socket | None = None
+    launched: Launched | None = None
+    if argv[0] == "--warm":
+        warm_sock = socket.socket(fileno=int(argv[1]))
+        _detach_stdio()
+        got = _warm(warm_sock)
+        if got is None:
+            os._exit(0)
+        launched, sdir = got
+        adopt = False
+    else:
+        sdir = argv[0]
+        adopt = "--adopt" in argv[1:]
+    if _lock(sdir) is None:
+        if launched is not None:
+            launched.discard()
+        sys.stdout.write("busy\n")
+        sys.stdout.flush()
+        os._exit(3)
     ex = Exchange(sdir, adopt)
     sock = ex.listen()
     with open(os.path.join(sdir, "exchange.pid"), "w") as f:
         f.write(f"{os.getpid()}\n")
     if adopt:
         ex.adopt_lost()
-    # Tell the server we are ready, then let go of its pipe: a process that
-    # outlives the server must not hold anything the server's parent waits on.
-    sys.stdout.write(f"ready {os.getpid()}\n")
-    sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    os.close(devnull)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if not adopt and ex.exit is None:
-        ex.start()
+        if launched is None:
+            work = os.path.join(sdir, "work")
+            os.makedirs(work, exist_ok=True)
+            launched = launch(ex.meta, ex.meta["session"], work)
+        ex.start(launched)
+    elif launched is not None:
+        launched.discard()
+    if warm_sock is not None:
+        ex.use_server(warm_sock)
+    else:
+        sys.stdout.write(f"ready {os.getpid()}\n")
+        sys.stdout.flush()
+        _detach_stdio()
     try:
         ex.run()
     finally:
@@ -887,6 +979,7 @@ def main(argv: list[str]) -> None:
                 ex.child.process.wait(timeout=5)
             except Exception as exc:  # noqa: BLE001 - report, then leave anyway
                 sys.stderr.write(f"exchange: could not reap the environment: {exc}\n")
+            ex.child.release()
         sock.close()
     if ex.remove:
         shutil.rmtree(sdir, ignore_errors=True)

@@ -477,6 +477,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Any] = trio.TASK
         registry = Registry(config, store, nursery)
         await registry.recover()
         nursery.start_soon(registry.reaper)
+        nursery.start_soon(registry.pool_keeper)
         server = Server(config, registry, store)
         ws_server = await nursery.start(
             lambda task_status: serve_websocket(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -228,6 +229,9 @@ class Registry:
         self.idem_locks: dict[str, trio.Lock] = {}
         self.sys_path = exchange_sys_path()
         self.driver_path = driver_sys_path()
+        self.warm: list[ExchangeLink] = []
+        self.warm_wanted = trio.Event()
+        self.pool_size = config.pool_size if config.sandbox == "bwrap" else 0
         self.python = real_python()
 
     # -- lookup -------------------------------------------------------------
@@ -290,8 +294,9 @@ class Registry:
         sdir = self.store.create_session(sid, meta)
         s = Session(sid, sdir, meta)
         try:
-            await self._spawn(sdir, adopt=False)
-            await self._connect(s)
+            if not await self._assign_warm(s):
+                await self._spawn(sdir, adopt=False)
+                await self._connect(s)
         except (OSError, ExchangeGone, RuntimeError) as exc:
             log.error("session %s: could not start its exchange: %s", sid, exc)
             import shutil
@@ -300,6 +305,78 @@ class Registry:
             raise protocol.RequestError("internal", f"could not start the session: {exc}") from None
         self._index(s)
         return s
+
+    # -- the warm pool: exchanges with a fresh sandbox started ahead of time ----
+
+    async def pool_keeper(self) -> None:
+        """Keep ``pool_size`` warm exchanges ready (bwrap only: their sandbox's
+        working dir is its own tmpfs, so nothing ties them to a session yet)."""
+        while self.pool_size:
+            while len(self.warm) < self.pool_size:
+                try:
+                    link = await self._spawn_warm()
+                except (OSError, RuntimeError, ExchangeGone) as exc:
+                    log.error("warm pool: could not start an exchange: %s", exc)
+                    await trio.sleep(1.0)
+                    continue
+                self.warm.append(link)
+            self.warm_wanted = trio.Event()
+            await self.warm_wanted.wait()
+            # Let the session that just took a warm exchange have the CPU first.
+            await trio.sleep(0.05)
+
+    async def _spawn_warm(self) -> ExchangeLink:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        boot = (
+            f"import sys;sys.path[:0]={self.sys_path!r};"
+            "from bento.exchange import main;main(sys.argv[1:])"
+        )
+        try:
+            proc = await trio.lowlevel.open_process(
+                [self.python, "-I", "-S", "-c", boot, "--warm", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self.nursery.start_soon(proc.wait)
+        link = ExchangeLink(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        await link.send({
+            "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,
+            "python": self.python, "driver_path": self.driver_path, "network": False,
+            "workdir": "/",
+        })
+        with trio.fail_after(SPAWN_TIMEOUT_S):
+            ready = await link.receive()
+        if ready is None or ready.get("t") != "warm_ready" or ready.get("error"):
+            await link.stream.aclose()
+            raise RuntimeError(f"warm exchange failed: {ready}")
+        return link
+
+    async def _assign_warm(self, s: Session) -> bool:
+        """Hand the session to a warm exchange; False if none fits or is ready."""
+        if s.meta["network"] or not self.warm:
+            return False
+        link = self.warm.pop(0)
+        self.warm_wanted.set()
+        try:
+            await link.send({"t": "assign", "dir": s.dir})
+            with trio.fail_after(SPAWN_TIMEOUT_S):
+                hello = await link.receive()
+        except (ExchangeGone, trio.TooSlowError):
+            hello = None
+        if hello is None or hello.get("t") != "hello":
+            await link.stream.aclose()
+            return False
+        s.link = link
+        s.update(hello)
+        self.nursery.start_soon(self._read_exchange, s, link)
+        return True
+
+    async def close_pool(self) -> None:
+        for link in self.warm:
+            await link.stream.aclose()
+        self.warm.clear()
 
     async def _spawn(self, sdir: str, adopt: bool) -> None:
         boot = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import resource
 import signal
 import struct
 import sys
@@ -246,6 +247,11 @@ def main() -> None:
     if start is None or start.get("t") != "start":
         os._exit(70)
     link.start_reader()
+    # The session's own settings arrive with the code: this environment may
+    # have been started ahead of time, before the session existed.
+    os.environ.update(start.get("env", {}))
+    for name, value in start.get("rlimits", {}).items():
+        resource.setrlimit(getattr(resource, name), (value, value))
     encode = _Encoder(start["max_value"], start["max_depth"], start["max_items"])
     api = Api(link, encode)
     report: dict[str, Any] = {"t": "exit", "kind": "return", "result": None, "error": None, "code": 0}

@@ -24,15 +24,12 @@ nothing enforces is absent from that map.
 from __future__ import annotations
 
 import os
-import resource
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 HOME = "/home/bento"
 DEFAULT_TMP_BYTES = 64 * 1024 * 1024
@@ -42,18 +39,31 @@ class SandboxUnavailable(Exception):
     """The requested backend cannot run on this machine."""
 
 
-@dataclass
 class Limits:
-    wall_s: float | None = None
-    cpu_s: float | None = None
-    memory_bytes: int | None = None
-    pids: int | None = None
-    output_bytes: int | None = None
-    file_bytes: int | None = None
+    """A session's limits; None means not limited."""
+
+    KEYS = ("wall_s", "cpu_s", "memory_bytes", "pids", "output_bytes", "file_bytes")
+
+    def __init__(self, **given: float | int | None) -> None:
+        self.wall_s: float | None = given.get("wall_s")
+        self.cpu_s: float | None = given.get("cpu_s")
+        self.memory_bytes: int | None = given.get("memory_bytes")  # type: ignore[assignment]
+        self.pids: int | None = given.get("pids")  # type: ignore[assignment]
+        self.output_bytes: int | None = given.get("output_bytes")  # type: ignore[assignment]
+        self.file_bytes: int | None = given.get("file_bytes")  # type: ignore[assignment]
 
     @classmethod
     def from_map(cls, m: Mapping[str, float | int]) -> Limits:
-        return cls(**{k: m[k] for k in m if k in cls.__dataclass_fields__})
+        return cls(**{k: m[k] for k in m if k in cls.KEYS})
+
+
+def which(name: str) -> str | None:
+    """shutil.which without importing shutil (the exchange starts per session)."""
+    for d in os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(os.pathsep):
+        path = os.path.join(d, name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
 
 
 def _set_pdeathsig() -> None:
@@ -64,15 +74,18 @@ def _set_pdeathsig() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
-def _rlimits(limits: Limits, cpu: bool, memory: bool) -> None:
-    if cpu and limits.cpu_s is not None:
+def driver_rlimits(limits: Limits, memory: bool) -> dict[str, int]:
+    """The rlimits the driver sets on itself (soft == hard, so the function
+    cannot raise them) before it runs the function: RLIMIT name -> value."""
+    out: dict[str, int] = {}
+    if limits.cpu_s is not None:
         # soft == hard: the kernel sends SIGKILL (not SIGXCPU) at the limit.
-        secs = max(1, int(limits.cpu_s + 0.999))
-        resource.setrlimit(resource.RLIMIT_CPU, (secs, secs))
+        out["RLIMIT_CPU"] = max(1, int(limits.cpu_s + 0.999))
     if memory and limits.memory_bytes is not None:
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+        out["RLIMIT_AS"] = int(limits.memory_bytes)
     if limits.file_bytes is not None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
+        out["RLIMIT_FSIZE"] = int(limits.file_bytes)
+    return out
 
 
 # -- cgroups ------------------------------------------------------------------
@@ -155,9 +168,8 @@ def _write(path: str, value: str) -> None:
 class Cgroups:
     """One environment's cgroups, in every hierarchy that works here."""
 
-    def __init__(self, name: str, limits: Limits, features: dict[str, str]) -> None:
+    def __init__(self, name: str, features: dict[str, str]) -> None:
         self.dirs: dict[str, str] = {}
-        self.enforced: dict[str, str] = {}
         for feature, base in features.items():
             path = os.path.join(base, name)
             try:
@@ -167,20 +179,25 @@ class Cgroups:
             except OSError:
                 continue
             self.dirs[feature] = path
+
+    def apply(self, limits: Limits) -> dict[str, str]:
+        """Set the limits the cgroups can hold; returns limit -> what enforces it."""
+        enforced: dict[str, str] = {}
         if "memory" in self.dirs and limits.memory_bytes is not None:
             try:
                 _write(os.path.join(self.dirs["memory"], "memory.limit_in_bytes"), str(limits.memory_bytes))
-                self.enforced["memory_bytes"] = "cgroup memory (OOM kill)"
+                enforced["memory_bytes"] = "cgroup memory (OOM kill)"
             except OSError:
                 pass
         if "pids" in self.dirs and limits.pids is not None:
             try:
                 _write(os.path.join(self.dirs["pids"], "pids.max"), str(limits.pids))
-                self.enforced["pids"] = "cgroup pids"
+                enforced["pids"] = "cgroup pids"
             except OSError:
                 pass
         if "cpuacct" in self.dirs and limits.cpu_s is not None:
-            self.enforced["cpu_s"] = "cgroup cpuacct (exchange checks)"
+            enforced["cpu_s"] = "cgroup cpuacct (whole environment) + RLIMIT_CPU (per process)"
+        return enforced
 
     def enter(self) -> None:
         """Move the calling process in (runs in the child between fork and exec)."""
@@ -264,9 +281,29 @@ class Environment:
         self.pid = process.pid
         self.pgid = process.pid
         self.cgroups = cgroups
-        self.enforced = enforced
+        self.enforced = enforced  # what the environment holds whatever the limits (network, /tmp)
         # bwrap reports a child killed by signal n as exit code 128 + n.
         self.signal_exit_codes = signal_exit_codes
+
+    def apply(self, limits: Limits) -> tuple[dict[str, str], dict[str, int]]:
+        """Put the session's limits on the running environment (before the
+        function runs). Returns (limit -> what enforces it, rlimits the driver
+        must set on itself)."""
+        by_cgroup = self.cgroups.apply(limits) if self.cgroups is not None else {}
+        rlimits = driver_rlimits(limits, memory="memory_bytes" not in by_cgroup)
+        enforced = dict(self.enforced)
+        if "RLIMIT_CPU" in rlimits:
+            enforced["cpu_s"] = "RLIMIT_CPU (per process)"
+        if "RLIMIT_AS" in rlimits:
+            enforced["memory_bytes"] = "RLIMIT_AS (address space, per process)"
+        if "RLIMIT_FSIZE" in rlimits:
+            enforced["file_bytes"] = "RLIMIT_FSIZE"
+        enforced.update(by_cgroup)
+        if limits.wall_s is not None:
+            enforced["wall_s"] = "exchange timer"
+        if limits.output_bytes is not None:
+            enforced["output_bytes"] = "exchange"
+        return enforced, rlimits
 
     def kill(self) -> None:
         """SIGKILL to every process of the environment."""
@@ -305,32 +342,21 @@ class _Backend:
             pass_fds=pass_fds, start_new_session=True, preexec_fn=preexec,
         )
 
-    def _rlimit_enforced(self, limits: Limits) -> dict[str, str]:
-        out = {}
-        if limits.cpu_s is not None:
-            out["cpu_s"] = "rlimit (per process)"
-        if limits.memory_bytes is not None:
-            out["memory_bytes"] = "rlimit (address space, per process)"
-        if limits.file_bytes is not None:
-            out["file_bytes"] = "rlimit"
-        return out
-
 
 class NoneBackend(_Backend):
     """A plain process: rlimits only, no isolation."""
 
     name = "none"
 
-    def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str], limits: Limits,
+    def argv(self, argv: list[str]) -> list[str]:
+        return argv
+
+    def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
               network: bool, pass_fds: tuple[int, ...], stdout: int, stderr: int,
               bind: list[str]) -> Environment:
-        def preexec() -> None:
-            _rlimits(limits, cpu=True, memory=True)
-            _set_pdeathsig()
-
-        proc = self._popen(argv, cwd=workdir, env={**env, "HOME": workdir}, pass_fds=pass_fds,
-                           stdout=stdout, stderr=stderr, preexec=preexec)
-        return Environment(proc, None, self._rlimit_enforced(limits), signal_exit_codes=False)
+        proc = self._popen(self.argv(argv), cwd=workdir, env={**env, "HOME": workdir}, pass_fds=pass_fds,
+                           stdout=stdout, stderr=stderr, preexec=_set_pdeathsig)
+        return Environment(proc, None, {}, signal_exit_codes=False)
 
 
 class CmdBackend(NoneBackend):
@@ -343,8 +369,8 @@ class CmdBackend(NoneBackend):
         if not self.prefix:
             raise SandboxUnavailable("--sandbox-cmd is empty")
 
-    def spawn(self, argv: list[str], **kw):  # type: ignore[no-untyped-def, override]
-        return super().spawn(self.prefix + argv, **kw)
+    def argv(self, argv: list[str]) -> list[str]:
+        return self.prefix + argv
 
 
 class BwrapBackend(_Backend):
@@ -352,13 +378,14 @@ class BwrapBackend(_Backend):
     sandboxed = True
 
     def __init__(self, tmp_bytes: int = DEFAULT_TMP_BYTES) -> None:
-        self.bwrap = shutil.which("bwrap")
+        self.bwrap = which("bwrap")
         if self.bwrap is None:
             raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
         self.tmp_bytes = tmp_bytes
 
     def command(self, argv: list[str], *, env: Mapping[str, str], network: bool, bind: list[str],
                 tmp_bytes: int) -> list[str]:
+        assert self.bwrap is not None
         cmd = [
             self.bwrap,
             "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
@@ -393,23 +420,20 @@ class BwrapBackend(_Backend):
             cmd += ["--setenv", k, v]
         return [*cmd, "--", *argv]
 
-    def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str], limits: Limits,
+    def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
               network: bool, pass_fds: tuple[int, ...], stdout: int, stderr: int,
               bind: list[str]) -> Environment:
-        cgroups = Cgroups(name, limits, detect_cgroups())
-        enforced = {**self._rlimit_enforced(limits), **cgroups.enforced}
-        tmp_bytes = self.tmp_bytes
-        enforced["tmp_bytes"] = f"tmpfs size {tmp_bytes}"
+        cgroups = Cgroups(name, detect_cgroups())
+        enforced = {"tmp_bytes": f"tmpfs of {self.tmp_bytes} bytes for /tmp and {HOME}"}
         if not network:
-            enforced["network"] = "no network namespace access (bwrap)"
-        memory_by_rlimit = "memory_bytes" not in cgroups.enforced
+            enforced["network"] = "none (own network namespace)"
 
         def preexec() -> None:
             cgroups.enter()
-            _rlimits(limits, cpu=True, memory=memory_by_rlimit)
             _set_pdeathsig()
 
-        cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=bind, tmp_bytes=tmp_bytes)
+        cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=bind,
+                           tmp_bytes=self.tmp_bytes)
         try:
             proc = self._popen(cmd, cwd="/", env={}, pass_fds=pass_fds, stdout=stdout, stderr=stderr,
                                preexec=preexec)
@@ -419,7 +443,7 @@ class BwrapBackend(_Backend):
         return Environment(proc, cgroups, enforced, signal_exit_codes=True)
 
 
-def get_backend(name: str, sandbox_cmd: str | None = None) -> _Backend:
+def get_backend(name: str, sandbox_cmd: str | None = None) -> NoneBackend | BwrapBackend:
     if name == "none":
         return NoneBackend()
     if name == "bwrap":
@@ -431,11 +455,12 @@ def get_backend(name: str, sandbox_cmd: str | None = None) -> _Backend:
 
 def default_backend() -> str:
     """bwrap when it is installed and works here, else none."""
-    if shutil.which("bwrap") is None:
+    bwrap = which("bwrap")
+    if bwrap is None:
         return "none"
     try:
         r = subprocess.run(
-            [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user", "--cap-drop", "ALL",
+            [bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL",
              "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
              "--symlink", "usr/lib64", "/lib64", "--", "/usr/bin/true"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=10,

@@ -231,10 +231,10 @@ async def test_signal_int_is_keyboard_interrupt(server):
 async def test_shared_state_compare_and_set(server):
     code = (
         "def main():\n"
+        "    api.recv()\n"
         "    v, val = api.state.get()\n"
         "    api.send([v, val])\n"
-        "    api.recv()\n"
-        "    return api.state.put({'by': 'fn'}, if_version=api.state.get()[0])\n"
+        "    return api.state.put({'by': 'fn'}, if_version=v)\n"
     )
     async with connect(server.url) as c:
         r = await c.ok("execute", code=code, attach=False)
