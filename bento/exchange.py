@@ -45,6 +45,7 @@ MAX_PENDING_INPUT = 16 * 1024 * 1024
 MAX_STATE_BYTES = 64 * 1024
 MAX_CTL_OUT = 64 * 1024 * 1024
 DRAIN_SECONDS = 2.0
+RETRY_SECONDS = 0.5
 STATE_FLUSH_SECONDS = 0.1
 
 
@@ -180,6 +181,8 @@ class Exchange:
         self.wall_deadline: float | None = None
         self.pipes: dict[int, str] = {}  # fd -> "stdout" | "stderr"
         self.to_close: list[int] = []
+        self.stalled: list[tuple[str, bytes, int]] = []  # frames the disk refused, oldest first
+        self.retry_at = 0.0
         self.driver: Framed | None = None
         self.reading = False
         self.server: Framed | None = None
@@ -200,6 +203,13 @@ class Exchange:
             return {}
 
     def save(self) -> None:
+        try:
+            self._save()
+        except OSError as exc:
+            self.disk_trouble(f"cannot save the session state: {exc}")
+            self.state_dirty_at = time.monotonic() + RETRY_SECONDS
+
+    def _save(self) -> None:
         write_atomic(
             os.path.join(self.dir, "state.cbor"),
             cbor2.dumps(
@@ -376,7 +386,11 @@ class Exchange:
             return
         eof = bool(msg.get("eof"))
         data = msg.get("data")
-        self.inlog.append(seq, cbor2.dumps([seq, None if eof else data]))
+        try:
+            self.inlog.append(seq, cbor2.dumps([seq, None if eof else data]))
+        except OSError as exc:
+            self.reply(rid, ok=False, code="internal", message=f"cannot record the input: {exc.strerror}")
+            return
         self.input_seq = seq
         if self.driver is not None:
             self.driver.queue(cbor2.dumps({"t": "eof"} if eof else {"t": "in", "data": data}))
@@ -433,11 +447,48 @@ class Exchange:
         self.update_reading()
 
     def append(self, ch: str, data_cbor: bytes, size: int) -> None:
+        """Add a frame to the output log. If the disk refuses it, the frame
+        waits in memory and the function's output is no longer read (it
+        blocks, nothing is lost) until a retry succeeds."""
+        if not self.stalled:
+            try:
+                self._write_frame(ch, data_cbor, size)
+                return
+            except OSError as exc:
+                self.disk_trouble(f"cannot append to the output log: {exc}")
+                self.retry_at = time.monotonic() + RETRY_SECONDS
+        self.stalled.append((ch, data_cbor, size))
+        self.update_reading()
+
+    def retry_stalled(self, now: float) -> None:
+        if not self.stalled or now < self.retry_at:
+            return
+        self.retry_at = now + RETRY_SECONDS
+        while self.stalled:
+            ch, data_cbor, size = self.stalled[0]
+            try:
+                self._write_frame(ch, data_cbor, size)
+            except OSError:
+                return
+            self.stalled.pop(0)
+        self.disk_trouble("the output log is writable again")
+        self.update_reading()
+
+    def disk_trouble(self, message: str) -> None:
+        try:
+            sys.stderr.write(f"exchange {self.meta['session']}: {message}\n")
+            sys.stderr.flush()
+        except OSError:
+            pass  # the log is on the same full disk; the state says it anyway
+
+    def _write_frame(self, ch: str, data_cbor: bytes, size: int) -> None:
         seq = self.out.next_seq
         self.out.append(seq, protocol.encode_frame(seq, ch, data_cbor))
         self.sizes.append(size)
         self.progress_dirty = True
         if ch == "exit":
+            self.exit_seq = seq
+            self.save()
             return
         self.buffer_bytes += size
         if self.buffer_bytes > self.max_bytes:
@@ -472,7 +523,7 @@ class Exchange:
 
     def update_reading(self) -> None:
         """Read the function's output unless policy ``block`` says the buffer is full."""
-        want = self.child is not None and (
+        want = self.child is not None and not self.stalled and (
             self.drain_deadline is not None
             or not (self.policy == "block" and self.buffer_bytes >= self.max_bytes)
         )
@@ -564,9 +615,6 @@ class Exchange:
             self.to_driver({"t": "put", "ok": ok, "version": version})
         elif t == "up":
             self.driver_up = True
-            if self.state == "starting":
-                self.state = "running"
-                self.save()
         elif t == "exit":
             if msg.get("result") is not None:
                 protocol.decode(msg["result"], max_size=self.max_value,
@@ -629,6 +677,7 @@ class Exchange:
             _s, data = cbor2.loads(payload)
             self.driver.queue(cbor2.dumps({"t": "eof"} if data is None else {"t": "in", "data": data}))
         self.flush_driver()
+        self.state = "running"
         self.update_reading()
         self.save()
         self.progress_dirty = True
@@ -660,6 +709,10 @@ class Exchange:
 
     def maybe_finish_drain(self, now: float) -> None:
         if self.drain_deadline is None or self.exit is not None:
+            return
+        if self.stalled:
+            # The disk refused output: keep what is still in the pipes for when it takes it.
+            self.drain_deadline = max(self.drain_deadline, now + DRAIN_SECONDS)
             return
         driver_open = self.driver is not None and not self.driver.eof
         if (self.pipes or driver_open) and now < self.drain_deadline:
@@ -738,9 +791,8 @@ class Exchange:
         self.exit = data
         self.state = data["state"]
         self.ended = time.time()
-        self.exit_seq = self.out.next_seq
-        self.append("exit", protocol.encode(data), 0)
         self.drain_deadline = None
+        self.append("exit", protocol.encode(data), 0)
         self.save()
         self.progress_dirty = True
 
@@ -762,7 +814,8 @@ class Exchange:
             now = time.monotonic()
             timeout = 1.0
             cpu_check = self.next_cpu_check if self.limits.cpu_s is not None and self.child else None
-            for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check):
+            retry = self.retry_at if self.stalled else None
+            for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry):
                 if deadline is not None:
                     timeout = min(timeout, max(0.0, deadline - now))
             for key, _mask in self.sel.select(timeout):
@@ -777,6 +830,7 @@ class Exchange:
                 self.wall_deadline = None
                 self.kill("wall_s")
             self.check_cpu(now)
+            self.retry_stalled(now)
             self.maybe_finish_drain(now)
             if self.state_dirty_at is not None and now >= self.state_dirty_at:
                 self.save()

@@ -247,7 +247,10 @@ class Connection:
 
     async def op_store(self, req: dict) -> None:
         self.need_key()
-        fid = await trio.to_thread.run_sync(self.server.store.put_function, req["name"], req["code"])
+        try:
+            fid = await trio.to_thread.run_sync(self.server.store.put_function, req["name"], req["code"])
+        except OSError as exc:
+            raise protocol.RequestError("internal", f"cannot store the function: {exc.strerror}") from None
         await self.send(protocol.reply_ok(req["id"], function=fid))
 
     async def op_execute(self, req: dict) -> None:

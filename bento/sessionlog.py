@@ -136,9 +136,14 @@ class Writer:
         if self.fd < 0 or self.size >= self.segment_bytes:
             self._rotate(seq)
         rec = pack(seq, payload)
-        written = os.write(self.fd, rec)
-        while written < len(rec):
-            written += os.write(self.fd, rec[written:])
+        try:
+            written = os.write(self.fd, rec)
+            while written < len(rec):
+                written += os.write(self.fd, rec[written:])
+        except OSError:
+            # A full disk: take back the partial record so the log stays whole.
+            os.ftruncate(self.fd, self.size)
+            raise
         self.size += len(rec)
         self.next_seq = seq + 1
 

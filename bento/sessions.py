@@ -291,7 +291,11 @@ class Registry:
             "python": self.python,
             "driver_path": self.driver_path,
         }
-        sdir = self.store.create_session(sid, meta)
+        try:
+            sdir = self.store.create_session(sid, meta)
+        except OSError as exc:
+            log.error("session %s: cannot be created: %s", sid, exc)
+            raise protocol.RequestError("internal", f"cannot create the session: {exc.strerror}") from None
         s = Session(sid, sdir, meta)
         try:
             if not await self._assign_warm(s):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 
 import cbor2
 
@@ -83,7 +84,11 @@ class Store:
     def create_session(self, sid: str, meta: dict) -> str:
         sdir = self.session_dir(sid)
         os.mkdir(sdir, 0o700)
-        write_atomic(os.path.join(sdir, "meta.cbor"), cbor2.dumps(meta))
+        try:
+            write_atomic(os.path.join(sdir, "meta.cbor"), cbor2.dumps(meta))
+        except OSError:
+            shutil.rmtree(sdir, ignore_errors=True)
+            raise
         return sdir
 
     def session_ids(self) -> list[str]:
