@@ -41,6 +41,11 @@ system-deps:
 	  fi; \
 	fi
 
+# Benchmarks print one table (figure, ceiling measured in the same run, ratio,
+# target). ARGS=--quick for a one-minute version. Not part of `make test`.
+bench: $(STAMP)
+	$(PY) bench/run.py $(ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bento driver sandbox clients tests
 	$(VENV)/bin/mypy bento driver/bento_driver sandbox/bento_sandbox

@@ -1,0 +1,71 @@
+"""`make bench` still runs: the benchmark in its smallest mode (`--quick --smoke`),
+as a subprocess with a tight time budget. It checks that the run works and
+prints every row with a number, not that any target is met."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUDGET_S = 150
+
+
+def _bwrap_works() -> bool:
+    import bento_sandbox
+
+    return bento_sandbox.default_backend() == "bwrap"
+
+
+@pytest.mark.slow
+def test_bench_smoke_runs_and_prints_every_row(tmp_path):
+    if not _bwrap_works():
+        pytest.skip("the benchmark measures the bwrap sandbox; bwrap does not work here")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from run import ROW_SPECS
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--smoke", "--json", str(out_json)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=BUDGET_S)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the bench stop its servers and their exchanges first.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"bench --quick --smoke took over {BUDGET_S} s\n{stderr.decode(errors='replace')[-3000:]}")
+    text = stdout.decode()
+    err = stderr.decode(errors="replace")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{text}\n{err[-3000:]}"
+
+    report = json.loads(out_json.read_text())
+    rows = {r["key"]: r for r in report["rows"]}
+    table_lines = text.splitlines()
+    for key, *_ in ROW_SPECS:
+        assert key in rows, key
+        row = rows[key]
+        assert row["error"] is None, (key, row["error"])
+        assert isinstance(row["p50"], (int, float)) and math.isfinite(row["p50"]), (key, row)
+        # The printed table has the row, with a number in its p50 column.
+        line = next((ln for ln in table_lines if ln.startswith(row["name"])), None)
+        assert line is not None, f"{row['name']!r} missing from the table\n{text}"
+        cells = line[len(row["name"]):].split()
+        assert any(c[0].isdigit() for c in cells[1:2]), line
+    for key in ("first_bwrap", "echo", "big_live", "small_live", "reattach", "loaded_echo"):
+        assert rows[key]["ceiling"] is not None, key
+    assert "met?" in text and "ceiling" in text
+    assert report["machine"]["cores"] >= 1
