@@ -25,6 +25,7 @@ import array
 import errno
 import fcntl
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -46,6 +47,7 @@ MAX_STATE_BYTES = 64 * 1024
 MAX_CTL_OUT = 64 * 1024 * 1024
 DRAIN_SECONDS = 2.0
 RETRY_SECONDS = 0.5
+SEND_TAG = b"\x01"  # a driver message that is an api.send (the others are CBOR maps)
 STATE_FLUSH_SECONDS = 0.1
 
 
@@ -181,6 +183,7 @@ class Exchange:
         self.wall_deadline: float | None = None
         self.pipes: dict[int, str] = {}  # fd -> "stdout" | "stderr"
         self.to_close: list[int] = []
+        self.pipe_poll = select.poll()
         self.stalled: list[tuple[str, bytes, int]] = []  # frames the disk refused, oldest first
         self.retry_at = 0.0
         self.driver: Framed | None = None
@@ -551,6 +554,7 @@ class Exchange:
             # Closed after this round of events, so a stale event cannot hit a reused fd.
             self._modify(fd, 0, None)
             del self.pipes[fd]
+            self.pipe_poll.unregister(fd)
             self.to_close.append(fd)
             return False
         self.emit_stream(self.pipes[fd], chunk)
@@ -559,7 +563,9 @@ class Exchange:
     def drain_pipes(self) -> None:
         """Take what the function already wrote to stdout/stderr, so a message
         it sends after printing lands after the printed text."""
-        for fd in list(self.pipes):
+        if not self.pipes:
+            return
+        for fd, _ev in self.pipe_poll.poll(0):
             for _ in range(16):
                 if fd not in self.pipes or not self.read_pipe(fd):
                     break
@@ -572,8 +578,11 @@ class Exchange:
         alive = drv.feed()
         try:
             for body in drv.messages():
-                self.handle_driver(protocol.decode(body, max_size=self.max_message + 4096))
-        except (ValueError, KeyError, TypeError, protocol.ProtocolError) as exc:
+                if body[:1] == SEND_TAG:
+                    self.on_send(body)
+                else:
+                    self.handle_driver(protocol.decode(body, max_size=self.max_message + 4096))
+        except (ValueError, KeyError, TypeError, IndexError, protocol.ProtocolError) as exc:
             self.violation(f"the function broke the driver protocol: {exc}")
             return
         if not alive:
@@ -582,24 +591,27 @@ class Exchange:
     def violation(self, message: str) -> None:
         self.kill("protocol", error={"type": "ProtocolViolation", "message": message})
 
-    def handle_driver(self, msg: dict) -> None:
-        t = msg.get("t")
-        if t == "send":
-            ch, data = msg["ch"], msg["v"]
-            if not isinstance(data, bytes) or len(data) > self.max_value:
-                raise ValueError("bad send")
-            if ch is not None and (not isinstance(ch, str) or not ch or len(ch) > 256):
-                raise ValueError("bad channel")
+    def on_send(self, body: bytes) -> None:
+        """``api.send``: SEND_TAG, channel length (1 byte), channel (UTF-8), value (CBOR)."""
+        n = body[1]
+        ch = "msg" if n == 0 else "msg:" + body[2 : 2 + n].decode("utf-8")
+        data = body[2 + n :]
+        if len(data) > self.max_value:
+            raise ValueError("value too large")
+        if not _plain_scalar(data):
             protocol.decode(data, max_size=self.max_value, max_depth=protocol.MAX_DEPTH - 3,
                             require_map=False)
-            self.drain_pipes()
-            limit = self.limits.output_bytes
-            if limit is not None and self.output_total + len(data) > limit:
-                self.kill("output_bytes")
-                return
-            self.output_total += len(data)
-            self.append("msg" if ch is None else f"msg:{ch}", data, len(data))
-        elif t == "get":
+        self.drain_pipes()
+        limit = self.limits.output_bytes
+        if limit is not None and self.output_total + len(data) > limit:
+            self.kill("output_bytes")
+            return
+        self.output_total += len(data)
+        self.append(ch, data, len(data))
+
+    def handle_driver(self, msg: dict) -> None:
+        t = msg.get("t")
+        if t == "get":
             self.to_driver({"t": "state", "version": self.shared_version, "value": self.shared_value})
         elif t == "put":
             value, if_version = msg["v"], msg.get("if")
@@ -652,6 +664,8 @@ class Exchange:
         self.child = launched.env
         self.enforced, rlimits = self.child.apply(self.limits)
         self.pipes = {launched.out_r: "stdout", launched.err_r: "stderr"}
+        for fd in self.pipes:
+            self.pipe_poll.register(fd, select.POLLIN)
         self.driver = Framed(launched.from_r, launched.to_w, self.max_message + 4096)
         self.pidfd = os.pidfd_open(self.child.pid)
         self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
@@ -719,6 +733,7 @@ class Exchange:
             return
         for fd in list(self.pipes):
             self._modify(fd, 0, None)
+            self.pipe_poll.unregister(fd)
             self.to_close.append(fd)
         self.pipes.clear()
         if self.driver is not None:
@@ -904,6 +919,37 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
     for fd in (out_r, err_r, to_w, from_r):
         os.set_blocking(fd, False)
     return Launched(env, out_r, err_r, to_w, from_r)
+
+
+def _plain_scalar(data: bytes) -> bool:
+    """True if ``data`` is exactly one valid CBOR integer, byte string, text string,
+    float or false/true/null: the common values, checked without the full decoder."""
+    if not data:
+        return False
+    ib = data[0]
+    major, ai = ib >> 5, ib & 0x1F
+    if major > 3:
+        return ib in (0xF4, 0xF5, 0xF6) and len(data) == 1 or (
+            (ib, len(data)) in ((0xF9, 3), (0xFA, 5), (0xFB, 9)))
+    if ai < 24:
+        n, head = ai, 1
+    elif ai <= 27:
+        size = 1 << (ai - 24)
+        if len(data) < 1 + size:
+            return False
+        n, head = int.from_bytes(data[1 : 1 + size], "big"), 1 + size
+    else:
+        return False
+    if major <= 1:
+        return len(data) == head
+    if len(data) != head + n:
+        return False
+    if major == 3:
+        try:
+            data[head:].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return True
 
 
 def _data_len(payload: bytes) -> int:

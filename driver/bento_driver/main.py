@@ -24,6 +24,7 @@ import cbor2
 IN_FD = 3
 OUT_FD = 4
 LEN = struct.Struct(">I")
+SEND_TAG = b"\x01"  # api.send: tag, channel length, channel, value (the rest are CBOR maps)
 
 
 class StateConflict(Exception):
@@ -50,7 +51,9 @@ class _Link:
         self.send_lock = threading.Lock()
 
     def send(self, msg: dict) -> None:
-        body = cbor2.dumps(msg)
+        self.send_raw(cbor2.dumps(msg))
+
+    def send_raw(self, body: bytes) -> None:
         data = LEN.pack(len(body)) + body
         with self.send_lock:
             view = memoryview(data)
@@ -199,7 +202,10 @@ class Api:
         # Whatever the function printed before this send goes into the stdout
         # pipe first; the exchange drains that pipe before taking the message.
         _flush()
-        self._link.send({"t": "send", "ch": channel, "v": data})
+        ch = b"" if channel is None else channel.encode("utf-8")
+        if len(ch) > 255:
+            raise ValueError("channel names are at most 255 bytes")
+        self._link.send_raw(SEND_TAG + bytes((len(ch),)) + ch + data)
 
     def recv(self, timeout: float | None = None) -> Any:
         if self._eof:
