@@ -369,7 +369,7 @@ def gap_frame(from_seq: int, to_seq: int, reason: str) -> bytes:
     return encode_frame(to_seq, "gap", encode({"from": from_seq, "to": to_seq, "reason": reason}))
 
 
-def out_event(session: str, frames: Sequence[bytes]) -> bytes:
+def out_event(session: str, frames: Sequence[bytes | memoryview]) -> bytes:
     """``{"ev": "out", "session": session, "frames": [...]}`` from already-encoded frames."""
     return b"".join((_OUT_HEAD, _text(session), _FRAMES_KEY, encode_head(4, len(frames)), *frames))
 

@@ -233,40 +233,41 @@ class Cursor:
                 return True
         return False
 
-    def read(self, limit: int, max_bytes: int, max_count: int = 4096) -> list[bytes]:
+    def read(self, limit: int, max_bytes: int, max_count: int = 4096) -> list[memoryview]:
         """Payloads of records from ``next_seq`` up to (not including) ``limit``,
-        about ``max_bytes`` in all (at least one record when one is available).
+        about ``max_bytes`` in all (at least one record when one is available),
+        as views into one read buffer (no copy per record).
         Raises FileNotFoundError when the wanted records are no longer on disk."""
-        out: list[bytes] = []
+        out: list[memoryview] = []
         if self.next_seq >= limit:
             return out
         if not self._positioned and not self._position():
             raise FileNotFoundError(f"seq {self.next_seq} is not on disk")
         total = 0
         while self.next_seq < limit and total < max_bytes and len(out) < max_count:
-            head = os.pread(self._fd, max(HEAD.size, min(READ_CHUNK, max_bytes - total + HEAD.size)), self._offset)
-            if len(head) < HEAD.size:
+            want = min(READ_CHUNK, max_bytes - total) + HEAD.size
+            buf = os.pread(self._fd, want, self._offset)
+            if len(buf) < HEAD.size:
                 if not self._next_segment():
                     raise LogCorrupt(f"record {self.next_seq} announced but not found")
                 continue
-            length, seq, crc = HEAD.unpack_from(head, 0)
-            if length > MAX_PAYLOAD or seq != self.next_seq:
-                raise LogCorrupt(f"expected record {self.next_seq}, found seq {seq} length {length}")
-            rec_len = HEAD.size + length
-            if rec_len <= len(head):
-                buf = head
-            else:
-                buf = head + os.pread(self._fd, rec_len - len(head), self._offset + len(head))
-                if len(buf) < rec_len:
-                    raise LogCorrupt(f"record {seq} is short")
+            length = HEAD.unpack_from(buf, 0)[0]
+            if length > MAX_PAYLOAD:
+                raise LogCorrupt(f"record {self.next_seq} claims {length} bytes")
+            if HEAD.size + length > len(buf):
+                buf = os.pread(self._fd, HEAD.size + length, self._offset)
+                if len(buf) < HEAD.size + length:
+                    raise LogCorrupt(f"record {self.next_seq} is short")
+            view = memoryview(buf)
             pos = 0
-            while True:
+            while pos + HEAD.size <= len(buf):
                 length, seq, crc = HEAD.unpack_from(buf, pos)
-                start = pos + HEAD.size
-                end = start + length
-                if seq != self.next_seq or length > MAX_PAYLOAD:
-                    raise LogCorrupt(f"expected record {self.next_seq}, found seq {seq}")
-                payload = bytes(buf[start:end])
+                end = pos + HEAD.size + length
+                if length > MAX_PAYLOAD or seq != self.next_seq:
+                    raise LogCorrupt(f"expected record {self.next_seq}, found seq {seq} length {length}")
+                if end > len(buf):
+                    break
+                payload = view[pos + HEAD.size : end]
                 if _crc(seq, payload) != crc:
                     raise LogCorrupt(f"record {seq} fails its checksum")
                 out.append(payload)
@@ -274,10 +275,6 @@ class Cursor:
                 self.next_seq += 1
                 self._offset += HEAD.size + length
                 pos = end
-                if (self.next_seq >= limit or total >= max_bytes or len(out) >= max_count
-                        or pos + HEAD.size > len(buf)):
-                    break
-                nlen = HEAD.unpack_from(buf, pos)[0]
-                if pos + HEAD.size + nlen > len(buf):
+                if self.next_seq >= limit or total >= max_bytes or len(out) >= max_count:
                     break
         return out
