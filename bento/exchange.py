@@ -132,6 +132,7 @@ class Exchange:
         self.max_message: int = self.meta["max_message"]
         # An out event carries one frame at least: leave room for its envelope.
         self.max_value = self.max_message - 1024
+        self.read_size = min(READ_SIZE, self.max_value - 16)  # a stdout chunk's frame fits too
         self.sel = selectors.DefaultSelector()
         self.out = sessionlog.Writer(sdir, "out")
         self.inlog = sessionlog.Writer(sdir, "in")
@@ -545,7 +546,7 @@ class Exchange:
     def read_pipe(self, fd: int) -> bool:
         """One read of a stdout/stderr pipe; False when nothing more is there now."""
         try:
-            chunk = os.read(fd, READ_SIZE)
+            chunk = os.read(fd, self.read_size)
         except BlockingIOError:
             return False
         except OSError:

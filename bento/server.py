@@ -104,6 +104,9 @@ class Connection:
         self.attachments: dict[str, Attachment] = {}
         self.nursery: trio.Nursery | None = None
         self.dead = False
+        # Frame bytes per out event: the event and its envelope stay within
+        # max_message (every frame itself fits: the exchange makes them so).
+        self.out_budget = min(self.config.out_event_bytes, self.config.max_message - 512)
 
     # -- sending ------------------------------------------------------------
 
@@ -450,7 +453,7 @@ class Connection:
                 continue
             if att.next_seq < s.next_seq:
                 try:
-                    frames = cursor.read(s.next_seq, self.config.out_event_bytes)
+                    frames = cursor.read(s.next_seq, self.out_budget)
                 except FileNotFoundError:
                     # Trimmed under our feet: the exchange's next progress says how far.
                     cursor.seek(att.next_seq)

@@ -235,7 +235,7 @@ class Cursor:
 
     def read(self, limit: int, max_bytes: int, max_count: int = 4096) -> list[memoryview]:
         """Payloads of records from ``next_seq`` up to (not including) ``limit``,
-        about ``max_bytes`` in all (at least one record when one is available),
+        at most ``max_bytes`` in all (but at least one record when one is available),
         as views into one read buffer (no copy per record).
         Raises FileNotFoundError when the wanted records are no longer on disk."""
         out: list[memoryview] = []
@@ -267,6 +267,8 @@ class Cursor:
                     raise LogCorrupt(f"expected record {self.next_seq}, found seq {seq} length {length}")
                 if end > len(buf):
                     break
+                if out and total + length > max_bytes:
+                    return out  # the next record would overshoot the batch
                 payload = view[pos + HEAD.size : end]
                 if _crc(seq, payload) != crc:
                     raise LogCorrupt(f"record {seq} fails its checksum")
