@@ -40,11 +40,32 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-bytes", type=int, default=64 * 1024 * 1024,
                    help="default output buffer per session (default 64 MiB)")
     p.add_argument("--buffer-policy", default="block", choices=["block", "drop_oldest", "fail"])
+    p.add_argument("--default-limit", action="append", default=[], metavar="KEY=VALUE",
+                   help="a limit for executes that do not set it (repeatable; KEY=none removes "
+                        "a built-in default). Built in with bwrap: pids=256, memory_bytes=1GiB")
     p.add_argument("--pool", type=int, default=2,
                    help="fresh sandboxes kept started ahead of time for fast executes (default 2; 0 = off)")
     p.add_argument("--node", default="node-1", help="this node's name, sent in hello")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def parse_default_limits(items: list[str]) -> dict[str, float | None]:
+    from bento import protocol
+
+    out: dict[str, float | None] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in protocol.LIMIT_KEYS:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {sorted(protocol.LIMIT_KEYS)}")
+        if value.lower() == "none":
+            out[key] = None
+            continue
+        number = float(value)
+        if number < 0 or number != number:
+            raise ValueError(f"{item!r}: the value must be a non-negative number")
+        out[key] = number if key in ("wall_s", "cpu_s") else int(number)
+    return out
 
 
 def run_server(argv: list[str]) -> int:
@@ -77,6 +98,16 @@ def run_server(argv: list[str]) -> int:
     except bento_sandbox.SandboxUnavailable as exc:
         print(f"bento server: {exc}", file=sys.stderr)
         return 2
+    if config.sandbox == "bwrap":
+        # Without these a session that asks for nothing could take the host's
+        # pids and memory (tmpfs writes are charged to the memory cgroup).
+        config.default_limits = {"pids": 256, "memory_bytes": 1024 * 1024 * 1024}
+    try:
+        config.default_limits.update(parse_default_limits(args.default_limit))
+    except ValueError as exc:
+        print(f"bento server: --default-limit: {exc}", file=sys.stderr)
+        return 2
+    config.default_limits = {k: v for k, v in config.default_limits.items() if v is not None}
 
     import trio
 

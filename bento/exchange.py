@@ -176,6 +176,8 @@ class Exchange:
         self.user_signal: str | None = None
         self.stderr_tail = b""
         self.next_cpu_check = 0.0
+        self.oom_killed = False
+        self.cpu_used = 0.0
         self.pidfd = -1
         self.child_status: int | None = None
         self.kill_reason: str | None = None
@@ -713,6 +715,10 @@ class Exchange:
         self.sel.unregister(self.pidfd)
         os.close(self.pidfd)
         self.pidfd = -1
+        # Read the environment's accounts while they exist: before the reap
+        # (for /proc/<pid>) and before its cgroups go.
+        self.oom_killed = self.child.oom_killed()
+        self.cpu_used = self.child.cpu_seconds() or 0.0
         _pid, status = os.waitpid(self.child.pid, 0)
         self.child.process.returncode = os.waitstatus_to_exitcode(status)
         self.child_status = status
@@ -752,10 +758,11 @@ class Exchange:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         if sig is None and code is not None and code > 128 and self.child.signal_exit_codes and rep is None:
             sig, code = code - 128, None
-        if self.kill_reason is None and sig == signal.SIGKILL and self.child.oom_killed():
+        cpu_s = self.limits.cpu_s
+        if self.kill_reason is None and sig == signal.SIGKILL and self.oom_killed:
             self.kill_reason = "memory_bytes"
-        if self.kill_reason is None and sig == signal.SIGKILL and self._cpu_exhausted():
-            self.kill_reason = "cpu_s"
+        if self.kill_reason is None and cpu_s is not None and sig == signal.SIGKILL and self.cpu_used >= cpu_s:
+            self.kill_reason = "cpu_s"  # the RLIMIT_CPU backstop beat the exchange's watch
         if self.kill_reason is not None and self.kill_reason != "destroyed":
             err = self.kill_error or {"type": "LimitExceeded", "message": self.kill_reason}
             data.update(state="killed", signal="KILL", error=err)
@@ -783,16 +790,6 @@ class Exchange:
         else:
             data.update(code=code)
         return data
-
-    def _cpu_exhausted(self) -> bool:
-        assert self.child is not None
-        if self.limits.cpu_s is None:
-            return False
-        used = self.child.cpu_seconds()
-        if used is None:
-            usage = os.times()
-            used = usage.children_user + usage.children_system
-        return used >= self.limits.cpu_s * 0.95
 
     def check_cpu(self, now: float) -> None:
         if (self.limits.cpu_s is None or self.child is None or self.drain_deadline is not None
@@ -829,7 +826,8 @@ class Exchange:
         while not self.finished:
             now = time.monotonic()
             timeout = 1.0
-            cpu_check = self.next_cpu_check if self.limits.cpu_s is not None and self.child else None
+            running = self.child is not None and self.exit is None and self.drain_deadline is None
+            cpu_check = self.next_cpu_check if self.limits.cpu_s is not None and running else None
             retry = self.retry_at if self.stalled else None
             for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry):
                 if deadline is not None:

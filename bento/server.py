@@ -111,11 +111,15 @@ class Connection:
     # -- sending ------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
-        """Send one message; a client that does not take it in time is dropped."""
+        """Send one message; a client that does not take it in time is dropped.
+
+        Cancellation: a send once begun is never cancelled (it is shielded, and
+        bounded by the send timeout instead): a message cut in half would leave
+        the WebSocket stream unusable for every later message."""
         if self.dead:
             raise ConnectionClosed(None)  # type: ignore[arg-type]
         try:
-            with trio.fail_after(self.config.send_timeout_s):
+            with trio.CancelScope(shield=True), trio.fail_after(self.config.send_timeout_s):
                 await self.ws.send_message(data)
         except trio.TooSlowError:
             self.dead = True

@@ -69,15 +69,17 @@ class ServerProcess:
             return f.read()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-            self._drain.join(timeout=5)
-            assert self.proc.stdout is not None
+        self._drain.join(timeout=5)
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
             self.proc.stdout.close()
 
     def exchange_pids(self) -> list[int]:
@@ -100,9 +102,9 @@ class ServerProcess:
         self.kill(signal.SIGTERM)
         pids += self.exchange_pids()
         for pid in set(pids):
-            for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+            for kill in (os.killpg, os.kill):
                 try:
-                    target()
+                    kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
 
@@ -191,7 +193,11 @@ class connect:
         return self.client
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self._cm.__aexit__(*exc)
+        try:
+            await self._cm.__aexit__(*exc)
+        finally:
+            # A server that closed first leaves trio-websocket's socket open.
+            self.client.ws._stream.socket.close()
 
 
 def data_of(frames: list[list], ch: str = "stdout") -> bytes:

@@ -256,8 +256,8 @@ def main() -> None:
     # The session's own settings arrive with the code: this environment may
     # have been started ahead of time, before the session existed.
     os.environ.update(start.get("env", {}))
-    for name, value in start.get("rlimits", {}).items():
-        resource.setrlimit(getattr(resource, name), (value, value))
+    for name, (soft, hard) in start.get("rlimits", {}).items():
+        resource.setrlimit(getattr(resource, name), (soft, hard))
     encode = _Encoder(start["max_value"], start["max_depth"], start["max_items"])
     api = Api(link, encode)
     report: dict[str, Any] = {"t": "exit", "kind": "return", "result": None, "error": None, "code": 0}

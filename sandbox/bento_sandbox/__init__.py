@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 
 HOME = "/home/bento"
 DEFAULT_TMP_BYTES = 64 * 1024 * 1024
+SHM_BYTES = 16 * 1024 * 1024
 
 
 class SandboxUnavailable(Exception):
@@ -74,17 +75,19 @@ def _set_pdeathsig() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
-def driver_rlimits(limits: Limits, memory: bool) -> dict[str, int]:
-    """The rlimits the driver sets on itself (soft == hard, so the function
-    cannot raise them) before it runs the function: RLIMIT name -> value."""
-    out: dict[str, int] = {}
+def driver_rlimits(limits: Limits, memory: bool) -> dict[str, tuple[int, int]]:
+    """The rlimits the driver sets on itself before it runs the function:
+    RLIMIT name -> (soft, hard). The function cannot raise a hard limit."""
+    out: dict[str, tuple[int, int]] = {}
     if limits.cpu_s is not None:
-        # soft == hard: the kernel sends SIGKILL (not SIGXCPU) at the limit.
-        out["RLIMIT_CPU"] = max(1, int(limits.cpu_s + 0.999))
+        # The exchange watches CPU time and kills at the limit (naming it); the
+        # rlimit, a second later, is only a backstop (soft == hard: SIGKILL).
+        secs = max(1, int(limits.cpu_s + 0.999)) + 1
+        out["RLIMIT_CPU"] = (secs, secs)
     if memory and limits.memory_bytes is not None:
-        out["RLIMIT_AS"] = int(limits.memory_bytes)
+        out["RLIMIT_AS"] = (int(limits.memory_bytes), int(limits.memory_bytes))
     if limits.file_bytes is not None:
-        out["RLIMIT_FSIZE"] = int(limits.file_bytes)
+        out["RLIMIT_FSIZE"] = (int(limits.file_bytes), int(limits.file_bytes))
     return out
 
 
@@ -196,7 +199,7 @@ class Cgroups:
             except OSError:
                 pass
         if "cpuacct" in self.dirs and limits.cpu_s is not None:
-            enforced["cpu_s"] = "cgroup cpuacct (whole environment) + RLIMIT_CPU (per process)"
+            enforced["cpu_s"] = "cgroup cpuacct (whole environment) + RLIMIT_CPU backstop"
         return enforced
 
     def enter(self) -> None:
@@ -285,7 +288,7 @@ class Environment:
         # bwrap reports a child killed by signal n as exit code 128 + n.
         self.signal_exit_codes = signal_exit_codes
 
-    def apply(self, limits: Limits) -> tuple[dict[str, str], dict[str, int]]:
+    def apply(self, limits: Limits) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
         """Put the session's limits on the running environment (before the
         function runs). Returns (limit -> what enforces it, rlimits the driver
         must set on itself)."""
@@ -293,7 +296,7 @@ class Environment:
         rlimits = driver_rlimits(limits, memory="memory_bytes" not in by_cgroup)
         enforced = dict(self.enforced)
         if "RLIMIT_CPU" in rlimits:
-            enforced["cpu_s"] = "RLIMIT_CPU (per process)"
+            enforced["cpu_s"] = "exchange watches the process's CPU time + RLIMIT_CPU backstop"
         if "RLIMIT_AS" in rlimits:
             enforced["memory_bytes"] = "RLIMIT_AS (address space, per process)"
         if "RLIMIT_FSIZE" in rlimits:
@@ -315,7 +318,19 @@ class Environment:
             pass
 
     def cpu_seconds(self) -> float | None:
-        return self.cgroups.cpu_seconds() if self.cgroups is not None else None
+        """CPU time used: the whole cgroup where there is one, else the top
+        process and the children it has waited for (readable until it is reaped)."""
+        if self.cgroups is not None:
+            used = self.cgroups.cpu_seconds()
+            if used is not None:
+                return used
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            return None
+        # fields[11:15] are utime, stime, cutime, cstime in clock ticks.
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
     def oom_killed(self) -> bool:
         return self.cgroups.oom_killed() if self.cgroups is not None else False
@@ -398,6 +413,7 @@ class BwrapBackend(_Backend):
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
             "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
             "--proc", "/proc", "--dev", "/dev",
+            "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
             "--size", str(tmp_bytes), "--tmpfs", "/tmp",
             "--size", str(tmp_bytes), "--tmpfs", HOME,
             "--chdir", HOME,
@@ -415,7 +431,9 @@ class BwrapBackend(_Backend):
                 continue
             seen.add(path)
             cmd += ["--ro-bind", path, path]
-        cmd.append("--clearenv")
+        # bwrap's root and /dev are tmpfs sized at half the host's RAM: read-only,
+        # once every mount point above exists.
+        cmd += ["--remount-ro", "/dev", "--remount-ro", "/", "--clearenv"]
         for k, v in env.items():
             cmd += ["--setenv", k, v]
         return [*cmd, "--", *argv]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import trio
-
 from helpers import assert_contiguous, connect, data_of
 
 ECHO = '''

@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 import trio
-
 from helpers import assert_contiguous, connect, data_of
 
 MiB = 1024 * 1024

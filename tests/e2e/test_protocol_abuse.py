@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import cbor2
-import pytest
 import trio
 from helpers import Client, assert_contiguous, data_of
 from trio_websocket import ConnectionClosed, open_websocket_url
