@@ -31,6 +31,8 @@ from bento.store import Store
 log = logging.getLogger("bento.server")
 
 MAX_STATE_BYTES = 64 * 1024
+MIN_SEND_RATE = 64 * 1024  # bytes/s a client must at least take to keep its connection
+MIN_OUT_BUDGET = 64 * 1024
 TOKEN_OPS = ("attach", "signal", "status", "destroy", "state_get", "state_put")
 
 
@@ -54,7 +56,14 @@ class Server:
         self.name = f"bento/{bento.__version__}"
 
     async def handle(self, request: WebSocketRequest) -> None:
-        """Entry point for each WebSocket connection. Never raises."""
+        """Entry point for each WebSocket connection. Never raises: an exception
+        escaping it would take down the listener (trio-websocket)."""
+        try:
+            await self._handle(request)
+        except Exception:  # noqa: BLE001 - the server must outlive any one connection
+            log.exception("connection failed")
+
+    async def _handle(self, request: WebSocketRequest) -> None:
         try:
             if request.path.split("?")[0] != "/v1":
                 await request.reject(404, body=b"Bento speaks WebSocket at /v1\n")
@@ -65,7 +74,13 @@ class Server:
         except Exception:  # noqa: BLE001 - a broken handshake costs only its connection
             log.exception("handshake failed")
             return
-        peer = _peer_host(ws)
+        try:
+            peer = _peer_host(ws)
+        except OSError:
+            # Reset right after the handshake: nobody is there any more.
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await ws.aclose()
+            return
         count = self.peers.get(peer, 0)
         self.peers[peer] = count + 1
         conn = Connection(self, ws, peer)
@@ -106,7 +121,8 @@ class Connection:
         self.dead = False
         # Frame bytes per out event: the event and its envelope stay within
         # max_message (every frame itself fits: the exchange makes them so).
-        self.out_budget = min(self.config.out_event_bytes, self.config.max_message - 512)
+        self.out_budget = min(self.config.out_event_bytes, self.config.max_message - 512,
+                              max(MIN_OUT_BUDGET, int(self.config.send_timeout_s * MIN_SEND_RATE)))
 
     # -- sending ------------------------------------------------------------
 
@@ -118,8 +134,12 @@ class Connection:
         the WebSocket stream unusable for every later message."""
         if self.dead:
             raise ConnectionClosed(None)  # type: ignore[arg-type]
+        # A client that takes at least MIN_SEND_RATE is never dropped: batches
+        # are sized to go out within the send timeout at that rate, and a single
+        # bigger frame gets the time it needs at that rate.
+        timeout = max(self.config.send_timeout_s, len(data) / MIN_SEND_RATE)
         try:
-            with trio.CancelScope(shield=True), trio.fail_after(self.config.send_timeout_s):
+            with trio.CancelScope(shield=True), trio.fail_after(timeout):
                 await self.ws.send_message(data)
         except trio.TooSlowError:
             self.dead = True
@@ -309,6 +329,10 @@ class Connection:
         start = req["from"]
         if start > s.next_seq:
             raise protocol.RequestError("bad_request", f"from {start} is beyond next_seq {s.next_seq}")
+        old = self.attachments.pop(s.sid, None)
+        if old is not None:
+            # The old position's last batch must be out before the new one starts.
+            await self._drop_and_wait(old)
         await self.send(protocol.reply_ok(
             req["id"], session=s.sid, mode=mode, state=s.state, first_seq=s.first_seq,
             next_seq=s.next_seq, input_seq=s.input_seq,
@@ -324,6 +348,10 @@ class Connection:
         self.attachments[s.sid] = att
         s.attachments.add(att)
         self.nursery.start_soon(self.worker, att)
+
+    async def _drop_and_wait(self, att: Attachment) -> None:
+        self._drop(att)
+        await att.done.wait()
 
     def _drop(self, att: Attachment) -> None:
         att.cancel.cancel()
@@ -347,7 +375,8 @@ class Connection:
     async def op_detach(self, req: dict) -> None:
         att = self.attachment(req["session"], write=False)
         self.attachments.pop(att.session.sid, None)
-        self._drop(att)
+        # No frame of this session may follow the reply.
+        await self._drop_and_wait(att)
         await self.send(protocol.reply_ok(req["id"]))
         await self._maybe_end(att.session)
 
@@ -429,13 +458,16 @@ class Connection:
             pass
         finally:
             cursor.close()
-            if att.ended and not self.dead and self.attachments.get(s.sid) is att:
-                self.attachments.pop(s.sid, None)
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    try:
-                        await self.send(protocol.error_event(s.sid, "gone", "the session was destroyed"))
-                    except ConnectionClosed:
-                        pass
+            try:
+                if att.ended and not self.dead and self.attachments.get(s.sid) is att:
+                    self.attachments.pop(s.sid, None)
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        try:
+                            await self.send(protocol.error_event(s.sid, "gone", "the session was destroyed"))
+                        except ConnectionClosed:
+                            pass
+            finally:
+                att.done.set()
 
     async def _pump(self, att: Attachment, s: Session, cursor: sessionlog.Cursor) -> None:
         while True:

@@ -20,7 +20,7 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
@@ -144,6 +144,7 @@ class Attachment:
     cancel: trio.CancelScope
     state_version_sent: int = 0
     ended: bool = False
+    done: trio.Event = field(default_factory=trio.Event)  # its worker has finished
 
 
 class Session:
