@@ -48,7 +48,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bento driver sandbox clients tests
-	$(VENV)/bin/mypy bento driver/bento_driver sandbox/bento_sandbox
+	$(VENV)/bin/mypy bento driver/bento_driver sandbox/bento_sandbox clients/bento_clients
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -103,11 +103,12 @@ def run_server(argv: list[str]) -> int:
         # pids and memory (tmpfs writes are charged to the memory cgroup).
         config.default_limits = {"pids": 256, "memory_bytes": 1024 * 1024 * 1024}
     try:
-        config.default_limits.update(parse_default_limits(args.default_limit))
+        given = parse_default_limits(args.default_limit)
     except ValueError as exc:
         print(f"bento server: --default-limit: {exc}", file=sys.stderr)
         return 2
-    config.default_limits = {k: v for k, v in config.default_limits.items() if v is not None}
+    merged: dict[str, float | None] = {**config.default_limits, **given}
+    config.default_limits = {k: v for k, v in merged.items() if v is not None}
 
     import trio
 

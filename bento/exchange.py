@@ -664,16 +664,17 @@ class Exchange:
                  "error": {"type": "SandboxError", "message": message, "traceback": ""}}
             )
             return
-        self.child = launched.env
-        self.enforced, rlimits = self.child.apply(self.limits)
+        assert launched.env is not None
+        self.child = child = launched.env
+        self.enforced, rlimits = child.apply(self.limits)
         self.pipes = {launched.out_r: "stdout", launched.err_r: "stderr"}
         for fd in self.pipes:
             self.pipe_poll.register(fd, select.POLLIN)
         self.driver = Framed(launched.from_r, launched.to_w, self.max_message + 4096)
-        self.pidfd = os.pidfd_open(self.child.pid)
+        self.pidfd = os.pidfd_open(child.pid)
         self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
         with open(os.path.join(self.dir, "env.pid"), "w") as f:
-            f.write(f"{self.child.pgid}\n")
+            f.write(f"{child.pgid}\n")
         if self.limits.wall_s is not None:
             self.wall_deadline = time.monotonic() + self.limits.wall_s
         start = {

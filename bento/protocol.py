@@ -215,7 +215,7 @@ def decode(
             if budget < 0:
                 raise ProtocolError(f"more than {max_items} items in the message")
             depth += 1
-            out = []
+            out: list[Any] = []
             append = out.append
             for _ in range(n):
                 v, i = item(i, depth)
@@ -518,7 +518,7 @@ def _one_of_data_eof(msg: dict[str, Any], out: dict[str, Any]) -> None:
 
 
 _REQUIRED = object()
-_TOKEN = {"token": (_text_field, _REQUIRED)}
+_TOKEN: dict[str, tuple[Callable[[Any], Any], Any]] = {"token": (_text_field, _REQUIRED)}
 
 # op -> (id required, {field: (checker, default or _REQUIRED)}, cross-field check or None).
 # A default that is a list or dict is copied for each request.

@@ -289,8 +289,8 @@ def main() -> None:
     except KeyboardInterrupt as exc:
         report.update(kind="interrupted", error=_error(exc), code=1)
     except SystemExit as exc:
-        code = exc.code
-        report.update(kind="sysexit", code=code if isinstance(code, int) else (0 if code is None else 1))
+        status = exc.code
+        report.update(kind="sysexit", code=status if isinstance(status, int) else (0 if status is None else 1))
     except BaseException as exc:  # noqa: BLE001 - the function's exception is its result
         report.update(code=1, error=_error(exc))
     _finish(link, report)
