@@ -43,6 +43,9 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-limit", action="append", default=[], metavar="KEY=VALUE",
                    help="a limit for executes that do not set it (repeatable; KEY=none removes "
                         "a built-in default). Built in with bwrap: pids=256, memory_bytes=1GiB")
+    p.add_argument("--max-limit", action="append", default=[], metavar="KEY=VALUE",
+                   help="the most an execute may ask for (repeatable); a limit with a maximum "
+                        "is always in force, at most that value")
     p.add_argument("--pool", type=int, default=2,
                    help="fresh sandboxes kept started ahead of time for fast executes (default 2; 0 = off)")
     p.add_argument("--node", default="node-1", help="this node's name, sent in hello")
@@ -50,7 +53,7 @@ def server_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_default_limits(items: list[str]) -> dict[str, float | None]:
+def parse_limits(items: list[str]) -> dict[str, float | None]:
     from bento import protocol
 
     out: dict[str, float | None] = {}
@@ -103,10 +106,12 @@ def run_server(argv: list[str]) -> int:
         # pids and memory (tmpfs writes are charged to the memory cgroup).
         config.default_limits = {"pids": 256, "memory_bytes": 1024 * 1024 * 1024}
     try:
-        given = parse_default_limits(args.default_limit)
+        given = parse_limits(args.default_limit)
+        maxima = parse_limits(args.max_limit)
     except ValueError as exc:
-        print(f"bento server: --default-limit: {exc}", file=sys.stderr)
+        print(f"bento server: --default-limit/--max-limit: {exc}", file=sys.stderr)
         return 2
+    config.max_limits = {k: v for k, v in maxima.items() if v is not None}
     merged: dict[str, float | None] = {**config.default_limits, **given}
     config.default_limits = {k: v for k, v in merged.items() if v is not None}
 

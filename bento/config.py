@@ -37,6 +37,7 @@ class Config:
     max_sessions: int = 10_000
     out_event_bytes: int = 1024 * 1024
     default_limits: dict[str, float] = field(default_factory=dict)
+    max_limits: dict[str, float] = field(default_factory=dict)
     pool_size: int = 2  # warm sandboxes kept ready (bwrap only)
 
     @property

@@ -309,11 +309,19 @@ class Connection:
             self.attach(s, "rw", 1)
 
     def _limits(self, asked: dict) -> dict:
+        """The session's limits: what it asked for, the server's defaults for
+        the rest, and never above the server's maxima (a limit with a maximum
+        is always set)."""
         limits = dict(self.config.default_limits)
         for k, v in asked.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise protocol.RequestError("bad_request", f"limit {k} must be finite")
+            top = self.config.max_limits.get(k)
+            if top is not None and v > top:
+                raise protocol.RequestError("bad_request", f"limit {k} is at most {top} on this server")
             limits[k] = v
+        for k, top in self.config.max_limits.items():
+            limits[k] = min(limits.get(k, top), top)
         return limits
 
     def _buffer(self, asked: dict | None) -> dict:
