@@ -1,0 +1,219 @@
+"""Exceptions of the Bento clients (SDK, blocking facade, CLI).
+
+Pure definitions: importing this module must stay cheap (no trio, no
+sockets), so ``bento.RemoteError`` can be caught without loading the SDK.
+
+Three families, kept apart on purpose:
+- the *function* failed: ``RemoteError`` and its subclasses, raised by
+  ``Session.result()``;
+- the *server* refused a request: ``RequestFailed`` (with the protocol's
+  machine-readable ``code``);
+- the *link* failed: ``ConnectionLost`` (the client gave up reconnecting) and
+  ``RequestInterrupted`` (a request that is unsafe to repeat was in flight
+  when the connection dropped: it may or may not have taken effect).
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from typing import Any
+
+__all__ = [
+    "BentoError",
+    "Conflict",
+    "ConnectionLost",
+    "Forbidden",
+    "Gone",
+    "InputClosed",
+    "NotFound",
+    "RemoteError",
+    "RequestFailed",
+    "RequestInterrupted",
+    "SessionFailed",
+    "SessionGone",
+    "SessionKilled",
+    "SessionLost",
+    "Unauthorized",
+    "remote_error",
+]
+
+
+class BentoError(Exception):
+    """Base class of every error the Bento clients raise on purpose."""
+
+
+class ConnectionLost(BentoError):
+    """The server could not be reached (at connect), or the connection dropped
+    and could not be restored within ``reconnect_timeout``. The client is
+    unusable afterwards; sessions keep running on the server and can be
+    attached again with their tokens."""
+
+
+class RequestInterrupted(BentoError):
+    """The connection dropped while a request that is not safe to repeat
+    (``signal``, ``state_put``) was in flight: it may or may not have taken
+    effect. The client itself has reconnected (or is reconnecting)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(
+            f"the connection dropped while '{op}' was in flight; it may or may not have "
+            "taken effect (not retried: repeating it is not safe)"
+        )
+        self.op = op
+
+
+class RequestFailed(BentoError):
+    """The server answered a request with an error (``ok: false``).
+
+    ``code`` is the protocol's stable error code (``not_found``, ``forbidden``,
+    ``bad_request``, ...); ``details`` holds any extra fields of the error."""
+
+    code = ""
+
+    def __init__(self, code: str, message: str, op: str = "", **details: Any) -> None:
+        super().__init__(f"{op + ': ' if op else ''}{code}: {message}")
+        self.code = code
+        self.message = message
+        self.op = op
+        self.details = details
+
+    @staticmethod
+    def from_reply(error: Any, op: str = "") -> RequestFailed:
+        """The right subclass for an ``error`` map of a reply or event."""
+        if not isinstance(error, dict):
+            error = {}
+        code = str(error.get("code", "internal"))
+        message = str(error.get("message", ""))
+        details = {k: v for k, v in error.items() if k not in ("code", "message") and isinstance(k, str)}
+        cls = _BY_CODE.get(code, RequestFailed)
+        return cls(code, message, op, **details)
+
+
+class Unauthorized(RequestFailed):
+    """A missing or wrong API key."""
+
+
+class Forbidden(RequestFailed):
+    """The token (or attachment) is read-only where the op needs the owner."""
+
+
+class NotFound(RequestFailed):
+    """No session has this token (wrong token, or the session's life is over)."""
+
+
+class Conflict(RequestFailed):
+    """``state_put`` with an ``if_version`` that is not current: ``version`` is."""
+
+    @property
+    def version(self) -> int | None:
+        v = self.details.get("version")
+        return v if isinstance(v, int) else None
+
+
+class Gone(RequestFailed):
+    """The function has ended (signal or input after its end)."""
+
+
+_BY_CODE: dict[str, type[RequestFailed]] = {
+    "unauthorized": Unauthorized,
+    "forbidden": Forbidden,
+    "not_found": NotFound,
+    "conflict": Conflict,
+    "gone": Gone,
+}
+
+
+class SessionGone(BentoError):
+    """The session no longer exists on the server (destroyed, or its life ended)
+    before this client received its ``exit`` frame."""
+
+
+class InputClosed(BentoError):
+    """Input cannot be sent: ``close_input()`` was called, the function has
+    ended, or the attachment is read-only."""
+
+
+class RemoteError(BentoError):
+    """The function did not return normally: an uncaught exception or a non-zero
+    exit code (``sys.exit(3)``).
+
+    ``type``, ``message`` and ``traceback`` describe the remote exception (for
+    ``sys.exit(n)`` without one: type ``"SystemExit"``); ``state``, ``code`` and
+    ``signal`` are those of the ``exit`` frame, ``exit`` the whole frame data.
+    """
+
+    def __init__(
+        self,
+        type: str,
+        message: str,
+        traceback: str | None = None,
+        *,
+        state: str = "exited",
+        code: int | None = None,
+        signal: str | None = None,
+        exit: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(f"{type}: {message}" if message else type)
+        self.type = type
+        self.message = message
+        self.traceback = traceback
+        self.state = state
+        self.code = code
+        self.signal = signal
+        self.exit = exit or {}
+
+    def __str__(self) -> str:
+        text = f"{self.type}: {self.message}" if self.message else self.type
+        if self.traceback:
+            text += "\n\nRemote traceback:\n" + self.traceback.rstrip()
+        return text
+
+
+class SessionKilled(RemoteError):
+    """The function was killed: by a signal (``signal``) or a limit (then
+    ``type`` is ``"LimitExceeded"`` and ``message`` names the limit)."""
+
+    @property
+    def signal_number(self) -> int | None:
+        """The POSIX number of ``signal`` (``"KILL"`` -> 9), or None."""
+        try:
+            return int(_signal.Signals["SIG" + (self.signal or "")])
+        except KeyError:
+            return None
+
+
+class SessionFailed(RemoteError):
+    """The function could not start: code that does not compile, an exception at
+    import, a missing entry, or a sandbox failure."""
+
+
+class SessionLost(RemoteError):
+    """The session's node or exchange died: what the function did is unknown."""
+
+
+def remote_error(exit: dict[str, Any]) -> RemoteError | None:
+    """The exception ``result()`` raises for an ``exit`` frame's data, or None
+    when the function returned normally (state ``exited``, code 0)."""
+    state = exit.get("state")
+    code = exit.get("code")
+    err = exit.get("error") if isinstance(exit.get("error"), dict) else None
+    if state == "exited" and code == 0:
+        return None
+    etype = str(err.get("type", "")) if err else ""
+    emsg = str(err.get("message", "")) if err else ""
+    tb = err.get("traceback") if err and isinstance(err.get("traceback"), str) else None
+    sig = exit.get("signal") if isinstance(exit.get("signal"), str) else None
+    num = code if type(code) is int else None
+
+    def make(cls: type[RemoteError], etype: str, emsg: str, tb: str | None) -> RemoteError:
+        return cls(etype, emsg, tb, state=str(state), code=num, signal=sig, exit=exit)
+
+    if state == "killed":
+        return make(SessionKilled, etype or "Killed", emsg or f"killed by signal {sig}", tb)
+    if state == "failed":
+        return make(SessionFailed, etype or "Failed", emsg or "the function could not start", tb)
+    if state == "lost":
+        return make(SessionLost, etype or "Lost", emsg or "the session's node or exchange died", tb)
+    if err:
+        return make(RemoteError, etype or "Error", emsg, tb)
+    return make(RemoteError, "SystemExit", f"exit code {code}", None)

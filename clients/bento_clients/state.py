@@ -1,0 +1,245 @@
+"""The CLI's local state file: every session this machine knows, where its
+output stands and which input is not yet acknowledged.
+
+One JSON file (default ``$XDG_STATE_HOME/bento/client.json``, else
+``~/.local/state/bento/client.json``; ``$BENTO_CLIENT_STATE`` overrides),
+mode 0600 (it holds bearer tokens), in a 0700 directory. Every change is a
+read-modify-write under an exclusive ``flock`` on ``<file>.lock`` (so ``bento
+send`` and a running ``bento attach`` never lose each other's updates), and
+every write is atomic: a new temp file (0600) in the same directory, then
+``rename`` over the old one. A writer killed at any point leaves either the
+old or the new file, never a torn one; a torn temp file it leaves behind is
+ignored (and removed later). A state file that does not parse (damaged by
+something else) is moved aside to ``<file>.corrupt-<time>`` and an empty
+state is used: the sessions keep running on the server.
+
+Positions are written without ``fsync`` (a ``kill -9`` cannot lose a
+completed write; only a power cut can); input records are fsynced.
+
+One session's entry:
+    session, server, token, viewer_token, name, created
+    delivered   last frame seq whose bytes were completely written out
+    sinks       {"<dev>:<ino>": size} of the regular files stdout/stderr were
+                right after ``delivered`` (see docs/cli.md: exactly once)
+    input_seq   highest input seq this machine gave out
+    pending     [[seq, value], ...] inputs not yet acknowledged
+                (JSON form of values; ``{"$eof": true}`` closes the input)
+    state, exit last known state and the exit frame's data (JSON form)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from bento_clients.convert import from_json, to_json
+from bento_clients.frames import EOF
+
+__all__ = ["StateFile", "StateJournal", "default_path", "input_from_json", "input_to_json"]
+
+FORMAT = 1
+_STALE_TEMP_S = 60.0
+
+
+def default_path() -> str:
+    """``$BENTO_CLIENT_STATE``, else ``$XDG_STATE_HOME/bento/client.json``, else
+    ``~/.local/state/bento/client.json``."""
+    explicit = os.environ.get("BENTO_CLIENT_STATE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "bento", "client.json")
+
+
+def input_to_json(item: Any) -> Any:
+    """The JSON form of an input item (a value, or ``EOF``)."""
+    return {"$eof": True} if item is EOF else to_json(item)
+
+
+def input_from_json(value: Any) -> Any:
+    """The input item of its JSON form."""
+    if isinstance(value, dict) and value == {"$eof": True}:
+        return EOF
+    return from_json(value)
+
+
+def _empty() -> dict[str, Any]:
+    return {"format": FORMAT, "sessions": {}}
+
+
+class StateFile:
+    """The local state file at ``path`` (see the module docstring)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = os.path.abspath(path or default_path())
+        self.dir = os.path.dirname(self.path)
+        self.warnings: list[str] = []
+        self._lock_fd: int | None = None
+        self._cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
+
+    # -- reading ------------------------------------------------------------
+
+    def read(self) -> dict[str, Any]:
+        """The whole state (a snapshot; complete, since writes are atomic)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return _empty()
+        try:
+            st = os.fstat(fd)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._cache is not None and self._cache[0] == stamp:
+                return json.loads(json.dumps(self._cache[1]))
+            with os.fdopen(os.dup(fd), "rb") as f:
+                raw = f.read()
+        finally:
+            os.close(fd)
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or not isinstance(data.get("sessions"), dict):
+                raise ValueError("not a Bento client state")
+        except ValueError as exc:
+            aside = f"{self.path}.corrupt-{int(time.time())}"
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            self.warnings.append(f"the state file {self.path} was damaged ({exc}); moved to {aside}")
+            return _empty()
+        self._cache = (stamp, data)
+        return json.loads(json.dumps(data))
+
+    def sessions(self) -> dict[str, dict[str, Any]]:
+        """Every known session, by session id."""
+        return self.read()["sessions"]
+
+    def find(self, token: str) -> dict[str, Any] | None:
+        """The entry whose owner or viewer token is ``token`` (or whose id it is)."""
+        for entry in self.sessions().values():
+            if token in (entry.get("token"), entry.get("viewer_token"), entry.get("session")):
+                return entry
+        return None
+
+    # -- writing ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self, durable: bool = False) -> Iterator[dict[str, Any]]:
+        """Read-modify-write: yields the state under an exclusive lock and writes it
+        back atomically when the block ends without an exception."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = self.read()
+            yield data
+            self._write(data, durable)
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _write(self, data: dict[str, Any], durable: bool) -> None:
+        body = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+        tmp = f"{self.path}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, self.path)
+        st = os.stat(self.path)
+        self._cache = ((st.st_ino, st.st_mtime_ns, st.st_size), json.loads(body))
+        if durable:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        self._remove_stale_temps()
+
+    def _remove_stale_temps(self) -> None:
+        now = time.time()
+        for path in glob.glob(glob.escape(self.path) + ".*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - os.stat(path).st_mtime > _STALE_TEMP_S:
+                    os.unlink(path)
+
+    # -- one session ----------------------------------------------------------
+
+    def add_session(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Record a session (merged into what is known of it); returns the entry."""
+        with self.locked(durable=True) as data:
+            old = data["sessions"].get(entry["session"], {})
+            merged = {
+                "delivered": 0, "sinks": {}, "input_seq": 0, "pending": [], "state": None,
+                "exit": None, "created": time.time(), **old,
+                **{k: v for k, v in entry.items() if v is not None},
+            }
+            data["sessions"][entry["session"]] = merged
+        return merged
+
+    def update_session(self, sid: str, durable: bool = False, **fields: Any) -> None:
+        """Set fields of a known session (no-op for an unknown one)."""
+        with self.locked(durable) as data:
+            entry = data["sessions"].get(sid)
+            if entry is not None:
+                entry.update(fields)
+
+    def record_delivery(self, sid: str, seq: int, sinks: dict[str, int],
+                        exit: dict[str, Any] | None = None) -> None:
+        """Frame ``seq`` is completely written; ``sinks`` are the sizes of the regular
+        files written to, right after it."""
+        fields: dict[str, Any] = {"delivered": seq, "sinks": sinks}
+        if exit is not None:
+            # The function has ended: input it did not take never will be.
+            fields.update(exit=to_json(exit), state=exit.get("state"), pending=[])
+        self.update_session(sid, **fields)
+
+    def remove_session(self, sid: str) -> bool:
+        """Forget a session; True if it was known."""
+        with self.locked(durable=True) as data:
+            return data["sessions"].pop(sid, None) is not None
+
+    def journal(self, sid: str) -> StateJournal:
+        """The ``sdk.InputJournal`` that records this session's input here."""
+        return StateJournal(self, sid)
+
+    def pending_input(self, sid: str) -> list[tuple[int, Any]]:
+        """(seq, item) inputs of this session not yet acknowledged."""
+        entry = self.sessions().get(sid) or {}
+        return [(int(seq), input_from_json(v)) for seq, v in entry.get("pending", [])]
+
+
+class StateJournal:
+    """Input records of one session in the state file (``sdk.InputJournal``)."""
+
+    def __init__(self, state: StateFile, sid: str) -> None:
+        self.state = state
+        self.sid = sid
+
+    def record(self, item: Any, proposed_seq: int) -> tuple[int, list[tuple[int, Any]]]:
+        with self.state.locked(durable=True) as data:
+            entry = data["sessions"].setdefault(self.sid, {"session": self.sid, "pending": []})
+            seq = max(proposed_seq, int(entry.get("input_seq", 0)) + 1)
+            others = [(int(s), input_from_json(v)) for s, v in entry.get("pending", [])]
+            entry["input_seq"] = seq
+            entry.setdefault("pending", []).append([seq, input_to_json(item)])
+        return seq, others
+
+    def acked(self, seq: int) -> None:
+        with self.state.locked() as data:
+            entry = data["sessions"].get(self.sid)
+            if entry is None:
+                return
+            entry["pending"] = [p for p in entry.get("pending", []) if p[0] > seq]
+            entry["input_seq"] = max(int(entry.get("input_seq", 0)), seq)

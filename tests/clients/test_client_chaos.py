@@ -1,0 +1,181 @@
+"""The SDK across dropped connections: a proxy between SDK and server cuts the
+transport again and again, at random points, while output streams and input
+is in flight. Every frame must reach the user exactly once, in order, and
+every input must reach the function exactly once."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+from bento_clients.frames import Exit, Gap, Msg, Stdout
+from client_helpers import Proxy
+
+import bento
+
+# Prints numbered lines without pause and echoes every input it receives
+# (api.send) until its input is closed; returns what it received.
+STREAM_AND_ECHO = """
+import time
+def main():
+    got = []
+    i = 0
+    while True:
+        print(f"line {i}", flush=True)
+        i += 1
+        while api.poll():
+            try:
+                v = api.recv()
+            except EOFError:
+                return {"lines": i, "got": got}
+            got.append(v)
+            api.send(v)
+        time.sleep(0.002)
+"""
+
+
+async def test_fifty_cuts_exactly_once(server, caplog):
+    with trio.fail_after(60):
+        rng = random.Random(20261122)
+        n_cuts = 55
+        async with trio.open_nursery() as outer:
+            proxy = Proxy(server.port)
+            await outer.start(proxy.run)
+            url = f"ws://127.0.0.1:{proxy.port}/v1"
+            async with bento.connect(url, reconnect_timeout=20, backoff_base=0.01, backoff_max=0.1) as c:
+                s = await c.execute(STREAM_AND_ECHO)
+                frames: list = []
+                sent: list[int] = []
+                cutting_done = trio.Event()
+                statuses = 0
+                live_cuts = 0
+
+                async def consume() -> None:
+                    async for frame in s.output():
+                        frames.append(frame)
+
+                async def produce() -> None:
+                    i = 0
+                    while not cutting_done.is_set():
+                        await s.send(i)
+                        sent.append(i)
+                        i += 1
+                        await trio.sleep(rng.uniform(0, 0.02))
+                    await s.close_input()
+
+                async def chaos() -> None:
+                    # Cut live connections at random points; now and then also cut
+                    # the reconnect itself: at a random moment (TCP connect, the
+                    # WebSocket handshake ...) or right after the server's 2nd-4th
+                    # answer (hello, re-attach, re-sent input).
+                    nonlocal live_cuts
+                    while live_cuts < n_cuts:
+                        while not c.connected:
+                            await trio.sleep(0.002)
+                        await trio.sleep(rng.uniform(0.02, 0.12))
+                        early = rng.random()
+                        if early < 0.2:
+                            proxy.cut_next_after = rng.choice([2, 3, 4])
+                        if c.connected and proxy.cut():
+                            live_cuts += 1
+                        if early > 0.8:
+                            await trio.sleep(rng.uniform(0, 0.02))
+                            proxy.cut()
+                    cutting_done.set()
+
+                async def requests() -> None:
+                    # Requests in flight during cuts are retried (status is idempotent).
+                    nonlocal statuses
+                    while not cutting_done.is_set():
+                        st = await s.status()
+                        assert st["session"] == s.id
+                        statuses += 1
+                        await trio.sleep(rng.uniform(0, 0.05))
+
+                with trio.fail_after(45):
+                    async with trio.open_nursery() as n:
+                        n.start_soon(consume)
+                        n.start_soon(produce)
+                        n.start_soon(chaos)
+                        n.start_soon(requests)
+                    result = await s.result()
+                reconnects = c.reconnects
+                stats = s.statistics()
+            outer.cancel_scope.cancel()
+
+        assert live_cuts >= 50 and reconnects >= 50 and proxy.early_cuts >= 5, (
+            live_cuts, reconnects, proxy.early_cuts)
+        assert statuses > 0
+        # The user-visible event: one log line per drop and one per reconnect.
+        said = [r.getMessage() for r in caplog.records if r.name == "bento.client"]
+        assert sum("reconnected to" in m for m in said) == reconnects
+        assert sum("lost" in m and "reconnecting" in m for m in said) >= reconnects
+        # Frames: seqs 1..n with no gap and no repeat, the exit frame last.
+        assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+        assert not any(isinstance(f, Gap) for f in frames)
+        assert isinstance(frames[-1], Exit) and frames[-1].ok
+        assert stats["duplicates"] == 0 and stats["holes"] == 0
+        # Output: every line once, in order.
+        text = b"".join(f.data for f in frames if isinstance(f, Stdout)).decode()
+        assert text == "".join(f"line {i}\n" for i in range(result["lines"]))
+        # Input: every value reached the function once, in order (echoed back in order too).
+        assert result["got"] == sent
+        assert [f.value for f in frames if isinstance(f, Msg)] == sent
+        assert len(sent) > 100
+
+
+async def test_execute_retried_with_its_idempotency_key_starts_one_function(server):
+    """The reply to execute is lost with the connection: the SDK retries with the
+    same (generated) idempotency key and gets the same session."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as outer:
+            proxy = Proxy(server.port)
+            await outer.start(proxy.run)
+            url = f"ws://127.0.0.1:{proxy.port}/v1"
+            async with bento.connect(url, reconnect_timeout=10, backoff_base=0.01) as c:
+                before = {st["session"] for st in await c.list()}
+                proxy.hold = True  # the execute reaches the server; its reply does not come back
+                made: list = []
+                async with trio.open_nursery() as n:
+                    async def run() -> None:
+                        made.append(await c.execute("import os\ndef main():\n    print(os.getpid())\n    return 5\n"))
+                    n.start_soon(run)
+                    await trio.sleep(1.0)
+                    assert not made
+                    assert proxy.cut() >= 1
+                s = made[0]
+                assert await s.result() == 5
+                after = {st["session"] for st in await c.list()}
+            outer.cancel_scope.cancel()
+        assert after - before == {s.id}
+
+
+@pytest.mark.parametrize("op", ["signal", "state_put"])
+async def test_unsafe_request_in_flight_fails_clearly(server, op):
+    """signal and state_put are not repeated after a drop: RequestInterrupted."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as outer:
+            proxy = Proxy(server.port)
+            await outer.start(proxy.run)
+            url = f"ws://127.0.0.1:{proxy.port}/v1"
+            async with bento.connect(url, reconnect_timeout=10, backoff_base=0.01) as c:
+                s = await c.execute("import time\ndef main():\n    time.sleep(20)\n")
+                proxy.hold = True
+
+                async def cut_soon() -> None:
+                    await trio.sleep(0.5)
+                    proxy.cut()
+
+                outer.start_soon(cut_soon)
+                with pytest.raises(bento.RequestInterrupted, match=op), trio.fail_after(10):
+                    if op == "signal":
+                        await s.signal("TERM")
+                    else:
+                        await s.state_put({"x": 1})
+                # The client reconnected by itself and works.
+                with trio.fail_after(10):
+                    st = await s.status()
+                assert st["session"] == s.id
+                await s.destroy()
+            outer.cancel_scope.cancel()

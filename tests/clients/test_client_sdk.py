@@ -1,0 +1,277 @@
+"""The async SDK against a real server: execute, typed frames, input, results and
+errors, attach by token, the token ops, and giving up on a dead server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import trio
+from bento_clients.frames import Exit, Gap, Msg, Stderr, Stdout
+
+import bento
+
+
+def greet(name, times=1, punctuation="!"):
+    import sys
+
+    for _ in range(times):
+        print(f"hello {name}{punctuation}")
+    print("to stderr", file=sys.stderr, flush=True)
+    api.send({"name": name, "raw": b"\x00\xff"})  # noqa: F821 - api exists remotely
+    api.send(3, channel="count")  # noqa: F821
+    return {"greeted": name, "times": times}
+
+
+ECHO = """
+def main(prefix=""):
+    got = []
+    while True:
+        try:
+            v = api.recv()
+        except EOFError:
+            return got
+        got.append(v)
+        api.send(prefix + str(v))
+"""
+
+TEST_TIMEOUT_S = 60
+
+SLEEPER = "import time\ndef main():\n    api.send('ready')\n    time.sleep(30)\n"
+
+
+async def test_callable_args_kwargs_and_typed_frames(server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with bento.connect(server.url) as c:
+            s = await c.execute(greet, "bento", times=2)
+            assert s.token.startswith("bto_") and s.viewer_token.startswith("btv_") and s.mode == "rw"
+            frames = [f async for f in s.output()]
+            assert await s.result() == {"greeted": "bento", "times": 2}
+        assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+        assert b"".join(f.data for f in frames if isinstance(f, Stdout)) == b"hello bento!\nhello bento!\n"
+        assert b"".join(f.data for f in frames if isinstance(f, Stderr)) == b"to stderr\n"
+        msgs = [f for f in frames if isinstance(f, Msg)]
+        assert [(m.value, m.channel) for m in msgs] == [({"name": "bento", "raw": b"\x00\xff"}, None), (3, "count")]
+        assert isinstance(frames[-1], Exit) and frames[-1].ok and frames[-1].result["times"] == 2
+
+
+async def test_reserved_option_names_go_through_kwargs(server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        code = "def main(env, limits=0, **rest):\n    return [env, limits, rest]\n"
+        async with bento.connect(server.url) as c:
+            s = await c.execute(code, kwargs={"env": "E", "limits": 2}, extra=True)
+            assert await s.result() == ["E", 2, {"extra": True}]
+            with pytest.raises(TypeError, match="twice"):
+                await c.execute(code, kwargs={"x": 1}, x=2)
+            with pytest.raises(TypeError, match="lambda"):
+                await c.execute(lambda: 1)
+            with pytest.raises(TypeError):
+                await c.execute(code, object())
+
+
+async def test_stored_function_id_and_entry(server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with bento.connect(server.url) as c:
+            fid = await c.store("def double(x):\n    return 2 * x\n", name="double")
+            s = await c.execute(fid, 21, entry="double")
+            assert await s.result() == 42
+
+
+async def test_result_errors_carry_remote_details(server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with bento.connect(server.url) as c:
+            s = await c.execute("def main():\n    raise KeyError('nope')\n")
+            with pytest.raises(bento.RemoteError) as info:
+                await s.result()
+            assert type(info.value) is bento.RemoteError
+            assert info.value.type == "KeyError" and "nope" in info.value.message
+            assert "Traceback" in info.value.traceback and info.value.code == 1
+
+            s = await c.execute("import sys\ndef main():\n    sys.exit(3)\n")
+            with pytest.raises(bento.RemoteError) as info:
+                await s.result()
+            assert info.value.type == "SystemExit" and info.value.code == 3
+
+            s = await c.execute("def main(:\n")
+            with pytest.raises(bento.SessionFailed) as failed:
+                await s.result()
+            assert failed.value.state == "failed" and failed.value.type == "SyntaxError"
+
+            s = await c.execute(SLEEPER)
+            assert isinstance(await s.output().__anext__(), Msg)
+            await s.signal("TERM")
+            with pytest.raises(bento.SessionKilled) as killed:
+                await s.result()
+            assert killed.value.state == "killed" and killed.value.signal == "TERM"
+            assert killed.value.signal_number == 15
+            with pytest.raises(bento.Gone):
+                await s.signal("KILL")
+
+
+async def test_input_exactly_once_and_closed_input(server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with bento.connect(server.url) as c:
+            s = await c.execute(ECHO, "e")
+            seqs = [await s.send(v) for v in (1, "two", [3])]
+            assert seqs == [1, 2, 3]
+            await s.wait_input_acked()
+            await s.close_input()
+            with pytest.raises(bento.InputClosed):
+                await s.send(4)
+            assert await s.result() == [1, "two", [3]]
+            with pytest.raises(TypeError):
+                await (await c.execute(ECHO)).send(object())
+
+
+async def test_attach_by_token_from_seq_and_viewer(server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        code = "def main():\n    for i in range(10):\n        api.send(i)\n    return api.recv()\n"
+        async with bento.connect(server.url) as c:
+            s = await c.execute(code, attach=False)
+            token, viewer = s.token, s.viewer_token
+            with pytest.raises(bento.BentoError, match="not attached"):
+                s.output()
+        async with bento.connect(server.url) as c2:
+            with trio.fail_after(10):
+                while (await c2.status(viewer))["next_seq"] < 11:
+                    await trio.sleep(0.02)
+            v = await c2.attach(viewer, from_seq=4)
+            assert v.mode == "ro" and v.token is None and v.viewer_token == viewer
+            got = []
+            async for f in v.output():
+                got.append(f.value)
+                if f.value == 9:
+                    break
+            assert got == list(range(3, 10))
+            with pytest.raises(bento.InputClosed):
+                await v.send(1)
+            with pytest.raises(bento.BentoError, match="owner"):
+                await v.signal("TERM")
+            o = await c2.attach(token)
+            assert o.mode == "rw" and o.attach_info["next_seq"] == 11
+            await o.send("done")
+            assert await o.result() == "done"
+            with pytest.raises(bento.NotFound):
+                await c2.attach("bto_" + "x" * 43)
+
+
+async def test_status_state_and_destroy(server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with bento.connect(server.url) as c:
+            s = await c.execute(SLEEPER)
+            st = await s.status()
+            assert st["session"] == s.id and st["state"] in ("starting", "running")
+            assert await s.state_get() == (0, None)
+            assert await s.state_put({"n": 1}) == 1
+            with pytest.raises(bento.Conflict) as conflict:
+                await s.state_put({"n": 2}, if_version=0)
+            assert conflict.value.version == 1
+            with pytest.raises(bento.Forbidden):
+                await c.state_put(s.viewer_token, 1)
+            async with bento.connect(server.url) as w:
+                watch = await w.attach(s.viewer_token)
+                frames = watch.output()
+                with trio.fail_after(10):
+                    first = await frames.__anext__()
+                    while watch.shared_state is None:
+                        await trio.sleep(0.01)
+                assert isinstance(first, Msg) and first.value == "ready"
+                assert watch.shared_state == (1, {"n": 1})
+                await s.destroy()
+                with pytest.raises(bento.SessionGone), trio.fail_after(10):
+                    async for f in frames:
+                        raise AssertionError(f"a frame after the session was destroyed: {f}")
+            with pytest.raises(bento.NotFound):
+                await c.status(s.token)
+
+
+async def test_result_without_reading_output_drains_it(server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        code = "def main():\n    for i in range(2000):\n        print(i)\n    return 'end'\n"
+        async with bento.connect(server.url) as c:
+            s = await c.execute(code, buffer=4096)  # tiny buffer: only acks let it finish
+            with trio.fail_after(30):
+                assert await s.result() == "end"
+            # The exit frame was acknowledged: the server may forget the session once we go.
+            assert s.statistics()["read_seq"] == s.exit.seq
+
+
+async def test_gap_frame_for_trimmed_output(server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        code = "def main():\n    for i in range(20):\n        api.send(i)\n    api.recv()\n"
+        async with bento.connect(server.url) as c:
+            s = await c.execute(code)
+            it = s.output()
+            for _ in range(10):
+                await it.__anext__()
+            await it.__anext__()  # acknowledges the first ten
+            async with bento.connect(server.url) as v:
+                with trio.fail_after(10):
+                    while (await s.status())["first_seq"] < 11:
+                        await trio.sleep(0.02)
+                late = await v.attach(s.viewer_token)
+                first = await late.output().__anext__()
+            assert isinstance(first, Gap) and (first.from_seq, first.to_seq) == (1, 10)
+            await s.destroy()
+
+
+async def test_connect_to_nothing_fails_fast_and_clearly():
+    with trio.fail_after(10):
+        with pytest.raises(bento.ConnectionLost, match="cannot connect"):
+            async with bento.connect("ws://127.0.0.1:9/v1", connect_timeout=0.5):
+                pass
+    with pytest.raises(ValueError):
+        async with bento.connect("http://127.0.0.1:9/v1"):
+            pass
+
+
+async def test_gives_up_after_reconnect_timeout(make_server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        srv = make_server()
+        async with bento.connect(srv.url, reconnect_timeout=1.0, backoff_max=0.2) as c:
+            s = await c.execute(SLEEPER)
+            it = s.output()
+            assert isinstance(await it.__anext__(), Msg)
+            srv.kill()
+            with trio.fail_after(15), pytest.raises(bento.ConnectionLost, match="could not be restored"):
+                await it.__anext__()
+            with pytest.raises(bento.ConnectionLost):
+                await c.status(s.token)
+
+
+async def test_survives_server_restart(make_server, tmp_path):
+    """kill -9 the server mid-stream, start it again on the same port and data
+    dir: the SDK reconnects by itself and the output continues exactly once."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        srv = make_server()
+        port = srv.port
+        code = "import time\ndef main(n):\n    for i in range(n):\n        print(i, flush=True)\n        time.sleep(0.01)\n    return api.recv()\n"
+        async with bento.connect(srv.url, reconnect_timeout=30, backoff_max=0.2) as c:
+            s = await c.execute(code, 150)
+            frames = []
+            it = s.output()
+            with trio.fail_after(30):
+                while sum(f.data.count(b"\n") for f in frames if isinstance(f, Stdout)) < 20:
+                    frames.append(await it.__anext__())
+                srv.kill()
+                await trio.to_thread.run_sync(srv.start, port)
+                await s.send("after restart")
+                async for f in it:
+                    frames.append(f)
+            assert await s.result() == "after restart"
+            assert c.reconnects >= 1
+        assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+        text = b"".join(f.data for f in frames if isinstance(f, Stdout))
+        assert text == b"".join(b"%d\n" % i for i in range(150))
+
+
+def test_import_bento_stays_cheap_and_names_agree():
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, bento; import bento.protocol; assert 'trio' not in sys.modules; "
+         "e = bento.RemoteError; assert 'trio' not in sys.modules; "
+         "import bento_clients; assert bento.CLIENT_NAMES == set(bento_clients.EXPORTS); "
+         "assert bento.connect and bento.sync.connect and bento.Stdout; print('ok')"],
+        capture_output=True, timeout=60)
+    assert out.stdout.strip() == b"ok", out.stderr

@@ -1,0 +1,128 @@
+"""The blocking facade (bento.sync) from plain code and threads, and a reattach
+from another process that knows only the token string."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+from bento_clients.frames import Exit, Stdout
+from client_helpers import ROOT, cli_env, run_cli, write_file
+
+import bento
+
+ECHO = """
+def main(n):
+    for i in range(n):
+        print("line", i)
+    got = []
+    while True:
+        try:
+            got.append(api.recv())
+        except EOFError:
+            return got
+"""
+
+
+def _client_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "bento-sync-client"]
+
+
+def test_blocking_facade_from_plain_code(server):
+    before = threading.active_count()
+    with bento.sync.connect(server.url, call_timeout=30) as c:
+        s = c.execute(ECHO, 3)
+        assert s.send("a") == 1 and s.send({"b": 2}) == 2
+        s.close_input()
+        frames = list(s.output(timeout=20))
+        assert s.result(timeout=20) == ["a", {"b": 2}]
+        st = c.status(s.token)
+        assert st["session"] == s.id
+        assert c.state_put(s.token, 5) == 1 and c.state_get(s.viewer_token) == (1, 5)
+    assert isinstance(frames[-1], Exit)
+    assert b"".join(f.data for f in frames if isinstance(f, Stdout)) == b"line 0\nline 1\nline 2\n"
+    assert not _client_threads()
+    assert threading.active_count() == before
+    with pytest.raises(bento.ConnectionLost):
+        c.status(s.token)
+
+
+def test_blocking_facade_inside_threads_shared_and_not(server):
+    before = threading.active_count()
+    results: dict[str, object] = {}
+    errors: list[BaseException] = []
+    shared = bento.sync.connect(server.url, call_timeout=30)
+
+    def own_client(name: str) -> None:
+        try:
+            c = bento.sync.connect(server.url, call_timeout=30)
+            try:
+                results[name] = c.execute("def main(x):\n    return x * 2\n", name).result(timeout=20)
+            finally:
+                c.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    def shared_client(i: int) -> None:
+        try:
+            results[f"shared{i}"] = shared.execute("def main(x):\n    return x + 1\n", i).result(timeout=20)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=own_client, args=(n,)) for n in ("a", "b")]
+    threads += [threading.Thread(target=shared_client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    shared.close()
+    assert not errors, errors
+    assert results == {"a": "aa", "b": "bb", "shared0": 1, "shared1": 2, "shared2": 3, "shared3": 4}
+    assert not _client_threads()
+    assert threading.active_count() == before
+
+
+def test_blocking_errors_are_the_sdk_errors(server):
+    with bento.sync.connect(server.url, call_timeout=30) as c:
+        with pytest.raises(bento.RemoteError) as info:
+            c.execute("def main():\n    raise ValueError('x')\n").result(timeout=20)
+        assert info.value.type == "ValueError"
+        with pytest.raises(bento.NotFound):
+            c.attach("bto_nothing")
+        s = c.execute("import time\ndef main():\n    time.sleep(30)\n")
+        with pytest.raises(TimeoutError):
+            s.result(timeout=0.3)
+        s.destroy()
+    with pytest.raises(bento.ConnectionLost):
+        bento.sync.connect("ws://127.0.0.1:9/v1", connect_timeout=0.3)
+    assert not _client_threads()
+
+
+REATTACH = """
+import json, sys
+import bento
+with bento.sync.connect(sys.argv[1], call_timeout=30) as c:
+    s = c.attach(sys.argv[2])
+    s.send("from B")
+    s.close_input()
+    out = b"".join(f.data for f in s.output(timeout=30) if isinstance(f, bento.Stdout))
+    print(json.dumps({"out": out.decode(), "result": s.result(timeout=30), "mode": s.mode}))
+"""
+
+
+def test_reattach_from_another_process_with_only_the_token(server, tmp_path):
+    """Process A (the CLI, -d) starts the function and exits; process B (the sync
+    SDK, its own interpreter) attaches with the token string alone."""
+    job = write_file(str(tmp_path), "job.py", ECHO)
+    env = cli_env(str(tmp_path / "a-state.json"), server.url)
+    a = run_cli(["run", job, "4", "-d", "--json"], env)
+    assert a.returncode == 0, a.stderr
+    token = json.loads(a.stdout)["token"]
+    b = subprocess.run([sys.executable, "-c", REATTACH, server.url, token], capture_output=True,
+                       timeout=60, cwd=ROOT, env=cli_env(str(tmp_path / "b-state.json")))
+    assert b.returncode == 0, b.stderr
+    got = json.loads(b.stdout)
+    assert got == {"out": "line 0\nline 1\nline 2\nline 3\n", "result": ["from B"], "mode": "rw"}
