@@ -134,7 +134,7 @@ class Exchange:
         self.max_value = self.max_message - 1024
         self.read_size = min(READ_SIZE, self.max_value - 16)  # a stdout chunk's frame fits too
         self.sel = selectors.DefaultSelector()
-        self.out = sessionlog.Writer(sdir, "out")
+        self.out = sessionlog.Writer(sdir, "out", buffered=True)
         self.inlog = sessionlog.Writer(sdir, "in")
 
         saved = self._load_saved()
@@ -188,6 +188,7 @@ class Exchange:
         self.to_close: list[int] = []
         self.pipe_poll = select.poll()
         self.stalled: list[tuple[str, bytes, int]] = []  # frames the disk refused, oldest first
+        self.flush_blocked = False  # appended frames wait for the disk
         self.retry_at = 0.0
         self.driver: Framed | None = None
         self.reading = False
@@ -296,8 +297,8 @@ class Exchange:
         msg = {
             "t": kind,
             "state": self.state,
-            "next_seq": self.out.next_seq,
-            "first_seq": self.first_seq,
+            "next_seq": self.out.flushed_next,
+            "first_seq": min(self.first_seq, self.out.flushed_next),
             "acked_seq": self.acked_seq,
             "input_seq": self.input_seq,
             "buffer_bytes": self.buffer_bytes,
@@ -430,7 +431,7 @@ class Exchange:
     # -- output -----------------------------------------------------------
 
     def on_ack(self, seq: int) -> None:
-        seq = min(seq, self.out.next_seq - 1)
+        seq = min(seq, self.out.flushed_next - 1)
         if seq <= self.acked_seq:
             return
         self.acked_seq = seq
@@ -466,6 +467,24 @@ class Exchange:
         self.stalled.append((ch, data_cbor, size))
         self.update_reading()
 
+    def flush_out(self) -> None:
+        """Write the frames appended in this round; a disk that refuses them
+        stops the reading of the function's output until a retry succeeds."""
+        was_blocked = self.flush_blocked
+        try:
+            self.out.flush()
+        except OSError as exc:
+            if not was_blocked:
+                self.disk_trouble(f"cannot append to the output log: {exc}")
+            self.flush_blocked = True
+            self.retry_at = time.monotonic() + RETRY_SECONDS
+            self.update_reading()
+            return
+        if was_blocked:
+            self.flush_blocked = False
+            self.disk_trouble("the output log is writable again")
+            self.update_reading()
+
     def retry_stalled(self, now: float) -> None:
         if not self.stalled or now < self.retry_at:
             return
@@ -494,6 +513,7 @@ class Exchange:
         self.progress_dirty = True
         if ch == "exit":
             self.exit_seq = seq
+            self.flush_out()
             self.save()
             return
         self.buffer_bytes += size
@@ -529,7 +549,7 @@ class Exchange:
 
     def update_reading(self) -> None:
         """Read the function's output unless policy ``block`` says the buffer is full."""
-        want = self.child is not None and not self.stalled and (
+        want = self.child is not None and not self.stalled and not self.flush_blocked and (
             self.drain_deadline is not None
             or not (self.policy == "block" and self.buffer_bytes >= self.max_bytes)
         )
@@ -732,7 +752,7 @@ class Exchange:
     def maybe_finish_drain(self, now: float) -> None:
         if self.drain_deadline is None or self.exit is not None:
             return
-        if self.stalled:
+        if self.stalled or self.flush_blocked:
             # The disk refused output: keep what is still in the pipes for when it takes it.
             self.drain_deadline = max(self.drain_deadline, now + DRAIN_SECONDS)
             return
@@ -829,7 +849,7 @@ class Exchange:
             timeout = 1.0
             running = self.child is not None and self.exit is None and self.drain_deadline is None
             cpu_check = self.next_cpu_check if self.limits.cpu_s is not None and running else None
-            retry = self.retry_at if self.stalled else None
+            retry = self.retry_at if self.stalled or self.flush_blocked else None
             for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry):
                 if deadline is not None:
                     timeout = min(timeout, max(0.0, deadline - now))
@@ -847,6 +867,8 @@ class Exchange:
             self.check_cpu(now)
             self.retry_stalled(now)
             self.maybe_finish_drain(now)
+            if self.out.pending and (not self.flush_blocked or now >= self.retry_at):
+                self.flush_out()
             if self.state_dirty_at is not None and now >= self.state_dirty_at:
                 self.save()
             if self.progress_dirty and self.server is not None:

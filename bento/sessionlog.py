@@ -101,10 +101,15 @@ class Writer:
     and ``next_seq`` is one past the last valid record.
     """
 
-    def __init__(self, dirpath: str, prefix: str, segment_bytes: int = SEGMENT_BYTES) -> None:
+    def __init__(self, dirpath: str, prefix: str, segment_bytes: int = SEGMENT_BYTES,
+                 buffered: bool = False) -> None:
         self.dirpath = dirpath
         self.prefix = prefix
         self.segment_bytes = segment_bytes
+        # Buffered: records wait in memory until flush() (one write per batch);
+        # ``flushed_next`` is then the first seq not yet on disk.
+        self.buffered = buffered
+        self.pending = bytearray()
         self.segments = list_segments(dirpath, prefix)
         self.fd = -1
         self.size = 0
@@ -123,6 +128,7 @@ class Writer:
                 os.truncate(path, valid_end)
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
             self.size = valid_end
+        self.flushed_next = self.next_seq
 
     def records(self) -> Iterator[tuple[int, bytes]]:
         """Every record still on disk, oldest first (for recovery)."""
@@ -133,19 +139,29 @@ class Writer:
     def append(self, seq: int, payload: bytes) -> None:
         if seq != self.next_seq:
             raise ValueError(f"log {self.prefix}: appending seq {seq}, expected {self.next_seq}")
-        if self.fd < 0 or self.size >= self.segment_bytes:
+        if self.fd < 0 or (self.size >= self.segment_bytes and not self.pending):
             self._rotate(seq)
-        rec = pack(seq, payload)
-        try:
-            written = os.write(self.fd, rec)
-            while written < len(rec):
-                written += os.write(self.fd, rec[written:])
-        except OSError:
-            # A full disk: take back the partial record so the log stays whole.
-            os.ftruncate(self.fd, self.size)
-            raise
-        self.size += len(rec)
+        self.pending += pack(seq, payload)
         self.next_seq = seq + 1
+        if not self.buffered or len(self.pending) >= READ_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending. On an error (a full disk) nothing of it counts:
+        a partial write is taken back, and the records stay pending for a retry."""
+        if not self.pending:
+            return
+        data, self.pending = self.pending, bytearray()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            os.ftruncate(self.fd, self.size)
+            self.pending = data + self.pending
+            raise
+        self.size += len(data)
+        self.flushed_next = self.next_seq
 
     def _rotate(self, start_seq: int) -> None:
         if self.fd >= 0:
