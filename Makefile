@@ -10,7 +10,7 @@ PORT ?= 8765
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps lint bench clean
+.PHONY: run test install system-deps lint bench fuzz clean
 
 run: $(STAMP)
 	$(PY) -m bento.app server --host $(HOST) --port $(PORT) $(ARGS)
@@ -45,6 +45,10 @@ system-deps:
 # target). ARGS=--quick for a one-minute version. Not part of `make test`.
 bench: $(STAMP)
 	$(PY) bench/run.py $(ARGS)
+
+# The long fuzz run (>= 100,000 cases against the decoder and a live server).
+fuzz: $(STAMP)
+	$(PY) tests/reliability/fuzz_long.py $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bento driver sandbox clients tests

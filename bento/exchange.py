@@ -743,6 +743,7 @@ class Exchange:
         _pid, status = os.waitpid(self.child.pid, 0)
         self.child.process.returncode = os.waitstatus_to_exitcode(status)
         self.child_status = status
+        self.wall_deadline = None  # the function is over: no timer may wake this loop
         # Whatever the function left behind dies with it.
         self.child.release()
         self.drain_deadline = time.monotonic() + DRAIN_SECONDS
@@ -861,9 +862,10 @@ class Exchange:
                 _close(fd)
             self.to_close.clear()
             now = time.monotonic()
-            if self.wall_deadline is not None and now >= self.wall_deadline and self.exit is None:
+            if self.wall_deadline is not None and now >= self.wall_deadline:
                 self.wall_deadline = None
-                self.kill("wall_s")
+                if self.exit is None and self.drain_deadline is None:
+                    self.kill("wall_s")
             self.check_cpu(now)
             self.retry_stalled(now)
             self.maybe_finish_drain(now)

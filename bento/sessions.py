@@ -546,4 +546,4 @@ class Registry:
             now = time.monotonic()
             for s in list(self.sessions.values()):
                 if s.life_over(now, self.config.ttl_s):
-                    await self.end(s)
+                    self.nursery.start_soon(self.end, s)
