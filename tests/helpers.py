@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import cbor2
@@ -198,6 +200,48 @@ class connect:
         finally:
             # A server that closed first leaves trio-websocket's socket open.
             self.client.ws._stream.socket.close()
+
+
+@asynccontextmanager
+async def conn(url: str, hello: bool = True, auth: str | None = None,
+               ssl_context: Any = None) -> AsyncIterator[Client]:
+    """A raw Client (that has said hello, with ``auth`` when given) that also
+    ends cleanly when the server closed first: trio-websocket then neither
+    closes the client's TCP socket nor stops its reader task until the server's
+    TCP close arrives, so the socket is closed here (only in that case: while the
+    connection is open, the normal close must run first, or a reader blocked on
+    unread messages never ends)."""
+    ws = None
+    try:
+        async with open_websocket_url(url, ssl_context=ssl_context, connect_timeout=10,
+                                      disconnect_timeout=5,
+                                      max_message_size=64 * 1024 * 1024) as ws:
+            c = Client(ws)
+            try:
+                if hello:
+                    fields: dict[str, Any] = {"proto": 1, "client": "tests/1"}
+                    if auth is not None:
+                        fields["auth"] = auth
+                    r = await c.request("hello", **fields)
+                    assert r["ok"], r
+                yield c
+            finally:
+                if ws.closed is not None:
+                    await ws._stream.aclose()
+    finally:
+        if ws is not None:
+            await ws._stream.aclose()
+
+
+async def close_ws(ws: Any) -> None:
+    """Close a trio-websocket connection for sure: the close handshake first
+    (bounded; it also frees trio-websocket's reader when that waits on its full
+    message queue - closing only the socket would leave it waiting forever), then
+    the socket itself, which trio-websocket leaves open when the server closed
+    first (STACK.md)."""
+    with trio.move_on_after(5):
+        await ws.aclose()
+    ws._stream.socket.close()
 
 
 def data_of(frames: list[list], ch: str = "stdout") -> bytes:

@@ -10,50 +10,17 @@ be able to hello and execute.
 
 from __future__ import annotations
 
-import ssl
 import time
 from contextlib import asynccontextmanager
 from typing import Any
 
 import cbor2
 import trio
-from helpers import Client, assert_contiguous, data_of
-from trio_websocket import ConnectionClosed, open_websocket_url
+from helpers import Client, assert_contiguous, conn, data_of
+from trio_websocket import ConnectionClosed
 
 # --------------------------------------------------------------------------
 # Helpers local to this file.
-
-
-@asynccontextmanager
-async def conn(url: str, hello: bool = True, auth: str | None = None,
-               ssl_context: ssl.SSLContext | None = None):
-    """A raw Client (that has said hello, with ``auth`` when given).
-
-    Unlike helpers.connect it also ends cleanly when the server closed first:
-    trio-websocket then neither closes the client's TCP socket nor stops its
-    reader task until the server's TCP close arrives, so the socket is closed
-    here (only in that case: while the connection is open, the normal close
-    must run first, or a reader blocked on unread messages never ends)."""
-    ws = None
-    try:
-        async with open_websocket_url(url, ssl_context=ssl_context, connect_timeout=10,
-                                      disconnect_timeout=5,
-                                      max_message_size=64 * 1024 * 1024) as ws:
-            c = Client(ws)
-            try:
-                if hello:
-                    fields: dict[str, Any] = {"proto": 1, "client": "abuse-tests/1"}
-                    if auth is not None:
-                        fields["auth"] = auth
-                    r = await c.request("hello", **fields)
-                    assert r["ok"], r
-                yield c
-            finally:
-                if ws.closed is not None:
-                    await ws._stream.aclose()
-    finally:
-        if ws is not None:
-            await ws._stream.aclose()
 
 
 async def close_code(c: Client, timeout: float = 5) -> int:

@@ -12,48 +12,14 @@ import ssl
 import stat
 import subprocess
 import sys
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
-from helpers import ROOT, Client, assert_contiguous, data_of
-from trio_websocket import open_websocket_url
+from helpers import ROOT, Client, assert_contiguous, conn, data_of
 
 # --------------------------------------------------------------------------
 # Helpers local to this file.
-
-
-@asynccontextmanager
-async def conn(url: str, auth: str | None = None, hello: bool = True,
-               ssl_context: ssl.SSLContext | None = None):
-    """A raw Client (that has said hello, with ``auth`` when given).
-
-    Unlike helpers.connect it also ends cleanly when the server closed first:
-    trio-websocket then neither closes the client's TCP socket nor stops its
-    reader task until the server's TCP close arrives, so the socket is closed
-    here (only in that case: while the connection is open, the normal close
-    must run first, or a reader blocked on unread messages never ends)."""
-    ws = None
-    try:
-        async with open_websocket_url(url, ssl_context=ssl_context, connect_timeout=10,
-                                      disconnect_timeout=5,
-                                      max_message_size=64 * 1024 * 1024) as ws:
-            c = Client(ws)
-            try:
-                if hello:
-                    fields: dict[str, Any] = {"proto": 1, "client": "security-tests/1"}
-                    if auth is not None:
-                        fields["auth"] = auth
-                    r = await c.request("hello", **fields)
-                    assert r["ok"], r
-                yield c
-            finally:
-                if ws.closed is not None:
-                    await ws._stream.aclose()
-    finally:
-        if ws is not None:
-            await ws._stream.aclose()
 
 
 async def err(c: Client, op: str, **fields: Any) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 
 import cbor2
 import trio
+from helpers import close_ws
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
@@ -608,17 +609,6 @@ class LiveFuzz:
         if not conn.closed:
             await conn.sync()
             conn.final_check()
-
-
-async def close_ws(ws: Any) -> None:
-    """Close a trio-websocket connection for sure: the close handshake first
-    (bounded; it also frees trio-websocket's reader when that waits on its full
-    message queue - closing only the socket would leave it waiting forever), then
-    the socket itself, which trio-websocket leaves open when the server closed
-    first (STACK.md)."""
-    with trio.move_on_after(5):
-        await ws.aclose()
-    ws._stream.socket.close()
 
 
 class Conn:

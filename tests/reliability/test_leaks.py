@@ -20,12 +20,11 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 import pytest
 import trio
-from helpers import Client
+from helpers import Client, close_ws
 from trio_websocket import open_websocket_url
 
 SESSIONS = int(os.environ.get("BENTO_LEAK_SESSIONS", "300"))
@@ -57,17 +56,6 @@ async def connect(url: str) -> AsyncIterator[Client]:
             yield c
         finally:
             await close_ws(ws)
-
-
-async def close_ws(ws: Any) -> None:
-    """Close a trio-websocket connection for sure: the close handshake first
-    (bounded; it also frees trio-websocket's reader when that waits on its full
-    message queue - closing only the socket would leave it waiting forever), then
-    the socket itself, which trio-websocket leaves open when the server closed
-    first (STACK.md)."""
-    with trio.move_on_after(5):
-        await ws.aclose()
-    ws._stream.socket.close()
 
 
 @dataclass

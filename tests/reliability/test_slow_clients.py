@@ -27,7 +27,7 @@ from typing import Any
 
 import cbor2
 import trio
-from helpers import Client, assert_contiguous, data_of
+from helpers import Client, assert_contiguous, close_ws, data_of
 from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -86,17 +86,6 @@ async def connect(url: str) -> AsyncIterator[Client]:
             yield c
         finally:
             await close_ws(ws)
-
-
-async def close_ws(ws: Any) -> None:
-    """Close a trio-websocket connection for sure: the close handshake first
-    (bounded; it also frees trio-websocket's reader when that waits on its full
-    message queue - closing only the socket would leave it waiting forever), then
-    the socket itself, which trio-websocket leaves open when the server closed
-    first (STACK.md)."""
-    with trio.move_on_after(5):
-        await ws.aclose()
-    ws._stream.socket.close()
 
 
 def flood_text(n: int) -> bytes:
