@@ -47,6 +47,7 @@ MAX_STATE_BYTES = 64 * 1024
 MAX_CTL_OUT = 64 * 1024 * 1024
 DRAIN_SECONDS = 2.0
 RETRY_SECONDS = 0.5
+PIPE_BYTES = 1 << 20
 SEND_TAG = b"\x01"  # a driver message that is an api.send (the others are CBOR maps)
 STATE_FLUSH_SECONDS = 0.1
 
@@ -916,6 +917,12 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
     err_r, err_w = os.pipe()
     to_r, to_w = os.pipe()  # exchange -> driver (driver's fd 3)
     from_r, from_w = os.pipe()  # driver -> exchange (driver's fd 4)
+    for fd in (out_r, err_r, from_r):
+        # A bigger pipe: a function writing fast blocks (and wakes us) less often.
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass  # over /proc/sys/fs/pipe-max-size for this user: keep the default
     # The driver expects its pipes at fds 3 and 4: pass them high, dup them down inside.
     child_in, child_out = _fd_at_least(to_r, 10), _fd_at_least(from_w, 10)
     paths = cfg["driver_path"]
