@@ -188,7 +188,7 @@ class Exchange:
         self.pipes: dict[int, str] = {}  # fd -> "stdout" | "stderr"
         self.to_close: list[int] = []
         self.pipe_poll = select.poll()
-        self.stalled: list[tuple[str, bytes, int]] = []  # frames the disk refused, oldest first
+        self.stalled: list[tuple[str, tuple[bytes, ...], int]] = []  # frames the disk refused, oldest first
         self.flush_blocked = False  # appended frames wait for the disk
         self.retry_at = 0.0
         self.driver: Framed | None = None
@@ -454,7 +454,7 @@ class Exchange:
         self.out.drop_before(first)
         self.update_reading()
 
-    def append(self, ch: str, data_cbor: bytes, size: int) -> None:
+    def append(self, ch: str, data_cbor: tuple[bytes, ...], size: int) -> None:
         """Add a frame to the output log. If the disk refuses it, the frame
         waits in memory and the function's output is no longer read (it
         blocks, nothing is lost) until a retry succeeds."""
@@ -507,9 +507,11 @@ class Exchange:
         except OSError:
             pass  # the log is on the same full disk; the state says it anyway
 
-    def _write_frame(self, ch: str, data_cbor: bytes, size: int) -> None:
+    def _write_frame(self, ch: str, data_cbor: tuple[bytes, ...], size: int) -> None:
+        """Append the frame ``[seq, ch, data]``; ``data_cbor`` is its encoded data
+        in pieces, copied once, into the log's batch (64 KiB chunks stay uncut)."""
         seq = self.out.next_seq
-        self.out.append(seq, protocol.encode_frame(seq, ch, data_cbor))
+        self.out.append_parts(seq, (protocol.encode_frame(seq, ch, b""), *data_cbor))
         self.sizes.append(size)
         self.progress_dirty = True
         if ch == "exit":
@@ -546,7 +548,7 @@ class Exchange:
         self.output_total += len(chunk)
         if ch == "stderr":
             self.stderr_tail = (self.stderr_tail + chunk)[-2048:]
-        self.append(ch, protocol.encode_head(2, len(chunk)) + chunk, len(chunk))
+        self.append(ch, (protocol.encode_head(2, len(chunk)), chunk), len(chunk))
 
     def update_reading(self) -> None:
         """Read the function's output unless policy ``block`` says the buffer is full."""
@@ -631,7 +633,7 @@ class Exchange:
             self.kill("output_bytes")
             return
         self.output_total += len(data)
-        self.append(ch, data, len(data))
+        self.append(ch, (data,), len(data))
 
     def handle_driver(self, msg: dict) -> None:
         t = msg.get("t")
@@ -828,7 +830,7 @@ class Exchange:
         self.state = data["state"]
         self.ended = time.time()
         self.drain_deadline = None
-        self.append("exit", protocol.encode(data), 0)
+        self.append("exit", (protocol.encode(data),), 0)
         self.save()
         self.progress_dirty = True
 

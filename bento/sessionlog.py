@@ -137,11 +137,22 @@ class Writer:
                 yield seq, payload
 
     def append(self, seq: int, payload: bytes) -> None:
+        self.append_parts(seq, (payload,))
+
+    def append_parts(self, seq: int, parts: tuple[bytes | memoryview, ...]) -> None:
+        """Append one record whose payload is ``parts`` joined (copied once)."""
         if seq != self.next_seq:
             raise ValueError(f"log {self.prefix}: appending seq {seq}, expected {self.next_seq}")
         if self.fd < 0 or (self.size >= self.segment_bytes and not self.pending):
             self._rotate(seq)
-        self.pending += pack(seq, payload)
+        crc = zlib.crc32(seq.to_bytes(8, "little"))
+        length = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+            length += len(part)
+        self.pending += HEAD.pack(length, seq, crc)
+        for part in parts:
+            self.pending += part
         self.next_seq = seq + 1
         if not self.buffered or len(self.pending) >= READ_CHUNK:
             self.flush()
