@@ -48,6 +48,7 @@ MAX_CTL_OUT = 64 * 1024 * 1024
 DRAIN_SECONDS = 2.0
 RETRY_SECONDS = 0.5
 PIPE_BYTES = 1 << 20
+DIR_CHECK_SECONDS = 5.0
 SEND_TAG = b"\x01"  # a driver message that is an api.send (the others are CBOR maps)
 STATE_FLUSH_SECONDS = 0.1
 
@@ -177,6 +178,7 @@ class Exchange:
         self.user_signal: str | None = None
         self.stderr_tail = b""
         self.next_cpu_check = 0.0
+        self.next_dir_check = 0.0
         self.oom_killed = False
         self.cpu_used = 0.0
         self.pidfd = -1
@@ -876,6 +878,14 @@ class Exchange:
                 self.flush_out()
             if self.state_dirty_at is not None and now >= self.state_dirty_at:
                 self.save()
+            if self.server is None and now >= self.next_dir_check:
+                self.next_dir_check = now + DIR_CHECK_SECONDS
+                if not os.path.isdir(self.dir):
+                    # Deleted under us: no server can ever reach this session again.
+                    self.disk_trouble("the session directory is gone; ending")
+                    self.kill_child()
+                    self.finished = True
+                    continue
             if self.progress_dirty and self.server is not None:
                 self.progress_dirty = False
                 self.send_server(self.snapshot())

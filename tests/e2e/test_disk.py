@@ -27,7 +27,9 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-async def test_full_disk_pauses_output_and_recovers(make_server, small_disk):
+async def test_full_disk_pauses_output_and_recovers(small_disk, make_server):
+    # small_disk first: fixtures are torn down last-in first-out, so the server
+    # and its exchanges are stopped (found by their pid files) before the unmount.
     srv = make_server("--pool", "0", data_dir=small_disk)
     total = 40 * MiB
     code = (
