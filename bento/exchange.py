@@ -53,16 +53,6 @@ SEND_TAG = b"\x01"  # a driver message that is an api.send (the others are CBOR 
 STATE_FLUSH_SECONDS = 0.1
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def signal_name(num: int) -> str:
     try:
         return signal.Signals(num).name.removeprefix("SIG")
@@ -220,7 +210,7 @@ class Exchange:
             self.state_dirty_at = time.monotonic() + RETRY_SECONDS
 
     def _save(self) -> None:
-        write_atomic(
+        sessionlog.write_atomic(
             os.path.join(self.dir, "state.cbor"),
             cbor2.dumps(
                 {

@@ -29,6 +29,28 @@ SEGMENT_BYTES = 8 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
 
 
+def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` all at once: a crash leaves the old file or
+    the new one, never a mix (write to a temporary name, then rename)."""
+    tmp = f"{path}.tmp.{os.urandom(4).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 class LogCorrupt(Exception):
     """A record that was announced as complete does not check out."""
 
