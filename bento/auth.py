@@ -1,9 +1,10 @@
 """Capabilities: session tokens, API keys, and the rate limit on failed guesses.
 
 Tokens are bearer secrets with 256 bits of randomness. The server keeps only
-their SHA-256 hashes; a presented token is hashed and looked up, so what is
-compared is a hash the caller cannot steer, and the final comparison is
-constant-time. Tokens for an execute with an idempotency key are derived as an
+their SHA-256 hashes; a presented token is hashed and the hash looked up, so
+what the look-up compares is a hash the caller cannot steer toward a stored
+one (timing reveals nothing about a token). API keys are compared with
+hmac.compare_digest. Tokens for an execute with an idempotency key are derived as an
 HMAC of the server's secret over the key, so a retry gets the same tokens
 without any clear token being stored. Nothing here may log or write a token.
 """
@@ -101,6 +102,3 @@ class GuessLimiter:
         level, at = self._buckets.get(peer, (float(self.burst), now))
         return min(float(self.burst), level + (now - at) * self.rate), now
 
-
-def same_token(presented: str, stored_hash: str) -> bool:
-    return hmac.compare_digest(token_hash(presented), stored_hash)

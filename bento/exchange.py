@@ -128,6 +128,9 @@ class Exchange:
         self.sel = selectors.DefaultSelector()
         self.out = sessionlog.Writer(sdir, "out", buffered=True)
         self.inlog = sessionlog.Writer(sdir, "in")
+        for log in (self.out, self.inlog):
+            if log.torn_bytes:
+                self.disk_trouble(f"cut a torn record of {log.torn_bytes} bytes off the {log.prefix} log")
 
         saved = self._load_saved()
         self.state: str = saved.get("state", "starting")

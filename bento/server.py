@@ -352,7 +352,7 @@ class Connection:
         if old is not None:
             self._drop(old)
         assert self.nursery is not None
-        att = Attachment(session=s, conn=self, mode=mode, next_seq=start, cancel=trio.CancelScope())
+        att = Attachment(session=s, mode=mode, next_seq=start, cancel=trio.CancelScope())
         self.attachments[s.sid] = att
         s.attachments.add(att)
         self.nursery.start_soon(self.worker, att)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -138,7 +139,6 @@ class Attachment:
     """One connection's attachment to one session, with its own position."""
 
     session: Session
-    conn: Any  # server.Connection; typed loosely to keep the import one-way
     mode: str  # "rw" | "ro"
     next_seq: int
     cancel: trio.CancelScope
@@ -304,8 +304,6 @@ class Registry:
                 await self._connect(s)
         except (OSError, ExchangeGone, RuntimeError) as exc:
             log.error("session %s: could not start its exchange: %s", sid, exc)
-            import shutil
-
             shutil.rmtree(sdir, ignore_errors=True)
             raise protocol.RequestError("internal", f"could not start the session: {exc}") from None
         self._index(s)
@@ -377,11 +375,6 @@ class Registry:
         s.update(hello)
         self.nursery.start_soon(self._read_exchange, s, link)
         return True
-
-    async def close_pool(self) -> None:
-        for link in self.warm:
-            await link.stream.aclose()
-        self.warm.clear()
 
     async def _spawn(self, sdir: str, adopt: bool) -> None:
         boot = (
@@ -535,8 +528,6 @@ class Registry:
         try:
             await self.call(s, {"t": "end"})
         except ExchangeGone:
-            import shutil
-
             # No exchange to do it: nothing else writes there any more.
             shutil.rmtree(s.dir, ignore_errors=True)
 

@@ -348,7 +348,6 @@ class Environment:
 
 class _Backend:
     name = ""
-    sandboxed = False
 
     def _popen(self, argv: list[str], *, cwd: str | None, env: Mapping[str, str], pass_fds: tuple[int, ...],
                stdout: int, stderr: int, preexec: Callable[[], None]) -> subprocess.Popen:
@@ -390,7 +389,6 @@ class CmdBackend(NoneBackend):
 
 class BwrapBackend(_Backend):
     name = "bwrap"
-    sandboxed = True
 
     def __init__(self, tmp_bytes: int = DEFAULT_TMP_BYTES) -> None:
         self.bwrap = which("bwrap")
