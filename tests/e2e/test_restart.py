@@ -280,6 +280,10 @@ async def test_torn_tail_after_crash_is_never_served(make_server):
     n = out.count(b"\n")
     assert n >= 20 and out == lines(n)
     assert all(f[1] in ("stdout", "exit") for f in got)
+    # ... and the cut is reported in each session's exchange log, for the operator.
+    for r in (fin, run):
+        with open(os.path.join(srv.data_dir, "sessions", r["session"], "exchange.log")) as f:
+            assert "cut a torn record" in f.read()
 
 
 # -- an exchange dies ---------------------------------------------------------------------
