@@ -9,6 +9,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from helpers import ServerProcess  # noqa: E402
 
+pytest_plugins = ["deadlines"]
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -8,6 +8,7 @@ started (each in its own process group) and every environment.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -26,6 +27,11 @@ from bento import protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 20.0
+
+
+# Every server started and not yet stopped: the test watchdog (conftest) stops them
+# by pid before it ends a run that hung.
+LIVE: set[ServerProcess] = set()
 
 
 class ServerProcess:
@@ -50,21 +56,39 @@ class ServerProcess:
             stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
         )
         log.close()
+        LIVE.add(self)
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline().decode()
-            if not line:
-                raise RuntimeError(f"server exited: {self.read_log()}")
-            if "listening on" in line:
-                self.port = int(line.rsplit(":", 1)[1].split("/")[0])
-                break
-        else:
-            raise RuntimeError("server did not start in time")
+        try:
+            self.port = self._wait_listening(self.proc.stdout.fileno())
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc.stdout.close()
+            raise
         # Keep draining stdout so the server never blocks on a full pipe.
         self._drain = threading.Thread(target=self.proc.stdout.read, daemon=True)
         self._drain.start()
         return self
+
+    def _wait_listening(self, fd: int) -> int:
+        """The port from the server's "listening on" line; bounded by START_TIMEOUT_S
+        (a select, not a bare readline, which would wait forever on a silent server)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        buf = b""
+        while True:
+            for line in buf.split(b"\n")[:-1]:  # complete lines only
+                if b"listening on" in line:
+                    return int(line.decode().rsplit(":", 1)[1].split("/")[0])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"server did not start in {START_TIMEOUT_S} s: {buf!r} {self.read_log()}")
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"server exited: {buf!r} {self.read_log()}")
+            buf += chunk
 
     def read_log(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -80,7 +104,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        self._drain.join(timeout=5)
+        drain = getattr(self, "_drain", None)
+        if drain is not None:
+            drain.join(timeout=5)
         if self.proc.stdout is not None and not self.proc.stdout.closed:
             self.proc.stdout.close()
 
@@ -100,6 +126,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Stop the server and everything it started."""
+        LIVE.discard(self)
         pids = self.exchange_pids()
         self.kill(signal.SIGTERM)
         pids += self.exchange_pids()
