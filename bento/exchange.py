@@ -27,18 +27,29 @@ import fcntl
 import os
 import select
 import selectors
-import shutil
 import signal
 import socket
 import struct
 import sys
 import time
-from typing import Any
 
 import bento_sandbox
-import cbor2
 
 from bento import protocol, sessionlog
+
+TYPE_CHECKING = False  # the exchange does not import typing (it starts per session)
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def _loads(data: bytes) -> Any:
+    """Decode CBOR written by the server or by this exchange (messages, files).
+
+    The strict decoder (no cbor2 here: the exchange stays small), with room
+    for what wraps a client's value: a little more depth and items than one
+    client message may carry, and any size."""
+    return protocol.decode(data, max_size=1 << 62, max_depth=protocol.MAX_DEPTH + 4,
+                           max_items=4 * protocol.DEFAULT_MAX_ITEMS, require_map=False)
 
 LEN = struct.Struct(">I")
 READ_SIZE = 1 << 16
@@ -116,7 +127,7 @@ class Exchange:
         self.dir = sdir
         self.adopt = adopt
         with open(os.path.join(sdir, "meta.cbor"), "rb") as f:
-            self.meta: dict[str, Any] = cbor2.loads(f.read())
+            self.meta: dict[str, Any] = _loads(f.read())
         buffer = self.meta["buffer"]
         self.max_bytes: int = buffer["max_bytes"]
         self.policy: str = buffer["policy"]
@@ -201,7 +212,7 @@ class Exchange:
     def _load_saved(self) -> dict:
         try:
             with open(os.path.join(self.dir, "state.cbor"), "rb") as f:
-                return cbor2.loads(f.read())
+                return _loads(f.read())
         except FileNotFoundError:
             return {}
 
@@ -215,7 +226,7 @@ class Exchange:
     def _save(self) -> None:
         sessionlog.write_atomic(
             os.path.join(self.dir, "state.cbor"),
-            cbor2.dumps(
+            protocol.encode(
                 {
                     "state": self.state,
                     "exit": self.exit,
@@ -283,7 +294,7 @@ class Exchange:
     def send_server(self, msg: dict) -> None:
         if self.server is None:
             return
-        self.server.queue(cbor2.dumps(msg))
+        self.server.queue(protocol.encode(msg))
         self.server.flush()
         if len(self.server.outbuf) > MAX_CTL_OUT:
             # The server stopped reading: drop it; it reconnects and gets a snapshot.
@@ -321,7 +332,7 @@ class Exchange:
         except ValueError:
             bodies, alive = [], False
         for body in bodies:
-            self.handle_server(cbor2.loads(body))
+            self.handle_server(_loads(body))
             if self.finished:
                 return
         if not alive:
@@ -390,13 +401,13 @@ class Exchange:
         eof = bool(msg.get("eof"))
         data = msg.get("data")
         try:
-            self.inlog.append(seq, cbor2.dumps([seq, None if eof else data]))
+            self.inlog.append(seq, protocol.encode([seq, None if eof else data]))
         except OSError as exc:
             self.reply(rid, ok=False, code="internal", message=f"cannot record the input: {exc.strerror}")
             return
         self.input_seq = seq
         if self.driver is not None:
-            self.driver.queue(cbor2.dumps({"t": "eof"} if eof else {"t": "in", "data": data}))
+            self.driver.queue(protocol.encode({"t": "eof"} if eof else {"t": "in", "data": data}))
             self.flush_driver()
         self.reply(rid, ok=True, input_seq=seq)
 
@@ -658,7 +669,7 @@ class Exchange:
 
     def to_driver(self, msg: dict) -> None:
         if self.driver is not None:
-            self.driver.queue(cbor2.dumps(msg))
+            self.driver.queue(protocol.encode(msg))
             self.flush_driver()
 
     def put_state(self, value: bytes, if_version: int | None) -> tuple[bool, int]:
@@ -707,11 +718,11 @@ class Exchange:
             "max_depth": protocol.MAX_DEPTH - 4,
             "max_items": protocol.DEFAULT_MAX_ITEMS,
         }
-        self.driver.queue(cbor2.dumps(start))
+        self.driver.queue(protocol.encode(start))
         # Input accepted before the function started goes to it now, in order.
         for _seq, payload in self.inlog.records():
-            _s, data = cbor2.loads(payload)
-            self.driver.queue(cbor2.dumps({"t": "eof"} if data is None else {"t": "in", "data": data}))
+            _s, data = _loads(payload)
+            self.driver.queue(protocol.encode({"t": "eof"} if data is None else {"t": "in", "data": data}))
         self.flush_driver()
         self.state = "running"
         self.update_reading()
@@ -806,7 +817,7 @@ class Exchange:
             else:
                 data.update(code=rep.get("code", 0), error=rep.get("error"))
                 if rep.get("result") is not None:
-                    data["result"] = cbor2.loads(rep["result"])
+                    data["result"] = _loads(rep["result"])
         else:
             data.update(code=code)
         return data
@@ -1044,7 +1055,7 @@ def _warm(sock: socket.socket) -> tuple[Launched, str] | None:
         while True:
             bodies = link.messages()
             if bodies:
-                return cbor2.loads(bodies[0])
+                return _loads(bodies[0])
             if not link.feed():
                 return None
 
@@ -1053,7 +1064,7 @@ def _warm(sock: socket.socket) -> tuple[Launched, str] | None:
         return None
     name = f"warm-{os.getpid()}"
     launched = launch(cfg, name, cfg["workdir"])
-    link.queue(cbor2.dumps({"t": "warm_ready", "pid": os.getpid(), "error": launched.error}))
+    link.queue(protocol.encode({"t": "warm_ready", "pid": os.getpid(), "error": launched.error}))
     link.flush()
     assign = receive()
     if assign is None or assign.get("t") != "assign":
@@ -1118,6 +1129,8 @@ def main(argv: list[str]) -> None:
             ex.child.release()
         sock.close()
     if ex.remove:
+        import shutil  # only here: the exchange starts per session and stays small
+
         shutil.rmtree(sdir, ignore_errors=True)
     os._exit(0)
 

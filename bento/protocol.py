@@ -5,9 +5,10 @@ values into bytes, nothing else. It must never do I/O (no sockets, files,
 clocks or processes), never import trio or any other part of bento, and never
 hand untrusted bytes to ``cbor2.loads`` (which accepts tags, duplicate keys,
 trailing bytes and unbounded item counts): ``decode`` is a small strict CBOR
-decoder of its own. It is imported by the server, by the per-session exchange
-process that must start fast, and by clients, so its import stays cheap
-(stdlib ``struct``/``math`` and ``cbor2`` only).
+decoder of its own, and ``encode`` a small encoder of its own. It is imported by
+the server, by the per-session exchange process (which must start fast and stay
+small: it does not load cbor2 at all) and by clients, so it imports only the
+stdlib's ``struct`` and ``math``.
 
 The contract this implements is the Bento wire protocol v1 (docs/protocol.md).
 """
@@ -17,9 +18,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from math import isfinite
-from typing import Any
 
-from cbor2 import dumps as _dumps
+TYPE_CHECKING = False  # typing is not imported at run time: the exchange loads this module
+if TYPE_CHECKING:
+    from typing import Any
+
 
 __all__ = [
     "BUFFER_POLICIES",
@@ -266,32 +269,9 @@ def decode(
 # Encoding.
 
 
-def _check(value: Any, depth: int, max_depth: int) -> None:
-    t = type(value)
-    if t is str or t is bytes or t is float or t is bool or value is None:
-        return
-    if t is int:
-        if not _NINT64_MIN <= value <= _UINT64_MAX:
-            raise ValueError(f"integer {value} is outside the 64-bit CBOR range")
-        return
-    if t is list or t is tuple:
-        if depth > max_depth:
-            raise ValueError(f"value nested deeper than {max_depth}")
-        for x in value:
-            _check(x, depth + 1, max_depth)
-        return
-    if t is dict:
-        if depth > max_depth:
-            raise ValueError(f"value nested deeper than {max_depth}")
-        for k, x in value.items():
-            tk = type(k)
-            if tk is int:
-                _check(k, depth + 1, max_depth)
-            elif tk is not str and tk is not bytes:
-                raise TypeError(f"map key of type {tk.__name__} cannot be encoded")
-            _check(x, depth + 1, max_depth)
-        return
-    raise TypeError(f"value of type {t.__name__} cannot be encoded")
+_F64_HEAD = struct.Struct(">Bd").pack
+# Non-finite floats as half precision, as cbor2 writes them.
+_NONFINITE = {"nan": b"\xf9\x7e\x00", "inf": b"\xf9\x7c\x00", "-inf": b"\xf9\xfc\x00"}
 
 
 def encode(value: Any, *, max_depth: int = MAX_DEPTH) -> bytes:
@@ -299,11 +279,58 @@ def encode(value: Any, *, max_depth: int = MAX_DEPTH) -> bytes:
     list/tuple, dict with str/int/bytes keys), never with a tag.
 
     Raises TypeError for any other type (subclasses included) and ValueError
-    for integers outside the 64-bit range or containers nested deeper than
-    ``max_depth`` (the value itself is depth 1), which also stops cycles.
+    for integers outside the 64-bit range, text that is not valid Unicode
+    (lone surrogates) or containers nested deeper than ``max_depth`` (the
+    value itself is depth 1), which also stops cycles. Integers take their
+    shortest form, floats are float64 (NaN and infinities half precision).
     """
-    _check(value, 1, max_depth)
-    return _dumps(value)
+    parts: list[bytes] = []
+    _encode(value, 1, max_depth, parts.append)
+    return b"".join(parts)
+
+
+def _encode(value: Any, depth: int, max_depth: int, put: Callable[[bytes], None]) -> None:
+    t = type(value)
+    if t is str:
+        b = value.encode("utf-8")
+        put(encode_head(3, len(b)))
+        put(b)
+    elif t is int:
+        if value >= 0:
+            if value > _UINT64_MAX:
+                raise ValueError(f"integer {value} is outside the 64-bit CBOR range")
+            put(encode_head(0, value))
+        else:
+            if value < _NINT64_MIN:
+                raise ValueError(f"integer {value} is outside the 64-bit CBOR range")
+            put(encode_head(1, -1 - value))
+    elif t is bytes:
+        put(encode_head(2, len(value)))
+        put(value)
+    elif value is None:
+        put(b"\xf6")
+    elif t is bool:
+        put(b"\xf5" if value else b"\xf4")
+    elif t is float:
+        put(_F64_HEAD(0xFB, value) if isfinite(value) else _NONFINITE[repr(value)])
+    elif t is list or t is tuple:
+        if depth > max_depth:
+            raise ValueError(f"value nested deeper than {max_depth}")
+        put(encode_head(4, len(value)))
+        for x in value:
+            _encode(x, depth + 1, max_depth, put)
+    elif t is dict:
+        if depth > max_depth:
+            raise ValueError(f"value nested deeper than {max_depth}")
+        put(encode_head(5, len(value)))
+        for k, x in value.items():
+            tk = type(k)
+            if tk is not str and tk is not int and tk is not bytes:
+                raise TypeError(f"map key of type {tk.__name__} cannot be encoded")
+            _encode(k, depth + 1, max_depth, put)
+            _encode(x, depth + 1, max_depth, put)
+    else:
+        raise TypeError(f"value of type {t.__name__} cannot be encoded")
 
 
 def encode_head(major: int, n: int) -> bytes:

@@ -24,7 +24,6 @@ nothing enforces is absent from that map.
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -379,6 +378,8 @@ class CmdBackend(NoneBackend):
     name = "cmd"
 
     def __init__(self, prefix: str) -> None:
+        import shlex  # only for --sandbox-cmd: the exchange imports this module
+
         self.prefix = shlex.split(prefix)
         if not self.prefix:
             raise SandboxUnavailable("--sandbox-cmd is empty")
