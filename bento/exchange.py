@@ -702,8 +702,6 @@ class Exchange:
         self.driver = Framed(launched.from_r, launched.to_w, self.max_message + 4096)
         self.pidfd = os.pidfd_open(child.pid)
         self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
-        with open(os.path.join(self.dir, "env.pid"), "w") as f:
-            f.write(f"{child.pgid}\n")
         if self.limits.wall_s is not None:
             self.wall_deadline = time.monotonic() + self.limits.wall_s
         start = {
@@ -724,9 +722,11 @@ class Exchange:
             _s, data = _loads(payload)
             self.driver.queue(protocol.encode({"t": "eof"} if data is None else {"t": "in", "data": data}))
         self.flush_driver()
+        # The function runs from here on; the bookkeeping below is off its path.
+        with open(os.path.join(self.dir, "env.pid"), "w") as f:
+            f.write(f"{child.pgid}\n")
         self.state = "running"
         self.update_reading()
-        self.save()
         self.progress_dirty = True
 
     def kill(self, reason: str, error: dict | None = None) -> None:
@@ -1098,9 +1098,6 @@ def main(argv: list[str]) -> None:
         sys.stdout.flush()
         os._exit(3)
     ex = Exchange(sdir, adopt)
-    sock = ex.listen()
-    with open(os.path.join(sdir, "exchange.pid"), "w") as f:
-        f.write(f"{os.getpid()}\n")
     if adopt:
         ex.adopt_lost()
     if not adopt and ex.exit is None:
@@ -1108,15 +1105,20 @@ def main(argv: list[str]) -> None:
             work = os.path.join(sdir, "work")
             os.makedirs(work, exist_ok=True)
             launched = launch(ex.meta, ex.meta["session"], work)
+        # First the function, then the rest: it runs while we set up the socket.
         ex.start(launched)
     elif launched is not None:
         launched.discard()
+    sock = ex.listen()
+    with open(os.path.join(sdir, "exchange.pid"), "w") as f:
+        f.write(f"{os.getpid()}\n")
     if warm_sock is not None:
         ex.use_server(warm_sock)
     else:
         sys.stdout.write(f"ready {os.getpid()}\n")
         sys.stdout.flush()
         _detach_stdio()
+    ex.save()
     try:
         ex.run()
     finally:
