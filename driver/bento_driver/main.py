@@ -49,9 +49,11 @@ class _Link:
         self.inputs: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self.replies: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self.send_lock = threading.Lock()
-        # Set once the main thread is ready to be interrupted (its set-up done):
-        # a signal that arrives with the start message waits for it.
-        self.armed = threading.Event()
+        # The main thread reads the start message itself (no thread hand-off on
+        # the way to the function's first line) and sets this when its set-up is
+        # done: only then does the reader thread read, so a signal that comes
+        # right after the start message interrupts the function, not the set-up.
+        self.go = threading.Event()
 
     def send(self, msg: dict) -> None:
         self.send_raw(cbor2.dumps(msg))
@@ -74,12 +76,24 @@ class _Link:
         del self.buf[: 4 + n]
         return msg
 
+    def first(self) -> dict | None:
+        """The start message (the reader thread waits for ``go``)."""
+        while True:
+            msg = self._parse()
+            if msg is not None:
+                return msg
+            chunk = os.read(IN_FD, 1 << 16)
+            if not chunk:
+                return None
+            self.buf += chunk
+
     def start_reader(self) -> None:
         threading.Thread(target=self._reader, name="bento-link", daemon=True).start()
 
     def _reader(self) -> None:
         main_ident = threading.main_thread().ident
         assert main_ident is not None
+        self.go.wait()
         while True:
             msg = self._parse()
             if msg is None:
@@ -97,7 +111,6 @@ class _Link:
             if t in ("in", "eof"):
                 self.inputs.put(msg)
             elif t == "signal":
-                self.armed.wait()
                 signal.pthread_kill(main_ident, SIGNALS[msg["sig"]])
             else:
                 self.replies.put(msg)
@@ -249,12 +262,12 @@ def main() -> None:
         stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     link = _Link()
     # Up first: a signal sent right after the start message must find us up.
-    # Then the reader thread (it hands over the start message like any reply)
-    # and the compiler's set-up, while this environment waits for a session.
+    # Then the reader thread and the compiler's set-up, while this environment
+    # waits for a session.
     link.send({"t": "up"})
     link.start_reader()
     _warm_up()
-    start = link.replies.get()
+    start = link.first()
     if start is None or start.get("t") != "start":
         os._exit(70)
     # The session's own settings arrive with the code: this environment may
@@ -270,7 +283,7 @@ def main() -> None:
     module.__dict__["api"] = api
     sys.modules["__bento__"] = module
     entry_name = start["entry"]
-    link.armed.set()
+    link.go.set()
     try:
         code = compile(start["code"], "<function>", "exec")
         exec(code, module.__dict__)
