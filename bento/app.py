@@ -47,7 +47,8 @@ def server_parser() -> argparse.ArgumentParser:
                    help="the most an execute may ask for (repeatable); a limit with a maximum "
                         "is always in force, at most that value")
     p.add_argument("--pool", type=int, default=2,
-                   help="fresh sandboxes kept started ahead of time for fast executes (default 2; 0 = off)")
+                   help="fresh environments kept started ahead of time for fast executes, never reused "
+                        "(bwrap and none; default 2; 0 = off)")
     p.add_argument("--node", default="node-1", help="this node's name, sent in hello")
     p.add_argument("--log-level", default="INFO")
     return p

@@ -38,7 +38,7 @@ class Config:
     out_event_bytes: int = 1024 * 1024
     default_limits: dict[str, float] = field(default_factory=dict)
     max_limits: dict[str, float] = field(default_factory=dict)
-    pool_size: int = 2  # warm sandboxes kept ready (bwrap only)
+    pool_size: int = 2  # warm environments kept ready (bwrap and none)
 
     @property
     def loopback(self) -> bool:

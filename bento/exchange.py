@@ -683,9 +683,11 @@ class Exchange:
 
     # -- the environment ----------------------------------------------------
 
-    def start(self, launched: Launched | None) -> None:
+    def start(self, launched: Launched | None, cwd: str | None = None) -> None:
         """Give the session its environment (started ahead of time, or None if
-        that failed) and send the function its code, limits and early input."""
+        that failed) and send the function its code, limits and early input.
+        ``cwd``: the directory (and HOME) the driver moves to first, for an
+        unsandboxed environment started before its session existed."""
         if launched is None or launched.error is not None:
             message = launched.error if launched is not None else "no environment"
             self.finish_exit(
@@ -711,6 +713,7 @@ class Exchange:
             "args": self.meta["args"],
             "kwargs": self.meta["kwargs"],
             "env": self.meta["env"],
+            "cwd": cwd,
             "rlimits": rlimits,
             "max_value": self.max_value,
             "max_depth": protocol.MAX_DEPTH - 4,
@@ -1101,12 +1104,19 @@ def main(argv: list[str]) -> None:
     if adopt:
         ex.adopt_lost()
     if not adopt and ex.exit is None:
+        work = os.path.join(sdir, "work")
+        cwd = None
         if launched is None:
-            work = os.path.join(sdir, "work")
             os.makedirs(work, exist_ok=True)
             launched = launch(ex.meta, ex.meta["session"], work)
+        elif ex.meta["sandbox"] != "bwrap":
+            # Unsandboxed and started ahead of time: the driver moves to the
+            # session's work dir (cwd and HOME, as if started there). A sandbox
+            # has its own tmpfs home instead.
+            os.makedirs(work, exist_ok=True)
+            cwd = work
         # First the function, then the rest: it runs while we set up the socket.
-        ex.start(launched)
+        ex.start(launched, cwd)
     elif launched is not None:
         launched.discard()
     sock = ex.listen()

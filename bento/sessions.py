@@ -232,7 +232,8 @@ class Registry:
         self.driver_path = driver_sys_path()
         self.warm: list[ExchangeLink] = []
         self.warm_wanted = trio.Event()
-        self.pool_size = config.pool_size if config.sandbox == "bwrap" else 0
+        # Not for --sandbox-cmd: its command prefix may tie a process to its cwd.
+        self.pool_size = config.pool_size if config.sandbox in ("bwrap", "none") else 0
         self.python = real_python()
 
     # -- lookup -------------------------------------------------------------
@@ -312,8 +313,9 @@ class Registry:
     # -- the warm pool: exchanges with a fresh sandbox started ahead of time ----
 
     async def pool_keeper(self) -> None:
-        """Keep ``pool_size`` warm exchanges ready (bwrap only: their sandbox's
-        working dir is its own tmpfs, so nothing ties them to a session yet)."""
+        """Keep ``pool_size`` warm exchanges ready (bwrap: the sandbox's working
+        dir is its own tmpfs; none: the driver moves to the session's work dir
+        when it starts; so nothing ties them to a session yet)."""
         while self.pool_size:
             while len(self.warm) < self.pool_size:
                 try:
@@ -358,7 +360,7 @@ class Registry:
 
     async def _assign_warm(self, s: Session) -> bool:
         """Hand the session to a warm exchange; False if none fits or is ready."""
-        if s.meta["network"] or not self.warm:
+        if (s.meta["network"] and self.config.sandbox == "bwrap") or not self.warm:
             return False
         link = self.warm.pop(0)
         self.warm_wanted.set()

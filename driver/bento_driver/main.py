@@ -272,6 +272,10 @@ def main() -> None:
         os._exit(70)
     # The session's own settings arrive with the code: this environment may
     # have been started ahead of time, before the session existed.
+    cwd = start.get("cwd")
+    if cwd:  # unsandboxed and started ahead of time: the session's own dir
+        os.chdir(cwd)
+        os.environ["HOME"] = cwd
     os.environ.update(start.get("env", {}))
     for name, (soft, hard) in start.get("rlimits", {}).items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
