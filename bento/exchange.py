@@ -859,13 +859,18 @@ class Exchange:
     def run(self) -> None:
         while not self.finished:
             now = time.monotonic()
-            timeout = 1.0
+            # No timer, no wake-up: an idle exchange sleeps until something
+            # happens (a thousand idle sessions must not cost the server's echo).
+            timeout: float | None = None
+            if self.server is None:
+                timeout = max(0.0, self.next_dir_check - now)
             running = self.child is not None and self.exit is None and self.drain_deadline is None
             cpu_check = self.next_cpu_check if self.limits.cpu_s is not None and running else None
             retry = self.retry_at if self.stalled or self.flush_blocked else None
             for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry):
                 if deadline is not None:
-                    timeout = min(timeout, max(0.0, deadline - now))
+                    left = max(0.0, deadline - now)
+                    timeout = left if timeout is None else min(timeout, left)
             for key, _mask in self.sel.select(timeout):
                 key.data(key.fileobj)
                 if self.finished:

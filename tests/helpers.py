@@ -210,7 +210,10 @@ class connect:
         self.url, self.auth, self.hello = url, auth, hello
 
     async def __aenter__(self) -> Client:
-        self._cm = open_websocket_url(self.url, max_message_size=64 * 1024 * 1024)
+        # Bounded close (trio-websocket's default is 60 s, and shielded): a client
+        # whose message queue is full cannot finish the close handshake.
+        self._cm = open_websocket_url(self.url, max_message_size=64 * 1024 * 1024,
+                                      connect_timeout=10, disconnect_timeout=5)
         ws = await self._cm.__aenter__()
         self.client = Client(ws)
         if self.hello:

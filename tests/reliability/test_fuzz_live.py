@@ -606,7 +606,9 @@ class LiveFuzz:
             gen.allow_execute = (self.stats.executed < self.max_executes
                                  and len(self.undestroyed) < 5)
             await conn.step(gen.message())
-        if not conn.closed:
+        # (A connection that never said hello - no hello drawn, and the case
+        # budget ran out at once - has nothing to sync: a ping would close it.)
+        if not conn.closed and conn.hello:
             await conn.sync()
             conn.final_check()
 

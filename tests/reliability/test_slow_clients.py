@@ -398,33 +398,45 @@ async def test_slow_reader_is_not_dropped(make_server):
     n_lines, big = 500, 200_000
     rate = 2.5 * MIN_SEND_RATE
     frames: list[list] = []
-    attaches = []  # (from, frames got, bytes/s achieved) per connection
-    with trio.fail_after(60):
-        async with connect(srv.url) as c:
-            r = await c.ok("execute", code=BACKLOG, args=[n_lines, big])
-            sid, token = r["session"], r["token"]
-            backlog: list[list] = []
-            while len(data_of(backlog)) < len(flood_text(n_lines)):  # it is all there
-                backlog += await c.frames(sid, until_exit=False, count=1)
-            while len(frames) < len(backlog) and len(attaches) < 5:
-                ws = await RawWS.open(srv.port, rcvbuf=16384)
-                try:
-                    await ws.request("hello", 0, proto=1, client="slow/1")
-                    start = frames[-1][0] + 1 if frames else 1
-                    await ws.request("attach", 1, token=token, **{"from": start})
-                    ws.rate = rate
-                    got = nbytes = 0
-                    t0 = time.monotonic()
-                    while len(frames) < len(backlog) and (raw := await ws.recv()) is not None:
-                        msg = protocol.decode(raw, max_items=10_000_000)
-                        assert msg.get("ev") == "out" and msg["session"] == sid, msg
-                        frames += msg["frames"]
-                        got += len(msg["frames"])
-                        nbytes += len(raw)
-                finally:
-                    await ws.aclose()
-                attaches.append((start, got, nbytes / (time.monotonic() - t0)))
-            await c.send({"op": "input", "session": sid, "seq": 1, "data": None})
+    backlog: list[list] = []
+    attaches: list[tuple] = []  # (from, frames got, bytes/s achieved) per connection
+    where = {"phase": "execute", "got": 0}  # said if it does not end in time
+    ws: RawWS | None = None
+    try:
+        with trio.fail_after(60):
+            async with connect(srv.url) as c:
+                r = await c.ok("execute", code=BACKLOG, args=[n_lines, big])
+                sid, token = r["session"], r["token"]
+                where["phase"] = "reading the backlog as the owner"
+                while len(data_of(backlog)) < len(flood_text(n_lines)):  # it is all there
+                    backlog += await c.frames(sid, until_exit=False, count=1)
+                while len(frames) < len(backlog) and len(attaches) < 5:
+                    where.update(phase=f"slow attach #{len(attaches) + 1}", got=0)
+                    ws = await RawWS.open(srv.port, rcvbuf=16384)
+                    try:
+                        await ws.request("hello", 0, proto=1, client="slow/1")
+                        start = frames[-1][0] + 1 if frames else 1
+                        await ws.request("attach", 1, token=token, **{"from": start})
+                        ws.rate = rate
+                        got = nbytes = 0
+                        t0 = time.monotonic()
+                        while len(frames) < len(backlog) and (raw := await ws.recv()) is not None:
+                            msg = protocol.decode(raw, max_items=10_000_000)
+                            assert msg.get("ev") == "out" and msg["session"] == sid, msg
+                            frames += msg["frames"]
+                            got += len(msg["frames"])
+                            nbytes += len(raw)
+                            where["got"] = got
+                    finally:
+                        await ws.aclose()
+                    attaches.append((start, got, nbytes / (time.monotonic() - t0)))
+                where["phase"] = "ending the function"
+                await c.send({"op": "input", "session": sid, "seq": 1, "data": None})
+    except trio.TooSlowError:
+        raise AssertionError(
+            f"slow reader: not done in 60 s, at {where}; backlog {len(backlog)} frames, read "
+            f"{len(frames)}; attaches (from, frames, B/s) {attaches}; "
+            f"closed {ws.closed if ws is not None else None}") from None
     print(f"\nslow reader: {len(attaches)} attach(es) (from, frames, bytes/s): "
           f"{[(a, b, round(x)) for a, b, x in attaches]}; {sum(len(f[2]) for f in backlog)} "
           f"bytes of frame data")
