@@ -45,6 +45,7 @@ __all__ = [
     "event",
     "gap_frame",
     "out_event",
+    "out_event_parts",
     "parse_request",
     "reply_error",
     "reply_ok",
@@ -398,7 +399,13 @@ def gap_frame(from_seq: int, to_seq: int, reason: str) -> bytes:
 
 def out_event(session: str, frames: Sequence[bytes | memoryview]) -> bytes:
     """``{"ev": "out", "session": session, "frames": [...]}`` from already-encoded frames."""
-    return b"".join((_OUT_HEAD, _text(session), _FRAMES_KEY, encode_head(4, len(frames)), *frames))
+    return b"".join(out_event_parts(session, frames))
+
+
+def out_event_parts(session: str, frames: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """``out_event`` as pieces to send one after the other: its head, then the frames
+    (no copy of them)."""
+    return [b"".join((_OUT_HEAD, _text(session), _FRAMES_KEY, encode_head(4, len(frames)))), *frames]
 
 
 # --------------------------------------------------------------------------

@@ -17,13 +17,14 @@ import logging
 import math
 import ssl
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import bento
-from bento import auth, protocol, sessionlog
+from bento import auth, protocol, sessionlog, wsfast
 from bento.config import Config
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
 from bento.store import Store
@@ -52,6 +53,7 @@ class Server:
         self.store = store
         self.keys = auth.ApiKeys(config.api_keys)
         self.guesses = auth.GuessLimiter()
+        self.said_slow_send = False
         self.peers: dict[str, int] = {}
         self.name = f"bento/{bento.__version__}"
 
@@ -113,6 +115,12 @@ class Connection:
         self.config = server.config
         self.registry = server.registry
         self.ws = ws
+        # Binary messages go out without wsproto's copies when this connection allows it.
+        why_slow = wsfast.reason_unusable(ws)
+        self.fast_send = why_slow is None
+        if why_slow is not None and not server.said_slow_send:
+            server.said_slow_send = True
+            log.info("sending through wsproto (slower): %s", why_slow)
         self.peer = peer
         self.key: str | None = None  # hash of a valid API key ('' when none are required)
         self.hello = False
@@ -126,8 +134,9 @@ class Connection:
 
     # -- sending ------------------------------------------------------------
 
-    async def send(self, data: bytes) -> None:
-        """Send one message; a client that does not take it in time is dropped.
+    async def send(self, data: bytes | Sequence[bytes | memoryview]) -> None:
+        """Send one message (bytes, or pieces that make it up); a client that
+        does not take it in time is dropped.
 
         Cancellation: a send once begun is never cancelled (it is shielded, and
         bounded by the send timeout instead): a message cut in half would leave
@@ -137,10 +146,15 @@ class Connection:
         # A client that takes at least MIN_SEND_RATE is never dropped: batches
         # are sized to go out within the send timeout at that rate, and a single
         # bigger frame gets the time it needs at that rate.
-        timeout = max(self.config.send_timeout_s, len(data) / MIN_SEND_RATE)
+        pieces = (data,) if isinstance(data, bytes) else data
+        size = sum(len(p) for p in pieces)
+        timeout = max(self.config.send_timeout_s, size / MIN_SEND_RATE)
         try:
             with trio.CancelScope(shield=True), trio.fail_after(timeout):
-                await self.ws.send_message(data)
+                if self.fast_send:
+                    await wsfast.send_binary(self.ws, pieces, size)
+                else:
+                    await self.ws.send_message(data if isinstance(data, bytes) else b"".join(pieces))
         except trio.TooSlowError:
             self.dead = True
             log.warning("dropping %s: it stopped reading", self.peer)
@@ -509,7 +523,7 @@ class Connection:
                     await self.send(protocol.error_event(s.sid, "internal", f"output log is corrupt: {exc}"))
                     return
                 if frames:
-                    await self.send(protocol.out_event(s.sid, frames))
+                    await self.send(protocol.out_event_parts(s.sid, frames))
                     att.next_seq = cursor.next_seq
                 continue
             await changed.wait()
