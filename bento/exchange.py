@@ -1124,12 +1124,16 @@ def main(argv: list[str]) -> None:
         ex.start(launched, cwd)
     elif launched is not None:
         launched.discard()
-    sock = ex.listen()
+    if warm_sock is not None:
+        # The server waits for this hello to answer the execute: say it now, and
+        # bind the socket (for a later server) afterwards.
+        ex.use_server(warm_sock)
+        sock = ex.listen()
+    else:
+        sock = ex.listen()  # the server connects as soon as it reads "ready"
     with open(os.path.join(sdir, "exchange.pid"), "w") as f:
         f.write(f"{os.getpid()}\n")
-    if warm_sock is not None:
-        ex.use_server(warm_sock)
-    else:
+    if warm_sock is None:
         sys.stdout.write(f"ready {os.getpid()}\n")
         sys.stdout.flush()
         _detach_stdio()
