@@ -60,6 +60,7 @@ DRAIN_SECONDS = 2.0
 RETRY_SECONDS = 0.5
 PIPE_BYTES = 1 << 20
 DIR_CHECK_SECONDS = 5.0
+VALUE_ROOM = 1024  # an out event carries one frame at least: room for its envelope
 SEND_TAG = b"\x01"  # a driver message that is an api.send (the others are CBOR maps)
 STATE_FLUSH_SECONDS = 0.1
 
@@ -123,18 +124,17 @@ class Framed:
 
 
 class Exchange:
-    def __init__(self, sdir: str, adopt: bool) -> None:
+    def __init__(self, sdir: str, adopt: bool, meta: dict | None = None) -> None:
         self.dir = sdir
         self.adopt = adopt
-        with open(os.path.join(sdir, "meta.cbor"), "rb") as f:
-            self.meta: dict[str, Any] = _loads(f.read())
+        self.meta: dict[str, Any] = meta if meta is not None else read_meta(sdir)
         buffer = self.meta["buffer"]
         self.max_bytes: int = buffer["max_bytes"]
         self.policy: str = buffer["policy"]
         self.limits = bento_sandbox.Limits.from_map(self.meta["limits"])
         self.max_message: int = self.meta["max_message"]
         # An out event carries one frame at least: leave room for its envelope.
-        self.max_value = self.max_message - 1024
+        self.max_value = self.max_message - VALUE_ROOM
         self.read_size = min(READ_SIZE, self.max_value - 16)  # a stdout chunk's frame fits too
         self.sel = selectors.DefaultSelector()
         self.out = sessionlog.Writer(sdir, "out", buffered=True)
@@ -683,11 +683,13 @@ class Exchange:
 
     # -- the environment ----------------------------------------------------
 
-    def start(self, launched: Launched | None, cwd: str | None = None) -> None:
+    def start(self, launched: Launched | None, cwd: str | None = None,
+              pre: Prestarted | None = None) -> None:
         """Give the session its environment (started ahead of time, or None if
         that failed) and send the function its code, limits and early input.
         ``cwd``: the directory (and HOME) the driver moves to first, for an
-        unsandboxed environment started before its session existed."""
+        unsandboxed environment started before its session existed. ``pre``:
+        the limits were applied and the start message sent already (``prestart``)."""
         if launched is None or launched.error is not None:
             message = launched.error if launched is not None else "no environment"
             self.finish_exit(
@@ -697,29 +699,16 @@ class Exchange:
             return
         assert launched.env is not None
         self.child = child = launched.env
-        self.enforced, rlimits = child.apply(self.limits)
+        if pre is None:
+            pre = prestart(launched, self.meta, cwd)
+        self.driver, self.enforced, started_at = pre
         self.pipes = {launched.out_r: "stdout", launched.err_r: "stderr"}
         for fd in self.pipes:
             self.pipe_poll.register(fd, select.POLLIN)
-        self.driver = Framed(launched.from_r, launched.to_w, self.max_message + 4096)
         self.pidfd = os.pidfd_open(child.pid)
         self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
         if self.limits.wall_s is not None:
-            self.wall_deadline = time.monotonic() + self.limits.wall_s
-        start = {
-            "t": "start",
-            "code": self.meta["code"],
-            "entry": self.meta["entry"],
-            "args": self.meta["args"],
-            "kwargs": self.meta["kwargs"],
-            "env": self.meta["env"],
-            "cwd": cwd,
-            "rlimits": rlimits,
-            "max_value": self.max_value,
-            "max_depth": protocol.MAX_DEPTH - 4,
-            "max_items": protocol.DEFAULT_MAX_ITEMS,
-        }
-        self.driver.queue(protocol.encode(start))
+            self.wall_deadline = started_at + self.limits.wall_s
         # Input accepted before the function started goes to it now, in order.
         for _seq, payload in self.inlog.records():
             _s, data = _loads(payload)
@@ -932,6 +921,41 @@ class Launched:
                 _close(fd)
 
 
+# (the driver's Framed, the limits in force, when the start message went)
+Prestarted = tuple[Framed, dict, float]
+
+
+def read_meta(sdir: str) -> dict:
+    with open(os.path.join(sdir, "meta.cbor"), "rb") as f:
+        meta: dict = _loads(f.read())
+    return meta
+
+
+def prestart(launched: Launched, meta: dict, cwd: str | None) -> Prestarted:
+    """Apply the session's limits to its environment, then send the driver its
+    start message: from here on the function runs. (For a pre-started
+    environment this comes before the exchange sets itself up, which then
+    happens while the function starts.)"""
+    assert launched.env is not None
+    enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(meta["limits"]))
+    driver = Framed(launched.from_r, launched.to_w, meta["max_message"] + 4096)
+    driver.queue(protocol.encode({
+        "t": "start",
+        "code": meta["code"],
+        "entry": meta["entry"],
+        "args": meta["args"],
+        "kwargs": meta["kwargs"],
+        "env": meta["env"],
+        "cwd": cwd,
+        "rlimits": rlimits,
+        "max_value": meta["max_message"] - VALUE_ROOM,
+        "max_depth": protocol.MAX_DEPTH - 4,
+        "max_items": protocol.DEFAULT_MAX_ITEMS,
+    }))
+    driver.flush()  # what the pipe does not take now goes when the loop runs
+    return driver, enforced, time.monotonic()
+
+
 def launch(cfg: dict, name: str, workdir: str) -> Launched:
     """Start an environment whose driver waits for its ``start`` message.
 
@@ -1105,23 +1129,27 @@ def main(argv: list[str]) -> None:
         sys.stdout.write("busy\n")
         sys.stdout.flush()
         os._exit(3)
-    ex = Exchange(sdir, adopt)
+    work = os.path.join(sdir, "work")
+    cwd = None
+    pre = meta = None
+    if launched is not None and launched.error is None:
+        # A pre-started environment and a brand-new session: the function
+        # starts first, and runs while this exchange sets itself up.
+        meta = read_meta(sdir)
+        if meta["sandbox"] != "bwrap":
+            # Unsandboxed: the driver moves to the session's work dir (cwd and
+            # HOME, as if started there). A sandbox has its own tmpfs home.
+            os.makedirs(work, exist_ok=True)
+            cwd = work
+        pre = prestart(launched, meta, cwd)
+    ex = Exchange(sdir, adopt, meta)
     if adopt:
         ex.adopt_lost()
     if not adopt and ex.exit is None:
-        work = os.path.join(sdir, "work")
-        cwd = None
         if launched is None:
             os.makedirs(work, exist_ok=True)
             launched = launch(ex.meta, ex.meta["session"], work)
-        elif ex.meta["sandbox"] != "bwrap":
-            # Unsandboxed and started ahead of time: the driver moves to the
-            # session's work dir (cwd and HOME, as if started there). A sandbox
-            # has its own tmpfs home instead.
-            os.makedirs(work, exist_ok=True)
-            cwd = work
-        # First the function, then the rest: it runs while we set up the socket.
-        ex.start(launched, cwd)
+        ex.start(launched, cwd, pre)
     elif launched is not None:
         launched.discard()
     if warm_sock is not None:
