@@ -1148,7 +1148,8 @@ def main(argv: list[str]) -> None:
     if not adopt and ex.exit is None:
         if launched is None:
             os.makedirs(work, exist_ok=True)
-            launched = launch(ex.meta, ex.meta["session"], work)
+            # (Named after this exchange too: see bento_sandbox.sweep_cgroups.)
+            launched = launch(ex.meta, f"{ex.meta['session']}-{os.getpid()}", work)
         ex.start(launched, cwd, pre)
     elif launched is not None:
         launched.discard()

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import bento_sandbox
 import cbor2
 import trio
 
@@ -37,6 +38,7 @@ log = logging.getLogger("bento.sessions")
 LEN = struct.Struct(">I")
 SPAWN_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 30.0
+CGROUP_SWEEP_S = 600.0  # and at start
 
 
 class ExchangeGone(Exception):
@@ -55,7 +57,6 @@ def _parents(*modules: Any) -> list[str]:
 def exchange_sys_path() -> list[str]:
     """Where the exchange finds bento, the sandbox backends and cbor2 (it runs with -I -S)."""
     import bento_driver
-    import bento_sandbox
 
     return _parents(bento, bento_sandbox, bento_driver, cbor2)
 
@@ -477,6 +478,16 @@ class Registry:
                 await trio.sleep(0.2 * (attempt + 1))
         log.error("session %s: unreachable; it stays registered as %s", s.sid, s.state)
 
+    async def sweep_cgroups(self) -> None:
+        """Remove the cgroups of exchanges that were killed before they could."""
+        try:
+            n = await trio.to_thread.run_sync(bento_sandbox.sweep_cgroups)
+        except OSError as exc:
+            log.warning("could not sweep leftover cgroups: %s", exc)
+            return
+        if n:
+            log.info("removed %d cgroups left by exchanges that were killed", n)
+
     async def recover(self) -> None:
         """At start: find every session on disk and reconnect to (or adopt) it."""
         for sid in self.store.session_ids():
@@ -534,7 +545,12 @@ class Registry:
             shutil.rmtree(s.dir, ignore_errors=True)
 
     async def reaper(self) -> None:
+        next_sweep = time.monotonic()
         while True:
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + CGROUP_SWEEP_S
+                await self.sweep_cgroups()
             await trio.sleep(1.0)
             now = time.monotonic()
             for s in list(self.sessions.values()):

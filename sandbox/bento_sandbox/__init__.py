@@ -167,6 +167,44 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
+def sweep_cgroups(min_age_s: float = 60.0) -> int:
+    """Remove cgroups left by exchanges that died without cleaning up (SIGKILL,
+    OOM killer); returns how many went.
+
+    An environment's cgroup is named ``<what>-<exchange pid>``, and only its
+    exchange reads it: one whose exchange is gone is removed, once it is empty
+    (``rmdir`` refuses a cgroup with processes) and ``min_age_s`` old."""
+    removed = 0
+    now = time.time()
+    for base in detect_cgroups().values():
+        try:
+            entries = list(os.scandir(base))
+        except OSError:
+            continue
+        for entry in entries:
+            owner = entry.name.rpartition("-")[2]
+            if not entry.is_dir(follow_symlinks=False) or not owner.isdigit():
+                continue
+            try:
+                if now - entry.stat().st_mtime < min_age_s or _alive(int(owner)):
+                    continue
+                os.rmdir(entry.path)
+                removed += 1
+            except OSError:
+                pass  # not empty (its processes still run), or gone already
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Cgroups:
     """One environment's cgroups, in every hierarchy that works here."""
 
