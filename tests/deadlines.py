@@ -29,7 +29,7 @@ import trio
 from helpers import LIVE
 
 TEST_DEADLINE_S = float(os.environ.get("BENTO_TEST_DEADLINE_S", "120"))
-RUN_DEADLINE_S = float(os.environ.get("BENTO_RUN_DEADLINE_S", "570"))
+RUN_DEADLINE_S = float(os.environ.get("BENTO_RUN_DEADLINE_S", "1500"))
 GRACE_S = 30.0
 
 
