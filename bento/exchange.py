@@ -45,9 +45,10 @@ if TYPE_CHECKING:
 def _loads(data: bytes) -> Any:
     """Decode CBOR written by the server or by this exchange (messages, files).
 
-    The strict decoder (no cbor2 here: the exchange stays small), with room
-    for what wraps a client's value: a little more depth and items than one
-    client message may carry, and any size."""
+    The strict decoder (no cbor2 here: the exchange stays small). A client's
+    values (input, args) travel inside as CBOR byte strings, encoded once by
+    the server and decoded by the driver, so the depth and item limits here
+    only have to hold our own messages; they are generous, the size unbounded."""
     return protocol.decode(data, max_size=1 << 62, max_depth=protocol.MAX_DEPTH + 4,
                            max_items=4 * protocol.DEFAULT_MAX_ITEMS, require_map=False)
 
@@ -133,7 +134,6 @@ class Exchange:
         self.policy: str = buffer["policy"]
         self.limits = bento_sandbox.Limits.from_map(self.meta["limits"])
         self.max_message: int = self.meta["max_message"]
-        # An out event carries one frame at least: leave room for its envelope.
         self.max_value = self.max_message - VALUE_ROOM
         self.read_size = min(READ_SIZE, self.max_value - 16)  # a stdout chunk's frame fits too
         self.sel = selectors.DefaultSelector()

@@ -16,7 +16,7 @@ from typing import Any
 
 import cbor2
 import trio
-from helpers import Client, assert_contiguous, conn, data_of
+from helpers import Client, assert_contiguous, conn, connect, data_of
 from trio_websocket import ConnectionClosed
 
 # --------------------------------------------------------------------------
@@ -312,6 +312,43 @@ async def test_valid_edge_messages_are_accepted(server):
                         await c._read_one()
                 assert c.replies.pop(1) == {"id": 1, "ok": True}, payload
             assert not c.events, c.events
+
+
+DEPTH_OF = """
+def main():
+    out = []
+    while True:
+        try:
+            v = api.recv()
+        except EOFError:
+            return out
+        d = 0
+        while isinstance(v, list) and v:
+            v, d = v[0], d + 1
+        out.append([d, v])
+"""
+
+
+async def test_deepest_and_oddest_inputs_reach_the_function(server):
+    """What the server accepts as input it re-encodes with protocol.encode (our own
+    encoder since the exchange dropped cbor2) for the exchange, which logs and
+    forwards those bytes: the deepest input (the message at depth 1, its data 31
+    lists deep), 64-bit extremes and non-finite floats arrive intact. (Checked to
+    fail when that encode allows one level less.)"""
+    deep: object = "bottom"
+    for _ in range(31):
+        deep = [deep]
+    values = [deep, [[float("inf")]], [[-0.0]], [[2**64 - 1]], [[-(2**64)]]]
+    async with connect(server.url) as c:
+        r = await c.ok("execute", code=DEPTH_OF)
+        sid = r["session"]
+        for seq, v in enumerate(values, 1):
+            await c.send({"op": "input", "session": sid, "seq": seq, "data": v})
+        await c.send({"op": "input", "session": sid, "seq": len(values) + 1, "eof": True})
+        ex = (await c.frames(sid))[-1][2]
+    assert ex["state"] == "exited", ex
+    assert ex["result"] == [[31, "bottom"], [2, float("inf")], [2, -0.0], [2, 2**64 - 1],
+                            [2, -(2**64)]], ex
 
 
 async def test_message_larger_than_max_message_closes_1009(make_server):
