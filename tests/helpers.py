@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import cbor2
 import trio
@@ -32,6 +32,60 @@ START_TIMEOUT_S = 20.0
 # Every server started and not yet stopped: the test watchdog (conftest) stops them
 # by pid before it ends a run that hung.
 LIVE: set[ServerProcess] = set()
+
+
+# -- the host's process table, read without ever blocking the test run -----------------
+#
+# psutil reads /proc/<pid>/cmdline for every process whose name is 15 characters long,
+# and a cmdline (or environ) read waits for that process's memory map lock: one stuck
+# process anywhere on the host would hang the test reading it. So: scan with
+# /proc/<pid>/stat only, and read cmdline/environ of chosen pids in a thread with a limit.
+
+
+class ProcEntry(NamedTuple):
+    pid: int
+    comm: str
+    state: str  # one letter, as in ps: R S D Z T ...
+    ppid: int
+
+
+def proc_table() -> list[ProcEntry]:
+    """Every process on the host, from ``/proc/<pid>/stat`` alone."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        head, _, rest = raw.rpartition(b")")
+        fields = rest.split()
+        if len(fields) < 2:
+            continue
+        comm = head.partition(b"(")[2].decode("utf-8", "replace")
+        out.append(ProcEntry(int(name), comm, fields[0].decode(), int(fields[1])))
+    return out
+
+
+def read_proc(pid: int, name: str, timeout: float = 2.0) -> bytes | None:
+    """``/proc/<pid>/<name>`` (cmdline, environ), or None when it is gone, unreadable,
+    or does not answer within ``timeout`` (the reader thread is then left behind)."""
+    box: list[bytes | None] = [None]
+
+    def read() -> None:
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                box[0] = f.read()
+        except OSError:
+            pass
+
+    t = threading.Thread(target=read, name=f"read-proc-{pid}-{name}", daemon=True)
+    t.start()
+    t.join(timeout)
+    return box[0] if not t.is_alive() else None
 
 
 class ServerProcess:

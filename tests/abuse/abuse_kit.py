@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import statistics
 import time
 import uuid
@@ -29,10 +30,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 import pytest
 import trio
-from helpers import Client, ServerProcess, assert_contiguous, connect, data_of
+from helpers import (
+    Client,
+    ProcEntry,
+    ServerProcess,
+    assert_contiguous,
+    connect,
+    data_of,
+    proc_table,
+)
 
 from bento import protocol
 
@@ -74,38 +82,35 @@ def prelude(tag: str) -> str:
     )
 
 
-def tagged_processes(tag: str) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose name is ``tag``."""
-    found = []
-    for p in psutil.process_iter(["name", "status"]):
-        if p.info["name"] == tag and p.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(p)
-    return found
+def tagged_processes(tag: str) -> list[ProcEntry]:
+    """Live (non-zombie) processes whose name is ``tag`` (from /proc/<pid>/stat alone:
+    see helpers.proc_table)."""
+    return [p for p in proc_table() if p.comm == tag and p.state != "Z"]
 
 
-def kill_processes(procs: list[psutil.Process]) -> None:
+def kill_processes(procs: list[ProcEntry]) -> None:
     for p in procs:
         try:
-            p.kill()
-        except psutil.NoSuchProcess:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
 
-def describe(procs: list[psutil.Process]) -> list[str]:
-    out = []
-    for p in procs:
-        try:
-            out.append(f"pid {p.pid} ppid {p.ppid()} {p.status()}")
-        except psutil.NoSuchProcess:
-            out.append(f"pid {p.pid} (gone)")
-    return out
+def describe(procs: list[ProcEntry]) -> list[str]:
+    return [f"pid {p.pid} ppid {p.ppid} state {p.state}" for p in procs]
 
 
 def pid_alive(pid: int) -> bool:
+    return any(p.pid == pid and p.state != "Z" for p in proc_table())
+
+
+def rss_of(pid: int) -> int:
+    """Resident bytes of ``pid`` (0 when gone), from /proc/<pid>/statm."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def read_pid(path: str) -> int | None:
@@ -368,7 +373,7 @@ class Abuse:
         """Wait until no tagged process is left; kill and describe the ones that stay."""
         deadline = time.monotonic() + timeout
         while True:
-            left = await trio.to_thread.run_sync(tagged_processes, self.tag)
+            left = await trio.to_thread.run_sync(tagged_processes, self.tag, abandon_on_cancel=True)
             if not left:
                 return []
             if time.monotonic() >= deadline:
@@ -414,10 +419,10 @@ def sample_every(interval: float, name: str, fn: Callable[[], Any], in_thread: b
     async def watch(done: trio.Event, watched: dict) -> None:
         values = watched.setdefault(name, [])
         while not done.is_set():
-            values.append(await trio.to_thread.run_sync(fn) if in_thread else fn())
+            values.append(await trio.to_thread.run_sync(fn, abandon_on_cancel=True) if in_thread else fn())
             with trio.move_on_after(interval):
                 await done.wait()
-        values.append(await trio.to_thread.run_sync(fn) if in_thread else fn())
+        values.append(await trio.to_thread.run_sync(fn, abandon_on_cancel=True) if in_thread else fn())
 
     return watch
 

@@ -13,7 +13,7 @@ import cbor2
 import psutil
 import pytest
 import trio
-from helpers import assert_contiguous, connect, data_of
+from helpers import assert_contiguous, connect, data_of, proc_table, read_proc
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -298,14 +298,11 @@ def _sleepers(mark: str) -> list[int]:
     """Live ``sleep 60`` processes carrying ``BENTO_TEST_MARK=mark`` in their
     environment (found from the host, whatever pid namespace they run in)."""
     out = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info["cmdline"] != ["sleep", "60"] or p.info["status"] == psutil.STATUS_ZOMBIE:
+    for p in proc_table():
+        if p.comm != "sleep" or p.state == "Z" or read_proc(p.pid, "cmdline") != b"sleep\x0060\x00":
             continue
-        try:
-            if p.environ().get("BENTO_TEST_MARK") == mark:
-                out.append(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
+        if f"BENTO_TEST_MARK={mark}".encode() in (read_proc(p.pid, "environ") or b"").split(b"\0"):
+            out.append(p.pid)
     return out
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import psutil
 import pytest
 import trio
-from helpers import Client, close_ws
+from helpers import Client, close_ws, proc_table, read_proc
 from trio_websocket import open_websocket_url
 
 SESSIONS = int(os.environ.get("BENTO_LEAK_SESSIONS", "300"))
@@ -80,8 +80,9 @@ def figures(pid: int, data_dir: str) -> Figures:
         except psutil.NoSuchProcess:
             pass
     by_data_dir = 0
-    for q in psutil.process_iter(["cmdline"]):
-        if q.pid != pid and data_dir in " ".join(q.info["cmdline"] or ()):
+    needle = data_dir.encode()
+    for q in proc_table():
+        if q.pid != pid and q.state != "Z" and needle in (read_proc(q.pid, "cmdline") or b""):
             by_data_dir += 1
     sessions = os.path.join(data_dir, "sessions")
     files = sum(len(names) for _, _, names in os.walk(data_dir))
