@@ -20,11 +20,11 @@ def small_disk(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=30)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     yield str(mnt / "data")
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
 
 
 async def test_full_disk_pauses_output_and_recovers(small_disk, make_server):
