@@ -79,6 +79,23 @@ async def ws_rtt(url: str, n: int, warmup: int = 50) -> list[float]:
     return out
 
 
+async def ws_idle_rtt(url: str, n: int, pause: float, warmup: int = 2) -> list[float]:
+    """Round trips like ``ws_rtt``, each after ``pause`` s of idleness: what one
+    hop costs when both ends start asleep (on a VM, a wake-up of an idle vCPU)."""
+    out = []
+    async with open_client(url, hello=False) as c:
+        for i in range(warmup + n):
+            await trio.sleep(pause)
+            t0 = now()
+            await c.send({"op": "echo", "data": b"x" * 16, "seq": i})
+            msg = await next_message(c)
+            dt = now() - t0
+            assert msg.get("ev") == "out"
+            if i >= warmup:
+                out.append(dt)
+    return out
+
+
 async def ws_stream(url: str, size: int, count: int) -> float:
     """Bytes/s of ``count`` out events of one ``size``-byte stdout frame each."""
     counter = StreamCount("bytes")
