@@ -64,28 +64,15 @@ class BareServer:
 # -- transport ceilings ---------------------------------------------------------
 
 
-async def ws_rtt(url: str, n: int, warmup: int = 50) -> list[float]:
-    """Round trips of a small input-like message, seconds each."""
+async def ws_rtt(url: str, n: int, warmup: int = 50, pause: float = 0.0) -> list[float]:
+    """Round trips of a small input-like message, seconds each. With ``pause``, each
+    one after that many seconds of idleness: what one hop costs when both ends
+    start asleep (on a VM, a wake-up of an idle vCPU)."""
     out = []
     async with open_client(url, hello=False) as c:
         for i in range(warmup + n):
-            t0 = now()
-            await c.send({"op": "echo", "data": b"x" * 16, "seq": i})
-            msg = await next_message(c)
-            dt = now() - t0
-            assert msg.get("ev") == "out"
-            if i >= warmup:
-                out.append(dt)
-    return out
-
-
-async def ws_idle_rtt(url: str, n: int, pause: float, warmup: int = 2) -> list[float]:
-    """Round trips like ``ws_rtt``, each after ``pause`` s of idleness: what one
-    hop costs when both ends start asleep (on a VM, a wake-up of an idle vCPU)."""
-    out = []
-    async with open_client(url, hello=False) as c:
-        for i in range(warmup + n):
-            await trio.sleep(pause)
+            if pause:
+                await trio.sleep(pause)
             t0 = now()
             await c.send({"op": "echo", "data": b"x" * 16, "seq": i})
             msg = await next_message(c)

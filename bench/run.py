@@ -234,8 +234,8 @@ class Bench:
                 xs = [x * MS for x in trio.run(chain.first_output, url, b.first_output_runs, 2,
                                                b.first_output_pause)]
                 self.rows["first_bwrap"].set(xs)
-                idle = [x * MS for x in trio.run(ceilings.ws_idle_rtt, self.bare_url(),
-                                                 b.first_output_runs, b.first_output_pause)]
+                idle = [x * MS for x in trio.run(ceilings.ws_rtt, self.bare_url(),
+                                                 b.first_output_runs, 2, b.first_output_pause)]
                 self.rows["first_bwrap"].note = (
                     f"default warm pool; one execute every ~{b.first_output_pause * MS:.0f} ms + its "
                     f"run time; a bare ws round trip after the same idle pause: p50 "
