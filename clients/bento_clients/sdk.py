@@ -286,6 +286,7 @@ class Client:
         backoff_max: float = 5.0,
         max_pending_inputs: int = 1024,
         max_message: int = 64 * 1024 * 1024,
+        max_queued_bytes: int | None = 64 * 1024 * 1024,
         ssl_context: ssl.SSLContext | None = None,
         client_name: str = CLIENT_NAME,
     ) -> None:
@@ -309,6 +310,9 @@ class Client:
         self.backoff_max = backoff_max
         self.max_pending_inputs = max_pending_inputs
         self.max_message = max_message
+        #: Output received and not read yet, per session, past which its attachment
+        #: is paused (see ``Session.paused``); None: no bound.
+        self.max_queued_bytes = max_queued_bytes
         self.client_name = client_name
         #: How many times the connection was restored after a drop.
         self.reconnects = 0
@@ -687,7 +691,7 @@ class Client:
                 if not isinstance(raw, bytes):
                     raise protocol.ProtocolError("the server sent a text message")
                 msg = protocol.decode(raw, max_size=self.max_message, max_items=_MAX_ITEMS)
-                self._dispatch(link, msg)
+                self._dispatch(link, msg, len(raw))
         except ConnectionClosed as exc:
             link.kill(_describe(exc))
         except protocol.ProtocolError as exc:
@@ -696,7 +700,7 @@ class Client:
         finally:
             link.kill("the connection closed")
 
-    def _dispatch(self, link: _Link, msg: dict[str, Any]) -> None:
+    def _dispatch(self, link: _Link, msg: dict[str, Any], size: int) -> None:
         ev = msg.get("ev")
         if ev is not None:
             sid = msg.get("session")
@@ -707,7 +711,7 @@ class Client:
                                 f" for session {sid}" if sid else "", msg.get("error"))
                 return
             try:
-                s._on_event(ev, msg)
+                s._on_event(ev, msg, size)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("bento: malformed %r event for %s ignored: %s", ev, sid, exc)
             return
@@ -749,14 +753,14 @@ class Client:
             if s._finished():
                 self._sessions.pop(s.id, None)
                 continue
+            if s._paused:
+                s._link = link  # attached again when its reader catches up (_resume)
+                continue
             reply = await s._reattach(link)
             if reply.get("ok"):
                 sessions.append(s)
                 continue
-            err = RequestFailed.from_reply(reply.get("error"), "attach")
-            self._sessions.pop(s.id, None)
-            s._end_with(SessionGone(f"session {s.id} is gone: {err.message}") if isinstance(err, NotFound)
-                        else err)
+            s._attach_refused(reply)
         resent = 0
         for s in sessions:
             await s._send_ack()
@@ -822,6 +826,18 @@ class Session:
         self._ack_target = from_seq - 1 if auto_ack else 0
         self._out = OutputTracker(from_seq)
         self._queue: deque[Frame] = deque()
+        self._sizes: deque[int] = deque()  # (estimated) wire bytes of each queued frame
+        self._queued_bytes = 0
+        #: Paused: more than ``max_queued_bytes`` were waiting to be read, so this
+        #: client detached on the server, and drops what still arrives; it attaches
+        #: again from the seq after the last one held once the queue is read down
+        #: to half. Meanwhile the session's buffer policy applies on the server
+        #: (block: the function waits; drop_oldest: a gap), acks and input wait here.
+        self._paused = False
+        self._pause_done: trio.Event | None = None
+        self._resuming = False
+        self.pauses = 0
+        self.refetched = 0  # frames that arrived while paused: asked for again later
         self._handed = from_seq - 1
         self._ack_sent = 0
         self._exit: Exit | None = None
@@ -864,7 +880,9 @@ class Session:
     def statistics(self) -> dict[str, int]:
         """Counters: frames queued (not yet read), duplicates dropped, holes seen,
         inputs pending (sent, not yet acknowledged)."""
-        return {"queued": len(self._queue), "duplicates": self._out.duplicates,
+        return {"queued": len(self._queue), "queued_bytes": self._queued_bytes, "pauses": self.pauses,
+                "refetched": self.refetched,
+                "duplicates": self._out.duplicates,
                 "holes": self._out.holes, "inputs_pending": len(self._inputs),
                 "held_seq": self._out.held, "read_seq": self._handed}
 
@@ -887,7 +905,9 @@ class Session:
         while True:
             if self._queue:
                 frame = self._queue.popleft()
+                self._queued_bytes -= self._sizes.popleft()
                 self._handed = frame.seq
+                self._maybe_resume()
                 return frame
             if self._exit is not None and self._handed >= self._exit.seq:
                 return None
@@ -920,6 +940,9 @@ class Session:
             if self._queue:
                 self._handed = self._queue[-1].seq
                 self._queue.clear()
+                self._sizes.clear()
+                self._queued_bytes = 0
+                self._maybe_resume()
                 await self._send_ack()
                 continue
             frame = await self._next_frame()
@@ -929,6 +952,7 @@ class Session:
                 await self._send_ack()
                 break
             self._queue.appendleft(frame)
+            self._sizes.appendleft(0)
         assert self._exit is not None
         err = remote_error(self._exit.data())
         if err is not None:
@@ -994,7 +1018,7 @@ class Session:
         sent = 0
         async with self._input_lock:
             link = self._link
-            if link is None or self.mode != "rw":
+            if link is None or self.mode != "rw" or self._paused:
                 return 0
             for seq, item in self._inputs.unsent(self._sent_upto):
                 msg: dict[str, Any] = {"op": "input", "session": self.id, "seq": seq}
@@ -1030,7 +1054,7 @@ class Session:
             self._ack_target = max(self._ack_target, self._handed)
         seq = self._ack_target
         link = self._link
-        if self.mode != "rw" or link is None or seq <= self._ack_sent:
+        if self.mode != "rw" or link is None or seq <= self._ack_sent or self._paused:
             return
         try:
             await link.send({"op": "ack", "session": self.id, "seq": seq})
@@ -1057,8 +1081,14 @@ class Session:
         self._ack_sent = 0
         self._changed.notify()
 
-    def _on_event(self, ev: str, msg: dict[str, Any]) -> None:
+    def _on_event(self, ev: str, msg: dict[str, Any], size: int = 0) -> None:
         if ev == "out":
+            if self._paused:
+                # Sent before the server had our detach: dropped here, not held, and
+                # asked for again (from the seq after the last one held) on resume.
+                self.refetched += len(msg["frames"])
+                return
+            each = max(1, size // max(1, len(msg["frames"])))
             for wire in msg["frames"]:
                 try:
                     seq, ch, data = wire
@@ -1068,9 +1098,12 @@ class Session:
                     continue
                 for frame in frames:
                     self._queue.append(frame)
+                    self._sizes.append(each)
+                    self._queued_bytes += each
                     if isinstance(frame, Exit):
                         self._exit = frame
                         self._input_gone = True
+            self._maybe_pause()
         elif ev == "in_ack":
             seq = msg["seq"]
             if type(seq) is int and self._inputs.ack(seq) and self.input_journal is not None:
@@ -1089,7 +1122,7 @@ class Session:
             # attachment (destroyed, or its life ended). Find out which.
             if code == "gone":
                 self._input_gone = True
-            if self._exit is None and not self._rechecking and self._client._nursery is not None:
+            if self._exit is None and not self._rechecking and not self._paused and self._client._nursery is not None:
                 self._rechecking = True
                 self._client._nursery.start_soon(self._recheck, code == "not_found")
         elif code == "input_gap":
@@ -1100,6 +1133,63 @@ class Session:
                 self._client._nursery.start_soon(self._resend_later, 0.5)
         else:
             log.warning("bento: session %s: error from the server: %s", self.id, error)
+
+    # -- flow control: a reader that falls behind pauses its attachment ----------
+
+    def _maybe_pause(self) -> None:
+        limit = self._client.max_queued_bytes
+        if (limit is None or self._paused or self._queued_bytes <= limit or self._exit is not None
+                or self._link is None or self._client._nursery is None):
+            return
+        self._paused = True
+        self.pauses += 1
+        self._pause_done = trio.Event()
+        log.info("bento: session %s: %d bytes not read yet; paused until read", self.id, self._queued_bytes)
+        self._client._nursery.start_soon(self._detach_for_pause, self._link, self._pause_done)
+
+    async def _detach_for_pause(self, link: _Link, done: trio.Event) -> None:
+        try:
+            await self._client._request_on(link, "detach", {"session": self.id})
+        except _LinkDied:
+            pass  # a closed connection detaches too
+        finally:
+            done.set()
+
+    def _maybe_resume(self) -> None:
+        limit = self._client.max_queued_bytes
+        if (not self._paused or self._resuming or self._client._nursery is None
+                or (limit is not None and self._queued_bytes > limit // 2)):
+            return
+        self._resuming = True
+        self._client._nursery.start_soon(self._resume)
+
+    async def _resume(self) -> None:
+        """Attach again from the seq after the last one held (once the pause's
+        detach is answered); then the acks and input held meanwhile go out."""
+        try:
+            if self._pause_done is not None:
+                await self._pause_done.wait()
+            while self._client._sessions.get(self.id) is self and self._end is None:
+                link = self._link
+                if link is None or link.dead.is_set():
+                    link = await self._client._live_link()
+                    self._link = link
+                try:
+                    reply = await self._reattach(link)
+                except _LinkDied:
+                    continue  # the next link, once the client has reconnected
+                if not reply.get("ok"):
+                    self._attach_refused(reply)
+                    return
+                self._paused = False
+                await self._send_ack()
+                await self._flush_input()
+                return
+        except BentoError as exc:  # the client gave up: every reader sees it anyway
+            log.info("bento: session %s: not resumed: %s", self.id, exc)
+        finally:
+            self._resuming = False
+            self._changed.notify()
 
     async def _recheck(self, reattach: bool) -> None:
         """The session is gone (SessionGone), or our attachment is: attach again."""
@@ -1126,6 +1216,14 @@ class Session:
 
         return await self._client._request_on(
             link, "attach", {"token": self._attach_token, "from": self._out.held + 1}, on_reply)
+
+    def _attach_refused(self, reply: dict[str, Any]) -> None:
+        """Attaching again was refused: the session ends with the reason."""
+        err = RequestFailed.from_reply(reply.get("error"), "attach")
+        if self._client._sessions.get(self.id) is self:
+            del self._client._sessions[self.id]
+        self._end_with(SessionGone(f"session {self.id} is gone: {err.message}") if isinstance(err, NotFound)
+                       else err)
 
     def _end_with(self, error: BentoError) -> None:
         if self._exit is None:
@@ -1195,7 +1293,9 @@ async def connect(
     ``reconnect_timeout`` seconds; each drop and each reconnect is logged at
     WARNING on the ``bento.client`` logger. Other options: ``ping_interval``,
     ``ping_timeout``, ``backoff_base``, ``backoff_max``,
-    ``max_pending_inputs``, ``max_message``, ``ssl_context``, ``client_name``.
+    ``max_pending_inputs``, ``max_message``, ``max_queued_bytes`` (unread output
+    per session past which its attachment pauses until read; see docs/sdk.md),
+    ``ssl_context``, ``client_name``.
 
     Leaving the block acknowledges the frames read, closes the connection and
     detaches every session; the functions keep running.

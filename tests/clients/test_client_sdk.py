@@ -275,3 +275,72 @@ def test_import_bento_stays_cheap_and_names_agree():
          "assert bento.connect and bento.sync.connect and bento.Stdout; print('ok')"],
         capture_output=True, timeout=60)
     assert out.stdout.strip() == b"ok", out.stderr
+
+
+# -- a reader that falls behind: the client's queue stays bounded ---------------------
+
+CHATTY = """
+def main(mib):
+    block = b"y" * 65535 + b"\\n"
+    for _ in range(mib * 16):
+        print(block.decode(), end="", flush=True)
+    got = []
+    for _ in range(3):
+        got.append(api.recv())
+    return got
+"""
+
+BOUND = 1 << 20
+# The out event that crosses the bound is held whole (the server's are ~1 MiB).
+LAST_EVENT = 2 << 20
+
+
+async def _idle_while_it_writes(s, seconds: float) -> int:
+    """Read nothing for ``seconds`` (or until the function waits for input);
+    return the most bytes the client held unread meanwhile."""
+    most = 0
+    with trio.move_on_after(seconds):
+        while True:
+            most = max(most, s.statistics()["queued_bytes"])
+            await trio.sleep(0.005)
+    return most
+
+
+async def test_slow_reader_pauses_instead_of_buffering_everything(server):
+    """block policy: past max_queued_bytes the client detaches and the function waits
+    on the server; input sent meanwhile is held; once read down, the client attaches
+    again from the next seq: every byte exactly once, every input exactly once."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with bento.connect(server.url, max_queued_bytes=BOUND) as c:
+            s = await c.execute(CHATTY, 48, buffer={"policy": "block", "max_bytes": 32 << 20})
+            most = await _idle_while_it_writes(s, 2.0)
+            for i in range(3):
+                await s.send(f"in{i}")
+            frames = [f async for f in s.output()]
+            assert await s.result() == ["in0", "in1", "in2"]
+            stats = s.statistics()
+        assert most <= BOUND + LAST_EVENT, most
+        assert stats["pauses"] >= 1, stats
+        assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+        assert not [f for f in frames if isinstance(f, Gap)]
+        out = b"".join(f.data for f in frames if isinstance(f, Stdout))
+        assert len(out) == 48 << 20 and out.count(b"\n") == 48 * 16
+
+
+async def test_slow_reader_with_drop_oldest_sees_gaps_not_unbounded_memory(server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with bento.connect(server.url, max_queued_bytes=BOUND) as c:
+            s = await c.execute(CHATTY, 48, buffer={"policy": "drop_oldest", "max_bytes": 8 << 20})
+            most = await _idle_while_it_writes(s, 2.0)
+            for i in range(3):
+                await s.send(i)
+            frames = [f async for f in s.output()]
+            assert await s.result() == [0, 1, 2]
+        assert most <= BOUND + LAST_EVENT, most
+        # Every seq accounted for, once: a frame or inside exactly one gap.
+        seen = []
+        for f in frames:
+            seen += list(range(f.from_seq, f.to_seq + 1)) if isinstance(f, Gap) else [f.seq]
+        assert seen == list(range(1, frames[-1].seq + 1))
+        assert [f for f in frames if isinstance(f, Gap)], "the server dropped nothing?"
+        assert isinstance(frames[-1], Exit)
