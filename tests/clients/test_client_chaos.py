@@ -179,3 +179,58 @@ async def test_unsafe_request_in_flight_fails_clearly(server, op):
                 assert st["session"] == s.id
                 await s.destroy()
             outer.cancel_scope.cancel()
+
+
+# Writes numbered 32 KiB lines, as fast as it may, then takes three inputs.
+PAGES = """
+def main(n):
+    pad = "p" * (32 * 1024 - 16)
+    for i in range(n):
+        print(f"{i:>10} {pad}", flush=True)
+    return [api.recv() for _ in range(3)]
+"""
+
+
+async def test_pauses_and_cuts_exactly_once(server):
+    """A slow reader with a small max_queued_bytes pauses and resumes again and again
+    while the transport is cut: every line exactly once, in order, and every input
+    (sent while paused, some while cut) exactly once."""
+    with trio.fail_after(90):
+        rng = random.Random(20261123)
+        n_lines = 512  # 16 MiB
+        async with trio.open_nursery() as outer:
+            proxy = Proxy(server.port)
+            await outer.start(proxy.run)
+            url = f"ws://127.0.0.1:{proxy.port}/v1"
+            async with bento.connect(url, reconnect_timeout=20, backoff_base=0.01, backoff_max=0.1,
+                                     max_queued_bytes=256 * 1024) as c:
+                s = await c.execute(PAGES, n_lines, buffer={"policy": "block", "max_bytes": 4 << 20})
+                cuts = 0
+                most = 0
+
+                async def cutter() -> None:
+                    nonlocal cuts
+                    for _ in range(12):
+                        await trio.sleep(rng.uniform(0.05, 0.25))
+                        cuts += proxy.cut() > 0
+
+                frames = []
+                async with trio.open_nursery() as n:
+                    n.start_soon(cutter)
+                    for i in range(3):
+                        await s.send(i)
+                    async for frame in s.output():
+                        frames.append(frame)
+                        most = max(most, s.statistics()["queued_bytes"])
+                        if rng.random() < 0.05:
+                            await trio.sleep(0.01)  # a reader that falls behind now and then
+                assert await s.result() == [0, 1, 2]
+                stats = s.statistics()
+            outer.cancel_scope.cancel()
+        assert cuts >= 5 and stats["pauses"] >= 3, (cuts, stats)
+        assert most <= 256 * 1024 + (2 << 20), most
+        assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+        assert not [f for f in frames if isinstance(f, Gap)]
+        lines = b"".join(f.data for f in frames if isinstance(f, Stdout)).split(b"\n")
+        assert lines[-1] == b"" and [int(x.split()[0]) for x in lines[:-1]] == list(range(n_lines))
+        assert isinstance(frames[-1], Exit)
