@@ -916,6 +916,7 @@ class Session:
             if self._detached:
                 return None
             self._client._check_lost()
+            self._maybe_resume()  # (paused again while a resume was on its way)
             await self._changed.wait()
 
     async def result(self) -> Any:
@@ -1073,6 +1074,9 @@ class Session:
     # -- events from the reader (synchronous) -------------------------------------
 
     def _attached(self, link: _Link, reply: dict[str, Any]) -> None:
+        # Attached (again): not paused from here on. Set here, in the reader, so that
+        # the frames right behind this reply are taken, not dropped as if paused.
+        self._paused = False
         self._link = link
         self.mode = str(reply.get("mode", self.mode))
         accepted = reply.get("input_seq", 0)
@@ -1157,7 +1161,8 @@ class Session:
 
     def _maybe_resume(self) -> None:
         limit = self._client.max_queued_bytes
-        if (not self._paused or self._resuming or self._client._nursery is None
+        if (not self._paused or self._resuming or self._client._nursery is None or self._end is not None
+                or self._client._lost is not None or self._client._sessions.get(self.id) is not self
                 or (limit is not None and self._queued_bytes > limit // 2)):
             return
         self._resuming = True
@@ -1181,14 +1186,14 @@ class Session:
                 if not reply.get("ok"):
                     self._attach_refused(reply)
                     return
-                self._paused = False
-                await self._send_ack()
+                await self._send_ack()  # (_attached ended the pause)
                 await self._flush_input()
                 return
         except BentoError as exc:  # the client gave up: every reader sees it anyway
             log.info("bento: session %s: not resumed: %s", self.id, exc)
         finally:
             self._resuming = False
+            self._maybe_resume()  # paused again meanwhile, and already read down
             self._changed.notify()
 
     async def _recheck(self, reattach: bool) -> None:

@@ -344,3 +344,30 @@ async def test_slow_reader_with_drop_oldest_sees_gaps_not_unbounded_memory(serve
         assert seen == list(range(1, frames[-1].seq + 1))
         assert [f for f in frames if isinstance(f, Gap)], "the server dropped nothing?"
         assert isinstance(frames[-1], Exit)
+
+
+SMALL_PAGES = """
+def main(n):
+    pad = "p" * (16 * 1024 - 16)
+    for i in range(n):
+        print(f"{i:>10} {pad}", flush=True)
+"""
+
+
+async def test_many_pauses_in_a_row_lose_and_repeat_nothing(server):
+    """A bound of two pages: the session pauses and resumes dozens of times; the
+    frames right behind each re-attach reply are taken (the pause ends in the
+    reader, with the reply), so no hole, gap or duplicate appears."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with bento.connect(server.url, max_queued_bytes=32 * 1024) as c:
+            s = await c.execute(SMALL_PAGES, 2048)
+            frames = []
+            async for frame in s.output():
+                frames.append(frame)
+                if len(frames) % 7 == 0:
+                    await trio.sleep(0.001)
+            stats = s.statistics()
+        assert stats["pauses"] >= 10 and stats["duplicates"] == 0 and stats["holes"] == 0, stats
+        assert not [f for f in frames if isinstance(f, Gap)]
+        lines = b"".join(f.data for f in frames if isinstance(f, Stdout)).split(b"\n")
+        assert [int(x.split()[0]) for x in lines[:-1]] == list(range(2048))
