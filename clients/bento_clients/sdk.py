@@ -311,7 +311,7 @@ class Client:
         self.max_pending_inputs = max_pending_inputs
         self.max_message = max_message
         #: Output received and not read yet, per session, past which its attachment
-        #: is paused (see ``Session.paused``); None: no bound.
+        #: is paused (see ``Session.paused`` and docs/sdk.md); None: no bound.
         self.max_queued_bytes = max_queued_bytes
         self.client_name = client_name
         #: How many times the connection was restored after a drop.
@@ -871,6 +871,13 @@ class Session:
     def exit(self) -> Exit | None:
         """The ``Exit`` frame once it has arrived (even if not read yet)."""
         return self._exit
+
+    @property
+    def paused(self) -> bool:
+        """True while this session's attachment is paused because more than the
+        client's ``max_queued_bytes`` of its output waited to be read; it attaches
+        again by itself once that is read down to half."""
+        return self._paused
 
     @property
     def queued(self) -> int:

@@ -232,6 +232,14 @@ class SyncSession:
     def shared_state(self) -> tuple[int, Any] | None:
         return self._session.shared_state
 
+    @property
+    def paused(self) -> bool:
+        return self._session.paused
+
+    def statistics(self) -> dict[str, int]:
+        """``sdk.Session.statistics``, read in the client's thread."""
+        return self._client._call_sync(self._session.statistics)
+
     def output(self, timeout: float | None = None) -> Iterator[Frame]:
         """The frames, in order, each once (see ``sdk.Session.output``). ``timeout``
         bounds the wait for each frame (``TimeoutError``)."""

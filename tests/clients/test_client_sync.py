@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from bento_clients.frames import Exit, Stdout
@@ -132,3 +133,17 @@ def test_reattach_from_another_process_with_only_the_token(server, tmp_path):
     assert b.returncode == 0, b.stderr
     got = json.loads(b.stdout)
     assert got == {"out": "line 0\nline 1\nline 2\nline 3\n", "result": ["from B"], "mode": "rw"}
+
+
+def test_blocking_facade_pauses_a_session_it_does_not_read(server):
+    code = "def main():\n    for i in range(400):\n        print(f'{i:>8}' + 'z' * 16000, flush=True)\n"
+    with bento.sync.connect(server.url, call_timeout=30, max_queued_bytes=256 * 1024) as c:
+        s = c.execute(code)
+        time.sleep(1.0)  # not read meanwhile: 6 MB arrive, the session pauses at 256 KiB
+        assert s.statistics()["queued_bytes"] <= 256 * 1024 + (2 << 20)
+        frames = list(s.output(timeout=20))
+        stats = s.statistics()
+        assert not s.paused
+    assert stats["pauses"] >= 1 and stats["duplicates"] == 0, stats
+    lines = b"".join(f.data for f in frames if isinstance(f, Stdout)).split(b"\n")
+    assert [int(x[:8]) for x in lines[:-1]] == list(range(400))
