@@ -49,25 +49,26 @@ class ProcEntry(NamedTuple):
     ppid: int
 
 
+def proc_entry(pid: int | str) -> ProcEntry | None:
+    """One process from ``/proc/<pid>/stat`` alone; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    head, _, rest = raw.rpartition(b")")
+    fields = rest.split()
+    if len(fields) < 2:
+        return None
+    comm = head.partition(b"(")[2].decode("utf-8", "replace")
+    return ProcEntry(int(pid), comm, fields[0].decode(), int(fields[1]))
+
+
 def proc_table() -> list[ProcEntry]:
-    """Every process on the host, from ``/proc/<pid>/stat`` alone."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue  # gone meanwhile
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        head, _, rest = raw.rpartition(b")")
-        fields = rest.split()
-        if len(fields) < 2:
-            continue
-        comm = head.partition(b"(")[2].decode("utf-8", "replace")
-        out.append(ProcEntry(int(name), comm, fields[0].decode(), int(fields[1])))
-    return out
+    """Every process on the host (see ``proc_entry``)."""
+    entries = (proc_entry(name) for name in os.listdir("/proc") if name.isdigit())
+    return [e for e in entries if e is not None]
 
 
 def read_proc(pid: int, name: str, timeout: float = 2.0) -> bytes | None:

@@ -39,6 +39,7 @@ from helpers import (
     assert_contiguous,
     connect,
     data_of,
+    proc_entry,
     proc_table,
 )
 
@@ -101,7 +102,8 @@ def describe(procs: list[ProcEntry]) -> list[str]:
 
 
 def pid_alive(pid: int) -> bool:
-    return any(p.pid == pid and p.state != "Z" for p in proc_table())
+    entry = proc_entry(pid)
+    return entry is not None and entry.state != "Z"
 
 
 def rss_of(pid: int) -> int:

@@ -178,12 +178,14 @@ async def test_read_etc_shadow(abuse):
         assert digest not in out.everything()
 
 
-# Walks the given host paths (and the same paths through every /proc/<pid>/root and
-# cwd it can see), reading every file it can, and prints whatever it read.
+# Walks the given host paths (and, with through_proc, the same paths through every
+# /proc/<pid>/root and cwd it can see), reading every file it can, and prints
+# whatever it read. Unsandboxed it is run without through_proc: there those are the
+# host's processes, and a path through the root of one whose file system hangs
+# would hang the attack in the kernel; the direct paths show enough.
 SNOOP = '''
 import os, stat, time
 DEADLINE = time.monotonic() + 10  # the report must come back well within the test's timeout
-THROUGH_PROC = True
 
 def grab(path, found):
     # Regular files only, opened without blocking: a FIFO or a device on the way
@@ -213,10 +215,10 @@ def snoop(path, found, budget):
     except OSError:
         pass
 
-def main(paths):
+def main(paths, through_proc):
     found, budget = {}, [500]
     bases = [""]
-    for pid in os.listdir("/proc")[:200] if THROUGH_PROC else ():
+    for pid in os.listdir("/proc")[:200] if through_proc else ():
         if pid.isdigit() and int(pid) != os.getpid():
             bases += [f"/proc/{pid}/root", f"/proc/{pid}/cwd"]
     exists = {}
@@ -233,18 +235,10 @@ def main(paths):
 '''
 
 
-def snoop_code(abuse) -> str:
-    """SNOOP for this backend. Unsandboxed, it does not go through /proc/<pid>/root:
-    there those are the host's processes, and a path through the root of one whose
-    file system hangs (a FUSE mount on a CI host) would hang the attack in the kernel.
-    The direct paths are enough to show that a plain process reads them."""
-    return SNOOP if abuse.sandboxed else SNOOP.replace("THROUGH_PROC = True", "THROUGH_PROC = False")
-
-
 @backends(none="xfail", reason="a plain process reads the server's data dir")
 async def test_read_the_server_data_dir(abuse):
     data_dir = abuse.server.data_dir
-    out = await abuse.run(snoop_code(abuse), args=[[data_dir, abuse.data_canary_path]])
+    out = await abuse.run(SNOOP, args=[[data_dir, abuse.data_canary_path], abuse.sandboxed])
     rep = out.returned()
     assert abuse.canary not in out.everything(), "the data dir canary leaked"
     assert rep["exists"] == [], rep
@@ -264,8 +258,9 @@ async def test_read_another_session_log(abuse):
         await c.send({"op": "input", "session": rep["session"], "seq": 1,
                       "data": [health.session_dir, os.path.join(home, "canary.txt")]})
 
-    code = snoop_code(abuse).replace("def main(paths):", "def main():\n    paths = api.recv()")
-    out = await abuse.run(code, after_start=snoop_health)
+    code = SNOOP.replace("def main(paths, through_proc):", "def main(through_proc):\n    paths = api.recv()")
+    assert code != SNOOP
+    out = await abuse.run(code, args=[abuse.sandboxed], after_start=snoop_health)
     rep = out.returned()
     assert health is not None and os.path.isdir(health.session_dir)
     # The log on the host really holds the canary (else this test proves nothing).
