@@ -825,8 +825,7 @@ class Session:
         self.auto_ack = auto_ack
         self._ack_target = from_seq - 1 if auto_ack else 0
         self._out = OutputTracker(from_seq)
-        self._queue: deque[Frame] = deque()
-        self._sizes: deque[int] = deque()  # (estimated) wire bytes of each queued frame
+        self._queue: deque[tuple[Frame, int]] = deque()  # each with its (estimated) wire bytes
         self._queued_bytes = 0
         #: Paused: more than ``max_queued_bytes`` were waiting to be read, so this
         #: client detached on the server, and drops what still arrives; it attaches
@@ -911,8 +910,8 @@ class Session:
     async def _next_frame(self) -> Frame | None:
         while True:
             if self._queue:
-                frame = self._queue.popleft()
-                self._queued_bytes -= self._sizes.popleft()
+                frame, size = self._queue.popleft()
+                self._queued_bytes -= size
                 self._handed = frame.seq
                 self._maybe_resume()
                 return frame
@@ -946,9 +945,8 @@ class Session:
                 await self._changed.wait()
                 continue
             if self._queue:
-                self._handed = self._queue[-1].seq
+                self._handed = self._queue[-1][0].seq
                 self._queue.clear()
-                self._sizes.clear()
                 self._queued_bytes = 0
                 self._maybe_resume()
                 await self._send_ack()
@@ -959,8 +957,7 @@ class Session:
                     raise BentoError(f"session {self.id} was detached before it ended")
                 await self._send_ack()
                 break
-            self._queue.appendleft(frame)
-            self._sizes.appendleft(0)
+            await self._send_ack()  # dropped, as the user asked for the result only
         assert self._exit is not None
         err = remote_error(self._exit.data())
         if err is not None:
@@ -1108,8 +1105,7 @@ class Session:
                     log.error("bento: session %s: malformed frame ignored: %s", self.id, exc)
                     continue
                 for frame in frames:
-                    self._queue.append(frame)
-                    self._sizes.append(each)
+                    self._queue.append((frame, each))
                     self._queued_bytes += each
                     if isinstance(frame, Exit):
                         self._exit = frame

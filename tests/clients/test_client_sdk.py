@@ -371,3 +371,22 @@ async def test_many_pauses_in_a_row_lose_and_repeat_nothing(server):
         assert not [f for f in frames if isinstance(f, Gap)]
         lines = b"".join(f.data for f in frames if isinstance(f, Stdout)).split(b"\n")
         assert [int(x.split()[0]) for x in lines[:-1]] == list(range(2048))
+
+
+async def test_a_viewer_that_falls_behind_pauses_and_resumes_exactly(server):
+    """A viewer acks nothing and sends nothing: its pause and resume rest on the
+    re-attach alone. The owner does not read either, so the server keeps every frame."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with bento.connect(server.url) as owner, \
+                bento.connect(server.url, max_queued_bytes=256 * 1024) as watcher:
+            s = await owner.execute(SMALL_PAGES, 512)
+            v = await watcher.attach(s.viewer_token)
+            await trio.sleep(1.0)  # 8 MiB written; the viewer holds one bound's worth
+            assert v.statistics()["queued_bytes"] <= 256 * 1024 + (2 << 20)
+            frames = [f async for f in v.output()]
+            stats = v.statistics()
+            await s.destroy()
+        assert v.mode == "ro" and stats["pauses"] >= 1 and stats["duplicates"] == 0, stats
+        assert not [f for f in frames if isinstance(f, Gap)]
+        lines = b"".join(f.data for f in frames if isinstance(f, Stdout)).split(b"\n")
+        assert [int(x.split()[0]) for x in lines[:-1]] == list(range(512))
