@@ -128,10 +128,12 @@ class Writer:
         self.dirpath = dirpath
         self.prefix = prefix
         self.segment_bytes = segment_bytes
-        # Buffered: records wait in memory until flush() (one write per batch);
-        # ``flushed_next`` is then the first seq not yet on disk.
+        # Buffered: records wait in memory until the owner calls flush() (one
+        # write per batch; an append never raises for the disk); ``flushed_next``
+        # is then the first seq not yet on disk.
         self.buffered = buffered
         self.pending = bytearray()
+        self.pending_ends: list[int] = []  # where each pending record ends in ``pending``
         self.segments = list_segments(dirpath, prefix)
         self.fd = -1
         self.size = 0
@@ -175,23 +177,34 @@ class Writer:
         self.pending += HEAD.pack(length, seq, crc)
         for part in parts:
             self.pending += part
+        self.pending_ends.append(len(self.pending))
         self.next_seq = seq + 1
-        if not self.buffered or len(self.pending) >= READ_CHUNK:
+        if not self.buffered:
             self.flush()
 
     def flush(self) -> None:
-        """Write what is pending. On an error (a full disk) nothing of it counts:
-        a partial write is taken back, and the records stay pending for a retry."""
+        """Write what is pending. On an error (a full disk) the whole records
+        written count, a partial one is taken back, and the rest stays pending
+        for a retry (so a full disk holds what fits, to the record)."""
         if not self.pending:
             return
-        data, self.pending = self.pending, bytearray()
+        data, ends = self.pending, self.pending_ends
+        self.pending, self.pending_ends = bytearray(), []
+        done = 0
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view):]
+            with memoryview(data) as view:
+                while done < len(data):
+                    done += os.write(self.fd, view[done:])
         except OSError:
-            os.ftruncate(self.fd, self.size)
-            self.pending = data + self.pending
+            whole = 0
+            while whole < len(ends) and ends[whole] <= done:
+                whole += 1
+            keep = ends[whole - 1] if whole else 0
+            os.ftruncate(self.fd, self.size + keep)
+            self.size += keep
+            self.flushed_next += whole
+            self.pending = data[keep:]
+            self.pending_ends = [end - keep for end in ends[whole:]]
             raise
         self.size += len(data)
         self.flushed_next = self.next_seq
