@@ -472,7 +472,7 @@ class Connection:
 
     async def worker(self, att: Attachment) -> None:
         s = att.session
-        cursor = sessionlog.Cursor(s.dir, "out", att.next_seq)
+        cursor = sessionlog.Cursor(s.dir, "out", att.next_seq, verify=s.check_log)
         try:
             with att.cancel:
                 await self._pump(att, s, cursor)

@@ -173,6 +173,12 @@ class Session:
         self.idle_since = time.monotonic()
         self.removed = False
         self.ack_sent = 0
+        # Check the output log's checksums when reading it: True for a session
+        # found on disk at start (a crash may have damaged what it wrote
+        # before); False for one this process created, whose every record was
+        # announced by its exchange after the write returned, while this
+        # process ran (a crash that could damage them would end it too).
+        self.check_log = True
 
     def update(self, msg: dict) -> None:
         for key in ("state", "next_seq", "first_seq", "acked_seq", "input_seq", "buffer_bytes",
@@ -300,6 +306,7 @@ class Registry:
             log.error("session %s: cannot be created: %s", sid, exc)
             raise protocol.RequestError("internal", f"cannot create the session: {exc.strerror}") from None
         s = Session(sid, sdir, meta)
+        s.check_log = False
         try:
             if not await self._assign_warm(s):
                 await self._spawn(sdir, adopt=False)

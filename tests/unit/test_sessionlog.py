@@ -1,4 +1,4 @@
-"""The output log: its writer on a full disk."""
+"""The output log's reader: what it checks with and without checksums."""
 
 from __future__ import annotations
 
@@ -8,6 +8,64 @@ import os
 import pytest
 
 from bento import sessionlog
+
+
+def write_log(tmp_path, n: int) -> str:
+    w = sessionlog.Writer(str(tmp_path), "out", buffered=True)
+    for seq in range(1, n + 1):
+        w.append(seq, b"payload %d" % seq)
+    w.flush()
+    os.close(w.fd)
+    return sessionlog.list_segments(str(tmp_path), "out")[0][1]
+
+
+def damage(path: str, offset: int, byte: bytes = b"!") -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(byte)
+
+
+def record_offset(seq: int) -> int:
+    """Offset of record ``seq`` in a log written by ``write_log`` (seqs 1..9)."""
+    return sum(sessionlog.HEAD.size + len(b"payload %d" % s) for s in range(1, seq))
+
+
+def test_reads_what_was_written(tmp_path):
+    write_log(tmp_path, 9)
+    for verify in (True, False):
+        c = sessionlog.Cursor(str(tmp_path), "out", 3, verify=verify)
+        assert [bytes(p) for p in c.read(10, 1 << 20)] == [b"payload %d" % s for s in range(3, 10)]
+        assert c.next_seq == 10
+
+
+def test_a_damaged_payload_fails_its_checksum(tmp_path):
+    path = write_log(tmp_path, 9)
+    damage(path, record_offset(5) + sessionlog.HEAD.size + 2)
+    c = sessionlog.Cursor(str(tmp_path), "out", 1)
+    with pytest.raises(sessionlog.LogCorrupt, match="checksum"):
+        c.read(10, 1 << 20)
+    # Without the checksum (a log written while the server ran) the bytes are taken.
+    c = sessionlog.Cursor(str(tmp_path), "out", 1, verify=False)
+    got = [bytes(p) for p in c.read(10, 1 << 20)]
+    assert got[4] == b"pa!load 5" and len(got) == 9
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_lengths_and_seqs_are_checked_always(tmp_path, verify):
+    path = write_log(tmp_path, 9)
+    # Record 5 claims to be seq 7.
+    damage(path, record_offset(5) + 4, (7).to_bytes(8, "little"))
+    c = sessionlog.Cursor(str(tmp_path), "out", 1, verify=verify)
+    with pytest.raises(sessionlog.LogCorrupt, match="expected record 5"):
+        c.read(10, 1 << 20)
+    other = tmp_path / "other"
+    other.mkdir()
+    path = write_log(other, 9)
+    # Record 5 claims more bytes than a record may have.
+    damage(path, record_offset(5), (sessionlog.MAX_PAYLOAD + 1).to_bytes(4, "little"))
+    c = sessionlog.Cursor(str(other), "out", 1, verify=verify)
+    with pytest.raises(sessionlog.LogCorrupt, match="record 5"):
+        c.read(10, 1 << 20)
 
 
 def test_a_full_disk_keeps_the_whole_records_that_fit(tmp_path, monkeypatch):
