@@ -520,7 +520,7 @@ class Exchange:
         self.out.append_parts(seq, (protocol.encode_frame(seq, ch, b""), *data_cbor))
         self.sizes.append(size)
         self.progress_dirty = True
-        if len(self.out.pending) >= sessionlog.READ_CHUNK:
+        if self.out.pending_bytes >= sessionlog.READ_CHUNK:
             self.flush_out()  # a full batch goes now (a refusal stops the reading)
         if ch == "exit":
             self.exit_seq = seq

@@ -27,6 +27,7 @@ HEAD = struct.Struct("<IQI")  # payload length, seq, crc32(seq bytes + payload)
 MAX_PAYLOAD = 64 * 1024 * 1024
 SEGMENT_BYTES = 8 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
+IOV_MAX = 1024  # Linux's limit on the buffers of one writev
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -116,6 +117,18 @@ def scan_file(path: str) -> Iterator[tuple[int, bytes, int]]:
                     return
 
 
+def _skip(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
+    """``parts`` without their first ``n`` bytes (a new list)."""
+    i = 0
+    while i < len(parts) and n >= len(parts[i]):
+        n -= len(parts[i])
+        i += 1
+    rest = parts[i:]
+    if n:
+        rest[0] = memoryview(rest[0])[n:]
+    return rest
+
+
 class Writer:
     """Appends records to a log's segments. Used only by the exchange.
 
@@ -132,8 +145,11 @@ class Writer:
         # write per batch; an append never raises for the disk); ``flushed_next``
         # is then the first seq not yet on disk.
         self.buffered = buffered
-        self.pending = bytearray()
-        self.pending_ends: list[int] = []  # where each pending record ends in ``pending``
+        # Pending records as the pieces they came in (written with one writev,
+        # not copied into a batch first: that copy was 18% of the exchange's CPU).
+        self.pending: list[bytes | memoryview] = []
+        self.pending_bytes = 0
+        self.pending_ends: list[int] = []  # where each pending record ends, in bytes
         self.segments = list_segments(dirpath, prefix)
         self.fd = -1
         self.size = 0
@@ -164,7 +180,8 @@ class Writer:
         self.append_parts(seq, (payload,))
 
     def append_parts(self, seq: int, parts: tuple[bytes | memoryview, ...]) -> None:
-        """Append one record whose payload is ``parts`` joined (copied once)."""
+        """Append one record whose payload is ``parts`` joined. The parts are
+        kept until written: they must not change (bytes, or views of bytes)."""
         if seq != self.next_seq:
             raise ValueError(f"log {self.prefix}: appending seq {seq}, expected {self.next_seq}")
         if self.fd < 0 or (self.size >= self.segment_bytes and not self.pending):
@@ -174,10 +191,10 @@ class Writer:
         for part in parts:
             crc = zlib.crc32(part, crc)
             length += len(part)
-        self.pending += HEAD.pack(length, seq, crc)
-        for part in parts:
-            self.pending += part
-        self.pending_ends.append(len(self.pending))
+        self.pending.append(HEAD.pack(length, seq, crc))
+        self.pending.extend(parts)
+        self.pending_bytes += HEAD.size + length
+        self.pending_ends.append(self.pending_bytes)
         self.next_seq = seq + 1
         if not self.buffered:
             self.flush()
@@ -188,13 +205,15 @@ class Writer:
         for a retry (so a full disk holds what fits, to the record)."""
         if not self.pending:
             return
-        data, ends = self.pending, self.pending_ends
-        self.pending, self.pending_ends = bytearray(), []
+        parts, ends, total = self.pending, self.pending_ends, self.pending_bytes
+        self.pending, self.pending_ends, self.pending_bytes = [], [], 0
         done = 0
         try:
-            with memoryview(data) as view:
-                while done < len(data):
-                    done += os.write(self.fd, view[done:])
+            todo = parts
+            while todo:
+                n = os.writev(self.fd, todo[:IOV_MAX])
+                done += n
+                todo = _skip(todo, n)
         except OSError:
             whole = 0
             while whole < len(ends) and ends[whole] <= done:
@@ -203,10 +222,11 @@ class Writer:
             os.ftruncate(self.fd, self.size + keep)
             self.size += keep
             self.flushed_next += whole
-            self.pending = data[keep:]
+            self.pending = _skip(parts, keep)
+            self.pending_bytes = total - keep
             self.pending_ends = [end - keep for end in ends[whole:]]
             raise
-        self.size += len(data)
+        self.size += total
         self.flushed_next = self.next_seq
 
     def _rotate(self, start_seq: int) -> None:

@@ -74,18 +74,18 @@ def test_a_full_disk_keeps_the_whole_records_that_fit(tmp_path, monkeypatch):
         w.append(seq, b"x" * 100)
     record = sessionlog.HEAD.size + 100
     room = [2 * record + 50]  # two whole records and part of a third fit
-    real_write = os.write
+    real_writev = os.writev
 
-    def full_disk_write(fd, data):
+    def full_disk_writev(fd, buffers):
         if fd != w.fd:
-            return real_write(fd, data)
+            return real_writev(fd, buffers)
         if room[0] <= 0:
             raise OSError(errno.ENOSPC, "No space left on device")
-        n = real_write(fd, bytes(data[: room[0]]))
+        n = os.write(fd, b"".join(buffers)[: room[0]])
         room[0] -= n
         return n
 
-    monkeypatch.setattr(sessionlog.os, "write", full_disk_write)
+    monkeypatch.setattr(sessionlog.os, "writev", full_disk_writev)
     with pytest.raises(OSError):
         w.flush()
     seg = sessionlog.list_segments(str(tmp_path), "out")[0][1]
@@ -96,3 +96,30 @@ def test_a_full_disk_keeps_the_whole_records_that_fit(tmp_path, monkeypatch):
     assert w.flushed_next == 6 and not w.pending
     got = sessionlog.Cursor(str(tmp_path), "out", 1).read(w.flushed_next, 1 << 20)
     assert [bytes(p) for p in got] == [b"x" * 100] * 5
+
+
+def test_a_batch_of_more_pieces_than_one_writev_takes(tmp_path):
+    w = sessionlog.Writer(str(tmp_path), "out", buffered=True)
+    n = sessionlog.IOV_MAX  # each record is 3 pieces: head, and its payload in two
+    for seq in range(1, n + 1):
+        w.append_parts(seq, (b"%d:" % seq, memoryview(b"-" * (seq % 7))))
+    w.flush()
+    got = sessionlog.Cursor(str(tmp_path), "out", 1).read(n + 1, 1 << 30)
+    assert [bytes(p) for p in got] == [b"%d:" % s + b"-" * (s % 7) for s in range(1, n + 1)]
+
+
+def test_short_writes_are_continued(tmp_path, monkeypatch):
+    w = sessionlog.Writer(str(tmp_path), "out", buffered=True)
+    real_writev = os.writev
+
+    def short_writev(fd, buffers):
+        if fd != w.fd:
+            return real_writev(fd, buffers)
+        return os.write(fd, b"".join(buffers)[:37])  # a pipe-like short write
+
+    monkeypatch.setattr(sessionlog.os, "writev", short_writev)
+    for seq in range(1, 20):
+        w.append_parts(seq, (b"a" * seq, b"", b"b" * 3))
+    w.flush()
+    got = sessionlog.Cursor(str(tmp_path), "out", 1).read(20, 1 << 20)
+    assert [bytes(p) for p in got] == [b"a" * s + b"bbb" for s in range(1, 20)]
