@@ -209,11 +209,18 @@ class Writer:
         self.pending, self.pending_ends, self.pending_bytes = [], [], 0
         done = 0
         try:
-            todo = parts
-            while todo:
-                n = os.writev(self.fd, todo[:IOV_MAX])
+            i, off = 0, 0  # the next part to write, and how much of it is written
+            while i < len(parts):
+                batch = parts[i : i + IOV_MAX]
+                if off:
+                    batch[0] = memoryview(batch[0])[off:]
+                n = os.writev(self.fd, batch)
                 done += n
-                todo = _skip(todo, n)
+                n += off
+                while i < len(parts) and n >= len(parts[i]):
+                    n -= len(parts[i])
+                    i += 1
+                off = n
         except OSError:
             whole = 0
             while whole < len(ends) and ends[whole] <= done:

@@ -118,8 +118,9 @@ def test_short_writes_are_continued(tmp_path, monkeypatch):
         return os.write(fd, b"".join(buffers)[:37])  # a pipe-like short write
 
     monkeypatch.setattr(sessionlog.os, "writev", short_writev)
-    for seq in range(1, 20):
-        w.append_parts(seq, (b"a" * seq, b"", b"b" * 3))
+    n = 400  # 1,600 pieces: more than one writev takes, written 37 bytes at a time
+    for seq in range(1, n + 1):
+        w.append_parts(seq, (b"a" * (seq % 50), b"", b"b" * 3))
     w.flush()
-    got = sessionlog.Cursor(str(tmp_path), "out", 1).read(20, 1 << 20)
-    assert [bytes(p) for p in got] == [b"a" * s + b"bbb" for s in range(1, 20)]
+    got = sessionlog.Cursor(str(tmp_path), "out", 1).read(n + 1, 1 << 20)
+    assert [bytes(p) for p in got] == [b"a" * (s % 50) + b"bbb" for s in range(1, n + 1)]
