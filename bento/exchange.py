@@ -194,7 +194,7 @@ class Exchange:
         self.pipes: dict[int, str] = {}  # fd -> "stdout" | "stderr"
         self.to_close: list[int] = []
         self.pipe_poll = select.poll()
-        self.stalled: list[tuple[str, tuple[bytes, ...], int]] = []  # frames the disk refused, oldest first
+        self.stalled: list[tuple[str, tuple[bytes | memoryview, ...], int]] = []  # frames the disk refused, oldest first
         self.flush_blocked = False  # appended frames wait for the disk
         self.retry_at = 0.0
         self.driver: Framed | None = None
@@ -460,7 +460,7 @@ class Exchange:
         self.out.drop_before(first)
         self.update_reading()
 
-    def append(self, ch: str, data_cbor: tuple[bytes, ...], size: int) -> None:
+    def append(self, ch: str, data_cbor: tuple[bytes | memoryview, ...], size: int) -> None:
         """Add a frame to the output log. If the disk refuses it, the frame
         waits in memory and the function's output is no longer read (it
         blocks, nothing is lost) until a retry succeeds."""
@@ -513,7 +513,7 @@ class Exchange:
         except OSError:
             pass  # the log is on the same full disk; the state says it anyway
 
-    def _write_frame(self, ch: str, data_cbor: tuple[bytes, ...], size: int) -> None:
+    def _write_frame(self, ch: str, data_cbor: tuple[bytes | memoryview, ...], size: int) -> None:
         """Append the frame ``[seq, ch, data]``; ``data_cbor`` is its encoded data
         in pieces, copied once, into the log's batch (64 KiB chunks stay uncut)."""
         seq = self.out.next_seq

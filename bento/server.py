@@ -24,7 +24,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import bento
-from bento import auth, protocol, sessionlog, wsfast
+from bento import auth, protocol, sessionlog, tcptune, wsfast
 from bento.config import Config
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
 from bento.store import Store
@@ -54,6 +54,7 @@ class Server:
         self.keys = auth.ApiKeys(config.api_keys)
         self.guesses = auth.GuessLimiter()
         self.said_slow_send = False
+        self.said_tuned = False
         self.peers: dict[str, int] = {}
         self.name = f"bento/{bento.__version__}"
 
@@ -64,6 +65,22 @@ class Server:
             await self._handle(request)
         except Exception:  # noqa: BLE001 - the server must outlive any one connection
             log.exception("connection failed")
+
+    def _tune(self, ws: WebSocketConnection) -> None:
+        """A connection from this host gets a congestion control that does not
+        pace it (bento/tcptune.py); said once in the log."""
+        sock = _tcp_socket(ws)
+        if sock is None:
+            return
+        try:
+            chosen = tcptune.plain_for_same_host(sock)
+        except OSError as exc:
+            log.debug("could not tune a connection's congestion control: %s", exc)
+            return
+        if chosen is not None and not self.said_tuned:
+            self.said_tuned = True
+            log.info("connections from this host use %s congestion control (not the system's %s)",
+                     chosen.decode(), tcptune.system_default())
 
     async def _handle(self, request: WebSocketRequest) -> None:
         try:
@@ -83,6 +100,7 @@ class Server:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await ws.aclose()
             return
+        self._tune(ws)
         count = self.peers.get(peer, 0)
         self.peers[peer] = count + 1
         conn = Connection(self, ws, peer)
@@ -102,6 +120,14 @@ class Server:
                 self.peers.pop(peer, None)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await ws.aclose()
+
+
+def _tcp_socket(ws: WebSocketConnection) -> Any:
+    """The connection's TCP socket, or None (trio-websocket keeps its stream in
+    ``_stream``, as wsfast relies on; a TLS stream wraps the TCP one)."""
+    stream = getattr(ws, "_stream", None)
+    stream = getattr(stream, "transport_stream", stream)
+    return getattr(stream, "socket", None)
 
 
 def _peer_host(ws: WebSocketConnection) -> str:

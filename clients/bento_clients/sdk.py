@@ -51,7 +51,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, wrap_client_stream
 
 import bento
-from bento import protocol
+from bento import protocol, tcptune
 from bento_clients.convert import parse_buffer, parse_limits
 from bento_clients.errors import (
     BentoError,
@@ -591,10 +591,19 @@ class Client:
             s._changed.notify()
 
     async def _open_stream(self) -> trio.abc.Stream:
+        stream: trio.abc.Stream
         if self._ssl is not None:
-            return await trio.open_ssl_over_tcp_stream(
+            stream = await trio.open_ssl_over_tcp_stream(
                 self._host, self._port, ssl_context=self._ssl, https_compatible=True)
-        return await trio.open_tcp_stream(self._host, self._port)
+            tcp = stream.transport_stream
+        else:
+            stream = tcp = await trio.open_tcp_stream(self._host, self._port)
+        try:
+            # A server on this host: no pacing of what we send (bento/tcptune.py).
+            tcptune.plain_for_same_host(tcp.socket)
+        except OSError as exc:
+            log.debug("could not tune the connection's congestion control: %s", exc)
+        return stream
 
     async def _run_link(self, deadline: float) -> tuple[bool, str, bool]:
         """One connection from connect to drop: (connected, why it ended, permanent)."""

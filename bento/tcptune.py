@@ -1,0 +1,68 @@
+"""Congestion control for connections from this same host.
+
+A connection whose peer is on this host (loopback, or this host's own
+address) crosses no network: there is nothing to pace and no queue to probe.
+BBR, the default on some systems (this VM's image among them), still paces
+such a connection at its estimate of the delivery rate, and on loopback that
+estimate follows how the receiving process is scheduled. In Bento's 64 KiB
+stream (function, exchange, server and client sharing two cores) that held
+the server to ~550 MB/s; with cubic or reno on the same connections, ~750
+(docs/performance.md). A bare trio-websocket server measured 900-950 MB/s
+under bbr, cubic and reno alike, so only the multi-process pipeline suffers.
+
+So the server switches a same-host connection to cubic (or reno, which any
+process may choose) when the system default is anything else, and leaves
+every other connection to the system's choice.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+# Loss-based algorithms: on a link with no loss they send as fast as the peer reads.
+PLAIN = (b"cubic", b"reno")
+TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)  # Linux's value
+
+
+def same_host(peer: str, local: str) -> bool:
+    """Whether ``peer`` is this host as seen from a socket bound to ``local``."""
+    try:
+        ip = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or peer == local
+
+
+def congestion(sock: Any) -> bytes:
+    return bytes(sock.getsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, 16)).rstrip(b"\0")
+
+
+def plain_for_same_host(sock: Any) -> bytes | None:
+    """Switch a TCP connection from this host to cubic or reno if it uses
+    anything else; returns the algorithm set, or None if nothing changed
+    (another host, not TCP, already plain, or not allowed here)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return None
+    if not same_host(sock.getpeername()[0], sock.getsockname()[0]):
+        return None
+    if congestion(sock) in PLAIN:
+        return None
+    for name in PLAIN:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, name)
+        except OSError:
+            continue  # cubic may need privileges (net.ipv4.tcp_allowed_congestion_control)
+        return name
+    return None
+
+
+def system_default() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
