@@ -224,7 +224,16 @@ def machine_info() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "host": platform.node(),
         "loadavg_start": os.getloadavg(),
+        "tcp_congestion": _read_first("/proc/sys/net/ipv4/tcp_congestion_control"),
     }
+
+
+def _read_first(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return "?"
 
 
 def machine_text(info: dict[str, Any], mode: str) -> str:
@@ -240,6 +249,9 @@ def machine_text(info: dict[str, Any], mode: str) -> str:
         + "/".join(f"{x:.2f}" for x in info["loadavg_start"])
         + (", at the end " + "/".join(f"{x:.2f}" for x in info["loadavg_end"]) if "loadavg_end" in info else "")
         + " (other work on the machine skews the figures).",
+        f"TCP congestion control: {info.get('tcp_congestion', '?')} (the system's); the bento server and SDK "
+        "use cubic or reno on connections from this host (docs/operations.md), the bench's own clients and "
+        "the bare ws ceiling keep the system's.",
     ])
 
 
@@ -275,3 +287,33 @@ BUDGETS = {
                     stream_runs=2, stream_bytes=8 * MiB, small_frames=10_000, reattach_runs=5,
                     sessions=20, loaded_echo_rtts=50, memory_sample=20, backlog_bytes=16 * MiB),
 }
+
+
+def busy_cores(window: float) -> float:
+    """Cores busy on this machine over ``window`` seconds (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + vals[4]  # idle + iowait
+        return sum(vals) - idle, sum(vals)
+
+    import time
+    busy0, total0 = sample()
+    time.sleep(window)
+    busy1, total1 = sample()
+    ncpu = os.cpu_count() or 1
+    return ncpu * (busy1 - busy0) / max(1, total1 - total0)
+
+
+def settle(max_busy: float = 0.15, window: float = 0.05, timeout: float = 3.0) -> float:
+    """Wait until the machine is quiet (at most ``max_busy`` cores busy over one
+    ``window``), or ``timeout`` passed: what a finished run leaves behind (an
+    exchange deleting a 256 MiB log, the warm pool starting a sandbox) must not
+    land in the next measurement, a figure's or its ceiling's. Returns the
+    seconds waited."""
+    import time
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if busy_cores(window) <= max_busy:
+            break
+    return time.monotonic() - start

@@ -53,6 +53,7 @@ from common import (  # noqa: E402
     footnotes,
     machine_info,
     machine_text,
+    settle,
     table,
 )
 from helpers import ServerProcess  # noqa: E402
@@ -107,6 +108,7 @@ class Bench:
     def stage(self, name: str, keys: list[str], fn: Callable[[], None]) -> None:
         self.log(f"{name} ...")
         try:
+            settle()
             fn()
         except BaseException as exc:  # noqa: BLE001 - a failed stage marks its rows, the rest goes on
             if _interrupted(exc):
@@ -254,13 +256,17 @@ class Bench:
                 assert srv.proc is not None
                 probes: dict[str, list[dict[str, float]]] = {"live": [], "replay": []}
                 for _ in range(b.stream_runs):
+                    # Each measurement starts on a quiet machine (common.settle).
+                    settle()
                     if kind == "big":
                         ceil.append(trio.run(ceilings.ws_stream, self.bare_url(), chain.FRAME,
                                              amount // chain.FRAME) / scale)
                     else:
                         ceil.append(trio.run(ceilings.ws_records, self.bare_url(), 100, 64, amount) / scale)
+                    settle()
                     p_live = chain.CpuProbe(srv.proc.pid, srv.data_dir, amount)
                     live.append(trio.run(chain.stream_live, url, kind, amount, p_live) / scale)
+                    settle()
                     p_replay = chain.CpuProbe(srv.proc.pid, srv.data_dir, amount)
                     replay.append(trio.run(chain.stream_replay, url, kind, amount, p_replay) / scale)
                     for what, p in (("live", p_live), ("replay", p_replay)):
