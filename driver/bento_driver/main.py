@@ -256,6 +256,12 @@ def _warm_up() -> None:
 
 
 def main() -> None:
+    # INT raises KeyboardInterrupt and TERM ends the function, however the
+    # server was started: one started with them ignored (a background job of a
+    # script ignores INT) passes that on to every process it starts, and Python
+    # then installs no KeyboardInterrupt, so a "signal" request did nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Line-buffered: a print() is one stdout frame, and every api call flushes
     # first, so a prompt without a newline shows before the function waits.
     for stream in (sys.stdout, sys.stderr):

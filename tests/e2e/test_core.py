@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -229,6 +230,33 @@ async def test_signal_int_is_keyboard_interrupt(server):
         await c.ok("signal", token=r["token"], signal="INT")
         ex = (await c.frames(r["session"]))[-1][2]
         assert ex["state"] == "killed" and ex["signal"] == "INT"
+
+
+async def test_signals_work_when_the_server_started_with_them_ignored(make_server):
+    """A server started as a background job of a script inherits SIGINT
+    ignored, and so would every function it runs: INT must still raise
+    KeyboardInterrupt there, and TERM still end the function."""
+    ignored = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in ignored}
+    try:
+        srv = make_server()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    caught = "import time\ndef main():\n    api.send('ready')\n    try:\n        time.sleep(30)\n" \
+             "    except KeyboardInterrupt:\n        return 'caught'\n"
+    sleeper = "import time\ndef main():\n    api.send('ready')\n    time.sleep(30)\n"
+    async with connect(srv.url) as c:
+        for code, sig in ((caught, "INT"), (sleeper, "TERM")):
+            r = await c.ok("execute", code=code)
+            await c.frames(r["session"], until_exit=False, count=1)
+            await c.ok("signal", token=r["token"], signal=sig)
+            ex = (await c.frames(r["session"]))[-1][2]
+            if sig == "INT":
+                assert ex["state"] == "exited" and ex["result"] == "caught", ex
+            else:
+                assert ex["state"] == "killed" and ex["signal"] == "TERM", ex
+    srv.kill()  # it ignores SIGTERM itself (as asked): the fixture's stop would wait 10 s
 
 
 async def test_shared_state_compare_and_set(server):
