@@ -515,7 +515,8 @@ class Exchange:
 
     def _write_frame(self, ch: str, data_cbor: tuple[bytes | memoryview, ...], size: int) -> None:
         """Append the frame ``[seq, ch, data]``; ``data_cbor`` is its encoded data
-        in pieces, copied once, into the log's batch (64 KiB chunks stay uncut)."""
+        in pieces, which the log keeps as they are until its batch is written
+        (64 KiB chunks stay uncut and uncopied)."""
         seq = self.out.next_seq
         self.out.append_parts(seq, (protocol.encode_frame(seq, ch, b""), *data_cbor))
         self.sizes.append(size)

@@ -6,8 +6,8 @@ BBR, the default on some systems (this VM's image among them), still paces
 such a connection at its estimate of the delivery rate, and on loopback that
 estimate follows how the receiving process is scheduled. In Bento's 64 KiB
 stream (function, exchange, server and client sharing two cores) that held
-the server to ~550 MB/s; with cubic or reno on the same connections, ~750
-(docs/performance.md). A bare trio-websocket server measured 900-950 MB/s
+the server to ~550 MB/s; with cubic on both ends of the same connections,
+~750, on the server's end alone ~620 (docs/performance.md). A bare trio-websocket server measured 900-950 MB/s
 under bbr, cubic and reno alike, so only the multi-process pipeline suffers.
 
 So the server switches a same-host connection to cubic (or reno, which any
