@@ -457,7 +457,11 @@ class Exchange:
         if hi > 4096 and hi > len(self.sizes) // 2:
             del self.sizes[:hi]
             self.size_base = first
-        self.out.drop_before(first)
+        try:
+            self.out.drop_before(first)
+        except OSError as exc:
+            # The frames are freed all the same; the file stays, tried again at the next trim.
+            self.disk_trouble(f"cannot delete an acked output segment: {exc}")
         self.update_reading()
 
     def append(self, ch: str, data_cbor: tuple[bytes | memoryview, ...], size: int) -> None:

@@ -498,7 +498,10 @@ class Connection:
 
     async def worker(self, att: Attachment) -> None:
         s = att.session
-        cursor = sessionlog.Cursor(s.dir, "out", att.next_seq, verify=s.check_log)
+        # Checksums: of everything for a session found on disk at start; else of
+        # what is on disk already (the steady stream after it is read unchecked).
+        verify_below = 1 << 62 if s.check_log else s.next_seq
+        cursor = sessionlog.Cursor(s.dir, "out", att.next_seq, verify_below=verify_below)
         try:
             with att.cancel:
                 await self._pump(att, s, cursor)

@@ -150,6 +150,7 @@ class Writer:
         self.pending: list[bytes | memoryview] = []
         self.pending_bytes = 0
         self.pending_ends: list[int] = []  # where each pending record ends, in bytes
+        self.cut_to: int | None = None  # a partial write to take back before the next write
         self.segments = list_segments(dirpath, prefix)
         self.fd = -1
         self.size = 0
@@ -197,7 +198,14 @@ class Writer:
         self.pending_ends.append(self.pending_bytes)
         self.next_seq = seq + 1
         if not self.buffered:
-            self.flush()
+            try:
+                self.flush()
+            except OSError:
+                # Unbuffered: the caller learns the record is not in the log, so
+                # it is not: the same seq may be appended again later.
+                self.pending, self.pending_ends, self.pending_bytes = [], [], 0
+                self.next_seq = self.flushed_next
+                raise
 
     def flush(self) -> None:
         """Write what is pending. On an error (a full disk) the whole records
@@ -205,6 +213,10 @@ class Writer:
         for a retry (so a full disk holds what fits, to the record)."""
         if not self.pending:
             return
+        if self.cut_to is not None:
+            # A partial record from a failed flush is still on disk: cut it first.
+            os.ftruncate(self.fd, self.cut_to)
+            self.cut_to = None
         parts, ends, total = self.pending, self.pending_ends, self.pending_bytes
         self.pending, self.pending_ends, self.pending_bytes = [], [], 0
         done = 0
@@ -226,12 +238,15 @@ class Writer:
             while whole < len(ends) and ends[whole] <= done:
                 whole += 1
             keep = ends[whole - 1] if whole else 0
-            os.ftruncate(self.fd, self.size + keep)
             self.size += keep
             self.flushed_next += whole
             self.pending = _skip(parts, keep)
             self.pending_bytes = total - keep
             self.pending_ends = [end - keep for end in ends[whole:]]
+            if done > keep:
+                self.cut_to = self.size  # the next flush cuts it if this cannot
+                os.ftruncate(self.fd, self.size)
+                self.cut_to = None
             raise
         self.size += total
         self.flushed_next = self.next_seq
@@ -239,6 +254,7 @@ class Writer:
     def _rotate(self, start_seq: int) -> None:
         if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1  # a failed open below must not leave a closed fd to close again
         path = os.path.join(self.dirpath, segment_name(self.prefix, start_seq))
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
         self.segments.append((start_seq, path))
@@ -247,11 +263,13 @@ class Writer:
     def drop_before(self, seq: int) -> None:
         """Delete whole segments that hold only records below ``seq``."""
         while len(self.segments) > 1 and self.segments[1][0] <= seq:
-            _start, path = self.segments.pop(0)
             try:
-                os.unlink(path)
+                os.unlink(self.segments[0][1])
             except FileNotFoundError:
                 pass
+            # Any other error leaves the segment listed (tried again next time)
+            # and goes to the caller.
+            self.segments.pop(0)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -266,17 +284,20 @@ class Cursor:
     written), so it never sees a record being written. Cancellation: a read is
     synchronous and leaves the cursor either before or after the whole batch.
 
-    ``verify``: check each record's checksum. The server skips it for a log
-    written entirely while it ran (see ``Session.check_log``): such records
-    were announced after their write returned, and a crash that could damage
-    them ends the server too. Lengths and seqs are checked always.
+    ``verify_below``: records below this seq have their checksum checked (by
+    default all). The server reads a record written while it ran and while this
+    reader was attached without the check (see ``Session.check_log``): it was
+    announced after its write returned, a moment ago, and a crash that could
+    damage it ends the server too. What a reader finds already on disk when it
+    starts (written a while ago, perhaps evicted and read back) is checked.
+    Lengths and seqs are checked always.
     """
 
-    def __init__(self, dirpath: str, prefix: str, next_seq: int, verify: bool = True) -> None:
+    def __init__(self, dirpath: str, prefix: str, next_seq: int, verify_below: int = 1 << 62) -> None:
         self.dirpath = dirpath
         self.prefix = prefix
         self.next_seq = next_seq
-        self.verify = verify
+        self.verify_below = verify_below
         self._fd = -1
         self._seg_start = 0
         self._offset = 0
@@ -365,7 +386,7 @@ class Cursor:
                 if out and total + length > max_bytes:
                     return out  # the next record would overshoot the batch
                 payload = view[pos + HEAD.size : end]
-                if self.verify and _crc(seq, payload) != crc:
+                if seq < self.verify_below and _crc(seq, payload) != crc:
                     raise LogCorrupt(f"record {seq} fails its checksum")
                 out.append(payload)
                 total += length

@@ -173,11 +173,12 @@ class Session:
         self.idle_since = time.monotonic()
         self.removed = False
         self.ack_sent = 0
-        # Check the output log's checksums when reading it: True for a session
+        # Check every output record's checksum when reading: True for a session
         # found on disk at start (a crash may have damaged what it wrote
         # before); False for one this process created, whose every record was
         # announced by its exchange after the write returned, while this
-        # process ran (a crash that could damage them would end it too).
+        # process ran (a crash that could damage them would end it too). Its
+        # readers still check what was on disk before they attached.
         self.check_log = True
 
     def update(self, msg: dict) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 # Loss-based algorithms: on a link with no loss they send as fast as the peer reads.
 PLAIN = (b"cubic", b"reno")
-TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)  # Linux's value
+TCP_CONGESTION: int | None = getattr(socket, "TCP_CONGESTION", None)  # Linux only
 
 
 def same_host(peer: str, local: str) -> bool:
@@ -38,6 +38,7 @@ def same_host(peer: str, local: str) -> bool:
 
 
 def congestion(sock: Any) -> bytes:
+    assert TCP_CONGESTION is not None
     return bytes(sock.getsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, 16)).rstrip(b"\0")
 
 
@@ -45,6 +46,8 @@ def plain_for_same_host(sock: Any) -> bytes | None:
     """Switch a TCP connection from this host to cubic or reno if it uses
     anything else; returns the algorithm set, or None if nothing changed
     (another host, not TCP, already plain, or not allowed here)."""
+    if TCP_CONGESTION is None:
+        return None  # not Linux: the option (and its number) means something else or nothing
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
         return None
     if not same_host(sock.getpeername()[0], sock.getsockname()[0]):

@@ -262,6 +262,7 @@ def main() -> None:
     # then installs no KeyboardInterrupt, so a "signal" request did nothing.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # nor blocked
     # Line-buffered: a print() is one stdout frame, and every api call flushes
     # first, so a prompt without a newline shows before the function waits.
     for stream in (sys.stdout, sys.stderr):

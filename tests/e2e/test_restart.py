@@ -336,6 +336,37 @@ async def test_damaged_record_found_after_restart_is_refused(make_server):
     assert all(f[2] == bytes([48 + (f[0] - 1) % 10]) * 65536 for f in frames)
 
 
+async def test_damaged_record_read_back_later_is_refused(server):
+    """A session this server created is read without checksums only as it is
+    written, by a reader attached at the time; a reader that attaches later
+    checks what is already on disk (a page lost since, on a storage that
+    failed to write it back, must not be served as output)."""
+    async with connect(server.url) as c:
+        r = await c.ok("execute", code=BIG, args=[20], attach=False)
+        with trio.fail_after(30):
+            while (await c.ok("status", token=r["token"]))["exit"] is None:
+                await trio.sleep(0.05)
+        sid = r["session"]
+        sdir = session_dir(server.data_dir, sid)
+        segs = sorted(n for n in os.listdir(sdir) if n.startswith("out.") and len(n) == 24)
+        head = struct.Struct("<IQI")
+        with open(os.path.join(sdir, segs[0]), "r+b") as f:
+            data = f.read()
+            pos = 0
+            while True:
+                length, seq, _crc = head.unpack_from(data, pos)
+                if seq == 7:
+                    break
+                pos += head.size + length
+            f.seek(pos + head.size + length - 100)
+            f.write(b"!")
+        await c.ok("attach", token=r["viewer_token"])
+        err = await c.event(ev="error", session=sid)
+        assert err["error"]["code"] == "internal" and "checksum" in err["error"]["message"], err
+        frames = [f for ev in c.events if ev.get("ev") == "out" for f in ev["frames"]]
+    assert all(f[0] < 7 for f in frames), [f[0] for f in frames]
+
+
 # -- an exchange dies ---------------------------------------------------------------------
 
 
