@@ -296,6 +296,21 @@ def main(n):
 """
 
 
+def damage_record(path: str, seq: int) -> None:
+    """Change one byte near the end of record ``seq``'s payload in a log segment."""
+    head = struct.Struct("<IQI")
+    with open(path, "r+b") as f:
+        data = f.read()
+        pos = 0
+        while True:
+            length, found, _crc = head.unpack_from(data, pos)
+            if found == seq:
+                break
+            pos += head.size + length
+        f.seek(pos + head.size + length - 100)
+        f.write(b"!")
+
+
 async def test_damaged_record_found_after_restart_is_refused(make_server):
     """A session found on disk at start has its log checked on read: a record
     damaged while the server was down is reported, never served. (Damage in
@@ -312,18 +327,8 @@ async def test_damaged_record_found_after_restart_is_refused(make_server):
     sdir = session_dir(srv.data_dir, sid)
     segs = sorted(n for n in os.listdir(sdir) if n.startswith("out.") and len(n) == 24)
     assert len(segs) >= 2, segs
-    head = struct.Struct("<IQI")
     damaged = 20
-    with open(os.path.join(sdir, segs[0]), "r+b") as f:
-        data = f.read()
-        pos = 0
-        while True:
-            length, seq, _crc = head.unpack_from(data, pos)
-            if seq == damaged:
-                break
-            pos += head.size + length
-        f.seek(pos + head.size + length - 100)
-        f.write(b"!")
+    damage_record(os.path.join(sdir, segs[0]), damaged)
 
     again = make_server(data_dir=srv.data_dir)
     async with connect(again.url) as c:
@@ -349,17 +354,7 @@ async def test_damaged_record_read_back_later_is_refused(server):
         sid = r["session"]
         sdir = session_dir(server.data_dir, sid)
         segs = sorted(n for n in os.listdir(sdir) if n.startswith("out.") and len(n) == 24)
-        head = struct.Struct("<IQI")
-        with open(os.path.join(sdir, segs[0]), "r+b") as f:
-            data = f.read()
-            pos = 0
-            while True:
-                length, seq, _crc = head.unpack_from(data, pos)
-                if seq == 7:
-                    break
-                pos += head.size + length
-            f.seek(pos + head.size + length - 100)
-            f.write(b"!")
+        damage_record(os.path.join(sdir, segs[0]), 7)
         await c.ok("attach", token=r["viewer_token"])
         err = await c.event(ev="error", session=sid)
         assert err["error"]["code"] == "internal" and "checksum" in err["error"]["message"], err
