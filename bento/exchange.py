@@ -701,13 +701,11 @@ class Exchange:
 
     # -- the environment ----------------------------------------------------
 
-    def start(self, launched: Launched | None, cwd: str | None = None,
-              pre: Prestarted | None = None) -> None:
-        """Give the session its environment (started ahead of time, or None if
-        that failed) and send the function its code, limits and early input.
-        ``cwd``: the directory (and HOME) the driver moves to first, for an
-        unsandboxed environment started before its session existed. ``pre``:
-        the limits were applied and the start message sent already (``prestart``)."""
+    def start(self, launched: Launched | None, pre: Prestarted | None = None) -> None:
+        """Give the session its environment (None if it could not start) and
+        send the function its code, limits and early input. ``pre``: a
+        pre-started environment's limits were applied and its start message
+        sent already (``prestart``, before this exchange set itself up)."""
         if launched is None or launched.error is not None:
             message = launched.error if launched is not None else "no environment"
             self.finish_exit(
@@ -718,7 +716,7 @@ class Exchange:
         assert launched.env is not None
         self.child = child = launched.env
         if pre is None:
-            pre = prestart(launched, self.meta, cwd)
+            pre = prestart(launched, self.meta, None)
         self.driver, self.enforced, started_at = pre
         self.pipes = {launched.out_r: "stdout", launched.err_r: "stderr"}
         for fd in self.pipes:
@@ -1148,12 +1146,12 @@ def main(argv: list[str]) -> None:
         sys.stdout.flush()
         os._exit(3)
     work = os.path.join(sdir, "work")
-    cwd = None
     pre = meta = None
     if launched is not None and launched.error is None:
         # A pre-started environment and a brand-new session: the function
         # starts first, and runs while this exchange sets itself up.
         meta = read_meta(sdir)
+        cwd = None
         if meta["sandbox"] != "bwrap":
             # Unsandboxed: the driver moves to the session's work dir (cwd and
             # HOME, as if started there). A sandbox has its own tmpfs home.
@@ -1168,7 +1166,7 @@ def main(argv: list[str]) -> None:
             os.makedirs(work, exist_ok=True)
             # (Named after this exchange too: see bento_sandbox.sweep_cgroups.)
             launched = launch(ex.meta, f"{ex.meta['session']}-{os.getpid()}", work)
-        ex.start(launched, cwd, pre)
+        ex.start(launched, pre)
     elif launched is not None:
         launched.discard()
     if warm_sock is not None:
