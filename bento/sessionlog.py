@@ -117,15 +117,20 @@ def scan_file(path: str) -> Iterator[tuple[int, bytes, int]]:
                     return
 
 
-def _skip(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
-    """``parts`` without their first ``n`` bytes (a new list)."""
-    i = 0
+def _advance(parts: list[bytes | memoryview], i: int, off: int, n: int) -> tuple[int, int]:
+    """From byte ``off`` of ``parts[i]``, ``n`` bytes on: the part and the offset in it."""
+    n += off
     while i < len(parts) and n >= len(parts[i]):
         n -= len(parts[i])
         i += 1
+    return i, n
+
+
+def _from(parts: list[bytes | memoryview], i: int, off: int) -> list[bytes | memoryview]:
+    """The parts from byte ``off`` of ``parts[i]`` on (a new list)."""
     rest = parts[i:]
-    if n:
-        rest[0] = memoryview(rest[0])[n:]
+    if off:
+        rest[0] = memoryview(rest[0])[off:]
     return rest
 
 
@@ -142,8 +147,8 @@ class Writer:
         self.prefix = prefix
         self.segment_bytes = segment_bytes
         # Buffered: records wait in memory until the owner calls flush() (one
-        # write per batch; an append never raises for the disk); ``flushed_next``
-        # is then the first seq not yet on disk.
+        # write per batch; an append writes nothing, though starting a new
+        # segment may fail); ``flushed_next`` is then the first seq not yet on disk.
         self.buffered = buffered
         # Pending records as the pieces they came in (written with one writev,
         # not copied into a batch first: that copy was 18% of the exchange's CPU).
@@ -223,16 +228,9 @@ class Writer:
         try:
             i, off = 0, 0  # the next part to write, and how much of it is written
             while i < len(parts):
-                batch = parts[i : i + IOV_MAX]
-                if off:
-                    batch[0] = memoryview(batch[0])[off:]
-                n = os.writev(self.fd, batch)
+                n = os.writev(self.fd, _from(parts[i : i + IOV_MAX], 0, off))
                 done += n
-                n += off
-                while i < len(parts) and n >= len(parts[i]):
-                    n -= len(parts[i])
-                    i += 1
-                off = n
+                i, off = _advance(parts, i, off, n)
         except OSError:
             whole = 0
             while whole < len(ends) and ends[whole] <= done:
@@ -240,7 +238,7 @@ class Writer:
             keep = ends[whole - 1] if whole else 0
             self.size += keep
             self.flushed_next += whole
-            self.pending = _skip(parts, keep)
+            self.pending = _from(parts, *_advance(parts, 0, 0, keep))
             self.pending_bytes = total - keep
             self.pending_ends = [end - keep for end in ends[whole:]]
             if done > keep:
