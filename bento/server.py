@@ -69,11 +69,9 @@ class Server:
     def _tune(self, ws: WebSocketConnection) -> None:
         """A connection from this host gets a congestion control that does not
         pace it (bento/tcptune.py); said once in the log."""
-        sock = _tcp_socket(ws)
-        if sock is None:
-            return
         try:
-            chosen = tcptune.plain_for_same_host(sock)
+            # (trio-websocket keeps its stream in ``_stream``, as wsfast relies on.)
+            chosen = tcptune.plain_for_same_host(tcptune.stream_socket(getattr(ws, "_stream", None)))
         except OSError as exc:
             log.debug("could not tune a connection's congestion control: %s", exc)
             return
@@ -120,14 +118,6 @@ class Server:
                 self.peers.pop(peer, None)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await ws.aclose()
-
-
-def _tcp_socket(ws: WebSocketConnection) -> Any:
-    """The connection's TCP socket, or None (trio-websocket keeps its stream in
-    ``_stream``, as wsfast relies on; a TLS stream wraps the TCP one)."""
-    stream = getattr(ws, "_stream", None)
-    stream = getattr(stream, "transport_stream", stream)
-    return getattr(stream, "socket", None)
 
 
 def _peer_host(ws: WebSocketConnection) -> str:

@@ -7,8 +7,9 @@ such a connection at its estimate of the delivery rate, and on loopback that
 estimate follows how the receiving process is scheduled. In Bento's 64 KiB
 stream (function, exchange, server and client sharing two cores) that held
 the server to ~550 MB/s; with cubic on both ends of the same connections,
-~750, on the server's end alone ~620 (docs/performance.md). A bare trio-websocket server measured 900-950 MB/s
-under bbr, cubic and reno alike, so only the multi-process pipeline suffers.
+~750, on the server's end alone ~620 (docs/performance.md). A bare
+trio-websocket server measured 900-950 MB/s under bbr, cubic and reno alike,
+so only the multi-process pipeline suffers.
 
 So the server switches a same-host connection to cubic (or reno, which any
 process may choose) when the system default is anything else, and leaves
@@ -37,6 +38,11 @@ def same_host(peer: str, local: str) -> bool:
     return ip.is_loopback or peer == local
 
 
+def stream_socket(stream: Any) -> Any:
+    """The socket under a trio stream, plain or TLS; None if it has none."""
+    return getattr(stream, "socket", None) or getattr(getattr(stream, "transport_stream", None), "socket", None)
+
+
 def congestion(sock: Any) -> bytes:
     assert TCP_CONGESTION is not None
     return bytes(sock.getsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, 16)).rstrip(b"\0")
@@ -45,9 +51,9 @@ def congestion(sock: Any) -> bytes:
 def plain_for_same_host(sock: Any) -> bytes | None:
     """Switch a TCP connection from this host to cubic or reno if it uses
     anything else; returns the algorithm set, or None if nothing changed
-    (another host, not TCP, already plain, or not allowed here)."""
-    if TCP_CONGESTION is None:
-        return None  # not Linux: the option (and its number) means something else or nothing
+    (another host, not TCP, no socket, already plain, or not allowed here)."""
+    if TCP_CONGESTION is None or sock is None:
+        return None  # not Linux (the option means something else or nothing), or no socket
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
         return None
     if not same_host(sock.getpeername()[0], sock.getsockname()[0]):

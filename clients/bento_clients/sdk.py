@@ -175,8 +175,7 @@ class _WatchedStream(trio.abc.Stream):
 
     @property
     def socket(self) -> Any:  # trio-websocket reads it for its endpoint properties
-        inner = self.stream
-        return getattr(inner, "socket", None) or getattr(getattr(inner, "transport_stream", None), "socket", None)
+        return tcptune.stream_socket(self.stream)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -595,12 +594,11 @@ class Client:
         if self._ssl is not None:
             stream = await trio.open_ssl_over_tcp_stream(
                 self._host, self._port, ssl_context=self._ssl, https_compatible=True)
-            tcp = stream.transport_stream
         else:
-            stream = tcp = await trio.open_tcp_stream(self._host, self._port)
+            stream = await trio.open_tcp_stream(self._host, self._port)
         try:
             # A server on this host: no pacing of what we send (bento/tcptune.py).
-            tcptune.plain_for_same_host(tcp.socket)
+            tcptune.plain_for_same_host(tcptune.stream_socket(stream))
         except OSError as exc:
             log.debug("could not tune the connection's congestion control: %s", exc)
         return stream
