@@ -13,9 +13,12 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from bento import tcptune
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -224,16 +227,8 @@ def machine_info() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "host": platform.node(),
         "loadavg_start": os.getloadavg(),
-        "tcp_congestion": _read_first("/proc/sys/net/ipv4/tcp_congestion_control"),
+        "tcp_congestion": tcptune.system_default(),
     }
-
-
-def _read_first(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.readline().strip()
-    except OSError:
-        return "?"
 
 
 def machine_text(info: dict[str, Any], mode: str) -> str:
@@ -290,14 +285,17 @@ BUDGETS = {
 
 
 def busy_cores(window: float) -> float:
-    """Cores busy on this machine over ``window`` seconds (from /proc/stat)."""
+    """Cores this machine kept busy over ``window`` seconds (from /proc/stat).
+
+    Busy is user, nice, system, irq and softirq time; steal (the host's) and
+    guest (already inside user) are not counted. The counters tick 100 times a
+    second: over 0.2 s one tick is 0.05 cores on any number of CPUs."""
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        idle = vals[3] + vals[4]  # idle + iowait
-        return sum(vals) - idle, sum(vals)
+            vals = [int(v) for v in f.readline().split()[1:9]]  # up to steal
+        busy = vals[0] + vals[1] + vals[2] + vals[5] + vals[6]
+        return busy, sum(vals)
 
-    import time
     busy0, total0 = sample()
     time.sleep(window)
     busy1, total1 = sample()
@@ -305,15 +303,14 @@ def busy_cores(window: float) -> float:
     return ncpu * (busy1 - busy0) / max(1, total1 - total0)
 
 
-def settle(max_busy: float = 0.15, window: float = 0.05, timeout: float = 3.0) -> float:
+def settle(max_busy: float = 0.15, window: float = 0.2, timeout: float = 3.0) -> bool:
     """Wait until the machine is quiet (at most ``max_busy`` cores busy over one
-    ``window``), or ``timeout`` passed: what a finished run leaves behind (an
-    exchange deleting a 256 MiB log, the warm pool starting a sandbox) must not
-    land in the next measurement, a figure's or its ceiling's. Returns the
-    seconds waited."""
-    import time
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
+    ``window``), at most ``timeout`` seconds: what a finished run leaves behind
+    (an exchange deleting a 256 MiB log, the warm pool starting a sandbox) must
+    not land in the next measurement, a figure's or its ceiling's. False if
+    the machine did not quieten in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if busy_cores(window) <= max_busy:
-            break
-    return time.monotonic() - start
+            return True
+    return False

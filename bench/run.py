@@ -98,6 +98,7 @@ class Bench:
         self.n_servers = 0
         self.bare: ceilings.BareServer | None = None
         self.failed = False
+        self.unsettled = 0  # measurements started on a machine that stayed busy
         self.extra: dict[str, Any] = {}
 
     # -- plumbing -----------------------------------------------------------------
@@ -105,10 +106,17 @@ class Bench:
     def log(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    def quiet(self) -> None:
+        """Start the next measurement on a quiet machine (common.settle); say so
+        when the machine did not quieten (the figure then carries its load)."""
+        if not settle():
+            self.unsettled += 1
+            self.log("    (the machine stayed busy for 3 s; measuring anyway)")
+
     def stage(self, name: str, keys: list[str], fn: Callable[[], None]) -> None:
         self.log(f"{name} ...")
         try:
-            settle()
+            self.quiet()
             fn()
         except BaseException as exc:  # noqa: BLE001 - a failed stage marks its rows, the rest goes on
             if _interrupted(exc):
@@ -236,6 +244,7 @@ class Bench:
                 xs = [x * MS for x in trio.run(chain.first_output, url, b.first_output_runs, 2,
                                                b.first_output_pause)]
                 self.rows["first_bwrap"].set(xs)
+                self.quiet()  # the warm pool refills after the last execute
                 idle = [x * MS for x in trio.run(ceilings.ws_rtt, self.bare_url(),
                                                  b.first_output_runs, 2, b.first_output_pause)]
                 self.rows["first_bwrap"].note = (
@@ -247,6 +256,7 @@ class Bench:
             def echo() -> None:
                 rtt = [x * MS for x in trio.run(ceilings.ws_rtt, self.bare_url(), b.echo_rtts)]
                 self.set_ceiling("ws_rtt", "bare trio-websocket+CBOR round trip (ms)", rtt)
+                self.quiet()
                 xs = [x * MS for x in trio.run(chain.echo_rtts, url, b.echo_rtts)]
                 self.rows["echo"].set(xs)
                 self.log(f"    echo p50 {statistics.median(xs):.2f} ms (bare ws {statistics.median(rtt):.3f} ms)")
@@ -255,18 +265,19 @@ class Bench:
                 live, replay, ceil = [], [], []
                 assert srv.proc is not None
                 probes: dict[str, list[dict[str, float]]] = {"live": [], "replay": []}
-                for _ in range(b.stream_runs):
-                    # Each measurement starts on a quiet machine (common.settle).
-                    settle()
+                for run in range(b.stream_runs):
+                    # Each measurement starts on a quiet machine (the stage's start is).
+                    if run:
+                        self.quiet()
                     if kind == "big":
                         ceil.append(trio.run(ceilings.ws_stream, self.bare_url(), chain.FRAME,
                                              amount // chain.FRAME) / scale)
                     else:
                         ceil.append(trio.run(ceilings.ws_records, self.bare_url(), 100, 64, amount) / scale)
-                    settle()
+                    self.quiet()
                     p_live = chain.CpuProbe(srv.proc.pid, srv.data_dir, amount)
                     live.append(trio.run(chain.stream_live, url, kind, amount, p_live) / scale)
-                    settle()
+                    self.quiet()
                     p_replay = chain.CpuProbe(srv.proc.pid, srv.data_dir, amount)
                     replay.append(trio.run(chain.stream_replay, url, kind, amount, p_replay) / scale)
                     for what, p in (("live", p_live), ("replay", p_replay)):
@@ -293,6 +304,7 @@ class Bench:
             def reattach() -> None:
                 conn = [x * MS for x in trio.run(ceilings.ws_connect_rtt, self.bare_url(), b.reattach_runs)]
                 self.set_ceiling("ws_connect", "bare ws connect + one round trip (ms)", conn)
+                self.quiet()
                 xs = [x * MS for x in trio.run(chain.reattach, url, b.reattach_runs)]
                 self.rows["reattach"].set(xs)
                 self.log(f"    reattach p50 {statistics.median(xs):.2f} ms")
@@ -529,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         f"volumes: {b.stream_runs} runs x {b.stream_bytes // MiB} MiB of 64 KiB frames and "
         f"{b.stream_runs} x {b.small_frames:,} frames of 100 B (each live and replayed); "
         f"{bench.extra.get('sessions', b.sessions):,} sessions; backlog {b.backlog_bytes // MiB} MiB; "
-        f"run took {elapsed:.0f} s",
+        f"run took {elapsed:.0f} s; measurements started on a machine still busy after 3 s: "
+        f"{bench.unsettled}",
         "",
         table(rows),
         LEGEND,
@@ -538,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(out), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"mode": mode, "machine": info, "elapsed_s": elapsed,
+            json.dump({"mode": mode, "machine": info, "elapsed_s": elapsed, "unsettled": bench.unsettled,
                        "budget": b.__dict__, "rows": [row.to_json() for row in rows],
                        "ceilings": {k: {"name": bench.ceil_names[k], "values": s.values, "p50": s.p50,
                                         "p90": s.p90} for k, s in bench.ceil.items()}},
