@@ -296,8 +296,8 @@ LAST_EVENT = 2 << 20
 
 
 async def _idle_while_it_writes(s, seconds: float) -> int:
-    """Read nothing for ``seconds`` (or until the function waits for input);
-    return the most bytes the client held unread meanwhile."""
+    """Read nothing for ``seconds``; return the most bytes the client held
+    unread meanwhile."""
     most = 0
     with trio.move_on_after(seconds):
         while True:

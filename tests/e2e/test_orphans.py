@@ -46,8 +46,8 @@ def procs_in(cgroup: str) -> str:
 
 async def test_cgroups_of_a_killed_exchange_are_swept(make_server):
     """An exchange killed with SIGKILL cannot remove its environment's cgroups;
-    the sweep (run by every server at start and every 10 minutes) does, and
-    leaves a live session's alone."""
+    the sweep does, and leaves a live session's alone. (The server runs it at
+    start and every 10 minutes, Registry.reaper; here it is called directly.)"""
     import bento_sandbox
 
     if not bento_sandbox.detect_cgroups():

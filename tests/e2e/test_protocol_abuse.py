@@ -10,6 +10,7 @@ be able to hello and execute.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -349,6 +350,7 @@ async def test_deepest_and_oddest_inputs_reach_the_function(server):
     assert ex["state"] == "exited", ex
     assert ex["result"] == [[31, "bottom"], [2, float("inf")], [2, -0.0], [2, 2**64 - 1],
                             [2, -(2**64)]], ex
+    assert math.copysign(1.0, ex["result"][2][1]) == -1.0  # (0.0 == -0.0: the sign, too)
 
 
 async def test_message_larger_than_max_message_closes_1009(make_server):

@@ -81,8 +81,12 @@ def figures(pid: int, data_dir: str) -> Figures:
             pass
     by_data_dir = 0
     needle = data_dir.encode()
+    # Only what the server starts (exchanges and drivers are python, sandboxes
+    # bwrap): a cmdline read waits on its process's memory map, so the host's
+    # other processes are not read at all (see helpers.read_proc).
     for q in proc_table():
-        if q.pid != pid and q.state != "Z" and needle in (read_proc(q.pid, "cmdline") or b""):
+        if (q.pid != pid and q.state != "Z" and q.comm.startswith(("python", "bwrap"))
+                and needle in (read_proc(q.pid, "cmdline") or b"")):
             by_data_dir += 1
     sessions = os.path.join(data_dir, "sessions")
     files = sum(len(names) for _, _, names in os.walk(data_dir))
