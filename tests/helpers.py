@@ -333,6 +333,46 @@ def data_of(frames: list[list], ch: str = "stdout") -> bytes:
     return b"".join(f[2] for f in frames if f[1] == ch)
 
 
+def congestion_controls(ss_filter: str) -> list[str]:
+    """The TCP congestion control of each established connection that ``ss``
+    shows for ``ss_filter`` (skips the test without iproute2's ``ss``)."""
+    import shutil
+
+    import pytest
+
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("needs ss (iproute2) to see the connection")
+    out = subprocess.run([ss, "-tinH", "state", "established", ss_filter],
+                         capture_output=True, text=True, timeout=10).stdout
+    found = [w for w in out.split() if w in ("cubic", "reno", "bbr", "bic", "htcp", "vegas", "dctcp")]
+    assert found, out
+    return found
+
+
+def assert_plain_congestion(found: list[str]) -> None:
+    """Each is the system's default when that is plain, else cubic or reno (bento/tcptune.py)."""
+    from bento import tcptune
+
+    plain = [name.decode() for name in tcptune.PLAIN]
+    default = tcptune.system_default()
+    assert set(found) <= ({default} if default in plain else set(plain)), found
+
+
+async def wait_status(c, token: str, pred, timeout: float = 20, every: float = 0.05) -> dict:
+    """Poll ``status`` until ``pred(status)`` holds; return that status."""
+    with trio.fail_after(timeout):
+        while True:
+            st = await c.ok("status", token=token)
+            if pred(st):
+                return st
+            await trio.sleep(every)
+
+
+async def wait_exit(c, token: str, timeout: float = 20) -> dict:
+    return await wait_status(c, token, lambda st: st["exit"] is not None, timeout)
+
+
 def assert_contiguous(frames: list[list], start: int = 1) -> None:
     """Seqs go up by one (a gap frame covers from..to), with no repeats."""
     expect = start

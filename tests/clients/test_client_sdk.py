@@ -9,6 +9,7 @@ import sys
 import pytest
 import trio
 from bento_clients.frames import Exit, Gap, Msg, Stderr, Stdout
+from helpers import assert_plain_congestion, congestion_controls
 
 import bento
 
@@ -395,18 +396,7 @@ async def test_a_viewer_that_falls_behind_pauses_and_resumes_exactly(server):
 async def test_sdk_connection_to_this_host_is_not_paced(server):
     """Like the server's side (tests/e2e/test_core.py): the SDK's connection to
     a server on this host uses a plain congestion control (bento/tcptune.py)."""
-    import shutil
-
-    from bento import tcptune
-
-    ss = shutil.which("ss")
-    if ss is None:
-        pytest.skip("needs ss (iproute2) to see the connection")
     async with bento.connect(server.url) as c:
         await c.execute("def main():\n    return 1\n")
-        out = subprocess.run([ss, "-tinH", "state", "established", f"( dport = :{server.port} )"],
-                             capture_output=True, text=True, timeout=10).stdout
-    algos = [w for w in out.split() if w in ("cubic", "reno", "bbr", "bic", "htcp", "vegas", "dctcp")]
-    assert algos, out
-    want = {tcptune.system_default()} if tcptune.system_default() in ("cubic", "reno") else {"cubic", "reno"}
-    assert set(algos) <= want, out
+        found = congestion_controls(f"( dport = :{server.port} )")
+    assert_plain_congestion(found)

@@ -13,7 +13,15 @@ import cbor2
 import psutil
 import pytest
 import trio
-from helpers import assert_contiguous, connect, data_of, proc_table, read_proc
+from helpers import (
+    assert_contiguous,
+    connect,
+    data_of,
+    proc_table,
+    read_proc,
+    wait_exit,
+    wait_status,
+)
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -35,20 +43,6 @@ def main(chunks):
 
 def written(chunks: int) -> bytes:
     return b"".join((b"%07d\n" % i) * 512 for i in range(chunks))
-
-
-async def wait_status(c, token: str, pred, timeout: float = 20, every: float = 0.05) -> dict:
-    """Poll ``status`` until ``pred(status)`` holds; return that status."""
-    with trio.fail_after(timeout):
-        while True:
-            st = await c.ok("status", token=token)
-            if pred(st):
-                return st
-            await trio.sleep(every)
-
-
-async def wait_exit(c, token: str, timeout: float = 20) -> dict:
-    return await wait_status(c, token, lambda st: st["exit"] is not None, timeout)
 
 
 async def wait_not_found(c, token: str, timeout: float) -> float:

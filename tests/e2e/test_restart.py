@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 import psutil
 import trio
-from helpers import assert_contiguous, connect, data_of
+from helpers import assert_contiguous, connect, data_of, wait_exit
 from trio_websocket import ConnectionClosed
+
+from bento import sessionlog
 
 # Prints 0..n-1, one line every ``step`` s, and echoes every input with
 # api.send until its input is closed (so it outlives the printing when needed).
@@ -218,10 +220,9 @@ async def test_server_kill9_while_streaming_loses_and_repeats_nothing(make_serve
 
 
 def newest_segment(data_dir: str, sid: str) -> str:
-    sdir = session_dir(data_dir, sid)
-    segs = sorted(n for n in os.listdir(sdir) if n.startswith("out.") and len(n) == 24)
-    assert segs, os.listdir(sdir)
-    return os.path.join(sdir, segs[-1])
+    segs = sessionlog.list_segments(session_dir(data_dir, sid), "out")
+    assert segs, os.listdir(session_dir(data_dir, sid))
+    return segs[-1][1]
 
 
 async def test_torn_tail_after_crash_is_never_served(make_server):
@@ -298,7 +299,7 @@ def main(n):
 
 def damage_record(path: str, seq: int) -> None:
     """Change one byte near the end of record ``seq``'s payload in a log segment."""
-    head = struct.Struct("<IQI")
+    head = sessionlog.HEAD
     with open(path, "r+b") as f:
         data = f.read()
         pos = 0
@@ -318,17 +319,14 @@ async def test_damaged_record_found_after_restart_is_refused(make_server):
     srv = make_server()
     async with connect_crashy(srv.url) as c:
         r = await c.ok("execute", code=BIG, args=[150], attach=False)
-        with trio.fail_after(30):
-            while (await c.ok("status", token=r["token"]))["exit"] is None:
-                await trio.sleep(0.05)
+        await wait_exit(c, r["token"], timeout=30)
         srv.kill()
     sid = r["session"]
     await kill9_and_wait(read_pid(srv.data_dir, sid, "exchange.pid"))
-    sdir = session_dir(srv.data_dir, sid)
-    segs = sorted(n for n in os.listdir(sdir) if n.startswith("out.") and len(n) == 24)
+    segs = sessionlog.list_segments(session_dir(srv.data_dir, sid), "out")
     assert len(segs) >= 2, segs
     damaged = 20
-    damage_record(os.path.join(sdir, segs[0]), damaged)
+    damage_record(segs[0][1], damaged)
 
     again = make_server(data_dir=srv.data_dir)
     async with connect(again.url) as c:
@@ -348,13 +346,9 @@ async def test_damaged_record_read_back_later_is_refused(server):
     failed to write it back, must not be served as output)."""
     async with connect(server.url) as c:
         r = await c.ok("execute", code=BIG, args=[20], attach=False)
-        with trio.fail_after(30):
-            while (await c.ok("status", token=r["token"]))["exit"] is None:
-                await trio.sleep(0.05)
+        await wait_exit(c, r["token"], timeout=30)
         sid = r["session"]
-        sdir = session_dir(server.data_dir, sid)
-        segs = sorted(n for n in os.listdir(sdir) if n.startswith("out.") and len(n) == 24)
-        damage_record(os.path.join(sdir, segs[0]), 7)
+        damage_record(sessionlog.list_segments(session_dir(server.data_dir, sid), "out")[0][1], 7)
         await c.ok("attach", token=r["viewer_token"])
         err = await c.event(ev="error", session=sid)
         assert err["error"]["code"] == "internal" and "checksum" in err["error"]["message"], err

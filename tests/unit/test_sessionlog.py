@@ -15,7 +15,7 @@ def write_log(tmp_path, n: int) -> str:
     for seq in range(1, n + 1):
         w.append(seq, b"payload %d" % seq)
     w.flush()
-    os.close(w.fd)
+    w.close()
     return sessionlog.list_segments(str(tmp_path), "out")[0][1]
 
 
