@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -104,6 +105,21 @@ class Proxy:
             if sock.fileno() != -1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
+
+
+def line_numbers(frames: list[Any]) -> list[int]:
+    """The number each stdout line of ``frames`` starts with, in order (the
+    output must end with its newline)."""
+    from bento_clients.frames import Stdout
+
+    lines = b"".join(f.data for f in frames if isinstance(f, Stdout)).split(b"\n")
+    assert lines[-1] == b"", lines[-1][:80]
+    numbers = []
+    for line in lines[:-1]:
+        m = re.match(rb"\s*(\d+)", line)
+        assert m is not None, line[:80]
+        numbers.append(int(m.group(1)))
+    return numbers
 
 
 def cli_env(state_file: str, server_url: str | None = None, **extra: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import trio
 from bento_clients.frames import Exit, Gap, Msg, Stderr, Stdout
+from client_helpers import line_numbers
 from helpers import assert_plain_congestion, congestion_controls
 
 import bento
@@ -370,8 +371,7 @@ async def test_many_pauses_in_a_row_lose_and_repeat_nothing(server):
             stats = s.statistics()
         assert stats["pauses"] >= 10 and stats["duplicates"] == 0 and stats["holes"] == 0, stats
         assert not [f for f in frames if isinstance(f, Gap)]
-        lines = b"".join(f.data for f in frames if isinstance(f, Stdout)).split(b"\n")
-        assert [int(x.split()[0]) for x in lines[:-1]] == list(range(2048))
+        assert line_numbers(frames) == list(range(2048))
 
 
 async def test_a_viewer_that_falls_behind_pauses_and_resumes_exactly(server):
@@ -389,8 +389,7 @@ async def test_a_viewer_that_falls_behind_pauses_and_resumes_exactly(server):
             await s.destroy()
         assert v.mode == "ro" and stats["pauses"] >= 1 and stats["duplicates"] == 0, stats
         assert not [f for f in frames if isinstance(f, Gap)]
-        lines = b"".join(f.data for f in frames if isinstance(f, Stdout)).split(b"\n")
-        assert [int(x.split()[0]) for x in lines[:-1]] == list(range(512))
+        assert line_numbers(frames) == list(range(512))
 
 
 async def test_sdk_connection_to_this_host_is_not_paced(server):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from bento_clients.frames import Exit, Stdout
-from client_helpers import ROOT, cli_env, run_cli, write_file
+from client_helpers import ROOT, cli_env, line_numbers, run_cli, write_file
 
 import bento
 
@@ -145,5 +145,4 @@ def test_blocking_facade_pauses_a_session_it_does_not_read(server):
         stats = s.statistics()
         assert not s.paused
     assert stats["pauses"] >= 1 and stats["duplicates"] == 0, stats
-    lines = b"".join(f.data for f in frames if isinstance(f, Stdout)).split(b"\n")
-    assert [int(x[:8]) for x in lines[:-1]] == list(range(400))
+    assert line_numbers(frames) == list(range(400))
