@@ -716,7 +716,12 @@ class Exchange:
         assert launched.env is not None
         self.child = child = launched.env
         if pre is None:
-            pre = prestart(launched, self.meta, None)
+            try:
+                pre = prestart(launched, self.meta, None)
+            except bento_sandbox.Unenforceable as exc:
+                launched.discard()
+                self.start(Launched(None, error=str(exc)))
+                return
         self.driver, self.enforced, started_at = pre
         self.pipes = {launched.out_r: "stdout", launched.err_r: "stderr"}
         for fd in self.pipes:
@@ -953,7 +958,10 @@ def prestart(launched: Launched, meta: dict, cwd: str | None) -> Prestarted:
     environment this comes before the exchange sets itself up, which then
     happens while the function starts.)"""
     assert launched.env is not None
-    enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(meta["limits"]))
+    # Raises bento_sandbox.Unenforceable: the server checked the limits against
+    # what this machine holds, but a session's own cgroup can still fail here.
+    enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(meta["limits"]),
+                                           strict=not meta.get("allow_unenforced", False))
     driver = Framed(launched.from_r, launched.to_w, meta["max_message"] + 4096)
     driver.queue(protocol.encode({
         "t": "start",
@@ -1157,7 +1165,11 @@ def main(argv: list[str]) -> None:
             # HOME, as if started there). A sandbox has its own tmpfs home.
             os.makedirs(work, exist_ok=True)
             cwd = work
-        pre = prestart(launched, meta, cwd)
+        try:
+            pre = prestart(launched, meta, cwd)
+        except bento_sandbox.Unenforceable as exc:
+            launched.discard()
+            launched = Launched(None, error=str(exc))
     ex = Exchange(sdir, adopt, meta)
     if adopt:
         ex.adopt_lost()
