@@ -1,0 +1,262 @@
+"""One WebSocket connection of the SDK (a *link*): opening it, sending whole
+messages, matching replies to requests, reading and routing what arrives.
+
+A link never reconnects: when it dies, every request waiting on it is woken
+with no reply (``LinkDied``) and the supervisor (``supervisor.py``) opens the
+next one. Messages are encoded and decoded by ``bento.protocol`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, wrap_client_stream
+
+from bento import protocol, tcptune
+
+__all__ = [
+    "MAX_ITEMS",
+    "Changed",
+    "Link",
+    "LinkDied",
+    "OnMessage",
+    "OnReply",
+    "Permanent",
+    "WatchedStream",
+    "describe",
+    "handshake",
+    "open_stream",
+]
+
+log = logging.getLogger("bento.client")
+
+MAX_ITEMS = 4_000_000  # per received message; every item costs at least one byte
+
+OnReply = Callable[["Link", dict[str, Any]], None]
+OnMessage = Callable[["Link", dict[str, Any], int], None]
+
+
+class LinkDied(Exception):
+    """The link died before the reply came. ``sent`` False: the message
+    certainly did not leave."""
+
+    def __init__(self, sent: bool) -> None:
+        super().__init__("the connection dropped")
+        self.sent = sent
+
+
+class Permanent(Exception):
+    """A connection attempt failed in a way retrying cannot fix."""
+
+
+class Changed:
+    """A level-triggered wake-up: ``wait()`` returns after the next ``notify()``."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class _Slot:
+    __slots__ = ("done", "on_reply", "reply")
+
+    def __init__(self, on_reply: OnReply | None) -> None:
+        self.done = trio.Event()
+        self.reply: dict[str, Any] | None = None
+        self.on_reply = on_reply
+
+
+class Link:
+    """One WebSocket connection: its pending requests and whether it is dead.
+
+    ``max_message`` is the server's bound from its ``hello`` reply."""
+
+    def __init__(self, ws: Any, send_timeout: float) -> None:
+        self.ws = ws
+        self.send_timeout = send_timeout
+        self.pending: dict[int, _Slot] = {}
+        self.dead = trio.Event()
+        self.why = ""
+        self.max_message = protocol.DEFAULT_MAX_MESSAGE
+        self._rid = 0
+
+    def kill(self, why: str) -> None:
+        if self.dead.is_set():
+            return
+        self.why = why
+        self.dead.set()
+        for slot in self.pending.values():
+            slot.done.set()
+        self.pending.clear()
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        """Send one message whole. Shielded from cancellation: a send cut in the
+        middle would leave half a WebSocket frame on the stream; a send that
+        cannot finish within ``send_timeout`` kills the link instead."""
+        if self.dead.is_set():
+            raise LinkDied(sent=False)
+        data = protocol.encode(msg)
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.fail_after(self.send_timeout):
+                    await self.ws.send_message(data)
+            except trio.TooSlowError:
+                self.kill(f"a send did not finish within {self.send_timeout:g} s")
+                raise LinkDied(sent=True) from None
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.kill(describe(exc))
+                raise LinkDied(sent=True) from None
+
+    async def request(self, op: str, fields: dict[str, Any], on_reply: OnReply | None = None) -> dict[str, Any]:
+        """One request and its reply (ok or not). ``on_reply`` runs in the reader,
+        synchronously with an ok reply, before any later message is routed.
+        Raises ``LinkDied`` if the link dies first."""
+        self._rid += 1
+        rid = self._rid
+        slot = _Slot(on_reply)
+        self.pending[rid] = slot
+        try:
+            await self.send({"op": op, "id": rid, **fields})
+            await slot.done.wait()
+        finally:
+            self.pending.pop(rid, None)
+        if slot.reply is None:
+            raise LinkDied(sent=True)
+        return slot.reply
+
+    def route_reply(self, msg: dict[str, Any]) -> None:
+        """Hand a reply to the request waiting for it (unknown ids are ignored)."""
+        rid = msg.get("id")
+        slot = self.pending.pop(rid, None) if type(rid) is int else None
+        if slot is None:
+            return
+        slot.reply = msg
+        if slot.on_reply is not None and msg.get("ok"):
+            slot.on_reply(self, msg)
+        slot.done.set()
+
+    async def read(self, max_message: int, on_message: OnMessage) -> None:
+        """Read messages until the link dies: replies go to their requests, events
+        to ``on_message(link, msg, wire_size)``."""
+        try:
+            while True:
+                raw = await self.ws.get_message()
+                if not isinstance(raw, bytes):
+                    raise protocol.ProtocolError("the server sent a text message")
+                msg = protocol.decode(raw, max_size=max_message, max_items=MAX_ITEMS)
+                if msg.get("ev") is not None:
+                    on_message(self, msg, len(raw))
+                else:
+                    self.route_reply(msg)
+        except ConnectionClosed as exc:
+            self.kill(describe(exc))
+        except protocol.ProtocolError as exc:
+            self.kill(f"invalid message from the server: {exc.message}")
+        finally:
+            self.kill("the connection closed")
+
+    async def keep_alive(self, interval: float, timeout: float) -> None:
+        """A ``ping`` every ``interval`` s; no answer within ``timeout`` kills the link."""
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(timeout) as waited:
+                try:
+                    await self.request("ping", {})
+                except LinkDied:
+                    return
+            if waited.cancelled_caught:
+                self.kill(f"no answer to ping within {timeout:g} s")
+                return
+
+
+class WatchedStream(trio.abc.Stream):
+    """A transport stream that says when it breaks (``broken``)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.broken = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.broken.set()
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.broken.set()
+            raise
+        if not data:
+            self.broken.set()
+        return data
+
+    async def aclose(self) -> None:
+        self.broken.set()
+        await self.stream.aclose()
+
+
+async def open_stream(host: str, port: int, ssl_context: ssl.SSLContext | None) -> trio.abc.Stream:
+    """A TCP (or TLS over TCP) stream to the server."""
+    stream: trio.abc.Stream
+    if ssl_context is not None:
+        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context, https_compatible=True)
+    else:
+        stream = await trio.open_tcp_stream(host, port)
+    try:
+        # A server on this host: no pacing of what we send (bento/tcptune.py).
+        tcptune.plain_for_same_host(tcptune.stream_socket(stream))
+    except OSError as exc:  # the system's choice stays: only the pace of a same-host link differs
+        log.debug("could not tune the connection's congestion control: %s", exc)
+    return stream
+
+
+async def handshake(nursery: trio.Nursery, stream: WatchedStream, host: str, resource: str,
+                    max_message: int) -> Any:
+    """The WebSocket opening handshake; the connection's background task runs in
+    ``nursery``. Fails at once if the stream breaks (trio-websocket alone would
+    wait for its handshake forever)."""
+    made: list[Any] = []
+    async with trio.open_nursery() as hs:
+        async def watch() -> None:
+            await stream.broken.wait()
+            hs.cancel_scope.cancel()
+
+        hs.start_soon(watch)
+        made.append(await wrap_client_stream(
+            nursery, stream, host, resource,  # type: ignore[arg-type]
+            max_message_size=max_message, receive_buffer_size=64 * 1024))
+        hs.cancel_scope.cancel()
+    if not made:
+        raise trio.BrokenResourceError("the connection broke during the WebSocket handshake")
+    return made[0]
+
+
+def describe(exc: BaseException | str) -> str:
+    """Why a connection failed, in words a user can act on."""
+    if isinstance(exc, str):
+        return exc
+    if isinstance(exc, ConnectionRejected):
+        return f"the server rejected the WebSocket handshake (HTTP {exc.status_code}); is the path /v1?"
+    if isinstance(exc, ConnectionClosed) and exc.reason is not None:
+        r = exc.reason
+        return f"closed by the server ({r.code}{': ' + r.reason if r.reason else ''})"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    return text
