@@ -1,6 +1,6 @@
 """Bento's Python SDK: a trio-native async client that survives dropped connections.
 
-    async with bento.connect("ws://127.0.0.1:8765/v1", api_key=...) as c:
+    async with bento_clients.connect("ws://127.0.0.1:8765/v1", api_key=...) as c:
         s = await c.execute(code_or_function_id_or_callable, *args, **kwargs)
         async for frame in s.output():
             ...
