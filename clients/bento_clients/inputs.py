@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from bento_clients.errors import InputClosed
+from bento_clients.errors import InputClosed, TooLarge
 from bento_clients.frames import EOF
 from bento_clients.link import LinkDied
 from bento_clients.positions import InputLog
@@ -52,6 +52,7 @@ class SessionInput:
         self.log = InputLog()
         self.closed = False  # by close_input()
         self.gone = False  # the function ended: no input is taken any more
+        self.failed: TooLarge | None = None  # an input the server cannot take: none after it goes
         self._sent_upto = 0
         self._lock = trio.Lock()
 
@@ -65,6 +66,8 @@ class SessionInput:
             raise InputClosed("a viewer (read-only) attachment cannot send input")
         if s._end is not None:
             raise s._end
+        if self.failed is not None:
+            raise self.failed
         if self.gone:
             raise InputClosed(f"session {s.id} has ended: it takes no more input")
         if new and self.closed:
@@ -115,6 +118,11 @@ class SessionInput:
                 try:
                     await link.send(msg)
                 except LinkDied:
+                    break
+                except TooLarge as exc:  # the server's bound shrank since it was taken
+                    log.error("bento: session %s: input %d cannot be sent: %s", s.id, seq, exc)
+                    self.failed = exc
+                    s._changed.notify()
                     break
                 if s._link is not link:
                     break

@@ -17,6 +17,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, wrap_client_stream
 
 from bento import protocol, tcptune
+from bento_clients.errors import TooLarge
 
 __all__ = [
     "MAX_ITEMS",
@@ -88,7 +89,16 @@ class Link:
         self.dead = trio.Event()
         self.why = ""
         self.max_message = protocol.DEFAULT_MAX_MESSAGE
+        #: The WebSocket close code, when the server closed the link with one.
+        self.close_code: int | None = None
         self._rid = 0
+        self._last_sent: tuple[Any, int] = (None, 0)  # (id, size) of the last message sent
+
+    def closed_by(self, exc: ConnectionClosed) -> None:
+        """The server closed the link (``exc`` says how)."""
+        if exc.reason is not None and self.close_code is None:
+            self.close_code = exc.reason.code
+        self.kill(describe(exc))
 
     def kill(self, why: str) -> None:
         if self.dead.is_set():
@@ -106,6 +116,9 @@ class Link:
         if self.dead.is_set():
             raise LinkDied(sent=False)
         data = protocol.encode(msg)
+        if len(data) > self.max_message:
+            raise TooLarge.message_over(str(msg.get("op", "")), len(data), self.max_message)
+        self._last_sent = (msg.get("id"), len(data))
         with trio.CancelScope(shield=True):
             try:
                 with trio.fail_after(self.send_timeout):
@@ -113,14 +126,19 @@ class Link:
             except trio.TooSlowError:
                 self.kill(f"a send did not finish within {self.send_timeout:g} s")
                 raise LinkDied(sent=True) from None
-            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except ConnectionClosed as exc:
+                self.closed_by(exc)
+                raise LinkDied(sent=True) from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.kill(describe(exc))
                 raise LinkDied(sent=True) from None
 
     async def request(self, op: str, fields: dict[str, Any], on_reply: OnReply | None = None) -> dict[str, Any]:
         """One request and its reply (ok or not). ``on_reply`` runs in the reader,
         synchronously with an ok reply, before any later message is routed.
-        Raises ``LinkDied`` if the link dies first."""
+        Raises ``LinkDied`` if the link dies first; ``TooLarge`` if the request
+        is over the server's ``max_message``, or if the server closed the link
+        with 1009 (message too big) right after it, so it is never repeated."""
         self._rid += 1
         rid = self._rid
         slot = _Slot(on_reply)
@@ -128,11 +146,22 @@ class Link:
         try:
             await self.send({"op": op, "id": rid, **fields})
             await slot.done.wait()
+        except LinkDied:
+            self._check_refused(op, rid)
+            raise
         finally:
             self.pending.pop(rid, None)
         if slot.reply is None:
+            self._check_refused(op, rid)
             raise LinkDied(sent=True)
         return slot.reply
+
+    def _check_refused(self, op: str, rid: int) -> None:
+        """Raise ``TooLarge`` if the server closed the link with 1009 (message too
+        big) and request ``rid`` was the last message sent: it is the cause."""
+        last_id, size = self._last_sent
+        if self.close_code == 1009 and last_id == rid:
+            raise TooLarge.closed_for(op, size, self.why)
 
     def route_reply(self, msg: dict[str, Any]) -> None:
         """Hand a reply to the request waiting for it (unknown ids are ignored)."""
@@ -159,7 +188,7 @@ class Link:
                 else:
                     self.route_reply(msg)
         except ConnectionClosed as exc:
-            self.kill(describe(exc))
+            self.closed_by(exc)
         except protocol.ProtocolError as exc:
             self.kill(f"invalid message from the server: {exc.message}")
         finally:

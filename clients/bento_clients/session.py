@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from bento import protocol
 from bento_clients.attachment import Attachment
-from bento_clients.errors import BentoError, remote_error
+from bento_clients.errors import BentoError, TooLarge, remote_error
 from bento_clients.flow import ReadQueue
 from bento_clients.frames import EOF, Exit, Frame
 from bento_clients.inputs import InputJournal, SessionInput
@@ -225,11 +225,12 @@ class Session:
         """Send one input value to the function (``api.recv()`` returns it); returns
         its seq. It is delivered exactly once even across reconnects. Waits only
         when ``max_pending_inputs`` are unacknowledged. Raises ``InputClosed``
-        after ``close_input()``, after the end, or on a read-only attachment."""
+        after ``close_input()``, after the end, or on a read-only attachment;
+        ``TooLarge`` (a ValueError) for a value over the server's bound."""
         encoded = protocol.encode(value)
         limit = (self._link.max_message if self._link else protocol.DEFAULT_MAX_MESSAGE) - _INPUT_OVERHEAD
         if len(encoded) > limit:
-            raise ValueError(f"input of {len(encoded)} bytes is over the server's limit ({limit})")
+            raise TooLarge.message_over("input", len(encoded), limit)
         return await self._input.add(value)
 
     async def close_input(self) -> int:
