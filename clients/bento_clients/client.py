@@ -84,11 +84,14 @@ class Client:
         max_message: int = 64 * 1024 * 1024,
         max_queued_bytes: int | None = 64 * 1024 * 1024,
         ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
         client_name: str = CLIENT_NAME,
     ) -> None:
         self.url = url or default_url()
         self.api_key = api_key if api_key is not None else os.environ.get("BENTO_API_KEY") or None
         self.max_pending_inputs = max_pending_inputs
+        if ca_file is None and ssl_context is None:
+            ca_file = os.environ.get("BENTO_CA_FILE") or None
         #: Output received and not read yet, per session, past which its attachment
         #: is paused (see ``Session.paused`` and docs/sdk.md); None: no bound.
         self.max_queued_bytes = max_queued_bytes
@@ -97,7 +100,7 @@ class Client:
             on_lost=self._wake_sessions, reconnect_timeout=reconnect_timeout,
             connect_timeout=connect_timeout, ping_interval=ping_interval, ping_timeout=ping_timeout,
             backoff_base=backoff_base, backoff_max=backoff_max, max_message=max_message,
-            ssl_context=ssl_context, client_name=client_name)
+            ssl_context=ssl_context, ca_file=ca_file, client_name=client_name)
         self._sessions: dict[str, Session] = {}
         self._nursery: trio.Nursery | None = None
 

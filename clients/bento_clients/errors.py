@@ -91,7 +91,21 @@ class RequestFailed(BentoError):
 
 
 class Unauthorized(RequestFailed):
-    """A missing or wrong API key."""
+    """The server needs an API key for this op: ``key_sent`` says whether one was
+    sent and refused (True) or none was sent (False); None when not known."""
+
+    key_sent: bool | None = None
+
+    @classmethod
+    def for_key(cls, op: str, key_sent: bool) -> Unauthorized:
+        """The error for a refused request, saying what the client sent."""
+        if key_sent:
+            text = "the API key was refused by the server (check api_key= or BENTO_API_KEY)"
+        else:
+            text = "the server needs an API key and none was sent (give api_key= or set BENTO_API_KEY)"
+        err = cls("unauthorized", text, op)
+        err.key_sent = key_sent
+        return err
 
 
 class Forbidden(RequestFailed):

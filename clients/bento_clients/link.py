@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -31,6 +31,8 @@ __all__ = [
     "describe",
     "handshake",
     "open_stream",
+    "permanent",
+    "speaks_tls",
 ]
 
 log = logging.getLogger("bento.client")
@@ -209,17 +211,25 @@ class Link:
 
 
 class WatchedStream(trio.abc.Stream):
-    """A transport stream that says when it breaks (``broken``)."""
+    """A transport stream that says when it breaks (``broken``), why (``error``)
+    and what the peer sent first (``first``: up to 16 bytes), for ``describe``."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.broken = trio.Event()
+        self.error: BaseException | None = None
+        self.first = b""
+
+    def _broke(self, exc: BaseException | None) -> None:
+        if self.error is None:
+            self.error = exc
+        self.broken.set()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
             await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.broken.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._broke(exc)
             raise
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -228,11 +238,13 @@ class WatchedStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         try:
             data = await self.stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.broken.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._broke(exc)
             raise
         if not data:
-            self.broken.set()
+            self._broke(None)
+        elif len(self.first) < 16:
+            self.first += bytes(data[:16 - len(self.first)])
         return data
 
     async def aclose(self) -> None:
@@ -272,14 +284,48 @@ async def handshake(nursery: trio.Nursery, stream: WatchedStream, host: str, res
             max_message_size=max_message, receive_buffer_size=64 * 1024))
         hs.cancel_scope.cancel()
     if not made:
-        raise trio.BrokenResourceError("the connection broke during the WebSocket handshake")
+        raise trio.BrokenResourceError("the connection broke during the WebSocket handshake") from stream.error
     return made[0]
 
 
-def describe(exc: BaseException | str) -> str:
+# SSL errors of a TLS handshake answered by a peer that does not speak TLS.
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE",
+            "UNKNOWN_PROTOCOL"}
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, the exceptions in its groups, and their causes and contexts."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+
+
+def permanent(exc: BaseException) -> bool:
+    """Whether a failed connection attempt would fail again the same way: the
+    server's certificate is not trusted, or one side speaks TLS and the other not."""
+    return any(isinstance(e, ssl.SSLCertVerificationError)
+               or (isinstance(e, ssl.SSLError) and e.reason in _NOT_TLS) for e in _causes(exc))
+
+
+def describe(exc: BaseException | str, url: str = "") -> str:
     """Why a connection failed, in words a user can act on."""
     if isinstance(exc, str):
         return exc
+    for e in _causes(exc):
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"TLS: certificate verify failed: {e.verify_message} (use --ca-file or BENTO_CA_FILE)"
+        if isinstance(e, ssl.SSLError) and e.reason in _NOT_TLS:
+            return "this is not a TLS server: use ws://"
+        if isinstance(e, ConnectionRefusedError):
+            return f"connection refused — is a server running at {url or 'that address'}? start one with `make run`"
     if isinstance(exc, ConnectionRejected):
         return f"the server rejected the WebSocket handshake (HTTP {exc.status_code}); is the path /v1?"
     if isinstance(exc, ConnectionClosed) and exc.reason is not None:
@@ -289,3 +335,26 @@ def describe(exc: BaseException | str) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror
     return text
+
+
+async def speaks_tls(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether the server at ``host:port`` completes a TLS handshake (its
+    certificate unchecked: nothing is sent over it). Asked only after a plain
+    WebSocket handshake found the connection closed with no answer."""
+    probe = ssl.create_default_context()
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    with trio.move_on_after(timeout):
+        try:
+            stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=probe, https_compatible=True)
+        except OSError:
+            return False
+        try:
+            await stream.do_handshake()
+            return True
+        except trio.BrokenResourceError:
+            return False
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+    return False

@@ -68,12 +68,15 @@ async def connect(
     *,
     reconnect_timeout: float = 60.0,
     connect_timeout: float = 10.0,
+    ca_file: str | None = None,
     **options: Any,
 ) -> AsyncIterator[Client]:
     """Connect to a Bento server: ``async with connect(url, api_key=...) as client``.
 
     ``url`` defaults to ``$BENTO_SERVER`` or ``ws://127.0.0.1:8765/v1``;
-    ``api_key`` to ``$BENTO_API_KEY``. The first connection is tried (with
+    ``api_key`` to ``$BENTO_API_KEY``; ``ca_file`` (for ``wss://``: PEM
+    certificates to trust besides the system's, e.g. a server's self-signed
+    one) to ``$BENTO_CA_FILE``. The first connection is tried (with
     backoff) for ``connect_timeout`` seconds, then ``ConnectionLost``. A
     dropped connection is restored by itself (backoff with jitter) for up to
     ``reconnect_timeout`` seconds; each drop and each reconnect is logged at
@@ -87,7 +90,7 @@ async def connect(
     detaches every session; the functions keep running.
     """
     client = Client(url, api_key, reconnect_timeout=reconnect_timeout,
-                    connect_timeout=connect_timeout, **options)
+                    connect_timeout=connect_timeout, ca_file=ca_file, **options)
     try:
         async with trio.open_nursery() as nursery:
             try:

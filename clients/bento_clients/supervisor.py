@@ -27,7 +27,13 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from bento import protocol
-from bento_clients.errors import ConnectionLost, NotFound, RequestFailed, RequestInterrupted
+from bento_clients.errors import (
+    ConnectionLost,
+    NotFound,
+    RequestFailed,
+    RequestInterrupted,
+    Unauthorized,
+)
 from bento_clients.link import (
     Changed,
     Link,
@@ -39,11 +45,16 @@ from bento_clients.link import (
     describe,
     handshake,
     open_stream,
+    permanent,
+    speaks_tls,
 )
 
 __all__ = ["Supervisor", "leaf_exceptions"]
 
 log = logging.getLogger("bento.client")
+
+_TLS_SERVER = "this is a TLS server: use wss://"
+_TLS_WATCH_S = 1.0  # no answer to a ws:// handshake this long: is the server speaking TLS?
 
 
 def leaf_exceptions(exc: BaseException) -> list[BaseException]:
@@ -51,6 +62,19 @@ def leaf_exceptions(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for e in exc.exceptions for leaf in leaf_exceptions(e)]
     return [exc]
+
+
+def tls_context(ssl_context: ssl.SSLContext | None, ca_file: str | None) -> ssl.SSLContext:
+    """The TLS settings for ``wss://``: ``ssl_context`` as given, else the
+    system's trusted certificates plus those in ``ca_file`` (PEM)."""
+    if ssl_context is not None:
+        if ca_file:
+            raise ValueError("give ssl_context or ca_file, not both (load the CA file into the context)")
+        return ssl_context
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use the CA file {ca_file!r}: {describe(exc)}") from None
 
 
 class Supervisor:
@@ -75,6 +99,7 @@ class Supervisor:
         backoff_max: float,
         max_message: int,
         ssl_context: ssl.SSLContext | None,
+        ca_file: str | None,
         client_name: str,
     ) -> None:
         parts = urlsplit(url)
@@ -85,7 +110,7 @@ class Supervisor:
         self._port = parts.port or (443 if parts.scheme == "wss" else 80)
         self._host_header = parts.netloc.rpartition("@")[2]
         self._resource = (parts.path or "/v1") + (f"?{parts.query}" if parts.query else "")
-        self._ssl = (ssl_context or ssl.create_default_context()) if parts.scheme == "wss" else None
+        self._ssl = tls_context(ssl_context, ca_file) if parts.scheme == "wss" else None
         self.api_key = api_key
         self.reconnect_timeout = reconnect_timeout
         self.connect_timeout = connect_timeout
@@ -173,6 +198,8 @@ class Supervisor:
             if reply.get("ok"):
                 return reply
             err = RequestFailed.from_reply(reply.get("error"), op)
+            if isinstance(err, Unauthorized):
+                raise Unauthorized.for_key(op, key_sent=bool(self.api_key))
             if done_if_gone and repeated and isinstance(err, NotFound):
                 return {"ok": True}
             raise err
@@ -190,7 +217,7 @@ class Supervisor:
         attempt = 0
         deadline = trio.current_time() + self.connect_timeout
         while not self._closing:
-            connected, why, permanent = await self._run_link(deadline)
+            connected, why, hopeless = await self._run_link(deadline)
             if self._closing:
                 return
             if connected:
@@ -200,10 +227,12 @@ class Supervisor:
                 log.warning("bento: connection to %s lost (%s); reconnecting", self.url, why)
             attempt += 1
             now = trio.current_time()
-            if permanent or now >= deadline:
+            if hopeless or now >= deadline:
                 if ever:
                     self.give_up(f"the connection to {self.url} was lost and could not be restored "
                                  f"within {self.reconnect_timeout:g} s (last error: {why})")
+                elif self.url in why:
+                    self.give_up(f"cannot connect: {why}")
                 else:
                     self.give_up(f"cannot connect to {self.url}: {why}")
                 return
@@ -221,19 +250,32 @@ class Supervisor:
         self.server_info = {k: v for k, v in reply.items() if k not in ("id", "ok")}
         link.max_message = int(reply.get("max_message") or protocol.DEFAULT_MAX_MESSAGE)
 
+    async def _tls_watch(self, stream: WatchedStream, scope: trio.CancelScope) -> None:
+        """A ws:// handshake with a TLS server gets no answer: the server waits for
+        the rest of what it takes for a TLS record. So when nothing came back
+        within a second, ask whether the server speaks TLS, and if so stop."""
+        with scope:
+            await trio.sleep(_TLS_WATCH_S)
+            if not stream.first and await speaks_tls(self._host, self._port):
+                raise Permanent(_TLS_SERVER)
+
     async def _run_link(self, deadline: float) -> tuple[bool, str, bool]:
-        """One link from connect to drop: (connected, why it ended, permanent)."""
+        """One link from connect to drop: (connected, why it ended, whether retrying is hopeless)."""
         stream: WatchedStream | None = None
         link: Link | None = None
         connected = False
         why = "closed"
-        permanent = False
+        hopeless = False
         try:
             async with trio.open_nursery() as ln:
                 budget = max(0.5, min(self.connect_timeout, deadline - trio.current_time()))
                 with trio.fail_after(budget):
                     stream = WatchedStream(await open_stream(self._host, self._port, self._ssl))
+                    watch = trio.CancelScope()
+                    if self._ssl is None:
+                        ln.start_soon(self._tls_watch, stream, watch)
                     ws = await handshake(ln, stream, self._host_header, self._resource, self.max_message)
+                    watch.cancel()
                     link = Link(ws, self.ping_timeout)
                     ln.start_soon(link.read, self.max_message, self._on_message)
                     await self._hello(link)
@@ -267,9 +309,12 @@ class Supervisor:
                 why = link.why or "the connection dropped"
             elif isinstance(first, trio.TooSlowError):
                 why = "timed out"
+            elif (self._ssl is None and link is None and stream is not None and not stream.first
+                  and stream.broken.is_set() and await speaks_tls(self._host, self._port)):
+                why, hopeless = _TLS_SERVER, True
             else:
-                why = describe(first)
-            permanent = isinstance(first, Permanent | ConnectionRejected)
+                why = describe(first, self.url)
+            hopeless = hopeless or isinstance(first, Permanent | ConnectionRejected) or permanent(first)
             if not isinstance(first, OSError | HandshakeError | ConnectionClosed | LinkDied | Permanent
                               | trio.TooSlowError | trio.BrokenResourceError | trio.ClosedResourceError):
                 log.error("bento: unexpected error on the connection to %s", self.url, exc_info=first)
@@ -281,4 +326,4 @@ class Supervisor:
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
-        return connected, why, permanent
+        return connected, why, hopeless

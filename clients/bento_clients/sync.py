@@ -288,9 +288,10 @@ class SyncSession:
 
 
 def connect(url: str | None = None, api_key: str | None = None, *,
-            call_timeout: float | None = None, **options: Any) -> SyncClient:
-    """A blocking client (same options as ``bento_clients.connect``, plus ``call_timeout``:
-    a bound in seconds on every blocking call). Use it as a context manager or
-    call ``close()``; it is also closed at interpreter exit."""
-    return SyncClient(url, api_key, call_timeout=call_timeout, **options)
+            call_timeout: float | None = None, ca_file: str | None = None, **options: Any) -> SyncClient:
+    """A blocking client (same options as ``bento_clients.connect``, ``ca_file``
+    included, plus ``call_timeout``: a bound in seconds on every blocking call).
+    Use it as a context manager or call ``close()``; it is also closed at
+    interpreter exit."""
+    return SyncClient(url, api_key, call_timeout=call_timeout, ca_file=ca_file, **options)
 
