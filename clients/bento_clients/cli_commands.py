@@ -1,5 +1,5 @@
 """The CLI's commands about one session: run, attach, logs, send, status, kill,
-rm, share. Each is ``async def cmd_x(settings, args) -> exit code``; ``cli``
+rm, share, tokens. Each is ``async def cmd_x(settings, args) -> exit code``; ``cli``
 parses the arguments and dispatches here.
 """
 
@@ -21,6 +21,7 @@ from bento_clients.terminal import ResumeFilter, Sinks
 
 __all__ = ["cmd_attach", "cmd_kill", "cmd_logs", "cmd_rm", "cmd_run", "cmd_send", "cmd_share", "cmd_status",
            "cmd_tokens"]
+
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     try:
@@ -82,7 +83,6 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
                             file=args.file)
 
     return await with_client(settings, url, go)
-
 
 
 async def cmd_attach(settings: Settings, args: argparse.Namespace) -> int:
@@ -161,7 +161,6 @@ async def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     return await with_client(settings, settings.server_for(entry), go)
 
 
-
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     entry = known_entry(settings, args.token)
     token = token_of(entry, args.token)
@@ -229,7 +228,6 @@ async def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return await with_client(settings, settings.server_for(entry), go)
-
 
 
 def _tokens_text(entry: dict[str, Any]) -> str:

@@ -198,7 +198,6 @@ def show_json(value: Any) -> None:
     show(json.dumps(to_json(value), ensure_ascii=False))
 
 
-
 def buffer_line(st: dict[str, Any], asked: dict[str, Any] | None = None) -> str:
     """The status's buffer use, saying when it is full and what that does.
     The limit and policy come from the status (``buffer``) where the server
