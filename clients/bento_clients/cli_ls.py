@@ -29,6 +29,12 @@ ENDED = ("exited", "failed", "killed", "lost")
 LS_TIMEOUT_S = 3.0  # per server: ls reports an unreachable server rather than waiting for it
 
 
+def _gone(entry: dict[str, Any]) -> str:
+    """The state shown for a session its server has forgotten."""
+    last = entry.get("state")
+    return f"{last if last in ENDED else 'gone'} (cleaned up)"
+
+
 def _row(url: str, entry: dict[str, Any] | None, st: dict[str, Any] | None, state: str) -> dict[str, Any]:
     entry, st = entry or {}, st or {}
     return {"session": entry.get("session") or st.get("session"), "name": entry.get("name"),
@@ -45,7 +51,8 @@ async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
     rows: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     refused: list[str] = []
-    cleaned: list[str] = []
+    cleaned: list[str] = []  # found forgotten by its server now
+    ended = {sid for sid, e in entries.items() if e.get("cleaned")}
     my_key = key_id(settings.api_key)
 
     async def ask_one(client: Any, url: str, e: dict[str, Any]) -> None:
@@ -56,9 +63,11 @@ async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
         try:
             st = await client.status(str(token))
             rows[e["session"]] = _row(url, e, st, str(st.get("state")))
+            if st.get("state") in ENDED:
+                ended.add(e["session"])
         except NotFound:
             cleaned.append(e["session"])
-            rows[e["session"]] = _row(url, e, None, f"{e.get('state') or 'ended'} (cleaned up)")
+            rows[e["session"]] = _row(url, e, None, _gone(e))
         except RequestFailed as exc:
             problems.append(f"{url}: status of {e['session']}: {exc.code}: {exc.message}")
             rows[e["session"]] = _row(url, e, None, f"{e.get('state') or '?'} (not asked: {exc.code})")
@@ -77,15 +86,17 @@ async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
                 for st in listed or []:
                     sid = str(st.get("session"))
                     rows[sid] = _row(url, entries.get(sid), st, str(st.get("state")))
+                    if st.get("state") in ENDED:
+                        ended.add(sid)
                 for e in known:
                     if e["session"] in rows:
                         continue
                     if e.get("cleaned"):
-                        rows[e["session"]] = _row(url, e, None, f"{e.get('state') or 'ended'} (cleaned up)")
+                        rows[e["session"]] = _row(url, e, None, _gone(e))
                     elif listed is not None and e.get("key_id") == my_key:
                         # The list covers every session this key started: it is gone.
                         cleaned.append(e["session"])
-                        rows[e["session"]] = _row(url, e, None, f"{e.get('state') or 'ended'} (cleaned up)")
+                        rows[e["session"]] = _row(url, e, None, _gone(e))
                     else:
                         await ask_one(client, url, e)
         except ConnectionLost as exc:
@@ -99,13 +110,11 @@ async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
             nursery.start_soon(one_server, url, known)
     for sid in cleaned:
         state.update_session(sid, cleaned=True)
+    ended.update(cleaned)
     ordered = sorted(rows.values(), key=lambda r: r.get("created") or 0)
     if args.prune:
-        ended = [r["session"] for r in ordered
-                 if r["here"] and (r["state"].split(" ")[0] in ENDED or r["session"] in cleaned
-                                   or entries.get(r["session"], {}).get("cleaned"))]
-        forgotten = state.remove_sessions(ended)
-        ordered = [r for r in ordered if r["session"] not in ended]
+        forgotten = state.remove_sessions([sid for sid in ended if sid in entries])
+        ordered = [r for r in ordered if not (r["here"] and r["session"] in ended)]
     _print_rows(settings, ordered)
     if args.prune:
         say(f"bento: forgot {forgotten} ended session{'' if forgotten == 1 else 's'}")
