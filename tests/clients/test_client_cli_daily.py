@@ -18,6 +18,8 @@ import time
 import pexpect
 import pytest
 from bento_clients import cli
+from bento_clients.cli_output import buffer_line, exit_message, traceback_hint
+from bento_clients.state import NameTaken, StateFile
 from client_helpers import CLI, ROOT, cli_env, run_cli, state_sessions, write_file
 from helpers import conn
 from test_client_cli import ECHO, TICKS
@@ -311,3 +313,42 @@ def test_every_option_has_help():
             assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
     kill = cli.build_parser()["kill"].format_help()
     assert "KeyboardInterrupt" in kill and "TERM (default)" in " ".join(kill.split())
+
+
+# --------------------------------------------------------------------------
+# The pure parts
+
+
+def test_a_name_is_recorded_once(tmp_path):
+    state = StateFile(str(tmp_path / "state.json"))
+    state.add_session({"session": "s_1", "token": "bto_1", "name": "nightly"})
+    state.add_session({"session": "s_1", "viewer_token": "btv_1"})  # the same session: merged
+    with pytest.raises(NameTaken, match="'nightly' is taken by session s_1"):
+        state.add_session({"session": "s_2", "token": "bto_2", "name": "nightly"})
+    assert set(state.sessions()) == {"s_1"}
+    assert state.find("nightly")["viewer_token"] == "btv_1" and state.find("btv_1")["session"] == "s_1"
+
+
+def test_buffer_line_says_what_a_full_buffer_does():
+    running = {"state": "running", "buffer_bytes": 4096}
+    assert buffer_line(running) == "4096 bytes"  # the limit is not known here
+    assert buffer_line(running, {"max_bytes": 8192, "policy": "block"}) == "4096 bytes of 8192 (50%), policy block"
+    assert buffer_line(running, {"max_bytes": 4096, "policy": "drop_oldest"}).endswith(
+        ": FULL, the oldest unread output is being dropped (policy drop_oldest)")
+    assert "FULL" not in buffer_line({**running, "state": "exited"}, {"max_bytes": 4096, "policy": "block"})
+    # A limit the server reports wins over what run asked for.
+    assert buffer_line({**running, "buffer": {"max_bytes": 4096, "policy": "block"}}, {"max_bytes": 1}).startswith(
+        "4096 bytes of 4096 (100%): FULL, the function is blocked")
+
+
+def test_traceback_hint_and_file_name():
+    no_entry = {"state": "failed", "error": {"type": "LookupError", "message": "no callable named 'main'",
+                                             "traceback": "LookupError: no callable named 'main'\n"}}
+    assert traceback_hint(no_entry) == "bento: --traceback shows the whole traceback\n"
+    syntax = {"state": "failed", "error": {"type": "SyntaxError", "message": "invalid syntax (<function>, line 3)",
+                                           "traceback": '  File "<function>", line 3\n    def (\n'}}
+    assert exit_message(syntax, file="job.py") == (
+        "bento: the function could not start: SyntaxError: invalid syntax (job.py, line 3)\n")
+    assert exit_message(syntax) == (
+        "bento: the function could not start: SyntaxError: invalid syntax (<function>, line 3)\n")
+    assert traceback_hint(syntax, "job.py") == "bento: raised at job.py, line 3; --traceback shows the whole traceback\n"
