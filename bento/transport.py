@@ -248,12 +248,13 @@ class WebSocket:
         """Write ``parts`` in order, as one write where the stream allows it."""
         if self._stream_closed:
             raise self._closed or ConnectionClosed(1006)
-        total = sum(len(p) for p in parts)
         started = False
         try:
             if self._socket is None:
                 started = True
-                await self.stream.send_all(b"".join(parts))
+                data = b"".join(parts)
+                await self.stream.send_all(data)
+                self.traffic.sent += len(data)
             else:
                 if len(parts) > MAX_PIECES:
                     # Many small pieces: one copy of them is cheaper than many iovecs.
@@ -263,6 +264,7 @@ class WebSocket:
                 while i < len(views):
                     sent = await self._socket.sendmsg(views[i:])
                     started = True
+                    self.traffic.sent += sent
                     while sent:
                         if sent >= len(views[i]):
                             sent -= len(views[i])
@@ -277,7 +279,6 @@ class WebSocket:
             if started:
                 await self._broken()
             raise
-        self.traffic.sent += total
 
     async def _broken(self) -> None:
         if self._closed is None:
