@@ -99,6 +99,8 @@ async def accept(stream: trio.abc.Stream, request: h11.Request, trailing: bytes,
     (``trailing``: bytes that came after its head). Raises HandshakeRefused for
     a request wsproto will not accept (nothing was written then), and
     ConnectionClosed when the stream breaks while the answer is written."""
+    if request.method != b"GET":
+        raise HandshakeRefused(400, "a WebSocket upgrade is a GET request")
     conn = WSConnection(ConnectionType.SERVER)
     try:
         conn.initiate_upgrade_connection(list(request.headers), request.target)
