@@ -38,6 +38,7 @@ __all__ = [
     "ProtocolError",
     "RequestError",
     "decode",
+    "decode_internal",
     "encode",
     "encode_frame",
     "encode_head",
@@ -264,6 +265,16 @@ def decode(
     if end != size:
         raise ProtocolError(f"{size - end} trailing bytes after the top-level item")
     return value
+
+
+def decode_internal(data: bytes | bytearray) -> Any:
+    """Decode CBOR that one of Bento's own processes wrote: the server↔exchange
+    messages and the session's files (the same strict decoder). A client's
+    values (input, args) travel inside as CBOR byte strings, encoded once by the
+    server and decoded by the driver, so the depth and item limits here only
+    have to hold Bento's own messages: they are generous, the size unbounded."""
+    return decode(bytes(data), max_size=1 << 62, max_depth=MAX_DEPTH + 4,
+                  max_items=4 * DEFAULT_MAX_ITEMS, require_map=False)
 
 
 # --------------------------------------------------------------------------
