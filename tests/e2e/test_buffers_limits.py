@@ -101,6 +101,22 @@ async def test_block_policy_pushes_back_then_delivers_everything_once(server):
     assert ex["state"] == "exited" and ex["code"] == 0 and ex["result"] == chunks
 
 
+async def test_block_limit_holds_for_many_small_messages(server):
+    """2,000 api.send of 1 KB with a 100 kB block buffer: one read of the
+    driver's pipe brings hundreds of messages, and the buffer still stops
+    within one frame of its limit (it reached 2.6 times the limit once)."""
+    max_bytes = 100_000
+    code = "def main():\n    for _ in range(2000):\n        api.send(b'x' * 1000)\n    return 1\n"
+    async with connect(server.url) as c:
+        r = await c.ok("execute", code=code, attach=False, buffer={"max_bytes": max_bytes, "policy": "block"})
+        st = await wait_status(c, r["token"], lambda st: st["buffer_bytes"] >= max_bytes - 1003, timeout=20)
+        for _ in range(6):
+            await trio.sleep(0.25)
+            st = await c.ok("status", token=r["token"])
+            assert st["state"] == "running" and st["buffer_bytes"] <= max_bytes + 1003, st
+        await c.ok("destroy", token=r["token"])
+
+
 async def test_drop_oldest_records_a_gap_and_keeps_the_tail(server):
     chunks = 512
     max_bytes = 64 * KiB
