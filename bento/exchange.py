@@ -60,7 +60,6 @@ MAX_PENDING_INPUT = 16 * 1024 * 1024
 MAX_CTL_OUT = 64 * 1024 * 1024
 DRAIN_SECONDS = 2.0
 DIR_CHECK_SECONDS = 5.0
-SEND_TAG = b"\x01"  # a driver message that is an api.send (the others are CBOR maps)
 STATE_FLUSH_SECONDS = 0.1
 
 
@@ -175,7 +174,8 @@ class Exchange:
                 if self.drain_deadline is None:
                     self.kill(action.reason)
             elif kind is StateChanged:
-                self.send_server({"t": "state", "version": action.version, "value": action.value})
+                self.send_server(wire.message(wire.FROM_EXCHANGE, "state", version=action.version,
+                                              value=action.value))
         if actions:
             self.update_reading()
 
@@ -221,9 +221,9 @@ class Exchange:
         self.server = Link(conn.fileno(), conn.fileno(), 2 * self.max_message + 4096)
         self.sel.register(conn, selectors.EVENT_READ, self.on_server_io)
         core = self.core
-        self.send_server({"t": "hello", "wire": wire.VERSION, **core.snapshot(), "pid": os.getpid(),
-                          "enforced": self.enforced, "shared_version": core.shared_version,
-                          "shared_value": core.shared_value})
+        self.send_server(wire.message(
+            wire.FROM_EXCHANGE, "hello", wire=wire.VERSION, pid=os.getpid(), enforced=self.enforced,
+            shared_version=core.shared_version, shared_value=core.shared_value, **core.snapshot()))
         self.progress_dirty = False
 
     def drop_server(self) -> None:
@@ -252,16 +252,18 @@ class Exchange:
         try:
             while not self.finished and (body := server.next()) is not None:
                 self.handle_server(loads(body))
-        except wire.FrameTooLarge:
+        except (wire.WireError, wire.FrameTooLarge, protocol.ProtocolError) as exc:
+            # A server of another version, or not a server: it gets no more of this session.
+            self.disk_trouble(f"dropping a control connection that broke the wire: {exc}")
             alive = False
         if not alive and not self.finished:
             self.drop_server()
 
     def reply(self, rid: int, **fields: Any) -> None:
-        self.send_server({"rid": rid, **fields})
+        self.send_server(wire.message(wire.FROM_EXCHANGE, "reply", rid=rid, **fields))
 
     def handle_server(self, msg: dict) -> None:
-        t = msg.get("t")
+        t = wire.check(wire.TO_EXCHANGE, msg)
         rid = msg.get("rid", 0)
         core = self.core
         if t == "input":
@@ -280,7 +282,7 @@ class Exchange:
                     self.child.kill()
                 else:
                     # Raised in the function's main thread by the driver's reader.
-                    self.to_driver({"t": "signal", "sig": name})
+                    self.to_driver("signal", sig=name)
                 self.reply(rid, ok=True)
         elif t == "state_get":
             self.reply(rid, ok=True, version=core.shared_version, value=core.shared_value)
@@ -301,7 +303,7 @@ class Exchange:
             self.finished = True
             self.remove = True
         else:
-            self.reply(rid, ok=False, code="bad_request", message=f"unknown control message {t!r}")
+            self.reply(rid, ok=False, code="bad_request", message=f"{t!r} is not for a running exchange")
 
     # -- input ------------------------------------------------------------
 
@@ -327,9 +329,10 @@ class Exchange:
             self.reply(rid, ok=False, code="internal", message=f"cannot record the input: {exc.strerror}")
             return
         self.apply(core.input_recorded(seq))
-        if self.driver is not None:
-            self.driver.queue(protocol.encode({"t": "eof"} if eof else {"t": "in", "data": data}))
-            self.flush_driver()
+        if eof:
+            self.to_driver("eof")
+        else:
+            self.to_driver("in", data=data)
         self.reply(rid, ok=True, input_seq=seq)
 
     def flush_driver(self) -> None:
@@ -390,7 +393,7 @@ class Exchange:
                 body = drv.next()
                 if body is None:
                     return
-                if body[:1] == SEND_TAG:
+                if body[:1] == wire.SEND_TAG:
                     self.on_send(body)
                 else:
                     self.handle_driver(protocol.decode(body, max_size=self.max_message + 4096))
@@ -399,7 +402,7 @@ class Exchange:
                                          "message": f"the function broke the driver protocol: {exc}"})
 
     def on_send(self, body: bytes) -> None:
-        """``api.send``: SEND_TAG, channel length (1 byte), channel (UTF-8), value (CBOR)."""
+        """``api.send``: wire.SEND_TAG, channel length (1 byte), channel (UTF-8), value (CBOR)."""
         n = body[1]
         ch = "msg" if n == 0 else "msg:" + body[2 : 2 + n].decode("utf-8")
         data = body[2 + n :]
@@ -411,23 +414,23 @@ class Exchange:
         self.output.value(ch, data)
 
     def handle_driver(self, msg: dict) -> None:
-        t = msg.get("t")
+        t = wire.check(wire.FROM_DRIVER, msg)
         core = self.core
         if t == "get":
-            self.to_driver({"t": "state", "version": core.shared_version, "value": core.shared_value})
+            self.to_driver("state", version=core.shared_version, value=core.shared_value)
         elif t == "put":
             value, if_version = msg["v"], msg.get("if")
             if not isinstance(value, bytes) or (if_version is not None and not isinstance(if_version, int)):
                 raise ValueError("bad put")
             if len(value) > session_core.MAX_STATE_BYTES:
-                self.to_driver({"t": "put", "ok": False, "version": core.shared_version,
-                                "error": f"shared state is limited to {session_core.MAX_STATE_BYTES} bytes"})
+                self.to_driver("put", ok=False, version=core.shared_version,
+                               error=f"shared state is limited to {session_core.MAX_STATE_BYTES} bytes")
                 return
             protocol.decode(value, max_size=session_core.MAX_STATE_BYTES,
                             max_depth=protocol.MAX_DEPTH - 2, require_map=False)
             ok, version, actions = core.put_state(value, if_version)
             self.apply(actions)
-            self.to_driver({"t": "put", "ok": ok, "version": version})
+            self.to_driver("put", ok=ok, version=version)
         elif t == "up":
             self.driver_up = True
         elif t == "exit":
@@ -435,12 +438,10 @@ class Exchange:
                 protocol.decode(msg["result"], max_size=self.max_value,
                                 max_depth=protocol.MAX_DEPTH - 4, require_map=False)
             self.report = msg
-        else:
-            raise ValueError(f"unknown message {t!r}")
 
-    def to_driver(self, msg: dict) -> None:
+    def to_driver(self, t: str, **fields: Any) -> None:
         if self.driver is not None:
-            self.driver.queue(protocol.encode(msg))
+            self.driver.queue(protocol.encode(wire.message(wire.TO_DRIVER, t, **fields)))
             self.flush_driver()
 
     # -- the environment ----------------------------------------------------
@@ -467,7 +468,9 @@ class Exchange:
         # Input accepted before the function started goes to it now, in order.
         for _seq, payload in self.inlog.records():
             _s, data = loads(payload)
-            self.driver.queue(protocol.encode({"t": "eof"} if data is None else {"t": "in", "data": data}))
+            self.driver.queue(protocol.encode(
+                wire.message(wire.TO_DRIVER, "eof") if data is None else
+                wire.message(wire.TO_DRIVER, "in", data=data)))
         self.flush_driver()
         # The function runs from here on; the bookkeeping below is off its path.
         with open(os.path.join(self.dir, "env.pid"), "w") as f:
@@ -610,7 +613,7 @@ class Exchange:
                     continue
             if self.progress_dirty and self.server is not None:
                 self.progress_dirty = False
-                self.send_server({"t": "progress", **self.core.snapshot()})
+                self.send_server(wire.message(wire.FROM_EXCHANGE, "progress", **self.core.snapshot()))
             if self.server is not None:
                 events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.server.outbuf else 0)
                 self.watch_fd(self.server.rfd, events, self.on_server_io)

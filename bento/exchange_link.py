@@ -54,8 +54,9 @@ def exchange_sys_path() -> list[str]:
 
 
 def driver_sys_path() -> list[str]:
-    """Where the driver finds itself and cbor2; the sandbox shows it these, read-only, and
-    nothing else of the host (never the data dir)."""
+    """What the sandbox shows, read-only, of the host's packages: the driver
+    (stdlib and its own codec) and cbor2, which functions may import; nothing
+    else of the host (never the data dir)."""
     import cbor2
 
     return _parents(bento_driver, cbor2)
@@ -77,6 +78,7 @@ class ExchangeLink:
         self.closed = False
 
     async def send(self, msg: dict) -> None:
+        wire.check(wire.TO_EXCHANGE, msg)
         data = wire.frame(protocol.encode(msg))
         async with self.send_lock:
             try:
@@ -106,10 +108,15 @@ class ExchangeLink:
 
     async def receive(self) -> dict | None:
         while True:
-            body = self.framer.next()
-            if body is not None:
-                msg: dict = protocol.decode_internal(body)
-                return msg
+            try:
+                body = self.framer.next()
+                if body is not None:
+                    msg: dict = protocol.decode_internal(body)
+                    wire.check(wire.FROM_EXCHANGE, msg)
+                    return msg
+            except (wire.WireError, wire.FrameTooLarge, protocol.ProtocolError) as exc:
+                log.error("an exchange broke the internal wire, dropping its link: %s", exc)
+                return None
             try:
                 chunk = await self.stream.receive_some(1 << 16)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -120,10 +127,9 @@ class ExchangeLink:
 
     def deliver(self, msg: dict) -> bool:
         """Hand a reply to its waiting call; False if ``msg`` is no reply."""
-        rid = msg.get("rid")
-        if rid is None:
+        if msg["t"] != "reply":
             return False
-        waiter = self.pending.get(rid)
+        waiter = self.pending.get(msg["rid"])
         if waiter is not None:
             waiter[1].append(msg)
             waiter[0].set()

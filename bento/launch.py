@@ -113,19 +113,11 @@ def prestart(launched: Launched, meta: dict, cwd: str | None) -> Prestarted:
     assert launched.env is not None
     enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(meta["limits"]))
     driver = Link(launched.from_r, launched.to_w, meta["max_message"] + 4096)
-    driver.queue(protocol.encode({
-        "t": "start",
-        "code": meta["code"],
-        "entry": meta["entry"],
-        "args": meta["args"],
-        "kwargs": meta["kwargs"],
-        "env": meta["env"],
-        "cwd": cwd,
-        "rlimits": rlimits,
-        "max_value": meta["max_message"] - VALUE_ROOM,
-        "max_depth": protocol.MAX_DEPTH - 4,
-        "max_items": protocol.DEFAULT_MAX_ITEMS,
-    }))
+    driver.queue(protocol.encode(wire.message(
+        wire.TO_DRIVER, "start", code=meta["code"], entry=meta["entry"], args=meta["args"],
+        kwargs=meta["kwargs"], env=meta["env"], cwd=cwd, rlimits=rlimits,
+        max_value=meta["max_message"] - VALUE_ROOM, max_depth=protocol.MAX_DEPTH - 4,
+        max_items=protocol.DEFAULT_MAX_ITEMS)))
     driver.flush()  # what the pipe does not take now goes when the loop runs
     return driver, enforced, time.monotonic()
 

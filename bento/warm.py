@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import socket
 
+from bento_driver import wire
+
 from bento import protocol
 from bento.launch import Launched, Link, launch, loads
 
@@ -25,7 +27,9 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str] | None:
         while True:
             body = link.next()
             if body is not None:
-                return loads(body)
+                msg: dict = loads(body)
+                wire.check(wire.TO_EXCHANGE, msg)
+                return msg
             if not link.feed():
                 return None
 
@@ -33,7 +37,8 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str] | None:
     if cfg is None or cfg.get("t") != "warm":
         return None
     launched = launch(cfg, f"warm-{os.getpid()}", cfg["workdir"])
-    link.queue(protocol.encode({"t": "warm_ready", "pid": os.getpid(), "error": launched.error}))
+    link.queue(protocol.encode(wire.message(wire.FROM_EXCHANGE, "warm_ready", pid=os.getpid(),
+                                            error=launched.error)))
     link.flush()
     assign = receive()
     if assign is None or assign.get("t") != "assign":
