@@ -23,9 +23,6 @@ bounded or coalesced), and never trust what the function writes to its pipes.
 
 from __future__ import annotations
 
-import array
-import errno
-import fcntl
 import os
 import selectors
 import signal
@@ -36,7 +33,7 @@ import time
 import bento_sandbox
 from bento_driver import wire
 
-from bento import protocol, session_core, sessionlog
+from bento import protocol, session_core, sessiondisk, sessionlog
 from bento.exchange_output import RETRY_SECONDS, Output
 from bento.launch import (
     READ_SIZE,
@@ -84,8 +81,8 @@ class Exchange:
         for log in (out, self.inlog):
             if log.torn_bytes:
                 self.disk_trouble(f"cut a torn record of {log.torn_bytes} bytes off the {log.prefix} log")
-        saved = self._load_saved()
-        self.core = self._recover(out, saved)
+        saved = sessiondisk.load_saved(sdir)
+        self.core = sessiondisk.recover(out, saved, self.meta, self.inlog.next_seq - 1)
         self.enforced: dict[str, str] = saved.get("enforced", {})
         # A stdout/stderr frame's data fits an out event with room to spare.
         self.output = Output(self, out, min(READ_SIZE, self.max_value - 16), self.limits.output_bytes)
@@ -116,41 +113,9 @@ class Exchange:
 
     # -- persistence ------------------------------------------------------
 
-    def _recover(self, out: sessionlog.Writer, saved: dict) -> session_core.SessionCore:
-        """The core as it was: the saved state, then what the logs say."""
-        buffer = self.meta["buffer"]
-        sizes = array.array("q")
-        base = out.next_seq
-        last: tuple[int, bytes] | None = None
-        for seq, payload in out.records():
-            if not sizes:
-                base = seq
-            sizes.append(_data_len(payload))
-            last = (seq, payload)
-        if last is not None:
-            _seq, ch, data = protocol.decode(last[1], require_map=False)
-            if ch == "exit":
-                # The exit frame is on disk even if the state file missed it.
-                saved = {**saved, "exit": data, "exit_seq": last[0], "state": data["state"],
-                         "ended": saved.get("ended") or time.time()}
-                sizes[-1] = 0
-        return session_core.SessionCore(buffer["max_bytes"], buffer["policy"], saved=saved,
-                                        size_base=base, sizes=sizes, input_seq=self.inlog.next_seq - 1)
-
-    def _load_saved(self) -> dict:
-        try:
-            with open(os.path.join(self.dir, "state.cbor"), "rb") as f:
-                return loads(f.read())
-        except FileNotFoundError:
-            return {}
-
     def save(self) -> None:
         try:
-            sessionlog.write_atomic(
-                os.path.join(self.dir, "state.cbor"),
-                protocol.encode({**self.core.saved(), "enforced": self.enforced,
-                                 "sandbox": self.meta["sandbox"]}),
-            )
+            sessiondisk.save(self.dir, self.core, {"enforced": self.enforced, "sandbox": self.meta["sandbox"]})
             self.state_dirty_at = None
         except OSError as exc:
             self.disk_trouble(f"cannot save the session state: {exc}")
@@ -189,11 +154,7 @@ class Exchange:
     # -- control socket ---------------------------------------------------
 
     def listen(self) -> socket.socket:
-        path = os.path.join(self.dir, "ctl.sock")
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        _unlink(os.path.join(self.dir, "ctl.sock"))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -568,6 +529,15 @@ class Exchange:
 
     # -- main loop ----------------------------------------------------------
 
+    def work_done(self) -> bool:
+        """An ended session needs no process: once its exit frame and state are
+        on disk and the server has been told, the server serves it from disk."""
+        core, output = self.core, self.output
+        return (core.exit is not None and core.durable_next > core.exit_seq
+                and not output.held_back and not output.log.pending and self.state_dirty_at is None
+                and not self.progress_dirty and (self.server is None or not self.server.outbuf)
+                and self.pidfd < 0)
+
     def run(self) -> None:
         output = self.output
         while not self.finished:
@@ -614,6 +584,8 @@ class Exchange:
             if self.progress_dirty and self.server is not None:
                 self.progress_dirty = False
                 self.send_server(wire.message(wire.FROM_EXCHANGE, "progress", **self.core.snapshot()))
+            if self.work_done():
+                break
             if self.server is not None:
                 events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.server.outbuf else 0)
                 self.watch_fd(self.server.rfd, events, self.on_server_io)
@@ -650,29 +622,11 @@ def _plain_scalar(data: bytes) -> bool:
     return True
 
 
-def _data_len(payload: bytes) -> int:
-    """Length of a frame's encoded ``data`` inside its encoded ``[seq, ch, data]``."""
-    pos = 1
-    for _ in range(2):  # skip seq (uint) and ch (text)
-        ai = payload[pos] & 0x1F
-        major = payload[pos] >> 5
-        size = {24: 1, 25: 2, 26: 4, 27: 8}.get(ai, 0)
-        n = ai if size == 0 else int.from_bytes(payload[pos + 1 : pos + 1 + size], "big")
-        pos += 1 + size + (n if major == 3 else 0)
-    return len(payload) - pos
-
-
-def _lock(sdir: str) -> int | None:
-    """The session's lock, held for this process's life; None if another exchange has it."""
-    lock_fd = os.open(os.path.join(sdir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+def _unlink(path: str) -> None:
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            os.close(lock_fd)
-            return None
-        raise
-    return lock_fd
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _detach_stdio() -> None:
@@ -699,7 +653,8 @@ def main(argv: list[str]) -> None:
     else:
         sdir = argv[0]
         adopt = "--adopt" in argv[1:]
-    if _lock(sdir) is None:
+    lock_fd = sessiondisk.take_lock(sdir)
+    if lock_fd < 0:
         if launched is not None:
             launched.discard()
         sys.stdout.write("busy\n")
@@ -754,6 +709,12 @@ def main(argv: list[str]) -> None:
                 sys.stderr.write(f"exchange: could not reap the environment: {exc}\n")
             ex.child.release()
         sock.close()
+        if not ex.remove:
+            # Nobody is listening any more: a server finds the session on disk,
+            # and may take the lock once its link sees this process go.
+            _unlink(os.path.join(sdir, "ctl.sock"))
+            os.close(lock_fd)
+            ex.drop_server()
     if ex.remove:
         import shutil  # only here: the exchange starts per session and stays small
 

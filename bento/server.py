@@ -24,7 +24,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import bento
-from bento import auth, protocol, sessionlog, tcptune, wsfast
+from bento import auth, protocol, session_core, sessionlog, tcptune, wsfast
 from bento.config import Config
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
 from bento.store import Store
@@ -435,16 +435,26 @@ class Connection:
             msg["eof"] = True
         else:
             msg["data"] = protocol.encode(req["data"])
-        try:
-            r = await self.registry.call(s, msg)
-        except ExchangeGone:
-            if s.snap.has_ended:
-                raise protocol.RequestError("gone", "the function has ended") from None
-            raise
+        if s.on_disk:
+            r = self._input_after_end(s, req["seq"])
+        else:
+            try:
+                r = await self.registry.call(s, msg)
+            except ExchangeGone:
+                if not s.snap.has_ended:
+                    raise
+                r = self._input_after_end(s, req["seq"])
         if r["ok"]:
             await self.send(protocol.event("in_ack", session=s.sid, seq=r["input_seq"]))
         else:
             raise protocol.RequestError(r["code"], r["message"])
+
+    def _input_after_end(self, s: Session, seq: int) -> dict:
+        """Its function ended and no exchange answers: a re-sent input is still a duplicate."""
+        verdict = session_core.judge_input(s.snap.input_seq, seq, running=False)
+        if verdict == session_core.DUPLICATE:
+            return {"ok": True, "input_seq": s.snap.input_seq}
+        return {"ok": False, "code": verdict.code, "message": verdict.message}
 
     async def op_signal(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)
@@ -480,12 +490,10 @@ class Connection:
         value = protocol.encode(req["value"])
         if len(value) > MAX_STATE_BYTES:
             raise protocol.RequestError("too_large", f"shared state is at most {MAX_STATE_BYTES} bytes encoded")
-        r = await self.registry.call(s, {"t": "state_put", "value": value, "if_version": req["if_version"]})
-        if r["ok"]:
-            s.set_shared(r["version"], value)
-            await self.send(protocol.reply_ok(req["id"], version=r["version"]))
-        else:
-            raise protocol.RequestError(r["code"], r["message"], version=r.get("version"))
+        ok, version = await self.registry.put_state(s, value, req["if_version"])
+        if not ok:
+            raise protocol.RequestError("conflict", "shared state changed", version=version)
+        await self.send(protocol.reply_ok(req["id"], version=version))
 
     # -- the attachment worker ---------------------------------------------------
 

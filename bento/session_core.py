@@ -138,6 +138,19 @@ _ENDED_TEXT = frozenset(s.value for s in ENDED)
 NEW = Snapshot("starting", 1, 1, 0, 0, 0, 0, None, None, None)
 
 
+def judge_input(last: int, seq: int, running: bool) -> str | Refused:
+    """The input rules: a seq at or below the last accepted one is a duplicate,
+    one beyond last + 1 a gap; a new one is accepted only while the function
+    runs (or is starting)."""
+    if seq <= last:
+        return DUPLICATE
+    if seq > last + 1:
+        return Refused("input_gap", f"input seq {seq} skips {last + 1}")
+    if not running:
+        return Refused("gone", "the function has ended")
+    return ACCEPT
+
+
 class SessionCore:
     """One session's positions, buffer, input seqs, shared state and state.
 
@@ -268,13 +281,7 @@ class SessionCore:
     def input(self, seq: int) -> str | Refused:
         """Judge input ``seq``: ACCEPT (record it, then call :meth:`input_recorded`),
         DUPLICATE (answer with the last accepted seq), or Refused."""
-        if seq <= self.input_seq:
-            return DUPLICATE
-        if seq > self.input_seq + 1:
-            return Refused("input_gap", f"input seq {seq} skips {self.input_seq + 1}")
-        if not self.accepts_work:
-            return Refused("gone", "the function has ended")
-        return ACCEPT
+        return judge_input(self.input_seq, seq, self.accepts_work)
 
     def input_recorded(self, seq: int) -> tuple:
         """Input ``seq`` is in the input log: it is accepted."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import bento_sandbox
 import trio
 
-from bento import auth, protocol, session_core
+from bento import auth, protocol, session_core, sessiondisk
 from bento.config import Config
 from bento.exchange_link import ExchangeGone, ExchangeLink, Exchanges
 from bento.session_core import Snapshot
@@ -67,6 +67,9 @@ class Session:
         self.idle_since = time.monotonic()
         self.removed = False
         self.ack_sent = 0
+        # Its function ended and its exchange exited: it is served from disk.
+        self.on_disk = False
+        self.disk_lock = trio.Lock()
         # Check every output record's checksum when reading: True for a session
         # found on disk at start (a crash may have damaged what it wrote
         # before); False for one this process created, whose every record was
@@ -217,6 +220,8 @@ class Registry:
         s.link = link
         s.update(hello)
         self.nursery.start_soon(self._read_exchange, s, link)
+        if s.ack_sent > s.snap.acked_seq:
+            self.nursery.start_soon(self._send_ack, s)
 
     async def _read_exchange(self, s: Session, link: ExchangeLink) -> None:
         try:
@@ -240,24 +245,60 @@ class Registry:
             self.nursery.start_soon(self._reattach_exchange, s)
 
     async def _reattach_exchange(self, s: Session) -> None:
-        """The exchange went away on its own: reconnect, or adopt its session."""
+        """The exchange went away: its session ended (it is served from disk
+        now), or it died (reconnect, or adopt the session)."""
         for attempt in range(5):
             if s.removed:
                 return
+            try:
+                await self._revive(s)
+                return
+            except (OSError, ExchangeGone, RuntimeError, ValueError) as exc:
+                log.error("session %s: adopting failed (attempt %d): %s", s.sid, attempt + 1, exc)
+                await trio.sleep(0.2 * (attempt + 1))
+        log.error("session %s: unreachable; it stays registered as %s", s.sid, s.snap.state)
+
+    async def _revive(self, s: Session) -> None:
+        """Give ``s`` its exchange back, or its disk: connect to its exchange; else,
+        if its function has ended, serve it from disk (no process); else adopt it
+        (a new exchange marks it lost, then ends in turn)."""
+        snap = s.snap
+        ended = snap.exit_seq is not None and snap.next_seq > snap.exit_seq
+        if not ended:
             try:
                 await self._connect(s)
                 return
             except (OSError, ExchangeGone):
                 pass
+        if await self._from_disk(s):
+            return
+        await self.exchanges.spawn(s.dir, adopt=True)
+        try:
+            await self._connect(s)
+            log.warning("session %s: its exchange died; adopted as lost", s.sid)
+        except (OSError, ExchangeGone):
+            # The adopting exchange recorded the end and exited already.
+            if not await self._from_disk(s):
+                raise
+
+    async def _from_disk(self, s: Session) -> bool:
+        """Serve an ended session from disk; False if its function has not ended
+        (or an exchange holds it). Waits a moment for an exchange that is exiting."""
+        for _ in range(10):
             try:
-                await self.exchanges.spawn(s.dir, adopt=True)
-                await self._connect(s)
-                log.warning("session %s: its exchange died; adopted as lost", s.sid)
-                return
-            except (OSError, ExchangeGone, RuntimeError) as exc:
-                log.error("session %s: adopting failed (attempt %d): %s", s.sid, attempt + 1, exc)
-                await trio.sleep(0.2 * (attempt + 1))
-        log.error("session %s: unreachable; it stays registered as %s", s.sid, s.snap.state)
+                hello = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
+            except sessiondisk.Busy:
+                await trio.sleep(0.05)
+                continue
+            if hello is None:
+                return False
+            s.on_disk = True
+            s.update(hello)
+            if s.ack_sent > s.snap.acked_seq:
+                # An ack that reached the exchange as it exited: apply it here.
+                await self.ack(s, s.ack_sent)
+            return True
+        return False
 
     async def sweep_cgroups(self) -> None:
         """Remove the cgroups of exchanges that were killed before they could."""
@@ -282,14 +323,10 @@ class Registry:
                 log.error("session %s: cannot be read, skipped: %s", sid, exc)
                 continue
             try:
-                await self._connect(s)
-            except (OSError, ExchangeGone):
-                try:
-                    await self.exchanges.spawn(sdir, adopt=True)
-                    await self._connect(s)
-                except (OSError, ExchangeGone, RuntimeError) as exc:
-                    log.error("session %s: cannot be adopted, skipped: %s", sid, exc)
-                    continue
+                await self._revive(s)
+            except (OSError, ExchangeGone, RuntimeError, ValueError, protocol.ProtocolError) as exc:
+                log.error("session %s: cannot be adopted, skipped: %s", sid, exc)
+                continue
             self._index(s)
 
     # -- requests to the exchange ---------------------------------------------
@@ -312,12 +349,46 @@ class Registry:
             pass  # it ended or died: its last announcement is what is known
 
     async def ack(self, s: Session, seq: int) -> None:
-        if seq > s.ack_sent and s.link is not None:
-            s.ack_sent = seq
+        """The owner's ack, to the exchange or (for an ended session) to the disk.
+        One that finds neither is kept in ``ack_sent`` and applied when the
+        link or the disk is back."""
+        if seq <= s.ack_sent and not s.on_disk:
+            return
+        s.ack_sent = max(s.ack_sent, seq)
+        if s.on_disk:
+            if seq > s.snap.acked_seq:
+                async with s.disk_lock:
+                    s.update(await trio.to_thread.run_sync(sessiondisk.ack, s.dir, s.meta, seq))
+            return
+        await self._send_ack(s)
+
+    async def _send_ack(self, s: Session) -> None:
+        if s.link is not None and s.ack_sent > s.snap.acked_seq:
             try:
-                await s.link.send({"t": "ack", "seq": seq})
+                await s.link.send({"t": "ack", "seq": s.ack_sent})
             except ExchangeGone:
-                s.ack_sent = 0
+                pass  # sent again when the link is back
+
+    async def put_state(self, s: Session, value: bytes, if_version: int | None) -> tuple[bool, int]:
+        """Compare-and-set of the shared state: (ok, version now)."""
+        ok, version = await self._put_state(s, value, if_version)
+        if ok:
+            s.set_shared(version, value)
+        return ok, version
+
+    async def _put_state(self, s: Session, value: bytes, if_version: int | None) -> tuple[bool, int]:
+        if not s.on_disk:
+            try:
+                r = await self.call(s, {"t": "state_put", "value": value, "if_version": if_version})
+                return r["ok"], r["version"]
+            except ExchangeGone:
+                if not s.snap.has_ended:
+                    raise
+        async with s.disk_lock:
+            try:
+                return await trio.to_thread.run_sync(sessiondisk.put_state, s.dir, s.meta, value, if_version)
+            except sessiondisk.Busy:
+                raise ExchangeGone("the session's exchange is ending; try again") from None
 
     # -- the end of a session ------------------------------------------------------
 
