@@ -253,8 +253,16 @@ async def test_sessions_come_and_go_without_leaks(make_server):
 
 
 # --------------------------------------------------------------------------
-# A session that waits - ended but not yet acknowledged, or running but blocked
-# on input - costs no CPU: its exchange sleeps until something happens.
+# A session that waits costs no CPU: running but blocked on input, its exchange
+# sleeps until something happens; ended but not yet acknowledged, it has no
+# exchange at all.
+
+
+def exited(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 IDLE_CASES = {
     "returned": ("def main():\n    return 1\n", {}),
@@ -281,7 +289,13 @@ async def test_waiting_session_costs_no_cpu(server, case):
             assert frames[-1][1] == "exit", frames[-1]
         await trio.sleep(0.5)  # past any wall_s of the cases that ended
         with open(os.path.join(server.data_dir, "sessions", sid, "exchange.pid")) as f:
-            exchange = psutil.Process(int(f.read()))
+            pid = int(f.read())
+        if "blocked" not in case:
+            # Ended: no exchange at all (the server serves the session from disk).
+            assert await settle(lambda: exited(pid), 5), f"the exchange of an ended session ({case}) runs"
+            await c.ok("destroy", token=r["token"])
+            return
+        exchange = psutil.Process(pid)
         used0 = sum(exchange.cpu_times()[:2])
         await trio.sleep(1.5)
         used = sum(exchange.cpu_times()[:2]) - used0
