@@ -430,13 +430,16 @@ def lost_exit() -> dict:
 # -- lifetime ---------------------------------------------------------------------------
 
 
-def life_over(snap: Snapshot, attached: bool, idle_for: float, ttl: float) -> bool:
+def life_over(snap: Snapshot, attached: bool, idle_for: float, since_end: float, ttl: float) -> bool:
     """Whether a session's life is over (the server then removes it).
 
-    Never while attached. An ended session whose exit the owner acked ends at
-    once; any other ends after ``ttl`` seconds with nobody attached."""
-    if attached:
+    A running function is never ended by its session's lifetime (its limits
+    do that). Never while attached. An ended session whose exit the owner
+    acked ends once nobody is attached; any other ended session stays
+    ``ttl`` seconds after its end and after its last detach (``since_end``,
+    ``idle_for``)."""
+    if attached or not snap.has_ended:
         return False
     if snap.exit_seq is not None and snap.acked_seq >= snap.exit_seq:
         return True
-    return idle_for >= ttl
+    return idle_for >= ttl and since_end >= ttl

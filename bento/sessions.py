@@ -115,7 +115,10 @@ class Session:
         }
 
     def life_over(self, now: float, ttl: float) -> bool:
-        return session_core.life_over(self.snap, bool(self.attachments), now - self.idle_since, ttl)
+        """``now``: monotonic; the end is in epoch seconds (it survives restarts)."""
+        ended = self.snap.ended
+        since_end = 0.0 if ended is None else time.time() - ended
+        return session_core.life_over(self.snap, bool(self.attachments), now - self.idle_since, since_end, ttl)
 
 
 class Registry:

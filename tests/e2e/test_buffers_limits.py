@@ -442,6 +442,21 @@ async def test_ttl_removes_unattached_and_keeps_attached(make_server):
         await wait_not_found(c, kept["token"], timeout=6)
 
 
+async def test_ttl_never_ends_a_running_function(make_server):
+    """With --ttl 1, a detached function that runs for 3 s is not destroyed at
+    1 s (it once was, silently): it runs to its end, and the TTL counts from there."""
+    srv = make_server("--ttl", "1")
+    code = "import time\ndef main():\n    time.sleep(3)\n    return 'done'\n"
+    async with connect(srv.url) as c:
+        r = await c.ok("execute", code=code, attach=False)
+        await trio.sleep(2.2)
+        st = await c.ok("status", token=r["token"])
+        assert st["state"] == "running", st
+        st = await wait_exit(c, r["token"], timeout=10)
+        assert st["exit"]["result"] == "done"
+        await wait_not_found(c, r["token"], timeout=6)
+
+
 async def test_exit_acked_and_detached_ends_but_attached_stays(server):
     async with connect(server.url) as c:
         r = await c.ok("execute", code="def main():\n    return 7\n")
