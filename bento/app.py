@@ -53,7 +53,11 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=2,
                    help="fresh environments kept started ahead of time for fast executes, never reused "
                         "(bwrap and none; default 2; 0 = off)")
-    p.add_argument("--node", default="node-1", help="this node's name, sent in hello")
+    p.add_argument("--node", default="node-1",
+                   help="this node's name, sent in hello; unique in a cluster")
+    p.add_argument("--cluster", metavar="URL",
+                   help="run as a node of a cluster on this Redis (redis://HOST:PORT/DB): any node "
+                        "serves any token (docs/cluster.md)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -87,7 +91,7 @@ def run_server(argv: list[str]) -> int:
         ttl_s=args.ttl, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
-        max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool,
+        max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, cluster=args.cluster,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

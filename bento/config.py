@@ -43,6 +43,8 @@ class Config:
     enforceable: dict[str, str] = field(default_factory=dict)
     # Accept limits that only a per-process rlimit (or nothing) holds.
     allow_unenforced_limits: bool = False
+    # redis://HOST:PORT/DB: run as one node of a cluster on that Redis (bento/cluster).
+    cluster: str | None = None
 
     @property
     def loopback(self) -> bool:

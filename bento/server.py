@@ -66,6 +66,7 @@ class Server:
         self.peers: dict[str, int] = {}  # open WebSocket connections per peer host
         self.name = f"bento/{bento.__version__}"
         self.traffic = transport.Traffic()
+        self.cluster: Any = None  # bento.cluster.node.Cluster with config.cluster
         self.metrics = Metrics(self)
         self.routes = http.Routes(keys=self.keys, guesses=self.guesses, metrics=self.metrics.render,
                                   ready=Readiness(config).why_not)
@@ -179,6 +180,7 @@ class Connection:
         self.key: str | None = None  # hash of a valid API key ('' when none are required)
         self.hello = False
         self.attachments: dict[str, Attachment] = {}
+        self.remote: dict[str, Any] = {}  # cluster mode: attachments to other nodes' sessions
         self.nursery: trio.Nursery | None = None
         self.dead = False
         # Frame bytes per out event: the event and its envelope stay within
@@ -375,6 +377,8 @@ class Connection:
         idem = req.get("idempotency_key")
         s, owner, viewer = await self.registry.create(meta, auth.idem_hash(key, idem) if idem else None)
         self.server.metrics.executed(s, self.registry.nursery)
+        if self.server.cluster is not None:
+            await self.server.cluster.publish(s)
         await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
         if req["attach"]:
             self.attach(s, "rw", 1)
@@ -412,6 +416,9 @@ class Connection:
         return {"max_bytes": max_bytes, "policy": asked.get("policy", self.config.buffer_policy)}
 
     async def op_attach(self, req: dict) -> None:
+        if self.server.cluster is not None and self.registry.by_token(req["token"]) is None:
+            await self.server.cluster.remote.attach(self, req)
+            return
         s, mode = self.by_token(req["token"], owner=False)
         # The reply carries the session's positions as they are now, not as last announced.
         await self.registry.sync(s)
@@ -463,6 +470,9 @@ class Connection:
             await self.registry.end(s)
 
     async def op_detach(self, req: dict) -> None:
+        if self.server.cluster is not None and await self.server.cluster.remote.detach(self, req["session"]):
+            await self.send(protocol.reply_ok(req["id"]))
+            return
         att = self.attachment(req["session"], write=False)
         self.attachments.pop(att.session.sid, None)
         # No frame of this session may follow the reply.
@@ -471,6 +481,8 @@ class Connection:
         await self._maybe_end(att.session)
 
     async def op_ack(self, req: dict) -> None:
+        if self.server.cluster is not None and await self.server.cluster.remote.ack(self, req["session"], req["seq"]):
+            return
         att = self.attachment(req["session"], write=False)
         if att.mode != "rw":
             return  # acks over a viewer attachment are ignored
@@ -634,6 +646,10 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Listening] = tri
         nursery.start_soon(registry.reaper)
         nursery.start_soon(registry.pool_keeper)
         server = Server(config, registry, store)
+        if config.cluster:
+            from bento.cluster.node import run as run_cluster
+
+            server.cluster = await nursery.start(run_cluster, config, registry)
         if ssl_context is None:
             listeners = await nursery.start(partial(trio.serve_tcp, server.handle, config.port, host=config.host))
         else:

@@ -1,0 +1,48 @@
+"""The Redis key names of cluster mode, in one place.
+
+A session's keys carry its id as a hash tag (``{sid}``), so on a Redis Cluster
+they share one slot and a pipeline over them goes to one node. Token keys hold
+the SHA-256 of a token, never the token.
+"""
+
+from __future__ import annotations
+
+PREFIX = "bento"
+
+
+def node(name: str) -> str:
+    """A node's heartbeat; it expires when the node stops renewing it."""
+    return f"{PREFIX}:node:{name}"
+
+
+def token(token_hash: str) -> str:
+    """A token hash → ``<mode> <sid>`` (mode ``rw`` for the owner, ``ro`` for a viewer)."""
+    return f"{PREFIX}:token:{token_hash}"
+
+
+def meta(sid: str) -> str:
+    """The session's hash: ``node``, ``created``, ``sandbox``, ``snap`` (the
+    CBOR of its last snapshot) and ``mirrored`` (the last seq in the stream)."""
+    return f"{PREFIX}:{{{sid}}}:meta"
+
+
+def out(sid: str) -> str:
+    """The session's output frames; the entry of frame ``seq`` has the id ``<seq>-0``."""
+    return f"{PREFIX}:{{{sid}}}:out"
+
+
+def entry_id(seq: int) -> str:
+    return f"{seq}-0"
+
+
+def seq_of(entry_id: bytes) -> int:
+    """The frame seq of a stream entry id (``<seq>-0``)."""
+    ms, _, n = entry_id.partition(b"-")
+    if n != b"0":
+        raise ValueError(f"stream entry id {entry_id!r} is not <seq>-0")
+    return int(ms)
+
+
+def control(node_name: str) -> str:
+    """A node's control stream: requests other nodes make of its sessions."""
+    return f"{PREFIX}:node:{node_name}:ctl"

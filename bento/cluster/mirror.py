@@ -1,0 +1,124 @@
+"""One session's output log and snapshot, copied into Redis by the node that runs it.
+
+The mirror reads the session's output log as an attachment would (by seq, up
+to what the exchange has announced) and adds each frame to the session's
+stream with the id ``<seq>-0``, in batches: one pipeline per batch carries the
+frames and the snapshot that covers them (its ``next_seq`` is what the stream
+holds, never more), and trims the stream below the session's ``first_seq``
+(the owner's ack, or the buffer policy's drops). Frames dropped or acked
+before the mirror reached them are not copied: readers see a gap, as on the
+node itself.
+
+What the mirror has not copied yet is lost to other nodes if this node dies:
+the mirror runs as far behind as one batch plus one Redis round trip while
+Redis keeps up (``behind`` records the most frames it found waiting).
+
+It never writes to the log or talks to the exchange; when Redis cannot be
+reached it waits and carries on from where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import coredis
+import trio
+from coredis.exceptions import RedisError
+
+from bento import protocol, sessionlog
+from bento.cluster import keys
+from bento.session_core import Snapshot
+
+if TYPE_CHECKING:
+    from bento.cluster.node import Cluster
+    from bento.sessions import Session
+
+log = logging.getLogger("bento.cluster.mirror")
+
+BATCH_BYTES = 1024 * 1024
+BATCH_FRAMES = 512
+TRIMMED_WAIT_S = 0.05  # frames trimmed under the mirror: the next snapshot says how far
+
+
+class Mirror:
+    """Copies one session into Redis until the session is removed."""
+
+    def __init__(self, cluster: Cluster, s: Session) -> None:
+        self.cluster = cluster
+        self.redis = cluster.redis
+        self.session = s
+        self.published = False
+        self.sent: Snapshot | None = None  # the last snapshot written to Redis
+        self.trimmed_below = 1
+        self.frames = 0
+        self.behind = 0  # the most frames found waiting at the start of a batch
+
+    async def publish(self) -> None:
+        await self.cluster.enter(self.session)
+        self.published = True
+
+    async def run(self) -> None:
+        s = self.session
+        cursor = sessionlog.Cursor(s.dir, "out", 1)
+        backoff = 0.1
+        try:
+            while True:
+                try:
+                    if not await self._round(cursor):
+                        break
+                    backoff = 0.1
+                except RedisError as exc:
+                    log.warning("session %s: cannot mirror into Redis: %s (again in %.1f s)",
+                                s.sid, exc, backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            cursor.close()
+        log.info("session %s: mirrored %d frames, at most %d behind", s.sid, self.frames, self.behind)
+
+    async def _round(self, cursor: sessionlog.Cursor) -> bool:
+        """One batch into Redis, or a wait for news; False once the session is gone."""
+        s = self.session
+        changed = s.changed
+        if s.removed:
+            await self.cluster.forget(s)
+            return False
+        if not self.published:
+            await self.publish()
+        snap = s.snap
+        if cursor.next_seq < snap.first_seq:
+            cursor.seek(snap.first_seq)
+        start = cursor.next_seq
+        frames: list[memoryview] = []
+        if start < snap.next_seq:
+            try:
+                frames = cursor.read(snap.next_seq, BATCH_BYTES, BATCH_FRAMES)
+            except FileNotFoundError:
+                cursor.seek(start)
+                with trio.move_on_after(TRIMMED_WAIT_S):
+                    await changed.wait()
+                return True
+            except sessionlog.LogCorrupt as exc:
+                log.error("session %s: output log is corrupt, mirror stops at seq %d: %s", s.sid, start, exc)
+                return False
+            self.behind = max(self.behind, snap.next_seq - start)
+        covered = snap._replace(next_seq=cursor.next_seq)
+        if not frames and covered == self.sent:
+            await changed.wait()
+            return True
+        await self._write(start, frames, covered)
+        return True
+
+    async def _write(self, start: int, frames: list[memoryview], covered: Snapshot) -> None:
+        sid = self.session.sid
+        out = keys.out(sid)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i, frame in enumerate(frames):
+                pipe.xadd(out, {"f": bytes(frame)}, identifier=keys.entry_id(start + i))
+            pipe.hset(keys.meta(sid), {"snap": protocol.encode(covered._asdict())})
+            if covered.first_seq > self.trimmed_below:
+                pipe.xtrim(out, coredis.PureToken.MINID, covered.first_seq)
+        self.frames += len(frames)
+        self.sent = covered
+        self.trimmed_below = max(self.trimmed_below, covered.first_seq)

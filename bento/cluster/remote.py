@@ -1,0 +1,190 @@
+"""Serving a session that another node runs: attachments read its output from
+the session's Redis Stream (XRANGE from the attachment's seq, then XREAD BLOCK
+for what comes next) and the owner's acks go to the running node's control
+stream.
+
+This node keeps no copy of the session: each attachment holds only its
+position and one batch in flight, like a local attachment's worker reading the
+log. Frames arrive by seq, so delivery is exactly once and in order, with the
+positions the running node has; frames trimmed from the stream (acked, or
+dropped by the buffer policy) become a ``gap`` frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from coredis.exceptions import RedisError
+
+from bento import auth, protocol
+from bento.cluster import keys
+from bento.session_core import Snapshot
+from bento.transport import ConnectionClosed
+
+if TYPE_CHECKING:
+    from bento.cluster.node import Cluster
+    from bento.server import Connection
+
+log = logging.getLogger("bento.cluster.remote")
+
+BATCH_FRAMES = 512
+BLOCK_MS = 1_000  # an idle attachment checks this often that its session still exists
+
+
+def unavailable(exc: RedisError) -> protocol.RequestError:
+    return protocol.RequestError(
+        "internal", f"this node cannot reach the cluster's Redis ({exc}): try again, or ask another node")
+
+
+@dataclass(eq=False)
+class RemoteAttachment:
+    """One connection's attachment to a session another node runs."""
+
+    sid: str
+    node: str  # the node that runs the session
+    mode: str  # "rw" | "ro"
+    next_seq: int
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    ack_sent: int = 0
+
+
+class Remote:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.redis = cluster.redis
+
+    async def find(self, token: str) -> tuple[str, str, str, Snapshot] | None:
+        """(session id, mode, node, snapshot) of the session with this token, if any."""
+        try:
+            entry = await self.redis.get(keys.token(auth.token_hash(token)))
+            if entry is None:
+                return None
+            mode, _, sid = entry.decode().partition(" ")
+            node, raw = await self.redis.hmget(keys.meta(sid), ["node", "snap"])
+        except RedisError as exc:
+            raise unavailable(exc) from None
+        if node is None or raw is None:
+            return None  # destroyed between the two reads
+        return sid, mode, node.decode(), Snapshot.from_map(protocol.decode(raw))
+
+    async def attach(self, conn: Connection, req: dict) -> None:
+        """``attach`` with a token of a session another node runs (or no session at all)."""
+        found = await self.find(req["token"])
+        if found is None:
+            conn.by_token(req["token"], owner=False)  # not_found, counted as a failed guess
+            raise protocol.RequestError("not_found", "no session has this token")
+        sid, mode, node, snap = found
+        start = req["from"]
+        if start > snap.next_seq:
+            raise protocol.RequestError("bad_request", f"from {start} is beyond next_seq {snap.next_seq}")
+        await self.detach(conn, sid)
+        await conn.send(protocol.reply_ok(
+            req["id"], session=sid, mode=mode, state=snap.state, first_seq=snap.first_seq,
+            next_seq=snap.next_seq, input_seq=snap.input_seq,
+        ))
+        att = RemoteAttachment(sid, node, mode, start)
+        conn.remote[sid] = att
+        assert conn.nursery is not None
+        conn.nursery.start_soon(self.worker, conn, att)
+
+    async def detach(self, conn: Connection, sid: str) -> bool:
+        """End the connection's attachment to ``sid`` (False if it has none);
+        returns once its last batch is out."""
+        att = conn.remote.pop(sid, None)
+        if att is None:
+            return False
+        att.cancel.cancel()
+        await att.done.wait()
+        return True
+
+    async def ack(self, conn: Connection, sid: str, seq: int) -> bool:
+        """The owner's ack over a remote attachment (False if there is none)."""
+        att = conn.remote.get(sid)
+        if att is None:
+            return False
+        if att.mode == "rw" and seq > att.ack_sent:
+            try:
+                await self.cluster.ask_ack(att.node, sid, seq)
+            except RedisError as exc:
+                raise unavailable(exc) from None
+            att.ack_sent = seq
+        return True
+
+    async def worker(self, conn: Connection, att: RemoteAttachment) -> None:
+        try:
+            with att.cancel:
+                await self._pump(conn, att)
+        except ConnectionClosed:
+            pass
+        except RedisError as exc:
+            log.warning("session %s: attachment ends, Redis is not reachable: %s", att.sid, exc)
+            await self._last_word(conn, att, "internal", f"this node lost the cluster's Redis ({exc}): "
+                                  "attach again from the next seq")
+        finally:
+            att.done.set()
+
+    async def _last_word(self, conn: Connection, att: RemoteAttachment, code: str, message: str) -> None:
+        if conn.remote.get(att.sid) is att:
+            conn.remote.pop(att.sid, None)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await conn.send(protocol.error_event(att.sid, code, message))
+                except ConnectionClosed:
+                    pass
+
+    async def _pump(self, conn: Connection, att: RemoteAttachment) -> None:
+        out = keys.out(att.sid)
+        while True:
+            entries = await self.redis.xrange(out, keys.entry_id(att.next_seq), "+", count=BATCH_FRAMES)
+            if not entries:
+                snap = await self._snapshot(att)
+                if snap is None:
+                    await self._last_word(conn, att, "gone", "the session was destroyed")
+                    return
+                if att.next_seq < snap.first_seq:
+                    await self._gap(conn, att, snap.first_seq, snap)
+                    continue
+                got = await self.redis.xread({out: keys.entry_id(att.next_seq - 1)},
+                                             count=BATCH_FRAMES, block=BLOCK_MS)
+                entries = (got or {}).get(out.encode(), ())
+                if not entries:
+                    continue
+            await self._deliver(conn, att, entries)
+
+    async def _snapshot(self, att: RemoteAttachment) -> Snapshot | None:
+        raw = await self.redis.hget(keys.meta(att.sid), "snap")
+        return None if raw is None else Snapshot.from_map(protocol.decode(raw))
+
+    async def _gap(self, conn: Connection, att: RemoteAttachment, upto: int, snap: Snapshot) -> None:
+        """Frames from ``att.next_seq`` to ``upto - 1`` are no longer in the stream."""
+        a, b = att.next_seq, upto - 1
+        await conn.send(protocol.out_event(att.sid, [protocol.gap_frame(a, b, snap.gap_reason(a))]))
+        att.next_seq = upto
+
+    async def _deliver(self, conn: Connection, att: RemoteAttachment, entries: Any) -> None:
+        """One ``out`` event of the entries from ``att.next_seq`` on (within the
+        connection's batch size); a hole in the stream becomes a gap frame."""
+        frames: list[bytes] = []
+        size = 0
+        expect = att.next_seq
+        for entry in entries:
+            seq = keys.seq_of(entry.identifier)
+            if seq < expect:
+                continue
+            frame = entry.field_values[b"f"]
+            if frames and size + len(frame) > conn.out_budget:
+                break
+            if seq > expect:
+                snap = await self._snapshot(att)
+                reason = "acked" if snap is None else snap.gap_reason(expect)
+                frames.append(protocol.gap_frame(expect, seq - 1, reason))
+            frames.append(frame)
+            size += len(frame)
+            expect = seq + 1
+        if frames:
+            await conn.send(protocol.out_event_parts(att.sid, frames))
+            att.next_seq = expect

@@ -1,0 +1,167 @@
+"""Cluster mode on a real redis-server: a session run by node A is read through node B."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import coredis
+import trio
+from helpers import assert_contiguous, connect, wait_status
+
+COUNT = '''
+import time
+def main(n):
+    for i in range(n):
+        api.send(i)
+        if i % 100 == 0:
+            time.sleep(0.01)
+    return n
+'''
+
+CLOCK = '''
+import time
+def main(n):
+    for _ in range(n):
+        api.send(time.time())
+        time.sleep(0.02)
+'''
+
+
+async def redis_client(url: str) -> coredis.Redis:
+    return coredis.Redis.from_url(url, decode_responses=False)
+
+
+def values(frames: list[list]) -> list:
+    return [f[2] for f in frames if f[1] == "msg"]
+
+
+async def test_attach_on_other_node_reads_every_frame_once(nodes):
+    a, b = nodes
+    async with connect(a.url) as ca, connect(b.url) as cb:
+        r = await ca.ok("execute", code=COUNT, args=[2000], attach=False)
+        rb = await cb.ok("attach", token=r["token"], **{"from": 1})
+        assert rb["session"] == r["session"] and rb["mode"] == "rw"
+        on_b = await cb.frames(r["session"], timeout=60)
+        await ca.ok("attach", token=r["viewer_token"], **{"from": 1})
+        on_a = await ca.frames(r["session"], timeout=60)
+    assert_contiguous(on_b)
+    assert on_b == on_a, "node B must deliver exactly the frames node A has, with the same seqs"
+    assert values(on_b) == list(range(2000))
+    assert on_b[-1][2]["result"] == 2000
+
+
+async def test_resume_on_other_node_after_a_dropped_connection(nodes):
+    a, b = nodes
+    async with connect(a.url) as ca:
+        r = await ca.ok("execute", code=COUNT, args=[3000], attach=False)
+    sid = r["session"]
+    async with connect(b.url) as cb:
+        await cb.ok("attach", token=r["token"], **{"from": 1})
+        first = await cb.frames(sid, until_exit=False, count=700, timeout=60)
+    # The connection is gone mid-stream; the session goes on. Resume on B from a seq.
+    resume_at = first[500][0]
+    async with connect(b.url) as cb:
+        rb = await cb.ok("attach", token=r["token"], **{"from": resume_at})
+        assert rb["first_seq"] == 1
+        rest = await cb.frames(sid, timeout=60)
+    frames = first[:500] + rest
+    assert_contiguous(frames)
+    assert values(frames) == list(range(3000))
+
+
+async def test_owner_ack_through_other_node_frees_the_buffer(nodes, redis_server):
+    a, b = nodes
+    async with connect(a.url) as ca, connect(b.url) as cb:
+        r = await ca.ok("execute", code=COUNT, args=[300], attach=False)
+        sid = r["session"]
+        await cb.ok("attach", token=r["token"], **{"from": 1})
+        frames = await cb.frames(sid, timeout=60)
+        last = frames[-1][0]
+        await cb.send({"op": "ack", "session": sid, "seq": last - 1})
+        st = await wait_status(ca, r["token"], lambda st: st["acked_seq"] == last - 1)
+        assert st["first_seq"] == last
+        redis = await redis_client(redis_server.url)
+        async with redis:
+            with trio.fail_after(10):
+                while len(await redis.xrange(f"bento:{{{sid}}}:out", "-", "+")) != 1:
+                    await trio.sleep(0.05)
+        # A viewer on B that asks for the acked frames gets a gap, then the rest.
+        async with connect(b.url) as cv:
+            rv = await cv.ok("attach", token=r["viewer_token"], **{"from": 1})
+            assert rv["mode"] == "ro" and rv["first_seq"] == last
+            seen = await cv.frames(sid, timeout=30)
+        assert seen[0][1] == "gap" and seen[0][2] == {"from": 1, "to": last - 1, "reason": "acked"}
+        assert seen[1:] == frames[-1:]
+
+
+async def test_directory_holds_token_hashes_only_and_a_node_heartbeat(nodes, redis_server):
+    a, b = nodes
+    async with connect(a.url) as ca:
+        r = await ca.ok("execute", code=COUNT, args=[3])
+        await ca.frames(r["session"])
+    redis = await redis_client(redis_server.url)
+    async with redis:
+        stored = b""
+        for key in await redis.keys("*"):
+            kind = await redis.type(key)
+            stored += key
+            if kind == b"string":
+                stored += await redis.get(key) or b""
+            elif kind == b"hash":
+                stored += b"".join(k + v for k, v in (await redis.hgetall(key)).items())
+            elif kind == b"stream":
+                for e in await redis.xrange(key, "-", "+"):
+                    stored += b"".join(k + v for k, v in e.field_values.items())
+        assert r["session"].encode() in stored
+        assert r["token"].encode() not in stored and r["viewer_token"].encode() not in stored
+        ttl = await redis.pttl(b"bento:node:a")
+        assert 0 < ttl <= 10_000
+        # One session's keys share a hash slot: the first {...} in each is the session id.
+        tag = b"{" + r["session"].encode() + b"}"
+        session_keys = await redis.keys(f"bento:{{{r['session']}}}:*")
+        assert len(session_keys) == 2
+        assert all(k[k.index(b"{"):].startswith(tag) for k in session_keys)
+
+
+async def test_unknown_token_and_destroyed_session_on_other_node(nodes):
+    a, b = nodes
+    async with connect(b.url) as cb:
+        bad = await cb.request("attach", token="bto_" + "x" * 43, **{"from": 1})
+        assert not bad["ok"] and bad["error"]["code"] == "not_found"
+    async with connect(a.url) as ca, connect(b.url) as cb:
+        r = await ca.ok("execute", code="import time\ndef main():\n    time.sleep(60)\n", attach=False)
+        await cb.ok("attach", token=r["viewer_token"], **{"from": 1})
+        await ca.ok("destroy", token=r["token"])
+        ev = await cb.event(ev="error", session=r["session"], timeout=15)
+        assert ev["error"]["code"] == "gone"
+
+
+async def test_how_far_behind_the_other_node_reads(nodes):
+    """The mirror's delay as a reader sees it: a frame's arrival on B after its
+    arrival on A (printed; asserted only to be bounded)."""
+    a, b = nodes
+    n = 100
+    async with connect(a.url) as ca, connect(b.url) as cb:
+        r = await ca.ok("execute", code=CLOCK, args=[n], attach=False)
+        sid = r["session"]
+        await ca.ok("attach", token=r["viewer_token"], **{"from": 1})
+        await cb.ok("attach", token=r["token"], **{"from": 1})
+        seen: dict[str, dict[int, float]] = {"a": {}, "b": {}}
+
+        async def read(name: str, c) -> None:
+            got = 0
+            while got < n + 1:
+                ev = await c.event(ev="out", session=sid, timeout=30)
+                for seq, _ch, _data in ev["frames"]:
+                    seen[name][seq] = time.time()
+                got += len(ev["frames"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, "a", ca)
+            nursery.start_soon(read, "b", cb)
+    delays = sorted(seen["b"][q] - seen["a"][q] for q in seen["a"])
+    median, p99 = statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
+    print(f"\nB behind A per frame: median {median * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
+          f"max {delays[-1] * 1000:.1f} ms")
+    assert median < 1.0
