@@ -528,6 +528,9 @@ class Connection:
         await self.send(protocol.reply_ok(req["id"]))
 
     async def op_status(self, req: dict) -> None:
+        if self.server.cluster is not None and self.registry.by_token(req["token"]) is None:
+            await self.server.cluster.remote.status(self, req)
+            return
         s, _ = self.by_token(req["token"], owner=False)
         await self.send(protocol.reply_ok(req["id"], **s.status()))
 

@@ -46,3 +46,11 @@ def seq_of(entry_id: bytes) -> int:
 def control(node_name: str) -> str:
     """A node's control stream: requests other nodes make of its sessions."""
     return f"{PREFIX}:node:{node_name}:ctl"
+
+
+NODES = f"{PREFIX}:nodes"  # the set of nodes that have run sessions and are not yet found dead
+
+
+def node_sessions(node_name: str) -> str:
+    """The ids of the sessions a node runs (ended ones too, until they are removed)."""
+    return f"{PREFIX}:node:{node_name}:sessions"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import coredis
 import trio
-from coredis.exceptions import RedisError
+from coredis.exceptions import RedisError, ResponseError
 
 from bento import protocol, sessionlog
 from bento.cluster import keys
@@ -68,6 +68,11 @@ class Mirror:
                     if not await self._round(cursor):
                         break
                     backoff = 0.1
+                except ResponseError as exc:
+                    log.error("session %s: Redis refused the mirror's write (%s): the cluster "
+                              "declared this node lost, or the session's keys were changed by "
+                              "hand; its output is no longer mirrored", s.sid, exc)
+                    break
                 except RedisError as exc:
                     log.warning("session %s: cannot mirror into Redis: %s (again in %.1f s)",
                                 s.sid, exc, backoff)
@@ -113,7 +118,8 @@ class Mirror:
     async def _write(self, start: int, frames: list[memoryview], covered: Snapshot) -> None:
         sid = self.session.sid
         out = keys.out(sid)
-        async with self.redis.pipeline(transaction=False) as pipe:
+        # One transaction: the stream and the snapshot that covers it change together.
+        async with self.redis.pipeline(transaction=True) as pipe:
             for i, frame in enumerate(frames):
                 pipe.xadd(out, {"f": bytes(frame)}, identifier=keys.entry_id(start + i))
             pipe.hset(keys.meta(sid), {"snap": protocol.encode(covered._asdict())})

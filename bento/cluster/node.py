@@ -18,7 +18,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from bento import protocol
-from bento.cluster import keys
+from bento.cluster import keys, lost
 from bento.cluster.mirror import Mirror
 from bento.cluster.remote import Remote
 from bento.config import Config
@@ -73,14 +73,17 @@ class Cluster:
                 "node": self.node,
                 "created": repr(s.created),
                 "sandbox": s.meta["sandbox"],
+                "enforced": protocol.encode(s.enforced),
                 "snap": protocol.encode(s.snap._asdict()),
             })
+            pipe.sadd(keys.node_sessions(self.node), [s.sid])
 
     async def forget(self, s: Session) -> None:
         """Remove the directory entries and the stream of a session that was removed."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete([keys.token(s.meta["owner_hash"]), keys.token(s.meta["viewer_hash"])])
             pipe.delete([keys.meta(s.sid), keys.out(s.sid)])
+            pipe.srem(keys.node_sessions(self.node), [s.sid])
         self.mirrors.pop(s.sid, None)
 
     # -- the node's life -----------------------------------------------------------
@@ -91,6 +94,7 @@ class Cluster:
             value = protocol.encode({"node": self.node, "at": time.time(), "sessions": len(self.mirrors)})
             try:
                 await self.redis.set(keys.node(self.node), value, px=HEARTBEAT_TTL_MS)
+                await self.redis.sadd(keys.NODES, [self.node])
             except RedisError as exc:
                 log.warning("cannot renew this node's heartbeat: %s", exc)
             await trio.sleep(HEARTBEAT_S)
@@ -150,4 +154,5 @@ async def run(config: Config, registry: Registry, *,
                 await cluster.publish(s)
             nursery.start_soon(cluster.heartbeat)
             nursery.start_soon(cluster.control)
+            nursery.start_soon(lost.watch, cluster)
             task_status.started(cluster)

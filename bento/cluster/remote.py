@@ -57,27 +57,37 @@ class Remote:
         self.cluster = cluster
         self.redis = cluster.redis
 
-    async def find(self, token: str) -> tuple[str, str, str, Snapshot] | None:
-        """(session id, mode, node, snapshot) of the session with this token, if any."""
+    async def find(self, conn: Connection, token: str) -> tuple[str, str, dict[bytes, bytes], Snapshot]:
+        """(session id, mode, metadata, snapshot) of the session with this token;
+        ``not_found`` (counted as a failed guess) when there is none."""
         try:
             entry = await self.redis.get(keys.token(auth.token_hash(token)))
-            if entry is None:
-                return None
-            mode, _, sid = entry.decode().partition(" ")
-            node, raw = await self.redis.hmget(keys.meta(sid), ["node", "snap"])
+            meta = {}
+            if entry is not None:
+                mode, _, sid = entry.decode().partition(" ")
+                meta = await self.redis.hgetall(keys.meta(sid))
         except RedisError as exc:
             raise unavailable(exc) from None
-        if node is None or raw is None:
-            return None  # destroyed between the two reads
-        return sid, mode, node.decode(), Snapshot.from_map(protocol.decode(raw))
+        if b"snap" not in meta:  # no such token, or destroyed between the two reads
+            conn.by_token(token, owner=False)
+            raise protocol.RequestError("not_found", "no session has this token")
+        return sid, mode, meta, Snapshot.from_map(protocol.decode(meta[b"snap"]))
+
+    async def status(self, conn: Connection, req: dict) -> None:
+        """``status`` of a session another node runs, as that node last mirrored it."""
+        sid, _mode, meta, snap = await self.find(conn, req["token"])
+        await conn.send(protocol.reply_ok(
+            req["id"], session=sid, state=snap.state, created=float(meta[b"created"]), ended=snap.ended,
+            first_seq=snap.first_seq, next_seq=snap.next_seq, acked_seq=snap.acked_seq,
+            input_seq=snap.input_seq, buffer_bytes=snap.buffer_bytes, attachments=None,
+            exit=snap.exit, sandbox=meta[b"sandbox"].decode(),
+            enforced=protocol.decode(meta[b"enforced"]), node=meta[b"node"].decode(),
+        ))
 
     async def attach(self, conn: Connection, req: dict) -> None:
         """``attach`` with a token of a session another node runs (or no session at all)."""
-        found = await self.find(req["token"])
-        if found is None:
-            conn.by_token(req["token"], owner=False)  # not_found, counted as a failed guess
-            raise protocol.RequestError("not_found", "no session has this token")
-        sid, mode, node, snap = found
+        sid, mode, meta, snap = await self.find(conn, req["token"])
+        node = meta[b"node"].decode()
         start = req["from"]
         if start > snap.next_seq:
             raise protocol.RequestError("bad_request", f"from {start} is beyond next_seq {snap.next_seq}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import statistics
 import time
 
 import coredis
 import trio
-from helpers import assert_contiguous, connect, wait_status
+from helpers import ServerProcess, assert_contiguous, connect, wait_status
 
 COUNT = '''
 import time
@@ -49,6 +51,18 @@ async def test_attach_on_other_node_reads_every_frame_once(nodes):
     assert on_b == on_a, "node B must deliver exactly the frames node A has, with the same seqs"
     assert values(on_b) == list(range(2000))
     assert on_b[-1][2]["result"] == 2000
+
+
+async def test_status_on_other_node(nodes):
+    a, b = nodes
+    async with connect(a.url) as ca, connect(b.url) as cb:
+        r = await ca.ok("execute", code=COUNT, args=[10])
+        await ca.frames(r["session"])
+        on_a = await ca.ok("status", token=r["token"])
+        on_b = await wait_status(cb, r["viewer_token"], lambda st: st["state"] == "exited")
+    same = ("session", "state", "first_seq", "next_seq", "input_seq", "exit", "sandbox", "enforced")
+    assert {k: on_b[k] for k in same} == {k: on_a[k] for k in same}
+    assert on_b["node"] == "a" and on_b["attachments"] is None
 
 
 async def test_resume_on_other_node_after_a_dropped_connection(nodes):
@@ -165,3 +179,46 @@ async def test_how_far_behind_the_other_node_reads(nodes):
     print(f"\nB behind A per frame: median {median * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
           f"max {delays[-1] * 1000:.1f} ms")
     assert median < 1.0
+
+
+FEW_THEN_WAIT = '''
+import time
+def main(n):
+    for i in range(n):
+        api.send(i)
+    time.sleep(600)
+'''
+
+
+async def test_node_death_ends_its_sessions_lost_readable_on_another(redis_server, tmp_path):
+    dying = ServerProcess(str(tmp_path / "dying"), "--cluster", redis_server.url, "--node", "dying").start()
+    watcher = ServerProcess(str(tmp_path / "watcher"), "--cluster", redis_server.url, "--node", "w").start()
+    try:
+        async with connect(dying.url) as cd:
+            r = await cd.ok("execute", code=FEW_THEN_WAIT, args=[50], attach=False)
+        sid = r["session"]
+        async with connect(watcher.url) as cw:
+            await cw.ok("attach", token=r["token"], **{"from": 1})
+            before = await cw.frames(sid, until_exit=False, count=50, timeout=30)
+            # The machine dies: the node and its exchanges, at once.
+            pids = dying.exchange_pids()
+            dying.kill(signal.SIGKILL)
+            for pid in pids:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            died = time.monotonic()
+            after = await cw.frames(sid, timeout=30)
+            took = time.monotonic() - died
+            st = await cw.ok("status", token=r["viewer_token"])
+        print(f"\nsession lost on the other node {took:.1f} s after its node died")
+        assert values(before + after) == list(range(50))
+        assert_contiguous(before + after)
+        end = after[-1]
+        assert end[1] == "exit" and end[2]["state"] == "lost" and end[2]["error"]["type"] == "NodeLost"
+        assert st["state"] == "lost" and st["exit"] == end[2] and st["next_seq"] == end[0] + 1
+        assert took < 15
+    finally:
+        dying.stop()
+        watcher.stop()

@@ -1,0 +1,88 @@
+"""Node death: every node watches the others' heartbeats; the sessions of a
+node whose heartbeat expired end ``lost`` with the error ``NodeLost``.
+
+The end is written into Redis as the node itself would have mirrored it: an
+exit frame at the session's next seq in its stream, and the snapshot that says
+so. A script writes both only if the snapshot is still the one read (compare
+and set), so two nodes that notice the same death write one end, and a session
+whose node wrote again in the meantime is left alone. Output the dead node had
+not mirrored yet is lost to the cluster (see docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+from coredis.exceptions import RedisError
+
+from bento import protocol
+from bento.cluster import keys
+from bento.session_core import Snapshot
+
+if TYPE_CHECKING:
+    from bento.cluster.node import Cluster
+
+log = logging.getLogger("bento.cluster.lost")
+
+SWEEP_S = 2.0
+
+# KEYS: meta, out. ARGV: the snapshot read, the snapshot after, the exit frame's id, the frame.
+END_IF_UNCHANGED = """
+if redis.call('HGET', KEYS[1], 'snap') ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[2], ARGV[3], 'f', ARGV[4])
+redis.call('HSET', KEYS[1], 'snap', ARGV[2])
+return 1
+"""
+
+
+def node_lost_exit(node: str) -> dict:
+    """The exit data of a session whose node died."""
+    return {"state": "lost", "code": None, "signal": None, "result": None,
+            "error": {"type": "NodeLost",
+                      "message": f"node {node} that ran the session stopped answering; "
+                                 "its output up to its last mirrored frame is kept",
+                      "traceback": ""}}
+
+
+async def watch(cluster: Cluster) -> None:
+    """Every SWEEP_S: end the sessions of nodes whose heartbeat expired."""
+    while True:
+        await trio.sleep(SWEEP_S)
+        try:
+            await sweep(cluster)
+        except RedisError as exc:
+            log.warning("cannot check the other nodes' heartbeats: %s", exc)
+
+
+async def sweep(cluster: Cluster) -> None:
+    redis = cluster.redis
+    for raw in await redis.smembers(keys.NODES):
+        node = raw.decode()
+        if node == cluster.node or await redis.exists([keys.node(node)]):
+            continue
+        sids = await redis.smembers(keys.node_sessions(node))
+        for sid in sids:
+            await end_lost(cluster, node, sid.decode())
+        # Every session of the dead node is ended: nothing is left to watch there.
+        await redis.srem(keys.NODES, [raw])
+        await redis.srem(keys.node_sessions(node), list(sids))
+        log.warning("node %s: heartbeat expired; its %d sessions are lost", node, len(sids))
+
+
+async def end_lost(cluster: Cluster, node: str, sid: str) -> None:
+    redis = cluster.redis
+    raw = await redis.hget(keys.meta(sid), "snap")
+    if raw is None:
+        return
+    snap = Snapshot.from_map(protocol.decode(raw))
+    if snap.has_ended:
+        return
+    seq = snap.next_seq
+    data = node_lost_exit(node)
+    frame = protocol.encode_frame(seq, "exit", protocol.encode(data))
+    after = snap._replace(state="lost", next_seq=seq + 1, ended=time.time(), exit=data, exit_seq=seq)
+    await redis.eval(END_IF_UNCHANGED, keys=[keys.meta(sid), keys.out(sid)],
+                     args=[raw, protocol.encode(after._asdict()), keys.entry_id(seq), frame])
