@@ -34,19 +34,41 @@ async def redis_client(url: str) -> coredis.Redis:
     return coredis.Redis.from_url(url, decode_responses=False)
 
 
+async def run_elsewhere(runs_url: str, reader, code: str, n: int) -> dict:
+    """Execute ``code(n)`` on the node at ``runs_url`` and attach ``reader`` (a
+    client of another node) with the owner token from seq 1; the execute's reply."""
+    async with connect(runs_url) as c:
+        r = await c.ok("execute", code=code, args=[n], attach=False)
+    await reader.ok("attach", token=r["token"], **{"from": 1})
+    return r
+
+
 def values(frames: list[list]) -> list:
     return [f[2] for f in frames if f[1] == "msg"]
 
 
-async def test_attach_on_other_node_reads_every_frame_once(nodes):
+async def redis_totals(url: str) -> tuple[int, int]:
+    """Commands processed and bytes received by the Redis server so far."""
+    redis = await redis_client(url)
+    async with redis:
+        stats = await redis.info("stats")
+    return stats["total_commands_processed"], stats["total_net_input_bytes"]
+
+
+async def test_attach_on_other_node_reads_every_frame_once(nodes, redis_server):
     a, b = nodes
+    ops_before, bytes_before = await redis_totals(redis_server.url)
     async with connect(a.url) as ca, connect(b.url) as cb:
         r = await ca.ok("execute", code=COUNT, args=[2000], attach=False)
         rb = await cb.ok("attach", token=r["token"], **{"from": 1})
         assert rb["session"] == r["session"] and rb["mode"] == "rw"
         on_b = await cb.frames(r["session"], timeout=60)
+        ops_after, bytes_after = await redis_totals(redis_server.url)
         await ca.ok("attach", token=r["viewer_token"], **{"from": 1})
         on_a = await ca.frames(r["session"], timeout=60)
+    print(f"\nRedis per frame (small frames, one reader on the other node): "
+          f"{(ops_after - ops_before) / len(on_b):.2f} commands, "
+          f"{(bytes_after - bytes_before) / len(on_b):.0f} bytes in")
     assert_contiguous(on_b)
     assert on_b == on_a, "node B must deliver exactly the frames node A has, with the same seqs"
     assert values(on_b) == list(range(2000))
@@ -67,11 +89,9 @@ async def test_status_on_other_node(nodes):
 
 async def test_resume_on_other_node_after_a_dropped_connection(nodes):
     a, b = nodes
-    async with connect(a.url) as ca:
-        r = await ca.ok("execute", code=COUNT, args=[3000], attach=False)
-    sid = r["session"]
     async with connect(b.url) as cb:
-        await cb.ok("attach", token=r["token"], **{"from": 1})
+        r = await run_elsewhere(a.url, cb, COUNT, 3000)
+        sid = r["session"]
         first = await cb.frames(sid, until_exit=False, count=700, timeout=60)
     # The connection is gone mid-stream; the session goes on. Resume on B from a seq.
     resume_at = first[500][0]
@@ -194,11 +214,9 @@ async def test_node_death_ends_its_sessions_lost_readable_on_another(redis_serve
     dying = ServerProcess(str(tmp_path / "dying"), "--cluster", redis_server.url, "--node", "dying").start()
     watcher = ServerProcess(str(tmp_path / "watcher"), "--cluster", redis_server.url, "--node", "w").start()
     try:
-        async with connect(dying.url) as cd:
-            r = await cd.ok("execute", code=FEW_THEN_WAIT, args=[50], attach=False)
-        sid = r["session"]
         async with connect(watcher.url) as cw:
-            await cw.ok("attach", token=r["token"], **{"from": 1})
+            r = await run_elsewhere(dying.url, cw, FEW_THEN_WAIT, 50)
+            sid = r["session"]
             before = await cw.frames(sid, until_exit=False, count=50, timeout=30)
             # The machine dies: the node and its exchanges, at once.
             pids = dying.exchange_pids()
