@@ -289,6 +289,10 @@ class Connection:
 
     async def dispatch(self, req: dict) -> None:
         op = req["op"]
+        if (self.server.cluster is not None and op in TOKEN_OPS
+                and self.registry.by_token(req["token"]) is None):
+            await self.server.cluster.remote.serve(self, req)  # another node runs it
+            return
         handler = getattr(self, f"op_{op}")
         await handler(req)
 
@@ -416,9 +420,6 @@ class Connection:
         return {"max_bytes": max_bytes, "policy": asked.get("policy", self.config.buffer_policy)}
 
     async def op_attach(self, req: dict) -> None:
-        if self.server.cluster is not None and self.registry.by_token(req["token"]) is None:
-            await self.server.cluster.remote.attach(self, req)
-            return
         s, mode = self.by_token(req["token"], owner=False)
         # The reply carries the session's positions as they are now, not as last announced.
         await self.registry.sync(s)
@@ -489,6 +490,8 @@ class Connection:
         await self.registry.ack(att.session, req["seq"])
 
     async def op_input(self, req: dict) -> None:
+        if self.server.cluster is not None and await self.server.cluster.remote.input(self, req):
+            return
         att = self.attachment(req["session"], write=True)
         s = att.session
         msg: dict[str, Any] = {"t": "input", "seq": req["seq"]}
@@ -528,9 +531,6 @@ class Connection:
         await self.send(protocol.reply_ok(req["id"]))
 
     async def op_status(self, req: dict) -> None:
-        if self.server.cluster is not None and self.registry.by_token(req["token"]) is None:
-            await self.server.cluster.remote.status(self, req)
-            return
         s, _ = self.by_token(req["token"], owner=False)
         await self.send(protocol.reply_ok(req["id"], **s.status()))
 

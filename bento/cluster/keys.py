@@ -54,3 +54,8 @@ NODES = f"{PREFIX}:nodes"  # the set of nodes that have run sessions and are not
 def node_sessions(node_name: str) -> str:
     """The ids of the sessions a node runs (ended ones too, until they are removed)."""
     return f"{PREFIX}:node:{node_name}:sessions"
+
+
+def reply(rid: str) -> str:
+    """The answer to one request between nodes (a list of one item, short-lived)."""
+    return f"{PREFIX}:reply:{rid}"

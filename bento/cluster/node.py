@@ -1,10 +1,9 @@
-"""This node in the cluster: its Redis client, its heartbeat, the directory
-entries of the sessions it runs, and the control stream other nodes write to.
+"""This node in the cluster: its Redis client, its heartbeat, and the directory
+entries of the sessions it runs.
 
 A node writes only its own sessions' keys (and its heartbeat); another node
-reads them, and asks for changes (the owner's acks) through the owner node's
-control stream, which this node consumes and applies as if the request had
-come from one of its own connections.
+reads them, and asks for changes through the running node's control stream
+(bento/cluster/control.py).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from coredis.exceptions import RedisError
 
 from bento import protocol
 from bento.cluster import keys, lost
+from bento.cluster.control import Control
 from bento.cluster.mirror import Mirror
 from bento.cluster.remote import Remote
 from bento.config import Config
@@ -30,8 +30,6 @@ log = logging.getLogger("bento.cluster")
 
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_MS = 10_000  # a node silent this long is taken as gone
-CONTROL_BLOCK_MS = 1_000
-CONTROL_MAXLEN = 10_000  # requests kept in a node's control stream (approximately)
 
 
 class Cluster:
@@ -45,6 +43,7 @@ class Cluster:
         self.nursery = nursery
         self.mirrors: dict[str, Mirror] = {}
         self.remote = Remote(self)
+        self.control = Control(self)
 
     # -- this node's sessions ----------------------------------------------------
 
@@ -99,44 +98,6 @@ class Cluster:
                 log.warning("cannot renew this node's heartbeat: %s", exc)
             await trio.sleep(HEARTBEAT_S)
 
-    async def control(self) -> None:
-        """Apply what other nodes ask of this node's sessions (the owner's acks),
-        read from this node's control stream in order."""
-        key = keys.control(self.node)
-        # From the start of the stream: what was asked while this node was down
-        # applies now (an ack is applied at most once; an older one changes nothing).
-        last: str | bytes = "0-0"
-        backoff = 0.1
-        while True:
-            try:
-                got = await self.redis.xread({key: last}, count=256, block=CONTROL_BLOCK_MS)
-                backoff = 0.1
-            except RedisError as exc:
-                log.warning("cannot read this node's control stream: %s (again in %.1f s)", exc, backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            for entry in (got or {}).get(key.encode(), ()):
-                last = entry.identifier
-                await self._apply(entry.field_values)
-
-    async def _apply(self, fields: dict) -> None:
-        try:
-            sid = fields[b"sid"].decode()
-            seq = int(fields[b"ack"])
-        except (KeyError, ValueError, UnicodeDecodeError):
-            log.warning("control stream: ignoring a malformed request %r", fields)
-            return
-        s = self.registry.sessions.get(sid)
-        if s is not None and not s.removed:
-            await self.registry.ack(s, seq)
-
-    async def ask_ack(self, node: str, sid: str, seq: int) -> None:
-        """The owner's ack of ``sid``, to the node that runs it."""
-        await self.redis.xadd(keys.control(node), {"sid": sid, "ack": seq},
-                              trim_strategy=coredis.PureToken.MAXLEN, threshold=CONTROL_MAXLEN,
-                              trim_operator=coredis.PureToken.APPROXIMATELY)
-
 
 async def run(config: Config, registry: Registry, *,
               task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED) -> None:
@@ -153,6 +114,6 @@ async def run(config: Config, registry: Registry, *,
             for s in list(registry.sessions.values()):
                 await cluster.publish(s)
             nursery.start_soon(cluster.heartbeat)
-            nursery.start_soon(cluster.control)
+            nursery.start_soon(cluster.control.serve)
             nursery.start_soon(lost.watch, cluster)
             task_status.started(cluster)

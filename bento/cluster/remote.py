@@ -73,6 +73,59 @@ class Remote:
             raise protocol.RequestError("not_found", "no session has this token")
         return sid, mode, meta, Snapshot.from_map(protocol.decode(meta[b"snap"]))
 
+    async def serve(self, conn: Connection, req: dict) -> None:
+        """A request with a token (attach, status, signal, destroy, state_get,
+        state_put) for a session this node does not run."""
+        op = req["op"]
+        if op == "attach":
+            await self.attach(conn, req)
+            return
+        if op == "status":
+            await self.status(conn, req)
+            return
+        sid, mode, meta, _snap = await self.find(conn, req["token"])
+        if op != "state_get" and mode != "rw":
+            raise protocol.RequestError("forbidden", "this needs the owner token, not a viewer token")
+        request: dict[str, Any] = {"op": op}
+        if op == "signal":
+            request["signal"] = req["signal"]
+        elif op == "state_put":
+            request.update(value=protocol.encode(req["value"]), if_version=req["if_version"])
+        r = await self._ask(meta[b"node"].decode(), sid, request)
+        if op == "state_get":
+            await conn.send(protocol.reply_ok(req["id"], version=r["version"],
+                                              value=protocol.decode(r["value"], require_map=False)))
+        else:
+            await conn.send(protocol.reply_ok(req["id"], **({"version": r["version"]} if "version" in r else {})))
+
+    async def input(self, conn: Connection, req: dict) -> bool:
+        """``input`` over a remote attachment (False if there is none): carried to
+        the running node, which de-duplicates by seq."""
+        att = conn.remote.get(req["session"])
+        if att is None:
+            return False
+        if att.mode != "rw":
+            raise protocol.RequestError("forbidden", "this attachment is read-only")
+        request: dict[str, Any] = {"op": "input", "seq": req["seq"]}
+        if req["eof"]:
+            request["eof"] = True
+        else:
+            request["data"] = protocol.encode(req["data"])
+        r = await self._ask(att.node, att.sid, request)
+        await conn.send(protocol.event("in_ack", session=att.sid, seq=r["input_seq"]))
+        return True
+
+    async def _ask(self, node: str, sid: str, request: dict) -> dict:
+        """``request`` carried out by ``node``; its refusal raised as the request's error."""
+        try:
+            r = await self.cluster.control.ask(node, sid, request)
+        except RedisError as exc:
+            raise unavailable(exc) from None
+        if not r["ok"]:
+            extra = {"version": r["version"]} if "version" in r else {}
+            raise protocol.RequestError(r["code"], r["message"], **extra)
+        return r
+
     async def status(self, conn: Connection, req: dict) -> None:
         """``status`` of a session another node runs, as that node last mirrored it."""
         sid, _mode, meta, snap = await self.find(conn, req["token"])
@@ -118,7 +171,7 @@ class Remote:
             return False
         if att.mode == "rw" and seq > att.ack_sent:
             try:
-                await self.cluster.ask_ack(att.node, sid, seq)
+                await self.cluster.control.tell(att.node, sid, {"op": "ack", "seq": seq})
             except RedisError as exc:
                 raise unavailable(exc) from None
             att.ack_sent = seq

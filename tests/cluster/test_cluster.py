@@ -201,6 +201,66 @@ async def test_how_far_behind_the_other_node_reads(nodes):
     assert median < 1.0
 
 
+DOUBLE = '''
+def main(_unused):
+    got = []
+    try:
+        while True:
+            got.append(api.recv())
+            api.send(got[-1] * 2)
+    except EOFError:
+        return got
+'''
+
+SHARED = '''
+import time
+def main():
+    while True:
+        time.sleep(0.05)
+'''
+
+
+async def test_input_through_other_node_exactly_once(nodes):
+    a, b = nodes
+    async with connect(b.url) as cb:
+        r = await run_elsewhere(a.url, cb, DOUBLE, 0)
+        sid = r["session"]
+        for seq in range(1, 21):
+            await cb.send({"op": "input", "session": sid, "seq": seq, "data": seq})
+            assert (await cb.event(ev="in_ack", session=sid))["seq"] == seq
+        # A re-sent input is a duplicate: acknowledged, not delivered again.
+        await cb.send({"op": "input", "session": sid, "seq": 20, "data": 20})
+        assert (await cb.event(ev="in_ack", session=sid))["seq"] == 20
+        await cb.send({"op": "input", "session": sid, "seq": 30, "data": 30})
+        gap = await cb.event(ev="error", session=sid)
+        assert gap["error"]["code"] == "input_gap"
+        await cb.send({"op": "input", "session": sid, "seq": 21, "eof": True})
+        await cb.event(ev="in_ack", session=sid)
+        frames = await cb.frames(sid, timeout=30)
+    assert values(frames) == [2 * i for i in range(1, 21)]
+    assert frames[-1][2]["result"] == list(range(1, 21))
+
+
+async def test_signal_state_and_destroy_through_other_node(nodes):
+    a, b = nodes
+    async with connect(a.url) as ca, connect(b.url) as cb:
+        r = await ca.ok("execute", code=SHARED, attach=False)
+        put = await cb.ok("state_put", token=r["token"], value={"k": 1}, if_version=0)
+        got = await cb.ok("state_get", token=r["viewer_token"])
+        assert got["value"] == {"k": 1} and got["version"] == put["version"]
+        assert (await ca.ok("state_get", token=r["viewer_token"]))["value"] == {"k": 1}
+        stale = await cb.request("state_put", token=r["token"], value=2, if_version=0)
+        assert stale["error"]["code"] == "conflict" and stale["error"]["version"] == put["version"]
+        refused = await cb.request("signal", token=r["viewer_token"], signal="TERM")
+        assert refused["error"]["code"] == "forbidden"
+        await cb.ok("signal", token=r["token"], signal="KILL")
+        st = await wait_status(ca, r["token"], lambda st: st["exit"] is not None)
+        assert st["state"] == "killed"
+        await cb.ok("destroy", token=r["token"])
+        gone = await ca.request("status", token=r["token"])
+        assert gone["error"]["code"] == "not_found"
+
+
 FEW_THEN_WAIT = '''
 import time
 def main(n):
