@@ -7,7 +7,9 @@ connections had sent it; a request that wants an answer names a reply key
 (``bento:reply:<rid>``), which the asker waits on with BLPOP for at most
 ASK_TIMEOUT_S. Order is kept per running node, so one client's inputs arrive
 in the order it sent them; the exchange's de-duplication by seq stays the
-last word on input. A request older than ASK_TIMEOUT_S when it is read (its
+last word on input. A request is deleted from the stream once carried out, so
+a restarted node starts with what it had not done (a crash between the two
+repeats one request). A request older than ASK_TIMEOUT_S when it is read (its
 asker has given up and said so) is not carried out; acks always are (an ack
 is applied at most once, an older one changes nothing).
 """
@@ -89,6 +91,8 @@ class Control:
                 last = entry.identifier
                 try:
                     await self._one(entry.identifier, entry.field_values)
+                    # Done: a restart of this node starts after it.
+                    await self.redis.xdel(key, [entry.identifier])
                 except RedisError as exc:
                     log.warning("control stream: could not answer a request: %s", exc)
 

@@ -91,6 +91,11 @@ class Mirror:
             return False
         if not self.published:
             await self.publish()
+        if self.sent is None:
+            # After a restart of this node the stream has a head start: go on after it.
+            top = await self.redis.xrevrange(keys.out(s.sid), count=1)
+            if top:
+                cursor.seek(keys.seq_of(top[0].identifier) + 1)
         snap = s.snap
         if cursor.next_seq < snap.first_seq:
             cursor.seek(snap.first_seq)

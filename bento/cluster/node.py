@@ -64,7 +64,9 @@ class Cluster:
         self.nursery.start_soon(mirror.run)
 
     async def enter(self, s: Session) -> None:
-        """Write the directory entries of ``s``: its token hashes and its metadata."""
+        """Write the directory entries of ``s``: its token hashes and its metadata.
+        A snapshot already there (this node restarted) stays: it says what the
+        stream holds, and the mirror moves it on."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.token(s.meta["owner_hash"]), f"rw {s.sid}")
             pipe.set(keys.token(s.meta["viewer_hash"]), f"ro {s.sid}")
@@ -73,8 +75,8 @@ class Cluster:
                 "created": repr(s.created),
                 "sandbox": s.meta["sandbox"],
                 "enforced": protocol.encode(s.enforced),
-                "snap": protocol.encode(s.snap._asdict()),
             })
+            pipe.hsetnx(keys.meta(s.sid), "snap", protocol.encode(s.snap._asdict()))
             pipe.sadd(keys.node_sessions(self.node), [s.sid])
 
     async def forget(self, s: Session) -> None:

@@ -261,6 +261,14 @@ async def test_signal_state_and_destroy_through_other_node(nodes):
         assert gone["error"]["code"] == "not_found"
 
 
+PACED = '''
+import time
+def main(n):
+    for i in range(n):
+        api.send(i)
+        time.sleep(0.01)
+'''
+
 FEW_THEN_WAIT = '''
 import time
 def main(n):
@@ -300,3 +308,24 @@ async def test_node_death_ends_its_sessions_lost_readable_on_another(redis_serve
     finally:
         dying.stop()
         watcher.stop()
+
+
+async def test_node_restart_mirrors_on_with_no_gap_and_no_duplicate(redis_server, tmp_path):
+    runner = ServerProcess(str(tmp_path / "runner"), "--cluster", redis_server.url, "--node", "r").start()
+    reader = ServerProcess(str(tmp_path / "reader"), "--cluster", redis_server.url, "--node", "rd").start()
+    try:
+        async with connect(reader.url) as cr:
+            r = await run_elsewhere(runner.url, cr, PACED, 300)
+            sid = r["session"]
+            before = await cr.frames(sid, until_exit=False, count=30, timeout=30)
+            # The server restarts; its exchange goes on writing meanwhile.
+            runner.kill(signal.SIGTERM)
+            runner.start()
+            rest = await cr.frames(sid, timeout=60)
+        frames = before + rest
+        assert_contiguous(frames)
+        assert values(frames) == list(range(300))
+        assert frames[-1][2]["state"] == "exited"
+    finally:
+        runner.stop()
+        reader.stop()
