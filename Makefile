@@ -10,7 +10,7 @@ PORT ?= 8765
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps lint bench fuzz clean
+.PHONY: run test install system-deps lint bench fuzz clean cluster
 
 run: $(STAMP)
 	$(PY) -m bento.app server --host $(HOST) --port $(PORT) $(ARGS)
@@ -41,6 +41,26 @@ system-deps:
 	      || echo "make: could not install$$missing (continuing)" >&2; \
 	  fi; \
 	fi
+
+# A local cluster to try: a redis-server without persistence and two nodes (a, b) on
+# ports 8801 and 8802, all in the foreground; Ctrl-C stops the three. State in .cluster/.
+CLUSTER_REDIS_PORT ?= 6390
+cluster: $(STAMP)
+	@command -v redis-server >/dev/null || { echo "make cluster: redis-server is missing (apt-get install redis-server)" >&2; exit 1; }
+	@mkdir -p .cluster; \
+	redis-server --port $(CLUSTER_REDIS_PORT) --bind 127.0.0.1 --save "" --appendonly no \
+	  --dir .cluster --logfile redis.log & r=$$!; \
+	trap 'kill $$r $$a $$b 2>/dev/null; wait' EXIT INT TERM; \
+	for i in $$(seq 50); do redis-cli -p $(CLUSTER_REDIS_PORT) ping >/dev/null 2>&1 && break; sleep 0.1; done; \
+	url=redis://127.0.0.1:$(CLUSTER_REDIS_PORT)/0; \
+	$(PY) -m bento.app server --port 8801 --data-dir .cluster/a --cluster $$url --node a $(ARGS) & a=$$!; \
+	$(PY) -m bento.app server --port 8802 --data-dir .cluster/b --cluster $$url --node b $(ARGS) & b=$$!; \
+	sleep 2; \
+	echo "make cluster: Redis at $$url; nodes ws://127.0.0.1:8801/v1 (a) and ws://127.0.0.1:8802/v1 (b)"; \
+	echo "  run on a:   .venv/bin/bento run --server ws://127.0.0.1:8801/v1 --name NAME FILE.py"; \
+	echo "  read on b:  .venv/bin/bento attach --server ws://127.0.0.1:8802/v1 NAME"; \
+	echo "  Ctrl-C stops the nodes and Redis (docs/cluster.md)"; \
+	wait
 
 # Benchmarks print one table (figure, ceiling measured in the same run, ratio,
 # target). ARGS=--quick for a one-minute version. Not part of `make test`.

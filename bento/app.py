@@ -136,6 +136,17 @@ def run_server(argv: list[str]) -> int:
     config.max_limits = {k: v for k, v in maxima.items() if v is not None}
     merged: dict[str, float | None] = {**config.default_limits, **given}
     config.default_limits = {k: v for k, v in merged.items() if v is not None}
+    if config.cluster:
+        try:
+            from bento.cluster.node import unreachable
+        except ImportError as exc:
+            print(f"bento server: --cluster needs coredis ({exc}): pip install 'bento-server[cluster]' "
+                  "(make install does)", file=sys.stderr)
+            return 2
+        why = unreachable(config.cluster)
+        if why:
+            print(f"bento server: --cluster: {why}; start Redis first (docs/cluster.md)", file=sys.stderr)
+            return 2
     from bento.store import DataDirBusy, lock_data_dir
 
     try:

@@ -65,5 +65,7 @@ class Config:
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.cluster and not self.cluster.startswith(("redis://", "rediss://")):
+            raise ValueError(f"--cluster {self.cluster!r}: expected redis://HOST:PORT/DB or rediss://...")
         if self.buffer_policy not in protocol.BUFFER_POLICIES:
             raise ValueError(f"unknown buffer policy {self.buffer_policy!r}")

@@ -30,6 +30,7 @@ log = logging.getLogger("bento.cluster")
 
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_MS = 10_000  # a node silent this long is taken as gone
+REACH_TIMEOUT_S = 5.0
 
 
 class Cluster:
@@ -99,6 +100,28 @@ class Cluster:
             except RedisError as exc:
                 log.warning("cannot renew this node's heartbeat: %s", exc)
             await trio.sleep(HEARTBEAT_S)
+
+
+def unreachable(url: str) -> str | None:
+    """Why the cluster's Redis at ``url`` cannot be used now, or None. Runs its
+    own trio loop: for the check at start, before the server's loop."""
+
+    async def ping() -> None:
+        redis = coredis.Redis.from_url(url, decode_responses=False)
+        with trio.fail_after(REACH_TIMEOUT_S):
+            async with redis:
+                await redis.ping()
+
+    try:
+        trio.run(ping)
+    except trio.TooSlowError:
+        return f"Redis at {url} did not answer in {REACH_TIMEOUT_S:.0f} s"
+    except ValueError as exc:
+        return f"cannot use Redis at {url}: {exc}"
+    except (RedisError, OSError, BaseExceptionGroup) as exc:
+        first = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) else exc
+        return f"cannot reach Redis at {url}: {first}"
+    return None
 
 
 async def run(config: Config, registry: Registry, *,

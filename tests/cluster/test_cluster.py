@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
 
 import coredis
@@ -329,3 +332,17 @@ async def test_node_restart_mirrors_on_with_no_gap_and_no_duplicate(redis_server
     finally:
         runner.stop()
         reader.stop()
+
+
+def test_node_without_its_redis_refuses_to_start(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    p = subprocess.run(
+        [sys.executable, "-m", "bento.app", "server", "--port", "0", "--data-dir", str(tmp_path / "d"),
+         "--cluster", f"redis://127.0.0.1:{port}/0"],
+        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert p.returncode == 2
+    assert f"cannot reach Redis at redis://127.0.0.1:{port}/0".encode() in p.stderr
+    assert b"start Redis first" in p.stderr
