@@ -52,7 +52,7 @@ class Control:
 
     async def tell(self, node: str, sid: str, request: dict, rid: str = "") -> None:
         """Put ``request`` for session ``sid`` on ``node``'s control stream."""
-        fields = {"sid": sid, "req": protocol.encode(request)}
+        fields: dict[str, str | bytes] = {"sid": sid, "req": protocol.encode(request)}
         if rid:
             fields["rid"] = rid
         await self.redis.xadd(keys.control(node), fields, trim_strategy=coredis.PureToken.MAXLEN,
@@ -96,7 +96,7 @@ class Control:
                 except RedisError as exc:
                     log.warning("control stream: could not answer a request: %s", exc)
 
-    async def _one(self, entry_id: bytes, fields: dict) -> None:
+    async def _one(self, entry_id: str | bytes, fields: dict) -> None:
         try:
             sid = fields[b"sid"].decode()
             rid = fields.get(b"rid", b"").decode()
@@ -105,7 +105,8 @@ class Control:
         except (KeyError, TypeError, UnicodeDecodeError, protocol.ProtocolError):
             log.warning("control stream: ignoring a malformed request %r", fields)
             return
-        asked_ms = int(entry_id.split(b"-", 1)[0])
+        raw_id = entry_id.encode() if isinstance(entry_id, str) else entry_id
+        asked_ms = int(raw_id.split(b"-", 1)[0])  # an automatic id starts with the time it was added
         if rid and time.time() * 1000 - asked_ms > ASK_TIMEOUT_S * 1000:
             log.info("control stream: %s for session %s came too late, not carried out", op, sid)
             return

@@ -35,9 +35,10 @@ def entry_id(seq: int) -> str:
     return f"{seq}-0"
 
 
-def seq_of(entry_id: bytes) -> int:
+def seq_of(entry_id: str | bytes) -> int:
     """The frame seq of a stream entry id (``<seq>-0``)."""
-    ms, _, n = entry_id.partition(b"-")
+    raw = entry_id.encode() if isinstance(entry_id, str) else entry_id
+    ms, _, n = raw.partition(b"-")
     if n != b"0":
         raise ValueError(f"stream entry id {entry_id!r} is not <seq>-0")
     return int(ms)

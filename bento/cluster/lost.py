@@ -64,25 +64,31 @@ async def sweep(cluster: Cluster) -> None:
         if node == cluster.node or await redis.exists([keys.node(node)]):
             continue
         sids = await redis.smembers(keys.node_sessions(node))
-        for sid in sids:
-            await end_lost(cluster, node, sid.decode())
-        # Every session of the dead node is ended: nothing is left to watch there.
-        await redis.srem(keys.NODES, [raw])
-        await redis.srem(keys.node_sessions(node), list(sids))
-        log.warning("node %s: heartbeat expired; its %d sessions are lost", node, len(sids))
+        ended = [sid for sid in sids if await end_lost(cluster, node, sid.decode())]
+        # What has ended needs no more watching; a session whose snapshot moved
+        # meanwhile (its node wrote again) stays watched.
+        if ended:
+            await redis.srem(keys.node_sessions(node), ended)
+        if len(ended) == len(sids):
+            await redis.srem(keys.NODES, [raw])
+        log.warning("node %s: heartbeat expired; %d of its %d sessions ended lost",
+                    node, len(ended), len(sids))
 
 
-async def end_lost(cluster: Cluster, node: str, sid: str) -> None:
+async def end_lost(cluster: Cluster, node: str, sid: str) -> bool:
+    """End ``sid`` lost unless it has ended (or is gone); False if its snapshot
+    changed under the script (its node is writing after all)."""
     redis = cluster.redis
     raw = await redis.hget(keys.meta(sid), "snap")
     if raw is None:
-        return
+        return True
     snap = Snapshot.from_map(protocol.decode(raw))
     if snap.has_ended:
-        return
+        return True
     seq = snap.next_seq
     data = node_lost_exit(node)
     frame = protocol.encode_frame(seq, "exit", protocol.encode(data))
     after = snap._replace(state="lost", next_seq=seq + 1, ended=time.time(), exit=data, exit_seq=seq)
-    await redis.eval(END_IF_UNCHANGED, keys=[keys.meta(sid), keys.out(sid)],
-                     args=[raw, protocol.encode(after._asdict()), keys.entry_id(seq), frame])
+    done = await redis.eval(END_IF_UNCHANGED, keys=[keys.meta(sid), keys.out(sid)],
+                            args=[raw, protocol.encode(after._asdict()), keys.entry_id(seq), frame])
+    return done == 1
