@@ -89,6 +89,17 @@ def read_proc(pid: int, name: str, timeout: float = 2.0) -> bytes | None:
     return box[0] if not t.is_alive() else None
 
 
+def end_process(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to a child still running and reap it; SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 class ServerProcess:
     """``bento server`` as a child process, on a free port, stopped by pid."""
 
@@ -153,13 +164,7 @@ class ServerProcess:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        end_process(self.proc, sig)
         drain = getattr(self, "_drain", None)
         if drain is not None:
             drain.join(timeout=5)

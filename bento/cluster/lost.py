@@ -47,13 +47,22 @@ def node_lost_exit(node: str) -> dict:
                       "traceback": ""}}
 
 
-async def watch(cluster: Cluster) -> None:
-    """Every SWEEP_S: end the sessions of nodes whose heartbeat expired."""
+async def watch(cluster: Cluster, ttl_s: float) -> None:
+    """Every SWEEP_S: end the sessions of nodes whose heartbeat expired.
+
+    A missing heartbeat proves a node dead only where it could have been
+    renewed: not while this node itself cannot reach Redis, nor within
+    ``ttl_s`` after that, nor within ``ttl_s`` of Redis's own start (after a
+    restart every heartbeat has expired, as the nodes could not renew them)."""
+    trouble_at = time.monotonic()  # this node's start counts as trouble too
     while True:
         await trio.sleep(SWEEP_S)
         try:
-            await sweep(cluster)
+            uptime = int(str((await cluster.redis.info("server"))["uptime_in_seconds"]))
+            if time.monotonic() - trouble_at >= ttl_s and uptime >= ttl_s:
+                await sweep(cluster)
         except RedisError as exc:
+            trouble_at = time.monotonic()
             log.warning("cannot check the other nodes' heartbeats: %s", exc)
 
 

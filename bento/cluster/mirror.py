@@ -38,6 +38,7 @@ log = logging.getLogger("bento.cluster.mirror")
 
 BATCH_BYTES = 1024 * 1024
 BATCH_FRAMES = 512
+MAX_REFUSED = 2  # writes refused in a row before the mirror gives up
 TRIMMED_WAIT_S = 0.05  # frames trimmed under the mirror: the next snapshot says how far
 
 
@@ -62,17 +63,25 @@ class Mirror:
         s = self.session
         cursor = sessionlog.Cursor(s.dir, "out", 1)
         backoff = 0.1
+        refused = 0
         try:
             while True:
                 try:
                     if not await self._round(cursor):
                         break
-                    backoff = 0.1
+                    backoff, refused = 0.1, 0
                 except ResponseError as exc:
-                    log.error("session %s: Redis refused the mirror's write (%s): the cluster "
-                              "declared this node lost, or the session's keys were changed by "
-                              "hand; its output is no longer mirrored", s.sid, exc)
-                    break
+                    refused += 1
+                    if refused > MAX_REFUSED or await self._declared_lost():
+                        log.error("session %s: Redis refused the mirror's write (%s): the cluster "
+                                  "declared this node lost, or the session's keys were changed by "
+                                  "hand; its output is no longer mirrored", s.sid, exc)
+                        break
+                    # A batch that landed although its connection broke before the answer:
+                    # carry on after the stream's last frame.
+                    log.warning("session %s: Redis refused a batch (%s); going on after the "
+                                "stream's last frame", s.sid, exc)
+                    self.sent = None
                 except RedisError as exc:
                     log.warning("session %s: cannot mirror into Redis: %s (again in %.1f s)",
                                 s.sid, exc, backoff)
@@ -81,6 +90,14 @@ class Mirror:
         finally:
             cursor.close()
         log.info("session %s: mirrored %d frames, at most %d behind", s.sid, self.frames, self.behind)
+
+    async def _declared_lost(self) -> bool:
+        """Whether the cluster ended this session as lost (the node was taken for dead)."""
+        raw = await self.redis.hget(keys.meta(self.session.sid), "snap")
+        if raw is None:
+            return True  # its keys are gone: nothing to mirror into
+        exit_data = protocol.decode(raw)["exit"]
+        return isinstance(exit_data, dict) and (exit_data.get("error") or {}).get("type") == "NodeLost"
 
     async def _round(self, cursor: sessionlog.Cursor) -> bool:
         """One batch into Redis, or a wait for news; False once the session is gone."""
@@ -117,7 +134,11 @@ class Mirror:
         if not frames and covered == self.sent:
             await changed.wait()
             return True
-        await self._write(start, frames, covered)
+        try:
+            await self._write(start, frames, covered)
+        except BaseException:
+            cursor.seek(start)  # not written (or not known to be): read it again next time
+            raise
         return True
 
     async def _write(self, start: int, frames: list[memoryview], covered: Snapshot) -> None:

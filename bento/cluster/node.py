@@ -140,5 +140,5 @@ async def run(config: Config, registry: Registry, *,
                 await cluster.publish(s)
             nursery.start_soon(cluster.heartbeat)
             nursery.start_soon(cluster.control.serve)
-            nursery.start_soon(lost.watch, cluster)
+            nursery.start_soon(lost.watch, cluster, HEARTBEAT_TTL_MS / 1000)
             task_status.started(cluster)

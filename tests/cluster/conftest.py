@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -14,8 +15,12 @@ REDIS_START_S = 10.0
 
 
 class RedisProcess:
-    def __init__(self, workdir: str) -> None:
+    """A redis-server on a free loopback port; ``appendonly`` keeps its data
+    across a restart (``stop`` then ``start`` again, on the same port)."""
+
+    def __init__(self, workdir: str, appendonly: bool = False) -> None:
         self.workdir = workdir
+        self.appendonly = appendonly
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -24,12 +29,14 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisProcess:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        if not self.port:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.workdir, "--logfile", f"{self.workdir}/redis.log"],
+             "--appendonly", "yes" if self.appendonly else "no", "--dir", self.workdir,
+             "--logfile", f"{self.workdir}/redis.log"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + REDIS_START_S
@@ -48,18 +55,33 @@ class RedisProcess:
         except OSError:
             return False
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """Stop it (SIGTERM: after writing its append-only file out)."""
+        from helpers import end_process
+
+        if self.proc is not None:
+            end_process(self.proc, sig)
+
+
+def need_redis_server() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; `make install` "
+                    "installs it when run as root)")
 
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; `make install` "
-                    "installs it when run as root)")
+    need_redis_server()
     r = RedisProcess(str(tmp_path_factory.mktemp("redis"))).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def durable_redis(tmp_path):
+    """A redis-server of its own for one test, with appendonly on."""
+    need_redis_server()
+    r = RedisProcess(str(tmp_path), appendonly=True).start()
     yield r
     r.stop()
 

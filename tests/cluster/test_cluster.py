@@ -346,3 +346,32 @@ def test_node_without_its_redis_refuses_to_start(tmp_path):
     assert p.returncode == 2
     assert f"cannot reach Redis at redis://127.0.0.1:{port}/0".encode() in p.stderr
     assert b"start Redis first" in p.stderr
+
+
+async def test_redis_restart_loses_no_session(durable_redis, tmp_path):
+    """Redis goes away for longer than a heartbeat's expiry and comes back with
+    its data: the nodes keep running their sessions, nobody is declared lost,
+    and the other node reads every frame once the mirror has caught up."""
+    url = durable_redis.url
+    runner = ServerProcess(str(tmp_path / "runner"), "--cluster", url, "--node", "r2").start()
+    reader = ServerProcess(str(tmp_path / "reader"), "--cluster", url, "--node", "rd2").start()
+    n = 1500
+    try:
+        async with connect(reader.url) as cr:
+            r = await run_elsewhere(runner.url, cr, PACED, n)
+            sid = r["session"]
+            await cr.frames(sid, until_exit=False, count=30, timeout=30)
+            durable_redis.stop(signal.SIGTERM)
+            await trio.sleep(12)
+            durable_redis.start()
+            ev = await cr.event(ev="error", session=sid, timeout=30)
+            assert "Redis" in ev["error"]["message"]
+        async with connect(reader.url) as cr:
+            await cr.ok("attach", token=r["viewer_token"], **{"from": 1})
+            frames = await cr.frames(sid, timeout=90)
+        assert_contiguous(frames)
+        assert values(frames) == list(range(n))
+        assert frames[-1][2]["state"] == "exited"
+    finally:
+        runner.stop()
+        reader.stop()
