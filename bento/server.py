@@ -353,6 +353,8 @@ class Connection:
             fid = await trio.to_thread.run_sync(self.server.store.put_function, req["name"], req["code"])
         except OSError as exc:
             raise protocol.RequestError("internal", f"cannot store the function: {exc.strerror}") from None
+        if self.server.cluster is not None:
+            await self.server.cluster.share_function(fid, req["name"], req["code"])
         await self.send(protocol.reply_ok(req["id"], function=fid))
 
     async def op_execute(self, req: dict) -> None:
@@ -360,6 +362,8 @@ class Connection:
         code = req.get("code")
         if code is None:
             code = self.server.store.get_function(req["function"])
+            if code is None and self.server.cluster is not None:
+                code = await self.server.cluster.function(req["function"])  # stored on another node
             if code is None:
                 raise protocol.RequestError("not_found", f"no stored function {req['function']!r}")
         meta = {

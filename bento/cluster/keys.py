@@ -15,6 +15,11 @@ def node(name: str) -> str:
     return f"{PREFIX}:node:{name}"
 
 
+def function(fid: str) -> str:
+    """A stored function (CBOR ``{"name", "code"}``) by its id, the SHA-256 of its code."""
+    return f"{PREFIX}:function:{fid}"
+
+
 def token(token_hash: str) -> str:
     """A token hash → ``<mode> <sid>`` (mode ``rw`` for the owner, ``ro`` for a viewer)."""
     return f"{PREFIX}:token:{token_hash}"

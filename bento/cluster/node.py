@@ -8,6 +8,7 @@ reads them, and asks for changes through the running node's control stream
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from bento import protocol
 from bento.cluster import keys, lost
 from bento.cluster.control import Control
 from bento.cluster.mirror import Mirror
-from bento.cluster.remote import Remote
+from bento.cluster.remote import Remote, unavailable
 from bento.config import Config
 
 if TYPE_CHECKING:
@@ -87,6 +88,30 @@ class Cluster:
             pipe.delete([keys.meta(s.sid), keys.out(s.sid)])
             pipe.srem(keys.node_sessions(self.node), [s.sid])
         self.mirrors.pop(s.sid, None)
+
+    # -- stored functions ------------------------------------------------------------
+
+    async def share_function(self, fid: str, name: str, code: str) -> None:
+        """A function stored on this node, for an execute by id on any node."""
+        try:
+            await self.redis.set(keys.function(fid), protocol.encode({"name": name, "code": code}),
+                                 condition=coredis.PureToken.NX)
+        except RedisError as exc:
+            raise unavailable(exc) from None
+
+    async def function(self, fid: str) -> str | None:
+        """The code of a function stored on any node, or None."""
+        try:
+            raw = await self.redis.get(keys.function(fid))
+        except RedisError as exc:
+            raise unavailable(exc) from None
+        if raw is None:
+            return None
+        code = protocol.decode(raw)["code"]
+        if hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest() != fid:
+            log.error("function %s in Redis does not match its id: ignored", fid)
+            return None
+        return code
 
     # -- the node's life -----------------------------------------------------------
 

@@ -78,6 +78,17 @@ async def test_attach_on_other_node_reads_every_frame_once(nodes, redis_server):
     assert on_b[-1][2]["result"] == 2000
 
 
+async def test_function_stored_on_one_node_runs_on_another(nodes):
+    a, b = nodes
+    async with connect(a.url) as ca, connect(b.url) as cb:
+        fid = (await ca.ok("store", name="count", code=COUNT))["function"]
+        r = await cb.ok("execute", function=fid, args=[3])
+        frames = await cb.frames(r["session"])
+        missing = await cb.request("execute", function="0" * 64)
+    assert values(frames) == [0, 1, 2]
+    assert missing["error"]["code"] == "not_found"
+
+
 async def test_status_on_other_node(nodes):
     a, b = nodes
     async with connect(a.url) as ca, connect(b.url) as cb:
