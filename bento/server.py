@@ -383,10 +383,19 @@ class Connection:
             "key": key,
         }
         idem = req.get("idempotency_key")
-        s, owner, viewer = await self.registry.create(meta, auth.idem_hash(key, idem) if idem else None)
+        idem_h = auth.idem_hash(key, idem) if idem else None
+        cluster = self.server.cluster
+        if cluster is not None and idem_h is not None:
+            elsewhere = await cluster.claim(idem_h)
+            if elsewhere is not None:
+                await cluster.remote.execute_again(self, req, idem_h, *elsewhere)
+                return
+        s, owner, viewer = await self.registry.create(meta, idem_h)
         self.server.metrics.executed(s, self.registry.nursery)
-        if self.server.cluster is not None:
-            await self.server.cluster.publish(s)
+        if cluster is not None:
+            await cluster.publish(s)
+            if idem_h is not None:
+                await cluster.settle(idem_h, s.sid)
         await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
         if req["attach"]:
             self.attach(s, "rw", 1)

@@ -15,6 +15,15 @@ def node(name: str) -> str:
     return f"{PREFIX}:node:{name}"
 
 
+SECRET = f"{PREFIX}:secret"  # 32 random bytes: derives the tokens of idempotent executes
+
+
+def idem(idem_hash: str) -> str:
+    """An idempotency key's hash → ``pending <node>`` while a node starts its
+    session, then ``session <sid>``."""
+    return f"{PREFIX}:idem:{idem_hash}"
+
+
 def function(fid: str) -> str:
     """A stored function (CBOR ``{"name", "code"}``) by its id, the SHA-256 of its code."""
     return f"{PREFIX}:function:{fid}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,8 @@ log = logging.getLogger("bento.cluster")
 
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_MS = 10_000  # a node silent this long is taken as gone
+CLAIM_WAIT_S = 10.0
+CLAIM_POLL_S = 0.05
 REACH_TIMEOUT_S = 5.0
 
 
@@ -44,6 +47,7 @@ class Cluster:
         self.registry = registry
         self.nursery = nursery
         self.mirrors: dict[str, Mirror] = {}
+        self.secret = registry.store.secret  # the cluster's, once run() has read it
         self.remote = Remote(self)
         self.control = Control(self)
 
@@ -87,7 +91,48 @@ class Cluster:
             pipe.delete([keys.token(s.meta["owner_hash"]), keys.token(s.meta["viewer_hash"])])
             pipe.delete([keys.meta(s.sid), keys.out(s.sid)])
             pipe.srem(keys.node_sessions(self.node), [s.sid])
+            if s.meta.get("idem"):
+                pipe.delete([keys.idem(s.meta["idem"])])
         self.mirrors.pop(s.sid, None)
+
+    # -- idempotency keys across nodes ------------------------------------------------
+
+    async def claim(self, idem: str) -> tuple[str, str] | None:
+        """Who starts the session of the idempotency key hash ``idem``: None for
+        this node (it claimed the key, or the key's session runs here: the local
+        registry then finds it); else (session id, node) of the session another
+        node started. Waits (at most CLAIM_WAIT_S) while another node is
+        starting it."""
+        key = keys.idem(idem)
+        with trio.move_on_after(CLAIM_WAIT_S):
+            while True:
+                try:
+                    if await self.redis.set(key, f"pending {self.node}", condition=coredis.PureToken.NX,
+                                            ex=int(CLAIM_WAIT_S * 3)):
+                        return None
+                    value = await self.redis.get(key)
+                    kind, _, what = (value or b"").decode().partition(" ")
+                    if kind == "pending" and what == self.node or what in self.registry.sessions:
+                        return None  # this node's registry serialises and finds it
+                    if kind == "session":
+                        node = await self.redis.hget(keys.meta(what), "node")
+                        if node is not None:
+                            return what, node.decode()
+                        # Its session was removed: the key is free again.
+                        await self.redis.delete([key])
+                        continue
+                except RedisError as exc:
+                    raise unavailable(exc) from None
+                await trio.sleep(CLAIM_POLL_S)
+        raise protocol.RequestError("internal", "another node is starting the session of this idempotency "
+                                    f"key and did not finish within {CLAIM_WAIT_S:.0f} s; try again")
+
+    async def settle(self, idem: str, sid: str) -> None:
+        """The key's session is ``sid`` (on this node), for good."""
+        try:
+            await self.redis.set(keys.idem(idem), f"session {sid}")
+        except RedisError as exc:
+            raise unavailable(exc) from None
 
     # -- stored functions ------------------------------------------------------------
 
@@ -158,7 +203,13 @@ async def run(config: Config, registry: Registry, *,
     assert config.cluster is not None
     redis = coredis.Redis.from_url(config.cluster, decode_responses=False)
     async with redis:
-        await redis.ping()
+        # One secret for the whole cluster: a retried execute gets the same
+        # derived tokens from any node. It replaces this node's own.
+        await redis.set(keys.SECRET, secrets.token_bytes(32), condition=coredis.PureToken.NX)
+        secret = await redis.get(keys.SECRET)
+        if secret is None or len(secret) != 32:
+            raise RuntimeError(f"{keys.SECRET} in Redis is not 32 bytes: delete it, and a node makes it anew")
+        registry.store.secret = secret
         async with trio.open_nursery() as nursery:
             cluster = Cluster(config, redis, registry, nursery)
             for s in list(registry.sessions.values()):

@@ -149,10 +149,22 @@ class Remote:
             req["id"], session=sid, mode=mode, state=snap.state, first_seq=snap.first_seq,
             next_seq=snap.next_seq, input_seq=snap.input_seq,
         ))
-        att = RemoteAttachment(sid, node, mode, start)
-        conn.remote[sid] = att
+        self._start(conn, RemoteAttachment(sid, node, mode, start))
+
+    def _start(self, conn: Connection, att: RemoteAttachment) -> None:
+        conn.remote[att.sid] = att
         assert conn.nursery is not None
         conn.nursery.start_soon(self.worker, conn, att)
+
+    async def execute_again(self, conn: Connection, req: dict, idem: str, sid: str, node: str) -> None:
+        """The reply to an execute whose idempotency key (hash ``idem``) another
+        node's session ``sid`` already has: that session's id and tokens; nothing
+        new starts."""
+        owner, viewer = auth.derived_tokens(self.cluster.secret, idem)
+        await conn.send(protocol.reply_ok(req["id"], session=sid, token=owner, viewer_token=viewer))
+        if req["attach"]:
+            await self.detach(conn, sid)
+            self._start(conn, RemoteAttachment(sid, node, "rw", 1))
 
     async def detach(self, conn: Connection, sid: str) -> bool:
         """End the connection's attachment to ``sid`` (False if it has none);

@@ -89,6 +89,27 @@ async def test_function_stored_on_one_node_runs_on_another(nodes):
     assert missing["error"]["code"] == "not_found"
 
 
+async def test_idempotent_execute_retried_on_other_node_starts_nothing_new(nodes, redis_server):
+    a, b = nodes
+    async with connect(a.url) as ca, connect(b.url) as cb:
+        first = await ca.ok("execute", code=COUNT, args=[5], idempotency_key="job-1", attach=False)
+        again = await cb.ok("execute", code=COUNT, args=[5], idempotency_key="job-1")
+        assert {k: again[k] for k in ("session", "token", "viewer_token")} == \
+            {k: first[k] for k in ("session", "token", "viewer_token")}
+        frames = await cb.frames(first["session"], timeout=30)  # attached on B, run on A
+        back = await ca.ok("execute", code=COUNT, args=[5], idempotency_key="job-1", attach=False)
+        assert back["session"] == first["session"]
+        other = await cb.ok("execute", code=COUNT, args=[5], idempotency_key="job-2", attach=False)
+        assert other["session"] != first["session"]
+    assert values(frames) == list(range(5))
+    redis = await redis_client(redis_server.url)
+    async with redis:
+        on_b = await redis.smembers("bento:node:b:sessions")
+        on_a = await redis.smembers("bento:node:a:sessions")
+    assert first["session"].encode() in on_a and first["session"].encode() not in on_b
+    assert other["session"].encode() in on_b
+
+
 async def test_status_on_other_node(nodes):
     a, b = nodes
     async with connect(a.url) as ca, connect(b.url) as cb:
