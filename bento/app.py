@@ -138,14 +138,14 @@ def run_server(argv: list[str]) -> int:
     config.default_limits = {k: v for k, v in merged.items() if v is not None}
     if config.cluster:
         try:
-            from bento.cluster.node import unreachable
+            from bento.cluster.node import cannot_start
         except ImportError as exc:
             print(f"bento server: --cluster needs coredis ({exc}): pip install 'bento-server[cluster]' "
                   "(make install does)", file=sys.stderr)
             return 2
-        why = unreachable(config.cluster)
+        why = cannot_start(config)
         if why:
-            print(f"bento server: --cluster: {why}; start Redis first (docs/cluster.md)", file=sys.stderr)
+            print(f"bento server: --cluster: {why} (docs/cluster.md)", file=sys.stderr)
             return 2
     from bento.store import DataDirBusy, lock_data_dir
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,7 @@ class Cluster:
     def __init__(self, config: Config, redis: coredis.Redis, registry: Registry,
                  nursery: trio.Nursery) -> None:
         self.node = config.node
+        self.instance = instance(config)
         self.redis = redis
         self.registry = registry
         self.nursery = nursery
@@ -163,7 +166,8 @@ class Cluster:
     async def heartbeat(self) -> None:
         """Renew this node's heartbeat key; it expires HEARTBEAT_TTL_MS after the last renewal."""
         while True:
-            value = protocol.encode({"node": self.node, "at": time.time(), "sessions": len(self.mirrors)})
+            value = protocol.encode({"node": self.node, "at": time.time(), "sessions": len(self.mirrors),
+                                     "instance": self.instance})
             try:
                 await self.redis.set(keys.node(self.node), value, px=HEARTBEAT_TTL_MS)
                 await self.redis.sadd(keys.NODES, [self.node])
@@ -172,18 +176,31 @@ class Cluster:
             await trio.sleep(HEARTBEAT_S)
 
 
-def unreachable(url: str) -> str | None:
-    """Why the cluster's Redis at ``url`` cannot be used now, or None. Runs its
-    own trio loop: for the check at start, before the server's loop."""
+def instance(config: Config) -> str:
+    """What tells this node apart from another that took the same name by mistake."""
+    return f"{socket.gethostname()}:{os.path.abspath(config.data_dir)}"
 
-    async def ping() -> None:
+
+def cannot_start(config: Config) -> str | None:
+    """Why this node cannot join the cluster now (Redis unreachable, or its
+    name taken by a live node elsewhere), or None. Runs its own trio loop: for
+    the check at start, before the server's loop."""
+    url = config.cluster
+    assert url is not None
+    holder: list[str] = []
+
+    async def check() -> None:
         redis = coredis.Redis.from_url(url, decode_responses=False)
         with trio.fail_after(REACH_TIMEOUT_S):
             async with redis:
-                await redis.ping()
+                raw = await redis.get(keys.node(config.node))
+        if raw is not None:
+            other = protocol.decode(raw).get("instance")
+            if other != instance(config):
+                holder.append(str(other))
 
     try:
-        trio.run(ping)
+        trio.run(check)
     except trio.TooSlowError:
         return f"Redis at {url} did not answer in {REACH_TIMEOUT_S:.0f} s"
     except ValueError as exc:
@@ -191,6 +208,9 @@ def unreachable(url: str) -> str | None:
     except (RedisError, OSError, BaseExceptionGroup) as exc:
         first = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) else exc
         return f"cannot reach Redis at {url}: {first}"
+    if holder:
+        return (f"the node name {config.node!r} is in use by {holder[0]} (its heartbeat is live): "
+                "give this node its own --node")
     return None
 
 

@@ -377,7 +377,16 @@ def test_node_without_its_redis_refuses_to_start(tmp_path):
     )
     assert p.returncode == 2
     assert f"cannot reach Redis at redis://127.0.0.1:{port}/0".encode() in p.stderr
-    assert b"start Redis first" in p.stderr
+
+
+def test_node_name_in_use_elsewhere_is_refused(nodes, redis_server, tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "bento.app", "server", "--port", "0", "--data-dir", str(tmp_path / "d"),
+         "--cluster", redis_server.url, "--node", "a"],
+        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert p.returncode == 2
+    assert b"the node name 'a' is in use by" in p.stderr and b"--node" in p.stderr
 
 
 async def test_redis_restart_loses_no_session(durable_redis, tmp_path):
