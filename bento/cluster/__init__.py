@@ -8,7 +8,11 @@ here runs unless the server was started with ``--cluster``; the embedded mode
 never imports this package.
 
     keys      the Redis key names (one session's keys share a hash slot)
-    node      the node's Redis client, its heartbeat, the directory
+    node      the node's Redis client, its heartbeat, the directory, idempotency
+              keys and stored functions across nodes
     mirror    one session's output log and snapshot copied into Redis
-    remote    attachments and status on a node that does not run the session
+    remote    requests on a node that does not run the session: attachments
+              read from Redis, the rest asked of the running node
+    control   requests between nodes, through each node's control stream
+    lost      a dead node's sessions ended lost
 """
