@@ -76,6 +76,8 @@ export class View {
 
   frame(seq, ch, data) {
     this.seqs.push(seq);
+    const shown = this.$('shown-seq');
+    if (shown) shown.textContent = String(seq);
     if (ch === 'stdout' || ch === 'stderr') {
       this.terminal.write(data instanceof Uint8Array ? data : String(data));
     } else if (ch === 'gap') {
@@ -142,12 +144,13 @@ export class View {
     this.lastStatus = st;
     const rows = [
       ['state', st.state], ['first seq', st.first_seq], ['next seq', st.next_seq],
-      ['shown up to', this.seqs.length ? this.seqs[this.seqs.length - 1] : 0],
+      ['shown up to', this.seqs.length ? this.seqs[this.seqs.length - 1] : 0, 'shown-seq'],
       ['acked seq', st.acked_seq], ['input seq', st.input_seq],
       ['buffer', bytesText(st.buffer_bytes)], ['attachments', st.attachments],
       ['sandbox', st.sandbox ?? '–'], ['created', timeText(st.created)], ['ended', timeText(st.ended)],
     ];
-    this.$('status').replaceChildren(...rows.flatMap(([k, v]) => [el('dt', {}, k), el('dd', {}, String(v ?? '–'))]));
+    this.$('status').replaceChildren(...rows.flatMap(([k, v, id]) => [
+      el('dt', {}, k), el('dd', id ? { id } : {}, String(v ?? '–'))]));
     // An exit frame this page never got (trimmed before it attached) still has its status.
     if (st.exit && this.exitData === null) this._exit(st.exit);
     this.$('state-badge').textContent = String(st.state);

@@ -100,6 +100,8 @@ export class SessionFollower {
     this.ended = false;
     this.stateVersion = -1;
     this.timer = null;
+    this.polling = false;
+    this.pollSoon = false;
     this.writes = Promise.resolve();
     this.storeError = null;
     this.onOnline = () => this._reconnectNow();
@@ -176,19 +178,27 @@ export class SessionFollower {
   }
 
   async _poll(conn) {
-    if (conn !== this.conn || conn.closed) return;
+    if (conn !== this.conn || conn.closed || this.polling) return;
+    this.polling = true;
+    clearTimeout(this.timer);
     try {
       const st = await conn.request('status', { token: this.token });
       this.view.status(st);
       if (st.exit) this.ended = true;
     } catch (err) {
-      if (err instanceof ServerError && err.code === 'not_found') {
+      if (!(err instanceof ServerError)) return; // the connection is gone: a reconnect polls again
+      if (err.code === 'not_found') {
         this._fatal(err);
         conn.close(explain(err));
+        return;
       }
-      return;
+      this.view.notice('error', explain(err));
+    } finally {
+      this.polling = false;
     }
-    this.timer = setTimeout(() => this._poll(conn), this.ended ? POLL_ENDED_MS : POLL_RUNNING_MS);
+    const delay = this.pollSoon ? 200 : (this.ended ? POLL_ENDED_MS : POLL_RUNNING_MS);
+    this.pollSoon = false;
+    this.timer = setTimeout(() => this._poll(conn), delay);
   }
 
   _closed(conn, reason) {
@@ -278,8 +288,18 @@ export class SessionFollower {
   }
 
   _show(frame) {
-    if (frame[1] === 'exit') this.ended = true;
     this.view.frame(frame[0], frame[1], frame[2]);
+    if (frame[1] === 'exit' && !this.ended) {
+      this.ended = true;
+      // The figures after the end, without waiting for the next poll.
+      if (this.polling) {
+        this.pollSoon = true;
+      } else if (this.conn && this.state === 'attached') {
+        clearTimeout(this.timer);
+        const conn = this.conn;
+        this.timer = setTimeout(() => this._poll(conn), 200);
+      }
+    }
   }
 
   _inputAccepted(seq) {
