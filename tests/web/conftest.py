@@ -21,9 +21,6 @@ def browser():
                     "(make install does it as root), or set BENTO_CHROMIUM")
     with sync_playwright() as p:
         args = ["--no-sandbox"] if os.geteuid() == 0 else []
-        # A page that Playwright's route() fulfilled has no address, so chromium
-        # counts it as public and refuses its WebSocket to 127.0.0.1.
-        args.append("--disable-features=LocalNetworkAccessChecks")
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         yield browser
         browser.close()

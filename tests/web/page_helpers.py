@@ -3,57 +3,25 @@ chromium (Playwright's sync API), start sessions with the SDK, and read what the
 page shows through its test hook ``window.bentoPage`` (the terminal's buffer,
 the seqs shown, the connection), never through pixels.
 
-Every page records its uncaught errors; ``open_page`` fails the test on one.
+Every page records its uncaught errors and its console; ``assert_no_page_errors``
+fails a test on an uncaught error or a console error (a refused script, a style
+the server's Content-Security-Policy blocks, a WebSocket that failed).
 """
 
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from typing import Any
 
 from bento_clients import sync
-from helpers import ROOT, ServerProcess
+from helpers import ServerProcess
 
 CHROMIUM = os.environ.get("BENTO_CHROMIUM", "/usr/bin/chromium")
-STATIC_DIR = os.path.join(ROOT, "bento", "web", "static")
 WAIT_MS = 20_000
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                 ".css": "text/css; charset=utf-8"}
 
 
 def origin(server: ServerProcess) -> str:
     return f"http://127.0.0.1:{server.port}"
-
-
-def serves_page(server: ServerProcess) -> bool:
-    """True when the server itself answers ``GET /`` with the page."""
-    try:
-        with urllib.request.urlopen(origin(server) + "/", timeout=5) as reply:
-            return b"static/app.js" in reply.read()
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def route_static(page: Any, server: ServerProcess) -> None:
-    """Answer ``/`` and ``/static/<name>`` at the server's origin from
-    bento/web/static (for a server that does not serve them itself). The
-    WebSocket to ``/v1`` is not routed: it reaches the real server."""
-
-    def fulfil(route: Any) -> None:
-        path = route.request.url[len(origin(server)):].split("#")[0].split("?")[0]
-        name = "index.html" if path == "/" else path.removeprefix("/static/")
-        file = os.path.join(STATIC_DIR, name)
-        if "/" in name or not os.path.isfile(file):
-            route.fulfill(status=404, body="not found")
-            return
-        with open(file, "rb") as f:
-            body = f.read()
-        route.fulfill(status=200, body=body,
-                      content_type=CONTENT_TYPES.get(os.path.splitext(name)[1], "application/octet-stream"))
-
-    page.route(origin(server) + "/**", fulfil)
 
 
 class PageErrors:
@@ -85,8 +53,6 @@ def open_page(context: Any, server: ServerProcess, token: str = "", extra: str =
     """A new page of ``context`` at ``/#t=<token>`` (just ``/`` without a token)."""
     page = context.new_page()
     page.bento_errors = PageErrors(page)
-    if not serves_page(server):
-        route_static(page, server)
     fragment = f"#t={token}{extra}" if token else ""
     page.goto(origin(server) + "/" + fragment)
     return page
@@ -132,9 +98,14 @@ def seqs(page: Any) -> list[int]:
     return page.evaluate("() => window.bentoPage.seqs()")
 
 
-def assert_no_page_errors(*pages: Any) -> None:
+def assert_no_page_errors(*pages: Any, console_errors: bool = False) -> None:
+    """No uncaught error on any page, and no console error unless ``console_errors``
+    (a test that cuts connections expects the browser to log failed WebSockets)."""
     for page in pages:
         assert page.bento_errors.errors == [], page.bento_errors.errors
+        if not console_errors:
+            logged = [line for line in page.bento_errors.console if line.startswith("error")]
+            assert logged == [], logged
 
 
 def assert_seqs_once(shown: list[int]) -> None:

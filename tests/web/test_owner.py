@@ -49,8 +49,9 @@ def test_owner_input_arrives_exactly_once_across_a_forced_reconnect(context, tmp
         wait_js(page, "() => window.bentoPage.connection() === 'waiting'")
         send_input(page, "b")  # recorded in the store, sent after the reconnect
         wait_js(page, "() => window.bentoPage.input().pending === 1")
-        page.reload()  # the tab closes with "b" unacknowledged
+        page.close()  # the tab closes with "b" unacknowledged
         srv.start(port=srv.port)
+        page = open_page(context, srv, token)
         wait_terminal(page, "got 'b'")
         wait_js(page, "() => window.bentoPage.input().pending === 0")
         send_input(page, "c")
@@ -62,7 +63,7 @@ def test_owner_input_arrives_exactly_once_across_a_forced_reconnect(context, tmp
         assert terminal_lines(page) == ["got 'a'", "got 'b'", "got 'c'"]
         assert_seqs_once(seqs(page))
         assert status(srv, token)["input_seq"] == 4  # a, b, c and the EOF
-        assert_no_page_errors(page)
+        assert_no_page_errors(page, console_errors=True)
     finally:
         srv.stop()
 
