@@ -11,9 +11,11 @@ the server's Content-Security-Policy blocks, a WebSocket that failed).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from bento_clients import sync
+from bento_clients.errors import NotFound
 from helpers import ServerProcess
 
 CHROMIUM = os.environ.get("BENTO_CHROMIUM", "/usr/bin/chromium")
@@ -119,6 +121,19 @@ def start(server: ServerProcess, code: str, *args: Any, **options: Any) -> tuple
         session = client.execute(code, *args, attach=False, **options)
         assert session.token is not None and session.viewer_token is not None
         return session.token, session.viewer_token
+
+
+def wait_gone(server: ServerProcess, token: str, timeout_s: float = 15) -> None:
+    """Wait until the server no longer knows ``token`` (the session ended)."""
+    deadline = time.monotonic() + timeout_s
+    with sync.connect(server.url, call_timeout=20) as client:
+        while True:
+            try:
+                client.status(token)
+            except NotFound:
+                return
+            assert time.monotonic() < deadline, f"the session of {token[:8]}… still exists"
+            time.sleep(0.2)
 
 
 def status(server: ServerProcess, token: str) -> dict[str, Any]:

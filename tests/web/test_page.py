@@ -15,6 +15,7 @@ from page_helpers import (
     status,
     terminal_lines,
     wait_exit,
+    wait_gone,
     wait_js,
     wait_terminal,
 )
@@ -82,6 +83,10 @@ def test_ansi_colours_and_carriage_return_progress_bar(context, server):
     token, _ = start(server, COLOURS_AND_PROGRESS)
     page = open_page(context, server, token)
     wait_exit(page)
+    # An ended function takes no input or signals; destroy stays.
+    assert page.is_disabled("#input-line") and page.is_disabled("button[data-signal=INT]")
+    assert page.is_enabled("#destroy")
+    assert "has ended" in page.inner_text("#controls-why")
     wait_terminal(page, "after")
     lines = terminal_lines(page)
     # The progress bar redrew one line: only its last state is on screen.
@@ -124,6 +129,17 @@ def test_reload_mid_stream_shows_every_line_exactly_once(context, server):
                   "return s && s.acked_seq === s.next_seq - 1; }")
     st = status(server, token)
     assert st["acked_seq"] == st["next_seq"] - 1 and st["input_seq"] == 1
+    assert_no_page_errors(page)
+    # The owner has read everything and leaves: the server ends the session. The
+    # page rebuilds it from what this browser stored, exactly.
+    page.close()
+    wait_gone(server, token)
+    page = open_page(context, server, token)
+    wait_js(page, "() => window.bentoPage.connection() === 'stopped'")
+    assert "copy this browser kept" in page.inner_text("#notice")
+    assert terminal_lines(page) == [f"n={i}" for i in range(1, 81)]
+    assert_seqs_once(seqs(page))
+    assert page.evaluate("() => window.bentoPage.exit().result") == 80
     assert_no_page_errors(page)
 
 

@@ -26,8 +26,19 @@ function notice(kind, text) {
   box.hidden = !text;
 }
 
-function setControls(enabled, why) {
-  for (const node of $('controls').querySelectorAll('input, button')) node.disabled = !enabled;
+const VIEWER_WHY = 'This is a viewer token: it can watch, not send input, signals or destroy. '
+  + 'The session\'s owner token (bto_…) can.';
+
+/** Enables what the token and the session's state allow, and says why the rest is off. */
+function setControls(mode, ended) {
+  const why = {
+    rw: ended ? 'The function has ended: it takes no more input or signals.' : '',
+    ro: VIEWER_WHY,
+    destroyed: 'The session was destroyed.',
+  }[mode] ?? 'Connecting…';
+  for (const node of $('controls').querySelectorAll('input, button')) {
+    node.disabled = mode !== 'rw' || (ended && node.id !== 'destroy');
+  }
   $('controls-why').textContent = why;
   $('controls-why').hidden = !why;
 }
@@ -38,18 +49,13 @@ async function follow(token, viewerToken) {
   const view = new View(document.body);
   const store = await openStore(token);
   const follower = new SessionFollower(token, store, view, window.location);
-  setControls(false, token.startsWith('btv_')
-    ? 'This is a viewer token: it can watch, not send input, signals or destroy. '
-      + 'The session\'s owner token (bto_…) can.'
-    : 'Connecting…');
+  let mode = token.startsWith('btv_') ? 'ro' : null;
+  setControls(mode, false);
+  document.body.addEventListener('bento-exit', () => setControls(mode, true));
   document.body.addEventListener('bento-attached', (ev) => {
-    if (ev.detail.mode === 'rw') {
-      setControls(true, '');
-    } else {
-      setControls(false, 'This is a viewer token: it can watch, not send input, signals or '
-        + 'destroy. The session\'s owner token (bto_…) can.');
-    }
-    if (ev.detail.mode === 'rw' && viewerToken && TOKEN_SHAPE.test(viewerToken)) {
+    mode = ev.detail.mode;
+    setControls(mode, view.exitData !== null);
+    if (mode === 'rw' && viewerToken && TOKEN_SHAPE.test(viewerToken)) {
       const url = new URL(window.location.href);
       url.hash = `t=${viewerToken}`;
       $('viewer-link').value = url.href;
@@ -85,7 +91,7 @@ function wireControls(follower, view) {
   }
   $('destroy').addEventListener('click', () => {
     if (!window.confirm('Destroy this session? Its function is killed and its output deleted.')) return;
-    act(follower.request('destroy'), () => setControls(false, 'Destroyed.'));
+    act(follower.request('destroy'), () => setControls('destroyed', true));
   });
 }
 
@@ -96,7 +102,7 @@ function hook(view, follower) {
     terminalText: () => view.terminalText(),
     colorOf: (text) => view.colorOf(text),
     flushed: () => view.flushed(),
-    seqs: () => [...view.seqs],
+    seqs: () => view.seqs(),
     held: () => follower.tracker.held,
     duplicates: () => follower.tracker.duplicates,
     messages: () => view.messages.map((m) => ({ seq: m.seq, ch: m.ch, value: JSON.parse(JSON.stringify(m.value, (_k, v) => (typeof v === 'bigint' ? String(v) : v))) })),

@@ -61,7 +61,9 @@ export class View {
     this.terminal.open(this.$('terminal'));
     this.fit.fit();
     window.addEventListener('resize', () => this.fit.fit());
-    this.seqs = [];
+    // The seqs shown, as runs [first, last]: a frame shown twice would start a new run.
+    this.runs = [];
+    this.lastSeq = 0;
     this.messages = [];
     this.exitData = null;
     this.lastStatus = null;
@@ -75,7 +77,10 @@ export class View {
   // -- frames ---------------------------------------------------------------
 
   frame(seq, ch, data) {
-    this.seqs.push(seq);
+    const run = this.runs[this.runs.length - 1];
+    if (run && run[1] + 1 === seq) run[1] = seq;
+    else this.runs.push([seq, seq]);
+    this.lastSeq = seq;
     const shown = this.$('shown-seq');
     if (shown) shown.textContent = String(seq);
     if (ch === 'stdout' || ch === 'stderr') {
@@ -88,6 +93,7 @@ export class View {
       this._exit(data);
     } else {
       this.messages.push({ seq, ch, value: data });
+      if (this.messages.length > MAX_MESSAGE_ROWS) this.messages.shift();
       this._messageRow(seq, ch, valueText(data), data);
     }
   }
@@ -108,6 +114,7 @@ export class View {
 
   _exit(data) {
     this.exitData = data;
+    this.root.dispatchEvent(new CustomEvent('bento-exit', { detail: data }));
     const box = this.$('exit');
     box.replaceChildren();
     box.hidden = false;
@@ -144,7 +151,7 @@ export class View {
     this.lastStatus = st;
     const rows = [
       ['state', st.state], ['first seq', st.first_seq], ['next seq', st.next_seq],
-      ['shown up to', this.seqs.length ? this.seqs[this.seqs.length - 1] : 0, 'shown-seq'],
+      ['shown up to', this.lastSeq, 'shown-seq'],
       ['acked seq', st.acked_seq], ['input seq', st.input_seq],
       ['buffer', bytesText(st.buffer_bytes)], ['attachments', st.attachments],
       ['sandbox', st.sandbox ?? '–'], ['created', timeText(st.created)], ['ended', timeText(st.ended)],
@@ -187,6 +194,13 @@ export class View {
   }
 
   // -- the test hook (window.bentoPage) reads these --------------------------
+
+  /** Every seq shown, in the order shown. */
+  seqs() {
+    const out = [];
+    for (const [first, last] of this.runs) for (let seq = first; seq <= last; seq += 1) out.push(seq);
+    return out;
+  }
 
   /** Every line of the terminal, scrollback included, right-trimmed. */
   terminalText() {

@@ -104,6 +104,7 @@ export class SessionFollower {
     this.pollSoon = false;
     this.writes = Promise.resolve();
     this.storeError = null;
+    this.stored = 0;
     this.onOnline = () => this._reconnectNow();
   }
 
@@ -117,6 +118,7 @@ export class SessionFollower {
     }
     for (const frame of frames) this._show(frame);
     this.tracker.held = Math.max(record.held, this.tracker.held);
+    this.stored = record.held;
     this.accepted = 0;
     for (const [seq, item] of record.pending) this.pending.set(seq, item);
     window.addEventListener('online', this.onOnline);
@@ -185,6 +187,10 @@ export class SessionFollower {
       const st = await conn.request('status', { token: this.token });
       this.view.status(st);
       if (st.exit) this.ended = true;
+      // An ack lost with an earlier connection: the store has more than the server knows.
+      if (this._acks() && Number.isSafeInteger(st.acked_seq) && st.acked_seq < this.stored) {
+        conn.send({ op: 'ack', session: this.session, seq: this.stored });
+      }
     } catch (err) {
       if (!(err instanceof ServerError)) return; // the connection is gone: a reconnect polls again
       if (err.code === 'not_found') {
@@ -219,11 +225,16 @@ export class SessionFollower {
     this.stopped = true;
     clearTimeout(this.timer);
     let text = explain(err);
+    let kind = 'fatal';
     if (err.code === 'not_found' && (this.session !== null || this.tracker.held > 0)) {
       text = 'The server no longer has this session: it was destroyed, or it ended and '
         + 'expired. What the page shows is the copy this browser kept.';
+      if (this.view.exitData !== null) kind = 'info';
+    } else if (err.code === 'bad_request' && this.tracker.held > 0) {
+      text = `The server has fewer frames than this browser already showed (up to seq ${this.tracker.held}): `
+        + `its data was reset, or this is another server. (${err.message})`;
     }
-    this.view.notice('fatal', text);
+    this.view.notice(kind, text);
     this._setState('stopped', text);
   }
 
@@ -245,11 +256,17 @@ export class SessionFollower {
           this.view.sharedState(msg.version, msg.value);
         }
         break;
-      case 'error':
+      case 'error': {
         // A destroyed session also answers `gone`; the next status poll tells
         // (not_found) and stops the page.
-        this.view.notice('error', explain(asError(msg.error)));
+        const err = asError(msg.error);
+        if (err.code === 'gone' && this.pending.size > 0) {
+          this._dropInput(`${this.pending.size} input(s) not delivered: the function had ended`);
+        } else {
+          this.view.notice('error', explain(err));
+        }
         break;
+      }
       default:
         break;
     }
@@ -281,10 +298,14 @@ export class SessionFollower {
           + 'they are not acknowledged, and a reload shows them again from the server');
         return;
       }
-      if (this.mode === 'rw' && this.store.persistent && !conn.closed && this.storeError === null) {
-        conn.send({ op: 'ack', session: this.session, seq: last });
-      }
+      this.stored = Math.max(this.stored, last);
+      if (this._acks() && !conn.closed) conn.send({ op: 'ack', session: this.session, seq: last });
     });
+  }
+
+  /** An owner page whose store works acknowledges what it stored; no other page does. */
+  _acks() {
+    return this.mode === 'rw' && this.store.persistent && this.storeError === null;
   }
 
   _show(frame) {
@@ -308,6 +329,13 @@ export class SessionFollower {
     for (const s of [...this.pending.keys()]) if (s <= seq) this.pending.delete(s);
     this.view.input(this.accepted, this.pending.size);
     this.store.inputAccepted(seq).catch((err) => this.view.notice('error', String(err)));
+  }
+
+  _dropInput(why) {
+    this.pending.clear();
+    this.view.input(this.accepted, 0);
+    this.view.notice('error', why);
+    this.store.dropInput().catch((err) => this.view.notice('error', String(err)));
   }
 
   /** Sends an input value (or `{eof: true}`) exactly once; resolves with its seq. */

@@ -150,6 +150,13 @@ export class SessionStore {
     });
   }
 
+  /** Forgets every pending input (the function has ended: none can be delivered). */
+  async dropInput() {
+    return this._update((record) => {
+      record.pending = [];
+    });
+  }
+
   async _update(change) {
     const tx = this.db.transaction(['positions'], 'readwrite');
     const positions = tx.objectStore('positions');
@@ -207,6 +214,10 @@ export class MemoryStore {
   async inputAccepted(seq) {
     this.record.inputLast = Math.max(this.record.inputLast, seq);
     this.record.pending = this.record.pending.filter(([s]) => s > seq);
+  }
+
+  async dropInput() {
+    this.record.pending = [];
   }
 
   async forget() {
