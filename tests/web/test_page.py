@@ -193,3 +193,32 @@ def test_bad_token_shows_a_clear_message(context, server):
     malformed.wait_for_selector("#notice:not([hidden])")
     assert "not a Bento token" in malformed.inner_text("#notice")
     assert_no_page_errors(page, malformed)
+
+
+FLOOD = """
+def main(n):
+    for i in range(n):
+        print(f"line {i:04d} " + "x" * 40)
+    return n
+"""
+
+
+def test_frames_dropped_by_policy_show_as_a_gap(context, server):
+    # 150 KB through a 16 KiB buffer (the exchange reads up to 64 KiB past it).
+    token, viewer = start(server, FLOOD, 3000, buffer={"max_bytes": 16 * 1024, "policy": "drop_oldest"})
+    page = open_page(context, server, viewer)
+    wait_exit(page)
+    wait_terminal(page, "line 2999")
+    lines = terminal_lines(page)
+    gap = lines[0]
+    assert gap.startswith("── frames 1–") and gap.endswith("not received: dropped ──"), lines[:3]
+    last_dropped = int(gap.split("–")[1].split(" ")[0])
+    # What follows the gap is contiguous up to the end; the gap's seq stands for what it covers.
+    shown = seqs(page)
+    assert shown[0] == last_dropped and shown == list(range(last_dropped, last_dropped + len(shown)))
+    kept = [line for line in lines[1:] if line.startswith("line ")]
+    assert kept and kept[-1].startswith("line 2999")
+    numbers = [int(line.split()[1]) for line in kept]
+    assert numbers == list(range(numbers[0], 3000)) and numbers[0] > 0
+    assert page.locator("#messages li.gap").count() == 1
+    assert_no_page_errors(page)

@@ -64,6 +64,7 @@ export class View {
     // The seqs shown, as runs [first, last]: a frame shown twice would start a new run.
     this.runs = [];
     this.lastSeq = 0;
+    this.atLineStart = true;
     this.messages = [];
     this.exitData = null;
     this.lastStatus = null;
@@ -84,10 +85,13 @@ export class View {
     const shown = this.$('shown-seq');
     if (shown) shown.textContent = String(seq);
     if (ch === 'stdout' || ch === 'stderr') {
-      this.terminal.write(data instanceof Uint8Array ? data : String(data));
+      const chunk = data instanceof Uint8Array ? data : String(data);
+      this.terminal.write(chunk);
+      if (chunk.length) this.atLineStart = chunk[chunk.length - 1] === (typeof chunk === 'string' ? '\n' : 10);
     } else if (ch === 'gap') {
       const text = `frames ${data.from}–${data.to} not received: ${data.reason}`;
-      this.terminal.write(`\r\n\x1b[33m── ${text} ──\x1b[0m\r\n`);
+      this.terminal.write(`${this.atLineStart ? '' : '\r\n'}\x1b[33m── ${text} ──\x1b[0m\r\n`);
+      this.atLineStart = true;
       this._messageRow(seq, 'gap', text, null);
     } else if (ch === 'exit') {
       this._exit(data);
