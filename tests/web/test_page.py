@@ -60,6 +60,9 @@ def test_viewer_sees_backlog_then_live_frames(context, server):
     messages = page.evaluate("() => window.bentoPage.messages()")
     assert [m["value"] for m in messages] == [{"kind": "backlog done", "count": 40}, ["a", "list", 3]]
     assert page.inner_text("#exit").startswith("Exit: exited, code 0")
+    # A message is one line; clicking it shows the whole value, indented.
+    page.click("#messages li:first-child summary")
+    assert json.loads(page.inner_text("#messages li:first-child pre")) == {"kind": "backlog done", "count": 40}
     wait_js(page, "() => window.bentoPage.status() && window.bentoPage.status().state === 'exited'")
     assert_no_page_errors(page)
 
@@ -167,6 +170,7 @@ def test_two_pages_on_one_session_agree(browser, server):
         pages = [open_page(viewer_ctx, server, viewer), open_page(owner_ctx, server, token)]
         wait_js(pages[0], "() => window.bentoPage.connection() === 'attached'")
         send_input(pages[1], "go")
+        wait_js(pages[1], "() => { const s = window.bentoPage.status(); return s && s.attachments === 2; }")
         for page in pages:
             wait_exit(page)
             wait_js(page, "() => { const s = window.bentoPage.sharedState(); return s && s.version === 10; }")

@@ -119,7 +119,6 @@ export class SessionFollower {
     for (const frame of frames) this._show(frame);
     this.tracker.held = Math.max(record.held, this.tracker.held);
     this.stored = record.held;
-    this.accepted = 0;
     for (const [seq, item] of record.pending) this.pending.set(seq, item);
     window.addEventListener('online', this.onOnline);
     document.addEventListener('visibilitychange', this.onOnline);
