@@ -117,6 +117,21 @@ def test_run_from_the_editor_then_signal_and_destroy(browser, context, server):
     assert_no_page_errors(page)
 
 
+def test_run_with_an_api_key(context, make_server):
+    srv = make_server("--api-key", "k-web-test")
+    page = open_page(context, srv)
+    page.click("#run summary")
+    page.fill("#run-code", "def main():\n    print('keyed')\n")
+    page.click("#run-form button[type=submit]")
+    page.wait_for_selector("#run-result:has-text('Not run')")
+    assert "needs an API key" in page.inner_text("#run-result")
+    page.fill("#run-key", "k-web-test")
+    page.click("#run-form button[type=submit]")
+    wait_terminal(page, "keyed")
+    wait_exit(page)
+    assert_no_page_errors(page)
+
+
 def test_run_refuses_bad_arguments_with_a_clear_message(context, server):
     page = open_page(context, server)
     page.click("#run summary")

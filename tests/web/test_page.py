@@ -226,3 +226,22 @@ def test_frames_dropped_by_policy_show_as_a_gap(context, server):
     assert numbers == list(range(numbers[0], 3000)) and numbers[0] > 0
     assert page.locator("#messages li.gap").count() == 1
     assert_no_page_errors(page)
+
+
+def test_without_indexeddb_the_page_says_so_and_does_not_acknowledge(context, server):
+    context.add_init_script("Object.defineProperty(window, 'indexedDB', {get() {"
+                            " throw new DOMException('refused by the test', 'SecurityError'); }})")
+    token, _ = start(server, STREAM, 5)
+    page = open_page(context, server, token)
+    send_input(page, "go")
+    wait_exit(page)
+    assert not page.evaluate("() => window.bentoPage.persistent()")
+    assert "refused its storage" in page.inner_text("#notice")
+    wait_js(page, "() => { const s = window.bentoPage.status(); return s && s.state === 'exited'; }")
+    # Nothing is acknowledged: a reload reads it all again from the server.
+    assert status(server, token)["acked_seq"] == 0
+    page.reload()
+    wait_exit(page)
+    assert terminal_lines(page) == [f"n={i}" for i in range(1, 6)]
+    assert_seqs_once(seqs(page))
+    assert_no_page_errors(page)
