@@ -5,6 +5,7 @@ and the picture of the page that the README shows."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from bento_clients.errors import NotFound
@@ -34,6 +35,24 @@ def main():
         count += 1
         print(f"got {value!r}")
 """
+
+def run_from_editor(page: Any, code: str | None = None, args: str | None = None,
+                    key: str | None = None) -> None:
+    """Fill what is given into *Run a function*, and run it."""
+    if not page.is_visible("#run-code"):
+        page.click("#run summary")
+    for selector, value in (("#run-code", code), ("#run-args", args), ("#run-key", key)):
+        if value is not None:
+            page.fill(selector, value)
+    page.evaluate("() => { document.getElementById('run-result').textContent = ''; }")
+    page.click("#run-form button[type=submit]")
+
+
+def refusal(page: Any) -> str:
+    """The editor's message after it refused to run ("Not run: ...")."""
+    page.wait_for_selector("#run-result:has-text('Not run')")
+    return page.inner_text("#run-result")
+
 
 CONNECTED = "() => window.bentoPage && window.bentoPage.connection() === 'attached'"
 
@@ -84,10 +103,7 @@ def main(n):
 
 def test_run_from_the_editor_then_signal_and_destroy(browser, context, server):
     page = open_page(context, server)
-    page.click("#run summary")
-    page.fill("#run-code", INTERRUPTIBLE)
-    page.fill("#run-args", "[7]")
-    page.click("#run-form button[type=submit]")
+    run_from_editor(page, code=INTERRUPTIBLE, args="[7]")
     wait_js(page, CONNECTED)
     token = page.evaluate("() => new URLSearchParams(location.hash.slice(1)).get('t')")
     assert token.startswith("bto_")
@@ -120,13 +136,9 @@ def test_run_from_the_editor_then_signal_and_destroy(browser, context, server):
 def test_run_with_an_api_key(context, make_server):
     srv = make_server("--api-key", "k-web-test")
     page = open_page(context, srv)
-    page.click("#run summary")
-    page.fill("#run-code", "def main():\n    print('keyed')\n")
-    page.click("#run-form button[type=submit]")
-    page.wait_for_selector("#run-result:has-text('Not run')")
-    assert "needs an API key" in page.inner_text("#run-result")
-    page.fill("#run-key", "k-web-test")
-    page.click("#run-form button[type=submit]")
+    run_from_editor(page, code="def main():\n    print('keyed')\n")
+    assert "needs an API key" in refusal(page)
+    run_from_editor(page, key="k-web-test")
     wait_terminal(page, "keyed")
     wait_exit(page)
     assert_no_page_errors(page)
@@ -134,11 +146,8 @@ def test_run_with_an_api_key(context, make_server):
 
 def test_run_refuses_bad_arguments_with_a_clear_message(context, server):
     page = open_page(context, server)
-    page.click("#run summary")
-    page.fill("#run-args", "{not json")
-    page.click("#run-form button[type=submit]")
-    page.wait_for_selector("#run-result:has-text('Not run')")
-    assert "JSON" in page.inner_text("#run-result")
+    run_from_editor(page, args="{not json")
+    assert "JSON" in refusal(page)
     assert page.evaluate("() => location.hash") == ""
     assert_no_page_errors(page)
 
