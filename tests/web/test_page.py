@@ -193,6 +193,7 @@ def test_bad_token_shows_a_clear_message(context, server):
     page = open_page(context, server, unknown)
     wait_js(page, "() => window.bentoPage && window.bentoPage.connection() === 'stopped'")
     assert "does not know that token" in page.inner_text("#notice")
+    assert page.is_hidden("#session") and page.is_visible("#intro")
     malformed = open_page(context, server, "hello-world")
     malformed.wait_for_selector("#notice:not([hidden])")
     assert "not a Bento token" in malformed.inner_text("#notice")

@@ -184,8 +184,15 @@ export class View {
   connection(state, detail) {
     this.connState = state;
     const badge = this.$('conn');
-    badge.textContent = detail ? `${state}: ${detail}` : state;
+    // A stopped page says why in its notice; the badge keeps to one short line.
+    badge.textContent = detail && state !== 'stopped' ? `${state}: ${detail}` : state;
+    badge.title = detail;
     badge.className = `badge conn-${state}`;
+    if (state === 'stopped' && this.mode === null && this.lastSeq === 0) {
+      // Nothing to show of a session that was never reached: back to the start.
+      this.$('session').hidden = true;
+      this.$('intro').hidden = false;
+    }
   }
 
   notice(kind, text) {

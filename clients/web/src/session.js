@@ -256,14 +256,15 @@ export class SessionFollower {
         }
         break;
       case 'error': {
-        // A destroyed session also answers `gone`; the next status poll tells
-        // (not_found) and stops the page.
+        // A destroyed session also answers `gone`: the status poll that follows
+        // tells (not_found) and stops the page.
         const err = asError(msg.error);
         if (err.code === 'gone' && this.pending.size > 0) {
           this._dropInput(`${this.pending.size} input(s) not delivered: the function had ended`);
         } else {
           this.view.notice('error', explain(err));
         }
+        if (err.code === 'gone') this._pollSoon();
         break;
       }
       default:
@@ -302,6 +303,16 @@ export class SessionFollower {
     });
   }
 
+  _pollSoon() {
+    if (this.polling) {
+      this.pollSoon = true;
+    } else if (this.conn && this.state === 'attached') {
+      clearTimeout(this.timer);
+      const conn = this.conn;
+      this.timer = setTimeout(() => this._poll(conn), 200);
+    }
+  }
+
   /** An owner page whose store works acknowledges what it stored; no other page does. */
   _acks() {
     return this.mode === 'rw' && this.store.persistent && this.storeError === null;
@@ -311,14 +322,7 @@ export class SessionFollower {
     this.view.frame(frame[0], frame[1], frame[2]);
     if (frame[1] === 'exit' && !this.ended) {
       this.ended = true;
-      // The figures after the end, without waiting for the next poll.
-      if (this.polling) {
-        this.pollSoon = true;
-      } else if (this.conn && this.state === 'attached') {
-        clearTimeout(this.timer);
-        const conn = this.conn;
-        this.timer = setTimeout(() => this._poll(conn), 200);
-      }
+      this._pollSoon(); // the figures after the end, without waiting for the next poll
     }
   }
 
