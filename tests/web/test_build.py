@@ -5,7 +5,7 @@
 wrote. Without Node, the hashes are checked here, so an edited source or lock
 without `make web`, or a hand-edited asset, fails. With Node and npm, the build
 runs again from a clean copy into a temporary directory and must give the same
-bytes.
+bytes, and the page's rules run their JS unit tests (clients/web/test/).
 """
 
 from __future__ import annotations
@@ -58,16 +58,27 @@ def test_stamp_matches_the_sources_and_the_committed_assets():
     assert edited == [], f"bento/web/static/{edited} differ from the build: run `make web`, never edit them"
 
 
-@pytest.mark.deadline(300)
-def test_a_clean_rebuild_gives_the_committed_bytes(tmp_path):
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A clean copy of clients/web (no node_modules) with `npm ci` run in it, at
+    clients/web under a temporary root, so the build's relative paths are the
+    same as in the repository."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
-        pytest.skip("node and npm are not installed: the rebuild check needs them (the stamp check ran)")
-    web = tmp_path / "clients" / "web"
+        pytest.skip("node and npm are not installed: the rebuild and the JS unit tests need them "
+                    "(the stamp check runs without)")
+    root = tmp_path_factory.mktemp("web")
+    web = root / "clients" / "web"
     shutil.copytree(WEB, web, ignore=shutil.ignore_patterns("node_modules"))
     npm_ci = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--prefer-offline"], cwd=web,
                             capture_output=True, text=True, timeout=240)
     assert npm_ci.returncode == 0, npm_ci.stderr[-3000:]
+    return node, web
+
+
+@pytest.mark.deadline(300)
+def test_a_clean_rebuild_gives_the_committed_bytes(installed, tmp_path):
+    node, web = installed
     out = tmp_path / "out"
     build = subprocess.run([node, "build.mjs", str(out)], cwd=web, capture_output=True, text=True, timeout=120)
     assert build.returncode == 0, build.stderr[-3000:]
@@ -76,3 +87,12 @@ def test_a_clean_rebuild_gives_the_committed_bytes(tmp_path):
     differ = [name for name in built
               if (out / name).read_bytes() != Path(STATIC, name).read_bytes()]
     assert differ == [], f"a rebuild differs from bento/web/static in {differ}: run `make web`"
+
+
+@pytest.mark.deadline(300)
+def test_the_page_rules_pass_their_js_unit_tests(installed):
+    """clients/web/test/: the output tracker, input seqs, store bounds, CBOR, error texts."""
+    node, web = installed
+    run = subprocess.run([node, "--test", "test/"], cwd=web, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "# fail 0" in run.stdout and "# pass 0" not in run.stdout, run.stdout[-2000:]
