@@ -15,8 +15,10 @@ import { bytesToHex, utf8ToBytes } from '@noble/hashes/utils.js';
 
 const DB_NAME = 'bento-page';
 const DB_VERSION = 1;
-// Frames kept per session; beyond it the oldest go and a reload shows a local gap.
+// Frames kept per session; beyond it the oldest go, down to TRIM_TO_BYTES (so
+// trimming is not paid on every frame), and a reload shows a local gap.
 export const KEEP_BYTES = 16 * 1024 * 1024;
+export const TRIM_TO_BYTES = (KEEP_BYTES * 3) / 4;
 
 /** The key of a token's records: no one who reads the browser's storage learns the token. */
 export function tokenKey(token) {
@@ -116,7 +118,7 @@ export class SessionStore {
       cursor.onerror = () => reject(cursor.error);
       cursor.onsuccess = () => {
         const c = cursor.result;
-        if (!c || record.bytes <= (KEEP_BYTES * 3) / 4 || c.value.seq >= record.held) {
+        if (!c || record.bytes <= TRIM_TO_BYTES || c.value.seq >= record.held) {
           resolve();
           return;
         }
@@ -196,10 +198,12 @@ export class MemoryStore {
       this.record.bytes += frameSize(frame);
       this.record.held = frame[0];
     }
-    while (this.record.bytes > KEEP_BYTES && this.frames.length > 1) {
-      const old = this.frames.shift();
-      this.record.bytes -= frameSize(old);
-      this.record.localFrom = old[0] + 1;
+    if (this.record.bytes > KEEP_BYTES) {
+      while (this.record.bytes > TRIM_TO_BYTES && this.frames.length > 1) {
+        const old = this.frames.shift();
+        this.record.bytes -= frameSize(old);
+        this.record.localFrom = old[0] + 1;
+      }
     }
     return structuredClone(this.record);
   }

@@ -1,13 +1,16 @@
 // The page's exactly-once rules on plain values, with Node's own test runner:
-// the output tracker (duplicates, holes, gaps), the input seqs and frame bounds
-// of the store kept in memory, the wire's CBOR, and what errors say.
+// the output tracker (duplicates, holes, gaps), the store (IndexedDB through
+// fake-indexeddb, and memory): frame bounds, input seqs, two tabs; the wire's
+// CBOR, and what errors say.
 // Run by tests/web/test_build.py where Node is installed (`node --test test/`).
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import { explain, OutputTracker, TOKEN_SHAPE } from '../src/session.js';
-import { KEEP_BYTES, MemoryStore, tokenKey } from '../src/store.js';
+import 'fake-indexeddb/auto';
+
+import { KEEP_BYTES, MemoryStore, SessionStore, TRIM_TO_BYTES, tokenKey } from '../src/store.js';
 import { decode, encode, ServerError } from '../src/wire.js';
 
 test('frames in order are shown once each; a duplicate is dropped and counted', () => {
@@ -49,28 +52,57 @@ test('a malformed frame is refused, not shown', () => {
   assert.equal(t.held, 0);
 });
 
-test('input seqs go above both the server and every seq given out, and leave when accepted', async () => {
-  const store = new MemoryStore('bto_x');
-  assert.equal(await store.addInput({ data: 'a' }, 0), 1);
-  assert.equal(await store.addInput({ data: 'b' }, 0), 2);
-  assert.equal(await store.addInput({ data: 'c' }, 5), 6); // another client sent up to 5
-  await store.inputAccepted(2);
-  assert.deepEqual((await store.load()).record.pending, [[6, { data: 'c' }]]);
-  await store.dropInput();
-  assert.deepEqual((await store.load()).record.pending, []);
-});
+for (const [name, open] of [
+  ['memory', async (token) => new MemoryStore(token)],
+  ['IndexedDB', async (token) => SessionStore.open(token)],
+]) {
+  test(`${name}: stored frames skip what is held and keep within the bound, oldest out first`, async () => {
+    const store = await open(`bto_frames_${name}`);
+    const big = new Uint8Array(KEEP_BYTES / 4);
+    await store.addFrames([[1, 'stdout', big], [2, 'stdout', big]]);
+    await store.addFrames([[2, 'stdout', big], [3, 'stdout', big], [4, 'stdout', big], [5, 'stdout', big]]);
+    const { record, frames } = await store.load();
+    assert.equal(record.held, 5);
+    // Each frame counts a quarter of the bound and a little more: five are over
+    // it, and trimming goes down to TRIM_TO_BYTES, which two fit.
+    assert.deepEqual(frames.map((f) => f[0]), [4, 5]);
+    assert.equal(record.localFrom, 4);
+    assert.ok(record.bytes <= TRIM_TO_BYTES, record.bytes);
+    assert.equal(frames[1][2].length, big.length);
+  });
 
-test('stored frames skip what is held and keep within KEEP_BYTES, oldest out first', async () => {
-  const store = new MemoryStore('bto_y');
-  const big = new Uint8Array(KEEP_BYTES / 4);
-  await store.addFrames([[1, 'stdout', big], [2, 'stdout', big]]);
-  await store.addFrames([[2, 'stdout', big], [3, 'stdout', big], [4, 'stdout', big], [5, 'stdout', big]]);
-  const { record, frames } = await store.load();
-  assert.equal(record.held, 5);
-  assert.ok(record.bytes <= KEEP_BYTES, record.bytes);
-  // Each frame counts a quarter of the bound and a little more: three fit.
-  assert.deepEqual(frames.map((f) => f[0]), [3, 4, 5]);
-  assert.equal(record.localFrom, 3);
+  test(`${name}: input seqs go above the server and every seq given out, and leave when accepted`,
+    async () => {
+      const store = await open(`bto_input_${name}`);
+      assert.equal(await store.addInput({ data: 'a' }, 0), 1);
+      assert.equal(await store.addInput({ data: 'b' }, 0), 2);
+      assert.equal(await store.addInput({ data: 'c' }, 5), 6); // another client sent up to 5
+      await store.inputAccepted(2);
+      assert.deepEqual((await store.load()).record.pending, [[6, { data: 'c' }]]);
+      await store.dropInput();
+      assert.deepEqual((await store.load()).record.pending, []);
+    });
+
+  test(`${name}: forget leaves nothing of the session`, async () => {
+    const store = await open(`bto_forget_${name}`);
+    await store.addFrames([[1, 'msg', { a: 1 }]]);
+    await store.addInput({ eof: true }, 0);
+    await store.forget();
+    const { record, frames } = await store.load();
+    assert.deepEqual([record.held, record.pending, frames], [0, [], []]);
+  });
+}
+
+test('two stores of one token (two tabs) share the position and never reuse an input seq', async () => {
+  const a = await SessionStore.open('bto_tabs');
+  const b = await SessionStore.open('bto_tabs');
+  await a.addFrames([[1, 'stdout', 'x'], [2, 'stdout', 'y']]);
+  await b.addFrames([[2, 'stdout', 'y'], [3, 'stdout', 'z']]);
+  const { record, frames } = await a.load();
+  assert.equal(record.held, 3);
+  assert.deepEqual(frames.map((f) => f[0]), [1, 2, 3]);
+  assert.equal(await a.addInput({ data: 1 }, 0), 1);
+  assert.equal(await b.addInput({ data: 2 }, 0), 2);
 });
 
 test('records are keyed by a hash of the token, never the token', () => {
