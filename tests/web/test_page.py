@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from bento_clients import sync
 from page_helpers import (
     assert_no_page_errors,
     assert_seqs_once,
@@ -45,11 +46,11 @@ def test_viewer_sees_backlog_then_live_frames(context, server):
     assert "viewer token" in page.inner_text("#controls-why")
     # The page was open before any live line was printed.
     assert not any(line.startswith("live") for line in terminal_lines(page))
-    from bento_clients import sync
-
     with sync.connect(server.url, call_timeout=20) as client:
-        owner = client.attach(token, None)
+        # No acks from this owner: what it frees, a viewer that lags would get as a gap.
+        owner = client.attach(token, None, auto_ack=False)
         owner.send("go")
+        owner.wait_input_acked()
         owner.detach()
     exit_data = wait_exit(page)
     assert exit_data["state"] == "exited" and exit_data["result"] == {"lines": 60}
