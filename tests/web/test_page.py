@@ -189,6 +189,21 @@ def test_two_pages_on_one_session_agree(browser, server):
         viewer_ctx.close()
 
 
+def test_network_pause_like_a_sleep_loses_and_repeats_nothing(context, server):
+    token, _ = start(server, STREAM, 60)
+    page = open_page(context, server, token)
+    send_input(page, "go")
+    wait_terminal(page, "n=10")
+    context.set_offline(True)
+    page.wait_for_timeout(1500)
+    context.set_offline(False)
+    wait_exit(page)
+    assert terminal_lines(page) == [f"n={i}" for i in range(1, 61)]
+    assert_seqs_once(seqs(page))
+    assert page.evaluate("() => window.bentoPage.duplicates()") == 0
+    assert_no_page_errors(page)
+
+
 def test_bad_token_shows_a_clear_message(context, server):
     unknown = "bto_" + "A" * 43
     page = open_page(context, server, unknown)

@@ -216,8 +216,13 @@ export class SessionFollower {
     this.timer = setTimeout(() => this._connect(), jittered);
   }
 
+  /** The browser is back online or the tab is visible again: reconnect at once if
+   * waiting; if attached, ask for status now, which closes a connection that died
+   * meanwhile (no reply) instead of trusting it until the next poll times out. */
   _reconnectNow() {
-    if (this.state === 'waiting' && !document.hidden) this._connect();
+    if (document.hidden) return;
+    if (this.state === 'waiting') this._connect();
+    else if (this.state === 'attached') this._pollSoon();
   }
 
   _fatal(err) {
