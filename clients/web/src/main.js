@@ -8,7 +8,7 @@
 import '@xterm/xterm/css/xterm.css';
 import './app.css';
 
-import { View } from './render.js';
+import { showNotice, View } from './render.js';
 import { explain, SessionFollower, TOKEN_SHAPE } from './session.js';
 import { openStore } from './store.js';
 import { Connection, serverUrl } from './wire.js';
@@ -20,10 +20,14 @@ function fragment() {
 }
 
 function notice(kind, text) {
-  const box = $('notice');
-  box.textContent = text;
-  box.className = `notice notice-${kind}`;
-  box.hidden = !text;
+  showNotice($('notice'), kind, text);
+}
+
+/** A fresh idempotency key for `execute`: a Run whose reply was lost, clicked
+ * again with the same form, gets the same session back instead of a second one. */
+function newRunKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return `bento-web-${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}`;
 }
 
 const VIEWER_WHY = 'This is a viewer token: it can watch, not send input, signals or destroy. '
@@ -116,6 +120,8 @@ function hook(view, follower) {
 }
 
 function wireRun() {
+  let runKey = newRunKey();
+  $('run-form').addEventListener('input', () => { runKey = newRunKey(); });
   $('run-form').addEventListener('submit', async (ev) => {
     ev.preventDefault();
     const out = $('run-result');
@@ -137,7 +143,8 @@ function wireRun() {
     try {
       await conn.open($('run-key').value.trim() || undefined);
       const reply = await conn.request('execute', {
-        code: $('run-code').value, entry: $('run-entry').value.trim() || 'main', args, kwargs, attach: false,
+        code: $('run-code').value, entry: $('run-entry').value.trim() || 'main', args, kwargs,
+        attach: false, idempotency_key: runKey,
       });
       window.location.hash = `t=${reply.token}&v=${reply.viewer_token}`;
     } catch (err) {

@@ -47,6 +47,13 @@ function timeText(epoch) {
   return typeof epoch === 'number' ? new Date(epoch * 1000).toISOString().replace('T', ' ').slice(0, 19) : '–';
 }
 
+/** Puts `text` in the notice box `box` (kind: fatal, error, warn, info; '' hides it). */
+export function showNotice(box, kind, text) {
+  box.textContent = text;
+  box.className = `notice notice-${kind}`;
+  box.hidden = !text;
+}
+
 export class View {
   constructor(root) {
     this.root = root;
@@ -198,10 +205,7 @@ export class View {
   notice(kind, text) {
     this.noticeKind = kind;
     this.noticeText = text;
-    const box = this.$('notice');
-    box.textContent = text;
-    box.className = `notice notice-${kind}`;
-    box.hidden = !text;
+    showNotice(this.$('notice'), kind, text);
   }
 
   // -- the test hook (window.bentoPage) reads these --------------------------
