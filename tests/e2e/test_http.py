@@ -7,17 +7,22 @@ from __future__ import annotations
 import http.client
 import shutil
 import socket
+import ssl
 
 import trio
 from helpers import connect
 from prometheus_client.parser import text_string_to_metric_families
+from test_security import self_signed
 
 KEY = "k-" + "x" * 30
 
 
-def get(port: int, path: str, method: str = "GET",
-        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def get(port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None,
+        tls: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+    if tls is None:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    else:
+        c = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=tls)
     try:
         c.request(method, path, headers=headers or {})
         r = c.getresponse()
@@ -31,13 +36,17 @@ async def aget(port: int, path: str, **kw) -> tuple[int, dict[str, str], bytes]:
 
 
 async def raw(port: int, data: bytes) -> bytes:
-    """Send ``data`` and read until the server closes the connection."""
+    """Send ``data`` and read until the server closes the connection (a reset
+    counts as closing: a server that closes with bytes unread resets)."""
     def run() -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(data)
             out = b""
-            while chunk := s.recv(65536):
-                out += chunk
+            try:
+                while chunk := s.recv(65536):
+                    out += chunk
+            except ConnectionResetError:
+                pass
             return out
     return await trio.to_thread.run_sync(run)
 
@@ -61,6 +70,18 @@ async def test_healthz_and_readyz(server):
     assert headers["connection"] == "close" and headers["x-content-type-options"] == "nosniff"
     status, _, body = await aget(server.port, "/readyz")
     assert (status, body) == (200, b"ready\n")
+
+
+async def test_the_same_routes_over_tls(make_server, tmp_path):
+    cert, key = self_signed(tmp_path)
+    srv = make_server("--tls-cert", cert, "--tls-key", key)
+    tls = ssl.create_default_context(cafile=cert)
+    assert (await aget(srv.port, "/healthz", tls=tls))[:3:2] == (200, b"ok\n")
+    status, _, body = await aget(srv.port, "/metrics", tls=tls)
+    assert status == 200 and ("bento_connections", ()) in figures(body)
+    # Plain HTTP to the TLS port gets no answer, and the server goes on.
+    assert await raw(srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+    assert (await aget(srv.port, "/healthz", tls=tls))[0] == 200
 
 
 async def test_readyz_says_why_when_the_data_dir_is_gone(make_server):

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h11
 import pytest
 import trio
+import trio.testing
 from helpers import close_ws
 from trio_websocket import ConnectionClosed as ClientClosed
 from trio_websocket import open_websocket_url
@@ -184,3 +186,15 @@ async def test_a_protocol_violation_closes_1002():
                 assert [c.code for c in closes] == [1002]
         finally:
             await stream.aclose()
+
+
+async def test_an_upgrade_that_is_not_a_get_or_lacks_its_key_is_refused():
+    stream = trio.testing.memory_stream_pair()[0]
+    headers = [("host", "x"), ("upgrade", "websocket"), ("connection", "Upgrade"),
+               ("sec-websocket-version", "13"), ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")]
+    post = h11.Request(method="POST", target="/v1", headers=[*headers, ("content-length", "0")])
+    keyless = h11.Request(method="GET", target="/v1", headers=headers[:-1])
+    for request in (post, keyless):
+        with pytest.raises(transport.HandshakeRefused) as info:
+            await transport.accept(stream, request, b"", max_message=100, traffic=transport.Traffic())
+        assert 400 <= info.value.status < 500
