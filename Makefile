@@ -10,7 +10,7 @@ PORT ?= 8765
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps lint bench fuzz clean cluster
+.PHONY: run test install system-deps lint bench fuzz clean cluster web
 
 run: $(STAMP)
 	$(PY) -m bento.app server --host $(HOST) --port $(PORT) $(ARGS)
@@ -35,6 +35,7 @@ system-deps:
 	  $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	  command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "make: installing$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
@@ -61,6 +62,12 @@ cluster: $(STAMP)
 	echo "  read on b:  .venv/bin/bento attach --server ws://127.0.0.1:8802/v1 NAME"; \
 	echo "  Ctrl-C stops the nodes and Redis (docs/cluster.md)"; \
 	wait
+
+# The web page: bento/web/static/ is built from clients/web/ (npm packages pinned by
+# its package-lock.json) and committed, so `make run` needs no Node. Rebuild after
+# changing clients/web; tests/web/test_build.py fails until you do.
+web:
+	cd clients/web && npm ci --no-audit --no-fund && node build.mjs
 
 # Benchmarks print one table (figure, ceiling measured in the same run, ratio,
 # target). ARGS=--quick for a one-minute version. Not part of `make test`.

@@ -243,8 +243,9 @@ class Exchange:
         self.child.process.returncode = os.waitstatus_to_exitcode(status)
         self.child_status = status
         self.wall_deadline = None  # the function is over: no timer may wake this loop
-        # Whatever the function left behind dies with it.
+        # Whatever the function left behind dies with it, and its pid may be reused.
         self.child.release()
+        unlink(os.path.join(self.dir, "env.pid"))
         self.core.function_ended()
         self.drain_deadline = time.monotonic() + DRAIN_SECONDS
         self.reading = False
@@ -464,6 +465,7 @@ def main(argv: list[str]) -> None:
             # Nobody is listening any more: a server finds the session on disk,
             # and may take the lock once its link sees this process go.
             unlink(os.path.join(sdir, "ctl.sock"))
+            unlink(os.path.join(sdir, "exchange.pid"))  # this pid may be reused once it exits
             os.close(lock_fd)
             ex.control.drop()
     if ex.remove:

@@ -73,58 +73,6 @@ def data_len(payload: bytes) -> int:
     return len(payload) - pos
 
 
-class Ended:
-    """An ended session opened by the server under the session's lock: its core
-    (with the log's writer, for trimming) and what the exchange saved with it.
-    Use as a context manager; raises Busy if an exchange holds the session."""
-
-    def __init__(self, sdir: str, meta: dict) -> None:
-        self.dir = sdir
-        self.meta = meta
-        self.lock_fd = -1
-        self.out: sessionlog.Writer | None = None
-
-    def __enter__(self) -> Ended:
-        self.lock_fd = take_lock(self.dir)
-        if self.lock_fd < 0:
-            raise Busy(f"an exchange holds {self.dir}")
-        try:
-            self.saved = load_saved(self.dir)
-            self.out = sessionlog.Writer(self.dir, "out")
-            inputs = sessionlog.Writer(self.dir, "in")
-            inputs.close()
-            for log in (self.out, inputs):
-                if log.torn_bytes:
-                    note(self.dir, f"cut a torn record of {log.torn_bytes} bytes off the {log.prefix} log")
-            self.core = recover(self.out, self.saved, self.meta, inputs.next_seq - 1)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.out is not None:
-            self.out.close()
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
-
-    def apply(self, actions: tuple) -> None:
-        """Carry out the core's actions: trims and saves (nothing else happens to an ended session)."""
-        assert self.out is not None
-        for action in actions:
-            if type(action) is session_core.Trim:
-                self.out.drop_before(action.first_seq)
-        if actions:
-            save(self.dir, self.core, {k: v for k, v in self.saved.items() if k in ("enforced", "sandbox")})
-
-    def hello(self) -> dict:
-        """What an exchange's hello would say of this session."""
-        core = self.core
-        return {**core.snapshot(), "enforced": self.saved.get("enforced", {}),
-                "shared_version": core.shared_version, "shared_value": core.shared_value}
-
-
 def note(sdir: str, message: str) -> None:
     """Tell the operator, in the session's log (``exchange.log``), what was done to its files."""
     try:
@@ -151,28 +99,70 @@ def take_lock(sdir: str) -> int:
     return lock_fd
 
 
-def open_ended(sdir: str, meta: dict) -> dict | None:
-    """The hello of an ended session found on disk (exit frame written), or None
-    if its function has not ended (it needs an exchange) or an exchange holds it."""
-    try:
-        with Ended(sdir, meta) as s:
-            if s.core.exit is None:
-                return None
-            return s.hello()
-    except Busy:
-        return None
+class Ended:
+    """An ended session as the server holds it while someone reads it: its core
+    (recovered from the files once: that reads the whole output log) and what
+    the exchange saved with it. Every write takes the session's lock (Busy if
+    an exchange holds it). Synchronous: call it from a worker thread."""
 
+    def __init__(self, sdir: str, meta: dict) -> None:
+        self.dir = sdir
+        with _locked(sdir):
+            self.saved = load_saved(sdir)
+            out = sessionlog.Writer(sdir, "out")
+            inputs = sessionlog.Writer(sdir, "in")
+            for log in (out, inputs):
+                log.close()
+                if log.torn_bytes:
+                    note(sdir, f"cut a torn record of {log.torn_bytes} bytes off the {log.prefix} log")
+            self.core = recover(out, self.saved, meta, inputs.next_seq - 1)
 
-def ack(sdir: str, meta: dict, seq: int) -> dict:
-    """The owner's ack on an ended session: its new positions."""
-    with Ended(sdir, meta) as s:
-        s.apply(s.core.ack(seq))
-        return s.core.snapshot()
+    def hello(self) -> dict:
+        """What an exchange's hello would say of this session."""
+        core = self.core
+        return {**core.snapshot(), "enforced": self.saved.get("enforced", {}),
+                "shared_version": core.shared_version, "shared_value": core.shared_value}
 
+    def ack(self, seq: int) -> dict:
+        """The owner's ack: the new positions."""
+        self._apply(self.core.ack(seq))
+        return self.core.snapshot()
 
-def put_state(sdir: str, meta: dict, value: bytes, if_version: int | None) -> tuple[bool, int]:
-    """Compare-and-set of an ended session's shared state: (ok, version now)."""
-    with Ended(sdir, meta) as s:
-        ok, version, actions = s.core.put_state(value, if_version)
-        s.apply(actions)
+    def put_state(self, value: bytes, if_version: int | None) -> tuple[bool, int]:
+        """Compare-and-set of the shared state: (ok, version now)."""
+        ok, version, actions = self.core.put_state(value, if_version)
+        self._apply(actions)
         return ok, version
+
+    def _apply(self, actions: tuple) -> None:
+        """Carry out the core's actions: trims and saves (nothing else happens to an ended session)."""
+        if not actions:
+            return
+        with _locked(self.dir):
+            for action in actions:
+                if type(action) is session_core.Trim:
+                    sessionlog.drop_segments(sessionlog.list_segments(self.dir, "out"), action.first_seq)
+            save(self.dir, self.core, {k: v for k, v in self.saved.items() if k in ("enforced", "sandbox")})
+
+
+class _locked:
+    """The session's lock for a ``with`` block; Busy if an exchange holds it."""
+
+    def __init__(self, sdir: str) -> None:
+        self.sdir = sdir
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        self.fd = take_lock(self.sdir)
+        if self.fd < 0:
+            raise Busy(f"an exchange holds {self.sdir}")
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def open_ended(sdir: str, meta: dict) -> Ended | None:
+    """An ended session found on disk (its exit frame written), or None if its
+    function has not ended (it needs an exchange). Busy if an exchange holds it."""
+    ended = Ended(sdir, meta)
+    return ended if ended.core.exit is not None else None

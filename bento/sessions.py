@@ -17,6 +17,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import bento_sandbox
 import trio
@@ -69,6 +70,7 @@ class Session:
         self.ack_sent = 0
         # Its function ended and its exchange exited: it is served from disk.
         self.on_disk = False
+        self.disk: sessiondisk.Ended | None = None  # its core, while someone reads it
         self.disk_lock = trio.Lock()
         # Check every output record's checksum when reading: True for a session
         # found on disk at start (a crash may have damaged what it wrote
@@ -289,19 +291,37 @@ class Registry:
         (or an exchange holds it). Waits a moment for an exchange that is exiting."""
         for _ in range(10):
             try:
-                hello = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
+                ended = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
             except sessiondisk.Busy:
                 await trio.sleep(0.05)
                 continue
-            if hello is None:
+            if ended is None:
                 return False
             s.on_disk = True
-            s.update(hello)
+            s.disk = ended if s.attachments else None
+            s.update(ended.hello())
             if s.ack_sent > s.snap.acked_seq:
                 # An ack that reached the exchange as it exited: apply it here.
                 await self.ack(s, s.ack_sent)
             return True
         return False
+
+    async def _on_disk(self, s: Session, call: Any, *args: Any) -> Any:
+        """``call(ended, *args)`` on the ended session ``s``, in a worker thread,
+        one at a time. Its core stays in memory while someone is attached (an
+        owner reading and acking): recovering it reads the whole output log."""
+        async with s.disk_lock:
+            try:
+                ended = s.disk
+                if ended is None:
+                    ended = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
+                    if ended is None:
+                        raise ExchangeGone("the session's exchange is not reachable right now")
+                    if s.attachments:
+                        s.disk = ended
+                return await trio.to_thread.run_sync(call, ended, *args)
+            except sessiondisk.Busy:
+                raise ExchangeGone("the session's exchange is ending; try again") from None
 
     async def sweep_cgroups(self) -> None:
         """Remove the cgroups of exchanges that were killed before they could."""
@@ -360,8 +380,10 @@ class Registry:
         s.ack_sent = max(s.ack_sent, seq)
         if s.on_disk:
             if seq > s.snap.acked_seq:
-                async with s.disk_lock:
-                    s.update(await trio.to_thread.run_sync(sessiondisk.ack, s.dir, s.meta, seq))
+                try:
+                    s.update(await self._on_disk(s, sessiondisk.Ended.ack, seq))
+                except ExchangeGone as exc:
+                    log.warning("session %s: an ack could not be applied yet: %s", s.sid, exc)
             return
         await self._send_ack(s)
 
@@ -387,11 +409,8 @@ class Registry:
             except ExchangeGone:
                 if not s.snap.has_ended:
                     raise
-        async with s.disk_lock:
-            try:
-                return await trio.to_thread.run_sync(sessiondisk.put_state, s.dir, s.meta, value, if_version)
-            except sessiondisk.Busy:
-                raise ExchangeGone("the session's exchange is ending; try again") from None
+        result: tuple[bool, int] = await self._on_disk(s, sessiondisk.Ended.put_state, value, if_version)
+        return result
 
     # -- the end of a session ------------------------------------------------------
 
@@ -420,5 +439,7 @@ class Registry:
             await trio.sleep(1.0)
             now = time.monotonic()
             for s in list(self.sessions.values()):
+                if s.disk is not None and not s.attachments:
+                    s.disk = None  # nobody reads it: its memory goes
                 if s.life_over(now, self.config.ttl_s):
                     self.nursery.start_soon(self.end, s)

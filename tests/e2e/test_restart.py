@@ -110,6 +110,16 @@ async def kill9_and_wait(pid: int, group: bool = False, timeout: float = 10) -> 
             await trio.sleep(0.02)
 
 
+async def kill9_exchange(data_dir: str, sid: str) -> None:
+    """Kill the session's exchange if it still runs (one whose session has ended
+    exits by itself, and removes its pid file as it goes)."""
+    try:
+        pid = read_pid(data_dir, sid, "exchange.pid")
+    except FileNotFoundError:
+        return
+    await kill9_and_wait(pid)
+
+
 def absorb(c, sid: str, frames: list[list]) -> int:
     """Take the out frames and in_acks this client already received (no more reads);
     returns the highest in_ack seen."""
@@ -238,7 +248,7 @@ async def test_torn_tail_after_crash_is_never_served(make_server):
     assert_contiguous(fin_frames)
     # No exchange may be running for them while we write: kill -9 those too.
     for r in (fin, run):
-        await kill9_and_wait(read_pid(srv.data_dir, r["session"], "exchange.pid"))
+        await kill9_exchange(srv.data_dir, r["session"])
     await kill9_and_wait(read_pid(srv.data_dir, run["session"], "env.pid"), group=True)
 
     fin_exit_seq = fin_frames[-1][0]
@@ -322,7 +332,7 @@ async def test_damaged_record_found_after_restart_is_refused(make_server):
         await wait_exit(c, r["token"], timeout=30)
         srv.kill()
     sid = r["session"]
-    await kill9_and_wait(read_pid(srv.data_dir, sid, "exchange.pid"))
+    await kill9_exchange(srv.data_dir, sid)
     segs = sessionlog.list_segments(session_dir(srv.data_dir, sid), "out")
     assert len(segs) >= 2, segs
     damaged = 20
@@ -435,10 +445,12 @@ async def test_ended_sessions_cost_no_process_and_stay_readable_across_a_restart
         exits = [(await wait_exit(c, r["token"]))["exit"] for r in rs]
         assert [e["result"] for e in exits] == [3, 50, 0]
         for r in rs:
-            pid = read_pid(srv.data_dir, r["session"], "exchange.pid")
+            # The exchange removes its pid file as it exits; nothing runs for the session.
+            sdir = session_dir(srv.data_dir, r["session"])
             with trio.fail_after(10):
-                while not dead(pid):
+                while os.path.exists(os.path.join(sdir, "exchange.pid")):
                     await trio.sleep(0.02)
+            assert not os.path.exists(os.path.join(sdir, "env.pid"))
         # Served from disk while this server runs: read, input, state.
         await c.ok("attach", token=rs[1]["viewer_token"])
         before = await c.frames(rs[1]["session"])
@@ -446,7 +458,7 @@ async def test_ended_sessions_cost_no_process_and_stay_readable_across_a_restart
         p = await c.ok("state_put", token=rs[1]["token"], value={"seen": True})
         assert p["version"] == 1
     srv.kill()
-    assert not [pid for pid in srv.exchange_pids() if not dead(pid)]
+    assert srv.exchange_pids() == []
 
     again = make_server(data_dir=srv.data_dir)
     async with connect(again.url) as c:
@@ -475,4 +487,4 @@ async def test_ended_sessions_cost_no_process_and_stay_readable_across_a_restart
         with trio.fail_after(5):
             while os.path.exists(session_dir(srv.data_dir, sid)):
                 await trio.sleep(0.05)
-    assert not [pid for pid in again.exchange_pids() if not dead(pid)]
+    assert again.exchange_pids() == []
