@@ -417,3 +417,62 @@ async def test_input_exactly_once_across_server_kill9(make_server):
     ex = frames[-1][2]
     assert ex["state"] == "exited" and ex["result"] == [s * 10 for s in range(1, 8)], ex
     assert acks == sorted(acks)
+
+
+# -- an ended session costs no process ----------------------------------------------------
+
+ENDS = "def main(n):\n    for i in range(n):\n        print(i)\n    api.send('done')\n    return n\n"
+
+
+async def test_ended_sessions_cost_no_process_and_stay_readable_across_a_restart(make_server):
+    """Once a function has ended and its exit frame is on disk, its exchange
+    exits, whether or not anyone read or acked anything; the server serves the
+    session from disk, and after a kill -9 and a restart still does: output,
+    exit, duplicate inputs, the owner's acks and shared state."""
+    srv = make_server()
+    async with connect(srv.url) as c:
+        rs = [await c.ok("execute", code=ENDS, args=[n], attach=False) for n in (3, 50, 0)]
+        exits = [(await wait_exit(c, r["token"]))["exit"] for r in rs]
+        assert [e["result"] for e in exits] == [3, 50, 0]
+        for r in rs:
+            pid = read_pid(srv.data_dir, r["session"], "exchange.pid")
+            with trio.fail_after(10):
+                while not dead(pid):
+                    await trio.sleep(0.02)
+        # Served from disk while this server runs: read, input, state.
+        await c.ok("attach", token=rs[1]["viewer_token"])
+        before = await c.frames(rs[1]["session"])
+        assert data_of(before) == b"".join(b"%d\n" % i for i in range(50))
+        p = await c.ok("state_put", token=rs[1]["token"], value={"seen": True})
+        assert p["version"] == 1
+    srv.kill()
+    assert not [pid for pid in srv.exchange_pids() if not dead(pid)]
+
+    again = make_server(data_dir=srv.data_dir)
+    async with connect(again.url) as c:
+        for r, ex in zip(rs, exits, strict=True):
+            st = await c.ok("status", token=r["token"])
+            assert st["state"] == "exited" and st["exit"] == ex, st
+        sid = rs[1]["session"]
+        a = await c.ok("attach", token=rs[1]["token"])
+        assert a["state"] == "exited" and a["next_seq"] == before[-1][0] + 1
+        got = await c.frames(sid)
+        assert got == before
+        g = await c.ok("state_get", token=rs[1]["viewer_token"])
+        assert (g["version"], g["value"]) == (1, {"seen": True})
+        await c.send({"op": "input", "session": sid, "seq": 1, "data": "late"})
+        assert (await c.event(ev="error", session=sid))["error"]["code"] == "gone"
+        await c.send({"op": "ack", "session": sid, "seq": got[-2][0]})
+        st = await c.ok("status", token=rs[1]["token"])
+        with trio.fail_after(5):
+            while st["acked_seq"] != got[-2][0]:
+                await trio.sleep(0.02)
+                st = await c.ok("status", token=rs[1]["token"])
+        assert st["first_seq"] == got[-1][0] and st["buffer_bytes"] == 0
+        # Acking the exit ends the session once detached: nothing of it stays.
+        await c.send({"op": "ack", "session": sid, "seq": got[-1][0]})
+        await c.ok("detach", session=sid)
+        with trio.fail_after(5):
+            while os.path.exists(session_dir(srv.data_dir, sid)):
+                await trio.sleep(0.05)
+    assert not [pid for pid in again.exchange_pids() if not dead(pid)]
