@@ -354,7 +354,10 @@ class Exchange:
             else:
                 name = msg["signal"]
                 self.user_signal = name
-                if name == "KILL":
+                if msg.get("by"):
+                    self.kill("by", {"type": "Killed", "by": msg["by"], "traceback": "",
+                                     "message": f"ended by {msg['by']}"})
+                elif name == "KILL":
                     self.child.kill()
                 else:
                     # Raised in the function's main thread by the driver's reader.

@@ -25,7 +25,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import bento
-from bento import auth, protocol, sessionlog, tcptune, wsfast
+from bento import auth, events, protocol, sessionlog, tcptune, wsfast
 from bento.config import Config
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
 from bento.store import Store
@@ -52,7 +52,7 @@ class Server:
         self.config = config
         self.registry = registry
         self.store = store
-        self.keys = auth.ApiKeys(config.api_keys)
+        self.keys = config.keys  # replaced in place on a reload
         self.guesses = auth.GuessLimiter()
         self.said_slow_send = False
         self.said_tuned = False
@@ -257,21 +257,38 @@ class Connection:
     # -- helpers -------------------------------------------------------------
 
     def need_key(self) -> str:
-        if self.key is None:
+        if self.key is None or not self.server.keys.known(self.key):
             raise protocol.RequestError("unauthorized", "this server requires a valid API key (hello auth)")
         return self.key
 
     def by_token(self, token: str, owner: bool) -> tuple[Session, str]:
         if not self.server.guesses.allowed(self.peer):
+            events.refused("rate_limit", self.peer)
             raise protocol.RequestError("limit", "too many failed token guesses; slow down")
         found = self.registry.by_token(token)
         if found is None:
             self.server.guesses.failed(self.peer)
             raise protocol.RequestError("not_found", "no session has this token")
         s, mode = found
+        key = s.meta.get("key")
+        if key and self.config.revoke_sessions and not self.server.keys.known(key):
+            raise protocol.RequestError("unauthorized", "the API key that started this session was revoked")
         if owner and mode != "rw":
             raise protocol.RequestError("forbidden", "this needs the owner token, not a viewer token")
         return s, mode
+
+    def target(self, req: dict, owner: bool) -> tuple[Session, str | None]:
+        """The session a request names by token, or by id for an admin key; and
+        who acts on it ("admin:<name>" when an admin named it by id, else None)."""
+        if req["token"] is not None:
+            return self.by_token(req["token"], owner)[0], None
+        if not self.server.keys.is_admin(self.key) or not self.server.keys.known(self.key or ""):
+            raise protocol.RequestError(
+                "forbidden", "only an admin key may name a session by its id; use the session's token")
+        s = self.registry.sessions.get(req["session"])
+        if s is None or s.removed:
+            raise protocol.RequestError("not_found", f"no session {req['session']!r} on this server")
+        return s, f"admin:{self.server.keys.name(self.key or '')}"
 
     def attachment(self, sid: str, write: bool) -> Attachment:
         att = self.attachments.get(sid)
@@ -295,6 +312,7 @@ class Connection:
         self.key = self.server.keys.check(presented)
         if presented is not None and self.key is None:
             self.server.guesses.failed(self.peer)
+            events.refused("bad_key", self.peer)
         await self.send(protocol.reply_ok(
             req["id"], proto=protocol.PROTO_VERSION, server=self.server.name,
             node=self.config.node, max_message=self.config.max_message,
@@ -454,27 +472,45 @@ class Connection:
             raise protocol.RequestError(r["code"], r["message"])
 
     async def op_signal(self, req: dict) -> None:
-        s, _ = self.by_token(req["token"], owner=True)
-        if s.state in protocol.ENDED_STATES:
-            raise protocol.RequestError("gone", "the function has ended")
-        r = await self.registry.call(s, {"t": "signal", "signal": req["signal"]})
-        if not r["ok"]:
-            raise protocol.RequestError(r["code"], r["message"])
+        s, by = self.target(req, owner=True)
+        await self._signal(s, req["signal"], by)
         await self.send(protocol.reply_ok(req["id"]))
 
+    async def _signal(self, s: Session, name: str, by: str | None) -> None:
+        """Send a signal to the function; a KILL sent ``by`` an admin is recorded in its exit."""
+        if s.state in protocol.ENDED_STATES:
+            raise protocol.RequestError("gone", "the function has ended")
+        msg = {"t": "signal", "signal": name}
+        if by is not None and name == "KILL":
+            msg["by"] = by
+            events.emit("admin.kill", session=s.sid, by=by)
+        r = await self.registry.call(s, msg)
+        if not r["ok"]:
+            raise protocol.RequestError(r["code"], r["message"])
+
     async def op_status(self, req: dict) -> None:
-        s, _ = self.by_token(req["token"], owner=False)
-        await self.send(protocol.reply_ok(req["id"], **s.status()))
+        s, by = self.target(req, owner=False)
+        await self.send(protocol.reply_ok(req["id"], **self._status(s, by is not None)))
+
+    def _status(self, s: Session, with_key: bool) -> dict:
+        if not with_key:
+            return s.status()
+        return {**s.status(), "key": self.server.keys.name(s.meta.get("key") or "")}
 
     async def op_list(self, req: dict) -> None:
         key = self.need_key()
-        every = not self.server.keys.required
-        out = [s.status() for s in self.registry.sessions.values() if every or s.meta.get("key") == key]
+        every = not self.server.keys.required or self.server.keys.is_admin(key)
+        out = [self._status(s, True) for s in self.registry.sessions.values()
+               if every or s.meta.get("key") == key]
         await self.send(protocol.reply_ok(req["id"], sessions=out))
 
     async def op_destroy(self, req: dict) -> None:
-        s, _ = self.by_token(req["token"], owner=True)
-        await self.registry.end(s)
+        s, by = self.target(req, owner=True)
+        if by is not None and s.state not in protocol.ENDED_STATES:
+            # An admin ends the function; the session stays readable for its owner.
+            await self._signal(s, "KILL", by)
+        else:
+            await self.registry.end(s, reason="destroyed by " + (by or "owner"))
         await self.send(protocol.reply_ok(req["id"]))
 
     async def op_state_get(self, req: dict) -> None:

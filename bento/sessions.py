@@ -29,7 +29,7 @@ import cbor2
 import trio
 
 import bento
-from bento import auth, protocol
+from bento import auth, events, protocol
 from bento.config import Config
 from bento.store import Store
 
@@ -182,9 +182,12 @@ class Session:
         self.check_log = True
 
     def update(self, msg: dict) -> None:
+        before = self.state
         for key in ("state", "next_seq", "first_seq", "acked_seq", "input_seq", "buffer_bytes",
                     "dropped_to", "ended", "exit", "exit_seq"):
             setattr(self, key, msg[key])
+        if self.state != before and (before != "starting" or not self.check_log):
+            events.emit("session.state", session=self.sid, state=self.state, was=before, **events.exit_fields(self.exit))
         if "enforced" in msg:
             self.enforced = msg["enforced"]
         if "shared_version" in msg:
@@ -317,6 +320,7 @@ class Registry:
             shutil.rmtree(sdir, ignore_errors=True)
             raise protocol.RequestError("internal", f"could not start the session: {exc}") from None
         self._index(s)
+        events.emit("session.created", session=sid, key=self.config.keys.name(meta.get("key") or ""))
         return s
 
     # -- the warm pool: exchanges with a fresh sandbox started ahead of time ----
@@ -518,6 +522,7 @@ class Registry:
                     log.error("session %s: cannot be adopted, skipped: %s", sid, exc)
                     continue
             self._index(s)
+            events.emit("session.recovered", session=sid, state=s.state, **events.exit_fields(s.exit))
 
     # -- requests to the exchange ---------------------------------------------
 
@@ -537,10 +542,12 @@ class Registry:
 
     # -- the end of a session ------------------------------------------------------
 
-    async def end(self, s: Session) -> None:
+    async def end(self, s: Session, reason: str = "") -> None:
         """Remove the session: kill its function, delete its buffers, forget its tokens."""
         if s.removed:
             return
+        acked = s.exit_seq is not None and s.acked_seq >= s.exit_seq
+        events.emit("session.ended", session=s.sid, state=s.state, why=reason or ("exit_acked" if acked else "ttl"))
         self._unindex(s)
         for att in list(s.attachments):
             att.ended = True

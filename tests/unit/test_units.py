@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bento import units
+from bento.settings import parse_limits
 
 
 def test_sizes_with_every_suffix():
@@ -44,3 +45,13 @@ def test_limit_values_by_kind():
         with pytest.raises(ValueError, match=f"limit {key}: .*{message}"):
             units.limit_value(key, value)
 
+
+def test_server_limit_options_take_suffixes():
+    """`--max-limit memory_bytes=512MiB` failed with "could not convert string to float"
+    although --help itself wrote memory_bytes=1GiB."""
+    assert parse_limits(["memory_bytes=512MiB", "wall_s=2h", "pids=10", "file_bytes=4k",
+                         "cpu_s=none"]) == {
+        "memory_bytes": 512 << 20, "wall_s": 7200, "pids": 10, "file_bytes": 4096, "cpu_s": None}
+    assert parse_limits(["wall_s=1h", "wall_s=2h"]) == {"wall_s": 7200}  # the later one wins
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_limits(["memory=1G"])
