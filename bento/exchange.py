@@ -905,7 +905,7 @@ class Exchange:
                 self.save()
             if self.server is None and now >= self.next_dir_check:
                 self.next_dir_check = now + DIR_CHECK_SECONDS
-                if not os.path.isdir(self.dir):
+                if _dir_deleted(self.dir):
                     # Deleted under us: no server can ever reach this session again.
                     self.disk_trouble("the session directory is gone; ending")
                     self.kill_child()
@@ -947,6 +947,21 @@ class Launched:
 
 # (the driver's Framed, the limits in force, when the start message went)
 Prestarted = tuple[Framed, dict, float]
+
+
+def _pin_dir(sdir: str) -> str:
+    """The session directory as this process's own path to it (``/proc/self/fd/N``):
+    the exchange reaches it through an fd, so a data dir moved while the
+    function runs (stop the server, mv, start it on the new path) keeps working.
+    Only this process may use the path; its children get real paths."""
+    return f"/proc/self/fd/{os.open(sdir, os.O_RDONLY | os.O_DIRECTORY)}"
+
+
+def _dir_deleted(pinned: str) -> bool:
+    try:
+        return os.stat(pinned).st_nlink == 0
+    except OSError:
+        return True
 
 
 def read_meta(sdir: str) -> dict:
@@ -1156,7 +1171,8 @@ def main(argv: list[str]) -> None:
         sys.stdout.write("busy\n")
         sys.stdout.flush()
         os._exit(3)
-    work = os.path.join(sdir, "work")
+    work = os.path.join(sdir, "work")  # the environment's: a path other processes can use
+    sdir = _pin_dir(sdir)
     pre = meta = None
     if launched is not None and launched.error is None:
         # A pre-started environment and a brand-new session: the function
@@ -1212,7 +1228,7 @@ def main(argv: list[str]) -> None:
     if ex.remove:
         import shutil  # only here: the exchange starts per session and stays small
 
-        shutil.rmtree(sdir, ignore_errors=True)
+        shutil.rmtree(os.readlink(sdir), ignore_errors=True)
     os._exit(0)
 
 

@@ -1,0 +1,78 @@
+"""A data dir as an operator handles it: moved (stop, mv, start on the new path)
+while functions run, and copied while the server runs, then restored on another
+path with every retained frame readable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+
+import trio
+from helpers import ServerProcess, assert_contiguous, conn, data_of, wait_status
+
+WAITS = "def main():\n    print('before')\n    return api.recv()\n"
+LINES = ("import time\ndef main(n):\n    for i in range(n):\n        print(f'line {i}', flush=True)\n"
+         "        time.sleep(0.01)\n    return api.recv()\n")
+DIR_CHECK_S = 5.0  # bento/exchange.py DIR_CHECK_SECONDS: how often an exchange looks for its dir
+
+
+async def test_moved_data_dir_keeps_running_sessions(tmp_path):
+    """It used to end every session: the exchanges kept the old path, found it gone
+    and quit, and the next server adopted each session as lost, with nothing logged."""
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    srv = ServerProcess(old, "--sandbox", "none").start()
+    moved = None
+    try:
+        async with conn(srv.url) as c:
+            run = await c.ok("execute", code=WAITS, attach=False)
+            await wait_status(c, run["token"], lambda st: st["state"] == "running")
+        srv.kill(signal.SIGTERM)
+        os.rename(old, new)
+        # Past an exchange's check for its directory while no server is connected.
+        await trio.sleep(DIR_CHECK_S + 1.5)
+        for _restart in range(2):
+            moved = ServerProcess(new, "--sandbox", "none").start()
+            async with conn(moved.url) as c:
+                st = await c.ok("status", token=run["token"])
+                assert st["state"] == "running", st
+            moved.kill(signal.SIGTERM)
+        moved = ServerProcess(new, "--sandbox", "none").start()
+        async with conn(moved.url) as c:
+            await c.ok("attach", token=run["token"], **{"from": 1})
+            await c.send({"op": "input", "session": run["session"], "seq": 1, "data": "still here"})
+            frames = await c.frames(run["session"])
+        assert data_of(frames) == b"before\n" and frames[-1][2]["result"] == "still here", frames
+    finally:
+        srv.stop()
+        if moved is not None:
+            moved.stop()
+
+
+async def test_backup_of_a_live_data_dir_restores_every_frame(tmp_path):
+    live, restored = str(tmp_path / "live"), str(tmp_path / "restored")
+    srv = ServerProcess(live, "--sandbox", "none").start()
+    copy = None
+    try:
+        async with conn(srv.url) as c:
+            run = await c.ok("execute", code=LINES, args=[500], attach=False)
+            await wait_status(c, run["token"], lambda st: st["state"] == "running" and st["next_seq"] > 20)
+            # The documented backup: a plain copy while the server and the function run.
+            subprocess.run(["cp", "-a", live, restored], check=True, timeout=60)
+        copy = ServerProcess(restored, "--sandbox", "none").start()
+        async with conn(copy.url) as c:
+            st = await c.ok("status", token=run["token"])
+            # The copy has no function: it is kept as lost, with what it holds readable.
+            assert st["state"] == "lost" and st["next_seq"] > 20, st
+            await c.ok("attach", token=run["token"], **{"from": 1})
+            frames = await c.frames(run["session"])
+        assert_contiguous(frames)
+        lines = data_of(frames).decode().splitlines()
+        assert lines == [f"line {i}" for i in range(len(lines))] and len(lines) >= 1, lines[-3:]
+        assert frames[-1][1] == "exit" and frames[-1][2]["state"] == "lost"
+    finally:
+        srv.stop()
+        if copy is not None:
+            copy.stop()
+    shutil.rmtree(restored, ignore_errors=True)
