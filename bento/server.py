@@ -201,8 +201,9 @@ class Connection:
             self.nursery = nursery
             try:
                 await self._read_loop()
-            except ConnectionClosed:
-                pass
+            except ConnectionClosed as exc:
+                if exc.reason is not None and exc.reason.code == 1009:
+                    events.refused("too_large", self.peer, limit=self.config.max_message)
             except Closing as exc:
                 await self.close(exc.code, exc.reason)
             nursery.cancel_scope.cancel()

@@ -131,7 +131,8 @@ async def test_json_log_has_every_session_event_and_no_token(make_server, tmp_pa
     keys = tmp_path / "keys"
     keys.write_text("k-json\n")
     os.chmod(keys, 0o600)
-    srv = make_server("--sandbox", "none", "--log-format", "json", "--api-key-file", str(keys))
+    srv = make_server("--sandbox", "none", "--log-format", "json", "--api-key-file", str(keys),
+                      "--max-message", "64K")
     tokens = []
     async with conn(srv.url, auth="k-json") as c:
         r = await c.ok("execute", code="def main():\n    print('hi')\n    return 1\n")
@@ -145,6 +146,11 @@ async def test_json_log_has_every_session_event_and_no_token(make_server, tmp_pa
     async with conn(srv.url, hello=False) as c:
         r = await c.request("hello", proto=1, auth="not-a-key")
         assert r["ok"]
+    async with conn(srv.url, auth="k-json") as c:
+        await c.send({"op": "ping", "id": 1, "pad": b"x" * (65 * 1024)})
+        with trio.fail_after(10):
+            while "too_large" not in srv.read_log():
+                await trio.sleep(0.05)
     srv.kill(signal.SIGTERM)
     assert srv.proc.returncode == 0
     lines = [json.loads(line) for line in srv.read_log().splitlines() if line.strip()]
@@ -153,7 +159,7 @@ async def test_json_log_has_every_session_event_and_no_token(make_server, tmp_pa
     assert {"server.started", "session.created", "session.state", "session.ended", "refused",
             "server.stopped"} <= names, seen
     assert ("session.state", "exited", None, None) in seen, seen
-    assert ("refused", None, None, "bad_key") in seen, seen
+    assert ("refused", None, None, "bad_key") in seen and ("refused", None, None, "too_large") in seen, seen
     assert any(e[0] == "session.ended" and e[2] == "destroyed by owner" for e in seen), seen
     text = srv.read_log()
     assert "bto_" not in text and "btv_" not in text and "k-json" not in text
