@@ -65,7 +65,8 @@ class JsonFormatter(logging.Formatter):
         event = getattr(record, "event", None)
         if event is not None:
             out["event"] = event
-            out.update({k: v for k, v in record.fields.items() if k not in out})
+            fields: dict[str, Any] = getattr(record, "fields", {})
+            out.update({k: v for k, v in fields.items() if k not in out})
         else:
             out["message"] = record.getMessage()
         if record.exc_info:
@@ -89,7 +90,7 @@ def exit_fields(exit: dict | None) -> dict[str, Any]:
     """What an event line says about a session's exit: code, signal, error type."""
     if not exit:
         return {}
-    error = exit.get("error") if isinstance(exit.get("error"), dict) else {}
+    error: dict[str, Any] = exit["error"] if isinstance(exit.get("error"), dict) else {}
     out = {k: exit.get(k) for k in ("code", "signal") if exit.get(k) is not None}
     if error.get("type"):
         out["error"] = error["type"]

@@ -40,11 +40,13 @@ def parse_duration(text: str) -> float:
     return int(value) if value.is_integer() else value
 
 
-def size(value: str | int) -> int:
+def size(value: str | int | float) -> int:
     """A byte count from an option or config value (text with a suffix, or an int)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"bad size {value!r} (examples: 4096, 64K, 256M, 512MiB, 1G)")
-    return value if isinstance(value, int) and value >= 0 else parse_size(str(value))
+    if isinstance(value, int) and value >= 0:
+        return value
+    return parse_size(str(value))
 
 
 def duration(value: str | int | float) -> float:
