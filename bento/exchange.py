@@ -64,6 +64,10 @@ DIR_CHECK_SECONDS = 5.0
 VALUE_ROOM = 1024  # an out event carries one frame at least: room for its envelope
 SEND_TAG = b"\x01"  # a driver message that is an api.send (the others are CBOR maps)
 STATE_FLUSH_SECONDS = 0.1
+# The version of the messages on ctl.sock, said in hello. A server reconnects only
+# to exchanges that speak its version (exchanges outlive server upgrades); one
+# without the field speaks version 1.
+LINK_VERSION = 1
 
 
 def signal_name(num: int) -> str:
@@ -316,6 +320,7 @@ class Exchange:
         }
         if kind == "hello":
             msg.update(
+                link=LINK_VERSION,
                 pid=os.getpid(),
                 enforced=self.enforced,
                 shared_version=self.shared_version,

@@ -31,6 +31,7 @@ import trio
 import bento
 from bento import auth, events, protocol
 from bento.config import Config
+from bento.exchange import LINK_VERSION
 from bento.store import Store
 
 log = logging.getLogger("bento.sessions")
@@ -441,6 +442,11 @@ class Registry:
         if hello is None or hello.get("t") != "hello":
             await link.stream.aclose()
             raise ExchangeGone("the exchange closed at once")
+        if hello.get("link", 1) != LINK_VERSION:
+            await link.stream.aclose()
+            raise ExchangeGone(
+                f"its exchange (pid {hello.get('pid')}) speaks link version {hello.get('link')!r}, this "
+                f"server {LINK_VERSION}: serve it with the Bento version that started it until it ends")
         s.link = link
         s.update(hello)
         self.nursery.start_soon(self._read_exchange, s, link)

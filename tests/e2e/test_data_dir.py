@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 
 import trio
 from helpers import ServerProcess, assert_contiguous, conn, data_of, wait_status
@@ -76,3 +77,50 @@ async def test_backup_of_a_live_data_dir_restores_every_frame(tmp_path):
         if copy is not None:
             copy.stop()
     shutil.rmtree(restored, ignore_errors=True)
+
+
+FAKE_EXCHANGE = """
+import fcntl, os, socket, struct, sys, cbor2
+os.chdir(sys.argv[1])
+fcntl.flock(os.open("lock", os.O_RDWR), fcntl.LOCK_EX)
+if os.path.exists("ctl.sock"):
+    os.unlink("ctl.sock")
+sock = socket.socket(socket.AF_UNIX)
+sock.bind("ctl.sock")
+sock.listen()
+print("ready", flush=True)
+while True:
+    conn, _ = sock.accept()
+    body = cbor2.dumps({"t": "hello", "link": 99, "pid": os.getpid()})
+    conn.sendall(struct.pack(">I", len(body)) + body)
+"""
+
+
+async def test_exchange_of_another_link_version_is_named_not_adopted(tmp_path):
+    """After an upgrade that changes the server-exchange messages, a session whose
+    exchange speaks another version is left alone, and the log says why."""
+    data = str(tmp_path / "d")
+    srv = ServerProcess(data, "--sandbox", "none").start()
+    fake = None
+    try:
+        async with conn(srv.url) as c:
+            run = await c.ok("execute", code="def main():\n    return 1\n", attach=False)
+            await wait_status(c, run["token"], lambda st: st["exit"] is not None)
+        srv.stop()
+        sdir = os.path.join(data, "sessions", run["session"])
+        fake = subprocess.Popen([sys.executable, "-c", FAKE_EXCHANGE, sdir], stdout=subprocess.PIPE)
+        assert fake.stdout is not None and fake.stdout.readline() == b"ready\n"
+        nxt = ServerProcess(data, "--sandbox", "none").start()
+        try:
+            async with conn(nxt.url) as c:
+                assert (await c.request("status", token=run["token"]))["error"]["code"] == "not_found"
+            log = nxt.read_log()
+            assert run["session"] in log and "link version 99, this server 1" in log, log
+        finally:
+            nxt.stop()
+    finally:
+        srv.stop()
+        if fake is not None:
+            fake.kill()
+            fake.wait(timeout=10)
+            fake.stdout.close()
