@@ -7,7 +7,11 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import shutil
+import subprocess
 import tomllib
+
+import pytest
 
 from bento import settings
 from bento.app import server_parser
@@ -34,6 +38,19 @@ def test_systemd_unit_keeps_functions_alive_across_restart():
     assert "-HUP" in service["ExecReload"] and "$MAINPID" in service["ExecReload"]
     assert service.get("Restart") in ("on-failure", "always")
     assert parser["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_systemd_accepts_the_unit(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("no systemd-analyze here")
+    (unit,) = fenced("ini")
+    start = re.search(r"^ExecStart=(\S+)", unit, flags=re.MULTILINE)
+    assert start is not None
+    path = tmp_path / "bento.service"
+    path.write_text(unit.replace(start.group(1), "/bin/true"))  # the install path is not here
+    r = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
 def test_config_example_uses_only_known_settings():
