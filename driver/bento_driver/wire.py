@@ -59,7 +59,7 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "input": ("rid seq", "data eof"),
             "ack": ("seq", ""),
             "sync": ("rid", ""),  # positions now: replied with the snapshot's fields
-            "signal": ("rid signal", ""),
+            "signal": ("rid signal", "by"),  # by: the admin who kills (KILL only)
             "state_get": ("rid", ""),
             "state_put": ("rid value if_version", ""),
             "end": ("rid", ""),  # destroy: kill, delete, exit
