@@ -25,8 +25,15 @@ def server_parser() -> argparse.ArgumentParser:
                    help="allow a non-loopback address without API keys")
     p.add_argument("--tls-cert", help="certificate (PEM) to serve wss://")
     p.add_argument("--tls-key", help="private key (PEM) for --tls-cert")
-    p.add_argument("--ttl", type=float, default=24 * 3600.0,
-                   help="seconds an unattached session lives (default 86400)")
+    p.add_argument("--keep", type=float, default=None,
+                   help="seconds an ended session (its exit, history and files) stays readable "
+                        "after its end; a running function is never ended by it (default 86400)")
+    p.add_argument("--ttl", type=float, default=None, help="deprecated name of --keep")
+    p.add_argument("--history-bytes", type=int, default=64 * 1024 * 1024,
+                   help="acked output kept readable per session, oldest trimmed first (default 64 MiB)")
+    p.add_argument("--max-history-bytes", type=int, default=None,
+                   help="acked output kept readable by all sessions together; the oldest sessions' "
+                        "history is trimmed first (default: no server-wide bound)")
     p.add_argument("--idle-timeout", type=float, default=300.0,
                    help="close connections silent this long (default 300 s)")
     p.add_argument("--handshake-timeout", type=float, default=10.0,
@@ -81,10 +88,17 @@ def run_server(argv: list[str]) -> int:
     keys = list(args.api_key)
     env_keys = os.environ.get("BENTO_API_KEYS", "")
     keys += [k.strip() for k in env_keys.split(",") if k.strip()]
+    keep = args.keep
+    if args.ttl is not None:
+        print("bento server: --ttl is deprecated: it is --keep (an ended session's keep period)",
+              file=sys.stderr)
+        if keep is None:
+            keep = args.ttl
     config = Config(
         host=args.host, port=args.port, data_dir=args.data_dir, sandbox=args.sandbox,
         api_keys=keys, insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        ttl_s=args.ttl, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
+        keep_s=24 * 3600.0 if keep is None else keep, history_bytes=args.history_bytes,
+        max_history_bytes=args.max_history_bytes, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
         max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from bento import protocol
+from bento import protocol, session_core
 
 
 def default_data_dir() -> str:
@@ -29,7 +29,9 @@ class Config:
     buffer_bytes: int = 64 * 1024 * 1024
     buffer_policy: str = "block"
     max_buffer_bytes: int = 1024 * 1024 * 1024
-    ttl_s: float = 24 * 3600.0
+    keep_s: float = 24 * 3600.0  # an ended session stays readable this long after its end
+    history_bytes: int = session_core.DEFAULT_HISTORY_BYTES  # acked frames kept per session
+    max_history_bytes: int | None = None  # all sessions' history together (None: no server-wide bound)
     idle_timeout_s: float = 300.0
     handshake_timeout_s: float = 10.0
     send_timeout_s: float = 30.0

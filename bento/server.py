@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -365,6 +364,7 @@ class Connection:
             "env": req["env"],
             "limits": self._limits(req["limits"]),
             "buffer": self._buffer(req["buffer"]),
+            "history_bytes": self.config.history_bytes,
             "network": req["network"],
             "sandbox": self.config.sandbox,
             "sandbox_cmd": self.config.sandbox_cmd,
@@ -447,8 +447,6 @@ class Connection:
         att.cancel.cancel()
         s = att.session
         s.attachments.discard(att)
-        if not s.attachments:
-            s.idle_since = time.monotonic()
 
     def detach_all(self) -> None:
         for att in self.attachments.values():
@@ -459,7 +457,7 @@ class Connection:
             self.registry.nursery.start_soon(self._maybe_end, s)
 
     async def _maybe_end(self, s: Session) -> None:
-        if not s.removed and s.life_over(time.monotonic(), self.config.ttl_s):
+        if not s.removed and s.life_over(self.config.keep_s):
             await self.registry.end(s)
 
     async def op_detach(self, req: dict) -> None:

@@ -65,7 +65,6 @@ class Session:
         self.attachments: set[Attachment] = set()
         self.changed = trio.Event()
         self.link: ExchangeLink | None = None
-        self.idle_since = time.monotonic()
         self.removed = False
         self.ack_sent = 0
         # Its function ended and its exchange exited: it is served from disk.
@@ -110,17 +109,18 @@ class Session:
             "acked_seq": snap.acked_seq,
             "input_seq": snap.input_seq,
             "buffer_bytes": snap.buffer_bytes,
+            "history_bytes": snap.history_bytes,
             "attachments": len(self.attachments),
             "exit": snap.exit,
             "sandbox": self.meta["sandbox"],
             "enforced": self.enforced,
         }
 
-    def life_over(self, now: float, ttl: float) -> bool:
-        """``now``: monotonic; the end is in epoch seconds (it survives restarts)."""
+    def life_over(self, keep: float) -> bool:
+        """The end is in epoch seconds (it survives restarts)."""
         ended = self.snap.ended
         since_end = 0.0 if ended is None else time.time() - ended
-        return session_core.life_over(self.snap, bool(self.attachments), now - self.idle_since, since_end, ttl)
+        return session_core.life_over(self.snap, bool(self.attachments), since_end, keep)
 
 
 class Registry:
@@ -437,9 +437,9 @@ class Registry:
                 next_sweep = now + CGROUP_SWEEP_S
                 await self.sweep_cgroups()
             await trio.sleep(1.0)
-            now = time.monotonic()
             for s in list(self.sessions.values()):
                 if s.disk is not None and not s.attachments:
                     s.disk = None  # nobody reads it: its memory goes
-                if s.life_over(now, self.config.ttl_s):
+                if s.life_over(self.config.keep_s):
+                    log.info("session %s: ended by keep (%.0f s after its end)", s.sid, self.config.keep_s)
                     self.nursery.start_soon(self.end, s)

@@ -33,6 +33,8 @@ TO_EXCHANGE = "server>exchange"
 FROM_EXCHANGE = "exchange>server"
 
 _SNAPSHOT = "state next_seq first_seq acked_seq input_seq buffer_bytes dropped_to ended exit exit_seq"
+#: Snapshot fields added since VERSION 2 began: an older exchange leaves them out.
+_SNAPSHOT_NEW = "history_bytes"
 
 #: Every message type, by direction: ``t`` -> (required fields, optional fields).
 #: ``rid`` pairs a server's request with the exchange's ``reply``.
@@ -66,10 +68,10 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
         },
         FROM_EXCHANGE: {
             "warm_ready": ("pid error", ""),
-            "hello": (f"wire pid enforced shared_version shared_value {_SNAPSHOT}", ""),
-            "progress": (_SNAPSHOT, ""),
+            "hello": (f"wire pid enforced shared_version shared_value {_SNAPSHOT}", _SNAPSHOT_NEW),
+            "progress": (_SNAPSHOT, _SNAPSHOT_NEW),
             "state": ("version value", ""),  # the shared state changed
-            "reply": ("rid ok", f"code message input_seq version value {_SNAPSHOT}"),
+            "reply": ("rid ok", f"code message input_seq version value {_SNAPSHOT} {_SNAPSHOT_NEW}"),
         },
     }.items()
 }
