@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import psutil
 import trio
-from helpers import assert_contiguous, connect, data_of, wait_exit
+from helpers import assert_contiguous, connect, data_of, wait_exit, wait_status
 from trio_websocket import ConnectionClosed
 
 from bento import sessionlog
@@ -480,10 +480,15 @@ async def test_ended_sessions_cost_no_process_and_stay_readable_across_a_restart
             while st["acked_seq"] != got[-2][0]:
                 await trio.sleep(0.02)
                 st = await c.ok("status", token=rs[1]["token"])
-        assert st["first_seq"] == got[-1][0] and st["buffer_bytes"] == 0
-        # Acking the exit ends the session once detached: nothing of it stays.
+        # The acked frames left the buffer and stay readable as history.
+        assert st["first_seq"] == 1 and st["buffer_bytes"] == 0 and st["history_bytes"] > 0, st
+        # Acking the exit does not end it: it stays for its keep period, whole.
         await c.send({"op": "ack", "session": sid, "seq": got[-1][0]})
         await c.ok("detach", session=sid)
+        await wait_status(c, rs[1]["token"], lambda st: st["acked_seq"] == got[-1][0], timeout=5)
+        await c.ok("attach", token=rs[1]["viewer_token"])
+        assert await c.frames(sid) == before
+        await c.ok("destroy", token=rs[1]["token"])
         with trio.fail_after(5):
             while os.path.exists(session_dir(srv.data_dir, sid)):
                 await trio.sleep(0.05)
