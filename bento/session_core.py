@@ -289,21 +289,20 @@ class SessionCore:
             self.buffer_bytes -= moved
             self.history_bytes += moved
             self.buffer_seq = seq + 1
-        trim = self.trim_history(self.history_max)
-        return _SAVE_SOON if trim is None else (trim, *_SAVE_SOON)
+        return self.trim_history(self.history_max) or _SAVE_SOON
 
-    def trim_history(self, keep_bytes: int) -> Trim | None:
+    def trim_history(self, keep_bytes: int) -> tuple:
         """Trim the history, oldest frames first, to at most ``keep_bytes``
         (the per-session limit, or less when the server-wide one is reached)."""
         if self.history_bytes <= keep_bytes:
-            return None
+            return NOTHING
         first, excess, base, sizes = self.first_seq, self.history_bytes - keep_bytes, self.size_base, self.sizes
         freed = 0
         while freed < excess and first < self.buffer_seq:
             freed += sizes[first - base]
             first += 1
         self.history_bytes -= freed
-        return self._trim(first)
+        return (self._trim(first), *_SAVE_SOON)
 
     def _trim(self, first: int) -> Trim | None:
         """Frames below ``first`` are no longer readable (their bytes are already

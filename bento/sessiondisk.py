@@ -129,6 +129,11 @@ class Ended:
         self._apply(self.core.ack(seq))
         return self.core.snapshot()
 
+    def trim_history(self, keep: int) -> dict:
+        """Trim the history to at most ``keep`` bytes: the new positions."""
+        self._apply(self.core.trim_history(keep))
+        return self.core.snapshot()
+
     def put_state(self, value: bytes, if_version: int | None) -> tuple[bool, int]:
         """Compare-and-set of the shared state: (ok, version now)."""
         ok, version, actions = self.core.put_state(value, if_version)

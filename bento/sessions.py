@@ -323,6 +323,31 @@ class Registry:
             except sessiondisk.Busy:
                 raise ExchangeGone("the session's exchange is ending; try again") from None
 
+    async def limit_history(self, limit: int) -> None:
+        """Keep all sessions' history within ``limit`` bytes: the oldest sessions'
+        history is trimmed first (``--max-history-bytes``)."""
+        excess = sum(s.snap.history_bytes for s in self.sessions.values()) - limit
+        trimmed = 0
+        for s in sorted(self.sessions.values(), key=lambda s: s.created):
+            if excess <= 0:
+                break
+            had = s.snap.history_bytes
+            if had == 0 or s.removed:
+                continue
+            keep = max(0, had - excess)
+            try:
+                if s.on_disk:
+                    s.update(await self._on_disk(s, sessiondisk.Ended.trim_history, keep))
+                else:
+                    s.update(await self.call(s, {"t": "trim", "keep": keep}))
+            except ExchangeGone as exc:
+                log.warning("session %s: its history could not be trimmed now: %s", s.sid, exc)
+                continue
+            excess -= had - s.snap.history_bytes
+            trimmed += 1
+        if trimmed:
+            log.info("trimmed the history of %d sessions to stay within --max-history-bytes %d", trimmed, limit)
+
     async def sweep_cgroups(self) -> None:
         """Remove the cgroups of exchanges that were killed before they could."""
         try:
@@ -437,6 +462,8 @@ class Registry:
                 next_sweep = now + CGROUP_SWEEP_S
                 await self.sweep_cgroups()
             await trio.sleep(1.0)
+            if self.config.max_history_bytes is not None:
+                await self.limit_history(self.config.max_history_bytes)
             for s in list(self.sessions.values()):
                 if s.disk is not None and not s.attachments:
                     s.disk = None  # nobody reads it: its memory goes

@@ -61,6 +61,9 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "input": ("rid seq", "data eof"),
             "ack": ("seq", ""),
             "sync": ("rid", ""),  # positions now: replied with the snapshot's fields
+            # trim the history to at most ``keep`` bytes (the server-wide limit): replied
+            # with the snapshot; sent only to an exchange that announced history_bytes above 0
+            "trim": ("rid keep", ""),
             "signal": ("rid signal", ""),
             "state_get": ("rid", ""),
             "state_put": ("rid value if_version", ""),

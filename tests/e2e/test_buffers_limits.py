@@ -485,3 +485,53 @@ async def test_exit_acked_stays_for_the_keep_period_attached_or_not(make_server)
         took = await wait_not_found(c, tok, timeout=4)
         assert took < 4
         assert (await c.request("attach", token=r["viewer_token"]))["error"]["code"] == "not_found"
+
+
+# -- history ---------------------------------------------------------------------------------
+
+SENDS = "def main(n, hold):\n    for i in range(n):\n        api.send(b'%05d' % i * 40)\n    if hold:\n        api.recv()\n"
+
+
+async def read_and_ack(c, code_args: list, **fields) -> tuple[dict, list[list]]:
+    """Start SENDS, read its frames (to the exit unless it holds) as the owner and ack them all."""
+    r = await c.ok("execute", code=SENDS, args=code_args, **fields)
+    hold = code_args[1]
+    frames = await c.frames(r["session"], until_exit=not hold, count=code_args[0] if hold else None)
+    last = frames[-1][0]
+    await c.send({"op": "ack", "session": r["session"], "seq": last})
+    await wait_status(c, r["token"], lambda st: st["acked_seq"] == last, timeout=5)
+    return r, frames
+
+
+async def test_history_over_the_session_limit_gives_one_trimmed_gap_and_the_rest(make_server):
+    srv = make_server("--history-bytes", "2000")
+    async with connect(srv.url) as c:
+        r, frames = await read_and_ack(c, [20, True])
+        st = await c.ok("status", token=r["token"])
+        assert st["buffer_bytes"] == 0 and 0 < st["history_bytes"] <= 2000 and st["first_seq"] > 1, st
+        async with connect(srv.url) as v:
+            a = await v.ok("attach", token=r["viewer_token"])
+            assert a["first_seq"] == st["first_seq"]
+            got = await v.frames(r["session"], until_exit=False, count=1 + 21 - st["first_seq"])
+        assert got[0][1] == "gap" and got[0][2] == {"from": 1, "to": st["first_seq"] - 1, "reason": "trimmed"}
+        assert got[1:] == frames[st["first_seq"] - 1:]
+        await c.ok("destroy", token=r["token"])
+
+
+async def test_the_server_wide_history_limit_trims_the_oldest_sessions_first(make_server):
+    srv = make_server("--max-history-bytes", "3000")
+    async with connect(srv.url) as c:
+        # The oldest has ended (served from disk), the newer one still runs.
+        old, old_frames = await read_and_ack(c, [10, False])
+        new, _ = await read_and_ack(c, [10, True])
+        st_old = await wait_status(c, old["token"], lambda st: st["first_seq"] > 1, timeout=10)
+        st_new = await c.ok("status", token=new["token"])
+        assert st_new["first_seq"] == 1 and st_new["history_bytes"] > 1500, st_new
+        assert st_old["history_bytes"] + st_new["history_bytes"] <= 3000, (st_old, st_new)
+        async with connect(srv.url) as v:
+            await v.ok("attach", token=old["viewer_token"])
+            got = await v.frames(old["session"])
+        assert got[0][2] == {"from": 1, "to": st_old["first_seq"] - 1, "reason": "trimmed"}, got[0]
+        assert got[1:] == old_frames[st_old["first_seq"] - 1:]
+        await c.ok("destroy", token=new["token"])
+    assert "trimmed the history of 1 sessions" in srv.read_log()

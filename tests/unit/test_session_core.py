@@ -236,6 +236,21 @@ def test_history_over_its_limit_is_trimmed_oldest_first_and_gives_a_trimmed_gap(
     assert got[0] == ("gap", 1, 2, "trimmed") and len(got) == 4
 
 
+def test_the_server_wide_limit_trims_a_history_below_its_own_limit_never_the_buffer():
+    p = started(max_bytes=1000, history_max=1000)
+    for _ in range(5):
+        p.send(b"x" * 9)  # 10 bytes of data each
+    p.read()
+    p.do(p.core.ack(3))
+    assert p.core.history_bytes == 30 and p.core.buffer_bytes == 20
+    actions = p.do(p.core.trim_history(15))
+    assert Trim(3) in actions and Save(False) in actions
+    assert (p.core.first_seq, p.core.history_bytes, p.core.buffer_bytes) == (3, 10, 20)
+    p.do(p.core.trim_history(0))
+    assert (p.core.first_seq, p.core.history_bytes, p.core.buffer_bytes) == (4, 0, 20)
+    assert p.core.trim_history(0) == ()  # the buffer is never trimmed for history
+
+
 def test_the_buffer_limit_counts_only_unacked_frames_not_the_history():
     p = started(max_bytes=30, history_max=1000)
     p.send(b"x" * 14)
