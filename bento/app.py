@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from bento.config import Config, default_data_dir
+from bento.config import Config, default_data_dir, default_max_history_bytes
 
 
 def server_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def server_parser() -> argparse.ArgumentParser:
                    help="acked output kept readable per session, oldest trimmed first (default 64 MiB)")
     p.add_argument("--max-history-bytes", type=int, default=None,
                    help="acked output kept readable by all sessions together; the oldest sessions' "
-                        "history is trimmed first (default: no server-wide bound)")
+                        "history is trimmed first (default: a quarter of the data dir's file system)")
     p.add_argument("--idle-timeout", type=float, default=300.0,
                    help="close connections silent this long (default 300 s)")
     p.add_argument("--handshake-timeout", type=float, default=10.0,
@@ -98,7 +98,8 @@ def run_server(argv: list[str]) -> int:
         host=args.host, port=args.port, data_dir=args.data_dir, sandbox=args.sandbox,
         api_keys=keys, insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key,
         keep_s=24 * 3600.0 if keep is None else keep, history_bytes=args.history_bytes,
-        max_history_bytes=args.max_history_bytes, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
+        max_history_bytes=(default_max_history_bytes(args.data_dir) if args.max_history_bytes is None
+                           else args.max_history_bytes), idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
         max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool,

@@ -13,6 +13,20 @@ def default_data_dir() -> str:
     return os.path.join(base, "bento")
 
 
+#: The share of the data dir's file system that all sessions' history may take by default.
+HISTORY_DISK_SHARE = 0.25
+
+
+def default_max_history_bytes(data_dir: str) -> int:
+    """A quarter of the file system that holds ``data_dir`` (or would: the
+    nearest existing parent is measured when the directory is not made yet)."""
+    path = os.path.abspath(data_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    st = os.statvfs(path)
+    return int(st.f_blocks * st.f_frsize * HISTORY_DISK_SHARE)
+
+
 @dataclass
 class Config:
     host: str = "127.0.0.1"
@@ -67,3 +81,7 @@ class Config:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.buffer_policy not in protocol.BUFFER_POLICIES:
             raise ValueError(f"unknown buffer policy {self.buffer_policy!r}")
+        for name, value in (("--keep", self.keep_s), ("--history-bytes", self.history_bytes),
+                            ("--max-history-bytes", self.max_history_bytes)):
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be a number of at least 0, not {value}")
