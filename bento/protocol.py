@@ -75,6 +75,8 @@ ERROR_CODES: frozenset[str] = frozenset(
         "input_gap",
         "gone",
         "internal",
+        "busy",
+        "quota",
     }
 )
 STATES: tuple[str, ...] = ("starting", "running", "exited", "failed", "killed", "lost")
@@ -343,6 +345,7 @@ _OPS: dict[
             "network": (_bool, False),
             "idempotency_key": (_idempotency_key, None),
             "attach": (_bool, True),
+            "queue": (_seconds, None),
         },
         _one_of_function_code,
     ),

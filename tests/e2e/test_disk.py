@@ -56,7 +56,8 @@ async def test_full_disk_pauses_output_and_recovers(small_disk, make_server):
         # New work is refused with a clear error while the disk is full.
         refused = await c.request("execute", code="def main():\n    return 1\n" + "#" * 200_000)
         assert not refused["ok"]
-        assert refused["error"]["code"] == "internal"
+        assert refused["error"]["code"] == "busy" and refused["error"]["busy"] == "disk"
+        assert refused["error"]["retry_after"] > 0
         assert "space" in refused["error"]["message"].lower()
         # Reading and acking frees whole segments: the function goes on to the end.
         await c.ok("attach", token=tok)
