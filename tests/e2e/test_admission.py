@@ -151,3 +151,62 @@ async def test_quota_sessions_names_the_quota(make_server):
         r = await c.request("execute", code=QUICK, queue=5)
         assert not r["ok"] and r["error"]["code"] == "quota" and r["error"]["quota"] == "sessions"
         assert (await finish(c, run, "v"))[-1][2]["result"] == "v"
+
+
+BURST = "def main():\n    block = bytearray(32 * 1024 * 1024)\n    return len(block)\n"
+
+
+async def test_a_burst_never_commits_more_memory_than_the_budget(make_server):
+    """200 executes, each with a 64 MiB limit that it half uses, against a 256 MiB
+    budget: at most four run at once, the rest wait in the queue, all finish."""
+    from test_http import aget, figures
+
+    srv = make_server("--memory-budget", "256M")
+    results: list[dict] = []
+    peaks = {"running": 0.0, "memory": 0.0}
+    budget = 256 * 1024 * 1024
+
+    async def client(n: int) -> None:
+        # All sent at once, then one reader takes the replies and frames (the
+        # raw client is not for concurrent readers).
+        async with connect(srv.url) as c:
+            for rid in range(100, 100 + n):
+                await c.send({"op": "execute", "id": rid, "code": BURST, "queue": 170,
+                              "limits": {"memory_bytes": 64 * 1024 * 1024}})
+            exits = 0
+            while exits < n:
+                await c._read_one()
+                for r in c.replies.values():
+                    assert r["ok"], r
+                c.replies.clear()
+                while c.events:
+                    ev = c.events.popleft()
+                    for frame in ev.get("frames", ()):
+                        if frame[1] == "exit":
+                            results.append(frame[2])
+                            exits += 1
+
+    async def watch(done: trio.Event) -> None:
+        while not done.is_set():
+            _, _, body = await aget(srv.port, "/metrics")
+            got = figures(body)
+            assert got[("bento_memory_budget_bytes", ())] == budget
+            peaks["running"] = max(peaks["running"], got[("bento_running", ())])
+            peaks["memory"] = max(peaks["memory"], got[("bento_memory_committed_bytes", ())])
+            await trio.sleep(0.1)
+
+    done = trio.Event()
+    with trio.fail_after(110):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, done)
+            async with trio.open_nursery() as clients:
+                for _ in range(4):
+                    clients.start_soon(client, 50)
+            done.set()
+    assert len(results) == 200
+    assert all(r["state"] == "exited" and r["result"] == 32 * 1024 * 1024 for r in results), results[:3]
+    assert 1 <= peaks["running"] <= 4 and peaks["memory"] <= budget, peaks
+    _, _, body = await aget(srv.port, "/metrics")
+    got = figures(body)
+    assert got[("bento_running", ())] == 0 and got[("bento_queued_executes", ())] == 0
+    assert got[("bento_key_executes_total", (("key", "-"),))] == 200
