@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from bento_clients.cli_output import exit_code, say, show, show_json, status_lines
+from bento_clients.cli_output import QueueLine, exit_code, say, show, show_json, status_lines
 from bento_clients.cli_settings import Settings, UsageError, known_entry, parse_json_arg, token_of
 from bento_clients.cli_stream import follow, with_client
 from bento_clients.convert import from_json, parse_buffer, parse_limits
@@ -60,10 +60,14 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
                              f"(bento ls --prune forgets ended ones; bento rm {args.name} destroys it)")
 
     async def go(client: Any) -> int:
-        s = await client.execute(
-            code, *fn_args, entry=args.entry, kwargs=kwargs, env=env or None, limits=limits,
-            buffer=buffer, network=args.network, idempotency_key=args.idempotency_key,
-            attach=not args.detach)
+        client.on_queued = queue_line = QueueLine()
+        try:
+            s = await client.execute(
+                code, *fn_args, entry=args.entry, kwargs=kwargs, env=env or None, limits=limits,
+                buffer=buffer, network=args.network, idempotency_key=args.idempotency_key,
+                attach=not args.detach, wait=args.wait)
+        finally:
+            queue_line.done()
         entry = {"session": s.id, "server": url, "token": s.token, "viewer_token": s.viewer_token,
                  "name": args.name, "file": args.file, "key_id": key_id(settings.api_key),
                  "buffer": buffer}
