@@ -296,6 +296,12 @@ def _signal(v: Any) -> str:
     return v
 
 
+def _viewer_action(v: Any) -> str:
+    if v not in ("rotate", "revoke"):
+        raise _BadField("must be 'rotate' or 'revoke'")
+    return v
+
+
 def _one_of_function_code(msg: dict[str, Any], out: dict[str, Any]) -> None:
     if (out["function"] is None) == (out["code"] is None):
         raise _BadField("execute needs exactly one of 'function' and 'code'")
@@ -368,6 +374,7 @@ _OPS: dict[
         None,
     ),
     "ping": (True, {}, None),
+    "share": (True, {**_TOKEN, "viewer": (_viewer_action, _REQUIRED)}, None),
 }
 
 

@@ -580,6 +580,17 @@ class Connection:
         await self.registry.end(s)
         await self.send(protocol.reply_ok(req["id"]))
 
+    async def op_share(self, req: dict) -> None:
+        """Rotate (a new viewer token) or revoke (none) the session's viewer token."""
+        s, _ = self.by_token(req["token"], owner=True)
+        audit(f"share.{req['viewer']}", self.key, s.sid)
+        viewer = auth.new_tokens()[1] if req["viewer"] == "rotate" else None
+        try:
+            await self.registry.replace_viewer(s, auth.token_hash(viewer) if viewer else "")
+        except OSError as exc:
+            raise protocol.RequestError("internal", f"cannot save the session's tokens: {exc.strerror}") from None
+        await self.send(protocol.reply_ok(req["id"], viewer_token=viewer))
+
     async def op_state_get(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=False)
         value = protocol.decode(s.shared_value, require_map=False)
@@ -613,9 +624,10 @@ class Connection:
             try:
                 if att.ended and not self.dead and self.attachments.get(s.sid) is att:
                     self.attachments.pop(s.sid, None)
+                    code, why = ("forbidden", att.why) if att.why else ("gone", "the session was destroyed")
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
                         try:
-                            await self.send(protocol.error_event(s.sid, "gone", "the session was destroyed"))
+                            await self.send(protocol.error_event(s.sid, code, why))
                         except ConnectionClosed:
                             pass
             finally:

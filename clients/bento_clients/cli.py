@@ -176,6 +176,10 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     p = make("share", "Print a session's viewer token (read-only access to share).")
     p.add_argument("token", help=SESSION_HELP)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rotate", action="store_true",
+                   help="replace the viewer token (owner only): the old one stops working, its viewers are cut off")
+    g.add_argument("--revoke", action="store_true", help="take the viewer token away, giving no new one (owner only)")
 
     p = make("tokens", "Print a session's id, owner token and viewer token, as recorded on this machine.")
     p.add_argument("token", help=SESSION_HELP)

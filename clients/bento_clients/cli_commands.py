@@ -197,6 +197,26 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return await with_client(settings, settings.server_for(entry), go)
 
 
+async def _new_viewer(settings: Settings, args: argparse.Namespace) -> int:
+    """``share --rotate`` / ``--revoke``: the server replaces the viewer token; the state file follows."""
+    entry = known_entry(settings, args.token)
+    token = token_of(entry, args.token, owner=True)
+
+    async def go(client: Any) -> int:
+        viewer = await client.share(token, "rotate" if args.rotate else "revoke")
+        if entry is not None:
+            settings.state.update_session(entry["session"], durable=True, viewer_token=viewer)
+        if settings.json:
+            show_json({"viewer_token": viewer})
+        elif viewer is not None:
+            show(viewer)
+        else:
+            say("bento: the viewer token is revoked; nobody can watch this session but its owner")
+        return 0
+
+    return await with_client(settings, settings.server_for(entry), go)
+
+
 async def cmd_kill(settings: Settings, args: argparse.Namespace) -> int:
     entry = known_entry(settings, args.token)
     token = token_of(entry, args.token, owner=True)
@@ -259,6 +279,8 @@ async def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_share(settings: Settings, args: argparse.Namespace) -> int:
+    if args.rotate or args.revoke:
+        return await _new_viewer(settings, args)
     if args.token.startswith("btv_"):
         viewer: str | None = args.token
     else:

@@ -266,6 +266,14 @@ class Client:
         drop; a retry answered ``not_found`` counts as done."""
         await self._sup.call("destroy", {"token": token}, retry=True, done_if_gone=True)
 
+    async def share(self, token: str, viewer: str) -> str | None:
+        """Replace the session's viewer token (owner token): ``viewer="rotate"``
+        returns a new one, ``"revoke"`` leaves none (returns None). Either way the
+        old one stops working and viewers attached with it are cut off. Not
+        retried after a drop (a repeat would rotate twice)."""
+        r = await self._sup.call("share", {"token": token, "viewer": viewer}, retry=False)
+        return r.get("viewer_token")
+
     async def state_get(self, token: str) -> tuple[int, Any]:
         """The session's shared state: ``(version, value)``."""
         r = await self._sup.call("state_get", {"token": token}, retry=True)

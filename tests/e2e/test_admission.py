@@ -210,3 +210,35 @@ async def test_a_burst_never_commits_more_memory_than_the_budget(make_server):
     got = figures(body)
     assert got[("bento_running", ())] == 0 and got[("bento_queued_executes", ())] == 0
     assert got[("bento_key_executes_total", (("key", "-"),))] == 200
+
+
+async def test_share_rotate_and_revoke_the_viewer_token_and_the_audit_lines(make_server):
+    srv = make_server("--pool", "0", "--log-level", "INFO")
+    async with connect(srv.url) as owner, connect(srv.url) as viewer:
+        r = await owner.ok("execute", code=WAIT_INPUT, attach=False)
+        sid, old = r["session"], r["viewer_token"]
+        await viewer.ok("attach", token=old)
+        rotated = await owner.ok("share", token=r["token"], viewer="rotate")
+        new = rotated["viewer_token"]
+        assert new.startswith("btv_") and new != old
+        ev = await viewer.event(ev="error", session=sid)
+        assert ev["error"]["code"] == "forbidden" and "revoked" in ev["error"]["message"]
+        assert (await viewer.request("attach", token=old))["error"]["code"] == "not_found"
+        await viewer.ok("attach", token=new)
+        refused = await viewer.request("share", token=new, viewer="rotate")
+        assert refused["error"]["code"] == "forbidden"
+        assert (await owner.ok("share", token=r["token"], viewer="revoke"))["viewer_token"] is None
+        assert (await viewer.request("status", token=new))["error"]["code"] == "not_found"
+    # A restarted server keeps the revocation.
+    srv.kill()
+    srv.start()
+    async with connect(srv.url) as c:
+        assert (await c.request("status", token=new))["error"]["code"] == "not_found"
+        await c.ok("attach", token=r["token"])
+        await c.send({"op": "input", "session": sid, "seq": 1, "data": "bye"})
+        assert (await c.frames(sid))[-1][2]["result"] == "bye"
+        await c.ok("destroy", token=r["token"])
+    log = srv.read_log()
+    for op in ("execute", "attach", "share.rotate", "share.revoke", "destroy"):
+        assert f"audit op={op} key=- session={sid}" in log, op
+    assert "bto_" not in log and "btv_" not in log

@@ -874,6 +874,10 @@ HAPPY = [
         {"op": "state_put", "id": 12, "token": "t", "value": [1], "if_version": 0},
     ),
     ({"op": "ping", "id": 2**64 - 1}, {"op": "ping", "id": 2**64 - 1}),
+    (
+        {"op": "share", "id": 13, "token": "t", "viewer": "rotate"},
+        {"op": "share", "id": 13, "token": "t", "viewer": "rotate"},
+    ),
 ]
 
 
@@ -914,6 +918,9 @@ BAD = [
     ({"op": "nope", "id": 2}, 2),
     ({"op": "nope", "id": -1}, None),
     ({"op": "ping"}, None),  # missing id
+    ({"op": "share", "id": 1, "token": "t", "viewer": "drop"}, 1),
+    ({**EXEC, "queue": -1}, 4),
+    ({**EXEC, "queue": float("inf")}, 4),
     ({"op": "ping", "id": True}, None),  # bool is not a uint
     ({"op": "ping", "id": -1}, None),
     ({"op": "ping", "id": 1.0}, None),
