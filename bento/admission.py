@@ -289,6 +289,10 @@ def default_capacity(mem_total: int, disk_total: int, default_memory: int | None
 
 
 def with_settings(cap: Capacity, **given: int | None) -> Capacity:
-    """``cap`` with the settings that were given (None: keep the default)."""
+    """``cap`` with the settings that were given (None: keep the default).
+    Raises ValueError for a negative one, or fewer than one running function."""
+    for name, value in given.items():
+        if value is not None and (value < 0 or (name == "max_running" and value < 1)):
+            raise ValueError(f"{name} cannot be {value}")
     return replace(cap, **{k: v for k, v in given.items() if v is not None})
 

@@ -168,6 +168,12 @@ def run_server(argv: list[str]) -> int:
     config.default_limits = {k: v for k, v in merged.items() if v is not None}
     config.quota = Quota(sessions=args.quota_sessions, executes_per_minute=args.quota_executes_per_minute,
                          history_bytes=args.quota_history_bytes)
+    for option, value, least in (("--max-sessions", args.max_sessions, 1), ("--max-queued", args.max_queued, 0),
+                                 ("--quota-sessions", args.quota_sessions, 0),
+                                 ("--quota-executes-per-minute", args.quota_executes_per_minute, 0)):
+        if value is not None and not value >= least:
+            print(f"bento server: {option} must be at least {least}", file=sys.stderr)
+            return 2
     from bento.store import DataDirBusy, lock_data_dir
 
     try:
