@@ -149,7 +149,7 @@ class Gate:
         for s in sessions:
             if s.removed or s.snap.has_ended:
                 continue
-            t = self.admission.ticket(s.meta.get("key") or "", self.admission.memory_of(s.meta["limits"]))
+            t = self.admission.ticket(s.meta.get("key") or "", self.admission.memory_of(s.meta.get("limits") or {}))
             self.admission.admit(t)
             self.bind(t, s)
 
