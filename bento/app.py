@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from bento.admission import Quota
 from bento.config import Config, default_data_dir, default_max_history_bytes
 
 
@@ -60,9 +61,42 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=2,
                    help="fresh environments kept started ahead of time for fast executes, never reused "
                         "(bwrap and none; default 2; 0 = off)")
+    p.add_argument("--max-sessions", type=int, metavar="N",
+                   help="most functions running at once (default: one per 64 MiB of RAM)")
+    p.add_argument("--memory-budget", type=size_arg, metavar="SIZE",
+                   help="the running functions' memory limits may add up to this, e.g. 16G (default 3/4 "
+                        "of RAM; a function without a memory limit counts the default memory_bytes)")
+    p.add_argument("--disk-floor", type=size_arg, metavar="SIZE",
+                   help="refuse new executes while the data dir has less free space, e.g. 1G (default "
+                        "5%% of its file system, at most 1 GiB); running functions keep writing")
+    p.add_argument("--max-queued", type=int, default=1024, metavar="N",
+                   help="most executes waiting for capacity at once (\"queue\": seconds; default 1024)")
+    p.add_argument("--quota-sessions", type=int, metavar="N",
+                   help="most functions one API key runs at once (default: no quota)")
+    p.add_argument("--quota-executes-per-minute", type=float, metavar="RATE",
+                   help="executes one API key may start per minute, with a burst of as many (default: no quota)")
+    p.add_argument("--quota-history-bytes", type=size_arg, metavar="SIZE",
+                   help="output one API key's sessions may retain (unacknowledged plus history) before "
+                        "its executes are refused (default: no quota)")
     p.add_argument("--node", default="node-1", help="this node's name, sent in hello")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def size_arg(text: str) -> int:
+    """Bytes from ``4096``, ``64K``, ``512M``, ``16G``, ``1.5GiB`` (binary suffixes)."""
+    number = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = number[-1:] if number[-1:] in _SIZE_UNITS else ""
+    try:
+        value = float(number[: len(number) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 4096, 64K, 512M, 16G)") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: a non-negative number of bytes")
+    return int(value * _SIZE_UNITS[unit])
 
 
 def parse_limits(items: list[str]) -> dict[str, float | None]:
@@ -147,6 +181,14 @@ def run_server(argv: list[str]) -> int:
     config.max_limits = {k: v for k, v in maxima.items() if v is not None}
     merged: dict[str, float | None] = {**config.default_limits, **given}
     config.default_limits = {k: v for k, v in merged.items() if v is not None}
+    config.quota = Quota(sessions=args.quota_sessions, executes_per_minute=args.quota_executes_per_minute,
+                         history_bytes=args.quota_history_bytes)
+    for option, value, least in (("--max-sessions", args.max_sessions, 1), ("--max-queued", args.max_queued, 0),
+                                 ("--quota-sessions", args.quota_sessions, 0),
+                                 ("--quota-executes-per-minute", args.quota_executes_per_minute, 0)):
+        if value is not None and not value >= least:
+            print(f"bento server: {option} must be at least {least}", file=sys.stderr)
+            return 2
     from bento.store import DataDirBusy, lock_data_dir
 
     try:
@@ -154,6 +196,11 @@ def run_server(argv: list[str]) -> int:
     except DataDirBusy as exc:
         print(f"bento server: {exc}", file=sys.stderr)
         return 2
+    from bento.gate import machine_capacity
+
+    config.capacity = machine_capacity(
+        config.data_dir, config.default_limits.get("memory_bytes"), max_running=args.max_sessions,
+        memory_budget=args.memory_budget, disk_floor=args.disk_floor, max_queued=args.max_queued)
 
     import trio
 
@@ -168,6 +215,11 @@ def run_server(argv: list[str]) -> int:
             print(f"bento: listening on {scheme}://{host}:{port}/v1", flush=True)
             print(f"bento: data dir {os.path.abspath(config.data_dir)}", flush=True)
             print(f"bento: sandbox {config.sandbox}", flush=True)
+            cap = config.capacity
+            print(f"bento: capacity {cap.max_running} running functions, memory budget "
+                  f"{cap.memory_budget >> 20} MiB (a function without a memory limit counts "
+                  f"{cap.default_memory >> 20} MiB), disk floor {cap.disk_floor >> 20} MiB, "
+                  f"queue {cap.max_queued}", flush=True)
             if config.sandbox != "bwrap":
                 print(f"bento: WARNING sandbox '{config.sandbox}': functions run UNSANDBOXED "
                       "as this user", flush=True)

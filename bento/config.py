@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from bento import protocol, session_core
+from bento.admission import Capacity, Quota
 
 
 def default_data_dir() -> str:
@@ -59,6 +60,9 @@ class Config:
     enforceable: dict[str, str] = field(default_factory=dict)
     # Accept limits that only a per-process rlimit (or nothing) holds.
     allow_unenforced_limits: bool = False
+    # Admission (bento/admission.py): None derives the capacity from the machine at start.
+    capacity: Capacity | None = None
+    quota: Quota = field(default_factory=Quota)  # every key's; per-key overrides go in Admission
 
     @property
     def loopback(self) -> bool:

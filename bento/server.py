@@ -30,7 +30,9 @@ import trio
 
 import bento
 from bento import auth, http, protocol, session_core, sessionlog, tcptune, transport
+from bento.admission import Admission, Refused, Ticket
 from bento.config import Config
+from bento.gate import Gate, audit, machine_capacity
 from bento.metrics import Metrics
 from bento.readiness import Readiness
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
@@ -65,6 +67,8 @@ class Server:
         self.peers: dict[str, int] = {}  # open WebSocket connections per peer host
         self.name = f"bento/{bento.__version__}"
         self.traffic = transport.Traffic()
+        capacity = config.capacity or machine_capacity(config.data_dir, config.default_limits.get("memory_bytes"))
+        self.gate = Gate(Admission(capacity, config.quota), config.data_dir, registry.nursery)
         self.metrics = Metrics(self)
         self.routes = http.Routes(keys=self.keys, guesses=self.guesses, metrics=self.metrics.render,
                                   ready=Readiness(config).why_not)
@@ -287,7 +291,23 @@ class Connection:
     async def dispatch(self, req: dict) -> None:
         op = req["op"]
         handler = getattr(self, f"op_{op}")
+        if op == "execute" and req["queue"]:
+            # It may wait in the queue: the connection's other requests must not wait with it.
+            assert self.nursery is not None
+            self.nursery.start_soon(self._aside, handler, req)
+            return
         await handler(req)
+
+    async def _aside(self, handler: Any, req: dict) -> None:
+        """A request answered beside the read loop, with the loop's error answers."""
+        try:
+            await handler(req)
+        except protocol.RequestError as exc:
+            await self._send_error(req["id"], None, exc)
+        except ExchangeGone as exc:
+            await self._send_error(req["id"], None, protocol.RequestError("internal", str(exc)))
+        except ConnectionClosed:
+            pass
 
     # -- helpers -------------------------------------------------------------
 
@@ -350,19 +370,39 @@ class Connection:
 
     async def op_execute(self, req: dict) -> None:
         key = self.need_key()
+        limits = self._limits(req["limits"])
+        idem = req.get("idempotency_key")
+        idem_hash = auth.idem_hash(key, idem) if idem else None
+        # Admission comes first (a refusal is cheap); a retry of an execute that started skips it.
+        ticket = None if idem_hash in self.registry.idem else await self._admit(req, key, limits)
+        try:
+            s, owner, viewer = await self.registry.create(self._meta(req, key, limits), idem_hash)
+        except BaseException:
+            if ticket is not None:
+                self.server.gate.release(ticket)
+            raise
+        if ticket is not None:
+            self.server.gate.bind(ticket, s)
+        audit("execute", key, s.sid)
+        self.server.metrics.executed(s, self.registry.nursery)
+        await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
+        if req["attach"]:
+            self.attach(s, "rw", 1)
+
+    def _meta(self, req: dict, key: str, limits: dict) -> dict:
         code = req.get("code")
         if code is None:
             code = self.server.store.get_function(req["function"])
             if code is None:
                 raise protocol.RequestError("not_found", f"no stored function {req['function']!r}")
-        meta = {
+        return {
             "code": code,
             "function": req.get("function"),
             "entry": req["entry"],
             "args": protocol.encode(req["args"]),
             "kwargs": protocol.encode(req["kwargs"]),
             "env": req["env"],
-            "limits": self._limits(req["limits"]),
+            "limits": limits,
             "buffer": self._buffer(req["buffer"]),
             "history_bytes": self.config.history_bytes,
             "network": req["network"],
@@ -372,12 +412,19 @@ class Connection:
             "allow_unenforced": self.config.allow_unenforced_limits,
             "key": key,
         }
-        idem = req.get("idempotency_key")
-        s, owner, viewer = await self.registry.create(meta, auth.idem_hash(key, idem) if idem else None)
-        self.server.metrics.executed(s, self.registry.nursery)
-        await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
-        if req["attach"]:
-            self.attach(s, "rw", 1)
+
+    async def _admit(self, req: dict, key: str, limits: dict) -> Ticket:
+        """Admission (bento/gate.py): a ticket, or the error ``busy`` or ``quota``."""
+        gate = self.server.gate
+
+        async def queued(position: int) -> None:
+            await self.send(protocol.event("queued", id=req["id"], position=position))
+
+        history = gate.history_bytes(key, list(self.registry.sessions.values()))
+        try:
+            return await gate.enter(key, limits, history, req["queue"], queued)
+        except Refused as exc:
+            raise protocol.RequestError(exc.code, exc.message, **exc.fields()) from None
 
     def _limits(self, asked: dict) -> dict:
         """The session's limits: what it asked for, the server's defaults for
@@ -413,6 +460,7 @@ class Connection:
 
     async def op_attach(self, req: dict) -> None:
         s, mode = self.by_token(req["token"], owner=False)
+        audit("attach", self.key, s.sid)
         # The reply carries the session's positions as they are now, not as last announced.
         await self.registry.sync(s)
         snap = s.snap
@@ -506,6 +554,7 @@ class Connection:
 
     async def op_signal(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)
+        audit("signal", self.key, s.sid)
         if s.snap.has_ended:
             raise protocol.RequestError("gone", "the function has ended")
         r = await self.registry.call(s, {"t": "signal", "signal": req["signal"]})
@@ -525,8 +574,20 @@ class Connection:
 
     async def op_destroy(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)
+        audit("destroy", self.key, s.sid)
         await self.registry.end(s)
         await self.send(protocol.reply_ok(req["id"]))
+
+    async def op_share(self, req: dict) -> None:
+        """Rotate (a new viewer token) or revoke (none) the session's viewer token."""
+        s, _ = self.by_token(req["token"], owner=True)
+        audit(f"share.{req['viewer']}", self.key, s.sid)
+        viewer = auth.new_tokens()[1] if req["viewer"] == "rotate" else None
+        try:
+            await self.registry.replace_viewer(s, auth.token_hash(viewer) if viewer else "")
+        except OSError as exc:
+            raise protocol.RequestError("internal", f"cannot save the session's tokens: {exc.strerror}") from None
+        await self.send(protocol.reply_ok(req["id"], viewer_token=viewer))
 
     async def op_state_get(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=False)
@@ -561,9 +622,10 @@ class Connection:
             try:
                 if att.ended and not self.dead and self.attachments.get(s.sid) is att:
                     self.attachments.pop(s.sid, None)
+                    code, why = ("forbidden", att.why) if att.why else ("gone", "the session was destroyed")
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
                         try:
-                            await self.send(protocol.error_event(s.sid, "gone", "the session was destroyed"))
+                            await self.send(protocol.error_event(s.sid, code, why))
                         except ConnectionClosed:
                             pass
             finally:
@@ -632,6 +694,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Listening] = tri
         nursery.start_soon(registry.reaper)
         nursery.start_soon(registry.pool_keeper)
         server = Server(config, registry, store)
+        server.gate.recover(list(registry.sessions.values()))
         if ssl_context is None:
             listeners = await nursery.start(partial(trio.serve_tcp, server.handle, config.port, host=config.host))
         else:

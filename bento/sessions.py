@@ -14,6 +14,7 @@ socket; a request cancelled while waiting for its reply may still take effect
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from bento import auth, protocol, session_core, sessiondisk
 from bento.config import Config
 from bento.exchange_link import ExchangeGone, ExchangeLink, Exchanges
 from bento.session_core import Snapshot
+from bento.sessionlog import write_atomic
 from bento.store import Store
 
 log = logging.getLogger("bento.sessions")
@@ -45,6 +47,7 @@ class Attachment:
     cancel: trio.CancelScope
     state_version_sent: int = 0
     ended: bool = False
+    why: str = ""  # why it was cut off while its session goes on (a revoked viewer token)
     done: trio.Event = field(default_factory=trio.Event)  # its worker has finished
 
 
@@ -147,7 +150,8 @@ class Registry:
     def _index(self, s: Session) -> None:
         self.sessions[s.sid] = s
         self.tokens[s.meta["owner_hash"]] = (s, "rw")
-        self.tokens[s.meta["viewer_hash"]] = (s, "ro")
+        if s.meta["viewer_hash"]:  # empty once revoked
+            self.tokens[s.meta["viewer_hash"]] = (s, "ro")
         if s.meta.get("idem"):
             self.idem[s.meta["idem"]] = s
 
@@ -376,6 +380,25 @@ class Registry:
                 log.error("session %s: cannot be adopted, skipped: %s", sid, exc)
                 continue
             self._index(s)
+
+    async def replace_viewer(self, s: Session, viewer_hash: str) -> None:
+        """Give ``s`` a new viewer token (by its hash; '' for none). The old one
+        stops working at once, viewers attached with it are cut off, and
+        meta.cbor keeps the change across restarts (written first: OSError
+        leaves everything as it was)."""
+        meta = {**s.meta, "viewer_hash": viewer_hash}
+        path = os.path.join(s.dir, "meta.cbor")
+        await trio.to_thread.run_sync(write_atomic, path, protocol.encode(meta))
+        self.tokens.pop(s.meta["viewer_hash"], None)
+        s.meta = meta
+        if viewer_hash and not s.removed:
+            self.tokens[viewer_hash] = (s, "ro")
+        for att in list(s.attachments):
+            if att.mode == "ro":
+                att.ended = True
+                att.why = "the viewer token was revoked by the session's owner"
+                att.cancel.cancel()
+                s.attachments.discard(att)
 
     # -- requests to the exchange ---------------------------------------------
 

@@ -156,7 +156,10 @@ async def test_server_kill9_while_streaming_loses_and_repeats_nothing(make_serve
     # running when the last one is ready and the server is killed.
     n_sessions, n_lines, step = 100, 600, 0.05
     first_inputs, total_inputs = 6, 10
-    old = make_server()
+    # 100 default memory limits (1 GiB each with bwrap) are more than the
+    # default memory budget; these functions use a few MiB each.
+    budget = ("--memory-budget", "200G")
+    old = make_server(*budget)
     tracks = [Track(i) for i in range(n_sessions)]
     ready = []
     all_ready, killed = trio.Event(), trio.Event()
@@ -195,7 +198,7 @@ async def test_server_kill9_while_streaming_loses_and_repeats_nothing(make_serve
     for t in tracks:
         assert_contiguous(t.frames)
         assert t.frames[-1][1] != "exit"
-    new = make_server(data_dir=old.data_dir)
+    new = make_server(*budget, data_dir=old.data_dir)
 
     async def after(t: Track) -> None:
         async with connect(new.url) as c:
