@@ -103,7 +103,9 @@ async def test_disk_floor_refuses_new_executes_and_running_ones_keep_every_byte(
         assert_contiguous(frames)
         assert data_of(frames) == b"z" * total and frames[-1][2]["result"] == "done"
         await c.send({"op": "ack", "session": sid, "seq": frames[-1][0]})
-        # Acked output is freed: the floor lets executes in again.
+        # Acked output stays readable as history until the keep period; destroying
+        # the session frees its space, and the floor lets executes in again.
+        await c.ok("destroy", token=tok)
         with trio.fail_after(30):
             while not (r := await c.request("execute", code="def main():\n    return 1\n"))["ok"]:
                 await trio.sleep(0.2)
