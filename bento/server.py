@@ -506,7 +506,7 @@ class Connection:
 
     async def _maybe_end(self, s: Session) -> None:
         if not s.removed and s.life_over(self.config.keep_s):
-            await self.registry.end(s)
+            await self.registry.end_by_keep(s)
 
     async def op_detach(self, req: dict) -> None:
         att = self.attachment(req["session"], write=False)

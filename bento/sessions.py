@@ -462,6 +462,12 @@ class Registry:
 
     # -- the end of a session ------------------------------------------------------
 
+    async def end_by_keep(self, s: Session) -> None:
+        """The keep period after the function's end is over (and nobody is attached)."""
+        if not s.removed:
+            log.info("session %s: ended by keep (%.0f s after its end)", s.sid, self.config.keep_s)
+            await self.end(s)
+
     async def end(self, s: Session) -> None:
         """Remove the session: kill its function, delete its buffers, forget its tokens."""
         if s.removed:
@@ -491,5 +497,4 @@ class Registry:
                 if s.disk is not None and not s.attachments:
                     s.disk = None  # nobody reads it: its memory goes
                 if s.life_over(self.config.keep_s):
-                    log.info("session %s: ended by keep (%.0f s after its end)", s.sid, self.config.keep_s)
-                    self.nursery.start_soon(self.end, s)
+                    self.nursery.start_soon(self.end_by_keep, s)
