@@ -153,6 +153,26 @@ async def test_quota_sessions_names_the_quota(make_server):
         assert (await finish(c, run, "v"))[-1][2]["result"] == "v"
 
 
+async def test_quota_history_bytes_counts_acked_history_until_the_session_is_destroyed(make_server):
+    # 64 KiB of output, read and acked: it stays as history, and the key's
+    # 32 KiB quota on retained bytes still refuses until the session is destroyed.
+    srv = make_server("--quota-history-bytes", "32K", "--pool", "0")
+    loud = "def main():\n    print('x' * 65535)\n    return 1\n"
+    async with connect(srv.url) as c:
+        r = await c.ok("execute", code=loud)
+        frames = await c.frames(r["session"])
+        await c.send({"op": "ack", "session": r["session"], "seq": frames[-1][0]})
+        with trio.fail_after(10):
+            while (await c.ok("status", token=r["token"]))["history_bytes"] < 65536:
+                await trio.sleep(0.1)
+        refused = await c.request("execute", code=QUICK)
+        assert not refused["ok"], refused
+        assert (refused["error"]["code"], refused["error"]["quota"]) == ("quota", "history_bytes")
+        await c.ok("destroy", token=r["token"])
+        again = await c.ok("execute", code=QUICK)
+        assert (await c.frames(again["session"]))[-1][2]["result"] == 1
+
+
 BURST = "def main():\n    block = bytearray(32 * 1024 * 1024)\n    return len(block)\n"
 
 
