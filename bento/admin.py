@@ -1,5 +1,5 @@
 """The requests that name a session by its token, and the ones that act on a
-session as a whole (signal, status, list, destroy) for its owner and for an
+session as a whole (signal, status, list, destroy, share) for its owner and for an
 admin key, which names any session by its id.
 
 Who may act: a token gives its session (the owner token everything, a viewer
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bento import events, protocol
+from bento import auth, events, protocol
+from bento.gate import audit
 from bento.sessions import Session
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class SessionOps:
-    """signal, status, list and destroy, and how a request finds its session."""
+    """signal, status, list, destroy and share, and how a request finds its session."""
 
     server: Server
     config: Config
@@ -74,6 +75,7 @@ class SessionOps:
 
     async def op_signal(self, req: dict) -> None:
         s, by = self.target(req, owner=True)
+        audit("signal", self.key, s.sid)
         await self._signal(s, req["signal"], by)
         await self.send(protocol.reply_ok(req["id"]))
 
@@ -107,9 +109,21 @@ class SessionOps:
 
     async def op_destroy(self, req: dict) -> None:
         s, by = self.target(req, owner=True)
+        audit("destroy", self.key, s.sid)
         if by is not None and not s.snap.has_ended:
             # An admin ends the function; the session stays readable for its owner.
             await self._signal(s, "KILL", by)
         else:
             await self.registry.end(s, reason="destroyed by " + (by or "owner"))
         await self.send(protocol.reply_ok(req["id"]))
+
+    async def op_share(self, req: dict) -> None:
+        """Rotate (a new viewer token) or revoke (none) the session's viewer token."""
+        s, _ = self.by_token(req["token"], owner=True)
+        audit(f"share.{req['viewer']}", self.key, s.sid)
+        viewer = auth.new_tokens()[1] if req["viewer"] == "rotate" else None
+        try:
+            await self.registry.replace_viewer(s, auth.token_hash(viewer) if viewer else "")
+        except OSError as exc:
+            raise protocol.RequestError("internal", f"cannot save the session's tokens: {exc.strerror}") from None
+        await self.send(protocol.reply_ok(req["id"], viewer_token=viewer))

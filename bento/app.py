@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bento import auth, events, settings, units
-from bento.config import Config, default_data_dir
+from bento.admission import Quota
+from bento.config import Config, default_data_dir, default_max_history_bytes
 
 
 def server_parser() -> argparse.ArgumentParser:
@@ -40,8 +41,15 @@ def server_parser() -> argparse.ArgumentParser:
                    help="allow a non-loopback address without API keys")
     p.add_argument("--tls-cert", help="certificate (PEM) to serve wss://")
     p.add_argument("--tls-key", help="private key (PEM, not encrypted) for --tls-cert")
-    p.add_argument("--ttl", type=units.duration, default=24 * 3600.0,
-                   help="how long an unattached session lives (default 24h)")
+    p.add_argument("--keep", type=units.duration, default=None,
+                   help="how long an ended session (its exit, history and files) stays readable "
+                        "after its end; a running function is never ended by it (default 24h)")
+    p.add_argument("--ttl", type=units.duration, default=None, help="deprecated name of --keep")
+    p.add_argument("--history-bytes", type=units.size, default=64 * 1024 * 1024,
+                   help="acked output kept readable per session, oldest trimmed first (default 64MiB)")
+    p.add_argument("--max-history-bytes", type=units.size, default=None,
+                   help="acked output kept readable by all sessions together; the oldest sessions' "
+                        "history is trimmed first (default: a quarter of the data dir's file system)")
     p.add_argument("--idle-timeout", type=units.duration, default=300.0,
                    help="close connections silent this long (default 300s)")
     p.add_argument("--handshake-timeout", type=units.duration, default=10.0,
@@ -70,6 +78,23 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=2,
                    help="fresh environments kept started ahead of time for fast executes, never reused "
                         "(bwrap and none; default 2; 0 = off)")
+    p.add_argument("--max-sessions", type=int, metavar="N",
+                   help="most functions running at once (default: one per 64MiB of RAM)")
+    p.add_argument("--memory-budget", type=units.size, metavar="SIZE",
+                   help="the running functions' memory limits may add up to this, e.g. 16G (default 3/4 "
+                        "of RAM; a function without a memory limit counts the default memory_bytes)")
+    p.add_argument("--disk-floor", type=units.size, metavar="SIZE",
+                   help="refuse new executes while the data dir has less free space, e.g. 1G (default "
+                        "5%% of its file system, at most 1GiB); running functions keep writing")
+    p.add_argument("--max-queued", type=int, default=1024, metavar="N",
+                   help="most executes waiting for capacity at once (\"queue\": seconds; default 1024)")
+    p.add_argument("--quota-sessions", type=int, metavar="N",
+                   help="most functions one API key runs at once (default: no quota)")
+    p.add_argument("--quota-executes-per-minute", type=float, metavar="RATE",
+                   help="executes one API key may start per minute, with a burst of as many (default: no quota)")
+    p.add_argument("--quota-history-bytes", type=units.size, metavar="SIZE",
+                   help="output one API key's sessions may retain (unacknowledged plus history) before "
+                        "its executes are refused (default: no quota)")
     p.add_argument("--node", default="node-1",
                    help="this node's name, sent in hello; unique in a cluster")
     p.add_argument("--cluster", metavar="URL",
@@ -151,11 +176,20 @@ def tls_problem(cert: str, key: str) -> str | None:
 
 def build_config(r: Resolved) -> Config:
     args = r.args
+    keep = args.keep
+    if args.ttl is not None:
+        print("bento server: --ttl is deprecated: it is --keep (an ended session's keep period)",
+              file=sys.stderr)
+        if keep is None:
+            keep = args.ttl
     return Config(
         host=args.host, port=args.port, data_dir=args.data_dir, sandbox=args.sandbox,
         api_keys=r.plain_keys, named_keys=r.file.named_keys, revoke_sessions=r.file.revoke_sessions,
         insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        ttl_s=args.ttl, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
+        keep_s=24 * 3600.0 if keep is None else keep, history_bytes=args.history_bytes,
+        max_history_bytes=(default_max_history_bytes(args.data_dir) if args.max_history_bytes is None
+                           else args.max_history_bytes),
+        idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
         max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, cluster=args.cluster,
@@ -226,6 +260,14 @@ def run_server(argv: list[str]) -> int:
     merged: dict[str, float | None] = {**config.default_limits, **given}
     config.default_limits = {k: v for k, v in merged.items() if v is not None}
     unheld = [k for k in unheld if k not in given]
+    config.quota = Quota(sessions=args.quota_sessions, executes_per_minute=args.quota_executes_per_minute,
+                         history_bytes=args.quota_history_bytes)
+    for option, value, least in (("--max-sessions", args.max_sessions, 1), ("--max-queued", args.max_queued, 0),
+                                 ("--quota-sessions", args.quota_sessions, 0),
+                                 ("--quota-executes-per-minute", args.quota_executes_per_minute, 0)):
+        if value is not None and not value >= least:
+            print(f"bento server: {option} must be at least {least}", file=sys.stderr)
+            return 2
     if config.cluster:
         try:
             from bento.cluster.node import cannot_start
@@ -244,6 +286,11 @@ def run_server(argv: list[str]) -> int:
     except DataDirBusy as exc:
         print(f"bento server: {exc}", file=sys.stderr)
         return 2
+    from bento.gate import machine_capacity
+
+    config.capacity = machine_capacity(
+        config.data_dir, config.default_limits.get("memory_bytes"), max_running=args.max_sessions,
+        memory_budget=args.memory_budget, disk_floor=args.disk_floor, max_queued=args.max_queued)
     try:
         stopped_by = trio_run(serve_until_signal, config, argv, unheld)
     finally:
@@ -312,6 +359,11 @@ def say_started(config: Config, port: int, unheld: list[str]) -> None:
     print(f"bento: listening on {scheme}://{host}:{port}/v1", flush=True)
     print(f"bento: data dir {os.path.abspath(config.data_dir)}", flush=True)
     print(f"bento: sandbox {config.sandbox}", flush=True)
+    cap = config.capacity
+    print(f"bento: capacity {cap.max_running} running functions, memory budget "
+          f"{cap.memory_budget >> 20} MiB (a function without a memory limit counts "
+          f"{cap.default_memory >> 20} MiB), disk floor {cap.disk_floor >> 20} MiB, "
+          f"queue {cap.max_queued}", flush=True)
     if config.sandbox != "bwrap":
         print(f"bento: WARNING sandbox '{config.sandbox}': functions run UNSANDBOXED "
               "as this user", flush=True)

@@ -5,12 +5,27 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from bento import auth, protocol
+from bento import auth, protocol, session_core
+from bento.admission import Capacity, Quota
 
 
 def default_data_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "bento")
+
+
+#: The share of the data dir's file system that all sessions' history may take by default.
+HISTORY_DISK_SHARE = 0.25
+
+
+def default_max_history_bytes(data_dir: str) -> int:
+    """A quarter of the file system that holds ``data_dir`` (or would: the
+    nearest existing parent is measured when the directory is not made yet)."""
+    path = os.path.abspath(data_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    st = os.statvfs(path)
+    return int(st.f_blocks * st.f_frsize * HISTORY_DISK_SHARE)
 
 
 @dataclass
@@ -32,7 +47,9 @@ class Config:
     buffer_bytes: int = 64 * 1024 * 1024
     buffer_policy: str = "block"
     max_buffer_bytes: int = 1024 * 1024 * 1024
-    ttl_s: float = 24 * 3600.0
+    keep_s: float = 24 * 3600.0  # an ended session stays readable this long after its end
+    history_bytes: int = session_core.DEFAULT_HISTORY_BYTES  # acked frames kept per session
+    max_history_bytes: int | None = None  # all sessions' history together (None: no server-wide bound)
     idle_timeout_s: float = 300.0
     handshake_timeout_s: float = 10.0
     send_timeout_s: float = 30.0
@@ -48,6 +65,10 @@ class Config:
     allow_unenforced_limits: bool = False
     # redis://HOST:PORT/DB: run as one node of a cluster on that Redis (bento/cluster).
     cluster: str | None = None
+
+    # Admission (bento/admission.py): None derives the capacity from the machine at start.
+    capacity: Capacity | None = None
+    quota: Quota = field(default_factory=Quota)  # every key's; per-key overrides go in Admission
 
     # Every accepted key (api_keys and named_keys); replaced whole on a reload.
     keys: auth.ApiKeys = field(init=False)
@@ -81,3 +102,7 @@ class Config:
             raise ValueError(f"--cluster {self.cluster!r}: expected redis://HOST:PORT/DB or rediss://...")
         if self.buffer_policy not in protocol.BUFFER_POLICIES:
             raise ValueError(f"unknown buffer policy {self.buffer_policy!r}")
+        for name, value in (("--keep", self.keep_s), ("--history-bytes", self.history_bytes),
+                            ("--max-history-bytes", self.max_history_bytes)):
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be a number of at least 0, not {value}")

@@ -132,6 +132,9 @@ class Control:
             ex.apply(core.ack(msg["seq"]))
         elif t == "sync":
             self.reply(rid, ok=True, **core.snapshot())
+        elif t == "trim":
+            ex.apply(core.trim_history(msg["keep"]))
+            self.reply(rid, ok=True, **core.snapshot())
         elif t == "signal":
             if not core.accepts_work or ex.child is None:
                 self.reply(rid, ok=False, code="gone", message="the function has ended")

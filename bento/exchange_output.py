@@ -116,7 +116,7 @@ class Output:
             self.log.drop_before(first)
         except OSError as exc:
             # The frames are freed all the same; the file stays, tried again at the next trim.
-            self.ex.disk_trouble(f"cannot delete an acked output segment: {exc}")
+            self.ex.disk_trouble(f"cannot delete a trimmed output segment: {exc}")
 
     # -- the function's output ---------------------------------------------------
 

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from bento import protocol
+from bento.admission import key_id
 from bento.session_core import State
 
 if TYPE_CHECKING:
@@ -114,3 +115,31 @@ class StateCollector(Collector):
         yield CounterMetricFamily("bento_received_bytes", "WebSocket bytes received from clients",
                                   value=traffic.received)
         yield CounterMetricFamily("bento_sent_bytes", "WebSocket bytes sent to clients", value=traffic.sent)
+        yield from self.admission()
+
+    def admission(self) -> Iterator[Metric]:
+        """Capacity and per-key usage (bento/admission.py); keys by their short id."""
+        gate = self.server.gate
+        stats = gate.admission.statistics()
+        for name, what, value in (
+            ("running", "Functions running now (admitted executes whose function has not ended)",
+             stats["running"]),
+            ("max_running", "Most functions running at once (--max-sessions)", stats["max_running"]),
+            ("memory_committed_bytes", "Sum of the running functions' memory limits", stats["memory"]),
+            ("memory_budget_bytes", "The most that sum may reach (--memory-budget)", stats["memory_budget"]),
+            ("disk_free_bytes", "Free bytes in the data dir's file system", gate.disk_free()),
+            ("disk_floor_bytes", "Below this much free space new executes are refused (--disk-floor)",
+             stats["disk_floor"]),
+            ("queued_executes", "Executes waiting in the queue for capacity", stats["queued"]),
+        ):
+            yield GaugeMetricFamily(f"bento_{name}", what, value=value)
+        running = GaugeMetricFamily("bento_key_running", "Functions running, by API key id", labels=["key"])
+        memory = GaugeMetricFamily("bento_key_memory_bytes", "Memory limits committed, by API key id",
+                                   labels=["key"])
+        executes = CounterMetricFamily("bento_key_executes", "Executes admitted, by API key id",
+                                       labels=["key"])
+        for key, used in gate.admission.usage.items():
+            running.add_metric([key_id(key)], used.running)
+            memory.add_metric([key_id(key)], used.memory)
+            executes.add_metric([key_id(key)], used.executes)
+        yield from (running, memory, executes)

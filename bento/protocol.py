@@ -75,6 +75,8 @@ ERROR_CODES: frozenset[str] = frozenset(
         "input_gap",
         "gone",
         "internal",
+        "busy",
+        "quota",
     }
 )
 STATES: tuple[str, ...] = ("starting", "running", "exited", "failed", "killed", "lost")
@@ -294,6 +296,12 @@ def _signal(v: Any) -> str:
     return v
 
 
+def _viewer_action(v: Any) -> str:
+    if v not in ("rotate", "revoke"):
+        raise _BadField("must be 'rotate' or 'revoke'")
+    return v
+
+
 def _one_of_function_code(msg: dict[str, Any], out: dict[str, Any]) -> None:
     if (out["function"] is None) == (out["code"] is None):
         raise _BadField("execute needs exactly one of 'function' and 'code'")
@@ -351,6 +359,7 @@ _OPS: dict[
             "network": (_bool, False),
             "idempotency_key": (_idempotency_key, None),
             "attach": (_bool, True),
+            "queue": (_seconds, None),
         },
         _one_of_function_code,
     ),
@@ -373,6 +382,7 @@ _OPS: dict[
         None,
     ),
     "ping": (True, {}, None),
+    "share": (True, {**_TOKEN, "viewer": (_viewer_action, _REQUIRED)}, None),
 }
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +31,9 @@ import trio
 import bento
 from bento import auth, events, http, protocol, session_core, sessionlog, tcptune, transport
 from bento.admin import SessionOps
+from bento.admission import Admission, Refused, Ticket
 from bento.config import Config
+from bento.gate import Gate, audit, machine_capacity
 from bento.metrics import Metrics
 from bento.readiness import Readiness
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
@@ -68,6 +69,8 @@ class Server:
         self.name = f"bento/{bento.__version__}"
         self.traffic = transport.Traffic()
         self.cluster: Any = None  # bento.cluster.node.Cluster with config.cluster
+        capacity = config.capacity or machine_capacity(config.data_dir, config.default_limits.get("memory_bytes"))
+        self.gate = Gate(Admission(capacity, config.quota), config.data_dir, registry.nursery)
         self.metrics = Metrics(self)
         self.routes = http.Routes(keys=self.keys, guesses=self.guesses, metrics=self.metrics.render,
                                   ready=Readiness(config).why_not)
@@ -296,7 +299,23 @@ class Connection(SessionOps):
             await self.server.cluster.remote.serve(self, req)  # another node runs it
             return
         handler = getattr(self, f"op_{op}")
+        if op == "execute" and req["queue"]:
+            # It may wait in the queue: the connection's other requests must not wait with it.
+            assert self.nursery is not None
+            self.nursery.start_soon(self._aside, handler, req)
+            return
         await handler(req)
+
+    async def _aside(self, handler: Any, req: dict) -> None:
+        """A request answered beside the read loop, with the loop's error answers."""
+        try:
+            await handler(req)
+        except protocol.RequestError as exc:
+            await self._send_error(req["id"], None, exc)
+        except ExchangeGone as exc:
+            await self._send_error(req["id"], None, protocol.RequestError("internal", str(exc)))
+        except ConnectionClosed:
+            pass
 
     # -- helpers -------------------------------------------------------------
 
@@ -343,6 +362,37 @@ class Connection(SessionOps):
 
     async def op_execute(self, req: dict) -> None:
         key = self.need_key()
+        limits = self._limits(req["limits"])
+        idem = req.get("idempotency_key")
+        idem_hash = auth.idem_hash(key, idem) if idem else None
+        cluster = self.server.cluster
+        if cluster is not None and idem_hash is not None:
+            elsewhere = await cluster.claim(idem_hash)
+            if elsewhere is not None:
+                await cluster.remote.execute_again(self, req, idem_hash, *elsewhere)
+                return
+        meta = await self._meta(req, key, limits)
+        # Admission comes first (a refusal is cheap); a retry of an execute that started skips it.
+        ticket = None if idem_hash in self.registry.idem else await self._admit(req, key, limits)
+        try:
+            s, owner, viewer = await self.registry.create(meta, idem_hash)
+        except BaseException:
+            if ticket is not None:
+                self.server.gate.release(ticket)
+            raise
+        if ticket is not None:
+            self.server.gate.bind(ticket, s)
+        audit("execute", key, s.sid)
+        self.server.metrics.executed(s, self.registry.nursery)
+        if cluster is not None:
+            await cluster.publish(s)
+            if idem_hash is not None:
+                await cluster.settle(idem_hash, s.sid)
+        await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
+        if req["attach"]:
+            self.attach(s, "rw", 1)
+
+    async def _meta(self, req: dict, key: str, limits: dict) -> dict:
         code = req.get("code")
         if code is None:
             code = self.server.store.get_function(req["function"])
@@ -350,15 +400,16 @@ class Connection(SessionOps):
                 code = await self.server.cluster.function(req["function"])  # stored on another node
             if code is None:
                 raise protocol.RequestError("not_found", f"no stored function {req['function']!r}")
-        meta = {
+        return {
             "code": code,
             "function": req.get("function"),
             "entry": req["entry"],
             "args": protocol.encode(req["args"]),
             "kwargs": protocol.encode(req["kwargs"]),
             "env": req["env"],
-            "limits": self._limits(req["limits"]),
+            "limits": limits,
             "buffer": self._buffer(req["buffer"]),
+            "history_bytes": self.config.history_bytes,
             "network": req["network"],
             "sandbox": self.config.sandbox,
             "sandbox_cmd": self.config.sandbox_cmd,
@@ -366,23 +417,19 @@ class Connection(SessionOps):
             "allow_unenforced": self.config.allow_unenforced_limits,
             "key": key,
         }
-        idem = req.get("idempotency_key")
-        idem_h = auth.idem_hash(key, idem) if idem else None
-        cluster = self.server.cluster
-        if cluster is not None and idem_h is not None:
-            elsewhere = await cluster.claim(idem_h)
-            if elsewhere is not None:
-                await cluster.remote.execute_again(self, req, idem_h, *elsewhere)
-                return
-        s, owner, viewer = await self.registry.create(meta, idem_h)
-        self.server.metrics.executed(s, self.registry.nursery)
-        if cluster is not None:
-            await cluster.publish(s)
-            if idem_h is not None:
-                await cluster.settle(idem_h, s.sid)
-        await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
-        if req["attach"]:
-            self.attach(s, "rw", 1)
+
+    async def _admit(self, req: dict, key: str, limits: dict) -> Ticket:
+        """Admission (bento/gate.py): a ticket, or the error ``busy`` or ``quota``."""
+        gate = self.server.gate
+
+        async def queued(position: int) -> None:
+            await self.send(protocol.event("queued", id=req["id"], position=position))
+
+        history = gate.history_bytes(key, list(self.registry.sessions.values()))
+        try:
+            return await gate.enter(key, limits, history, req["queue"], queued)
+        except Refused as exc:
+            raise protocol.RequestError(exc.code, exc.message, **exc.fields()) from None
 
     def _limits(self, asked: dict) -> dict:
         """The session's limits: what it asked for, the server's defaults for
@@ -418,6 +465,7 @@ class Connection(SessionOps):
 
     async def op_attach(self, req: dict) -> None:
         s, mode = self.by_token(req["token"], owner=False)
+        audit("attach", self.key, s.sid)
         # The reply carries the session's positions as they are now, not as last announced.
         await self.registry.sync(s)
         snap = s.snap
@@ -452,8 +500,6 @@ class Connection(SessionOps):
         att.cancel.cancel()
         s = att.session
         s.attachments.discard(att)
-        if not s.attachments:
-            s.idle_since = time.monotonic()
 
     def detach_all(self) -> None:
         for att in self.attachments.values():
@@ -464,8 +510,8 @@ class Connection(SessionOps):
             self.registry.nursery.start_soon(self._maybe_end, s)
 
     async def _maybe_end(self, s: Session) -> None:
-        if not s.removed and s.life_over(time.monotonic(), self.config.ttl_s):
-            await self.registry.end(s)
+        if not s.removed and s.life_over(self.config.keep_s):
+            await self.registry.end_by_keep(s)
 
     async def op_detach(self, req: dict) -> None:
         if self.server.cluster is not None and await self.server.cluster.remote.detach(self, req["session"]):
@@ -551,9 +597,10 @@ class Connection(SessionOps):
             try:
                 if att.ended and not self.dead and self.attachments.get(s.sid) is att:
                     self.attachments.pop(s.sid, None)
+                    code, why = ("forbidden", att.why) if att.why else ("gone", "the session was destroyed")
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
                         try:
-                            await self.send(protocol.error_event(s.sid, "gone", "the session was destroyed"))
+                            await self.send(protocol.error_event(s.sid, code, why))
                         except ConnectionClosed:
                             pass
             finally:
@@ -626,6 +673,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Listening] = tri
             from bento.cluster.node import run as run_cluster
 
             server.cluster = await nursery.start(run_cluster, config, registry)
+        server.gate.recover(list(registry.sessions.values()))
         if ssl_context is None:
             listeners = await nursery.start(partial(trio.serve_tcp, server.handle, config.port, host=config.host))
         else:

@@ -1,4 +1,4 @@
-"""The session's rules as pure state: buffer policy, acks, input seqs, shared state, exit.
+"""The session's rules as pure state: buffer policy, acks, history, input seqs, shared state, exit.
 
 Sans-IO, like h11's ``_state.py``: everything that changes a session's
 positions or its state lives here, and this module does no I/O, reads no
@@ -55,6 +55,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 POLICIES = ("block", "drop_oldest", "fail")
+#: Acked frames kept readable per session when the server names no limit.
+DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
 MAX_STATE_BYTES = 64 * 1024
 
 
@@ -67,7 +69,7 @@ class LocalError(Exception):
 
 
 class Trim(namedtuple("Trim", "first_seq")):
-    """Frames below ``first_seq`` are freed: delete the log segments that hold only them."""
+    """Frames below ``first_seq`` are no longer readable: delete the log segments that hold only them."""
 
     __slots__ = ()
 
@@ -115,9 +117,11 @@ DUPLICATE = "duplicate"
 
 
 class Snapshot(namedtuple("Snapshot", "state next_seq first_seq acked_seq input_seq buffer_bytes "
-                                      "dropped_to ended exit exit_seq")):
+                                      "dropped_to ended exit exit_seq history_bytes")):
     """A session's positions as the exchange last announced them (what ``attach``
-    and ``status`` report). ``state`` is the state's text; ``ended`` epoch seconds."""
+    and ``status`` report). ``state`` is the state's text; ``ended`` epoch seconds;
+    ``first_seq`` the first frame still readable; ``history_bytes`` the data bytes
+    of readable frames that left the buffer (acked)."""
 
     __slots__ = ()
 
@@ -130,12 +134,13 @@ class Snapshot(namedtuple("Snapshot", "state next_seq first_seq acked_seq input_
         return self.state in _ENDED_TEXT
 
     def gap_reason(self, from_seq: int) -> str:
-        """Why frames from ``from_seq`` up to ``first_seq - 1`` are gone."""
-        return "dropped" if from_seq <= self.dropped_to else "acked"
+        """Why frames from ``from_seq`` up to ``first_seq - 1`` are gone: dropped by
+        the buffer policy, or trimmed from the history."""
+        return "dropped" if from_seq <= self.dropped_to else "trimmed"
 
 
 _ENDED_TEXT = frozenset(s.value for s in ENDED)
-NEW = Snapshot(State.STARTING.value, 1, 1, 0, 0, 0, 0, None, None, None)
+NEW = Snapshot(State.STARTING.value, 1, 1, 0, 0, 0, 0, None, None, None, 0)
 
 
 def judge_input(last: int, seq: int, running: bool) -> str | Refused:
@@ -152,7 +157,12 @@ def judge_input(last: int, seq: int, running: bool) -> str | Refused:
 
 
 class SessionCore:
-    """One session's positions, buffer, input seqs, shared state and state.
+    """One session's positions, buffer, history, input seqs, shared state and state.
+
+    The readable frames are ``first_seq .. next_seq - 1``; of them, those from
+    ``buffer_seq`` on are the buffer (not yet acked: ``buffer_bytes``, which
+    ``max_bytes`` and the policy count), those below it the history (acked, still
+    readable: ``history_bytes``, trimmed oldest first beyond ``history_max``).
 
     ``sizes``: the data length of each output frame already in the log from seq
     ``size_base`` on (the exit frame counts 0: it is never blocked or dropped).
@@ -160,12 +170,14 @@ class SessionCore:
     """
 
     def __init__(self, max_bytes: int, policy: str, *, saved: dict | None = None,
-                 size_base: int = 1, sizes: array.array | None = None, input_seq: int = 0) -> None:
+                 size_base: int = 1, sizes: array.array | None = None, input_seq: int = 0,
+                 history_max: int = DEFAULT_HISTORY_BYTES) -> None:
         if policy not in POLICIES:
             raise LocalError(f"unknown buffer policy {policy!r}")
         saved = saved or {}
         self.max_bytes = max_bytes
         self.policy = policy
+        self.history_max = history_max
         self.state = State(saved.get("state", State.STARTING.value))
         self.exit: dict | None = saved.get("exit")
         self.exit_seq: int | None = saved.get("exit_seq")
@@ -178,8 +190,12 @@ class SessionCore:
         self.size_base = size_base
         self.next_seq = size_base + len(self.sizes)  # the seq the next frame gets
         self.durable_next = self.next_seq  # frames below are on disk
-        self.first_seq = min(max(size_base, self.acked_seq + 1, self.dropped_to + 1), self.next_seq)
-        self.buffer_bytes = sum(self.sizes[self.first_seq - size_base:])
+        # A session saved before history existed deleted its acked frames.
+        first = saved.get("first_seq", self.acked_seq + 1)
+        self.first_seq = min(max(size_base, first, self.dropped_to + 1), self.next_seq)
+        self.buffer_seq = min(max(self.first_seq, self.acked_seq + 1), self.next_seq)
+        self.buffer_bytes = sum(self.sizes[self.buffer_seq - size_base:])
+        self.history_bytes = sum(self.sizes[self.first_seq - size_base:self.buffer_seq - size_base])
         self.input_seq = input_seq
         self.function_over = self.state in ENDED  # the function's process has ended
 
@@ -229,8 +245,9 @@ class SessionCore:
         """An output frame of ``size`` data bytes was appended at ``seq``.
 
         Past the limit, ``drop_oldest`` frees the oldest frames (the new one
-        excepted) and records how far it dropped; ``fail`` asks for the function
-        to be killed; ``block`` is seen by the shell through :attr:`full`."""
+        excepted) and records how far it dropped (the history below them goes
+        too: what is readable stays one run of frames); ``fail`` asks for the
+        function to be killed; ``block`` is seen by the shell through :attr:`full`."""
         if seq != self.next_seq:
             raise LocalError(f"frame {seq} appended where {self.next_seq} was expected")
         self.sizes.append(size)
@@ -239,13 +256,16 @@ class SessionCore:
         if self.buffer_bytes <= self.max_bytes:
             return _ANNOUNCE
         if self.policy == "drop_oldest":
-            drop, freed, excess = self.first_seq, 0, self.buffer_bytes - self.max_bytes
+            drop, freed, excess = self.buffer_seq, 0, self.buffer_bytes - self.max_bytes
             base, sizes = self.size_base, self.sizes
             while freed < excess and drop < seq:
                 freed += sizes[drop - base]
                 drop += 1
-            if drop > self.first_seq:
+            if drop > self.buffer_seq:
                 self.dropped_to = drop - 1
+                self.buffer_seq = drop
+                self.buffer_bytes -= freed
+                self.history_bytes = 0
                 return (self._trim(drop), *_SAVE_SOON)
         elif self.policy == "fail" and not self.function_over:
             return (Kill("buffer"), Announce())
@@ -257,19 +277,38 @@ class SessionCore:
 
     def ack(self, seq: int) -> tuple:
         """The owner's ack: every frame up to ``seq`` is received (capped at the last
-        durable frame); they leave the buffer."""
+        durable frame); they leave the buffer for the history."""
         seq = min(seq, self.durable_next - 1)
         if seq <= self.acked_seq:
             return NOTHING
         self.acked_seq = seq
-        trim = self._trim(seq + 1)
-        return _SAVE_SOON if trim is None else (trim, *_SAVE_SOON)
+        if seq >= self.buffer_seq:
+            lo, hi = self.buffer_seq - self.size_base, seq + 1 - self.size_base
+            moved = sum(self.sizes[lo:hi])
+            self.buffer_bytes -= moved
+            self.history_bytes += moved
+            self.buffer_seq = seq + 1
+        return self.trim_history(self.history_max) or _SAVE_SOON
+
+    def trim_history(self, keep_bytes: int) -> tuple:
+        """Trim the history, oldest frames first, to at most ``keep_bytes``
+        (the per-session limit, or less when the server-wide one is reached)."""
+        if self.history_bytes <= keep_bytes:
+            return NOTHING
+        first, excess, base, sizes = self.first_seq, self.history_bytes - keep_bytes, self.size_base, self.sizes
+        freed = 0
+        while freed < excess and first < self.buffer_seq:
+            freed += sizes[first - base]
+            first += 1
+        self.history_bytes -= freed
+        return (self._trim(first), *_SAVE_SOON)
 
     def _trim(self, first: int) -> Trim | None:
+        """Frames below ``first`` are no longer readable (their bytes are already
+        out of ``buffer_bytes`` and ``history_bytes``)."""
         if first <= self.first_seq:
             return None
-        lo, hi = self.first_seq - self.size_base, first - self.size_base
-        self.buffer_bytes -= sum(self.sizes[lo:hi])
+        hi = first - self.size_base
         self.first_seq = first
         if hi > 4096 and hi > len(self.sizes) // 2:
             del self.sizes[:hi]
@@ -318,6 +357,7 @@ class SessionCore:
             "ended": self.ended,
             "exit": self.exit,
             "exit_seq": self.exit_seq,
+            "history_bytes": self.history_bytes,
         }
 
     def saved(self) -> dict:
@@ -328,6 +368,7 @@ class SessionCore:
             "ended": self.ended,
             "exit_seq": self.exit_seq,
             "acked_seq": self.acked_seq,
+            "first_seq": self.first_seq,
             "dropped_to": self.dropped_to,
             "shared_version": self.shared_version,
             "shared_value": self.shared_value,
@@ -430,16 +471,13 @@ def lost_exit() -> dict:
 # -- lifetime ---------------------------------------------------------------------------
 
 
-def life_over(snap: Snapshot, attached: bool, idle_for: float, since_end: float, ttl: float) -> bool:
+def life_over(snap: Snapshot, attached: bool, since_end: float, keep: float) -> bool:
     """Whether a session's life is over (the server then removes it).
 
     A running function is never ended by its session's lifetime (its limits
-    do that). Never while attached. An ended session whose exit the owner
-    acked ends once nobody is attached; any other ended session stays
-    ``ttl`` seconds after its end and after its last detach (``since_end``,
-    ``idle_for``)."""
+    do that). Never while attached. An ended session stays readable — exit,
+    history, files — for the keep period after its end (``since_end``), whether
+    or not the owner acked its exit."""
     if attached or not snap.has_ended:
         return False
-    if snap.exit_seq is not None and snap.acked_seq >= snap.exit_seq:
-        return True
-    return idle_for >= ttl and since_end >= ttl
+    return since_end >= keep

@@ -57,8 +57,9 @@ def recover(out: sessionlog.Writer, saved: dict, meta: dict, input_seq: int) -> 
             saved = {**saved, "exit": data, "exit_seq": last[0], "state": data["state"],
                      "ended": saved.get("ended") or time.time()}
             sizes[-1] = 0
+    history = meta.get("history_bytes", session_core.DEFAULT_HISTORY_BYTES)
     return session_core.SessionCore(buffer["max_bytes"], buffer["policy"], saved=saved,
-                                    size_base=base, sizes=sizes, input_seq=input_seq)
+                                    size_base=base, sizes=sizes, input_seq=input_seq, history_max=history)
 
 
 def data_len(payload: bytes) -> int:
@@ -142,6 +143,11 @@ class Ended:
     def ack(self, seq: int) -> dict:
         """The owner's ack: the new positions."""
         self._apply(self.core.ack(seq))
+        return self.core.snapshot()
+
+    def trim_history(self, keep: int) -> dict:
+        """Trim the history to at most ``keep`` bytes: the new positions."""
+        self._apply(self.core.trim_history(keep))
         return self.core.snapshot()
 
     def put_state(self, value: bytes, if_version: int | None) -> tuple[bool, int]:

@@ -14,6 +14,7 @@ socket; a request cancelled while waiting for its reply may still take effect
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from bento import auth, events, protocol, session_core, sessiondisk
 from bento.config import Config
 from bento.exchange_link import ExchangeGone, ExchangeLink, Exchanges
 from bento.session_core import Snapshot, State
+from bento.sessionlog import write_atomic
 from bento.store import Store
 
 log = logging.getLogger("bento.sessions")
@@ -45,6 +47,7 @@ class Attachment:
     cancel: trio.CancelScope
     state_version_sent: int = 0
     ended: bool = False
+    why: str = ""  # why it was cut off while its session goes on (a revoked viewer token)
     done: trio.Event = field(default_factory=trio.Event)  # its worker has finished
 
 
@@ -65,7 +68,6 @@ class Session:
         self.attachments: set[Attachment] = set()
         self.changed = trio.Event()
         self.link: ExchangeLink | None = None
-        self.idle_since = time.monotonic()
         self.removed = False
         self.ack_sent = 0
         # Its function ended and its exchange exited: it is served from disk.
@@ -115,17 +117,18 @@ class Session:
             "acked_seq": snap.acked_seq,
             "input_seq": snap.input_seq,
             "buffer_bytes": snap.buffer_bytes,
+            "history_bytes": snap.history_bytes,
             "attachments": len(self.attachments),
             "exit": snap.exit,
             "sandbox": self.meta["sandbox"],
             "enforced": self.enforced,
         }
 
-    def life_over(self, now: float, ttl: float) -> bool:
-        """``now``: monotonic; the end is in epoch seconds (it survives restarts)."""
+    def life_over(self, keep: float) -> bool:
+        """The end is in epoch seconds (it survives restarts)."""
         ended = self.snap.ended
         since_end = 0.0 if ended is None else time.time() - ended
-        return session_core.life_over(self.snap, bool(self.attachments), now - self.idle_since, since_end, ttl)
+        return session_core.life_over(self.snap, bool(self.attachments), since_end, keep)
 
 
 class Registry:
@@ -152,7 +155,8 @@ class Registry:
     def _index(self, s: Session) -> None:
         self.sessions[s.sid] = s
         self.tokens[s.meta["owner_hash"]] = (s, "rw")
-        self.tokens[s.meta["viewer_hash"]] = (s, "ro")
+        if s.meta["viewer_hash"]:  # empty once revoked
+            self.tokens[s.meta["viewer_hash"]] = (s, "ro")
         if s.meta.get("idem"):
             self.idem[s.meta["idem"]] = s
 
@@ -329,6 +333,31 @@ class Registry:
             except sessiondisk.Busy:
                 raise ExchangeGone("the session's exchange is ending; try again") from None
 
+    async def limit_history(self, limit: int) -> None:
+        """Keep all sessions' history within ``limit`` bytes: the oldest sessions'
+        history is trimmed first (``--max-history-bytes``)."""
+        excess = sum(s.snap.history_bytes for s in self.sessions.values()) - limit
+        trimmed = 0
+        for s in sorted(self.sessions.values(), key=lambda s: s.created):
+            if excess <= 0:
+                break
+            had = s.snap.history_bytes
+            if had == 0 or s.removed:
+                continue
+            keep = max(0, had - excess)
+            try:
+                if s.on_disk:
+                    s.update(await self._on_disk(s, sessiondisk.Ended.trim_history, keep))
+                else:
+                    s.update(await self.call(s, {"t": "trim", "keep": keep}))
+            except ExchangeGone as exc:
+                log.warning("session %s: its history could not be trimmed now: %s", s.sid, exc)
+                continue
+            excess -= had - s.snap.history_bytes
+            trimmed += 1
+        if trimmed:
+            log.info("trimmed the history of %d sessions to stay within --max-history-bytes %d", trimmed, limit)
+
     async def sweep_cgroups(self) -> None:
         """Remove the cgroups of exchanges that were killed before they could."""
         try:
@@ -358,6 +387,25 @@ class Registry:
                 continue
             self._index(s)
             events.emit("session.recovered", session=sid, state=s.snap.state, **events.exit_fields(s.snap.exit))
+
+    async def replace_viewer(self, s: Session, viewer_hash: str) -> None:
+        """Give ``s`` a new viewer token (by its hash; '' for none). The old one
+        stops working at once, viewers attached with it are cut off, and
+        meta.cbor keeps the change across restarts (written first: OSError
+        leaves everything as it was)."""
+        meta = {**s.meta, "viewer_hash": viewer_hash}
+        path = os.path.join(s.dir, "meta.cbor")
+        await trio.to_thread.run_sync(write_atomic, path, protocol.encode(meta))
+        self.tokens.pop(s.meta["viewer_hash"], None)
+        s.meta = meta
+        if viewer_hash and not s.removed:
+            self.tokens[viewer_hash] = (s, "ro")
+        for att in list(s.attachments):
+            if att.mode == "ro":
+                att.ended = True
+                att.why = "the viewer token was revoked by the session's owner"
+                att.cancel.cancel()
+                s.attachments.discard(att)
 
     # -- requests to the exchange ---------------------------------------------
 
@@ -421,12 +469,17 @@ class Registry:
 
     # -- the end of a session ------------------------------------------------------
 
+    async def end_by_keep(self, s: Session) -> None:
+        """The keep period after the function's end is over (and nobody is attached)."""
+        if not s.removed:
+            await self.end(s, reason="keep")
+
     async def end(self, s: Session, reason: str = "") -> None:
         """Remove the session: kill its function, delete its buffers, forget its tokens."""
         if s.removed:
             return
         acked = s.snap.exit_seq is not None and s.snap.acked_seq >= s.snap.exit_seq
-        events.emit("session.ended", session=s.sid, state=s.snap.state, why=reason or ("exit_acked" if acked else "ttl"))
+        events.emit("session.ended", session=s.sid, state=s.snap.state, why=reason or ("exit_acked" if acked else "keep"))
         self._unindex(s)
         for att in list(s.attachments):
             att.ended = True
@@ -446,9 +499,10 @@ class Registry:
                 next_sweep = now + CGROUP_SWEEP_S
                 await self.sweep_cgroups()
             await trio.sleep(1.0)
-            now = time.monotonic()
+            if self.config.max_history_bytes is not None:
+                await self.limit_history(self.config.max_history_bytes)
             for s in list(self.sessions.values()):
                 if s.disk is not None and not s.attachments:
                     s.disk = None  # nobody reads it: its memory goes
-                if s.life_over(now, self.config.ttl_s):
-                    self.nursery.start_soon(self.end, s)
+                if s.life_over(self.config.keep_s):
+                    self.nursery.start_soon(self.end_by_keep, s)

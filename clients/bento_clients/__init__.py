@@ -32,7 +32,7 @@ EXPORTS: dict[str, tuple[str, str | None]] = {
         for name in (
             "BentoError", "ConnectionLost", "RequestInterrupted", "RequestFailed", "Unauthorized",
             "Forbidden", "NotFound", "Conflict", "Gone", "SessionGone", "InputClosed", "RemoteError",
-            "SessionKilled", "SessionFailed", "SessionLost", "TooLarge",
+            "SessionKilled", "SessionFailed", "SessionLost", "TooLarge", "Busy", "QuotaExceeded",
         )
     },
 }

@@ -57,7 +57,15 @@ from bento_clients.cli_settings import (
     normalize_url,
     settings_from,
 )
-from bento_clients.errors import BentoError, Forbidden, NotFound, RequestFailed, Unauthorized
+from bento_clients.errors import (
+    BentoError,
+    Busy,
+    Forbidden,
+    NotFound,
+    QuotaExceeded,
+    RequestFailed,
+    Unauthorized,
+)
 from bento_clients.terminal import DEFAULT_DETACH_KEYS
 
 __all__ = ["EXIT_BENTO", "UsageError", "build_parser", "exit_code", "exit_message", "load_config", "main",
@@ -124,6 +132,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--network", action="store_true", help="allow network access")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable (repeatable)")
     p.add_argument("--idempotency-key", metavar="KEY", help="run at most once per key (default: a fresh key)")
+    p.add_argument("--wait", nargs="?", type=float, const=True, default=False, metavar="SECONDS",
+                   help="when the server is full, wait for capacity in its queue (default up to 600 s) "
+                        "instead of failing at once")
     p.add_argument("--buffer", metavar="SIZE", help="output buffer size, e.g. 64M (default: the server's)")
     p.add_argument("--policy", choices=["block", "drop_oldest", "fail"],
                    help="what a full buffer does: block the function, drop the oldest output, or fail "
@@ -165,6 +176,10 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     p = make("share", "Print a session's viewer token (read-only access to share).")
     p.add_argument("token", help=SESSION_HELP)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rotate", action="store_true",
+                   help="replace the viewer token (owner only): the old one stops working, its viewers are cut off")
+    g.add_argument("--revoke", action="store_true", help="take the viewer token away, giving no new one (owner only)")
 
     p = make("tokens", "Print a session's id, owner token and viewer token, as recorded on this machine.")
     p.add_argument("token", help=SESSION_HELP)
@@ -225,6 +240,12 @@ def describe_error(exc: BaseException, key_sent: bool) -> str:
         return "this needs the owner token (bto_...), not a viewer token"
     if isinstance(exc, Unauthorized):
         return unauthorized_message(key_sent)
+    if isinstance(exc, Busy):
+        when = "" if exc.retry_after is None else f"; try again in {exc.retry_after:g} s, or run with --wait"
+        return f"the server is full ({exc.limit}): {exc.message}{when}"
+    if isinstance(exc, QuotaExceeded):
+        when = "" if exc.retry_after is None else f"; allowed again in {exc.retry_after:g} s"
+        return f"this API key is over its {exc.quota} quota: {exc.message}{when}"
     if isinstance(exc, RequestFailed):
         return f"the server refused: {exc.code}: {exc.message}"
     return one_line(str(exc)) or type(exc).__name__

@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from bento_clients.cli_output import exit_code, say, show, show_json, status_lines
+from bento_clients.cli_output import QueueLine, exit_code, say, show, show_json, status_lines
 from bento_clients.cli_settings import Settings, UsageError, known_entry, parse_json_arg, token_of
 from bento_clients.cli_stream import follow, with_client
 from bento_clients.convert import from_json, parse_buffer, parse_limits
@@ -60,10 +60,14 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
                              f"(bento ls --prune forgets ended ones; bento rm {args.name} destroys it)")
 
     async def go(client: Any) -> int:
-        s = await client.execute(
-            code, *fn_args, entry=args.entry, kwargs=kwargs, env=env or None, limits=limits,
-            buffer=buffer, network=args.network, idempotency_key=args.idempotency_key,
-            attach=not args.detach)
+        client.on_queued = queue_line = QueueLine()
+        try:
+            s = await client.execute(
+                code, *fn_args, entry=args.entry, kwargs=kwargs, env=env or None, limits=limits,
+                buffer=buffer, network=args.network, idempotency_key=args.idempotency_key,
+                attach=not args.detach, wait=args.wait)
+        finally:
+            queue_line.done()
         entry = {"session": s.id, "server": url, "token": s.token, "viewer_token": s.viewer_token,
                  "name": args.name, "file": args.file, "key_id": key_id(settings.api_key),
                  "buffer": buffer}
@@ -193,6 +197,26 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return await with_client(settings, settings.server_for(entry), go)
 
 
+async def _new_viewer(settings: Settings, args: argparse.Namespace) -> int:
+    """``share --rotate`` / ``--revoke``: the server replaces the viewer token; the state file follows."""
+    entry = known_entry(settings, args.token)
+    token = token_of(entry, args.token, owner=True)
+
+    async def go(client: Any) -> int:
+        viewer = await client.share(token, "rotate" if args.rotate else "revoke")
+        if entry is not None:
+            settings.state.update_session(entry["session"], durable=True, viewer_token=viewer)
+        if settings.json:
+            show_json({"viewer_token": viewer})
+        elif viewer is not None:
+            show(viewer)
+        else:
+            say("bento: the viewer token is revoked; nobody can watch this session but its owner")
+        return 0
+
+    return await with_client(settings, settings.server_for(entry), go)
+
+
 async def cmd_kill(settings: Settings, args: argparse.Namespace) -> int:
     entry = known_entry(settings, args.token)
     token = token_of(entry, args.token, owner=True)
@@ -255,6 +279,8 @@ async def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_share(settings: Settings, args: argparse.Namespace) -> int:
+    if args.rotate or args.revoke:
+        return await _new_viewer(settings, args)
     if args.token.startswith("btv_"):
         viewer: str | None = args.token
     else:

@@ -189,6 +189,32 @@ def say(text: str) -> None:
     sys.stderr.flush()
 
 
+class QueueLine:
+    """The spinner line of an execute waiting in the server's queue: redrawn in
+    place on a terminal, one line per change of position otherwise; cleared
+    (``done``) once the execute is answered."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, position: int) -> None:
+        text = f"bento: the server is full; waiting in its queue, position {position}"
+        if self.tty:
+            self.turns += 1
+            sys.stderr.write(f"\r{self.FRAMES[self.turns % 4]} {text}\x1b[K")
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty and self.turns:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
 def show(text: str) -> None:
     sys.stdout.write(text.rstrip("\n") + "\n")
     sys.stdout.flush()

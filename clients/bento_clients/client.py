@@ -25,6 +25,7 @@ import trio
 import bento
 from bento import protocol
 from bento_clients.convert import parse_buffer, parse_limits
+from bento_clients.errors import Busy
 from bento_clients.inputs import InputJournal
 from bento_clients.link import Link
 from bento_clients.session import Session
@@ -38,7 +39,10 @@ DEFAULT_URL = "ws://127.0.0.1:8765/v1"
 CLIENT_NAME = f"bento-python/{bento.__version__}"
 # Keyword names of execute() that are options, not the function's kwargs
 # (pass a colliding function kwarg through kwargs={...}).
-RESERVED_OPTIONS = ("entry", "kwargs", "env", "limits", "buffer", "network", "idempotency_key", "attach")
+RESERVED_OPTIONS = ("entry", "kwargs", "env", "limits", "buffer", "network", "idempotency_key", "attach",
+                    "wait")
+# What execute(wait=True) waits for capacity at most, seconds.
+DEFAULT_WAIT_S = 600.0
 _FUNCTION_ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -95,6 +99,8 @@ class Client:
         #: Output received and not read yet, per session, past which its attachment
         #: is paused (see ``Session.paused`` and docs/sdk.md); None: no bound.
         self.max_queued_bytes = max_queued_bytes
+        # Called with the position of an execute waiting in the server's queue.
+        self.on_queued: Callable[[int], None] | None = None
         self._sup = Supervisor(
             self.url, self.api_key, on_connected=self._restore, on_message=self._dispatch,
             on_lost=self._wake_sessions, reconnect_timeout=reconnect_timeout,
@@ -134,6 +140,7 @@ class Client:
         network: bool = False,
         idempotency_key: str | None = None,
         attach: bool = True,
+        wait: bool | float = False,
         **fn_kwargs: Any,
     ) -> Session:
         """Run a function on the server; returns its ``Session``.
@@ -151,7 +158,11 @@ class Client:
         int or ``"64M"``, or ``{"max_bytes", "policy"}``), ``network``,
         ``idempotency_key`` (one is generated when not given, so a retried
         execute after a dropped connection never starts a second function),
-        ``attach`` (False: start it and only return the tokens).
+        ``attach`` (False: start it and only return the tokens), ``wait``
+        (a full server answers ``Busy`` at once unless this is True, up to
+        ``DEFAULT_WAIT_S``, or a number of seconds: the execute then waits in
+        the server's queue, and retries after the server's ``retry_after``
+        while time is left; ``on_queued`` hears its position).
         """
         fields: dict[str, Any] = {}
         if callable(function):
@@ -185,8 +196,18 @@ class Client:
                 self._register(s, link, {"mode": "rw", "input_seq": 0})
             made.append(s)
 
-        await self._sup.call("execute", fields, retry=True, on_reply=on_reply)
-        return made[-1]
+        wait_s = DEFAULT_WAIT_S if wait is True else float(wait or 0)
+        deadline = trio.current_time() + wait_s
+        while True:
+            if wait_s:
+                fields["queue"] = max(0.0, deadline - trio.current_time())
+            try:
+                await self._sup.call("execute", fields, retry=True, on_reply=on_reply)
+                return made[-1]
+            except Busy as exc:
+                if exc.retry_after is None or trio.current_time() + exc.retry_after >= deadline:
+                    raise
+                await trio.sleep(exc.retry_after)
 
     async def attach(
         self,
@@ -245,6 +266,14 @@ class Client:
         drop; a retry answered ``not_found`` counts as done."""
         await self._sup.call("destroy", {"token": token}, retry=True, done_if_gone=True)
 
+    async def share(self, token: str, viewer: str) -> str | None:
+        """Replace the session's viewer token (owner token): ``viewer="rotate"``
+        returns a new one, ``"revoke"`` leaves none (returns None). Either way the
+        old one stops working and viewers attached with it are cut off. Not
+        retried after a drop (a repeat would rotate twice)."""
+        r = await self._sup.call("share", {"token": token, "viewer": viewer}, retry=False)
+        return r.get("viewer_token")
+
     async def state_get(self, token: str) -> tuple[int, Any]:
         """The session's shared state: ``(version, value)``."""
         r = await self._sup.call("state_get", {"token": token}, retry=True)
@@ -288,6 +317,10 @@ class Client:
         """An event from the reader, for its session (synchronously: a session
         created by an ``execute`` reply exists before its first ``out`` event)."""
         ev = msg["ev"]
+        if ev == "queued":
+            if self.on_queued is not None and isinstance(msg.get("position"), int):
+                self.on_queued(msg["position"])
+            return
         sid = msg.get("session")
         s = self._sessions.get(sid) if isinstance(sid, str) else None
         if s is None or s._link is not link:

@@ -20,12 +20,14 @@ from typing import Any
 
 __all__ = [
     "BentoError",
+    "Busy",
     "Conflict",
     "ConnectionLost",
     "Forbidden",
     "Gone",
     "InputClosed",
     "NotFound",
+    "QuotaExceeded",
     "RemoteError",
     "RequestFailed",
     "RequestInterrupted",
@@ -151,6 +153,33 @@ class TooLarge(RequestFailed, ValueError):
                    f"server (the connection was {why}); not sent again", op, size=size)
 
 
+class Busy(RequestFailed):
+    """The server is full (``limit``: sessions, memory, disk or queue). Not
+    retried unless asked (``execute(wait=...)``, ``bento run --wait``);
+    ``retry_after`` is the server's advice in seconds (None: retrying cannot help)."""
+
+    def __init__(self, code: str, message: str, op: str = "", **details: Any) -> None:
+        super().__init__(code, message, op, **details)
+        self.limit = str(details.get("busy", ""))
+        after = details.get("retry_after")
+        self.retry_after = float(after) if isinstance(after, int | float) else None
+        hint = "retrying cannot help" if self.retry_after is None else (
+            f"retry after {self.retry_after:g} s, or wait for capacity with wait= / --wait")
+        self.args = (f"{self.args[0]} ({hint})",)
+
+
+class QuotaExceeded(RequestFailed):
+    """This API key used its share (``quota``: sessions, executes_per_minute or
+    history_bytes). Waiting in the server's queue does not help; ``retry_after``
+    says when, for executes_per_minute."""
+
+    def __init__(self, code: str, message: str, op: str = "", **details: Any) -> None:
+        super().__init__(code, message, op, **details)
+        self.quota = str(details.get("quota", ""))
+        after = details.get("retry_after")
+        self.retry_after = float(after) if isinstance(after, int | float) else None
+
+
 _BY_CODE: dict[str, type[RequestFailed]] = {
     "unauthorized": Unauthorized,
     "forbidden": Forbidden,
@@ -158,6 +187,8 @@ _BY_CODE: dict[str, type[RequestFailed]] = {
     "conflict": Conflict,
     "gone": Gone,
     "too_large": TooLarge,
+    "busy": Busy,
+    "quota": QuotaExceeded,
 }
 
 

@@ -21,7 +21,7 @@ LEN = struct.Struct(">I")
 #: it, and a server connects only to an exchange of its own version (an
 #: exchange outlives the server that started it, so a new server may meet an
 #: old one).
-VERSION = 2
+VERSION = 3
 
 
 #: ``api.send``: this byte, the channel's length (1 byte), the channel (UTF-8), the value (CBOR).
@@ -32,7 +32,7 @@ FROM_DRIVER = "driver>exchange"
 TO_EXCHANGE = "server>exchange"
 FROM_EXCHANGE = "exchange>server"
 
-_SNAPSHOT = "state next_seq first_seq acked_seq input_seq buffer_bytes dropped_to ended exit exit_seq"
+_SNAPSHOT = "state next_seq first_seq acked_seq input_seq buffer_bytes dropped_to ended exit exit_seq history_bytes"
 
 #: Every message type, by direction: ``t`` -> (required fields, optional fields).
 #: ``rid`` pairs a server's request with the exchange's ``reply``.
@@ -59,6 +59,9 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "input": ("rid seq", "data eof"),
             "ack": ("seq", ""),
             "sync": ("rid", ""),  # positions now: replied with the snapshot's fields
+            # trim the history to at most ``keep`` bytes (the server-wide limit): replied
+            # with the snapshot; sent only to an exchange that announced history_bytes above 0
+            "trim": ("rid keep", ""),
             "signal": ("rid signal", "by"),  # by: the admin who kills (KILL only)
             "state_get": ("rid", ""),
             "state_put": ("rid value if_version", ""),

@@ -364,3 +364,22 @@ def test_help():
     assert r.returncode == 0 and b"bento COMMAND" in r.stdout
     r = subprocess.run(CLI + ["run", "--help"], capture_output=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0 and b"--detach-keys" in r.stdout
+
+
+def test_logs_after_the_owner_read_everything_still_prints_the_output_and_the_exit(cli):
+    """The owner's ``attach`` reads the run to its end and acks its exit; the
+    session stays for its keep period, so ``logs`` prints it all again."""
+    env, tmp = cli
+    job = write_file(tmp, "ticks.py", TICKS)
+    started = json.loads(run_cli(["run", job, "3", "-d", "--json"], env).stdout)
+    token, sid = started["token"], started["session"]
+    attached = run_cli(["attach", token, "--no-stdin"], env)
+    assert attached.returncode == 0, attached.stderr
+    assert attached.stdout == b'tick 0\ntick 1\ntick 2\n"finished"\n'  # the output, then the result
+    st = json.loads(run_cli(["status", token, "--json"], env).stdout)
+    assert st["acked_seq"] == st["next_seq"] - 1 and st["first_seq"] == 1, st
+    for who in (token, started["viewer_token"], sid):
+        logs = run_cli(["logs", who], env)
+        assert logs.returncode == 0, logs.stderr
+        assert logs.stdout == attached.stdout, logs
+        assert b"gone" not in logs.stderr, logs.stderr

@@ -194,26 +194,63 @@ async def test_result_without_reading_output_drains_it(server):
             s = await c.execute(code, buffer=4096)  # tiny buffer: only acks let it finish
             with trio.fail_after(30):
                 assert await s.result() == "end"
-            # The exit frame was acknowledged: the server may forget the session once we go.
+            # The exit frame was acknowledged (the session stays readable for its keep period).
             assert s.statistics()["read_seq"] == s.exit.seq
 
 
-async def test_gap_frame_for_trimmed_output(server):
+TWENTY = "def main():\n    for i in range(20):\n        api.send(i)\n    api.recv()\n"
+
+# A second process attaches with the owner's token from 1 and prints what it reads.
+SECOND_PROCESS = """
+import sys, bento_clients
+with bento_clients.sync.connect(sys.argv[1]) as c:
+    s = c.attach(sys.argv[2])
+    for f in s.output(timeout=20):
+        print(type(f).__name__, getattr(f, "from_seq", None), getattr(f, "reason", None), getattr(f, "value", None))
+        if getattr(f, "value", None) == 19:
+            break
+"""
+
+
+async def read_ten_and_ack(s) -> None:
+    it = s.output()
+    for _ in range(10):
+        await it.__anext__()
+    await it.__anext__()  # acknowledges the first ten
+    with trio.fail_after(10):
+        while (await s.status())["acked_seq"] < 10:
+            await trio.sleep(0.02)
+
+
+async def test_a_second_process_reattaching_after_acks_reads_everything_without_a_gap(server):
     with trio.fail_after(TEST_TIMEOUT_S):
-        code = "def main():\n    for i in range(20):\n        api.send(i)\n    api.recv()\n"
         async with bento_clients.connect(server.url) as c:
-            s = await c.execute(code)
-            it = s.output()
-            for _ in range(10):
-                await it.__anext__()
-            await it.__anext__()  # acknowledges the first ten
-            async with bento_clients.connect(server.url) as v:
-                with trio.fail_after(10):
-                    while (await s.status())["first_seq"] < 11:
-                        await trio.sleep(0.02)
+            s = await c.execute(TWENTY)
+            await read_ten_and_ack(s)
+            st = await s.status()
+            assert st["first_seq"] == 1 and st["history_bytes"] > 0, st
+            out = await trio.to_thread.run_sync(lambda: subprocess.run(
+                [sys.executable, "-c", SECOND_PROCESS, server.url, s.token],
+                capture_output=True, timeout=40))
+            assert out.returncode == 0, out.stderr
+            lines = out.stdout.decode().splitlines()
+            assert lines == [f"Msg None None {i}" for i in range(20)], out
+            await s.destroy()
+
+
+async def test_gap_frame_for_trimmed_history(make_server):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        srv = make_server("--history-bytes", "0")
+        async with bento_clients.connect(srv.url) as c:
+            s = await c.execute(TWENTY)
+            await read_ten_and_ack(s)
+            async with bento_clients.connect(srv.url) as v:
                 late = await v.attach(s.viewer_token)
-                first = await late.output().__anext__()
-            assert isinstance(first, Gap) and (first.from_seq, first.to_seq) == (1, 10)
+                it = late.output()
+                first = await it.__anext__()
+                second = await it.__anext__()
+            assert isinstance(first, Gap) and (first.from_seq, first.to_seq, first.reason) == (1, 10, "trimmed")
+            assert isinstance(second, Msg) and second.value == 10
             await s.destroy()
 
 

@@ -1,5 +1,5 @@
 """End-to-end: buffer policies, resource limits, exit codes, odd functions,
-server memory under a large backlog, and session lifetime (TTL, ack + detach).
+server memory under a large backlog, and session lifetime (the keep period).
 
 Each test talks raw protocol to a real server process (helpers.connect).
 """
@@ -423,8 +423,8 @@ async def test_server_memory_does_not_grow_with_unread_output(make_server):
 # -- lifetime ------------------------------------------------------------------------------
 
 
-async def test_ttl_removes_unattached_and_keeps_attached(make_server):
-    srv = make_server("--ttl", "1")
+async def test_keep_removes_unattached_and_keeps_attached(make_server):
+    srv = make_server("--keep", "1")
     quick = "def main():\n    return 1\n"
     async with connect(srv.url) as c:
         lone = await c.ok("execute", code=quick, attach=False)
@@ -433,19 +433,20 @@ async def test_ttl_removes_unattached_and_keeps_attached(make_server):
         assert frames[-1][2]["state"] == "exited"
         took = await wait_not_found(c, lone["token"], timeout=6)
         assert took < 6
-        # The attached one outlives the TTL by far.
+        assert "ended by keep" in srv.read_log()
+        # The attached one outlives the keep period by far.
         await trio.sleep(2.5)
         st = await c.ok("status", token=kept["token"])
         assert st["attachments"] == 1 and st["exit"]["state"] == "exited"
-        # Once nobody is attached, the TTL applies to it too.
+        # Once nobody is attached, the keep period applies to it too.
         await c.ok("detach", session=kept["session"])
         await wait_not_found(c, kept["token"], timeout=6)
 
 
-async def test_ttl_never_ends_a_running_function(make_server):
-    """With --ttl 1, a detached function that runs for 3 s is not destroyed at
-    1 s (it once was, silently): it runs to its end, and the TTL counts from there."""
-    srv = make_server("--ttl", "1")
+async def test_keep_never_ends_a_running_function(make_server):
+    """With --keep 1, a detached function that runs for 3 s is not destroyed at
+    1 s (it once was, silently): it runs to its end, and the keep period counts from there."""
+    srv = make_server("--keep", "1")
     code = "import time\ndef main():\n    time.sleep(3)\n    return 'done'\n"
     async with connect(srv.url) as c:
         r = await c.ok("execute", code=code, attach=False)
@@ -457,8 +458,17 @@ async def test_ttl_never_ends_a_running_function(make_server):
         await wait_not_found(c, r["token"], timeout=6)
 
 
-async def test_exit_acked_and_detached_ends_but_attached_stays(server):
-    async with connect(server.url) as c:
+async def test_ttl_is_a_deprecated_name_of_keep(make_server):
+    srv = make_server("--ttl", "1")
+    async with connect(srv.url) as c:
+        r = await c.ok("execute", code="def main():\n    return 1\n", attach=False)
+        await wait_not_found(c, r["token"], timeout=6)
+    assert "--ttl is deprecated" in srv.read_log()
+
+
+async def test_exit_acked_stays_for_the_keep_period_attached_or_not(make_server):
+    srv = make_server("--keep", "3")
+    async with connect(srv.url) as c:
         r = await c.ok("execute", code="def main():\n    return 7\n")
         sid, tok = r["session"], r["token"]
         frames = await c.frames(sid)
@@ -470,6 +480,58 @@ async def test_exit_acked_and_detached_ends_but_attached_stays(server):
         st = await c.ok("status", token=tok)
         assert st["attachments"] == 1 and st["acked_seq"] == exit_seq
         await c.ok("detach", session=sid)
-        took = await wait_not_found(c, tok, timeout=3)
-        assert took < 3
+        # Acked and detached, it stays until its keep period (3 s from its end) is over.
+        assert (await c.ok("status", token=tok))["exit"]["result"] == 7
+        took = await wait_not_found(c, tok, timeout=4)
+        assert took < 4
         assert (await c.request("attach", token=r["viewer_token"]))["error"]["code"] == "not_found"
+
+
+# -- history ---------------------------------------------------------------------------------
+
+SENDS = "def main(n, hold):\n    for i in range(n):\n        api.send(b'%05d' % i * 40)\n    if hold:\n        api.recv()\n"
+
+
+async def read_and_ack(c, code_args: list, **fields) -> tuple[dict, list[list]]:
+    """Start SENDS, read its frames (to the exit unless it holds) as the owner and ack them all."""
+    r = await c.ok("execute", code=SENDS, args=code_args, **fields)
+    hold = code_args[1]
+    frames = await c.frames(r["session"], until_exit=not hold, count=code_args[0] if hold else None)
+    last = frames[-1][0]
+    await c.send({"op": "ack", "session": r["session"], "seq": last})
+    await wait_status(c, r["token"], lambda st: st["acked_seq"] == last, timeout=5)
+    return r, frames
+
+
+async def test_history_over_the_session_limit_gives_one_trimmed_gap_and_the_rest(make_server):
+    srv = make_server("--history-bytes", "2000")
+    async with connect(srv.url) as c:
+        r, frames = await read_and_ack(c, [20, True])
+        st = await c.ok("status", token=r["token"])
+        assert st["buffer_bytes"] == 0 and 0 < st["history_bytes"] <= 2000 and st["first_seq"] > 1, st
+        async with connect(srv.url) as v:
+            a = await v.ok("attach", token=r["viewer_token"])
+            assert a["first_seq"] == st["first_seq"]
+            got = await v.frames(r["session"], until_exit=False, count=1 + 21 - st["first_seq"])
+        assert got[0][1] == "gap" and got[0][2] == {"from": 1, "to": st["first_seq"] - 1, "reason": "trimmed"}
+        assert got[1:] == frames[st["first_seq"] - 1:]
+        await c.ok("destroy", token=r["token"])
+
+
+async def test_the_server_wide_history_limit_trims_the_oldest_sessions_first(make_server):
+    srv = make_server("--max-history-bytes", "3000")
+    async with connect(srv.url) as c:
+        # The oldest has ended (served from disk), the newer one still runs.
+        old, old_frames = await read_and_ack(c, [10, False])
+        new, _ = await read_and_ack(c, [10, True])
+        st_old = await wait_status(c, old["token"], lambda st: st["first_seq"] > 1, timeout=10)
+        st_new = await c.ok("status", token=new["token"])
+        assert st_new["first_seq"] == 1 and st_new["history_bytes"] > 1500, st_new
+        assert st_old["history_bytes"] + st_new["history_bytes"] <= 3000, (st_old, st_new)
+        async with connect(srv.url) as v:
+            await v.ok("attach", token=old["viewer_token"])
+            got = await v.frames(old["session"])
+        assert got[0][2] == {"from": 1, "to": st_old["first_seq"] - 1, "reason": "trimmed"}, got[0]
+        assert got[1:] == old_frames[st_old["first_seq"] - 1:]
+        await c.ok("destroy", token=new["token"])
+    assert "trimmed the history of 1 sessions" in srv.read_log()

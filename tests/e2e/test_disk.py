@@ -56,7 +56,8 @@ async def test_full_disk_pauses_output_and_recovers(small_disk, make_server):
         # New work is refused with a clear error while the disk is full.
         refused = await c.request("execute", code="def main():\n    return 1\n" + "#" * 200_000)
         assert not refused["ok"]
-        assert refused["error"]["code"] == "internal"
+        assert refused["error"]["code"] == "busy" and refused["error"]["busy"] == "disk"
+        assert refused["error"]["retry_after"] > 0
         assert "space" in refused["error"]["message"].lower()
         # Reading and acking frees whole segments: the function goes on to the end.
         await c.ok("attach", token=tok)
@@ -72,4 +73,40 @@ async def test_full_disk_pauses_output_and_recovers(small_disk, make_server):
     # Space is back: new work is accepted again.
     async with connect(srv.url) as c:
         r = await c.ok("execute", code="def main():\n    return 1\n")
+        assert (await c.frames(r["session"]))[-1][2]["result"] == 1
+
+
+async def test_disk_floor_refuses_new_executes_and_running_ones_keep_every_byte(small_disk, make_server):
+    # A 24 MiB disk with a 16 MiB floor: the function's 12 MiB of output takes
+    # the free space below the floor while it runs.
+    srv = make_server("--pool", "0", "--disk-floor", "16M", data_dir=small_disk)
+    total = 12 * MiB
+    code = (
+        "import sys\n"
+        f"def main():\n    chunk = b'z' * 65536\n    for _ in range({total // 65536}):\n"
+        "        sys.stdout.buffer.write(chunk)\n        sys.stdout.flush()\n"
+        "    api.recv()\n    return 'done'\n"
+    )
+    async with connect(srv.url) as c:
+        r = await c.ok("execute", code=code, attach=False)
+        tok, sid = r["token"], r["session"]
+        with trio.fail_after(60):
+            while (await c.ok("status", token=tok))["buffer_bytes"] < total:
+                await trio.sleep(0.2)
+        refused = await c.request("execute", code="def main():\n    return 1\n")
+        assert not refused["ok"]
+        err = refused["error"]
+        assert err["code"] == "busy" and err["busy"] == "disk" and "floor" in err["message"], err
+        await c.ok("attach", token=tok)
+        await c.send({"op": "input", "session": sid, "seq": 1, "data": "go"})
+        frames = await c.frames(sid, timeout=60)
+        assert_contiguous(frames)
+        assert data_of(frames) == b"z" * total and frames[-1][2]["result"] == "done"
+        await c.send({"op": "ack", "session": sid, "seq": frames[-1][0]})
+        # Acked output stays readable as history until the keep period; destroying
+        # the session frees its space, and the floor lets executes in again.
+        await c.ok("destroy", token=tok)
+        with trio.fail_after(30):
+            while not (r := await c.request("execute", code="def main():\n    return 1\n"))["ok"]:
+                await trio.sleep(0.2)
         assert (await c.frames(r["session"]))[-1][2]["result"] == 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import psutil
 import trio
-from helpers import assert_contiguous, connect, data_of, wait_exit
+from helpers import assert_contiguous, connect, data_of, wait_exit, wait_status
 from trio_websocket import ConnectionClosed
 
 from bento import sessionlog
@@ -156,7 +156,10 @@ async def test_server_kill9_while_streaming_loses_and_repeats_nothing(make_serve
     # running when the last one is ready and the server is killed.
     n_sessions, n_lines, step = 100, 600, 0.05
     first_inputs, total_inputs = 6, 10
-    old = make_server()
+    # 100 default memory limits (1 GiB each with bwrap) are more than the
+    # default memory budget; these functions use a few MiB each.
+    budget = ("--memory-budget", "200G")
+    old = make_server(*budget)
     tracks = [Track(i) for i in range(n_sessions)]
     ready = []
     all_ready, killed = trio.Event(), trio.Event()
@@ -195,7 +198,7 @@ async def test_server_kill9_while_streaming_loses_and_repeats_nothing(make_serve
     for t in tracks:
         assert_contiguous(t.frames)
         assert t.frames[-1][1] != "exit"
-    new = make_server(data_dir=old.data_dir)
+    new = make_server(*budget, data_dir=old.data_dir)
 
     async def after(t: Track) -> None:
         async with connect(new.url) as c:
@@ -480,10 +483,15 @@ async def test_ended_sessions_cost_no_process_and_stay_readable_across_a_restart
             while st["acked_seq"] != got[-2][0]:
                 await trio.sleep(0.02)
                 st = await c.ok("status", token=rs[1]["token"])
-        assert st["first_seq"] == got[-1][0] and st["buffer_bytes"] == 0
-        # Acking the exit ends the session once detached: nothing of it stays.
+        # The acked frames left the buffer and stay readable as history.
+        assert st["first_seq"] == 1 and st["buffer_bytes"] == 0 and st["history_bytes"] > 0, st
+        # Acking the exit does not end it: it stays for its keep period, whole.
         await c.send({"op": "ack", "session": sid, "seq": got[-1][0]})
         await c.ok("detach", session=sid)
+        await wait_status(c, rs[1]["token"], lambda st: st["acked_seq"] == got[-1][0], timeout=5)
+        await c.ok("attach", token=rs[1]["viewer_token"])
+        assert await c.frames(sid) == before
+        await c.ok("destroy", token=rs[1]["token"])
         with trio.fail_after(5):
             while os.path.exists(session_dir(srv.data_dir, sid)):
                 await trio.sleep(0.05)

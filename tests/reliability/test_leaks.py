@@ -3,9 +3,9 @@ started - open fds, child processes (and any process naming its data dir),
 threads, RSS, the registry (``list``) and the files under ``sessions/``.
 
 Sessions live every kind of life, 20 at a time: finished and acknowledged
-(exit acked, then detached: the session ends at once), abandoned without ever
-being attached (gone at ``--ttl 1`` after their end), dropped abruptly while
-attached and running (gone at the TTL after their end too), destroyed, and fed
+(exit acked, then detached: gone at ``--keep 1`` after their end), abandoned
+without ever being attached (gone at the keep period after their end too),
+dropped abruptly while attached and running (likewise), destroyed, and fed
 input until EOF.
 
 The default run makes 300 sessions; ``BENTO_LEAK_SESSIONS=2000`` is the long form.
@@ -30,8 +30,8 @@ from trio_websocket import open_websocket_url
 
 SESSIONS = int(os.environ.get("BENTO_LEAK_SESSIONS", "300"))
 BATCH = 20
-TTL = 1.0
-WALL = 1.0  # the sleepers' wall_s: their function ends, then their TTL runs
+KEEP = 1.0
+WALL = 1.0  # the sleepers' wall_s: their function ends, then their keep period runs
 MiB = 1024 * 1024
 
 QUICK = "def main(n):\n    print('x' * n)\n    api.send(n)\n    return n\n"
@@ -139,7 +139,7 @@ class Workload:
                         await trio.sleep(0.02)
                 self.acked_gone.append(time.monotonic() - t)
             elif kind == "abandoned":
-                # Never attached: its TTL runs from its end (the sleeper's wall_s,
+                # Never attached: its keep period runs from its end (the sleeper's wall_s,
                 # since a running function is never ended by its lifetime).
                 t = time.monotonic()
                 code, args = self.rng.choice(((QUICK, [10]), (SLEEPER, [])))
@@ -187,7 +187,9 @@ async def settle(check, timeout: float) -> bool:
 
 
 async def test_sessions_come_and_go_without_leaks(make_server):
-    srv = make_server("--ttl", str(TTL))
+    # BATCH functions at once, each with the default 1 GiB memory limit, are more
+    # than the default memory budget admits on a small machine; they use a few MiB.
+    srv = make_server("--keep", str(KEEP), "--memory-budget", "200G")
     pid, data_dir = srv.proc.pid, srv.data_dir
     work = Workload(srv.url, data_dir, seed=SESSIONS)
     t0 = time.monotonic()
@@ -202,7 +204,7 @@ async def test_sessions_come_and_go_without_leaks(make_server):
             await work.run(SESSIONS)
             t_run = time.monotonic() - t0
             mid = figures(pid, data_dir)
-            assert await settle(lambda: not work.abandoned, TTL + 15), work.abandoned[:5]
+            assert await settle(lambda: not work.abandoned, KEEP + 15), work.abandoned[:5]
             n.cancel_scope.cancel()
 
         # Nothing is left in the registry.
@@ -210,7 +212,7 @@ async def test_sessions_come_and_go_without_leaks(make_server):
             async def registry_empty() -> bool:
                 return not (await c.ok("list"))["sessions"]
 
-            with trio.fail_after(TTL + 15):
+            with trio.fail_after(KEEP + 15):
                 while not await registry_empty():
                     await trio.sleep(0.1)
         assert await settle(lambda: figures(pid, data_dir).session_dirs == 0, 10)
@@ -229,7 +231,7 @@ async def test_sessions_come_and_go_without_leaks(make_server):
           f"acked sessions gone {max(work.acked_gone):.2f} s (max) after detach; "
           + "; ".join(f"{k} ones {min(v):.2f}..{statistics.median(v):.2f}..{max(v):.2f} s after "
                       "they were let go" for k, v in work.lifetimes.items())
-          + f" (ttl {TTL} s)\n"
+          + f" (keep {KEEP} s)\n"
           f"  fds      {before.fds} -> {mid.fds} (busy) -> {after.fds}\n"
           f"  children {before.children} -> {mid.children} -> {after.children} "
           f"(zombies {after.zombies}, processes naming the data dir {after.by_data_dir})\n"
@@ -248,11 +250,12 @@ async def test_sessions_come_and_go_without_leaks(make_server):
     assert after.rss <= before.rss + 6 * MiB + SESSIONS * 1024, (before, after)
     # What is left on disk: the secret and stored functions only (none are stored here).
     assert after.files <= before.files, (before, after)
-    assert max(work.acked_gone) < 2.0, sorted(work.acked_gone)[-5:]
-    # Abandoned sessions go at their TTL: not before, and soon after (the reaper runs each second).
+    # Acked ones go at the keep period from their end (it ended before the detach).
+    assert max(work.acked_gone) < KEEP + 3.0, sorted(work.acked_gone)[-5:]
+    # Abandoned sessions go at the keep period too: not before, and soon after (the reaper runs each second).
     for lifetimes in work.lifetimes.values():
-        assert min(lifetimes) >= TTL - 0.1, sorted(lifetimes)[:5]
-        assert max(lifetimes) <= TTL + 10, sorted(lifetimes)[-5:]
+        assert min(lifetimes) >= KEEP - 0.1, sorted(lifetimes)[:5]
+        assert max(lifetimes) <= KEEP + 10, sorted(lifetimes)[-5:]
 
 
 # --------------------------------------------------------------------------

@@ -709,7 +709,7 @@ def test_constants():
     assert p.DEFAULT_MAX_MESSAGE == 16 * 1024 * 1024
     assert p.MAX_DEPTH == 32
     assert p.DEFAULT_MAX_ITEMS == 262_144
-    assert len(p.ERROR_CODES) == 11 and "input_gap" in p.ERROR_CODES
+    assert len(p.ERROR_CODES) == 13 and {"input_gap", "busy", "quota"} <= p.ERROR_CODES
     assert p.STATES == ("starting", "running", "exited", "failed", "killed", "lost")
     assert p.ENDED_STATES == set(p.STATES) - {"starting", "running"}
     assert p.SIGNALS == {"INT", "TERM", "KILL"}
@@ -759,6 +759,7 @@ HAPPY = [
             "network": False,
             "idempotency_key": None,
             "attach": True,
+            "queue": None,
         },
     ),
     (
@@ -781,6 +782,7 @@ HAPPY = [
             "buffer": {"max_bytes": 1024, "policy": "drop_oldest"},
             "network": True,
             "idempotency_key": "k" * 256,
+            "queue": 2.5,
             "attach": False,
         },
         {
@@ -804,6 +806,7 @@ HAPPY = [
             "network": True,
             "idempotency_key": "k" * 256,
             "attach": False,
+            "queue": 2.5,
         },
     ),
     (
@@ -822,6 +825,7 @@ HAPPY = [
             "network": False,
             "idempotency_key": None,
             "attach": True,
+            "queue": None,
         },
     ),
     (
@@ -871,6 +875,10 @@ HAPPY = [
         {"op": "state_put", "id": 12, "token": "t", "value": [1], "if_version": 0},
     ),
     ({"op": "ping", "id": 2**64 - 1}, {"op": "ping", "id": 2**64 - 1}),
+    (
+        {"op": "share", "id": 13, "token": "t", "viewer": "rotate"},
+        {"op": "share", "id": 13, "token": "t", "viewer": "rotate"},
+    ),
 ]
 
 
@@ -911,6 +919,9 @@ BAD = [
     ({"op": "nope", "id": 2}, 2),
     ({"op": "nope", "id": -1}, None),
     ({"op": "ping"}, None),  # missing id
+    ({"op": "share", "id": 1, "token": "t", "viewer": "drop"}, 1),
+    ({**EXEC, "queue": -1}, 4),
+    ({**EXEC, "queue": float("inf")}, 4),
     ({"op": "ping", "id": True}, None),  # bool is not a uint
     ({"op": "ping", "id": -1}, None),
     ({"op": "ping", "id": 1.0}, None),

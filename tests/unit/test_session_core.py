@@ -38,8 +38,9 @@ from bento.session_core import (
 class Pair:
     """An exchange (the core, its log, the actions it carried out) and an owner reading it."""
 
-    def __init__(self, max_bytes: int = 100, policy: str = "block", core: SessionCore | None = None) -> None:
-        self.core = core or SessionCore(max_bytes, policy)
+    def __init__(self, max_bytes: int = 100, policy: str = "block", core: SessionCore | None = None,
+                 history_max: int = 10_000) -> None:
+        self.core = core or SessionCore(max_bytes, policy, history_max=history_max)
         self.log: dict[int, bytes] = {}  # seq -> encoded frame data
         self.trimmed_to = 1
         self.kills: list[str] = []
@@ -198,16 +199,100 @@ def test_every_exit_rule_is_reachable():
 # -- §acknowledgements -----------------------------------------------------------------
 
 
-def test_owner_ack_frees_the_buffer_and_trims():
+def test_owner_ack_frees_the_buffer_and_keeps_the_frames_as_history():
     p = started(max_bytes=1000)
     for _ in range(5):
         p.send(b"x" * 10)  # 11 bytes of data each
     assert p.core.buffer_bytes == 55
     assert len(p.read()) == 5
     actions = p.ack()
-    assert Trim(6) in actions and Save(False) in actions and Announce() in actions
+    assert Save(False) in actions and Announce() in actions
+    assert not any(isinstance(a, Trim) for a in actions)
     snap = p.core.snapshot()
-    assert (snap["acked_seq"], snap["first_seq"], snap["buffer_bytes"]) == (5, 6, 0)
+    assert (snap["acked_seq"], snap["first_seq"], snap["buffer_bytes"], snap["history_bytes"]) == (5, 1, 0, 55)
+
+
+def test_a_second_reader_from_1_after_the_owner_acked_everything_reads_every_frame():
+    p = started(max_bytes=1000)
+    for i in range(5):
+        p.send(i)
+    p.read()
+    p.ack()
+    p.owner_next = 1  # a viewer, or a second SDK process, from the start
+    assert p.read() == [0, 1, 2, 3, 4]
+
+
+def test_history_over_its_limit_is_trimmed_oldest_first_and_gives_a_trimmed_gap():
+    p = started(max_bytes=1000, history_max=30)
+    for _ in range(5):
+        p.send(b"x" * 9)  # 10 bytes of data each
+    p.read()
+    actions = p.ack()
+    assert Trim(3) in actions and p.trimmed_to == 3
+    snap = p.core.snapshot()
+    assert (snap["first_seq"], snap["history_bytes"], snap["buffer_bytes"]) == (3, 30, 0)
+    p.owner_next = 1
+    got = p.read()
+    assert got[0] == ("gap", 1, 2, "trimmed") and len(got) == 4
+
+
+def test_the_server_wide_limit_trims_a_history_below_its_own_limit_never_the_buffer():
+    p = started(max_bytes=1000, history_max=1000)
+    for _ in range(5):
+        p.send(b"x" * 9)  # 10 bytes of data each
+    p.read()
+    p.do(p.core.ack(3))
+    assert p.core.history_bytes == 30 and p.core.buffer_bytes == 20
+    actions = p.do(p.core.trim_history(15))
+    assert Trim(3) in actions and Save(False) in actions
+    assert (p.core.first_seq, p.core.history_bytes, p.core.buffer_bytes) == (3, 10, 20)
+    p.do(p.core.trim_history(0))
+    assert (p.core.first_seq, p.core.history_bytes, p.core.buffer_bytes) == (4, 0, 20)
+    assert p.core.trim_history(0) == ()  # the buffer is never trimmed for history
+
+
+def test_the_buffer_limit_counts_only_unacked_frames_not_the_history():
+    p = started(max_bytes=30, history_max=1000)
+    p.send(b"x" * 14)
+    p.send(b"x" * 14)
+    assert p.core.full
+    p.read()
+    p.ack()
+    assert not p.core.full and p.core.room == 30 and p.core.history_bytes == 30
+
+
+def test_drop_oldest_drops_unacked_frames_and_the_history_below_them():
+    p = started(max_bytes=20, policy="drop_oldest")
+    p.send(b"a" * 9)
+    p.read()
+    p.ack()  # frame 1 is history
+    for c in b"bcd":
+        p.send(bytes([c]) * 9)  # 10 bytes each: frame 2 must go
+    snap = p.core.snapshot()
+    assert (snap["first_seq"], snap["dropped_to"], snap["history_bytes"], snap["buffer_bytes"]) == (3, 2, 0, 20)
+    p.owner_next = 1
+    assert p.read()[0] == ("gap", 1, 2, "dropped")
+
+
+def test_a_restart_keeps_the_history_and_its_first_seq():
+    import array
+
+    p = started(max_bytes=1000, history_max=25)
+    for _ in range(4):
+        p.send(b"x" * 9)
+    p.read()
+    p.ack()
+    sizes = array.array("q", (len(p.log[s]) for s in sorted(p.log)))
+    again = SessionCore(1000, "block", saved=p.core.saved(), sizes=sizes, history_max=25)
+    assert again.snapshot() == p.core.snapshot() and again.first_seq == 3
+
+
+def test_a_session_saved_before_history_existed_starts_after_its_acked_frames():
+    import array
+
+    saved = {"state": "running", "acked_seq": 2}
+    core = SessionCore(1000, "block", saved=saved, sizes=array.array("q", [5, 5, 5]))
+    assert (core.first_seq, core.history_bytes, core.buffer_bytes) == (3, 0, 5)
 
 
 def test_ack_beyond_the_last_durable_frame_counts_as_it():
@@ -281,14 +366,14 @@ def test_fail_policy_after_the_function_ended_kills_nothing():
     assert p.kills == []
 
 
-def test_gap_after_trimmed_acked_frames_says_acked():
-    p = started(max_bytes=100)
+def test_gap_after_trimmed_history_says_trimmed():
+    p = started(max_bytes=100, history_max=0)
     p.send(1)
     p.send(2)
     p.read()
     p.ack()
     p.owner_next = 1  # a second reader from the start (cut link, resume from 1)
-    assert p.read()[0] == ("gap", 1, 2, "acked")
+    assert p.read()[0] == ("gap", 1, 2, "trimmed")
 
 
 def test_every_frame_reaches_the_owner_once_across_cut_links():
@@ -399,21 +484,22 @@ def snap(**kw: object) -> Snapshot:
 
 
 def test_an_attached_session_never_ends():
-    assert not life_over(snap(state="exited", exit_seq=3, acked_seq=3), True, 1e9, 1e9, 1.0)
+    assert not life_over(snap(state="exited", exit_seq=3, acked_seq=3), True, 1e9, 1.0)
 
 
 def test_a_running_function_is_never_ended_by_the_lifetime():
     for state in ("starting", "running"):
-        assert not life_over(snap(state=state), False, 1e9, 0.0, 1.0)
+        assert not life_over(snap(state=state), False, 1e9, 1.0)
 
 
-def test_an_ended_session_whose_exit_the_owner_acked_ends_once_detached():
-    assert life_over(snap(state="exited", exit_seq=3, acked_seq=3), False, 0.0, 0.0, 3600.0)
-    assert not life_over(snap(state="exited", exit_seq=3, acked_seq=2), False, 0.0, 0.0, 3600.0)
+def test_an_ended_session_whose_exit_the_owner_acked_stays_the_keep_period():
+    acked = snap(state="exited", exit_seq=3, acked_seq=3)
+    assert not life_over(acked, False, 0.0, 3600.0)
+    assert not life_over(acked, False, 3599.0, 3600.0)
+    assert life_over(acked, False, 3600.0, 3600.0)
 
 
-def test_an_ended_unattached_session_stays_the_ttl_after_its_end_and_last_detach():
+def test_an_ended_unattached_session_goes_after_the_keep_period_from_its_end():
     ended = snap(state="killed", exit_seq=3, acked_seq=0)
-    assert not life_over(ended, False, 59.0, 600.0, 60.0)  # detached a moment ago
-    assert not life_over(ended, False, 600.0, 59.0, 60.0)  # ended a moment ago
-    assert life_over(ended, False, 60.0, 60.0, 60.0)
+    assert not life_over(ended, False, 59.0, 60.0)  # ended a moment ago
+    assert life_over(ended, False, 60.0, 60.0)

@@ -49,5 +49,5 @@ def test_every_direction_has_its_messages_and_replies_carry_the_snapshot():
     from bento.session_core import Snapshot
 
     required, optional = wire.MESSAGES[wire.FROM_EXCHANGE]["progress"]
-    assert required == set(Snapshot._fields)
+    assert required == set(Snapshot._fields) and not optional
     assert set(Snapshot._fields) <= wire.MESSAGES[wire.FROM_EXCHANGE]["reply"][1]

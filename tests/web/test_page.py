@@ -116,7 +116,8 @@ def main(n):
 """
 
 
-def test_reload_mid_stream_shows_every_line_exactly_once(context, server):
+def test_reload_mid_stream_shows_every_line_exactly_once(context, make_server):
+    server = make_server("--keep", "2")  # the session goes 2 s after its end, once the page leaves
     token, _ = start(server, STREAM, 80)
     page = open_page(context, server, token)
     send_input(page, "go")
@@ -134,8 +135,8 @@ def test_reload_mid_stream_shows_every_line_exactly_once(context, server):
     st = status(server, token)
     assert st["acked_seq"] == st["next_seq"] - 1 and st["input_seq"] == 1
     assert_no_page_errors(page)
-    # The owner has read everything and leaves: the server ends the session. The
-    # page rebuilds it from what this browser stored, exactly.
+    # The owner has read everything and leaves: the session ends at its keep
+    # period. The page rebuilds it from what this browser stored, exactly.
     page.close()
     wait_gone(server, token)
     page = open_page(context, server, token)

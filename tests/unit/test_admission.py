@@ -1,0 +1,192 @@
+"""Admission rules (bento/admission.py) with a fake clock: no server, no I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from bento.admission import Admission, Capacity, Quota, Refused, default_capacity, key_id
+
+MiB = 1 << 20
+GiB = 1 << 30
+DISK = 10 * GiB
+
+
+def make(max_running: int = 4, budget: int = 4 * GiB, floor: int = GiB, queued: int = 8,
+         **quota: int | float) -> Admission:
+    cap = Capacity(max_running=max_running, memory_budget=budget, disk_floor=floor,
+                   default_memory=GiB, max_queued=queued)
+    return Admission(cap, Quota(**quota))
+
+
+def start(adm: Admission, key: str = "k", memory: int = 256 * MiB, now: float = 0.0,
+          disk: int = DISK, history: int = 0):
+    adm.check_capacity(memory, disk)
+    adm.check_quota(key, now, history)
+    t = adm.ticket(key, memory)
+    adm.admit(t)
+    return t
+
+
+def refused(fn, *args, **kw) -> Refused:
+    with pytest.raises(Refused) as info:
+        fn(*args, **kw)
+    return info.value
+
+
+def test_max_running_is_busy_with_retry_after_and_frees_on_release():
+    adm = make(max_running=2)
+    a = start(adm)
+    start(adm)
+    r = refused(adm.check_capacity, MiB, DISK)
+    assert (r.code, r.limit) == ("busy", "sessions")
+    assert r.retry_after and r.retry_after > 0
+    assert r.fields() == {"busy": "sessions", "retry_after": r.retry_after}
+    adm.release(a)
+    adm.release(a)  # twice is once
+    adm.check_capacity(MiB, DISK)
+    assert adm.statistics()["running"] == 1
+
+
+def test_memory_budget_counts_limits_and_the_default_for_none():
+    adm = make(max_running=100, budget=3 * GiB)
+    assert adm.memory_of({}) == GiB
+    assert adm.memory_of({"memory_bytes": 100 * MiB}) == 100 * MiB
+    start(adm, memory=adm.memory_of({}))
+    start(adm, memory=GiB)
+    r = refused(adm.check_capacity, GiB + 1, DISK)
+    assert (r.code, r.limit) == ("busy", "memory") and r.retry_after
+    adm.check_capacity(GiB, DISK)
+    assert adm.memory == 2 * GiB
+
+
+def test_more_than_the_whole_budget_is_never_worth_a_retry():
+    adm = make(budget=GiB)
+    r = refused(adm.check_capacity, 2 * GiB, DISK)
+    assert r.limit == "memory" and r.retry_after is None and "ask for less" in r.message
+
+
+def test_disk_floor():
+    adm = make(floor=GiB)
+    r = refused(adm.check_capacity, MiB, GiB - 1)
+    assert (r.code, r.limit) == ("busy", "disk") and "floor" in r.message
+    adm.check_capacity(MiB, GiB)
+
+
+def test_quota_sessions_is_per_key():
+    adm = make(sessions=1)
+    a = start(adm, "alice")
+    r = refused(adm.check_quota, "alice", 0.0, 0)
+    assert (r.code, r.limit) == ("quota", "sessions") and r.retry_after is None
+    assert r.fields() == {"quota": "sessions"}
+    start(adm, "bob")
+    adm.release(a)
+    adm.check_quota("alice", 0.0, 0)
+
+
+def test_executes_per_minute_is_a_token_bucket():
+    adm = make(max_running=1000, executes_per_minute=6)  # one every 10 s, burst 6
+    for _ in range(6):
+        adm.check_quota("alice", 0.0, 0)
+    r = refused(adm.check_quota, "alice", 0.0, 0)
+    assert (r.code, r.limit) == ("quota", "executes_per_minute")
+    assert r.retry_after == pytest.approx(10.0)
+    adm.check_quota("bob", 0.0, 0)  # another key's bucket is full
+    r = refused(adm.check_quota, "alice", 5.0, 0)
+    assert r.retry_after == pytest.approx(5.0)
+    adm.check_quota("alice", 10.0, 0)
+    refused(adm.check_quota, "alice", 10.0, 0)
+    adm.refund("alice")
+    adm.check_quota("alice", 10.0, 0)
+
+
+def test_zero_executes_per_minute_refuses_without_retry():
+    adm = make(executes_per_minute=0)
+    r = refused(adm.check_quota, "k", 0.0, 0)
+    assert r.limit == "executes_per_minute" and r.retry_after is None
+
+
+def test_history_bytes_quota():
+    adm = make(history_bytes=1000)
+    adm.check_quota("k", 0.0, 999)
+    r = refused(adm.check_quota, "k", 0.0, 1000)
+    assert (r.code, r.limit) == ("quota", "history_bytes")
+
+
+def test_a_per_key_override_replaces_the_default_quota():
+    adm = make(sessions=1)
+    adm.overrides["vip"] = Quota(sessions=3)
+    for _ in range(3):
+        start(adm, "vip")
+    refused(adm.check_quota, "vip", 0.0, 0)
+
+
+def test_queue_is_fair_between_keys():
+    adm = make(max_running=1)
+    start(adm, "x")
+    a1, a2, a3 = (adm.ticket("a", MiB) for _ in range(3))
+    b1 = adm.ticket("b", MiB)
+    assert [adm.enqueue(t) for t in (a1, a2, a3)] == [1, 2, 3]
+    assert adm.enqueue(b1) == 2  # one of b's before a's second
+    assert adm.waiting == [a1, b1, a2, a3]
+    c1 = adm.ticket("c", MiB)
+    assert adm.enqueue(c1) == 3
+    adm.release(next(iter(adm.running)))
+    assert adm.next_admitted(DISK) is a1
+    assert adm.waiting == [b1, c1, a2, a3]
+    # A key that comes now joins the round being served: after a2, before a3.
+    d1 = adm.ticket("d", MiB)
+    assert adm.enqueue(d1) == 4
+    assert adm.waiting == [b1, c1, a2, d1, a3]
+    adm.leave(c1)  # timed out
+    assert adm.position(a2) == 2
+
+
+def test_queue_admits_only_the_head_when_it_fits():
+    adm = make(max_running=10, budget=2 * GiB)
+    x = start(adm, "x", memory=GiB + 512 * MiB)
+    big = adm.ticket("a", GiB)
+    small = adm.ticket("b", MiB)
+    adm.enqueue(big)
+    adm.enqueue(small)
+    assert adm.next_admitted(DISK) is None  # the head does not fit: nobody jumps it
+    adm.release(x)
+    assert adm.next_admitted(DISK) is big and big.admitted
+    assert adm.next_admitted(DISK) is small
+    assert adm.next_admitted(DISK) is None
+    assert adm.statistics()["queued"] == 0
+
+
+def test_queue_waits_for_the_disk_and_is_bounded():
+    adm = make(max_running=1, queued=2)
+    start(adm)
+    t = adm.ticket("k", MiB)
+    adm.enqueue(t)
+    adm.enqueue(adm.ticket("k", MiB))
+    r = refused(adm.enqueue, adm.ticket("k", MiB))
+    assert (r.code, r.limit) == ("busy", "queue")
+    adm.release(next(iter(adm.running)))
+    assert adm.next_admitted(GiB - 1) is None
+    assert adm.next_admitted(DISK) is t
+
+
+def test_usage_per_key():
+    adm = make()
+    start(adm, "alice", memory=10 * MiB)
+    b = start(adm, "alice", memory=20 * MiB)
+    adm.release(b)
+    used = adm.usage["alice"]
+    assert (used.running, used.memory, used.executes) == (1, 10 * MiB, 2)
+
+
+def test_defaults_from_the_machine():
+    cap = default_capacity(24 * GiB, 100 * GiB, None)
+    assert cap.memory_budget == 18 * GiB
+    assert cap.max_running == 384
+    assert cap.disk_floor == GiB
+    assert cap.default_memory == GiB
+    assert default_capacity(GiB, 100 * MiB, 256 * MiB).disk_floor == 5 * MiB
+
+
+def test_key_id_is_short_and_never_empty():
+    assert key_id("ab" * 32) == "ab" * 6
+    assert key_id("") == "-"
