@@ -48,5 +48,4 @@ def test_negative_keep_and_history_options_are_refused(tmp_path):
     for option in ("--keep", "--ttl", "--history-bytes", "--max-history-bytes"):
         r = subprocess.run([sys.executable, "-m", "bento.app", "server", "--port", "0", "--data-dir",
                             str(tmp_path / "d"), option, "-1"], capture_output=True, text=True, timeout=30)
-        name = "--keep" if option == "--ttl" else option
-        assert r.returncode == 2 and f"{name} must be a number of at least 0" in r.stderr, (option, r.stderr)
+        assert r.returncode == 2 and f"argument {option}: invalid" in r.stderr, (option, r.stderr)
