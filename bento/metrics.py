@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from bento import protocol
+from bento.session_core import State
 
 if TYPE_CHECKING:
     from bento.server import Server
@@ -66,11 +67,15 @@ class Metrics:
 
     async def _watch_start(self, s: Session) -> None:
         with trio.move_on_after(START_WATCH_S):
-            while s.state == "starting" and not s.removed:
+            while s.snap.state == State.STARTING.value and not s.removed:
                 await s.changed.wait()
         latency = time.time() - s.created
-        if s.state not in ("starting", "failed", "lost") and latency < START_WATCH_S:
+        if s.snap.state not in NOT_STARTED and latency < START_WATCH_S:
             self.start_seconds.observe(max(0.0, latency))
+
+
+# A function that never ran has no start latency to observe.
+NOT_STARTED = (State.STARTING.value, State.FAILED.value, State.LOST.value)
 
 
 class StateCollector(Collector):
@@ -85,8 +90,8 @@ class StateCollector(Collector):
         modes = dict.fromkeys(MODES, 0)
         buffered = 0
         for s in registry.sessions.values():
-            states[s.state] = states.get(s.state, 0) + 1
-            buffered += s.buffer_bytes
+            states[s.snap.state] = states.get(s.snap.state, 0) + 1
+            buffered += s.snap.buffer_bytes
             for att in s.attachments:
                 modes[att.mode] = modes.get(att.mode, 0) + 1
         sessions = GaugeMetricFamily("bento_sessions", "Sessions this server holds, by state",
@@ -102,7 +107,7 @@ class StateCollector(Collector):
         yield GaugeMetricFamily("bento_buffer_bytes", "Output bytes retained in session buffers "
                                 "(not yet acknowledged by owners)", value=buffered)
         yield GaugeMetricFamily("bento_warm_pool", "Warm environments ready for executes",
-                                value=len(registry.warm))
+                                value=len(registry.exchanges.warm))
         yield GaugeMetricFamily("bento_connections", "Open WebSocket connections",
                                 value=sum(self.server.peers.values()))
         traffic = self.server.traffic

@@ -30,7 +30,7 @@ import bento_sandbox
 import trio
 
 import bento
-from bento import auth, http, protocol, sessionlog, tcptune, transport
+from bento import auth, http, protocol, session_core, sessionlog, tcptune, transport
 from bento.config import Config
 from bento.metrics import Metrics
 from bento.readiness import Readiness
@@ -413,16 +413,19 @@ class Connection:
 
     async def op_attach(self, req: dict) -> None:
         s, mode = self.by_token(req["token"], owner=False)
+        # The reply carries the session's positions as they are now, not as last announced.
+        await self.registry.sync(s)
+        snap = s.snap
         start = req["from"]
-        if start > s.next_seq:
-            raise protocol.RequestError("bad_request", f"from {start} is beyond next_seq {s.next_seq}")
+        if start > snap.next_seq:
+            raise protocol.RequestError("bad_request", f"from {start} is beyond next_seq {snap.next_seq}")
         old = self.attachments.pop(s.sid, None)
         if old is not None:
             # The old position's last batch must be out before the new one starts.
             await self._drop_and_wait(old)
         await self.send(protocol.reply_ok(
-            req["id"], session=s.sid, mode=mode, state=s.state, first_seq=s.first_seq,
-            next_seq=s.next_seq, input_seq=s.input_seq,
+            req["id"], session=s.sid, mode=mode, state=snap.state, first_seq=snap.first_seq,
+            next_seq=snap.next_seq, input_seq=snap.input_seq,
         ))
         self.attach(s, mode, start)
 
@@ -481,21 +484,31 @@ class Connection:
             msg["eof"] = True
         else:
             msg["data"] = protocol.encode(req["data"])
-        try:
-            r = await self.registry.call(s, msg)
-        except ExchangeGone:
-            if s.state in protocol.ENDED_STATES:
-                raise protocol.RequestError("gone", "the function has ended") from None
-            raise
+        if s.on_disk:
+            r = self._input_after_end(s, req["seq"])
+        else:
+            try:
+                r = await self.registry.call(s, msg)
+            except ExchangeGone:
+                if not s.snap.has_ended:
+                    raise
+                r = self._input_after_end(s, req["seq"])
         if r["ok"]:
             self.server.metrics.inputs.inc()
             await self.send(protocol.event("in_ack", session=s.sid, seq=r["input_seq"]))
         else:
             raise protocol.RequestError(r["code"], r["message"])
 
+    def _input_after_end(self, s: Session, seq: int) -> dict:
+        """Its function ended and no exchange answers: a re-sent input is still a duplicate."""
+        verdict = session_core.judge_input(s.snap.input_seq, seq, running=False)
+        if verdict == session_core.DUPLICATE:
+            return {"ok": True, "input_seq": s.snap.input_seq}
+        return {"ok": False, "code": verdict.code, "message": verdict.message}
+
     async def op_signal(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)
-        if s.state in protocol.ENDED_STATES:
+        if s.snap.has_ended:
             raise protocol.RequestError("gone", "the function has ended")
         r = await self.registry.call(s, {"t": "signal", "signal": req["signal"]})
         if not r["ok"]:
@@ -527,12 +540,10 @@ class Connection:
         value = protocol.encode(req["value"])
         if len(value) > MAX_STATE_BYTES:
             raise protocol.RequestError("too_large", f"shared state is at most {MAX_STATE_BYTES} bytes encoded")
-        r = await self.registry.call(s, {"t": "state_put", "value": value, "if_version": req["if_version"]})
-        if r["ok"]:
-            s.set_shared(r["version"], value)
-            await self.send(protocol.reply_ok(req["id"], version=r["version"]))
-        else:
-            raise protocol.RequestError(r["code"], r["message"], version=r.get("version"))
+        ok, version = await self.registry.put_state(s, value, req["if_version"])
+        if not ok:
+            raise protocol.RequestError("conflict", "shared state changed", version=version)
+        await self.send(protocol.reply_ok(req["id"], version=version))
 
     # -- the attachment worker ---------------------------------------------------
 
@@ -540,7 +551,7 @@ class Connection:
         s = att.session
         # Checksums: of everything for a session found on disk at start; else of
         # what is on disk already (the steady stream after it is read unchecked).
-        verify_below = 1 << 62 if s.check_log else s.next_seq
+        verify_below = 1 << 62 if s.check_log else s.snap.next_seq
         cursor = sessionlog.Cursor(s.dir, "out", att.next_seq, verify_below=verify_below)
         try:
             with att.cancel:
@@ -571,17 +582,18 @@ class Connection:
                 value = protocol.decode(s.shared_value, require_map=False)
                 await self.send(protocol.event("state", session=s.sid, version=s.shared_version, value=value))
                 continue
-            if att.next_seq < s.first_seq:
-                a, b = att.next_seq, s.first_seq - 1
-                reason = "dropped" if a <= s.dropped_to else "acked"
+            snap = s.snap
+            if att.next_seq < snap.first_seq:
+                a, b = att.next_seq, snap.first_seq - 1
+                reason = snap.gap_reason(a)
                 await self.send(protocol.out_event(s.sid, [protocol.gap_frame(a, b, reason)]))
                 self.server.metrics.gap_frames.labels(reason).inc(b - a + 1)
                 att.next_seq = b + 1
                 cursor.seek(att.next_seq)
                 continue
-            if att.next_seq < s.next_seq:
+            if att.next_seq < snap.next_seq:
                 try:
-                    frames = cursor.read(s.next_seq, self.out_budget)
+                    frames = cursor.read(snap.next_seq, self.out_budget)
                 except FileNotFoundError:
                     # Trimmed under our feet: the exchange's next progress says how far.
                     cursor.seek(att.next_seq)

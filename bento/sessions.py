@@ -14,125 +14,25 @@ socket; a request cancelled while waiting for its reply may still take effect
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import socket
-import struct
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import bento_sandbox
-import cbor2
 import trio
 
-import bento
-from bento import auth, protocol
+from bento import auth, protocol, session_core, sessiondisk
 from bento.config import Config
+from bento.exchange_link import ExchangeGone, ExchangeLink, Exchanges
+from bento.session_core import Snapshot
 from bento.store import Store
 
 log = logging.getLogger("bento.sessions")
 
-LEN = struct.Struct(">I")
-SPAWN_TIMEOUT_S = 10.0
-CALL_TIMEOUT_S = 30.0
 CGROUP_SWEEP_S = 600.0  # and at start
 
-
-class ExchangeGone(Exception):
-    """The session's exchange is not reachable (it died or the session ended)."""
-
-
-def _parents(*modules: Any) -> list[str]:
-    dirs: list[str] = []
-    for mod in modules:
-        d = os.path.dirname(os.path.dirname(os.path.abspath(mod.__file__ or "")))
-        if d not in dirs:
-            dirs.append(d)
-    return dirs
-
-
-def exchange_sys_path() -> list[str]:
-    """Where the exchange finds bento, the sandbox backends and cbor2 (it runs with -I -S)."""
-    import bento_driver
-
-    return _parents(bento, bento_sandbox, bento_driver, cbor2)
-
-
-def driver_sys_path() -> list[str]:
-    """Where the driver finds itself and cbor2; the sandbox shows it these, read-only, and
-    nothing else of the host (never the data dir)."""
-    import bento_driver
-
-    return _parents(bento_driver, cbor2)
-
-
-def real_python() -> str:
-    return os.path.realpath(sys.executable)
-
-
-class ExchangeLink:
-    """Length-prefixed CBOR over the exchange's control socket."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buf = bytearray()
-        self.send_lock = trio.Lock()
-        self.pending: dict[int, tuple[trio.Event, list[dict]]] = {}
-        self.next_rid = 1
-        self.closed = False
-
-    async def send(self, msg: dict) -> None:
-        body = cbor2.dumps(msg)
-        async with self.send_lock:
-            try:
-                await self.stream.send_all(LEN.pack(len(body)) + body)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ExchangeGone(str(exc)) from None
-
-    async def call(self, msg: dict) -> dict:
-        if self.closed:
-            raise ExchangeGone("the exchange is gone")
-        rid = self.next_rid
-        self.next_rid += 1
-        done = trio.Event()
-        slot: list[dict] = []
-        self.pending[rid] = (done, slot)
-        try:
-            await self.send({**msg, "rid": rid})
-            with trio.fail_after(CALL_TIMEOUT_S):
-                await done.wait()
-        except trio.TooSlowError:
-            raise ExchangeGone("the exchange did not answer") from None
-        finally:
-            self.pending.pop(rid, None)
-        if not slot:
-            raise ExchangeGone("the exchange is gone")
-        return slot[0]
-
-    async def receive(self) -> dict | None:
-        while True:
-            if len(self.buf) >= 4:
-                n = LEN.unpack_from(self.buf, 0)[0]
-                if len(self.buf) >= 4 + n:
-                    body = bytes(self.buf[4 : 4 + n])
-                    del self.buf[: 4 + n]
-                    return cbor2.loads(body)
-            try:
-                chunk = await self.stream.receive_some(1 << 16)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                chunk = b""
-            if not chunk:
-                return None
-            self.buf += chunk
-
-    def fail_pending(self) -> None:
-        self.closed = True
-        for done, _slot in self.pending.values():
-            done.set()
-        self.pending.clear()
+__all__ = ["Attachment", "ExchangeGone", "Registry", "Session"]
 
 
 @dataclass(eq=False)
@@ -149,21 +49,16 @@ class Attachment:
 
 
 class Session:
+    """A session as the server sees it: its metadata, the exchange's last
+    snapshot of its positions (``snap``, see bento/session_core.py), its shared
+    state, its attachments, and the link to its exchange."""
+
     def __init__(self, sid: str, sdir: str, meta: dict) -> None:
         self.sid = sid
         self.dir = sdir
         self.meta = meta
         self.created: float = meta["created"]
-        self.state = "starting"
-        self.next_seq = 1
-        self.first_seq = 1
-        self.acked_seq = 0
-        self.input_seq = 0
-        self.buffer_bytes = 0
-        self.dropped_to = 0
-        self.ended: float | None = None
-        self.exit: dict | None = None
-        self.exit_seq: int | None = None
+        self.snap: Snapshot = session_core.NEW
         self.enforced: dict[str, str] = {}
         self.shared_version = 0
         self.shared_value = protocol.encode(None)
@@ -173,6 +68,10 @@ class Session:
         self.idle_since = time.monotonic()
         self.removed = False
         self.ack_sent = 0
+        # Its function ended and its exchange exited: it is served from disk.
+        self.on_disk = False
+        self.disk: sessiondisk.Ended | None = None  # its core, while someone reads it
+        self.disk_lock = trio.Lock()
         # Check every output record's checksum when reading: True for a session
         # found on disk at start (a crash may have damaged what it wrote
         # before); False for one this process created, whose every record was
@@ -182,9 +81,8 @@ class Session:
         self.check_log = True
 
     def update(self, msg: dict) -> None:
-        for key in ("state", "next_seq", "first_seq", "acked_seq", "input_seq", "buffer_bytes",
-                    "dropped_to", "ended", "exit", "exit_seq"):
-            setattr(self, key, msg[key])
+        """Take the exchange's snapshot (a hello, a progress or a sync reply)."""
+        self.snap = Snapshot.from_map(msg)
         if "enforced" in msg:
             self.enforced = msg["enforced"]
         if "shared_version" in msg:
@@ -201,28 +99,28 @@ class Session:
         self.changed = trio.Event()
 
     def status(self) -> dict:
+        snap = self.snap
         return {
             "session": self.sid,
-            "state": self.state,
+            "state": snap.state,
             "created": self.created,
-            "ended": self.ended,
-            "first_seq": self.first_seq,
-            "next_seq": self.next_seq,
-            "acked_seq": self.acked_seq,
-            "input_seq": self.input_seq,
-            "buffer_bytes": self.buffer_bytes,
+            "ended": snap.ended,
+            "first_seq": snap.first_seq,
+            "next_seq": snap.next_seq,
+            "acked_seq": snap.acked_seq,
+            "input_seq": snap.input_seq,
+            "buffer_bytes": snap.buffer_bytes,
             "attachments": len(self.attachments),
-            "exit": self.exit,
+            "exit": snap.exit,
             "sandbox": self.meta["sandbox"],
             "enforced": self.enforced,
         }
 
     def life_over(self, now: float, ttl: float) -> bool:
-        if self.attachments:
-            return False
-        if self.exit_seq is not None and self.acked_seq >= self.exit_seq:
-            return True
-        return now - self.idle_since >= ttl
+        """``now``: monotonic; the end is in epoch seconds (it survives restarts)."""
+        ended = self.snap.ended
+        since_end = 0.0 if ended is None else time.time() - ended
+        return session_core.life_over(self.snap, bool(self.attachments), now - self.idle_since, since_end, ttl)
 
 
 class Registry:
@@ -236,13 +134,7 @@ class Registry:
         self.tokens: dict[str, tuple[Session, str]] = {}
         self.idem: dict[str, Session] = {}
         self.idem_locks: dict[str, trio.Lock] = {}
-        self.sys_path = exchange_sys_path()
-        self.driver_path = driver_sys_path()
-        self.warm: list[ExchangeLink] = []
-        self.warm_wanted = trio.Event()
-        # Not for --sandbox-cmd: its command prefix may tie a process to its cwd.
-        self.pool_size = config.pool_size if config.sandbox in ("bwrap", "none") else 0
-        self.python = real_python()
+        self.exchanges = Exchanges(config, nursery)
 
     # -- lookup -------------------------------------------------------------
 
@@ -298,8 +190,8 @@ class Registry:
             "created": time.time(),
             "owner_hash": auth.token_hash(owner),
             "viewer_hash": auth.token_hash(viewer),
-            "python": self.python,
-            "driver_path": self.driver_path,
+            "python": self.exchanges.python,
+            "driver_path": self.exchanges.driver_path,
         }
         try:
             sdir = self.store.create_session(sid, meta)
@@ -309,8 +201,11 @@ class Registry:
         s = Session(sid, sdir, meta)
         s.check_log = False
         try:
-            if not await self._assign_warm(s):
-                await self._spawn(sdir, adopt=False)
+            warm = await self.exchanges.assign_warm(sdir, s.meta["network"])
+            if warm is not None:
+                self._linked(s, *warm)
+            else:
+                await self.exchanges.spawn(sdir, adopt=False)
                 await self._connect(s)
         except (OSError, ExchangeGone, RuntimeError) as exc:
             log.error("session %s: could not start its exchange: %s", sid, exc)
@@ -319,127 +214,19 @@ class Registry:
         self._index(s)
         return s
 
-    # -- the warm pool: exchanges with a fresh sandbox started ahead of time ----
-
     async def pool_keeper(self) -> None:
-        """Keep ``pool_size`` warm exchanges ready (bwrap: the sandbox's working
-        dir is its own tmpfs; none: the driver moves to the session's work dir
-        when it starts; so nothing ties them to a session yet)."""
-        while self.pool_size:
-            while len(self.warm) < self.pool_size:
-                try:
-                    link = await self._spawn_warm()
-                except (OSError, RuntimeError, ExchangeGone) as exc:
-                    log.error("warm pool: could not start an exchange: %s", exc)
-                    await trio.sleep(1.0)
-                    continue
-                self.warm.append(link)
-            self.warm_wanted = trio.Event()
-            await self.warm_wanted.wait()
-            # Let the session that just took a warm exchange have the CPU first.
-            await trio.sleep(0.05)
-
-    async def _spawn_warm(self) -> ExchangeLink:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        boot = (
-            f"import sys;sys.path[:0]={self.sys_path!r};"
-            "from bento.exchange import main;main(sys.argv[1:])"
-        )
-        try:
-            proc = await trio.lowlevel.open_process(
-                [self.python, "-I", "-S", "-c", boot, "--warm", str(theirs.fileno())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),), start_new_session=True,
-            )
-        finally:
-            theirs.close()
-        self.nursery.start_soon(proc.wait)
-        link = ExchangeLink(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
-        await link.send({
-            "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,
-            "python": self.python, "driver_path": self.driver_path, "network": False,
-            "workdir": "/",
-        })
-        with trio.fail_after(SPAWN_TIMEOUT_S):
-            ready = await link.receive()
-        if ready is None or ready.get("t") != "warm_ready" or ready.get("error"):
-            await link.stream.aclose()
-            raise RuntimeError(f"warm exchange failed: {ready}")
-        return link
-
-    async def _assign_warm(self, s: Session) -> bool:
-        """Hand the session to a warm exchange; False if none fits or is ready."""
-        if (s.meta["network"] and self.config.sandbox == "bwrap") or not self.warm:
-            return False
-        link = self.warm.pop(0)
-        self.warm_wanted.set()
-        try:
-            await link.send({"t": "assign", "dir": s.dir})
-            with trio.fail_after(SPAWN_TIMEOUT_S):
-                hello = await link.receive()
-        except (ExchangeGone, trio.TooSlowError):
-            hello = None
-        if hello is None or hello.get("t") != "hello":
-            await link.stream.aclose()
-            return False
-        s.link = link
-        s.update(hello)
-        self.nursery.start_soon(self._read_exchange, s, link)
-        return True
-
-    async def _spawn(self, sdir: str, adopt: bool) -> None:
-        boot = (
-            f"import sys;sys.path[:0]={self.sys_path!r};"
-            "from bento.exchange import main;main(sys.argv[1:])"
-        )
-        argv = [self.python, "-I", "-S", "-c", boot, sdir] + (["--adopt"] if adopt else [])
-        errlog = os.open(os.path.join(sdir, "exchange.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            proc = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
-                start_new_session=True,
-            )
-        finally:
-            os.close(errlog)
-        assert proc.stdout is not None
-        line = b""
-        try:
-            with trio.fail_after(SPAWN_TIMEOUT_S):
-                while not line.endswith(b"\n"):
-                    chunk = await proc.stdout.receive_some(256)
-                    if not chunk:
-                        break
-                    line += chunk
-        except trio.TooSlowError:
-            proc.kill()
-            raise RuntimeError("the exchange did not start in time") from None
-        finally:
-            await proc.stdout.aclose()
-        # The exchange runs until its session ends; reap it whenever that is.
-        self.nursery.start_soon(proc.wait)
-        if not line.startswith(b"ready"):
-            if line.startswith(b"busy"):
-                return  # another exchange holds the session: connect to that one
-            raise RuntimeError(f"the exchange failed to start: {line.decode(errors='replace').strip()!r}")
+        """Keep the warm pool filled (see Exchanges.pool_keeper)."""
+        await self.exchanges.pool_keeper()
 
     async def _connect(self, s: Session) -> None:
-        dfd = os.open(s.dir, os.O_RDONLY | os.O_DIRECTORY)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        try:
-            await sock.connect(f"/proc/self/fd/{dfd}/ctl.sock")
-        except OSError:
-            sock.close()
-            raise
-        finally:
-            os.close(dfd)
-        link = ExchangeLink(trio.SocketStream(sock))
-        hello = await link.receive()
-        if hello is None or hello.get("t") != "hello":
-            await link.stream.aclose()
-            raise ExchangeGone("the exchange closed at once")
+        self._linked(s, *await self.exchanges.connect(s.dir))
+
+    def _linked(self, s: Session, link: ExchangeLink, hello: dict) -> None:
         s.link = link
         s.update(hello)
         self.nursery.start_soon(self._read_exchange, s, link)
+        if s.ack_sent > s.snap.acked_seq:
+            self.nursery.start_soon(self._send_ack, s)
 
     async def _read_exchange(self, s: Session, link: ExchangeLink) -> None:
         try:
@@ -447,13 +234,9 @@ class Registry:
                 msg = await link.receive()
                 if msg is None:
                     break
-                rid = msg.get("rid")
-                if rid is not None:
-                    waiter = link.pending.get(rid)
-                    if waiter is not None:
-                        waiter[1].append(msg)
-                        waiter[0].set()
-                elif msg.get("t") == "state":
+                if link.deliver(msg):
+                    continue
+                if msg.get("t") == "state":
                     s.set_shared(msg["version"], msg["value"])
                 else:
                     s.update(msg)
@@ -467,24 +250,78 @@ class Registry:
             self.nursery.start_soon(self._reattach_exchange, s)
 
     async def _reattach_exchange(self, s: Session) -> None:
-        """The exchange went away on its own: reconnect, or adopt its session."""
+        """The exchange went away: its session ended (it is served from disk
+        now), or it died (reconnect, or adopt the session)."""
         for attempt in range(5):
             if s.removed:
                 return
+            try:
+                await self._revive(s)
+                return
+            except (OSError, ExchangeGone, RuntimeError, ValueError) as exc:
+                log.error("session %s: adopting failed (attempt %d): %s", s.sid, attempt + 1, exc)
+                await trio.sleep(0.2 * (attempt + 1))
+        log.error("session %s: unreachable; it stays registered as %s", s.sid, s.snap.state)
+
+    async def _revive(self, s: Session) -> None:
+        """Give ``s`` its exchange back, or its disk: connect to its exchange; else,
+        if its function has ended, serve it from disk (no process); else adopt it
+        (a new exchange marks it lost, then ends in turn)."""
+        snap = s.snap
+        ended = snap.exit_seq is not None and snap.next_seq > snap.exit_seq
+        if not ended:
             try:
                 await self._connect(s)
                 return
             except (OSError, ExchangeGone):
                 pass
+        if await self._from_disk(s):
+            return
+        await self.exchanges.spawn(s.dir, adopt=True)
+        try:
+            await self._connect(s)
+            log.warning("session %s: its exchange died; adopted as lost", s.sid)
+        except (OSError, ExchangeGone):
+            # The adopting exchange recorded the end and exited already.
+            if not await self._from_disk(s):
+                raise
+
+    async def _from_disk(self, s: Session) -> bool:
+        """Serve an ended session from disk; False if its function has not ended
+        (or an exchange holds it). Waits a moment for an exchange that is exiting."""
+        for _ in range(10):
             try:
-                await self._spawn(s.dir, adopt=True)
-                await self._connect(s)
-                log.warning("session %s: its exchange died; adopted as lost", s.sid)
-                return
-            except (OSError, ExchangeGone, RuntimeError) as exc:
-                log.error("session %s: adopting failed (attempt %d): %s", s.sid, attempt + 1, exc)
-                await trio.sleep(0.2 * (attempt + 1))
-        log.error("session %s: unreachable; it stays registered as %s", s.sid, s.state)
+                ended = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
+            except sessiondisk.Busy:
+                await trio.sleep(0.05)
+                continue
+            if ended is None:
+                return False
+            s.on_disk = True
+            s.disk = ended if s.attachments else None
+            s.update(ended.hello())
+            if s.ack_sent > s.snap.acked_seq:
+                # An ack that reached the exchange as it exited: apply it here.
+                await self.ack(s, s.ack_sent)
+            return True
+        return False
+
+    async def _on_disk(self, s: Session, call: Any, *args: Any) -> Any:
+        """``call(ended, *args)`` on the ended session ``s``, in a worker thread,
+        one at a time. Its core stays in memory while someone is attached (an
+        owner reading and acking): recovering it reads the whole output log."""
+        async with s.disk_lock:
+            try:
+                ended = s.disk
+                if ended is None:
+                    ended = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
+                    if ended is None:
+                        raise ExchangeGone("the session's exchange is not reachable right now")
+                    if s.attachments:
+                        s.disk = ended
+                return await trio.to_thread.run_sync(call, ended, *args)
+            except sessiondisk.Busy:
+                raise ExchangeGone("the session's exchange is ending; try again") from None
 
     async def sweep_cgroups(self) -> None:
         """Remove the cgroups of exchanges that were killed before they could."""
@@ -509,14 +346,10 @@ class Registry:
                 log.error("session %s: cannot be read, skipped: %s", sid, exc)
                 continue
             try:
-                await self._connect(s)
-            except (OSError, ExchangeGone):
-                try:
-                    await self._spawn(sdir, adopt=True)
-                    await self._connect(s)
-                except (OSError, ExchangeGone, RuntimeError) as exc:
-                    log.error("session %s: cannot be adopted, skipped: %s", sid, exc)
-                    continue
+                await self._revive(s)
+            except (OSError, ExchangeGone, RuntimeError, ValueError, protocol.ProtocolError) as exc:
+                log.error("session %s: cannot be adopted, skipped: %s", sid, exc)
+                continue
             self._index(s)
 
     # -- requests to the exchange ---------------------------------------------
@@ -527,13 +360,57 @@ class Registry:
             raise ExchangeGone("the session's exchange is not reachable right now")
         return await link.call(msg)
 
+    async def sync(self, s: Session) -> None:
+        """Bring ``s.snap`` up to the exchange's positions now (the exchange
+        announces them in rounds; a reply must not trail what was acknowledged).
+        Without a reachable exchange the last snapshot stands."""
+        if s.link is None:
+            return
+        try:
+            s.update(await s.link.call({"t": "sync"}))
+        except ExchangeGone:
+            pass  # it ended or died: its last announcement is what is known
+
     async def ack(self, s: Session, seq: int) -> None:
-        if seq > s.ack_sent and s.link is not None:
-            s.ack_sent = seq
+        """The owner's ack, to the exchange or (for an ended session) to the disk.
+        One that finds neither is kept in ``ack_sent`` and applied when the
+        link or the disk is back."""
+        if seq <= s.ack_sent and not s.on_disk:
+            return
+        s.ack_sent = max(s.ack_sent, seq)
+        if s.on_disk:
+            if seq > s.snap.acked_seq:
+                try:
+                    s.update(await self._on_disk(s, sessiondisk.Ended.ack, seq))
+                except ExchangeGone as exc:
+                    log.warning("session %s: an ack could not be applied yet: %s", s.sid, exc)
+            return
+        await self._send_ack(s)
+
+    async def _send_ack(self, s: Session) -> None:
+        if s.link is not None and s.ack_sent > s.snap.acked_seq:
             try:
-                await s.link.send({"t": "ack", "seq": seq})
+                await s.link.send({"t": "ack", "seq": s.ack_sent})
             except ExchangeGone:
-                s.ack_sent = 0
+                pass  # sent again when the link is back
+
+    async def put_state(self, s: Session, value: bytes, if_version: int | None) -> tuple[bool, int]:
+        """Compare-and-set of the shared state: (ok, version now)."""
+        ok, version = await self._put_state(s, value, if_version)
+        if ok:
+            s.set_shared(version, value)
+        return ok, version
+
+    async def _put_state(self, s: Session, value: bytes, if_version: int | None) -> tuple[bool, int]:
+        if not s.on_disk:
+            try:
+                r = await self.call(s, {"t": "state_put", "value": value, "if_version": if_version})
+                return r["ok"], r["version"]
+            except ExchangeGone:
+                if not s.snap.has_ended:
+                    raise
+        result: tuple[bool, int] = await self._on_disk(s, sessiondisk.Ended.put_state, value, if_version)
+        return result
 
     # -- the end of a session ------------------------------------------------------
 
@@ -562,5 +439,7 @@ class Registry:
             await trio.sleep(1.0)
             now = time.monotonic()
             for s in list(self.sessions.values()):
+                if s.disk is not None and not s.attachments:
+                    s.disk = None  # nobody reads it: its memory goes
                 if s.life_over(now, self.config.ttl_s):
                     self.nursery.start_soon(self.end, s)

@@ -13,19 +13,16 @@ import os
 import queue
 import resource
 import signal
-import struct
 import sys
 import threading
 import traceback
 import types
 from typing import Any
 
-import cbor2
+from bento_driver import cbor, wire
 
 IN_FD = 3
 OUT_FD = 4
-LEN = struct.Struct(">I")
-SEND_TAG = b"\x01"  # api.send: tag, channel length, channel, value (the rest are CBOR maps)
 
 
 class StateConflict(Exception):
@@ -46,7 +43,9 @@ class _Link:
     """
 
     def __init__(self) -> None:
-        self.buf = bytearray()
+        # The exchange's messages are bounded by the session's max_message, which
+        # arrives with the start message: until then, the exchange is trusted.
+        self.framer = wire.Framer(1 << 31)
         self.inputs: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self.replies: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self.send_lock = threading.Lock()
@@ -57,10 +56,11 @@ class _Link:
         self.go = threading.Event()
 
     def send(self, msg: dict) -> None:
-        self.send_raw(cbor2.dumps(msg))
+        wire.check(wire.FROM_DRIVER, msg)
+        self.send_raw(cbor.encode(msg))
 
     def send_raw(self, body: bytes) -> None:
-        data = LEN.pack(len(body)) + body
+        data = wire.frame(body)
         with self.send_lock:
             view = memoryview(data)
             while view:
@@ -68,13 +68,10 @@ class _Link:
                 view = view[n:]
 
     def _parse(self) -> dict | None:
-        if len(self.buf) < 4:
+        body = self.framer.next()
+        if body is None:
             return None
-        n = LEN.unpack_from(self.buf, 0)[0]
-        if len(self.buf) < 4 + n:
-            return None
-        msg = cbor2.loads(bytes(self.buf[4 : 4 + n]))
-        del self.buf[: 4 + n]
+        msg: dict = cbor.decode_internal(body)
         return msg
 
     def first(self) -> dict | None:
@@ -86,7 +83,7 @@ class _Link:
             chunk = os.read(IN_FD, 1 << 16)
             if not chunk:
                 return None
-            self.buf += chunk
+            self.framer.feed(chunk)
 
     def start_reader(self) -> None:
         threading.Thread(target=self._reader, name="bento-link", daemon=True).start()
@@ -106,7 +103,7 @@ class _Link:
                     self.inputs.put(None)
                     self.replies.put(None)
                     return
-                self.buf += chunk
+                self.framer.feed(chunk)
                 continue
             t = msg.get("t")
             if t in ("in", "eof"):
@@ -164,7 +161,7 @@ class _Encoder:
 
     def __call__(self, value: Any) -> bytes:
         _check(value, self.max_depth, [self.max_items])
-        data = cbor2.dumps(value)
+        data = cbor.encode(value)
         if len(data) > self.max_bytes:
             raise ValueError(f"encoded value is {len(data)} bytes, more than {self.max_bytes}")
         return data
@@ -178,7 +175,7 @@ class _State:
     def get(self) -> tuple[int, Any]:
         self._link.send({"t": "get"})
         r = self._link.reply()
-        return r["version"], cbor2.loads(r["value"])
+        return r["version"], cbor.decode_internal(r["value"])
 
     def put(self, value: Any, if_version: int | None = None) -> int:
         data = self._encode(value)
@@ -212,7 +209,7 @@ class Api:
         ch = b"" if channel is None else channel.encode("utf-8")
         if len(ch) > 255:
             raise ValueError("channel names are at most 255 bytes")
-        self._link.send_raw(SEND_TAG + bytes((len(ch),)) + ch + data)
+        self._link.send_raw(wire.SEND_TAG + bytes((len(ch),)) + ch + data)
 
     def recv(self, timeout: float | None = None) -> Any:
         if self._eof:
@@ -227,7 +224,7 @@ class Api:
         if msg is None or msg["t"] == "eof":
             self._eof = True
             raise EOFError("input is closed")
-        return cbor2.loads(msg["data"])
+        return cbor.decode_internal(msg["data"])
 
     def poll(self) -> bool:
         return not self._eof and not self._link.inputs.empty()
@@ -337,7 +334,7 @@ def main() -> None:
         return
 
     try:
-        result = entry(*cbor2.loads(start["args"]), **cbor2.loads(start["kwargs"]))
+        result = entry(*cbor.decode_internal(start["args"]), **cbor.decode_internal(start["kwargs"]))
         try:
             report["result"] = encode(result)
         except (TypeError, ValueError) as exc:

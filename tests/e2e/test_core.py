@@ -339,3 +339,25 @@ async def test_same_host_connections_are_not_paced(server):
         found = congestion_controls(f"( sport = :{server.port} and dport = :{port} )")
     assert len(found) == 1, found
     assert_plain_congestion(found)
+
+
+async def test_attach_right_after_a_drop_reports_the_true_positions(server):
+    """The attach reply carries the session's positions as they are, not as the
+    exchange last announced them: after 30 frames read and 30 inputs acked, a
+    reconnect's attach says next_seq 31 and input_seq 30 (it once said 1 and 0)."""
+    code = ("def main():\n    for i in range(30):\n        api.send(i)\n"
+            "    n = 0\n    while True:\n        try:\n            api.recv()\n"
+            "        except EOFError:\n            return n\n        n += 1\n")
+    for _ in range(3):
+        async with connect(server.url) as c:
+            r = await c.ok("execute", code=code)
+            sid = r["session"]
+            got = await c.frames(sid, until_exit=False, count=30)
+            assert [f[2] for f in got] == list(range(30))
+            for seq in range(1, 31):
+                await c.send({"op": "input", "session": sid, "seq": seq, "data": seq})
+            await c.event(ev="in_ack", session=sid, seq=30)
+        async with connect(server.url) as c:
+            rep = await c.ok("attach", token=r["token"], **{"from": 1})
+            assert (rep["next_seq"], rep["input_seq"], rep["state"]) == (31, 30, "running"), rep
+            await c.ok("destroy", token=r["token"])

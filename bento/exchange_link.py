@@ -1,0 +1,284 @@
+"""The server's side of the exchanges: starting them, the warm pool, and the link to each.
+
+An exchange is started with ``python -I -S`` (cold, for one session directory,
+or warm, ahead of any session) and talks to the server over a Unix socket in
+length-prefixed CBOR (bento_driver.wire frames, bento.protocol's codec: the
+same bytes the exchange writes). Its first message is ``hello`` with the
+wire version; an exchange of another version is refused with a message that
+says why. Nothing here knows the session rules: bento/sessions.py does.
+
+Cancellation: every request to an exchange is one message on an ordered
+socket; a request cancelled while waiting for its reply may still take effect
+(like any request whose connection drops), which is why input carries seqs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import bento_driver
+import bento_sandbox
+import trio
+from bento_driver import wire
+
+import bento
+from bento import protocol
+
+log = logging.getLogger("bento.sessions")
+
+SPAWN_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 30.0
+
+
+class ExchangeGone(Exception):
+    """The session's exchange is not reachable (it died or the session ended)."""
+
+
+def _parents(*modules: Any) -> list[str]:
+    dirs: list[str] = []
+    for mod in modules:
+        d = os.path.dirname(os.path.dirname(os.path.abspath(mod.__file__ or "")))
+        if d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
+def exchange_sys_path() -> list[str]:
+    """Where the exchange finds bento, the sandbox backends and the driver's wire (it runs with -I -S)."""
+    return _parents(bento, bento_sandbox, bento_driver)
+
+
+def driver_sys_path() -> list[str]:
+    """What the sandbox shows, read-only, of the host's packages: the driver
+    (stdlib and its own codec) and cbor2, which functions may import; nothing
+    else of the host (never the data dir)."""
+    import cbor2
+
+    return _parents(bento_driver, cbor2)
+
+
+def real_python() -> str:
+    return os.path.realpath(sys.executable)
+
+
+class ExchangeLink:
+    """Requests and replies over one exchange's control socket."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.framer = wire.Framer(1 << 31)
+        self.send_lock = trio.Lock()
+        self.pending: dict[int, tuple[trio.Event, list[dict]]] = {}
+        self.next_rid = 1
+        self.closed = False
+
+    async def send(self, msg: dict) -> None:
+        wire.check(wire.TO_EXCHANGE, msg)
+        data = wire.frame(protocol.encode(msg))
+        async with self.send_lock:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ExchangeGone(str(exc)) from None
+
+    async def call(self, msg: dict) -> dict:
+        if self.closed:
+            raise ExchangeGone("the exchange is gone")
+        rid = self.next_rid
+        self.next_rid += 1
+        done = trio.Event()
+        slot: list[dict] = []
+        self.pending[rid] = (done, slot)
+        try:
+            await self.send({**msg, "rid": rid})
+            with trio.fail_after(CALL_TIMEOUT_S):
+                await done.wait()
+        except trio.TooSlowError:
+            raise ExchangeGone("the exchange did not answer") from None
+        finally:
+            self.pending.pop(rid, None)
+        if not slot:
+            raise ExchangeGone("the exchange is gone")
+        return slot[0]
+
+    async def receive(self, check: bool = True) -> dict | None:
+        """The exchange's next message (checked against wire.MESSAGES unless
+        ``check`` is false), or None when the link is gone or broke the wire."""
+        while True:
+            try:
+                body = self.framer.next()
+                if body is not None:
+                    msg: dict = protocol.decode_internal(body)
+                    if check:
+                        wire.check(wire.FROM_EXCHANGE, msg)
+                    return msg
+            except (wire.WireError, wire.FrameTooLarge, protocol.ProtocolError) as exc:
+                log.error("an exchange broke the internal wire, dropping its link: %s", exc)
+                return None
+            try:
+                chunk = await self.stream.receive_some(1 << 16)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                chunk = b""
+            if not chunk:
+                return None
+            self.framer.feed(chunk)
+
+    def deliver(self, msg: dict) -> bool:
+        """Hand a reply to its waiting call; False if ``msg`` is no reply."""
+        if msg["t"] != "reply":
+            return False
+        waiter = self.pending.get(msg["rid"])
+        if waiter is not None:
+            waiter[1].append(msg)
+            waiter[0].set()
+        return True
+
+    def fail_pending(self) -> None:
+        self.closed = True
+        for done, _slot in self.pending.values():
+            done.set()
+        self.pending.clear()
+
+    async def hello(self) -> dict:
+        """The exchange's first message, checked: its version must be ours."""
+        # The version first: an exchange of another version may not fit the table.
+        hello = await self.receive(check=False)
+        if not isinstance(hello, dict) or hello.get("t") != "hello":
+            await self.stream.aclose()
+            raise ExchangeGone(f"the exchange did not say hello ({hello!r:.80})")
+        if hello.get("wire") != wire.VERSION:
+            await self.stream.aclose()
+            raise ExchangeGone(
+                f"the exchange (pid {hello.get('pid')}) speaks internal wire version "
+                f"{hello.get('wire', 1)}, this server {wire.VERSION}: it was started by another Bento "
+                "version; let it finish under that version, or stop it (its session is then adopted as lost)")
+        try:
+            wire.check(wire.FROM_EXCHANGE, hello)
+        except wire.WireError as exc:
+            await self.stream.aclose()
+            raise ExchangeGone(f"the exchange's hello broke the internal wire: {exc}") from None
+        return hello
+
+
+class Exchanges:
+    """Starts exchanges (cold or warm) and connects to them."""
+
+    def __init__(self, config: Any, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.nursery = nursery
+        self.sys_path = exchange_sys_path()
+        self.driver_path = driver_sys_path()
+        self.python = real_python()
+        self.boot = (f"import sys;sys.path[:0]={self.sys_path!r};"
+                     "from bento.exchange import main;main(sys.argv[1:])")
+        self.warm: list[ExchangeLink] = []
+        self.warm_wanted = trio.Event()
+        # Not for --sandbox-cmd: its command prefix may tie a process to its cwd.
+        self.pool_size = config.pool_size if config.sandbox in ("bwrap", "none") else 0
+
+    async def pool_keeper(self) -> None:
+        """Keep ``pool_size`` warm exchanges ready (bwrap: the sandbox's working
+        dir is its own tmpfs; none: the driver moves to the session's work dir
+        when it starts; so nothing ties them to a session yet)."""
+        while self.pool_size:
+            while len(self.warm) < self.pool_size:
+                try:
+                    link = await self._spawn_warm()
+                except (OSError, RuntimeError, ExchangeGone) as exc:
+                    log.error("warm pool: could not start an exchange: %s", exc)
+                    await trio.sleep(1.0)
+                    continue
+                self.warm.append(link)
+            self.warm_wanted = trio.Event()
+            await self.warm_wanted.wait()
+            # Let the session that just took a warm exchange have the CPU first.
+            await trio.sleep(0.05)
+
+    async def _spawn_warm(self) -> ExchangeLink:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = await trio.lowlevel.open_process(
+                [self.python, "-I", "-S", "-c", self.boot, "--warm", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self.nursery.start_soon(proc.wait)
+        link = ExchangeLink(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        await link.send({
+            "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,
+            "python": self.python, "driver_path": self.driver_path, "network": False,
+            "workdir": "/",
+        })
+        with trio.fail_after(SPAWN_TIMEOUT_S):
+            ready = await link.receive()
+        if ready is None or ready.get("t") != "warm_ready" or ready.get("error"):
+            await link.stream.aclose()
+            raise RuntimeError(f"warm exchange failed: {ready}")
+        return link
+
+    async def assign_warm(self, sdir: str, network: bool) -> tuple[ExchangeLink, dict] | None:
+        """Hand a new session to a warm exchange: (link, hello), or None if none fits or is ready."""
+        if (network and self.config.sandbox == "bwrap") or not self.warm:
+            return None
+        link = self.warm.pop(0)
+        self.warm_wanted.set()
+        try:
+            await link.send({"t": "assign", "dir": sdir})
+            with trio.fail_after(SPAWN_TIMEOUT_S):
+                return link, await link.hello()
+        except (ExchangeGone, trio.TooSlowError):
+            await link.stream.aclose()
+            return None
+
+    async def spawn(self, sdir: str, adopt: bool) -> None:
+        """Start an exchange for ``sdir`` and wait until it listens (or another one holds it)."""
+        argv = [self.python, "-I", "-S", "-c", self.boot, sdir] + (["--adopt"] if adopt else [])
+        errlog = os.open(os.path.join(sdir, "exchange.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            proc = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
+                start_new_session=True,
+            )
+        finally:
+            os.close(errlog)
+        assert proc.stdout is not None
+        line = b""
+        try:
+            with trio.fail_after(SPAWN_TIMEOUT_S):
+                while not line.endswith(b"\n"):
+                    chunk = await proc.stdout.receive_some(256)
+                    if not chunk:
+                        break
+                    line += chunk
+        except trio.TooSlowError:
+            proc.kill()
+            raise RuntimeError("the exchange did not start in time") from None
+        finally:
+            await proc.stdout.aclose()
+        # The exchange runs until its session ends; reap it whenever that is.
+        self.nursery.start_soon(proc.wait)
+        if not line.startswith(b"ready"):
+            if line.startswith(b"busy"):
+                return  # another exchange holds the session: connect to that one
+            raise RuntimeError(f"the exchange failed to start: {line.decode(errors='replace').strip()!r}")
+
+    async def connect(self, sdir: str) -> tuple[ExchangeLink, dict]:
+        """Connect to the exchange of ``sdir``: (link, its hello)."""
+        dfd = os.open(sdir, os.O_RDONLY | os.O_DIRECTORY)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        try:
+            await sock.connect(f"/proc/self/fd/{dfd}/ctl.sock")
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.close(dfd)
+        link = ExchangeLink(trio.SocketStream(sock))
+        return link, await link.hello()

@@ -1,0 +1,175 @@
+"""Starting a session's environment, for the exchange: pipes, the sandbox, the start message.
+
+Run inside the exchange process (no trio: it starts per session). ``launch``
+starts an environment whose driver waits for its ``start`` message;
+``prestart`` applies the session's limits and sends that message. A warm
+exchange (bento/warm.py) launches before it has a session, and prestarts once
+it is given one. It must never block on the driver: its pipes are non-blocking.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+
+import bento_sandbox
+from bento_driver import wire
+
+from bento import protocol
+
+PIPE_BYTES = 1 << 20
+READ_SIZE = 1 << 16
+VALUE_ROOM = 1024  # an out event carries one frame at least: room for its envelope
+
+
+loads = protocol.decode_internal
+
+
+def close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class Link:
+    """Framed messages over one non-blocking fd pair (the driver's pipes, or a socket)."""
+
+    def __init__(self, rfd: int, wfd: int, max_in: int) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        self.framer = wire.Framer(max_in)
+        self.outbuf = bytearray()
+        self.eof = False
+
+    def feed(self) -> bool:
+        """Read what is there; False at EOF."""
+        try:
+            chunk = os.read(self.rfd, READ_SIZE * 4)
+        except BlockingIOError:
+            return True
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            return False
+        self.framer.feed(chunk)
+        return True
+
+    def next(self) -> bytes | None:
+        """The next whole message body (raises wire.FrameTooLarge)."""
+        return self.framer.next()
+
+    def queue(self, body: bytes) -> None:
+        self.outbuf += wire.frame(body)
+
+    def flush(self) -> None:
+        while self.outbuf:
+            try:
+                n = os.write(self.wfd, self.outbuf)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.outbuf.clear()
+                return
+            del self.outbuf[:n]
+
+
+class Launched:
+    """A started environment and the exchange's ends of its pipes."""
+
+    def __init__(self, env: bento_sandbox.Environment | None, out_r: int = -1, err_r: int = -1,
+                 to_w: int = -1, from_r: int = -1, error: str | None = None) -> None:
+        self.env, self.error = env, error
+        self.out_r, self.err_r, self.to_w, self.from_r = out_r, err_r, to_w, from_r
+
+    def discard(self) -> None:
+        if self.env is not None:
+            self.env.release()
+            try:
+                os.waitpid(self.env.pid, 0)
+            except ChildProcessError:
+                pass
+        for fd in (self.out_r, self.err_r, self.to_w, self.from_r):
+            if fd >= 0:
+                close_quietly(fd)
+
+
+# (the driver's Link, the limits in force, when the start message went)
+Prestarted = tuple[Link, dict, float]
+
+
+def read_meta(sdir: str) -> dict:
+    with open(os.path.join(sdir, "meta.cbor"), "rb") as f:
+        meta: dict = loads(f.read())
+    return meta
+
+
+def prestart(launched: Launched, meta: dict, cwd: str | None) -> Prestarted:
+    """Apply the session's limits to its environment, then send the driver its
+    start message: from here on the function runs. (For a pre-started
+    environment this comes before the exchange sets itself up, which then
+    happens while the function starts.)"""
+    assert launched.env is not None
+    # Raises bento_sandbox.Unenforceable: the server checked the limits against
+    # what this machine holds, but a session's own cgroup can still fail here.
+    enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(meta["limits"]),
+                                           strict=not meta.get("allow_unenforced", False))
+    driver = Link(launched.from_r, launched.to_w, meta["max_message"] + 4096)
+    driver.queue(protocol.encode(wire.message(
+        wire.TO_DRIVER, "start", code=meta["code"], entry=meta["entry"], args=meta["args"],
+        kwargs=meta["kwargs"], env=meta["env"], cwd=cwd, rlimits=rlimits,
+        max_value=meta["max_message"] - VALUE_ROOM, max_depth=protocol.MAX_DEPTH - 4,
+        max_items=protocol.DEFAULT_MAX_ITEMS)))
+    driver.flush()  # what the pipe does not take now goes when the loop runs
+    return driver, enforced, time.monotonic()
+
+
+def launch(cfg: dict, name: str, workdir: str) -> Launched:
+    """Start an environment whose driver waits for its ``start`` message.
+
+    ``cfg`` holds sandbox, sandbox_cmd, python, driver_path, network. No
+    session-specific setting is needed yet: limits, env and code come later."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    to_r, to_w = os.pipe()  # exchange -> driver (driver's fd 3)
+    from_r, from_w = os.pipe()  # driver -> exchange (driver's fd 4)
+    for fd in (out_r, err_r, from_r):
+        # A bigger pipe: a function writing fast blocks (and wakes us) less often.
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass  # over /proc/sys/fs/pipe-max-size for this user: keep the default
+    # The driver expects its pipes at fds 3 and 4: pass them high, dup them down inside.
+    child_in, child_out = _fd_at_least(to_r, 10), _fd_at_least(from_w, 10)
+    paths = cfg["driver_path"]
+    boot = (
+        "import os,sys;"
+        f"os.dup2({child_in},3);os.dup2({child_out},4);os.close({child_in});os.close({child_out});"
+        f"sys.path[:0]={paths!r};"
+        "from bento_driver.main import main;main()"
+    )
+    try:
+        backend = bento_sandbox.get_backend(cfg["sandbox"], cfg.get("sandbox_cmd"))
+        env = backend.spawn(
+            [cfg["python"], "-I", "-S", "-c", boot],
+            name=name, workdir=workdir,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+            network=cfg["network"], pass_fds=(child_in, child_out),
+            stdout=out_w, stderr=err_w, bind=paths,
+        )
+    except (OSError, bento_sandbox.SandboxUnavailable) as exc:
+        for fd in (out_r, out_w, err_r, err_w, to_w, from_r, child_in, child_out):
+            close_quietly(fd)
+        return Launched(None, error=str(exc))
+    for fd in (out_w, err_w, child_in, child_out):
+        close_quietly(fd)
+    for fd in (out_r, err_r, to_w, from_r):
+        os.set_blocking(fd, False)
+    return Launched(env, out_r, err_r, to_w, from_r)
+
+
+def _fd_at_least(fd: int, low: int) -> int:
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD, low)
+    os.close(fd)
+    return new

@@ -1,0 +1,142 @@
+"""The internal wire: the framer and the message vocabulary of driver↔exchange↔server.
+
+Sans-IO: :class:`Framer` turns bytes into message bodies and bodies into
+frames (a 4-byte big-endian length, then the body); the caller does the
+reading and writing. Each body is one CBOR map (``bento_driver.cbor``) whose
+``t`` names its type in :data:`MESSAGES`, the one table of every message
+between the three processes; ``api.send`` is the exception, a body that
+starts with :data:`SEND_TAG` (the hot path: no map to build or parse). The
+driver, the exchange and the server all use this module (the driver imports
+nothing of bento, so it lives here). It must never do I/O and never import
+anything but the stdlib's ``struct``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+LEN = struct.Struct(">I")
+
+#: The version of the server↔exchange messages: the exchange's ``hello`` carries
+#: it, and a server connects only to an exchange of its own version (an
+#: exchange outlives the server that started it, so a new server may meet an
+#: old one).
+VERSION = 2
+
+
+#: ``api.send``: this byte, the channel's length (1 byte), the channel (UTF-8), the value (CBOR).
+SEND_TAG = b"\x01"
+
+TO_DRIVER = "exchange>driver"
+FROM_DRIVER = "driver>exchange"
+TO_EXCHANGE = "server>exchange"
+FROM_EXCHANGE = "exchange>server"
+
+_SNAPSHOT = "state next_seq first_seq acked_seq input_seq buffer_bytes dropped_to ended exit exit_seq"
+
+#: Every message type, by direction: ``t`` -> (required fields, optional fields).
+#: ``rid`` pairs a server's request with the exchange's ``reply``.
+MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
+    direction: {t: (frozenset(req.split()), frozenset(opt.split())) for t, (req, opt) in table.items()}
+    for direction, table in {
+        TO_DRIVER: {
+            "start": ("code entry args kwargs env cwd rlimits max_value max_depth max_items", ""),
+            "in": ("data", ""),  # an input's value (CBOR bytes)
+            "eof": ("", ""),  # the input is closed
+            "signal": ("sig", ""),  # raise INT or TERM in the function's main thread
+            "state": ("version value", ""),  # the reply to get
+            "put": ("ok version", "error"),  # the reply to put
+        },
+        FROM_DRIVER: {
+            "up": ("", ""),  # the driver runs (before its start message)
+            "get": ("", ""),  # api.state.get()
+            "put": ("v if", ""),  # api.state.put(value, if_version)
+            "exit": ("kind result error code", ""),  # the function's end, as the driver saw it
+        },
+        TO_EXCHANGE: {
+            "warm": ("sandbox sandbox_cmd python driver_path network workdir", ""),
+            "assign": ("dir", ""),
+            "input": ("rid seq", "data eof"),
+            "ack": ("seq", ""),
+            "sync": ("rid", ""),  # positions now: replied with the snapshot's fields
+            "signal": ("rid signal", ""),
+            "state_get": ("rid", ""),
+            "state_put": ("rid value if_version", ""),
+            "end": ("rid", ""),  # destroy: kill, delete, exit
+        },
+        FROM_EXCHANGE: {
+            "warm_ready": ("pid error", ""),
+            "hello": (f"wire pid enforced shared_version shared_value {_SNAPSHOT}", ""),
+            "progress": (_SNAPSHOT, ""),
+            "state": ("version value", ""),  # the shared state changed
+            "reply": ("rid ok", f"code message input_seq version value {_SNAPSHOT}"),
+        },
+    }.items()
+}
+
+
+class WireError(ValueError):
+    """A message that :data:`MESSAGES` does not allow (a peer's bug, or a hostile driver)."""
+
+
+def message(direction: str, t: str, **fields: object) -> dict:
+    """A message of type ``t`` for ``direction``, checked against the table."""
+    msg = {"t": t, **fields}
+    check(direction, msg)
+    return msg
+
+
+def check(direction: str, msg: object) -> str:
+    """The type of ``msg`` if the table allows it in ``direction``; else WireError."""
+    if type(msg) is not dict:
+        raise WireError(f"a message is a map, not {type(msg).__name__}")
+    t = msg.get("t")
+    spec = MESSAGES[direction].get(t)  # type: ignore[arg-type]
+    if spec is None:
+        raise WireError(f"unknown message {t!r} ({direction})")
+    required, optional = spec
+    keys = msg.keys() - {"t"}
+    if not required <= keys or not keys <= required | optional:
+        raise WireError(f"message {t!r} has fields {sorted(keys)}, wants {sorted(required)} "
+                        f"(and maybe {sorted(optional)})")
+    return t  # type: ignore[return-value]
+
+
+class FrameTooLarge(ValueError):
+    """A peer announced a message above the bound this framer was given."""
+
+
+class Framer:
+    """Bodies out of a byte stream, bounded: a message over ``max_body`` bytes is
+    an error (raised when its length arrives), never a buffer that grows."""
+
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def next(self) -> bytes | None:
+        """The next whole body, or None until more bytes arrive."""
+        buf = self.buf
+        if len(buf) < 4:
+            return None
+        n = LEN.unpack_from(buf, 0)[0]
+        if n > self.max_body:
+            raise FrameTooLarge(f"message of {n} bytes exceeds {self.max_body}")
+        if len(buf) < 4 + n:
+            return None
+        body = bytes(buf[4 : 4 + n])
+        del buf[: 4 + n]
+        return body
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet returned as a body."""
+        return len(self.buf)
+
+
+def frame(body: bytes) -> bytes:
+    """``body`` with its length prefix."""
+    return LEN.pack(len(body)) + body

@@ -1,0 +1,53 @@
+"""The internal wire (bento_driver.wire): the framer and the message table, on bytes."""
+
+from __future__ import annotations
+
+import pytest
+from bento_driver import cbor, wire
+
+
+def test_framer_returns_whole_bodies_in_order_whatever_the_chunks():
+    stream = b"".join(wire.frame(b) for b in (b"a", b"", b"x" * 70_000, b"end"))
+    for step in (1, 3, 4096, len(stream)):
+        f = wire.Framer(1 << 20)
+        got = []
+        for at in range(0, len(stream), step):
+            f.feed(stream[at : at + step])
+            while (body := f.next()) is not None:
+                got.append(body)
+        assert got == [b"a", b"", b"x" * 70_000, b"end"] and f.pending == 0
+
+
+def test_framer_refuses_a_length_over_its_bound_before_the_body_arrives():
+    f = wire.Framer(100)
+    f.feed(wire.LEN.pack(101))
+    with pytest.raises(wire.FrameTooLarge, match="101 bytes exceeds 100"):
+        f.next()
+
+
+def test_message_builds_what_the_table_allows():
+    msg = wire.message(wire.TO_DRIVER, "in", data=b"\x01")
+    assert msg == {"t": "in", "data": b"\x01"}
+    assert wire.check(wire.TO_DRIVER, cbor.decode_internal(cbor.encode(msg))) == "in"
+
+
+@pytest.mark.parametrize(("direction", "msg", "why"), [
+    (wire.FROM_DRIVER, {"t": "launch"}, "unknown message 'launch'"),
+    (wire.FROM_DRIVER, {"t": "put", "v": b""}, "wants"),  # "if" is missing
+    (wire.FROM_DRIVER, {"t": "get", "extra": 1}, "wants"),
+    (wire.FROM_DRIVER, [1, 2], "is a map"),
+    (wire.TO_DRIVER, {"t": "up"}, "unknown message 'up'"),  # right type, wrong direction
+    (wire.TO_EXCHANGE, {"t": "input", "seq": 1}, "wants"),  # a request without its rid
+])
+def test_check_refuses_what_the_table_does_not_allow(direction, msg, why):
+    with pytest.raises(wire.WireError, match=why):
+        wire.check(direction, msg)
+
+
+def test_every_direction_has_its_messages_and_replies_carry_the_snapshot():
+    assert set(wire.MESSAGES) == {wire.TO_DRIVER, wire.FROM_DRIVER, wire.TO_EXCHANGE, wire.FROM_EXCHANGE}
+    from bento.session_core import Snapshot
+
+    required, optional = wire.MESSAGES[wire.FROM_EXCHANGE]["progress"]
+    assert required == set(Snapshot._fields)
+    assert set(Snapshot._fields) <= wire.MESSAGES[wire.FROM_EXCHANGE]["reply"][1]
