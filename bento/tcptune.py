@@ -1,19 +1,15 @@
-"""Congestion control for connections from this same host.
+"""TCP congestion control for connections between two processes on this host.
 
-A connection whose peer is on this host (loopback, or this host's own
-address) crosses no network: there is nothing to pace and no queue to probe.
-BBR, the default on some systems (this VM's image among them), still paces
-such a connection at its estimate of the delivery rate, and on loopback that
-estimate follows how the receiving process is scheduled. In Bento's 64 KiB
-stream (function, exchange, server and client sharing two cores) that held
-the server to ~550 MB/s; with cubic on both ends of the same connections,
-~750, on the server's end alone ~620 (docs/performance.md). A bare
-trio-websocket server measured 900-950 MB/s under bbr, cubic and reno alike,
-so only the multi-process pipeline suffers.
-
-So the server switches a same-host connection to cubic (or reno, which any
-process may choose) when the system default is anything else, and leaves
-every other connection to the system's choice.
+A neutral helper: stdlib only, it knows nothing of the server or the clients,
+and both use it on their own end of a connection (the server's transport and
+the SDK's link). A connection whose peer is this host (loopback, or this
+host's own address) crosses no network, so there is nothing to pace and no
+queue to probe; a pacing algorithm such as BBR still paces it at its estimate
+of the delivery rate, which on this host follows how the reading process is
+scheduled (measured in docs/performance.md). So a same-host connection is
+switched to a loss-based algorithm (cubic, or reno, which any process may
+choose) when the system default is anything else; every other connection
+keeps the system's choice.
 """
 
 from __future__ import annotations

@@ -383,3 +383,15 @@ def assert_contiguous(frames: list[list], start: int = 1) -> None:
         else:
             assert seq == expect, (seq, expect, ch)
         expect = seq + 1
+
+
+def self_signed(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files in ``tmp_path``)."""
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    return cert, key

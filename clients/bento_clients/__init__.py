@@ -1,9 +1,18 @@
 """Bento clients: the Python SDK (``sdk``, async; ``sync``, blocking), the local
 state file (``state``) and the ``bento`` CLI (``cli``).
 
-Importing this package is cheap (no trio): the names below are loaded on
-first use, like those ``bento`` itself exposes (``bento.connect``,
-``bento.sync``, ``bento.RemoteError``, ...).
+This package is the SDK's public import::
+
+    import bento_clients
+
+    async with bento_clients.connect(url) as c: ...      # trio
+    with bento_clients.sync.connect(url) as c: ...       # blocking
+
+Importing it is cheap (no trio): the names below are loaded on first use, so
+``bento_clients.RemoteError`` can be caught without loading the SDK. Of the
+server package the clients import only the wire protocol (``bento.protocol``,
+with the package's ``__version__``) and the neutral ``bento.tcptune``; the
+server never imports them.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ EXPORTS: dict[str, tuple[str, str | None]] = {
         for name in (
             "BentoError", "ConnectionLost", "RequestInterrupted", "RequestFailed", "Unauthorized",
             "Forbidden", "NotFound", "Conflict", "Gone", "SessionGone", "InputClosed", "RemoteError",
-            "SessionKilled", "SessionFailed", "SessionLost",
+            "SessionKilled", "SessionFailed", "SessionLost", "TooLarge",
         )
     },
 }
@@ -31,16 +40,12 @@ EXPORTS: dict[str, tuple[str, str | None]] = {
 __all__ = sorted(EXPORTS)
 
 
-def load(name: str) -> Any:
-    """The object exported as ``name`` (imports its module on first use)."""
-    module, attr = EXPORTS[name]
-    mod = importlib.import_module(module)
-    return mod if attr is None else getattr(mod, attr)
-
-
 def __getattr__(name: str) -> Any:
+    """The object exported as ``name``, its module imported on first use."""
     if name not in EXPORTS:
         raise AttributeError(f"module 'bento_clients' has no attribute {name!r}")
-    value = load(name)
+    module, attr = EXPORTS[name]
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
     globals()[name] = value
     return value

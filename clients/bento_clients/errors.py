@@ -33,6 +33,7 @@ __all__ = [
     "SessionGone",
     "SessionKilled",
     "SessionLost",
+    "TooLarge",
     "Unauthorized",
     "remote_error",
 ]
@@ -90,7 +91,21 @@ class RequestFailed(BentoError):
 
 
 class Unauthorized(RequestFailed):
-    """A missing or wrong API key."""
+    """The server needs an API key for this op: ``key_sent`` says whether one was
+    sent and refused (True) or none was sent (False); None when not known."""
+
+    key_sent: bool | None = None
+
+    @classmethod
+    def for_key(cls, op: str, key_sent: bool) -> Unauthorized:
+        """The error for a refused request, saying what the client sent."""
+        if key_sent:
+            text = "the API key was refused by the server (check api_key= or BENTO_API_KEY)"
+        else:
+            text = "the server needs an API key and none was sent (give api_key= or set BENTO_API_KEY)"
+        err = cls("unauthorized", text, op)
+        err.key_sent = key_sent
+        return err
 
 
 class Forbidden(RequestFailed):
@@ -114,12 +129,35 @@ class Gone(RequestFailed):
     """The function has ended (signal or input after its end)."""
 
 
+class TooLarge(RequestFailed, ValueError):
+    """A message over the server's bound: a request or input over its
+    ``max_message`` (which the server announces in ``hello``; refused here
+    before it is sent, or closed by the server with WebSocket code 1009), or a
+    value over a limit of the op (``state_put``: 64 KiB). ``details`` has
+    ``size`` and ``limit`` in bytes where known."""
+
+    @classmethod
+    def message_over(cls, op: str, size: int, limit: int) -> TooLarge:
+        """The error for a message of ``size`` bytes over the server's ``limit``,
+        refused before it was sent."""
+        return cls("too_large", f"the {op or 'request'} message is {size:,} bytes, over the server's limit "
+                   f"of {limit:,} bytes per message (max_message); it was not sent", op, size=size, limit=limit)
+
+    @classmethod
+    def closed_for(cls, op: str, size: int, why: str) -> TooLarge:
+        """The error for a message of ``size`` bytes for which the server closed
+        the connection with 1009 (``why``: the close as the link saw it)."""
+        return cls("too_large", f"the {op or 'request'} message of {size:,} bytes is too large for the "
+                   f"server (the connection was {why}); not sent again", op, size=size)
+
+
 _BY_CODE: dict[str, type[RequestFailed]] = {
     "unauthorized": Unauthorized,
     "forbidden": Forbidden,
     "not_found": NotFound,
     "conflict": Conflict,
     "gone": Gone,
+    "too_large": TooLarge,
 }
 
 

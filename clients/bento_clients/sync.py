@@ -1,7 +1,7 @@
 """The blocking facade of the SDK, for plain scripts and threads.
 
-    import bento
-    with bento.sync.connect(url) as c:
+    import bento_clients
+    with bento_clients.sync.connect(url) as c:
         s = c.execute(fn, 1, 2)
         for frame in s.output():
             ...
@@ -288,9 +288,10 @@ class SyncSession:
 
 
 def connect(url: str | None = None, api_key: str | None = None, *,
-            call_timeout: float | None = None, **options: Any) -> SyncClient:
-    """A blocking client (same options as ``bento.connect``, plus ``call_timeout``:
-    a bound in seconds on every blocking call). Use it as a context manager or
-    call ``close()``; it is also closed at interpreter exit."""
-    return SyncClient(url, api_key, call_timeout=call_timeout, **options)
+            call_timeout: float | None = None, ca_file: str | None = None, **options: Any) -> SyncClient:
+    """A blocking client (same options as ``bento_clients.connect``, ``ca_file``
+    included, plus ``call_timeout``: a bound in seconds on every blocking call).
+    Use it as a context manager or call ``close()``; it is also closed at
+    interpreter exit."""
+    return SyncClient(url, api_key, call_timeout=call_timeout, ca_file=ca_file, **options)
 

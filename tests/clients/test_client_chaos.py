@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import random
 
+import bento_clients
 import pytest
 import trio
 from bento_clients.frames import Exit, Gap, Msg, Stdout
 from client_helpers import Proxy, line_numbers
-
-import bento
 
 # Prints numbered lines without pause and echoes every input it receives
 # (api.send) until its input is closed; returns what it received.
@@ -43,7 +42,7 @@ async def test_fifty_cuts_exactly_once(server, caplog):
             proxy = Proxy(server.port)
             await outer.start(proxy.run)
             url = f"ws://127.0.0.1:{proxy.port}/v1"
-            async with bento.connect(url, reconnect_timeout=20, backoff_base=0.01, backoff_max=0.1) as c:
+            async with bento_clients.connect(url, reconnect_timeout=20, backoff_base=0.01, backoff_max=0.1) as c:
                 s = await c.execute(STREAM_AND_ECHO)
                 frames: list = []
                 sent: list[int] = []
@@ -133,7 +132,7 @@ async def test_execute_retried_with_its_idempotency_key_starts_one_function(serv
             proxy = Proxy(server.port)
             await outer.start(proxy.run)
             url = f"ws://127.0.0.1:{proxy.port}/v1"
-            async with bento.connect(url, reconnect_timeout=10, backoff_base=0.01) as c:
+            async with bento_clients.connect(url, reconnect_timeout=10, backoff_base=0.01) as c:
                 before = {st["session"] for st in await c.list()}
                 proxy.hold = True  # the execute reaches the server; its reply does not come back
                 made: list = []
@@ -159,7 +158,7 @@ async def test_unsafe_request_in_flight_fails_clearly(server, op):
             proxy = Proxy(server.port)
             await outer.start(proxy.run)
             url = f"ws://127.0.0.1:{proxy.port}/v1"
-            async with bento.connect(url, reconnect_timeout=10, backoff_base=0.01) as c:
+            async with bento_clients.connect(url, reconnect_timeout=10, backoff_base=0.01) as c:
                 s = await c.execute("import time\ndef main():\n    time.sleep(20)\n")
                 proxy.hold = True
 
@@ -168,7 +167,7 @@ async def test_unsafe_request_in_flight_fails_clearly(server, op):
                     proxy.cut()
 
                 outer.start_soon(cut_soon)
-                with pytest.raises(bento.RequestInterrupted, match=op), trio.fail_after(10):
+                with pytest.raises(bento_clients.RequestInterrupted, match=op), trio.fail_after(10):
                     if op == "signal":
                         await s.signal("TERM")
                     else:
@@ -203,7 +202,7 @@ async def test_pauses_and_cuts_exactly_once(server):
             proxy = Proxy(server.port)
             await outer.start(proxy.run)
             url = f"ws://127.0.0.1:{proxy.port}/v1"
-            async with bento.connect(url, reconnect_timeout=20, backoff_base=0.01, backoff_max=0.1,
+            async with bento_clients.connect(url, reconnect_timeout=20, backoff_base=0.01, backoff_max=0.1,
                                      max_queued_bytes=256 * 1024) as c:
                 s = await c.execute(PAGES, n_lines, buffer={"policy": "block", "max_bytes": 4 << 20})
                 cuts = 0

@@ -6,13 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import bento_clients
 import pytest
 import trio
 from bento_clients.frames import Exit, Gap, Msg, Stderr, Stdout
 from client_helpers import line_numbers
 from helpers import assert_plain_congestion, congestion_controls
-
-import bento
 
 
 def greet(name, times=1, punctuation="!"):
@@ -45,7 +44,7 @@ SLEEPER = "import time\ndef main():\n    api.send('ready')\n    time.sleep(30)\n
 
 async def test_callable_args_kwargs_and_typed_frames(server):
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with bento.connect(server.url) as c:
+        async with bento_clients.connect(server.url) as c:
             s = await c.execute(greet, "bento", times=2)
             assert s.token.startswith("bto_") and s.viewer_token.startswith("btv_") and s.mode == "rw"
             frames = [f async for f in s.output()]
@@ -61,7 +60,7 @@ async def test_callable_args_kwargs_and_typed_frames(server):
 async def test_reserved_option_names_go_through_kwargs(server):
     with trio.fail_after(TEST_TIMEOUT_S):
         code = "def main(env, limits=0, **rest):\n    return [env, limits, rest]\n"
-        async with bento.connect(server.url) as c:
+        async with bento_clients.connect(server.url) as c:
             s = await c.execute(code, kwargs={"env": "E", "limits": 2}, extra=True)
             assert await s.result() == ["E", 2, {"extra": True}]
             with pytest.raises(TypeError, match="twice"):
@@ -74,7 +73,7 @@ async def test_reserved_option_names_go_through_kwargs(server):
 
 async def test_stored_function_id_and_entry(server):
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with bento.connect(server.url) as c:
+        async with bento_clients.connect(server.url) as c:
             fid = await c.store("def double(x):\n    return 2 * x\n", name="double")
             s = await c.execute(fid, 21, entry="double")
             assert await s.result() == 42
@@ -82,44 +81,44 @@ async def test_stored_function_id_and_entry(server):
 
 async def test_result_errors_carry_remote_details(server):
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with bento.connect(server.url) as c:
+        async with bento_clients.connect(server.url) as c:
             s = await c.execute("def main():\n    raise KeyError('nope')\n")
-            with pytest.raises(bento.RemoteError) as info:
+            with pytest.raises(bento_clients.RemoteError) as info:
                 await s.result()
-            assert type(info.value) is bento.RemoteError
+            assert type(info.value) is bento_clients.RemoteError
             assert info.value.type == "KeyError" and "nope" in info.value.message
             assert "Traceback" in info.value.traceback and info.value.code == 1
 
             s = await c.execute("import sys\ndef main():\n    sys.exit(3)\n")
-            with pytest.raises(bento.RemoteError) as info:
+            with pytest.raises(bento_clients.RemoteError) as info:
                 await s.result()
             assert info.value.type == "SystemExit" and info.value.code == 3
 
             s = await c.execute("def main(:\n")
-            with pytest.raises(bento.SessionFailed) as failed:
+            with pytest.raises(bento_clients.SessionFailed) as failed:
                 await s.result()
             assert failed.value.state == "failed" and failed.value.type == "SyntaxError"
 
             s = await c.execute(SLEEPER)
             assert isinstance(await s.output().__anext__(), Msg)
             await s.signal("TERM")
-            with pytest.raises(bento.SessionKilled) as killed:
+            with pytest.raises(bento_clients.SessionKilled) as killed:
                 await s.result()
             assert killed.value.state == "killed" and killed.value.signal == "TERM"
             assert killed.value.signal_number == 15
-            with pytest.raises(bento.Gone):
+            with pytest.raises(bento_clients.Gone):
                 await s.signal("KILL")
 
 
 async def test_input_exactly_once_and_closed_input(server):
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with bento.connect(server.url) as c:
+        async with bento_clients.connect(server.url) as c:
             s = await c.execute(ECHO, "e")
             seqs = [await s.send(v) for v in (1, "two", [3])]
             assert seqs == [1, 2, 3]
             await s.wait_input_acked()
             await s.close_input()
-            with pytest.raises(bento.InputClosed):
+            with pytest.raises(bento_clients.InputClosed):
                 await s.send(4)
             assert await s.result() == [1, "two", [3]]
             with pytest.raises(TypeError):
@@ -129,12 +128,12 @@ async def test_input_exactly_once_and_closed_input(server):
 async def test_attach_by_token_from_seq_and_viewer(server):
     with trio.fail_after(TEST_TIMEOUT_S):
         code = "def main():\n    for i in range(10):\n        api.send(i)\n    return api.recv()\n"
-        async with bento.connect(server.url) as c:
+        async with bento_clients.connect(server.url) as c:
             s = await c.execute(code, attach=False)
             token, viewer = s.token, s.viewer_token
-            with pytest.raises(bento.BentoError, match="not attached"):
+            with pytest.raises(bento_clients.BentoError, match="not attached"):
                 s.output()
-        async with bento.connect(server.url) as c2:
+        async with bento_clients.connect(server.url) as c2:
             with trio.fail_after(10):
                 while (await c2.status(viewer))["next_seq"] < 11:
                     await trio.sleep(0.02)
@@ -146,32 +145,32 @@ async def test_attach_by_token_from_seq_and_viewer(server):
                 if f.value == 9:
                     break
             assert got == list(range(3, 10))
-            with pytest.raises(bento.InputClosed):
+            with pytest.raises(bento_clients.InputClosed):
                 await v.send(1)
-            with pytest.raises(bento.BentoError, match="owner"):
+            with pytest.raises(bento_clients.BentoError, match="owner"):
                 await v.signal("TERM")
             o = await c2.attach(token)
             assert o.mode == "rw" and o.attach_info["next_seq"] == 11
             await o.send("done")
             assert await o.result() == "done"
-            with pytest.raises(bento.NotFound):
+            with pytest.raises(bento_clients.NotFound):
                 await c2.attach("bto_" + "x" * 43)
 
 
 async def test_status_state_and_destroy(server):
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with bento.connect(server.url) as c:
+        async with bento_clients.connect(server.url) as c:
             s = await c.execute(SLEEPER)
             st = await s.status()
             assert st["session"] == s.id and st["state"] in ("starting", "running")
             assert await s.state_get() == (0, None)
             assert await s.state_put({"n": 1}) == 1
-            with pytest.raises(bento.Conflict) as conflict:
+            with pytest.raises(bento_clients.Conflict) as conflict:
                 await s.state_put({"n": 2}, if_version=0)
             assert conflict.value.version == 1
-            with pytest.raises(bento.Forbidden):
+            with pytest.raises(bento_clients.Forbidden):
                 await c.state_put(s.viewer_token, 1)
-            async with bento.connect(server.url) as w:
+            async with bento_clients.connect(server.url) as w:
                 watch = await w.attach(s.viewer_token)
                 frames = watch.output()
                 with trio.fail_after(10):
@@ -181,17 +180,17 @@ async def test_status_state_and_destroy(server):
                 assert isinstance(first, Msg) and first.value == "ready"
                 assert watch.shared_state == (1, {"n": 1})
                 await s.destroy()
-                with pytest.raises(bento.SessionGone), trio.fail_after(10):
+                with pytest.raises(bento_clients.SessionGone), trio.fail_after(10):
                     async for f in frames:
                         raise AssertionError(f"a frame after the session was destroyed: {f}")
-            with pytest.raises(bento.NotFound):
+            with pytest.raises(bento_clients.NotFound):
                 await c.status(s.token)
 
 
 async def test_result_without_reading_output_drains_it(server):
     with trio.fail_after(TEST_TIMEOUT_S):
         code = "def main():\n    for i in range(2000):\n        print(i)\n    return 'end'\n"
-        async with bento.connect(server.url) as c:
+        async with bento_clients.connect(server.url) as c:
             s = await c.execute(code, buffer=4096)  # tiny buffer: only acks let it finish
             with trio.fail_after(30):
                 assert await s.result() == "end"
@@ -202,13 +201,13 @@ async def test_result_without_reading_output_drains_it(server):
 async def test_gap_frame_for_trimmed_output(server):
     with trio.fail_after(TEST_TIMEOUT_S):
         code = "def main():\n    for i in range(20):\n        api.send(i)\n    api.recv()\n"
-        async with bento.connect(server.url) as c:
+        async with bento_clients.connect(server.url) as c:
             s = await c.execute(code)
             it = s.output()
             for _ in range(10):
                 await it.__anext__()
             await it.__anext__()  # acknowledges the first ten
-            async with bento.connect(server.url) as v:
+            async with bento_clients.connect(server.url) as v:
                 with trio.fail_after(10):
                     while (await s.status())["first_seq"] < 11:
                         await trio.sleep(0.02)
@@ -220,25 +219,25 @@ async def test_gap_frame_for_trimmed_output(server):
 
 async def test_connect_to_nothing_fails_fast_and_clearly():
     with trio.fail_after(10):
-        with pytest.raises(bento.ConnectionLost, match="cannot connect"):
-            async with bento.connect("ws://127.0.0.1:9/v1", connect_timeout=0.5):
+        with pytest.raises(bento_clients.ConnectionLost, match="cannot connect"):
+            async with bento_clients.connect("ws://127.0.0.1:9/v1", connect_timeout=0.5):
                 pass
     with pytest.raises(ValueError):
-        async with bento.connect("http://127.0.0.1:9/v1"):
+        async with bento_clients.connect("http://127.0.0.1:9/v1"):
             pass
 
 
 async def test_gives_up_after_reconnect_timeout(make_server):
     with trio.fail_after(TEST_TIMEOUT_S):
         srv = make_server()
-        async with bento.connect(srv.url, reconnect_timeout=1.0, backoff_max=0.2) as c:
+        async with bento_clients.connect(srv.url, reconnect_timeout=1.0, backoff_max=0.2) as c:
             s = await c.execute(SLEEPER)
             it = s.output()
             assert isinstance(await it.__anext__(), Msg)
             srv.kill()
-            with trio.fail_after(15), pytest.raises(bento.ConnectionLost, match="could not be restored"):
+            with trio.fail_after(15), pytest.raises(bento_clients.ConnectionLost, match="could not be restored"):
                 await it.__anext__()
-            with pytest.raises(bento.ConnectionLost):
+            with pytest.raises(bento_clients.ConnectionLost):
                 await c.status(s.token)
 
 
@@ -249,7 +248,7 @@ async def test_survives_server_restart(make_server, tmp_path):
         srv = make_server()
         port = srv.port
         code = "import time\ndef main(n):\n    for i in range(n):\n        print(i, flush=True)\n        time.sleep(0.01)\n    return api.recv()\n"
-        async with bento.connect(srv.url, reconnect_timeout=30, backoff_max=0.2) as c:
+        async with bento_clients.connect(srv.url, reconnect_timeout=30, backoff_max=0.2) as c:
             s = await c.execute(code, 150)
             frames = []
             it = s.output()
@@ -268,13 +267,16 @@ async def test_survives_server_restart(make_server, tmp_path):
         assert text == b"".join(b"%d\n" % i for i in range(150))
 
 
-def test_import_bento_stays_cheap_and_names_agree():
+def test_imports_stay_cheap_and_point_one_way():
+    """``import bento_clients`` loads no trio until a name is used; the server
+    package (and its protocol) never loads the clients."""
     out = subprocess.run(
         [sys.executable, "-c",
-         "import sys, bento; import bento.protocol; assert 'trio' not in sys.modules; "
-         "e = bento.RemoteError; assert 'trio' not in sys.modules; "
-         "import bento_clients; assert bento.CLIENT_NAMES == set(bento_clients.EXPORTS); "
-         "assert bento.connect and bento.sync.connect and bento.Stdout; print('ok')"],
+         "import sys, bento, bento.protocol; assert 'bento_clients' not in sys.modules; "
+         "import bento_clients; e = bento_clients.RemoteError; assert 'trio' not in sys.modules; "
+         "assert [n for n in bento_clients.EXPORTS if getattr(bento_clients, n) is None] == []; "
+         "assert bento_clients.connect and bento_clients.sync.connect; "
+         "assert not hasattr(bento, 'connect'); print('ok')"],
         capture_output=True, timeout=60)
     assert out.stdout.strip() == b"ok", out.stderr
 
@@ -313,7 +315,7 @@ async def test_slow_reader_pauses_instead_of_buffering_everything(server):
     on the server; input sent meanwhile is held; once read down, the client attaches
     again from the next seq: every byte exactly once, every input exactly once."""
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with bento.connect(server.url, max_queued_bytes=BOUND) as c:
+        async with bento_clients.connect(server.url, max_queued_bytes=BOUND) as c:
             s = await c.execute(CHATTY, 48, buffer={"policy": "block", "max_bytes": 32 << 20})
             most = await _idle_while_it_writes(s, 2.0)
             for i in range(3):
@@ -331,7 +333,7 @@ async def test_slow_reader_pauses_instead_of_buffering_everything(server):
 
 async def test_slow_reader_with_drop_oldest_sees_gaps_not_unbounded_memory(server):
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with bento.connect(server.url, max_queued_bytes=BOUND) as c:
+        async with bento_clients.connect(server.url, max_queued_bytes=BOUND) as c:
             s = await c.execute(CHATTY, 48, buffer={"policy": "drop_oldest", "max_bytes": 8 << 20})
             most = await _idle_while_it_writes(s, 2.0)
             for i in range(3):
@@ -361,7 +363,7 @@ async def test_many_pauses_in_a_row_lose_and_repeat_nothing(server):
     frames right behind each re-attach reply are taken (the pause ends in the
     reader, with the reply), so no hole, gap or duplicate appears."""
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with bento.connect(server.url, max_queued_bytes=32 * 1024) as c:
+        async with bento_clients.connect(server.url, max_queued_bytes=32 * 1024) as c:
             s = await c.execute(SMALL_PAGES, 2048)
             frames = []
             async for frame in s.output():
@@ -378,8 +380,8 @@ async def test_a_viewer_that_falls_behind_pauses_and_resumes_exactly(server):
     """A viewer acks nothing and sends nothing: its pause and resume rest on the
     re-attach alone. The owner does not read either, so the server keeps every frame."""
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with bento.connect(server.url) as owner, \
-                bento.connect(server.url, max_queued_bytes=256 * 1024) as watcher:
+        async with bento_clients.connect(server.url) as owner, \
+                bento_clients.connect(server.url, max_queued_bytes=256 * 1024) as watcher:
             s = await owner.execute(SMALL_PAGES, 512)
             v = await watcher.attach(s.viewer_token)
             await trio.sleep(1.0)  # 8 MiB written; the viewer holds one bound's worth
@@ -395,7 +397,7 @@ async def test_a_viewer_that_falls_behind_pauses_and_resumes_exactly(server):
 async def test_sdk_connection_to_this_host_is_not_paced(server):
     """Like the server's side (tests/e2e/test_core.py): the SDK's connection to
     a server on this host uses a plain congestion control (bento/tcptune.py)."""
-    async with bento.connect(server.url) as c:
+    async with bento_clients.connect(server.url) as c:
         await c.execute("def main():\n    return 1\n")
         found = congestion_controls(f"( dport = :{server.port} )")
     assert_plain_congestion(found)

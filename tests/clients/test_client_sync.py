@@ -1,4 +1,4 @@
-"""The blocking facade (bento.sync) from plain code and threads, and a reattach
+"""The blocking facade (bento_clients.sync) from plain code and threads, and a reattach
 from another process that knows only the token string."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import sys
 import threading
 import time
 
+import bento_clients
 import pytest
 from bento_clients.frames import Exit, Stdout
 from client_helpers import ROOT, cli_env, line_numbers, run_cli, write_file
-
-import bento
 
 ECHO = """
 def main(n):
@@ -40,7 +39,7 @@ def _new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
 
 def test_blocking_facade_from_plain_code(server):
     before = set(threading.enumerate())
-    with bento.sync.connect(server.url, call_timeout=30) as c:
+    with bento_clients.sync.connect(server.url, call_timeout=30) as c:
         s = c.execute(ECHO, 3)
         assert s.send("a") == 1 and s.send({"b": 2}) == 2
         s.close_input()
@@ -53,7 +52,7 @@ def test_blocking_facade_from_plain_code(server):
     assert b"".join(f.data for f in frames if isinstance(f, Stdout)) == b"line 0\nline 1\nline 2\n"
     assert not _client_threads()
     assert not _new_threads(before), _new_threads(before)
-    with pytest.raises(bento.ConnectionLost):
+    with pytest.raises(bento_clients.ConnectionLost):
         c.status(s.token)
 
 
@@ -61,11 +60,11 @@ def test_blocking_facade_inside_threads_shared_and_not(server):
     before = set(threading.enumerate())
     results: dict[str, object] = {}
     errors: list[BaseException] = []
-    shared = bento.sync.connect(server.url, call_timeout=30)
+    shared = bento_clients.sync.connect(server.url, call_timeout=30)
 
     def own_client(name: str) -> None:
         try:
-            c = bento.sync.connect(server.url, call_timeout=30)
+            c = bento_clients.sync.connect(server.url, call_timeout=30)
             try:
                 results[name] = c.execute("def main(x):\n    return x * 2\n", name).result(timeout=20)
             finally:
@@ -93,29 +92,29 @@ def test_blocking_facade_inside_threads_shared_and_not(server):
 
 
 def test_blocking_errors_are_the_sdk_errors(server):
-    with bento.sync.connect(server.url, call_timeout=30) as c:
-        with pytest.raises(bento.RemoteError) as info:
+    with bento_clients.sync.connect(server.url, call_timeout=30) as c:
+        with pytest.raises(bento_clients.RemoteError) as info:
             c.execute("def main():\n    raise ValueError('x')\n").result(timeout=20)
         assert info.value.type == "ValueError"
-        with pytest.raises(bento.NotFound):
+        with pytest.raises(bento_clients.NotFound):
             c.attach("bto_nothing")
         s = c.execute("import time\ndef main():\n    time.sleep(30)\n")
         with pytest.raises(TimeoutError):
             s.result(timeout=0.3)
         s.destroy()
-    with pytest.raises(bento.ConnectionLost):
-        bento.sync.connect("ws://127.0.0.1:9/v1", connect_timeout=0.3)
+    with pytest.raises(bento_clients.ConnectionLost):
+        bento_clients.sync.connect("ws://127.0.0.1:9/v1", connect_timeout=0.3)
     assert not _client_threads()
 
 
 REATTACH = """
 import json, sys
-import bento
-with bento.sync.connect(sys.argv[1], call_timeout=30) as c:
+import bento_clients
+with bento_clients.sync.connect(sys.argv[1], call_timeout=30) as c:
     s = c.attach(sys.argv[2])
     s.send("from B")
     s.close_input()
-    out = b"".join(f.data for f in s.output(timeout=30) if isinstance(f, bento.Stdout))
+    out = b"".join(f.data for f in s.output(timeout=30) if isinstance(f, bento_clients.Stdout))
     print(json.dumps({"out": out.decode(), "result": s.result(timeout=30), "mode": s.mode}))
 """
 
@@ -137,7 +136,7 @@ def test_reattach_from_another_process_with_only_the_token(server, tmp_path):
 
 def test_blocking_facade_pauses_a_session_it_does_not_read(server):
     code = "def main():\n    for i in range(400):\n        print(f'{i:>8}' + 'z' * 16000, flush=True)\n"
-    with bento.sync.connect(server.url, call_timeout=30, max_queued_bytes=256 * 1024) as c:
+    with bento_clients.sync.connect(server.url, call_timeout=30, max_queued_bytes=256 * 1024) as c:
         s = c.execute(code)
         time.sleep(1.0)  # not read meanwhile: 6 MB arrive, the session pauses at 256 KiB
         assert s.statistics()["queued_bytes"] <= 256 * 1024 + (2 << 20)

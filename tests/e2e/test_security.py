@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import trio
-from helpers import ROOT, Client, assert_contiguous, conn, data_of
+from helpers import ROOT, Client, assert_contiguous, conn, data_of, self_signed
 
 # --------------------------------------------------------------------------
 # Helpers local to this file.
@@ -183,17 +183,6 @@ async def test_public_address_with_insecure_or_api_key_starts(make_server):
 
 # --------------------------------------------------------------------------
 # TLS.
-
-
-def self_signed(tmp_path) -> tuple[str, str]:
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
-    )
-    return cert, key
 
 
 async def test_tls_end_to_end(make_server, tmp_path):
