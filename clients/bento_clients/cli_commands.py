@@ -1,0 +1,229 @@
+"""The CLI's commands about one session: run, attach, logs, send, status, kill,
+rm, share. Each is ``async def cmd_x(settings, args) -> exit code``; ``cli``
+parses the arguments and dispatches here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import trio
+
+from bento_clients.cli_output import exit_code, say, show, show_json, status_lines
+from bento_clients.cli_settings import Settings, UsageError, known_entry, parse_json_arg, token_of
+from bento_clients.cli_stream import follow, with_client
+from bento_clients.convert import from_json, parse_buffer, parse_limits
+from bento_clients.errors import Forbidden, Gone, NotFound
+from bento_clients.terminal import ResumeFilter, Sinks
+
+__all__ = ["cmd_attach", "cmd_kill", "cmd_logs", "cmd_rm", "cmd_run", "cmd_send", "cmd_share", "cmd_status"]
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            code = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}") from None
+    fn_args = [parse_json_arg(a, f"argument {i + 1}") for i, a in enumerate(args.args)]
+    kwargs: dict[str, Any] = {}
+    for kv in args.kwarg:
+        name, sep, value = kv.partition("=")
+        if not sep or not name:
+            raise UsageError(f"bad --kwarg {kv!r}: expected NAME=JSON")
+        kwargs[name] = parse_json_arg(value, f"--kwarg {name}")
+    env: dict[str, str] = {}
+    for kv in args.env:
+        name, sep, value = kv.partition("=")
+        if not sep or not name:
+            raise UsageError(f"bad --env {kv!r}: expected NAME=VALUE")
+        env[name] = value
+    try:
+        limits = parse_limits(",".join(args.limit)) if args.limit else None
+        buffer = parse_buffer(args.buffer, args.policy)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    url = settings.server_for()
+    state = settings.state
+
+    async def go(client: Any) -> int:
+        s = await client.execute(
+            code, *fn_args, entry=args.entry, kwargs=kwargs, env=env or None, limits=limits,
+            buffer=buffer, network=args.network, idempotency_key=args.idempotency_key,
+            attach=not args.detach)
+        state.add_session({"session": s.id, "server": url, "token": s.token,
+                           "viewer_token": s.viewer_token, "name": os.path.basename(args.file)})
+        if args.detach:
+            if settings.json:
+                show_json({"session": s.id, "token": s.token, "viewer_token": s.viewer_token})
+            else:
+                show(f"session       {s.id}\ntoken         {s.token}\nviewer token  {s.viewer_token}\n"
+                       f"attach with:  bento attach {s.token}\nshare with:   bento logs -f {s.viewer_token}")
+            return 0
+        s.input_journal = state.journal(s.id)
+        return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback)
+
+    return await with_client(settings, url, go)
+
+
+
+async def cmd_attach(settings: Settings, args: argparse.Namespace) -> int:
+    entry = known_entry(settings, args.token)
+    token = token_of(entry, args.token)
+    state = settings.state
+    if args.from_seq is None and entry is not None and entry.get("exit"):
+        # Everything, exit frame included, was already printed here.
+        data = from_json(entry["exit"])
+        if sys.stderr.isatty():
+            say(f"bento: session {entry['session']} has ended ({data.get('state')}); its output was printed")
+        return exit_code(data)
+    if args.from_seq is not None:
+        from_seq, resume_sizes = args.from_seq, None
+    elif entry is not None:
+        from_seq, resume_sizes = int(entry.get("delivered", 0)) + 1, entry.get("sinks") or {}
+    else:
+        from_seq, resume_sizes = 1, None
+    pending = state.pending_input(entry["session"]) if entry else []
+
+    async def go(client: Any) -> int:
+        s = await client.attach(token, from_seq, pending_input=pending,
+                                input_journal=state.journal(entry["session"]) if entry else None)
+        state.add_session({"session": s.id, "server": settings.server_for(entry), "token": s.token,
+                           "viewer_token": s.viewer_token})
+        if entry is None and s.mode == "rw":
+            s.input_journal = state.journal(s.id)
+        resume = ResumeFilter(Sinks(), resume_sizes) if resume_sizes else None
+        return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback,
+                             resume=resume)
+
+    return await with_client(settings, settings.server_for(entry), go)
+
+
+async def cmd_logs(settings: Settings, args: argparse.Namespace) -> int:
+    entry = known_entry(settings, args.token)
+    token = token_of(entry, args.token)
+
+    async def go(client: Any) -> int:
+        s = await client.attach(token, args.from_seq, auto_ack=False)
+        stop_at = None if args.follow else int(s.attach_info.get("next_seq", 1)) - 1
+        if stop_at is not None and stop_at < args.from_seq:
+            return 0  # nothing retained from there
+        code = await follow(settings, s, attached=False, stdin=False, traceback=args.traceback,
+                             stop_at=stop_at)
+        return code if args.follow else 0
+
+    return await with_client(settings, settings.server_for(entry), go)
+
+
+async def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    if args.eof == (args.value is not None):
+        raise UsageError("bento send: give either VALUE or --eof")
+    value = None
+    if not args.eof:
+        value = args.value if args.text else parse_json_arg(args.value, "VALUE")
+    entry = known_entry(settings, args.token)
+    token = token_of(entry, args.token, owner=True)
+    state = settings.state
+
+    async def go(client: Any) -> int:
+        pending = state.pending_input(entry["session"]) if entry else []
+        s = await client.attach(token, None, auto_ack=False, pending_input=pending)
+        if s.mode != "rw":
+            raise Forbidden("forbidden", "sending input needs the owner token (bto_...), not a viewer token")
+        state.add_session({"session": s.id, "server": settings.server_for(entry), "token": s.token})
+        s.input_journal = state.journal(s.id)
+        seq = await (s.close_input() if args.eof else s.send(value))
+        with trio.fail_after(max(settings.reconnect_timeout, 10)):
+            await s.wait_input_acked()
+        await s.detach()
+        if settings.json:
+            show_json({"session": s.id, "seq": seq, "accepted": True})
+        return 0
+
+    return await with_client(settings, settings.server_for(entry), go)
+
+
+
+async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    entry = known_entry(settings, args.token)
+    token = token_of(entry, args.token)
+
+    async def go(client: Any) -> int:
+        try:
+            st = await client.status(token)
+        except NotFound:
+            if entry is None or not entry.get("exit"):
+                raise
+            ex = from_json(entry["exit"])
+            st = {"session": entry["session"], "state": ex.get("state"), "created": entry.get("created"),
+                  "exit": ex, "known": "locally only (the server has forgotten it)"}
+            if settings.json:
+                show_json(st)
+            else:
+                show(f"session   {st['session']}\nstate     {st['state']} (known here only; the server "
+                       f"has cleaned it up)\nexit      code {exit_code(ex)}")
+            return 0
+        settings.state.update_session(st["session"], state=st.get("state"))
+        if settings.json:
+            show_json(st)
+        else:
+            show(status_lines(st))
+        return 0
+
+    return await with_client(settings, settings.server_for(entry), go)
+
+
+async def cmd_kill(settings: Settings, args: argparse.Namespace) -> int:
+    entry = known_entry(settings, args.token)
+    token = token_of(entry, args.token, owner=True)
+
+    async def go(client: Any) -> int:
+        try:
+            await client.signal(token, args.signal)
+        except Gone:
+            say("bento: the function has already ended")
+            return 1
+        if settings.json:
+            show_json({"signal": args.signal, "sent": True})
+        return 0
+
+    return await with_client(settings, settings.server_for(entry), go)
+
+
+async def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
+    entry = known_entry(settings, args.token)
+    token = token_of(entry, args.token, owner=True)
+
+    async def go(client: Any) -> int:
+        try:
+            await client.destroy(token)
+        except NotFound:
+            if entry is None:
+                raise
+            say("bento: the server no longer knows this session; forgotten here")
+        if entry is not None:
+            settings.state.remove_session(entry["session"])
+        if settings.json:
+            show_json({"destroyed": True})
+        return 0
+
+    return await with_client(settings, settings.server_for(entry), go)
+
+
+
+async def cmd_share(settings: Settings, args: argparse.Namespace) -> int:
+    if args.token.startswith("btv_"):
+        viewer: str | None = args.token
+    else:
+        entry = settings.state.find(args.token)
+        viewer = entry.get("viewer_token") if entry else None
+        if viewer is None:
+            raise UsageError("this machine does not know that session's viewer token "
+                             "(the server hands it out only when the session starts)")
+    if settings.json:
+        show_json({"viewer_token": viewer})
+    else:
+        show(str(viewer))
+    return 0

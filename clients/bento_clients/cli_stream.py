@@ -1,0 +1,243 @@
+"""Streaming a session to the terminal: the connection (with a spinner while it
+comes up), frames written out exactly once (write, record, then acknowledge),
+and stdin read as input lines or as keys (detach sequence, ctrl-c).
+
+docs/cli.md ("The state file and exactly-once output") explains the order of
+steps this module keeps for every frame.
+"""
+
+from __future__ import annotations
+
+import os
+import signal as signals
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from bento_clients import sdk
+from bento_clients.cli_output import exit_code, render, say
+from bento_clients.cli_settings import CLIENT_NAME, Settings
+from bento_clients.errors import BentoError, InputClosed, SessionGone
+from bento_clients.frames import Exit, Frame
+from bento_clients.terminal import KeyReader, ResumeFilter, Sinks, parse_detach_keys, raw_mode
+
+__all__ = ["follow", "with_client"]
+
+# Record the position in the state file at least this often while frames are
+# backed up (otherwise after every frame): bounds what a kill -9 can repeat on
+# a terminal or pipe (docs/cli.md).
+RECORD_EVERY_FRAMES = 64
+RECORD_EVERY_BYTES = 256 * 1024
+
+async def _spinner(url: str) -> None:
+    frames = "|/-\\"
+    await trio.sleep(0.3)
+    i = 0
+    try:
+        while True:
+            sys.stderr.write(f"\r{frames[i % 4]} connecting to {url} ...")
+            sys.stderr.flush()
+            i += 1
+            await trio.sleep(0.1)
+    finally:
+        if i:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+async def with_client(settings: Settings, url: str, fn: Callable[[Any], Awaitable[int]]) -> int:
+    """``fn(client)`` on a connection to ``url``, with a spinner while connecting."""
+    async with trio.open_nursery() as nursery:
+        spin = trio.CancelScope()
+        if sys.stderr.isatty() and not settings.json:
+            async def spinner() -> None:
+                with spin:
+                    await _spinner(url)
+            nursery.start_soon(spinner)
+        try:
+            async with sdk.connect(url, settings.api_key, connect_timeout=settings.connect_timeout,
+                                   reconnect_timeout=settings.reconnect_timeout,
+                                   client_name=CLIENT_NAME) as client:
+                spin.cancel()
+                return await fn(client)
+        finally:
+            spin.cancel()
+
+
+# --------------------------------------------------------------------------
+# Streaming a session to the terminal.
+
+
+@dataclass
+class _Stream:
+    settings: Settings
+    session: Any  # sdk.Session
+    record: bool  # write positions to the state file (and acknowledge only then)
+    send_input: bool  # stdin lines become the function's input
+    keys: bool  # stdin is a terminal we read in raw mode (detach keys, ctrl-c)
+    control: bool  # ctrl-c / SIGINT signals the function (else it detaches)
+    traceback: bool
+    stop_at: int | None = None  # logs without -f: the last seq to print
+    resume: ResumeFilter | None = None
+    detached: bool = False
+    code: int | None = None
+
+
+async def _stream(st: _Stream) -> int | None:
+    """Print frames until the exit frame (returns its exit code), ``stop_at``, or a
+    detach (returns None). Reads stdin meanwhile (input, keys) as ``st`` says."""
+    sinks = Sinks()
+    s = st.session
+    if st.record:
+        s.auto_ack = False  # acknowledged only once recorded in the state file
+    state = st.settings.state
+    async with trio.open_nursery() as nursery:
+
+        async def output() -> None:
+            # Exactly once (docs/cli.md): write a frame's bytes, then record its
+            # seq in the state file, then acknowledge it. Frames already received
+            # are written as one batch and recorded once (the record is a file
+            # rename, the costly step); a batch that is written but not recorded
+            # yet when the loop stops is recorded on the way out.
+            unrecorded: Frame | None = None
+            batch = batch_bytes = 0
+            try:
+                async for frame in s.output():
+                    for sink, data in render(frame, st.settings.json, st.traceback):
+                        if st.resume is not None:
+                            data = st.resume.filter(sink, data)
+                        if data:
+                            sinks.write(sink, data)
+                            batch_bytes += len(data)
+                    unrecorded, batch = frame, batch + 1
+                    if isinstance(frame, Exit):
+                        st.code = exit_code(frame.data())
+                    last = st.stop_at is not None and frame.seq >= st.stop_at
+                    if st.record and (isinstance(frame, Exit) or last or not s.queued
+                                      or batch >= RECORD_EVERY_FRAMES or batch_bytes >= RECORD_EVERY_BYTES):
+                        record(frame)
+                        unrecorded, batch, batch_bytes = None, 0, 0
+                        await s.ack(frame.seq)
+                    if last:
+                        break
+            finally:
+                if st.record and unrecorded is not None:
+                    record(unrecorded)
+            nursery.cancel_scope.cancel()
+
+        def record(frame: Frame) -> None:
+            state.record_delivery(s.id, frame.seq, sinks.sizes(),
+                                  frame.data() if isinstance(frame, Exit) else None)
+
+        def detach() -> None:
+            st.detached = True
+            nursery.cancel_scope.cancel()
+
+        interrupts: list[float] = []
+
+        async def interrupt() -> None:
+            now = time.monotonic()
+            interrupts[:] = [t for t in interrupts if now - t < 3] + [now]
+            if not st.control or s.mode != "rw" or s.exit is not None or len(interrupts) >= 3:
+                detach()
+                return
+            try:
+                await s.signal("INT")
+                if sys.stderr.isatty():
+                    say(f"bento: sent INT to the function ({st.settings.detach_keys} detaches)")
+            except BentoError as exc:
+                say(f"bento: could not send INT: {exc}")
+
+        async def signals_in() -> None:
+            with trio.open_signal_receiver(signals.SIGINT, signals.SIGTERM, signals.SIGHUP) as received:
+                async for signum in received:
+                    if signum == signals.SIGINT:
+                        await interrupt()
+                    else:
+                        detach()
+
+        async def send(item: Any) -> bool:
+            try:
+                if item is None:
+                    await s.close_input()
+                else:
+                    await s.send(item)
+                return True
+            except (InputClosed, SessionGone):
+                return False
+
+        async def lines_in() -> None:
+            # os.read, not sys.stdin: a thread abandoned in a buffered read would
+            # hold the buffer's lock at interpreter exit.
+            buf = b""
+            while True:
+                data = await trio.to_thread.run_sync(os.read, 0, 65536, abandon_on_cancel=True)
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                if not data and buf:
+                    lines.append(buf)
+                for line in lines:
+                    if not await send(line.decode("utf-8", errors="replace")):
+                        return
+                if not data:
+                    await send(None)
+                    return
+
+        async def keys_in() -> None:
+            reader = KeyReader(parse_detach_keys(st.settings.detach_keys))
+            while True:
+                data = await trio.to_thread.run_sync(os.read, 0, 1024, abandon_on_cancel=True)
+                if not data:
+                    if st.send_input:
+                        await send(None)
+                    return
+                events = reader.feed(data)
+                echo = reader.take_echo()
+                if echo and st.send_input:
+                    os.write(0, echo)
+                for ev in events:
+                    if ev.kind == "detach":
+                        detach()
+                        return
+                    if ev.kind == "interrupt":
+                        await interrupt()
+                    elif ev.kind == "eof" and st.send_input:
+                        await send(None)
+                    elif ev.kind == "line" and st.send_input:
+                        await send(ev.text)
+
+        nursery.start_soon(output)
+        nursery.start_soon(signals_in)
+        if st.keys:
+            nursery.start_soon(keys_in)
+        elif st.send_input:
+            nursery.start_soon(lines_in)
+    return None if st.detached else st.code
+
+
+async def follow(settings: Settings, s: Any, *, attached: bool, stdin: bool, traceback: bool,
+                  resume: ResumeFilter | None = None, stop_at: int | None = None) -> int:
+    """Stream a session; returns the exit code. ``attached``: run/attach (record
+    positions, detach keys, ctrl-c signals the function); else a read-only look
+    (logs). ``stdin``: the terminal's input goes to the function."""
+    rw = s.mode == "rw"
+    keys = attached and os.isatty(0)
+    st = _Stream(settings, s, record=attached, send_input=stdin and rw, keys=keys,
+                 control=attached and rw, traceback=traceback, stop_at=stop_at, resume=resume)
+    if keys:
+        with raw_mode(0):
+            code = await _stream(st)
+    else:
+        code = await _stream(st)
+    if st.detached:
+        await s.detach()
+        if attached:
+            token = s.token or s.viewer_token
+            say(f"bento: detached; the function keeps running. Attach again with:\n  bento attach {token}")
+        return 0
+    return code if code is not None else 0
+
