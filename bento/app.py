@@ -46,6 +46,10 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-limit", action="append", default=[], metavar="KEY=VALUE",
                    help="the most an execute may ask for (repeatable); a limit with a maximum "
                         "is always in force, at most that value")
+    p.add_argument("--allow-unenforced-limits", action="store_true",
+                   help="accept limits this machine cannot hold for a whole environment (no "
+                        "cgroup for them): they get a per-process rlimit or nothing, and status "
+                        "says so. Without it such limits are refused")
     p.add_argument("--pool", type=int, default=2,
                    help="fresh environments kept started ahead of time for fast executes, never reused "
                         "(bwrap and none; default 2; 0 = off)")
@@ -102,19 +106,39 @@ def run_server(argv: list[str]) -> int:
     except bento_sandbox.SandboxUnavailable as exc:
         print(f"bento server: {exc}", file=sys.stderr)
         return 2
+    config.enforceable = bento_sandbox.enforcement()
+    config.allow_unenforced_limits = args.allow_unenforced_limits
+    unheld: list[str] = []
     if config.sandbox == "bwrap":
         # Without these a session that asks for nothing could take the host's
         # pids and memory (tmpfs writes are charged to the memory cgroup).
-        config.default_limits = {"pids": 256, "memory_bytes": 1024 * 1024 * 1024}
+        builtin = {"pids": 256, "memory_bytes": 1024 * 1024 * 1024}
+        unheld = [k for k in builtin if k not in config.enforceable]
+        config.default_limits = {k: v for k, v in builtin.items() if k in config.enforceable}
     try:
         given = parse_limits(args.default_limit)
         maxima = parse_limits(args.max_limit)
     except ValueError as exc:
         print(f"bento server: --default-limit/--max-limit: {exc}", file=sys.stderr)
         return 2
+    if not config.allow_unenforced_limits:
+        for option, items in (("--default-limit", given), ("--max-limit", maxima)):
+            for k, v in items.items():
+                if v is not None and k not in config.enforceable:
+                    print(f"bento server: {option} {k}: this machine cannot enforce {k} "
+                          f"({bento_sandbox.unenforceable_reason(k)}); leave it out, or start with "
+                          "--allow-unenforced-limits to accept it unenforced", file=sys.stderr)
+                    return 2
     config.max_limits = {k: v for k, v in maxima.items() if v is not None}
     merged: dict[str, float | None] = {**config.default_limits, **given}
     config.default_limits = {k: v for k, v in merged.items() if v is not None}
+    from bento.store import DataDirBusy, lock_data_dir
+
+    try:
+        lock = lock_data_dir(config.data_dir)
+    except DataDirBusy as exc:
+        print(f"bento server: {exc}", file=sys.stderr)
+        return 2
 
     import trio
 
@@ -131,12 +155,26 @@ def run_server(argv: list[str]) -> int:
             print(f"bento: sandbox {config.sandbox}", flush=True)
             if config.sandbox != "bwrap":
                 print(f"bento: WARNING sandbox '{config.sandbox}': functions run UNSANDBOXED "
-                      "as this user (rlimits only)", flush=True)
+                      "as this user", flush=True)
+            held = "; ".join(f"{k} by {how}" for k, how in sorted(config.enforceable.items()))
+            print(f"bento: limits enforced: {held}", flush=True)
+            missing = sorted(set(bento_sandbox.Limits.KEYS) - set(config.enforceable))
+            if missing:
+                what = ("accepted, held per process at most (--allow-unenforced-limits)"
+                        if config.allow_unenforced_limits else "refused")
+                print(f"bento: WARNING limits this machine cannot enforce: {', '.join(missing)} "
+                      f"({'; '.join(bento_sandbox.unenforceable_reason(k) for k in missing)}): "
+                      f"executes asking for them are {what}", flush=True)
+            if unheld:
+                print(f"bento: WARNING no default {' or '.join(unheld)} limit: sessions can take "
+                      "the host's processes and memory", flush=True)
 
     try:
         trio.run(run)
     except KeyboardInterrupt:
         pass
+    finally:
+        os.close(lock)
     return 0
 
 

@@ -39,6 +39,10 @@ class Config:
     default_limits: dict[str, float] = field(default_factory=dict)
     max_limits: dict[str, float] = field(default_factory=dict)
     pool_size: int = 2  # warm environments kept ready (bwrap and none)
+    # limit -> what holds it for a whole environment here (bento_sandbox.enforcement()).
+    enforceable: dict[str, str] = field(default_factory=dict)
+    # Accept limits that only a per-process rlimit (or nothing) holds.
+    allow_unenforced_limits: bool = False
 
     @property
     def loopback(self) -> bool:
@@ -46,6 +50,12 @@ class Config:
 
     def check(self) -> None:
         """Refuse settings that are unsafe or cannot work."""
+        blank = [k for k in self.api_keys if not k.strip()]
+        if blank:
+            raise ValueError(
+                "an API key is empty or blank (an unset $KEY in --api-key \"$KEY\"?): "
+                "an empty key is no key; give a real key, or leave --api-key out"
+            )
         if not self.loopback and not self.api_keys and not self.insecure:
             raise ValueError(
                 f"refusing to listen on {self.host} without API keys: "

@@ -458,7 +458,12 @@ class Exchange:
         assert launched.env is not None
         self.child = child = launched.env
         if pre is None:
-            pre = prestart(launched, self.meta, None)
+            try:
+                pre = prestart(launched, self.meta, None)
+            except bento_sandbox.Unenforceable as exc:
+                launched.discard()
+                self.start(Launched(None, error=str(exc)))
+                return
         self.driver, self.enforced, started_at = pre
         self.output.watch(launched.out_r, launched.err_r)
         self.pidfd = os.pidfd_open(child.pid)
@@ -717,7 +722,11 @@ def main(argv: list[str]) -> None:
             # HOME, as if started there). A sandbox has its own tmpfs home.
             os.makedirs(work, exist_ok=True)
             cwd = work
-        pre = prestart(launched, meta, cwd)
+        try:
+            pre = prestart(launched, meta, cwd)
+        except bento_sandbox.Unenforceable as exc:
+            launched.discard()
+            launched = Launched(None, error=str(exc))
     ex = Exchange(sdir, adopt, meta)
     if adopt:
         ex.adopt_lost()

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import bento_sandbox
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
@@ -330,6 +331,7 @@ class Connection:
             "sandbox": self.config.sandbox,
             "sandbox_cmd": self.config.sandbox_cmd,
             "max_message": self.config.max_message,
+            "allow_unenforced": self.config.allow_unenforced_limits,
             "key": key,
         }
         idem = req.get("idempotency_key")
@@ -352,6 +354,14 @@ class Connection:
             limits[k] = v
         for k, top in self.config.max_limits.items():
             limits[k] = min(limits.get(k, top), top)
+        if not self.config.allow_unenforced_limits:
+            for k in limits:
+                if k not in self.config.enforceable:
+                    raise protocol.RequestError(
+                        "bad_request",
+                        f"limit {k} cannot be enforced on this server "
+                        f"({bento_sandbox.unenforceable_reason(k)}): run without it, or ask the "
+                        "operator (who may start the server with --allow-unenforced-limits)")
         return limits
 
     def _buffer(self, asked: dict | None) -> dict:

@@ -3,6 +3,7 @@
 Layout under the data dir:
 
     secret                      32 random bytes (0600): derives idempotent tokens
+    server.lock                 flock'd by the one server that uses this data dir; holds its pid
     functions/<sha256>.cbor     {"name", "code"}: content-addressed
     sessions/<session id>/      one directory per session (0700)
         meta.cbor               written once by the server before the exchange starts
@@ -16,6 +17,8 @@ crash are treated as untrusted and a bad one costs only its own session.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import secrets
@@ -24,6 +27,33 @@ import shutil
 import cbor2
 
 from bento.sessionlog import write_atomic
+
+
+class DataDirBusy(Exception):
+    """Another server holds the data dir."""
+
+
+def lock_data_dir(data_dir: str) -> int:
+    """Take the data dir for this server process: one data dir, one server (two
+    would both serve, and both adopt, the same sessions). Returns the lock's fd,
+    held (and the lock with it) until the process ends; the fd is not inherited,
+    so exchanges, which outlive the server, never hold it."""
+    root = os.path.abspath(data_dir)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    path = os.path.join(root, "server.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise DataDirBusy(f"the data dir {root} is in use by another server (pid {holder}); "
+                              "stop it first, or give this one its own --data-dir") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Store:

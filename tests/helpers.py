@@ -92,9 +92,10 @@ def read_proc(pid: int, name: str, timeout: float = 2.0) -> bytes | None:
 class ServerProcess:
     """``bento server`` as a child process, on a free port, stopped by pid."""
 
-    def __init__(self, data_dir: str, *extra: str) -> None:
+    def __init__(self, data_dir: str, *extra: str, prefix: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.extra = list(extra)
+        self.prefix = list(prefix)  # a command the server runs behind (it must exec the server)
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log_path = os.path.join(os.path.dirname(data_dir), f"server-{os.path.basename(data_dir)}.log")
@@ -106,7 +107,7 @@ class ServerProcess:
     def start(self, port: int = 0) -> ServerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bento.app", "server", "--port", str(port),
+            [*self.prefix, sys.executable, "-m", "bento.app", "server", "--port", str(port),
              "--data-dir", self.data_dir, *self.extra],
             stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
         )

@@ -18,7 +18,10 @@ Backends:
   the hook the original Bento used for Graphene-SGX), with rlimits.
 
 ``status`` reports, per limit, what enforces it (``enforced``); a limit that
-nothing enforces is absent from that map.
+nothing enforces is absent from that map. A limit is held for the whole
+environment (every process in it) or not at all: ``enforcement()`` says which
+limits this machine can hold, and ``Environment.apply`` refuses (``Unenforceable``)
+a limit it cannot hold unless told that per-process rlimits are accepted.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 HOME = "/home/bento"
 DEFAULT_TMP_BYTES = 64 * 1024 * 1024
@@ -37,6 +40,50 @@ SHM_BYTES = 16 * 1024 * 1024
 
 class SandboxUnavailable(Exception):
     """The requested backend cannot run on this machine."""
+
+
+class Unenforceable(Exception):
+    """A limit was asked for that nothing here holds for the whole environment."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        super().__init__(
+            f"cannot enforce {', '.join(names)} for the whole environment here "
+            f"({', '.join(_WHY_NOT.get(n, n) for n in names)})"
+        )
+
+
+# Limits only a cgroup holds for every process of an environment. An rlimit is
+# per process (four processes under RLIMIT_AS of 512 MiB take 2 GiB; RLIMIT_NPROC
+# does nothing for root), so without the cgroup such a limit is not in force.
+CGROUP_LIMITS = {
+    "memory_bytes": ("memory", "cgroup memory (OOM kill)"),
+    "pids": ("pids", "cgroup pids"),
+    "cpu_s": ("cpuacct", "cgroup cpuacct (whole environment) + RLIMIT_CPU backstop"),
+}
+# Limits that hold wherever the exchange runs.
+ALWAYS_ENFORCED = {
+    "wall_s": "exchange timer",
+    "output_bytes": "exchange",
+    "file_bytes": "RLIMIT_FSIZE (largest file)",
+}
+_WHY_NOT = {k: f"no writable {ctl} cgroup" for k, (ctl, _how) in CGROUP_LIMITS.items()}
+
+
+def enforcement() -> dict[str, str]:
+    """limit -> what holds it for a whole environment on this machine (every
+    backend uses the same cgroups); a limit missing here cannot be held."""
+    found = detect_cgroups()
+    out = dict(ALWAYS_ENFORCED)
+    for key, (ctl, how) in CGROUP_LIMITS.items():
+        if ctl in found:
+            out[key] = how
+    return out
+
+
+def unenforceable_reason(key: str) -> str:
+    """Why ``key`` is missing from ``enforcement()``."""
+    return _WHY_NOT.get(key, "not a limit this sandbox knows")
 
 
 class Limits:
@@ -107,15 +154,22 @@ def _own_cgroups() -> dict[str, str]:
     return out
 
 
-def _probe(base: str) -> bool:
+def _probe(base: str, marker: str) -> bool:
+    """Can we create a cgroup under ``base`` that has the control file ``marker``?
+    (A plain directory, such as a tmpfs over /sys/fs/cgroup, takes a mkdir too.)"""
     probe = os.path.join(base, f"probe-{os.getpid()}")
     try:
         os.makedirs(base, exist_ok=True)
         os.mkdir(probe)
-        os.rmdir(probe)
-        return True
     except OSError:
         return False
+    try:
+        return os.path.exists(os.path.join(probe, marker))
+    finally:
+        try:
+            os.rmdir(probe)
+        except OSError:
+            pass
 
 
 _DETECTED: dict[str, str] | None = None
@@ -137,29 +191,17 @@ def detect_cgroups() -> dict[str, str]:
         if ctl in own:
             mount = os.path.join(root, ctl)
             base = os.path.join(mount + own[ctl].rstrip("/"), "bento")
-            if os.path.exists(os.path.join(mount, marker)) or os.path.isdir(mount):
-                if _probe(base):
-                    found[ctl] = base
+            if os.path.isdir(mount) and _probe(base, marker):
+                found[ctl] = base
     if "" in own:
         for mount in (os.path.join(root, "unified"), root):
             if os.path.exists(os.path.join(mount, "cgroup.controllers")):
                 base = os.path.join(mount + own[""].rstrip("/"), "bento")
-                if _probe(base) and _has_kill(base):
+                if _probe(base, "cgroup.kill"):
                     found["kill"] = base
                 break
     _DETECTED = found
     return found
-
-
-def _has_kill(base: str) -> bool:
-    probe = os.path.join(base, f"killprobe-{os.getpid()}")
-    try:
-        os.mkdir(probe)
-        ok = os.path.exists(os.path.join(probe, "cgroup.kill"))
-        os.rmdir(probe)
-        return ok
-    except OSError:
-        return False
 
 
 def _write(path: str, value: str) -> None:
@@ -325,24 +367,30 @@ class Environment:
         # bwrap reports a child killed by signal n as exit code 128 + n.
         self.signal_exit_codes = signal_exit_codes
 
-    def apply(self, limits: Limits) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
+    def apply(self, limits: Limits, *, strict: bool = True) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
         """Put the session's limits on the running environment (before the
         function runs). Returns (limit -> what enforces it, rlimits the driver
-        must set on itself)."""
+        must set on itself). ``strict``: a limit that no cgroup holds for the
+        whole environment raises ``Unenforceable`` (the caller kills the
+        environment); otherwise it gets only the per-process rlimit, and says so."""
         by_cgroup = self.cgroups.apply(limits) if self.cgroups is not None else {}
+        missing = [k for k in CGROUP_LIMITS if getattr(limits, k) is not None and k not in by_cgroup]
+        if strict and missing:
+            raise Unenforceable(missing)
         rlimits = driver_rlimits(limits, memory="memory_bytes" not in by_cgroup)
         enforced = dict(self.enforced)
-        if "RLIMIT_CPU" in rlimits:
-            enforced["cpu_s"] = "exchange watches the process's CPU time + RLIMIT_CPU backstop"
-        if "RLIMIT_AS" in rlimits:
-            enforced["memory_bytes"] = "RLIMIT_AS (address space, per process)"
-        if "RLIMIT_FSIZE" in rlimits:
-            enforced["file_bytes"] = "RLIMIT_FSIZE"
+        if "cpu_s" in missing:
+            enforced["cpu_s"] = ("per process only: the exchange watches the top process's CPU time "
+                                 "+ RLIMIT_CPU")
+        if "memory_bytes" in missing:
+            enforced["memory_bytes"] = "per process only: RLIMIT_AS (address space)"
+        if limits.file_bytes is not None:
+            enforced["file_bytes"] = ALWAYS_ENFORCED["file_bytes"]
         enforced.update(by_cgroup)
         if limits.wall_s is not None:
-            enforced["wall_s"] = "exchange timer"
+            enforced["wall_s"] = ALWAYS_ENFORCED["wall_s"]
         if limits.output_bytes is not None:
-            enforced["output_bytes"] = "exchange"
+            enforced["output_bytes"] = ALWAYS_ENFORCED["output_bytes"]
         return enforced, rlimits
 
     def kill(self) -> None:
@@ -386,16 +434,28 @@ class Environment:
 class _Backend:
     name = ""
 
-    def _popen(self, argv: list[str], *, cwd: str | None, env: Mapping[str, str], pass_fds: tuple[int, ...],
-               stdout: int, stderr: int, preexec: Callable[[], None]) -> subprocess.Popen:
-        return subprocess.Popen(
-            argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-            pass_fds=pass_fds, start_new_session=True, preexec_fn=preexec,
-        )
+    def _start(self, argv: list[str], *, name: str, cwd: str, env: Mapping[str, str],
+               pass_fds: tuple[int, ...], stdout: int, stderr: int) -> tuple[subprocess.Popen, Cgroups]:
+        """Start ``argv`` in its own session and in fresh cgroups named ``name``."""
+        cgroups = Cgroups(name, detect_cgroups())
+
+        def preexec() -> None:
+            cgroups.enter()
+            _set_pdeathsig()
+
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                pass_fds=pass_fds, start_new_session=True, preexec_fn=preexec,
+            )
+        except BaseException:
+            cgroups.remove()
+            raise
+        return proc, cgroups
 
 
 class NoneBackend(_Backend):
-    """A plain process: rlimits only, no isolation."""
+    """A plain process: no isolation; its limits through the same cgroups as bwrap's."""
 
     name = "none"
 
@@ -405,13 +465,13 @@ class NoneBackend(_Backend):
     def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
               network: bool, pass_fds: tuple[int, ...], stdout: int, stderr: int,
               bind: list[str]) -> Environment:
-        proc = self._popen(self.argv(argv), cwd=workdir, env={**env, "HOME": workdir}, pass_fds=pass_fds,
-                           stdout=stdout, stderr=stderr, preexec=_set_pdeathsig)
-        return Environment(proc, None, {}, signal_exit_codes=False)
+        proc, cgroups = self._start(self.argv(argv), name=name, cwd=workdir, env={**env, "HOME": workdir},
+                                    pass_fds=pass_fds, stdout=stdout, stderr=stderr)
+        return Environment(proc, cgroups, {}, signal_exit_codes=False)
 
 
 class CmdBackend(NoneBackend):
-    """The driver behind a command prefix (e.g. an SGX loader); rlimits only."""
+    """The driver behind a command prefix (e.g. an SGX loader); limits as ``none``."""
 
     name = "cmd"
 
@@ -478,23 +538,13 @@ class BwrapBackend(_Backend):
     def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
               network: bool, pass_fds: tuple[int, ...], stdout: int, stderr: int,
               bind: list[str]) -> Environment:
-        cgroups = Cgroups(name, detect_cgroups())
         enforced = {"tmp_bytes": f"tmpfs of {self.tmp_bytes} bytes for /tmp and {HOME}"}
         if not network:
             enforced["network"] = "none (own network namespace)"
-
-        def preexec() -> None:
-            cgroups.enter()
-            _set_pdeathsig()
-
         cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=bind,
                            tmp_bytes=self.tmp_bytes)
-        try:
-            proc = self._popen(cmd, cwd="/", env={}, pass_fds=pass_fds, stdout=stdout, stderr=stderr,
-                               preexec=preexec)
-        except BaseException:
-            cgroups.remove()
-            raise
+        proc, cgroups = self._start(cmd, name=name, cwd="/", env={}, pass_fds=pass_fds,
+                                    stdout=stdout, stderr=stderr)
         return Environment(proc, cgroups, enforced, signal_exit_codes=True)
 
 
