@@ -38,6 +38,7 @@ from bento_driver import wire
 
 from bento import protocol, session_core, sessionlog
 from bento.exchange_output import RETRY_SECONDS, Output
+from bento.exchange_stdin import Stdin
 from bento.launch import (
     READ_SIZE,
     VALUE_ROOM,
@@ -106,6 +107,7 @@ class Exchange:
         self.wall_deadline: float | None = None
         self.to_close: list[int] = []
         self.driver: Link | None = None
+        self.stdin: Stdin | None = None
         self.reading = False
         self.server: Link | None = None
         self.server_sock: socket.socket | None = None
@@ -317,23 +319,49 @@ class Exchange:
         if verdict != ACCEPT:
             self.reply(rid, ok=False, code=verdict.code, message=verdict.message, input_seq=core.input_seq)
             return
-        if self.driver is not None and len(self.driver.outbuf) > MAX_PENDING_INPUT:
+        waiting = (len(self.driver.outbuf) if self.driver is not None else 0) + (
+            self.stdin.pending if self.stdin is not None else 0)
+        if waiting > MAX_PENDING_INPUT:
             self.reply(rid, ok=False, code="limit",
                        message="too much input is waiting for the function to read it")
             return
         eof = bool(msg.get("eof"))
-        data = msg.get("data")
+        data = None if eof else msg.get("data")
+        # A record is [seq, data] (data None: the eof) for api.recv(), [seq, data, true] for stdin.
+        record = [seq, data, True] if msg.get("stdin") else [seq, data]
         try:
-            self.inlog.append(seq, protocol.encode([seq, None if eof else data]))
+            self.inlog.append(seq, protocol.encode(record))
         except OSError as exc:
             self.reply(rid, ok=False, code="internal", message=f"cannot record the input: {exc.strerror}")
             return
         self.apply(core.input_recorded(seq))
-        if eof:
-            self.to_driver("eof")
-        else:
-            self.to_driver("in", data=data)
+        self.deliver(record)
+        self.flush_driver()
+        self.flush_stdin()
         self.reply(rid, ok=True, input_seq=seq)
+
+    def deliver(self, record: list) -> None:
+        """Queue one input-log record for the function: stdin bytes, or a value for api.recv()."""
+        if len(record) == 3:
+            if self.stdin is not None:
+                self.stdin.add(record[1])
+        elif self.driver is not None:
+            self.driver.queue(protocol.encode(
+                wire.message(wire.TO_DRIVER, "eof") if record[1] is None else
+                wire.message(wire.TO_DRIVER, "in", data=record[1])))
+
+    def flush_stdin(self) -> None:
+        stdin = self.stdin
+        if stdin is None or stdin.fd < 0:
+            return
+        waiting = stdin.flush()
+        self.watch_fd(stdin.fd, selectors.EVENT_WRITE if waiting else 0, self.on_stdin_writable)
+        if stdin.finished:
+            close_quietly(stdin.fd)
+            stdin.fd = -1
+
+    def on_stdin_writable(self, _fd: int) -> None:
+        self.flush_stdin()
 
     def flush_driver(self) -> None:
         drv = self.driver
@@ -465,6 +493,7 @@ class Exchange:
                 self.start(Launched(None, error=str(exc)))
                 return
         self.driver, self.enforced, started_at = pre
+        self.stdin = Stdin(launched.in_w)
         self.output.watch(launched.out_r, launched.err_r)
         self.pidfd = os.pidfd_open(child.pid)
         self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
@@ -472,11 +501,9 @@ class Exchange:
             self.wall_deadline = started_at + self.limits.wall_s
         # Input accepted before the function started goes to it now, in order.
         for _seq, payload in self.inlog.records():
-            _s, data = loads(payload)
-            self.driver.queue(protocol.encode(
-                wire.message(wire.TO_DRIVER, "eof") if data is None else
-                wire.message(wire.TO_DRIVER, "in", data=data)))
+            self.deliver(loads(payload))
         self.flush_driver()
+        self.flush_stdin()
         # The function runs from here on; the bookkeeping below is off its path.
         with open(os.path.join(self.dir, "env.pid"), "w") as f:
             f.write(f"{child.pgid}\n")
@@ -528,6 +555,10 @@ class Exchange:
             for fd in (self.driver.rfd, self.driver.wfd):
                 self.watch_fd(fd, 0, None)
                 self.to_close.append(fd)
+        if self.stdin is not None and self.stdin.fd >= 0:
+            self.watch_fd(self.stdin.fd, 0, None)
+            self.to_close.append(self.stdin.fd)
+            self.stdin.fd = -1
         self.finish_exit(session_core.classify_exit(self.exit_facts()))
 
     def exit_facts(self) -> session_core.ExitFacts:

@@ -76,12 +76,14 @@ class Link:
 
 
 class Launched:
-    """A started environment and the exchange's ends of its pipes."""
+    """A started environment and the exchange's ends of its pipes (``in_w``: the
+    function's standard input)."""
 
     def __init__(self, env: bento_sandbox.Environment | None, out_r: int = -1, err_r: int = -1,
-                 to_w: int = -1, from_r: int = -1, error: str | None = None) -> None:
+                 to_w: int = -1, from_r: int = -1, error: str | None = None, in_w: int = -1) -> None:
         self.env, self.error = env, error
         self.out_r, self.err_r, self.to_w, self.from_r = out_r, err_r, to_w, from_r
+        self.in_w = in_w
 
     def discard(self) -> None:
         if self.env is not None:
@@ -90,7 +92,7 @@ class Launched:
                 os.waitpid(self.env.pid, 0)
             except ChildProcessError:
                 pass
-        for fd in (self.out_r, self.err_r, self.to_w, self.from_r):
+        for fd in (self.out_r, self.err_r, self.to_w, self.from_r, self.in_w):
             if fd >= 0:
                 close_quietly(fd)
 
@@ -130,6 +132,7 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
 
     ``cfg`` holds sandbox, sandbox_cmd, python, driver_path, network. No
     session-specific setting is needed yet: limits, env and code come later."""
+    in_r, in_w = os.pipe()  # the function's standard input (input with stdin: true)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     to_r, to_w = os.pipe()  # exchange -> driver (driver's fd 3)
@@ -156,17 +159,17 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
             name=name, workdir=workdir,
             env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
             network=cfg["network"], pass_fds=(child_in, child_out),
-            stdout=out_w, stderr=err_w, bind=paths,
+            stdin=in_r, stdout=out_w, stderr=err_w, bind=paths,
         )
     except (OSError, bento_sandbox.SandboxUnavailable) as exc:
-        for fd in (out_r, out_w, err_r, err_w, to_w, from_r, child_in, child_out):
+        for fd in (in_r, in_w, out_r, out_w, err_r, err_w, to_w, from_r, child_in, child_out):
             close_quietly(fd)
         return Launched(None, error=str(exc))
-    for fd in (out_w, err_w, child_in, child_out):
+    for fd in (in_r, out_w, err_w, child_in, child_out):
         close_quietly(fd)
-    for fd in (out_r, err_r, to_w, from_r):
+    for fd in (in_w, out_r, err_r, to_w, from_r):
         os.set_blocking(fd, False)
-    return Launched(env, out_r, err_r, to_w, from_r)
+    return Launched(env, out_r, err_r, to_w, from_r, in_w=in_w)
 
 
 def _fd_at_least(fd: int, low: int) -> int:

@@ -303,7 +303,14 @@ def _one_of_data_eof(msg: dict[str, Any], out: dict[str, Any]) -> None:
     has_data = "data" in msg
     if has_data == out["eof"]:
         raise _BadField("input needs exactly one of 'data' and 'eof'")
-    out["data"] = msg["data"] if has_data else None
+    data = msg["data"] if has_data else None
+    if out["stdin"] and has_data:
+        # Bytes for the function's standard input: text goes as UTF-8.
+        if type(data) is str:
+            data = data.encode("utf-8")
+        elif type(data) is not bytes:
+            raise _BadField("input: 'data' for stdin must be bytes or text")
+    out["data"] = data
 
 
 _REQUIRED = object()
@@ -351,7 +358,8 @@ _OPS: dict[
     "ack": (False, {"session": (_text_field, _REQUIRED), "seq": (_uint, _REQUIRED)}, None),
     "input": (
         False,
-        {"session": (_text_field, _REQUIRED), "seq": (_positive, _REQUIRED), "eof": (_true, False)},
+        {"session": (_text_field, _REQUIRED), "seq": (_positive, _REQUIRED), "eof": (_true, False),
+         "stdin": (_bool, False)},
         _one_of_data_eof,
     ),
     "signal": (True, {**_TOKEN, "signal": (_signal, _REQUIRED)}, None),

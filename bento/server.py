@@ -441,10 +441,13 @@ class Connection:
         att = self.attachment(req["session"], write=True)
         s = att.session
         msg: dict[str, Any] = {"t": "input", "seq": req["seq"]}
+        if req["stdin"]:
+            msg["stdin"] = True
         if req["eof"]:
             msg["eof"] = True
         else:
-            msg["data"] = protocol.encode(req["data"])
+            # stdin: the bytes themselves; else the value's CBOR, for api.recv().
+            msg["data"] = req["data"] if req["stdin"] else protocol.encode(req["data"])
         try:
             r = await self.registry.call(s, msg)
         except ExchangeGone:

@@ -122,6 +122,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     p.add_argument("value", nargs="?", help="the value as JSON (a bare word is an error: quote strings)")
     p.add_argument("--str", dest="text", action="store_true", help="send VALUE as a plain string, not JSON")
     p.add_argument("--eof", action="store_true", help="close the function's input instead")
+    p.add_argument("--stdin", action="store_true",
+                   help="write to the function's standard input: VALUE and a newline, or with VALUE '-' "
+                        "this command's own stdin as it is (--eof closes the function's stdin)")
 
     p = make("status", "Show a session's state.")
     p.add_argument("token")
@@ -144,6 +147,8 @@ def _stream_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detach-keys", default=None,
                    help=f"key sequence that detaches (default {DEFAULT_DETACH_KEYS})")
     p.add_argument("--no-stdin", action="store_true", help="do not send the terminal's input to the function")
+    p.add_argument("--recv", action="store_true",
+                   help="send each input line as a text value for api.recv() (default: the function's stdin)")
     p.add_argument("--traceback", action="store_true", help="print the remote traceback of an exception")
 
 

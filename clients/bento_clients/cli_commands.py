@@ -21,6 +21,9 @@ from bento_clients.terminal import ResumeFilter, Sinks
 
 __all__ = ["cmd_attach", "cmd_kill", "cmd_logs", "cmd_rm", "cmd_run", "cmd_send", "cmd_share", "cmd_status"]
 
+STDIN_PIECE = 256 * 1024
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         with open(args.file, encoding="utf-8") as f:
@@ -63,7 +66,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
                        f"attach with:  bento attach {s.token}\nshare with:   bento logs -f {s.viewer_token}")
             return 0
         s.input_journal = state.journal(s.id)
-        return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback)
+        return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback,
+                            to_recv=args.recv)
 
     return await with_client(settings, url, go)
 
@@ -96,7 +100,7 @@ async def cmd_attach(settings: Settings, args: argparse.Namespace) -> int:
             s.input_journal = state.journal(s.id)
         resume = ResumeFilter(Sinks(), resume_sizes) if resume_sizes else None
         return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback,
-                             resume=resume)
+                             resume=resume, to_recv=args.recv)
 
     return await with_client(settings, settings.server_for(entry), go)
 
@@ -120,8 +124,12 @@ async def cmd_logs(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     if args.eof == (args.value is not None):
         raise UsageError("bento send: give either VALUE or --eof")
-    value = None
-    if not args.eof:
+    value: Any = None
+    if args.stdin and args.value == "-":
+        value = sys.stdin.buffer.read()
+    elif args.stdin and not args.eof:
+        value = (args.value + "\n").encode("utf-8")
+    elif not args.eof:
         value = args.value if args.text else parse_json_arg(args.value, "VALUE")
     entry = known_entry(settings, args.token)
     token = token_of(entry, args.token, owner=True)
@@ -134,7 +142,14 @@ async def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
             raise Forbidden("forbidden", "sending input needs the owner token (bto_...), not a viewer token")
         state.add_session({"session": s.id, "server": settings.server_for(entry), "token": s.token})
         s.input_journal = state.journal(s.id)
-        seq = await (s.close_input() if args.eof else s.send(value))
+        if args.stdin and args.eof:
+            seq = await s.close_stdin()
+        elif args.stdin:
+            # In pieces well under any server's max_message; each is one input.
+            for at in range(0, max(len(value), 1), STDIN_PIECE):
+                seq = await s.write_stdin(value[at : at + STDIN_PIECE])
+        else:
+            seq = await (s.close_input() if args.eof else s.send(value))
         with trio.fail_after(max(settings.reconnect_timeout, 10)):
             await s.wait_input_acked()
         await s.detach()

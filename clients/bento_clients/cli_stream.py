@@ -78,6 +78,7 @@ class _Stream:
     session: Any  # sdk.Session
     record: bool  # write positions to the state file (and acknowledge only then)
     send_input: bool  # stdin lines become the function's input
+    to_recv: bool  # ... as text values for api.recv(), not bytes for the function's stdin
     keys: bool  # stdin is a terminal we read in raw mode (detach keys, ctrl-c)
     control: bool  # ctrl-c / SIGINT signals the function (else it detaches)
     traceback: bool
@@ -161,11 +162,18 @@ async def _stream(st: _Stream) -> int | None:
                         detach()
 
         async def send(item: Any) -> bool:
+            """Send a line (text, for api.recv()), bytes (for stdin), or None: the
+            end of input closes both the function's stdin and its api.recv()."""
             try:
                 if item is None:
+                    await s.close_stdin()
                     await s.close_input()
-                else:
+                elif isinstance(item, bytes):
+                    await s.write_stdin(item)
+                elif st.to_recv:
                     await s.send(item)
+                else:
+                    await s.write_stdin(item + "\n")
                 return True
             except (InputClosed, SessionGone):
                 return False
@@ -176,6 +184,11 @@ async def _stream(st: _Stream) -> int | None:
             buf = b""
             while True:
                 data = await trio.to_thread.run_sync(os.read, 0, 65536, abandon_on_cancel=True)
+                if not st.to_recv:
+                    # The function's stdin gets the bytes as they are.
+                    if not await send(data or None) or not data:
+                        return
+                    continue
                 buf += data
                 *lines, buf = buf.split(b"\n")
                 if not data and buf:
@@ -220,13 +233,15 @@ async def _stream(st: _Stream) -> int | None:
 
 
 async def follow(settings: Settings, s: Any, *, attached: bool, stdin: bool, traceback: bool,
-                  resume: ResumeFilter | None = None, stop_at: int | None = None) -> int:
+                  resume: ResumeFilter | None = None, stop_at: int | None = None,
+                  to_recv: bool = False) -> int:
     """Stream a session; returns the exit code. ``attached``: run/attach (record
     positions, detach keys, ctrl-c signals the function); else a read-only look
-    (logs). ``stdin``: the terminal's input goes to the function."""
+    (logs). ``stdin``: the terminal's input goes to the function (its stdin, or
+    with ``to_recv`` text values for api.recv())."""
     rw = s.mode == "rw"
     keys = attached and os.isatty(0)
-    st = _Stream(settings, s, record=attached, send_input=stdin and rw, keys=keys,
+    st = _Stream(settings, s, record=attached, send_input=stdin and rw, to_recv=to_recv, keys=keys,
                  control=attached and rw, traceback=traceback, stop_at=stop_at, resume=resume)
     if keys:
         with raw_mode(0):

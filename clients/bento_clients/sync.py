@@ -263,6 +263,14 @@ class SyncSession:
         """Close the function's input."""
         return self._client._call(self._session.close_input)
 
+    def write_stdin(self, data: bytes | str) -> int:
+        """Write to the function's standard input; returns its seq."""
+        return self._client._call(self._session.write_stdin, data)
+
+    def close_stdin(self) -> int:
+        """Close the function's standard input."""
+        return self._client._call(self._session.close_stdin)
+
     def wait_input_acked(self, timeout: float | None = None) -> None:
         """Wait until the server accepted every input sent so far."""
         self._client._call(self._session.wait_input_acked, timeout=timeout)

@@ -56,7 +56,7 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
         TO_EXCHANGE: {
             "warm": ("sandbox sandbox_cmd python driver_path network workdir", ""),
             "assign": ("dir", ""),
-            "input": ("rid seq", "data eof"),
+            "input": ("rid seq", "data eof stdin"),  # stdin: data is bytes for fd 0, not a value
             "ack": ("seq", ""),
             "sync": ("rid", ""),  # positions now: replied with the snapshot's fields
             "signal": ("rid signal", ""),

@@ -435,7 +435,8 @@ class _Backend:
     name = ""
 
     def _start(self, argv: list[str], *, name: str, cwd: str, env: Mapping[str, str],
-               pass_fds: tuple[int, ...], stdout: int, stderr: int) -> tuple[subprocess.Popen, Cgroups]:
+               pass_fds: tuple[int, ...], stdin: int, stdout: int,
+               stderr: int) -> tuple[subprocess.Popen, Cgroups]:
         """Start ``argv`` in its own session and in fresh cgroups named ``name``."""
         cgroups = Cgroups(name, detect_cgroups())
 
@@ -445,7 +446,7 @@ class _Backend:
 
         try:
             proc = subprocess.Popen(
-                argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                argv, cwd=cwd, env=dict(env), stdin=stdin, stdout=stdout, stderr=stderr,
                 pass_fds=pass_fds, start_new_session=True, preexec_fn=preexec,
             )
         except BaseException:
@@ -463,10 +464,10 @@ class NoneBackend(_Backend):
         return argv
 
     def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
-              network: bool, pass_fds: tuple[int, ...], stdout: int, stderr: int,
+              network: bool, pass_fds: tuple[int, ...], stdin: int, stdout: int, stderr: int,
               bind: list[str]) -> Environment:
         proc, cgroups = self._start(self.argv(argv), name=name, cwd=workdir, env={**env, "HOME": workdir},
-                                    pass_fds=pass_fds, stdout=stdout, stderr=stderr)
+                                    pass_fds=pass_fds, stdin=stdin, stdout=stdout, stderr=stderr)
         return Environment(proc, cgroups, {}, signal_exit_codes=False)
 
 
@@ -536,7 +537,7 @@ class BwrapBackend(_Backend):
         return [*cmd, "--", *argv]
 
     def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
-              network: bool, pass_fds: tuple[int, ...], stdout: int, stderr: int,
+              network: bool, pass_fds: tuple[int, ...], stdin: int, stdout: int, stderr: int,
               bind: list[str]) -> Environment:
         enforced = {"tmp_bytes": f"tmpfs of {self.tmp_bytes} bytes for /tmp and {HOME}"}
         if not network:
@@ -544,7 +545,7 @@ class BwrapBackend(_Backend):
         cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=bind,
                            tmp_bytes=self.tmp_bytes)
         proc, cgroups = self._start(cmd, name=name, cwd="/", env={}, pass_fds=pass_fds,
-                                    stdout=stdout, stderr=stderr)
+                                    stdin=stdin, stdout=stdout, stderr=stderr)
         return Environment(proc, cgroups, enforced, signal_exit_codes=True)
 
 

@@ -843,15 +843,32 @@ HAPPY = [
     ),
     (
         {"op": "input", "session": "s", "seq": 1, "data": {"k": [1]}},
-        {"op": "input", "id": None, "session": "s", "seq": 1, "data": {"k": [1]}, "eof": False},
+        {"op": "input", "id": None, "session": "s", "seq": 1, "data": {"k": [1]}, "eof": False,
+         "stdin": False},
     ),
     (
         {"op": "input", "id": 3, "session": "s", "seq": 2, "data": None},
-        {"op": "input", "id": None, "session": "s", "seq": 2, "data": None, "eof": False},
+        {"op": "input", "id": None, "session": "s", "seq": 2, "data": None, "eof": False,
+         "stdin": False},
     ),
     (
         {"op": "input", "session": "s", "seq": 3, "eof": True},
-        {"op": "input", "id": None, "session": "s", "seq": 3, "data": None, "eof": True},
+        {"op": "input", "id": None, "session": "s", "seq": 3, "data": None, "eof": True,
+         "stdin": False},
+    ),
+    (
+        {"op": "input", "session": "s", "seq": 4, "data": "héllo\n", "stdin": True},
+        {"op": "input", "id": None, "session": "s", "seq": 4, "data": "héllo\n".encode(), "eof": False,
+         "stdin": True},
+    ),
+    (
+        {"op": "input", "session": "s", "seq": 5, "data": b"\xff\x00", "stdin": True},
+        {"op": "input", "id": None, "session": "s", "seq": 5, "data": b"\xff\x00", "eof": False,
+         "stdin": True},
+    ),
+    (
+        {"op": "input", "session": "s", "seq": 6, "eof": True, "stdin": True},
+        {"op": "input", "id": None, "session": "s", "seq": 6, "data": None, "eof": True, "stdin": True},
     ),
     (
         {"op": "signal", "id": 7, "token": "t", "signal": "TERM"},
@@ -969,6 +986,9 @@ BAD = [
     ({"op": "input", "session": "s", "seq": 1, "eof": 1}, None),
     ({"op": "input", "session": "s", "seq": 0, "data": 1}, None),
     ({"op": "input", "session": "s", "data": 1}, None),
+    ({"op": "input", "session": "s", "seq": 1, "data": 1, "stdin": True}, None),  # stdin takes bytes/text
+    ({"op": "input", "session": "s", "seq": 1, "data": None, "stdin": True}, None),
+    ({"op": "input", "session": "s", "seq": 1, "data": b"x", "stdin": 1}, None),
     ({"op": "signal", "id": 9, "token": "t"}, 9),
     ({"op": "signal", "id": 9, "token": "t", "signal": "HUP"}, 9),
     ({"op": "signal", "id": 9, "token": "t", "signal": "SIGTERM"}, 9),
