@@ -72,10 +72,10 @@ async def test_sys_stdin_iterates_to_eof_and_subprocesses_share_it(server):
     code = '''
 import subprocess, sys
 def main():
-    first = sys.stdin.readline()
-    # A child process reads the same fd 0 (a real pipe, not a Python object).
-    rest = subprocess.run(["cat"], capture_output=True).stdout
-    return [first, rest]
+    # A child process reads the same fd 0 (a real pipe, not a Python object);
+    # then the function sees its end.
+    got = subprocess.run(["cat"], capture_output=True).stdout
+    return [got, [line for line in sys.stdin]]
 '''
     async with conn(server.url) as c:
         r = await c.ok("execute", code=code)
@@ -84,11 +84,12 @@ def main():
         await c.send(stdin(sid, 2, b"\x00\xffbinary\n" * 3))
         await c.send(stdin(sid, 3, None))
         frames = await c.frames(sid)
-    assert frames[-1][2]["result"] == ["head\n", b"\x00\xffbinary\n" * 3], frames[-1]
+    assert frames[-1][2]["result"] == [b"head\n" + b"\x00\xffbinary\n" * 3, []], frames[-1]
 
 
-async def test_stdin_sent_before_the_start_and_after_the_eof(server):
-    code = "import sys\ndef main():\n    return sys.stdin.read()\n"
+async def test_stdin_after_its_eof_is_accepted_and_written_nowhere(server):
+    # Ends only after a value on the other channel: stdin's eof does not end it.
+    code = "import sys\ndef main():\n    data = sys.stdin.read()\n    api.recv()\n    return data\n"
     async with conn(server.url) as c:
         r = await c.ok("execute", code=code, attach=False)
         sid, token = r["session"], r["token"]
@@ -98,6 +99,7 @@ async def test_stdin_sent_before_the_start_and_after_the_eof(server):
         # After the eof: accepted (the seq is used) but written nowhere.
         await c.send(stdin(sid, 3, "late"))
         await c.event(ev="in_ack", session=sid, seq=3)
+        await c.send({"op": "input", "session": sid, "seq": 4, "data": "go"})
         frames = await c.frames(sid)
     assert frames[-1][2]["result"] == "early"
 
