@@ -53,6 +53,9 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=2,
                    help="fresh environments kept started ahead of time for fast executes, never reused "
                         "(bwrap and none; default 2; 0 = off)")
+    p.add_argument("--max-env-bytes", type=int, default=4 * 1024 * 1024 * 1024,
+                   help="bytes the environments of executes' packages may take together under the data "
+                        "dir (default 4 GiB); the least recently used go first")
     p.add_argument("--node", default="node-1", help="this node's name, sent in hello")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -87,7 +90,7 @@ def run_server(argv: list[str]) -> int:
         ttl_s=args.ttl, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
-        max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool,
+        max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, max_env_bytes=args.max_env_bytes,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -182,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["server"]:
         return run_server(argv[1:])
+    if argv[:1] == ["env"]:
+        from bento.envs_cli import main as env_main
+
+        return env_main(argv[1:])
     try:
         from bento_clients.cli import main as client_main
     except ImportError:

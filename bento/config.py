@@ -39,6 +39,7 @@ class Config:
     default_limits: dict[str, float] = field(default_factory=dict)
     max_limits: dict[str, float] = field(default_factory=dict)
     pool_size: int = 2  # warm environments kept ready (bwrap and none)
+    max_env_bytes: int = 4 * 1024 * 1024 * 1024  # the packages' environments together (envs/)
     # limit -> what holds it for a whole environment here (bento_sandbox.enforcement()).
     enforceable: dict[str, str] = field(default_factory=dict)
     # Accept limits that only a per-process rlimit (or nothing) holds.

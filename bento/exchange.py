@@ -37,6 +37,7 @@ import bento_sandbox
 from bento_driver import wire
 
 from bento import protocol, session_core, sessionlog
+from bento.exchange_build import EnvBuild
 from bento.exchange_output import RETRY_SECONDS, Output
 from bento.exchange_stdin import Stdin
 from bento.launch import (
@@ -108,6 +109,7 @@ class Exchange:
         self.to_close: list[int] = []
         self.driver: Link | None = None
         self.stdin: Stdin | None = None
+        self.build: EnvBuild | None = None  # the session's packages, before its function starts
         self.reading = False
         self.server: Link | None = None
         self.server_sock: socket.socket | None = None
@@ -275,7 +277,11 @@ class Exchange:
         elif t == "sync":
             self.reply(rid, ok=True, **core.snapshot())
         elif t == "signal":
-            if not core.accepts_work or self.child is None:
+            if self.build is not None and self.build.building and core.accepts_work:
+                self.user_signal = msg["signal"]
+                self.build.kill()  # the function never starts: the session ends failed
+                self.reply(rid, ok=True)
+            elif not core.accepts_work or self.child is None:
                 self.reply(rid, ok=False, code="gone", message="the function has ended")
             else:
                 name = msg["signal"]
@@ -517,6 +523,8 @@ class Exchange:
         self.kill_child()
 
     def kill_child(self) -> None:
+        if self.build is not None:
+            self.build.kill()
         if self.child is not None:
             self.child.kill()
 
@@ -534,6 +542,8 @@ class Exchange:
         self.wall_deadline = None  # the function is over: no timer may wake this loop
         # Whatever the function left behind dies with it.
         self.child.release()
+        if self.build is not None:
+            self.build.release()  # its environment may be evicted from now on
         self.core.function_ended()
         self.drain_deadline = time.monotonic() + DRAIN_SECONDS
         self.reading = False
@@ -761,7 +771,11 @@ def main(argv: list[str]) -> None:
     ex = Exchange(sdir, adopt, meta)
     if adopt:
         ex.adopt_lost()
-    if not adopt and ex.core.exit is None:
+    if not adopt and ex.core.exit is None and launched is None and ex.meta.get("packages"):
+        os.makedirs(work, exist_ok=True)
+        ex.build = EnvBuild(ex, work)
+        ex.build.begin()
+    elif not adopt and ex.core.exit is None:
         if launched is None:
             os.makedirs(work, exist_ok=True)
             # (Named after this exchange too: see bento_sandbox.sweep_cgroups.)

@@ -54,12 +54,10 @@ def exchange_sys_path() -> list[str]:
 
 
 def driver_sys_path() -> list[str]:
-    """What the sandbox shows, read-only, of the host's packages: the driver
-    (stdlib and its own codec) and cbor2, which functions may import; nothing
-    else of the host (never the data dir)."""
-    import cbor2
-
-    return _parents(bento_driver, cbor2)
+    """Where the driver (stdlib and its own codec) is found. bwrap binds only
+    the driver's package from there (bento/launch.py), so nothing else of the
+    host's packages is importable in the sandbox (never the data dir)."""
+    return _parents(bento_driver)
 
 
 def real_python() -> str:

@@ -21,6 +21,8 @@ from bento import protocol
 PIPE_BYTES = 1 << 20
 READ_SIZE = 1 << 16
 VALUE_ROOM = 1024  # an out event carries one frame at least: room for its envelope
+SANDBOX_LIB = "/opt/bento/lib"  # the driver's package, inside bwrap
+SANDBOX_ENV = "/opt/bento/env"  # the session's packages, inside bwrap
 
 
 loads = protocol.decode_internal
@@ -145,12 +147,13 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
             pass  # over /proc/sys/fs/pipe-max-size for this user: keep the default
     # The driver expects its pipes at fds 3 and 4: pass them high, dup them down inside.
     child_in, child_out = _fd_at_least(to_r, 10), _fd_at_least(from_w, 10)
-    paths = cfg["driver_path"]
+    paths, binds, site = _mounts(cfg)
     boot = (
         "import os,sys;"
         f"os.dup2({child_in},3);os.dup2({child_out},4);os.close({child_in});os.close({child_out});"
         f"sys.path[:0]={paths!r};"
-        "from bento_driver.main import main;main()"
+        + (f"import site;site.addsitedir({site!r});" if site else "")
+        + "from bento_driver.main import main;main()"
     )
     try:
         backend = bento_sandbox.get_backend(cfg["sandbox"], cfg.get("sandbox_cmd"))
@@ -159,7 +162,7 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
             name=name, workdir=workdir,
             env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
             network=cfg["network"], pass_fds=(child_in, child_out),
-            stdin=in_r, stdout=out_w, stderr=err_w, bind=paths,
+            stdin=in_r, stdout=out_w, stderr=err_w, bind=binds,
         )
     except (OSError, bento_sandbox.SandboxUnavailable) as exc:
         for fd in (in_r, in_w, out_r, out_w, err_r, err_w, to_w, from_r, child_in, child_out):
@@ -170,6 +173,21 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
     for fd in (in_w, out_r, err_r, to_w, from_r):
         os.set_blocking(fd, False)
     return Launched(env, out_r, err_r, to_w, from_r, in_w=in_w)
+
+
+def _mounts(cfg: dict) -> tuple[list[str], list, str | None]:
+    """(the driver's sys.path, what the sandbox binds, the packages' site dir) as
+    the driver sees them. In bwrap only the driver's own package and the
+    session's environment are bound, each at a fixed place: never the
+    directory that holds them, which may be the server's whole site-packages."""
+    site = cfg.get("env_site")
+    if cfg["sandbox"] != "bwrap":
+        return cfg["driver_path"], [], site
+    binds: list = [(os.path.join(p, "bento_driver"), f"{SANDBOX_LIB}/bento_driver")
+                   for p in cfg["driver_path"][:1]]
+    if site:
+        binds.append((site, SANDBOX_ENV))
+    return [SANDBOX_LIB], binds, SANDBOX_ENV if site else None
 
 
 def _fd_at_least(fd: int, low: int) -> int:

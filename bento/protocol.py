@@ -282,6 +282,12 @@ def _buffer(v: Any) -> dict[str, Any] | None:
     return out
 
 
+def _packages(v: Any) -> list[str]:
+    if type(v) is not list or any(type(x) is not str for x in v):
+        raise _BadField("must be an array of text (package requirements like 'pandas<3')")
+    return v
+
+
 def _idempotency_key(v: Any) -> str:
     if type(v) is not str or not 1 <= len(v) <= 256:
         raise _BadField("must be text of 1 to 256 characters")
@@ -348,6 +354,7 @@ _OPS: dict[
             "limits": (_limits, {}),
             "buffer": (_buffer, None),
             "network": (_bool, False),
+            "packages": (_packages, []),
             "idempotency_key": (_idempotency_key, None),
             "attach": (_bool, True),
         },

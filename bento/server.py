@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import ssl
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +28,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import bento
-from bento import auth, protocol, sessionlog, tcptune, wsfast
+from bento import auth, envs, protocol, sessionlog, tcptune, wsfast
 from bento.config import Config
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
 from bento.store import Store
@@ -58,6 +61,9 @@ class Server:
         self.said_tuned = False
         self.peers: dict[str, int] = {}
         self.name = f"bento/{bento.__version__}"
+        # The installer of executes' packages: uv beside this interpreter or on PATH, else pip.
+        self.uv = shutil.which("uv", path=os.pathsep.join(
+            [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
 
     async def handle(self, request: WebSocketRequest) -> None:
         """Entry point for each WebSocket connection. Never raises: an exception
@@ -328,6 +334,7 @@ class Connection:
             "limits": self._limits(req["limits"]),
             "buffer": self._buffer(req["buffer"]),
             "network": req["network"],
+            **self._packages(req["packages"]),
             "sandbox": self.config.sandbox,
             "sandbox_cmd": self.config.sandbox_cmd,
             "max_message": self.config.max_message,
@@ -339,6 +346,19 @@ class Connection:
         await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
         if req["attach"]:
             self.attach(s, "rw", 1)
+
+    def _packages(self, asked: list[str]) -> dict:
+        """The meta fields of an execute's packages (none: no fields)."""
+        if not asked:
+            return {}
+        try:
+            specs = envs.normalise(asked)
+        except envs.SpecError as exc:
+            raise protocol.RequestError("bad_request", f"packages: {exc}") from None
+        python = os.path.realpath(sys.executable)
+        return {"packages": specs, "env_name": envs.env_hash(specs, python),
+                "envs_dir": os.path.join(self.server.store.root, "envs"), "uv": self.server.uv,
+                "max_env_bytes": self.config.max_env_bytes}
 
     def _limits(self, asked: dict) -> dict:
         """The session's limits: what it asked for, the server's defaults for

@@ -193,7 +193,9 @@ class Registry:
         s = Session(sid, sdir, meta)
         s.check_log = False
         try:
-            warm = await self.exchanges.assign_warm(sdir, s.meta["network"])
+            # A session with packages starts cold: its environment is bound in at the spawn.
+            warm = None if s.meta.get("packages") else await self.exchanges.assign_warm(
+                sdir, s.meta["network"])
             if warm is not None:
                 self._linked(s, *warm)
             else:

@@ -100,6 +100,11 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--limit", action="append", default=[], metavar="SPEC",
                    help="limits, e.g. wall=30s,mem=256M,cpu=10s,out=1M,pids=64")
     p.add_argument("--network", action="store_true", help="allow network access")
+    p.add_argument("--pip", action="append", default=[], metavar="SPEC",
+                   help="a package the function imports, e.g. numpy or 'pandas<3' (repeatable; installed "
+                        "by the server once per distinct set)")
+    p.add_argument("--requirements", "-r", metavar="FILE",
+                   help="packages from a requirements file (one per line; # comments)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable (repeatable)")
     p.add_argument("--idempotency-key", help="run at most once per key (default: a fresh key)")
     p.add_argument("--buffer", help="output buffer size, e.g. 64M")

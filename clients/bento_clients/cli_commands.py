@@ -48,13 +48,14 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         buffer = parse_buffer(args.buffer, args.policy)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    packages = list(args.pip) + (read_requirements(args.requirements) if args.requirements else [])
     url = settings.server_for()
     state = settings.state
 
     async def go(client: Any) -> int:
         s = await client.execute(
             code, *fn_args, entry=args.entry, kwargs=kwargs, env=env or None, limits=limits,
-            buffer=buffer, network=args.network, idempotency_key=args.idempotency_key,
+            buffer=buffer, network=args.network, packages=packages, idempotency_key=args.idempotency_key,
             attach=not args.detach)
         state.add_session({"session": s.id, "server": url, "token": s.token,
                            "viewer_token": s.viewer_token, "name": os.path.basename(args.file)})
@@ -71,6 +72,26 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
     return await with_client(settings, url, go)
 
+
+
+def read_requirements(path: str) -> list[str]:
+    """The requirements of a requirements file: one per line, without comments
+    and blank lines. Options (``-r``, ``-e``, ``--index-url`` ...) are refused:
+    the server installs plain requirements from its own index only."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if line.startswith("-"):
+            raise UsageError(f"{path}:{n}: {line!r}: options are not supported, only requirements "
+                             "like 'pandas<3'")
+        if line:
+            out.append(line)
+    return out
 
 
 async def cmd_attach(settings: Settings, args: argparse.Namespace) -> int:

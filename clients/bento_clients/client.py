@@ -38,7 +38,8 @@ DEFAULT_URL = "ws://127.0.0.1:8765/v1"
 CLIENT_NAME = f"bento-python/{bento.__version__}"
 # Keyword names of execute() that are options, not the function's kwargs
 # (pass a colliding function kwarg through kwargs={...}).
-RESERVED_OPTIONS = ("entry", "kwargs", "env", "limits", "buffer", "network", "idempotency_key", "attach")
+RESERVED_OPTIONS = ("entry", "kwargs", "env", "limits", "buffer", "network", "packages", "idempotency_key",
+                    "attach")
 _FUNCTION_ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -132,6 +133,7 @@ class Client:
         limits: str | dict[str, Any] | None = None,
         buffer: int | str | dict[str, Any] | None = None,
         network: bool = False,
+        packages: Iterable[str] = (),
         idempotency_key: str | None = None,
         attach: bool = True,
         **fn_kwargs: Any,
@@ -149,6 +151,9 @@ class Client:
         collide with these options), ``env``, ``limits`` (a map of protocol
         keys or text like ``"wall=30s,mem=256M"``), ``buffer`` (max bytes as
         int or ``"64M"``, or ``{"max_bytes", "policy"}``), ``network``,
+        ``packages`` (requirements such as ``["numpy", "pandas<3"]``: the
+        server installs them once per distinct list and the function imports
+        them; the installer's progress arrives as stderr frames),
         ``idempotency_key`` (one is generated when not given, so a retried
         execute after a dropped connection never starts a second function),
         ``attach`` (False: start it and only return the tokens).
@@ -170,6 +175,10 @@ class Client:
                       idempotency_key=idempotency_key or f"sdk-{uuid.uuid4().hex}", attach=bool(attach))
         if env:
             fields["env"] = dict(env)
+        if isinstance(packages, str):
+            raise TypeError("packages= takes a list of requirements, not one string")
+        if packages:
+            fields["packages"] = list(packages)
         if limits:
             fields["limits"] = parse_limits(limits)
         if buffer is not None:

@@ -465,7 +465,7 @@ class NoneBackend(_Backend):
 
     def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
               network: bool, pass_fds: tuple[int, ...], stdin: int, stdout: int, stderr: int,
-              bind: list[str]) -> Environment:
+              bind: list[str | tuple[str, str]]) -> Environment:
         proc, cgroups = self._start(self.argv(argv), name=name, cwd=workdir, env={**env, "HOME": workdir},
                                     pass_fds=pass_fds, stdin=stdin, stdout=stdout, stderr=stderr)
         return Environment(proc, cgroups, {}, signal_exit_codes=False)
@@ -496,8 +496,8 @@ class BwrapBackend(_Backend):
             raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
         self.tmp_bytes = tmp_bytes
 
-    def command(self, argv: list[str], *, env: Mapping[str, str], network: bool, bind: list[str],
-                tmp_bytes: int) -> list[str]:
+    def command(self, argv: list[str], *, env: Mapping[str, str], network: bool,
+                bind: list[str | tuple[str, str]], tmp_bytes: int) -> list[str]:
         assert self.bwrap is not None
         cmd = [
             self.bwrap,
@@ -523,8 +523,11 @@ class BwrapBackend(_Backend):
                 if os.path.exists(path):
                     cmd += ["--ro-bind", path, path]
         seen = {"/usr"}
-        for path in [sys.base_prefix, *bind]:
-            path = os.path.realpath(path)
+        for item in [sys.base_prefix, *bind]:
+            if isinstance(item, tuple):  # (host path, where the sandbox sees it)
+                cmd += ["--ro-bind", os.path.realpath(item[0]), item[1]]
+                continue
+            path = os.path.realpath(item)
             if any(path == s or path.startswith(s + "/") for s in seen):
                 continue
             seen.add(path)
@@ -538,7 +541,7 @@ class BwrapBackend(_Backend):
 
     def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
               network: bool, pass_fds: tuple[int, ...], stdin: int, stdout: int, stderr: int,
-              bind: list[str]) -> Environment:
+              bind: list[str | tuple[str, str]]) -> Environment:
         enforced = {"tmp_bytes": f"tmpfs of {self.tmp_bytes} bytes for /tmp and {HOME}"}
         if not network:
             enforced["network"] = "none (own network namespace)"
