@@ -758,9 +758,14 @@ def main(argv: list[str]) -> None:
         # starts first, and runs while this exchange sets itself up.
         meta = read_meta(sdir)
         cwd = None
-        if meta["sandbox"] != "bwrap":
+        if meta["sandbox"] == "bwrap":
+            # The sandbox's home is a bind of the directory it was started with:
+            # that directory becomes the session's work dir (where clients read
+            # and write its files; the bind follows the rename).
+            os.rename(launched.workdir, work)
+        else:
             # Unsandboxed: the driver moves to the session's work dir (cwd and
-            # HOME, as if started there). A sandbox has its own tmpfs home.
+            # HOME, as if started there).
             os.makedirs(work, exist_ok=True)
             cwd = work
         try:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 import bento_driver
@@ -166,6 +168,9 @@ class Exchanges:
         self.boot = (f"import sys;sys.path[:0]={self.sys_path!r};"
                      "from bento.exchange import main;main(sys.argv[1:])")
         self.warm: list[ExchangeLink] = []
+        self.warm_dir = os.path.join(config.data_dir, "warm")
+        shutil.rmtree(self.warm_dir, ignore_errors=True)  # homes of warm exchanges of a previous run
+        os.makedirs(self.warm_dir, exist_ok=True)
         self.warm_wanted = trio.Event()
         # Not for --sandbox-cmd: its command prefix may tie a process to its cwd.
         self.pool_size = config.pool_size if config.sandbox in ("bwrap", "none") else 0
@@ -203,7 +208,8 @@ class Exchanges:
         await link.send({
             "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,
             "python": self.python, "driver_path": self.driver_path, "network": False,
-            "workdir": "/",
+            # The sandbox's home until a session takes it (then renamed to the session's work dir).
+            "workdir": tempfile.mkdtemp(prefix="warm-", dir=self.warm_dir),
         })
         with trio.fail_after(SPAWN_TIMEOUT_S):
             ready = await link.receive()

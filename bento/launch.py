@@ -86,6 +86,7 @@ class Launched:
         self.env, self.error = env, error
         self.out_r, self.err_r, self.to_w, self.from_r = out_r, err_r, to_w, from_r
         self.in_w = in_w
+        self.workdir = ""  # the host directory that is the environment's home and cwd
 
     def discard(self) -> None:
         if self.env is not None:
@@ -120,11 +121,12 @@ def prestart(launched: Launched, meta: dict, cwd: str | None) -> Prestarted:
     enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(meta["limits"]),
                                            strict=not meta.get("allow_unenforced", False))
     driver = Link(launched.from_r, launched.to_w, meta["max_message"] + 4096)
+    module = {"module": meta["module"]} if meta.get("module") else {}
     driver.queue(protocol.encode(wire.message(
         wire.TO_DRIVER, "start", code=meta["code"], entry=meta["entry"], args=meta["args"],
         kwargs=meta["kwargs"], env=meta["env"], cwd=cwd, rlimits=rlimits,
         max_value=meta["max_message"] - VALUE_ROOM, max_depth=protocol.MAX_DEPTH - 4,
-        max_items=protocol.DEFAULT_MAX_ITEMS)))
+        max_items=protocol.DEFAULT_MAX_ITEMS, **module)))
     driver.flush()  # what the pipe does not take now goes when the loop runs
     return driver, enforced, time.monotonic()
 
@@ -172,7 +174,9 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
         close_quietly(fd)
     for fd in (in_w, out_r, err_r, to_w, from_r):
         os.set_blocking(fd, False)
-    return Launched(env, out_r, err_r, to_w, from_r, in_w=in_w)
+    launched = Launched(env, out_r, err_r, to_w, from_r, in_w=in_w)
+    launched.workdir = workdir
+    return launched
 
 
 def _mounts(cfg: dict) -> tuple[list[str], list, str | None]:

@@ -288,6 +288,18 @@ def _packages(v: Any) -> list[str]:
     return v
 
 
+def _files(v: Any) -> dict[str, bytes]:
+    if type(v) is not dict or any(type(k) is not str or type(x) is not bytes for k, x in v.items()):
+        raise _BadField("must be a map of relative path (text) to content (bytes)")
+    return v
+
+
+def _bytes(v: Any) -> bytes:
+    if type(v) is not bytes:
+        raise _BadField("must be bytes")
+    return v
+
+
 def _idempotency_key(v: Any) -> str:
     if type(v) is not str or not 1 <= len(v) <= 256:
         raise _BadField("must be text of 1 to 256 characters")
@@ -301,8 +313,8 @@ def _signal(v: Any) -> str:
 
 
 def _one_of_function_code(msg: dict[str, Any], out: dict[str, Any]) -> None:
-    if (out["function"] is None) == (out["code"] is None):
-        raise _BadField("execute needs exactly one of 'function' and 'code'")
+    if sum(out[k] is not None for k in ("function", "code", "module")) != 1:
+        raise _BadField("execute needs exactly one of 'function', 'code' and 'module'")
 
 
 def _one_of_data_eof(msg: dict[str, Any], out: dict[str, Any]) -> None:
@@ -355,6 +367,8 @@ _OPS: dict[
             "buffer": (_buffer, None),
             "network": (_bool, False),
             "packages": (_packages, []),
+            "module": (_text_field, None),
+            "files": (_files, {}),
             "idempotency_key": (_idempotency_key, None),
             "attach": (_bool, True),
         },
@@ -380,6 +394,10 @@ _OPS: dict[
         None,
     ),
     "ping": (True, {}, None),
+    "file_get": (True, {**_TOKEN, "path": (_text_field, _REQUIRED), "offset": (_uint, 0),
+                        "length": (_positive, 1 << 20)}, None),
+    "file_put": (True, {**_TOKEN, "path": (_text_field, _REQUIRED), "offset": (_uint, 0),
+                        "data": (_bytes, _REQUIRED)}, None),
 }
 
 

@@ -28,8 +28,9 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import bento
-from bento import auth, envs, protocol, sessionlog, tcptune, wsfast
+from bento import auth, envs, files, protocol, sessionlog, tcptune, wsfast
 from bento.config import Config
+from bento.server_files import FileOps
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
 from bento.store import Store
 
@@ -132,7 +133,7 @@ def _peer_host(ws: WebSocketConnection) -> str:
     return str(getattr(remote, "address", remote))
 
 
-class Connection:
+class Connection(FileOps):
     def __init__(self, server: Server, ws: WebSocketConnection, peer: str) -> None:
         self.server = server
         self.config = server.config
@@ -320,7 +321,7 @@ class Connection:
     async def op_execute(self, req: dict) -> None:
         key = self.need_key()
         code = req.get("code")
-        if code is None:
+        if code is None and req["function"] is not None:
             code = self.server.store.get_function(req["function"])
             if code is None:
                 raise protocol.RequestError("not_found", f"no stored function {req['function']!r}")
@@ -335,6 +336,7 @@ class Connection:
             "buffer": self._buffer(req["buffer"]),
             "network": req["network"],
             **self._packages(req["packages"]),
+            **self._files(req),
             "sandbox": self.config.sandbox,
             "sandbox_cmd": self.config.sandbox_cmd,
             "max_message": self.config.max_message,
@@ -359,6 +361,21 @@ class Connection:
         return {"packages": specs, "env_name": envs.env_hash(specs, python),
                 "envs_dir": os.path.join(self.server.store.root, "envs"), "uv": self.server.uv,
                 "max_env_bytes": self.config.max_env_bytes}
+
+    def _files(self, req: dict) -> dict:
+        """The meta fields of an execute's module and files (checked: no path
+        leaves the work dir; the sessions module writes them there)."""
+        out: dict[str, Any] = {}
+        if req.get("module") is not None:
+            if not all(part.isidentifier() for part in req["module"].split(".")):
+                raise protocol.RequestError("bad_request", f"module {req['module']!r} is not a dotted name")
+            out["module"], out["code"] = req["module"], ""
+        if req["files"]:
+            try:
+                out["files"] = files.check_tree(req["files"], self.config.max_message)
+            except files.FileError as exc:
+                raise protocol.RequestError(exc.code, f"files: {exc}") from None
+        return out
 
     def _limits(self, asked: dict) -> dict:
         """The session's limits: what it asked for, the server's defaults for

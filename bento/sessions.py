@@ -14,6 +14,7 @@ socket; a request cancelled while waiting for its reply may still take effect
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import bento_sandbox
 import trio
 
-from bento import auth, protocol, session_core
+from bento import auth, files, protocol, session_core
 from bento.config import Config
 from bento.exchange_link import ExchangeGone, ExchangeLink, Exchanges
 from bento.session_core import Snapshot
@@ -185,16 +186,22 @@ class Registry:
             "python": self.exchanges.python,
             "driver_path": self.exchanges.driver_path,
         }
+        tree = meta.pop("files", None)  # written into the work dir, not the meta file
         try:
             sdir = self.store.create_session(sid, meta)
-        except OSError as exc:
+            if tree:
+                os.mkdir(os.path.join(sdir, "work"), 0o755)
+                await trio.to_thread.run_sync(files.write_tree, os.path.join(sdir, "work"), tree)
+        except (OSError, files.FileError) as exc:
             log.error("session %s: cannot be created: %s", sid, exc)
-            raise protocol.RequestError("internal", f"cannot create the session: {exc.strerror}") from None
+            shutil.rmtree(self.store.session_dir(sid), ignore_errors=True)
+            why = getattr(exc, "strerror", None) or exc
+            raise protocol.RequestError("internal", f"cannot create the session: {why}") from None
         s = Session(sid, sdir, meta)
         s.check_log = False
         try:
             # A session with packages starts cold: its environment is bound in at the spawn.
-            warm = None if s.meta.get("packages") else await self.exchanges.assign_warm(
+            warm = None if s.meta.get("packages") or tree else await self.exchanges.assign_warm(
                 sdir, s.meta["network"])
             if warm is not None:
                 self._linked(s, *warm)

@@ -7,6 +7,8 @@ the exchange treats a malformed message as the function's fault.
 
 from __future__ import annotations
 
+import builtins
+import importlib
 import math
 import os
 import queue
@@ -287,14 +289,21 @@ def main() -> None:
     api = Api(link, encode)
     report: dict[str, Any] = {"t": "exit", "kind": "return", "result": None, "error": None, "code": 0}
 
-    module = types.ModuleType("__bento__")
-    module.__dict__["api"] = api
-    sys.modules["__bento__"] = module
+    # The work dir's files import each other (`from helper import x`).
+    sys.path.insert(0, os.getcwd())
     entry_name = start["entry"]
     link.go.set()
     try:
-        code = compile(start["code"], "<function>", "exec")
-        exec(code, module.__dict__)
+        if start.get("module"):
+            # A project sent as files: a real import (``__file__``, relative
+            # imports); ``api`` is a builtin, so every module of it sees it.
+            builtins.api = api  # type: ignore[attr-defined]
+            module = importlib.import_module(start["module"])
+        else:
+            module = types.ModuleType("__bento__")
+            module.__dict__["api"] = api
+            sys.modules["__bento__"] = module
+            exec(compile(start["code"], "<function>", "exec"), module.__dict__)
         entry = module.__dict__.get(entry_name)
         if not callable(entry):
             raise LookupError(f"the code defines no callable named {entry_name!r}")

@@ -40,7 +40,8 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
     direction: {t: (frozenset(req.split()), frozenset(opt.split())) for t, (req, opt) in table.items()}
     for direction, table in {
         TO_DRIVER: {
-            "start": ("code entry args kwargs env cwd rlimits max_value max_depth max_items", ""),
+            # module: import this module from the work dir instead of running code
+            "start": ("code entry args kwargs env cwd rlimits max_value max_depth max_items", "module"),
             "in": ("data", ""),  # an input's value (CBOR bytes)
             "eof": ("", ""),  # the input is closed
             "signal": ("sig", ""),  # raise INT or TERM in the function's main thread

@@ -9,8 +9,9 @@ small process per session, imports this module).
 Backends:
 - ``bwrap``: bubblewrap with every namespace unshared (user, pid, net, ipc,
   uts, mount, cgroup), all capabilities dropped, an unprivileged uid inside,
-  a read-only system and Python, a private size-bounded /tmp and home, and no
-  network unless asked. Limits through cgroups where this machine lets us
+  a read-only system and Python, a private size-bounded /tmp, the
+  environment's work dir (given by the caller) as its home, and no network
+  unless asked. Limits through cgroups where this machine lets us
   create them (memory, pids, CPU accounting, cgroup.kill), rlimits otherwise.
 - ``none``: a plain child process in its own process group with rlimits. No
   isolation at all: for development only, and reported as such.
@@ -497,7 +498,8 @@ class BwrapBackend(_Backend):
         self.tmp_bytes = tmp_bytes
 
     def command(self, argv: list[str], *, env: Mapping[str, str], network: bool,
-                bind: list[str | tuple[str, str]], tmp_bytes: int) -> list[str]:
+                bind: list[str | tuple[str, str]], tmp_bytes: int, home: str) -> list[str]:
+        """bwrap's command line; ``home``: the host directory bound read-write at HOME."""
         assert self.bwrap is not None
         cmd = [
             self.bwrap,
@@ -513,7 +515,7 @@ class BwrapBackend(_Backend):
             "--proc", "/proc", "--dev", "/dev",
             "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
             "--size", str(tmp_bytes), "--tmpfs", "/tmp",
-            "--size", str(tmp_bytes), "--tmpfs", HOME,
+            "--bind", home, HOME,
             "--chdir", HOME,
         ]
         if network:
@@ -542,11 +544,11 @@ class BwrapBackend(_Backend):
     def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
               network: bool, pass_fds: tuple[int, ...], stdin: int, stdout: int, stderr: int,
               bind: list[str | tuple[str, str]]) -> Environment:
-        enforced = {"tmp_bytes": f"tmpfs of {self.tmp_bytes} bytes for /tmp and {HOME}"}
+        enforced = {"tmp_bytes": f"tmpfs of {self.tmp_bytes} bytes for /tmp"}
         if not network:
             enforced["network"] = "none (own network namespace)"
         cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=bind,
-                           tmp_bytes=self.tmp_bytes)
+                           tmp_bytes=self.tmp_bytes, home=workdir)
         proc, cgroups = self._start(cmd, name=name, cwd="/", env={}, pass_fds=pass_fds,
                                     stdin=stdin, stdout=stdout, stderr=stderr)
         return Environment(proc, cgroups, enforced, signal_exit_codes=True)
