@@ -35,6 +35,7 @@ from bento_clients.cli_commands import (
     cmd_share,
     cmd_status,
 )
+from bento_clients.cli_files import cmd_cp
 from bento_clients.cli_ls import cmd_ls
 from bento_clients.cli_output import exit_code, exit_message, one_line, render, say, setup_logging
 from bento_clients.cli_settings import (
@@ -91,9 +92,16 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
         parsers[name] = p
         return p
 
-    p = make("run", "Run FILE.py's entry on the server and attach to it.")
-    p.add_argument("file", help="the Python file (a module defining the entry)")
-    p.add_argument("args", nargs="*", help="arguments for the entry, each as JSON ('3', '\"text\"', '[1,2]')")
+    p = make("run", "Run FILE.py's entry (or a project directory's module) on the server and attach to it.")
+    p.add_argument("file", help="the Python file (a module defining the entry), or a project directory (-m)")
+    p.add_argument("args", nargs="*", help="arguments for the entry, each as JSON ('3', '\"text\"', '[1,2]'); "
+                                           "@path: the JSON in that file")
+    p.add_argument("-m", "--module", metavar="PKG.MODULE[:ENTRY]",
+                   help="with a directory: the module to import from it (and its entry)")
+    p.add_argument("--file", dest="add_file", action="append", default=[], metavar="SRC[:DEST]",
+                   help="put a file (or a directory's tree) into the function's working directory (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="leave matching files out of a directory sent (repeatable; .gitignore is read too)")
     p.add_argument("--entry", default="main", help="the function to call (default main)")
     p.add_argument("--kwarg", action="append", default=[], metavar="NAME=JSON", help="a keyword argument (repeatable)")
     p.add_argument("-d", "--detach", action="store_true", help="start it, print the tokens and return at once")
@@ -131,6 +139,10 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                    help="write to the function's standard input: VALUE and a newline, or with VALUE '-' "
                         "this command's own stdin as it is (--eof closes the function's stdin)")
 
+    p = make("cp", "Copy a file between this machine and a session's working directory.")
+    p.add_argument("src", help="TOKEN:path (download; any token) or a local file (upload; owner token)")
+    p.add_argument("dst", help="a local path, or TOKEN:path")
+
     p = make("status", "Show a session's state.")
     p.add_argument("token")
 
@@ -164,6 +176,7 @@ commands:
   attach TOKEN            attach, from where this machine left off
   logs TOKEN [-f]         print retained output (read-only)
   send TOKEN VALUE        send one input value (JSON)
+  cp TOKEN:path LOCAL     copy a file out of a session (or LOCAL TOKEN:path into it)
   status TOKEN            show a session's state
   kill TOKEN [-s SIG]     signal the function (INT, TERM, KILL)
   rm TOKEN                destroy a session
@@ -178,7 +191,7 @@ Run 'bento COMMAND --help' for a command's options. Docs: docs/cli.md.
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[int]]] = {
     "run": cmd_run, "attach": cmd_attach, "logs": cmd_logs, "send": cmd_send, "status": cmd_status,
-    "kill": cmd_kill, "rm": cmd_rm, "ls": cmd_ls, "share": cmd_share,
+    "kill": cmd_kill, "rm": cmd_rm, "ls": cmd_ls, "share": cmd_share, "cp": cmd_cp,
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from bento_clients.cli_files import run_source
 from bento_clients.cli_output import exit_code, say, show, show_json, status_lines
 from bento_clients.cli_settings import Settings, UsageError, known_entry, parse_json_arg, token_of
 from bento_clients.cli_stream import follow, with_client
@@ -25,12 +26,7 @@ STDIN_PIECE = 256 * 1024
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            code = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}") from None
-    fn_args = [parse_json_arg(a, f"argument {i + 1}") for i, a in enumerate(args.args)]
+    code, module, files, fn_args = run_source(args)
     kwargs: dict[str, Any] = {}
     for kv in args.kwarg:
         name, sep, value = kv.partition("=")
@@ -55,7 +51,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     async def go(client: Any) -> int:
         s = await client.execute(
             code, *fn_args, entry=args.entry, kwargs=kwargs, env=env or None, limits=limits,
-            buffer=buffer, network=args.network, packages=packages, idempotency_key=args.idempotency_key,
+            buffer=buffer, network=args.network, packages=packages, files=files, module=module,
+            idempotency_key=args.idempotency_key,
             attach=not args.detach)
         state.add_session({"session": s.id, "server": url, "token": s.token,
                            "viewer_token": s.viewer_token, "name": os.path.basename(args.file)})

@@ -374,6 +374,14 @@ class Session:
         """``Client.destroy`` for this session (owner)."""
         await self._client.destroy(self._owner_token())
 
+    async def download(self, path: str) -> bytes:
+        """``Client.download``: a file of this session's work dir."""
+        return await self._client.download(self._attach_token, path)
+
+    async def upload(self, path: str, data: bytes) -> None:
+        """``Client.upload``: a file into this running session's work dir (owner)."""
+        await self._client.upload(self._owner_token(), path, data)
+
     async def state_get(self) -> tuple[int, Any]:
         """``Client.state_get`` for this session."""
         return await self._client.state_get(self._attach_token)

@@ -6,7 +6,10 @@ function writes there is readable during the run and after it.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 from helpers import conn
@@ -118,3 +121,89 @@ async def test_symlinks_and_fifos_the_function_makes_are_not_followed(server):
             r = await c.request("file_get", token=token, path=path)
             assert not r["ok"] and why in r["error"]["message"], (path, r)
         assert await download(c, token, "plain.txt") == b"ok"
+
+
+CLI = [sys.executable, "-m", "bento.app"]
+
+
+def _cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, capture_output=True, env=env, timeout=60, **kw)
+
+
+def test_cli_project_dir_file_args_and_cp(server, tmp_path):
+    project = tmp_path / "project"
+    (project / "pkg").mkdir(parents=True)
+    (project / "pkg" / "__init__.py").write_text("")
+    (project / "pkg" / "helper.py").write_text("def total(xs):\n    return sum(xs)\n")
+    (project / "pkg" / "job.py").write_text(
+        "import os\nfrom .helper import total\n"
+        "def run(xs, scale):\n"
+        "    data = open('data.csv').read().split()\n"
+        "    os.makedirs('out', exist_ok=True)\n"
+        "    open('out/report.bin', 'wb').write(bytes(range(256)) * 100)\n"
+        "    return [total(xs) * scale, data, os.path.basename(__file__)]\n")
+    (project / "big.log").write_bytes(b"x" * 1000)
+    (project / ".gitignore").write_text("*.log\n")
+    (project / "pkg" / "__pycache__").mkdir()
+    (project / "pkg" / "__pycache__" / "junk.pyc").write_bytes(b"junk")
+    data = tmp_path / "data.csv"
+    data.write_text("a b c\n")
+    arg = tmp_path / "xs.json"
+    arg.write_text(json.dumps(list(range(50_000))))  # ~300 KB: no command line would take it
+    env = {**os.environ, "BENTO_SERVER": server.url, "BENTO_CLIENT_STATE": str(tmp_path / "state.json")}
+    r = _cli(["run", str(project), "-m", "pkg.job:run", f"@{arg}", "2", "--file", f"{data}:data.csv",
+              "--no-stdin", "-d", "--json"], env)
+    assert r.returncode == 0, r.stderr
+    token = json.loads(r.stdout)["token"]
+    logs = _cli(["logs", "-f", token], env)
+    assert json.loads(logs.stdout) == [sum(range(50_000)) * 2, ["a", "b", "c"], "job.py"], logs
+    out = tmp_path / "report.bin"
+    r = _cli(["cp", f"{token}:out/report.bin", str(out)], env)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == bytes(range(256)) * 100
+    # What .gitignore and the caches name was not sent.
+    r = _cli(["cp", f"{token}:big.log", str(tmp_path / "x")], env)
+    assert r.returncode == 1 and b"no file 'big.log'" in r.stderr
+    r = _cli(["cp", f"{token}:pkg/__pycache__/junk.pyc", str(tmp_path / "x")], env)
+    assert r.returncode == 1
+    # A symlink out of the tree is refused before anything is sent.
+    (project / "leak").symlink_to("/etc/passwd")
+    r = _cli(["run", str(project), "-m", "pkg.job:run", "[1]", "1"], env)
+    assert r.returncode == 2 and b"symlink out of the tree" in r.stderr
+
+
+def test_cli_cp_uploads_into_a_running_session(server, tmp_path):
+    job = tmp_path / "wait.py"
+    job.write_text("def main():\n    name = api.recv()\n    return open(name, 'rb').read().hex()\n")
+    env = {**os.environ, "BENTO_SERVER": server.url, "BENTO_CLIENT_STATE": str(tmp_path / "state.json")}
+    token = json.loads(_cli(["run", str(job), "-d", "--json"], env).stdout)["token"]
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(2_500_000))  # three pieces
+    r = _cli(["cp", str(blob), f"{token}:in/blob.bin"], env)
+    assert r.returncode == 0, r.stderr
+    assert _cli(["send", token, '"in/blob.bin"'], env).returncode == 0
+    logs = _cli(["logs", "-f", token], env)
+    assert json.loads(logs.stdout) == blob.read_bytes().hex()
+    r = _cli(["cp", str(blob), f"{token}:../escape"], env)
+    assert r.returncode == 1 and b"'..'" in r.stderr
+
+
+async def test_sdk_files_module_download_upload(server):
+    import bento_clients
+    from bento_clients.tree import pack
+
+    async with bento_clients.connect(server.url) as c:
+        s = await c.execute(None, 3, module="pkg.job", files=PROJECT)
+        async for frame in s.output():
+            assert not isinstance(frame, bento_clients.Exit), frame
+            if isinstance(frame, bento_clients.Msg):
+                break
+        assert await s.download("out/result.bin") == bytes(range(256)) * 3 + b"2,4,6"
+        await s.upload("up.txt", b"from the sdk")
+        await s.send("up.txt")
+        assert (await s.result())["uploaded"] == b"from the sdk"
+        assert await s.download("up.txt") == b"from the sdk"
+        with pytest.raises(TypeError, match="not both"):
+            await c.execute("def main(): pass", module="m")
+    with pytest.raises(ValueError, match="not a directory"):
+        pack(__file__)
