@@ -50,6 +50,7 @@ from bento.launch import (
     loads,
     prestart,
     read_meta,
+    set_window,
 )
 from bento.session_core import ACCEPT, DUPLICATE, Announce, Kill, Save, StateChanged, Trim
 from bento.warm import wait_for_session
@@ -301,6 +302,12 @@ class Exchange:
                 self.reply(rid, ok=True, version=version)
             else:
                 self.reply(rid, ok=False, code="conflict", message="shared state changed", version=version)
+        elif t == "resize":
+            if self.child is None or not self.meta.get("tty") or not core.accepts_work:
+                self.reply(rid, ok=False, code="gone", message="no terminal: the function is not running in one")
+            else:
+                set_window(self.output.tty_fd, msg["rows"], msg["cols"])
+                self.reply(rid, ok=True)
         elif t == "end":
             # destroy, or the session's life is over: nothing of it remains.
             self.kill_reason = self.kill_reason or "destroyed"
@@ -501,6 +508,7 @@ class Exchange:
         self.driver, self.enforced, started_at = pre
         self.stdin = Stdin(launched.in_w)
         self.output.watch(launched.out_r, launched.err_r)
+        self.output.tty_fd = launched.out_r
         self.pidfd = os.pidfd_open(child.pid)
         self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
         if self.limits.wall_s is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
+import termios
 import time
 
 import bento_sandbox
@@ -122,6 +124,8 @@ def prestart(launched: Launched, meta: dict, cwd: str | None) -> Prestarted:
                                            strict=not meta.get("allow_unenforced", False))
     driver = Link(launched.from_r, launched.to_w, meta["max_message"] + 4096)
     module = {"module": meta["module"]} if meta.get("module") else {}
+    if meta.get("tty"):
+        module["tty"] = True
     driver.queue(protocol.encode(wire.message(
         wire.TO_DRIVER, "start", code=meta["code"], entry=meta["entry"], args=meta["args"],
         kwargs=meta["kwargs"], env=meta["env"], cwd=cwd, rlimits=rlimits,
@@ -139,6 +143,15 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
     in_r, in_w = os.pipe()  # the function's standard input (input with stdin: true)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    if cfg.get("tty"):
+        # A terminal: its slave is stdin, stdout and stderr; the exchange reads
+        # the master as stdout (stderr's pipe just ends) and writes keys to it.
+        for fd in (in_r, in_w, out_r, out_w):
+            close_quietly(fd)
+        out_r, slave = os.openpty()
+        set_window(out_r, cfg["tty"]["rows"], cfg["tty"]["cols"])
+        in_r, out_w, in_w = slave, os.dup(slave), os.dup(out_r)
+        os.dup2(slave, err_w)
     to_r, to_w = os.pipe()  # exchange -> driver (driver's fd 3)
     from_r, from_w = os.pipe()  # driver -> exchange (driver's fd 4)
     for fd in (out_r, err_r, from_r):
@@ -177,6 +190,11 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
     launched = Launched(env, out_r, err_r, to_w, from_r, in_w=in_w)
     launched.workdir = workdir
     return launched
+
+
+def set_window(fd: int, rows: int, cols: int) -> None:
+    """The terminal's window size (the kernel tells its foreground processes: SIGWINCH)."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def _mounts(cfg: dict) -> tuple[list[str], list, str | None]:

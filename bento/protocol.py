@@ -294,6 +294,21 @@ def _files(v: Any) -> dict[str, bytes]:
     return v
 
 
+def _window(v: Any) -> dict[str, int] | None:
+    if v is None:
+        return None
+    if (type(v) is not dict or set(v) != {"rows", "cols"}
+            or any(type(x) is not int or not 1 <= x <= 10_000 for x in v.values())):
+        raise _BadField("must be null or {'rows': 1..10000, 'cols': 1..10000}")
+    return v
+
+
+def _size(v: Any) -> int:
+    if type(v) is not int or not 1 <= v <= 10_000:
+        raise _BadField("must be an integer from 1 to 10000")
+    return v
+
+
 def _bytes(v: Any) -> bytes:
     if type(v) is not bytes:
         raise _BadField("must be bytes")
@@ -369,6 +384,7 @@ _OPS: dict[
             "packages": (_packages, []),
             "module": (_text_field, None),
             "files": (_files, {}),
+            "tty": (_window, None),
             "idempotency_key": (_idempotency_key, None),
             "attach": (_bool, True),
         },
@@ -394,6 +410,7 @@ _OPS: dict[
         None,
     ),
     "ping": (True, {}, None),
+    "resize": (True, {**_TOKEN, "rows": (_size, _REQUIRED), "cols": (_size, _REQUIRED)}, None),
     "file_get": (True, {**_TOKEN, "path": (_text_field, _REQUIRED), "offset": (_uint, 0),
                         "length": (_positive, 1 << 20)}, None),
     "file_put": (True, {**_TOKEN, "path": (_text_field, _REQUIRED), "offset": (_uint, 0),

@@ -337,6 +337,7 @@ class Connection(FileOps):
             "network": req["network"],
             **self._packages(req["packages"]),
             **self._files(req),
+            **({"tty": req["tty"]} if req["tty"] else {}),
             "sandbox": self.config.sandbox,
             "sandbox_cmd": self.config.sandbox_cmd,
             "max_message": self.config.max_message,
@@ -518,6 +519,15 @@ class Connection(FileOps):
     async def op_destroy(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)
         await self.registry.end(s)
+        await self.send(protocol.reply_ok(req["id"]))
+
+    async def op_resize(self, req: dict) -> None:
+        s, _ = self.by_token(req["token"], owner=True)
+        if s.snap.has_ended:
+            raise protocol.RequestError("gone", "the function has ended")
+        r = await self.registry.call(s, {"t": "resize", "rows": req["rows"], "cols": req["cols"]})
+        if not r["ok"]:
+            raise protocol.RequestError(r["code"], r["message"])
         await self.send(protocol.reply_ok(req["id"]))
 
     async def op_state_get(self, req: dict) -> None:

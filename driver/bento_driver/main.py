@@ -8,6 +8,7 @@ the exchange treats a malformed message as the function's fault.
 from __future__ import annotations
 
 import builtins
+import fcntl
 import importlib
 import math
 import os
@@ -15,6 +16,7 @@ import queue
 import resource
 import signal
 import sys
+import termios
 import threading
 import traceback
 import types
@@ -283,6 +285,14 @@ def main() -> None:
         os.chdir(cwd)
         os.environ["HOME"] = cwd
     os.environ.update(start.get("env", {}))
+    if start.get("tty"):
+        # The terminal on fds 0-2 becomes ours: its keys' signals (ctrl-c) and
+        # window changes (SIGWINCH) reach this process group.
+        try:
+            os.setsid()
+        except OSError:
+            pass  # already a session leader
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
     for name, (soft, hard) in start.get("rlimits", {}).items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     encode = _Encoder(start["max_value"], start["max_depth"], start["max_items"])

@@ -41,7 +41,8 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
     for direction, table in {
         TO_DRIVER: {
             # module: import this module from the work dir instead of running code
-            "start": ("code entry args kwargs env cwd rlimits max_value max_depth max_items", "module"),
+            # tty: stdin/stdout/stderr are a terminal that the driver makes its controlling one
+            "start": ("code entry args kwargs env cwd rlimits max_value max_depth max_items", "module tty"),
             "in": ("data", ""),  # an input's value (CBOR bytes)
             "eof": ("", ""),  # the input is closed
             "signal": ("sig", ""),  # raise INT or TERM in the function's main thread
@@ -64,6 +65,7 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "state_get": ("rid", ""),
             "state_put": ("rid value if_version", ""),
             "end": ("rid", ""),  # destroy: kill, delete, exit
+            "resize": ("rid rows cols", ""),  # the terminal's window size (tty sessions)
         },
         FROM_EXCHANGE: {
             "warm_ready": ("pid error", ""),
