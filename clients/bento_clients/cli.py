@@ -164,6 +164,8 @@ def _stream_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detach-keys", default=None,
                    help=f"key sequence that detaches (default {DEFAULT_DETACH_KEYS})")
     p.add_argument("--no-stdin", action="store_true", help="do not send the terminal's input to the function")
+    p.add_argument("-t", "--tty", action="store_true",
+                   help="a terminal: run in one (run), or pass keys through to it (attach); keys go as typed")
     p.add_argument("--recv", action="store_true",
                    help="send each input line as a text value for api.recv() (default: the function's stdin)")
     p.add_argument("--traceback", action="store_true", help="print the remote traceback of an exception")

@@ -15,7 +15,7 @@ import trio
 from bento_clients.cli_files import run_source
 from bento_clients.cli_output import exit_code, say, show, show_json, status_lines
 from bento_clients.cli_settings import Settings, UsageError, known_entry, parse_json_arg, token_of
-from bento_clients.cli_stream import follow, with_client
+from bento_clients.cli_stream import follow, window, with_client
 from bento_clients.convert import from_json, parse_buffer, parse_limits
 from bento_clients.errors import Forbidden, Gone, NotFound
 from bento_clients.terminal import ResumeFilter, Sinks
@@ -33,7 +33,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         if not sep or not name:
             raise UsageError(f"bad --kwarg {kv!r}: expected NAME=JSON")
         kwargs[name] = parse_json_arg(value, f"--kwarg {name}")
-    env: dict[str, str] = {}
+    env: dict[str, str] = {"TERM": os.environ.get("TERM", "xterm-256color")} if args.tty else {}
     for kv in args.env:
         name, sep, value = kv.partition("=")
         if not sep or not name:
@@ -52,7 +52,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         s = await client.execute(
             code, *fn_args, entry=args.entry, kwargs=kwargs, env=env or None, limits=limits,
             buffer=buffer, network=args.network, packages=packages, files=files, module=module,
-            idempotency_key=args.idempotency_key,
+            tty=window() if args.tty else None, idempotency_key=args.idempotency_key,
             attach=not args.detach)
         state.add_session({"session": s.id, "server": url, "token": s.token,
                            "viewer_token": s.viewer_token, "name": os.path.basename(args.file)})
@@ -65,7 +65,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         s.input_journal = state.journal(s.id)
         return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback,
-                            to_recv=args.recv)
+                            to_recv=args.recv, tty=args.tty)
 
     return await with_client(settings, url, go)
 
@@ -118,7 +118,7 @@ async def cmd_attach(settings: Settings, args: argparse.Namespace) -> int:
             s.input_journal = state.journal(s.id)
         resume = ResumeFilter(Sinks(), resume_sizes) if resume_sizes else None
         return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback,
-                             resume=resume, to_recv=args.recv)
+                             resume=resume, to_recv=args.recv, tty=args.tty)
 
     return await with_client(settings, settings.server_for(entry), go)
 

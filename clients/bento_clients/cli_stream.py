@@ -8,6 +8,7 @@ steps this module keeps for every frame.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal as signals
 import sys
@@ -79,6 +80,7 @@ class _Stream:
     record: bool  # write positions to the state file (and acknowledge only then)
     send_input: bool  # stdin lines become the function's input
     to_recv: bool  # ... as text values for api.recv(), not bytes for the function's stdin
+    tty: bool  # the session runs in a terminal: keys go as typed, the window size follows ours
     keys: bool  # stdin is a terminal we read in raw mode (detach keys, ctrl-c)
     control: bool  # ctrl-c / SIGINT signals the function (else it detaches)
     traceback: bool
@@ -154,10 +156,15 @@ async def _stream(st: _Stream) -> int | None:
                 say(f"bento: could not send INT: {exc}")
 
         async def signals_in() -> None:
-            with trio.open_signal_receiver(signals.SIGINT, signals.SIGTERM, signals.SIGHUP) as received:
+            with trio.open_signal_receiver(signals.SIGINT, signals.SIGTERM, signals.SIGHUP,
+                                           signals.SIGWINCH) as received:
                 async for signum in received:
                     if signum == signals.SIGINT:
                         await interrupt()
+                    elif signum == signals.SIGWINCH:
+                        if st.tty and s.mode == "rw" and s.exit is None:
+                            with contextlib.suppress(BentoError):
+                                await s.resize(*window())
                     else:
                         detach()
 
@@ -201,7 +208,9 @@ async def _stream(st: _Stream) -> int | None:
                     return
 
         async def keys_in() -> None:
-            reader = KeyReader(parse_detach_keys(st.settings.detach_keys))
+            reader = KeyReader(parse_detach_keys(st.settings.detach_keys), raw=st.tty)
+            if st.tty and not st.send_input:
+                say(f"bento: read-only (viewer): your keys go nowhere; {st.settings.detach_keys} detaches\r")
             while True:
                 data = await trio.to_thread.run_sync(os.read, 0, 1024, abandon_on_cancel=True)
                 if not data:
@@ -222,6 +231,8 @@ async def _stream(st: _Stream) -> int | None:
                         await send(None)
                     elif ev.kind == "line" and st.send_input:
                         await send(ev.text)
+                    elif ev.kind == "keys" and st.send_input:
+                        await send(ev.data)
 
         nursery.start_soon(output)
         nursery.start_soon(signals_in)
@@ -232,19 +243,31 @@ async def _stream(st: _Stream) -> int | None:
     return None if st.detached else st.code
 
 
+def window() -> tuple[int, int]:
+    """(rows, cols) of this terminal (24x80 when stdin is not one)."""
+    try:
+        size = os.get_terminal_size(0)
+    except OSError:
+        return 24, 80
+    return size.lines, size.columns
+
+
 async def follow(settings: Settings, s: Any, *, attached: bool, stdin: bool, traceback: bool,
                   resume: ResumeFilter | None = None, stop_at: int | None = None,
-                  to_recv: bool = False) -> int:
+                  to_recv: bool = False, tty: bool = False) -> int:
     """Stream a session; returns the exit code. ``attached``: run/attach (record
     positions, detach keys, ctrl-c signals the function); else a read-only look
     (logs). ``stdin``: the terminal's input goes to the function (its stdin, or
     with ``to_recv`` text values for api.recv())."""
     rw = s.mode == "rw"
     keys = attached and os.isatty(0)
-    st = _Stream(settings, s, record=attached, send_input=stdin and rw, to_recv=to_recv, keys=keys,
+    st = _Stream(settings, s, record=attached, send_input=stdin and rw, to_recv=to_recv, tty=tty, keys=keys,
                  control=attached and rw, traceback=traceback, stop_at=stop_at, resume=resume)
     if keys:
-        with raw_mode(0):
+        if tty and rw:
+            with contextlib.suppress(BentoError):
+                await s.resize(*window())  # this terminal, not the one that started it
+        with raw_mode(0, output=tty):
             code = await _stream(st)
     else:
         code = await _stream(st)

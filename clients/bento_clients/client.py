@@ -39,7 +39,7 @@ CLIENT_NAME = f"bento-python/{bento.__version__}"
 # Keyword names of execute() that are options, not the function's kwargs
 # (pass a colliding function kwarg through kwargs={...}).
 RESERVED_OPTIONS = ("entry", "kwargs", "env", "limits", "buffer", "network", "packages", "files", "module",
-                    "idempotency_key", "attach")
+                    "tty", "idempotency_key", "attach")
 _FUNCTION_ID = re.compile(r"[0-9a-f]{64}")
 FILE_PIECE = 1 << 20  # bytes per file_get / file_put
 
@@ -137,6 +137,7 @@ class Client:
         packages: Iterable[str] = (),
         files: dict[str, bytes] | None = None,
         module: str | None = None,
+        tty: tuple[int, int] | None = None,
         idempotency_key: str | None = None,
         attach: bool = True,
         **fn_kwargs: Any,
@@ -161,7 +162,9 @@ class Client:
         before it starts; ``bento_clients.tree.pack`` reads a directory),
         ``module`` (instead of ``function``: import this dotted module from
         those files and call its ``entry``; ``__file__`` and relative imports
-        work),
+        work), ``tty`` ((rows, cols): run the function in a terminal of that
+        size; ``Session.write_stdin`` sends its keys, ``Session.resize`` its
+        new size),
         ``idempotency_key`` (one is generated when not given, so a retried
         execute after a dropped connection never starts a second function),
         ``attach`` (False: start it and only return the tokens).
@@ -193,6 +196,9 @@ class Client:
             fields["packages"] = list(packages)
         if files:
             fields["files"] = {str(k): bytes(v) for k, v in files.items()}
+        if tty is not None:
+            rows, cols = tty
+            fields["tty"] = {"rows": int(rows), "cols": int(cols)}
         if limits:
             fields["limits"] = parse_limits(limits)
         if buffer is not None:
@@ -286,6 +292,10 @@ class Client:
         for at in range(0, max(len(data), 1), FILE_PIECE):
             await self._sup.call("file_put", {"token": token, "path": path, "offset": at,
                                               "data": bytes(data[at : at + FILE_PIECE])}, retry=True)
+
+    async def resize(self, token: str, rows: int, cols: int) -> None:
+        """A terminal session's new window size (owner token)."""
+        await self._sup.call("resize", {"token": token, "rows": rows, "cols": cols}, retry=True)
 
     async def state_get(self, token: str) -> tuple[int, Any]:
         """The session's shared state: ``(version, value)``."""

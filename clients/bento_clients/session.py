@@ -374,6 +374,10 @@ class Session:
         """``Client.destroy`` for this session (owner)."""
         await self._client.destroy(self._owner_token())
 
+    async def resize(self, rows: int, cols: int) -> None:
+        """``Client.resize``: this terminal session's new window size (owner)."""
+        await self._client.resize(self._owner_token(), rows, cols)
+
     async def download(self, path: str) -> bytes:
         """``Client.download``: a file of this session's work dir."""
         return await self._client.download(self._attach_token, path)

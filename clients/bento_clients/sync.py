@@ -272,6 +272,10 @@ class SyncSession:
         """Close the function's standard input."""
         return self._client._call(self._session.close_stdin)
 
+    def resize(self, rows: int, cols: int) -> None:
+        """A terminal session's new window size."""
+        self._client._call(self._session.resize, rows, cols)
+
     def download(self, path: str) -> bytes:
         """A file of the session's work dir."""
         return self._client._call(self._session.download, path)

@@ -13,7 +13,7 @@ import time
 
 import pexpect
 import pytest
-from client_helpers import CLI, ROOT, cli_env, run_cli, state_sessions, write_file
+from client_helpers import CLI, ROOT, cli_env, run_cli, spawn_cli, state_sessions, write_file
 
 NUMBERED = """
 import sys, time
@@ -189,7 +189,7 @@ def test_killed_between_write_and_record_resumes_exactly(cli, where):
 
 
 def _spawn(env: dict[str, str], args: list[str]) -> pexpect.spawn:
-    return pexpect.spawn(CLI[0], CLI[1:] + args, env=env, cwd=ROOT, timeout=30, dimensions=(24, 200))
+    return spawn_cli(env, args)
 
 
 def test_detach_keys_under_a_pty(cli):
