@@ -56,6 +56,11 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-env-bytes", type=int, default=4 * 1024 * 1024 * 1024,
                    help="bytes the environments of executes' packages may take together under the data "
                         "dir (default 4 GiB); the least recently used go first")
+    p.add_argument("--max-work-bytes", type=int, default=1024 * 1024 * 1024,
+                   help="disk a function may fill in its work dir (its home, kept after the run; default "
+                        "1 GiB): over it, it is killed (LimitExceeded work_bytes)")
+    p.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024,
+                   help="the largest file a client may put into a running session (default 256 MiB)")
     p.add_argument("--node", default="node-1", help="this node's name, sent in hello")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -91,6 +96,7 @@ def run_server(argv: list[str]) -> int:
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
         max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, max_env_bytes=args.max_env_bytes,
+        max_work_bytes=args.max_work_bytes, max_upload_bytes=args.max_upload_bytes,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -40,6 +40,7 @@ from bento import protocol, session_core, sessionlog
 from bento.exchange_build import EnvBuild
 from bento.exchange_output import RETRY_SECONDS, Output
 from bento.exchange_stdin import Stdin
+from bento.exchange_workdir import WorkDirWatch
 from bento.launch import (
     READ_SIZE,
     VALUE_ROOM,
@@ -111,6 +112,7 @@ class Exchange:
         self.driver: Link | None = None
         self.stdin: Stdin | None = None
         self.build: EnvBuild | None = None  # the session's packages, before its function starts
+        self.work_watch: WorkDirWatch | None = None  # the bound on what it leaves on disk
         self.reading = False
         self.server: Link | None = None
         self.server_sock: socket.socket | None = None
@@ -507,6 +509,8 @@ class Exchange:
                 return
         self.driver, self.enforced, started_at = pre
         self.stdin = Stdin(launched.in_w)
+        if self.meta.get("work_bytes") is not None:
+            self.work_watch = WorkDirWatch(os.path.join(self.dir, "work"), self.meta["work_bytes"])
         self.output.watch(launched.out_r, launched.err_r)
         self.output.tty_fd = launched.out_r
         self.pidfd = os.pidfd_open(child.pid)
@@ -607,6 +611,12 @@ class Exchange:
         if used is not None and used >= self.limits.cpu_s:
             self.kill("cpu_s")
 
+    def check_work(self, now: float) -> None:
+        watch = self.work_watch
+        if (watch is not None and self.child is not None and self.drain_deadline is None
+                and self.exiting is None and watch.over(now)):
+            self.kill("work_bytes")
+
     def finish_exit(self, data: dict) -> None:
         """Record the end: the exit frame (state, code, result, error) goes last."""
         self.exiting = data
@@ -633,8 +643,10 @@ class Exchange:
                 timeout = max(0.0, self.next_dir_check - now)
             running = self.child is not None and self.exiting is None and self.drain_deadline is None
             cpu_check = self.next_cpu_check if self.limits.cpu_s is not None and running else None
+            work_check = self.work_watch.next_check if self.work_watch is not None and running else None
             retry = output.retry_at if output.held_back else None
-            for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry):
+            for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry,
+                             work_check):
                 if deadline is not None:
                     left = max(0.0, deadline - now)
                     timeout = left if timeout is None else min(timeout, left)
@@ -651,6 +663,7 @@ class Exchange:
                 if self.exiting is None and self.drain_deadline is None:
                     self.kill("wall_s")
             self.check_cpu(now)
+            self.check_work(now)
             output.retry_stalled(now)
             self.maybe_finish_drain(now)
             if output.log.pending and (not output.flush_blocked or now >= output.retry_at):

@@ -338,6 +338,7 @@ class Connection(FileOps):
             **self._packages(req["packages"]),
             **self._files(req),
             **({"tty": req["tty"]} if req["tty"] else {}),
+            "work_bytes": self.config.max_work_bytes,
             "sandbox": self.config.sandbox,
             "sandbox_cmd": self.config.sandbox_cmd,
             "max_message": self.config.max_message,

@@ -207,3 +207,17 @@ async def test_sdk_files_module_download_upload(server):
             await c.execute("def main(): pass", module="m")
     with pytest.raises(ValueError, match="not a directory"):
         pack(__file__)
+
+
+async def test_a_function_that_fills_its_work_dir_is_killed(make_server):
+    srv = make_server("--max-work-bytes", str(4 * 1024 * 1024))
+    code = ("import os, time\ndef main():\n    for i in range(1000):\n"
+            "        with open(f'fill{i}', 'wb') as f:\n            f.write(os.urandom(1 << 20))\n"
+            "        time.sleep(0.01)\n")
+    async with conn(srv.url) as c:
+        r = await c.ok("execute", code=code)
+        frames = await c.frames(r["session"], timeout=60)
+    ex = frames[-1][2]
+    assert ex["state"] == "killed" and ex["error"] == {"type": "LimitExceeded", "message": "work_bytes"}, ex
+    work = os.path.join(srv.data_dir, "sessions", r["session"], "work")
+    assert len(os.listdir(work)) < 400  # stopped within about a second of passing 4 MiB
