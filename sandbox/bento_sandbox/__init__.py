@@ -498,8 +498,9 @@ class BwrapBackend(_Backend):
         self.tmp_bytes = tmp_bytes
 
     def command(self, argv: list[str], *, env: Mapping[str, str], network: bool,
-                bind: list[str | tuple[str, str]], tmp_bytes: int, home: str) -> list[str]:
-        """bwrap's command line; ``home``: the host directory bound read-write at HOME."""
+                bind: list[str | tuple[str, str]], tmp_bytes: int, home_fd: int) -> list[str]:
+        """bwrap's command line; ``home_fd``: an fd of the host directory bound
+        read-write at HOME (an fd, so no command line names the data dir)."""
         assert self.bwrap is not None
         cmd = [
             self.bwrap,
@@ -515,7 +516,7 @@ class BwrapBackend(_Backend):
             "--proc", "/proc", "--dev", "/dev",
             "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
             "--size", str(tmp_bytes), "--tmpfs", "/tmp",
-            "--bind", home, HOME,
+            "--bind-fd", str(home_fd), HOME,
             "--chdir", HOME,
         ]
         if network:
@@ -547,10 +548,14 @@ class BwrapBackend(_Backend):
         enforced = {"tmp_bytes": f"tmpfs of {self.tmp_bytes} bytes for /tmp"}
         if not network:
             enforced["network"] = "none (own network namespace)"
-        cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=bind,
-                           tmp_bytes=self.tmp_bytes, home=workdir)
-        proc, cgroups = self._start(cmd, name=name, cwd="/", env={}, pass_fds=pass_fds,
-                                    stdin=stdin, stdout=stdout, stderr=stderr)
+        home_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
+        try:
+            cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=bind,
+                               tmp_bytes=self.tmp_bytes, home_fd=home_fd)
+            proc, cgroups = self._start(cmd, name=name, cwd="/", env={}, pass_fds=(*pass_fds, home_fd),
+                                        stdin=stdin, stdout=stdout, stderr=stderr)
+        finally:
+            os.close(home_fd)
         return Environment(proc, cgroups, enforced, signal_exit_codes=True)
 
 
