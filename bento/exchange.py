@@ -778,17 +778,12 @@ def main(argv: list[str]) -> None:
         # A pre-started environment and a brand-new session: the function
         # starts first, and runs while this exchange sets itself up.
         meta = read_meta(sdir)
-        cwd = None
-        if meta["sandbox"] == "bwrap":
-            # The sandbox's home is a bind of the directory it was started with:
-            # that directory becomes the session's work dir (where clients read
-            # and write its files; the bind follows the rename).
-            os.rename(launched.workdir, work)
-        else:
-            # Unsandboxed: the driver moves to the session's work dir (cwd and
-            # HOME, as if started there).
-            os.makedirs(work, exist_ok=True)
-            cwd = work
+        # The environment was started in a directory of its own: it becomes the
+        # session's work dir, where clients read and write its files (a
+        # sandbox's home is a bind of it, which follows the rename).
+        os.rename(launched.workdir, work)
+        # Unsandboxed, the driver moves there by its new name (cwd and HOME).
+        cwd = None if meta["sandbox"] == "bwrap" else work
         try:
             pre = prestart(launched, meta, cwd)
         except bento_sandbox.Unenforceable as exc:

@@ -221,3 +221,16 @@ async def test_a_function_that_fills_its_work_dir_is_killed(make_server):
     assert ex["state"] == "killed" and ex["error"] == {"type": "LimitExceeded", "message": "work_bytes"}, ex
     work = os.path.join(srv.data_dir, "sessions", r["session"], "work")
     assert len(os.listdir(work)) < 400  # stopped within about a second of passing 4 MiB
+
+
+async def test_unsandboxed_warm_sessions_work_in_their_work_dir(make_server):
+    srv = make_server("--sandbox", "none")
+    code = "import os\ndef main():\n    open('made.txt', 'w').write('here')\n    return os.getcwd()\n"
+    async with conn(srv.url) as c:
+        for _ in range(3):  # warm environments, each taken by a session
+            r = await c.ok("execute", code=code)
+            frames = await c.frames(r["session"])
+            assert frames[-1][2]["result"] == os.path.join(srv.data_dir, "sessions", r["session"], "work")
+            assert await download(c, r["token"], "made.txt") == b"here"
+    # Each taken environment's directory became a work dir: only the pool's own are left.
+    assert len(os.listdir(os.path.join(srv.data_dir, "warm"))) <= 2
