@@ -76,10 +76,6 @@ def env_hash(specs: list[str], python: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def site_dir(envs_dir: str, name: str) -> str:
-    return os.path.join(envs_dir, name, SITE)
-
-
 def use(envs_dir: str, name: str) -> int | None:
     """Take a shared lock on a ready environment for as long as the returned fd
     stays open (eviction passes it by), and mark it used now; None if it is not

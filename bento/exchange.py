@@ -785,16 +785,18 @@ def main(argv: list[str]) -> None:
         # Unsandboxed, the driver moves there by its new name (cwd and HOME).
         cwd = None if meta["sandbox"] == "bwrap" else work
         try:
-            pre = prestart(launched, meta, cwd)
+            # (With packages, the start message waits until they are ready.)
+            pre = None if meta.get("packages") else prestart(launched, meta, cwd)
         except bento_sandbox.Unenforceable as exc:
             launched.discard()
             launched = Launched(None, error=str(exc))
     ex = Exchange(sdir, adopt, meta)
     if adopt:
         ex.adopt_lost()
-    if not adopt and ex.core.exit is None and launched is None and ex.meta.get("packages"):
+    if (not adopt and ex.core.exit is None and ex.meta.get("packages")
+            and (launched is None or launched.error is None)):
         os.makedirs(work, exist_ok=True)
-        ex.build = EnvBuild(ex, work)
+        ex.build = EnvBuild(ex, work, launched)
         ex.build.begin()
     elif not adopt and ex.core.exit is None:
         if launched is None:

@@ -1,8 +1,9 @@
 """A session's packages, for the exchange: the environment is made ready, then the function starts.
 
-An execute with ``packages`` (bento/envs.py) starts cold (never from the warm
-pool: the environment is bound into the sandbox when it is spawned). If the
-environment is ready, the function starts at once; otherwise the exchange
+An execute with ``packages`` (bento/envs.py) may take a warm environment:
+every sandbox sees the environments directory (read-only), and the start
+message names the session's. If the environment is ready, the function
+starts at once; otherwise the exchange
 runs the installer (``bento.envs.main``, outside the sandbox) as a child,
 turns what it prints into the session's stderr frames, and starts the
 function when it succeeded, or ends the session ``failed`` (``BuildError``,
@@ -20,8 +21,10 @@ import signal
 import subprocess
 import sys
 
+import bento_sandbox
+
 from bento import envs, session_core
-from bento.launch import READ_SIZE, close_quietly, launch
+from bento.launch import READ_SIZE, Launched, close_quietly, launch, prestart
 
 TYPE_CHECKING = False  # the exchange does not import typing (it starts per session)
 if TYPE_CHECKING:
@@ -31,9 +34,10 @@ if TYPE_CHECKING:
 class EnvBuild:
     """Gets one session's environment ready, then starts its function."""
 
-    def __init__(self, ex: Exchange, work: str) -> None:
+    def __init__(self, ex: Exchange, work: str, launched: Launched | None = None) -> None:
         self.ex = ex
         self.work = work
+        self.launched = launched  # a warm environment, waiting for its start message
         meta = ex.meta
         self.envs_dir: str = meta["envs_dir"]
         self.name: str = meta["env_name"]
@@ -90,10 +94,19 @@ class EnvBuild:
 
     def start_function(self) -> None:
         ex = self.ex
-        cfg = {**ex.meta, "env_site": envs.site_dir(self.envs_dir, self.name)}
-        ex.start(launch(cfg, f"{ex.meta['session']}-{os.getpid()}", self.work))
+        cwd = None if ex.meta["sandbox"] == "bwrap" else self.work
+        launched = self.launched or launch(ex.meta, f"{ex.meta['session']}-{os.getpid()}", self.work)
+        try:
+            pre = prestart(launched, ex.meta, cwd) if self.launched is not None else None
+        except bento_sandbox.Unenforceable as exc:
+            launched.discard()
+            launched = Launched(None, error=str(exc))
+        ex.start(launched, pre)
 
     def fail(self, message: str) -> None:
+        if self.launched is not None:
+            self.launched.discard()  # the warm environment never gets its start message
+            self.launched = None
         self.ex.finish_exit(session_core.failed_exit("BuildError", message))
 
     def kill(self) -> None:

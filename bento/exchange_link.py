@@ -169,6 +169,9 @@ class Exchanges:
                      "from bento.exchange import main;main(sys.argv[1:])")
         self.warm: list[ExchangeLink] = []
         self.warm_dir = os.path.join(config.data_dir, "warm")
+        # Every sandbox binds it (read-only): a warm one may get a session with packages.
+        self.envs_dir = os.path.join(os.path.abspath(config.data_dir), "envs")
+        os.makedirs(self.envs_dir, exist_ok=True)
         shutil.rmtree(self.warm_dir, ignore_errors=True)  # homes of warm exchanges of a previous run
         os.makedirs(self.warm_dir, exist_ok=True)
         self.warm_wanted = trio.Event()
@@ -208,6 +211,7 @@ class Exchanges:
         await link.send({
             "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,
             "python": self.python, "driver_path": self.driver_path, "network": False,
+            "envs_dir": self.envs_dir,
             # The sandbox's home until a session takes it (then renamed to the session's work dir).
             "workdir": tempfile.mkdtemp(prefix="warm-", dir=self.warm_dir),
         })

@@ -24,7 +24,7 @@ PIPE_BYTES = 1 << 20
 READ_SIZE = 1 << 16
 VALUE_ROOM = 1024  # an out event carries one frame at least: room for its envelope
 SANDBOX_LIB = "/opt/bento/lib"  # the driver's package, inside bwrap
-SANDBOX_ENV = "/opt/bento/env"  # the session's packages, inside bwrap
+SANDBOX_ENVS = "/opt/bento/envs"  # the environments of executes' packages, inside bwrap (read-only)
 
 
 loads = protocol.decode_internal
@@ -126,6 +126,9 @@ def prestart(launched: Launched, meta: dict, cwd: str | None) -> Prestarted:
     module = {"module": meta["module"]} if meta.get("module") else {}
     if meta.get("tty"):
         module["tty"] = True
+    site = site_for(meta)
+    if site:
+        module["site"] = site
     driver.queue(protocol.encode(wire.message(
         wire.TO_DRIVER, "start", code=meta["code"], entry=meta["entry"], args=meta["args"],
         kwargs=meta["kwargs"], env=meta["env"], cwd=cwd, rlimits=rlimits,
@@ -162,13 +165,12 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
             pass  # over /proc/sys/fs/pipe-max-size for this user: keep the default
     # The driver expects its pipes at fds 3 and 4: pass them high, dup them down inside.
     child_in, child_out = _fd_at_least(to_r, 10), _fd_at_least(from_w, 10)
-    paths, binds, site = _mounts(cfg)
+    paths, binds = _mounts(cfg)
     boot = (
         "import os,sys;"
         f"os.dup2({child_in},3);os.dup2({child_out},4);os.close({child_in});os.close({child_out});"
         f"sys.path[:0]={paths!r};"
-        + (f"import site;site.addsitedir({site!r});" if site else "")
-        + "from bento_driver.main import main;main()"
+        "from bento_driver.main import main;main()"
     )
     try:
         backend = bento_sandbox.get_backend(cfg["sandbox"], cfg.get("sandbox_cmd"))
@@ -197,19 +199,29 @@ def set_window(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _mounts(cfg: dict) -> tuple[list[str], list, str | None]:
-    """(the driver's sys.path, what the sandbox binds, the packages' site dir) as
-    the driver sees them. In bwrap only the driver's own package and the
-    session's environment are bound, each at a fixed place: never the
-    directory that holds them, which may be the server's whole site-packages."""
-    site = cfg.get("env_site")
+def _mounts(cfg: dict) -> tuple[list[str], list]:
+    """(the driver's sys.path, what the sandbox binds). In bwrap only the
+    driver's own package and the packages' environments (read-only, at fixed
+    places) are bound: never the directory that holds the driver, which may be
+    the server's whole site-packages. The environments are bound whether or not
+    a session asks for packages (a warm environment does not know yet); the
+    start message says which one is the session's (``site_for``)."""
     if cfg["sandbox"] != "bwrap":
-        return cfg["driver_path"], [], site
+        return cfg["driver_path"], []
     binds: list = [(os.path.join(p, "bento_driver"), f"{SANDBOX_LIB}/bento_driver")
                    for p in cfg["driver_path"][:1]]
-    if site:
-        binds.append((site, SANDBOX_ENV))
-    return [SANDBOX_LIB], binds, SANDBOX_ENV if site else None
+    if cfg.get("envs_dir"):
+        binds.append((cfg["envs_dir"], SANDBOX_ENVS))
+    return [SANDBOX_LIB], binds
+
+
+def site_for(meta: dict) -> str | None:
+    """The session's packages' directory as its driver sees it (None: no packages)."""
+    if not meta.get("packages"):
+        return None
+    if meta["sandbox"] == "bwrap":
+        return f"{SANDBOX_ENVS}/{meta['env_name']}/site"
+    return os.path.join(meta["envs_dir"], meta["env_name"], "site")
 
 
 def _fd_at_least(fd: int, low: int) -> int:

@@ -200,8 +200,8 @@ class Registry:
         s = Session(sid, sdir, meta)
         s.check_log = False
         try:
-            # A session with packages, files or a terminal starts cold: those are set at the spawn.
-            cold = s.meta.get("packages") or s.meta.get("tty") or tree
+            # A session with files or a terminal starts cold: those are set at the spawn.
+            cold = s.meta.get("tty") or tree
             warm = None if cold else await self.exchanges.assign_warm(
                 sdir, s.meta["network"])
             if warm is not None:

@@ -301,6 +301,13 @@ def main() -> None:
 
     # The work dir's files import each other (`from helper import x`).
     sys.path.insert(0, os.getcwd())
+    packages = start.get("site")
+    if packages:
+        sys.path.insert(1, packages)
+        if any(name.endswith(".pth") for name in os.listdir(packages)):
+            import site  # only then (a few ms); with -S it adds nothing by itself
+
+            site.addsitedir(packages)
     entry_name = start["entry"]
     link.go.set()
     try:

@@ -42,7 +42,9 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
         TO_DRIVER: {
             # module: import this module from the work dir instead of running code
             # tty: stdin/stdout/stderr are a terminal that the driver makes its controlling one
-            "start": ("code entry args kwargs env cwd rlimits max_value max_depth max_items", "module tty"),
+            # site: the session's packages (added with their .pth files)
+            "start": ("code entry args kwargs env cwd rlimits max_value max_depth max_items",
+                      "module tty site"),
             "in": ("data", ""),  # an input's value (CBOR bytes)
             "eof": ("", ""),  # the input is closed
             "signal": ("sig", ""),  # raise INT or TERM in the function's main thread
@@ -56,7 +58,7 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "exit": ("kind result error code", ""),  # the function's end, as the driver saw it
         },
         TO_EXCHANGE: {
-            "warm": ("sandbox sandbox_cmd python driver_path network workdir", ""),
+            "warm": ("sandbox sandbox_cmd python driver_path network workdir", "envs_dir"),
             "assign": ("dir", ""),
             "input": ("rid seq", "data eof stdin"),  # stdin: data is bytes for fd 0, not a value
             "ack": ("seq", ""),
