@@ -174,7 +174,8 @@ def _stream_options(p: argparse.ArgumentParser) -> None:
 HELP = """usage: bento COMMAND [options]
 
 commands:
-  run FILE.py [ARGS...]   run a function and attach (-d: detach at once)
+  run FILE.py [ARGS...]   run a function and attach (-d: detach at once; -t: in a terminal)
+  run DIR -m PKG.MOD      run a project's module (--file, --pip, -r requirements.txt)
   attach TOKEN            attach, from where this machine left off
   logs TOKEN [-f]         print retained output (read-only)
   send TOKEN VALUE        send one input value (JSON)
@@ -185,6 +186,7 @@ commands:
   ls                      sessions this machine knows
   share TOKEN             print the viewer token
   server                  run a server (bento server --help)
+  env ls | env rm NAME    the environments of executes' packages (on the server's machine)
 
 Run 'bento COMMAND --help' for a command's options. Docs: docs/cli.md.
 """

@@ -70,7 +70,8 @@ def input_from_json(value: Any) -> Any:
         return EOF
     if isinstance(value, dict) and len(value) == 1 and "$stdin" in value:
         data = value["$stdin"]
-        return Stdin(None if data is None else from_json(data))
+        if data is None or (isinstance(data, dict) and list(data) == ["$base64"]):
+            return Stdin(None if data is None else from_json(data))
     return from_json(value)
 
 
