@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import ssl
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,9 +25,9 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import bento
-from bento import auth, envs, files, protocol, sessionlog, tcptune, wsfast
+from bento import auth, protocol, sessionlog, tcptune, wsfast
 from bento.config import Config
-from bento.server_files import FileOps
+from bento.server_jobs import JobOps, installer
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
 from bento.store import Store
 
@@ -62,9 +59,7 @@ class Server:
         self.said_tuned = False
         self.peers: dict[str, int] = {}
         self.name = f"bento/{bento.__version__}"
-        # The installer of executes' packages: uv beside this interpreter or on PATH, else pip.
-        self.uv = shutil.which("uv", path=os.pathsep.join(
-            [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+        self.uv = installer()
 
     async def handle(self, request: WebSocketRequest) -> None:
         """Entry point for each WebSocket connection. Never raises: an exception
@@ -133,7 +128,7 @@ def _peer_host(ws: WebSocketConnection) -> str:
     return str(getattr(remote, "address", remote))
 
 
-class Connection(FileOps):
+class Connection(JobOps):
     def __init__(self, server: Server, ws: WebSocketConnection, peer: str) -> None:
         self.server = server
         self.config = server.config
@@ -351,34 +346,6 @@ class Connection(FileOps):
         if req["attach"]:
             self.attach(s, "rw", 1)
 
-    def _packages(self, asked: list[str]) -> dict:
-        """The meta fields of an execute's packages (none: no fields)."""
-        if not asked:
-            return {}
-        try:
-            specs = envs.normalise(asked)
-        except envs.SpecError as exc:
-            raise protocol.RequestError("bad_request", f"packages: {exc}") from None
-        python = os.path.realpath(sys.executable)
-        return {"packages": specs, "env_name": envs.env_hash(specs, python),
-                "envs_dir": os.path.join(self.server.store.root, "envs"), "uv": self.server.uv,
-                "max_env_bytes": self.config.max_env_bytes}
-
-    def _files(self, req: dict) -> dict:
-        """The meta fields of an execute's module and files (checked: no path
-        leaves the work dir; the sessions module writes them there)."""
-        out: dict[str, Any] = {}
-        if req.get("module") is not None:
-            if not all(part.isidentifier() for part in req["module"].split(".")):
-                raise protocol.RequestError("bad_request", f"module {req['module']!r} is not a dotted name")
-            out["module"], out["code"] = req["module"], ""
-        if req["files"]:
-            try:
-                out["files"] = files.check_tree(req["files"], self.config.max_message)
-            except files.FileError as exc:
-                raise protocol.RequestError(exc.code, f"files: {exc}") from None
-        return out
-
     def _limits(self, asked: dict) -> dict:
         """The session's limits: what it asked for, the server's defaults for
         the rest, and never above the server's maxima (a limit with a maximum
@@ -520,15 +487,6 @@ class Connection(FileOps):
     async def op_destroy(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)
         await self.registry.end(s)
-        await self.send(protocol.reply_ok(req["id"]))
-
-    async def op_resize(self, req: dict) -> None:
-        s, _ = self.by_token(req["token"], owner=True)
-        if s.snap.has_ended:
-            raise protocol.RequestError("gone", "the function has ended")
-        r = await self.registry.call(s, {"t": "resize", "rows": req["rows"], "cols": req["cols"]})
-        if not r["ok"]:
-            raise protocol.RequestError(r["code"], r["message"])
         await self.send(protocol.reply_ok(req["id"]))
 
     async def op_state_get(self, req: dict) -> None:
