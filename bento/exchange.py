@@ -352,7 +352,8 @@ class Exchange:
         self.apply(core.input_recorded(seq))
         self.deliver(record)
         self.flush_driver()
-        self.flush_stdin()
+        if self.stdin is not None:
+            self.stdin.pump()
         self.reply(rid, ok=True, input_seq=seq)
 
     def deliver(self, record: list) -> None:
@@ -364,19 +365,6 @@ class Exchange:
             self.driver.queue(protocol.encode(
                 wire.message(wire.TO_DRIVER, "eof") if record[1] is None else
                 wire.message(wire.TO_DRIVER, "in", data=record[1])))
-
-    def flush_stdin(self) -> None:
-        stdin = self.stdin
-        if stdin is None or stdin.fd < 0:
-            return
-        waiting = stdin.flush()
-        self.watch_fd(stdin.fd, selectors.EVENT_WRITE if waiting else 0, self.on_stdin_writable)
-        if stdin.finished:
-            close_quietly(stdin.fd)
-            stdin.fd = -1
-
-    def on_stdin_writable(self, _fd: int) -> None:
-        self.flush_stdin()
 
     def flush_driver(self) -> None:
         drv = self.driver
@@ -508,7 +496,7 @@ class Exchange:
                 self.start(Launched(None, error=str(exc)))
                 return
         self.driver, self.enforced, started_at = pre
-        self.stdin = Stdin(launched.in_w)
+        self.stdin = Stdin(self, launched.in_w)
         if self.meta.get("work_bytes") is not None:
             self.work_watch = WorkDirWatch(os.path.join(self.dir, "work"), self.meta["work_bytes"])
         self.output.watch(launched.out_r, launched.err_r)
@@ -521,7 +509,7 @@ class Exchange:
         for _seq, payload in self.inlog.records():
             self.deliver(loads(payload))
         self.flush_driver()
-        self.flush_stdin()
+        self.stdin.pump()
         # The function runs from here on; the bookkeeping below is off its path.
         with open(os.path.join(self.dir, "env.pid"), "w") as f:
             f.write(f"{child.pgid}\n")
@@ -577,10 +565,8 @@ class Exchange:
             for fd in (self.driver.rfd, self.driver.wfd):
                 self.watch_fd(fd, 0, None)
                 self.to_close.append(fd)
-        if self.stdin is not None and self.stdin.fd >= 0:
-            self.watch_fd(self.stdin.fd, 0, None)
-            self.to_close.append(self.stdin.fd)
-            self.stdin.fd = -1
+        if self.stdin is not None:
+            self.stdin.close()
         self.finish_exit(session_core.classify_exit(self.exit_facts()))
 
     def exit_facts(self) -> session_core.ExitFacts:

@@ -12,12 +12,20 @@ and never imports trio (it runs in the exchange).
 from __future__ import annotations
 
 import os
+import selectors
+
+from bento.launch import close_quietly
+
+TYPE_CHECKING = False  # the exchange does not import typing (it starts per session)
+if TYPE_CHECKING:
+    from bento.exchange import Exchange
 
 
 class Stdin:
     """The exchange's end of the function's stdin pipe, and what waits to go into it."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, ex: Exchange, fd: int) -> None:
+        self.ex = ex
         self.fd = fd  # -1 once closed
         self.buf = bytearray()
         self.eof = False  # a stdin eof was accepted: close after the queue
@@ -55,3 +63,21 @@ class Stdin:
     def finished(self) -> bool:
         """Nothing more will be written: the fd may be closed."""
         return self.fd >= 0 and not self.buf and (self.eof or self.broken)
+
+    def pump(self, _fd: int = -1) -> None:
+        """Write what the pipe takes; wait for room (the exchange's selector) for
+        the rest; close the pipe once finished."""
+        if self.fd < 0:
+            return
+        waiting = self.flush()
+        self.ex.watch_fd(self.fd, selectors.EVENT_WRITE if waiting else 0, self.pump)
+        if self.finished:
+            close_quietly(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        """The function has ended: the pipe goes after this round of events."""
+        if self.fd >= 0:
+            self.ex.watch_fd(self.fd, 0, None)
+            self.ex.to_close.append(self.fd)
+            self.fd = -1
