@@ -10,7 +10,7 @@ PORT ?= 8765
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps lint bench fuzz clean
+.PHONY: run test install system-deps lint bench fuzz clean web
 
 run: $(STAMP)
 	$(PY) -m bento.app server --host $(HOST) --port $(PORT) $(ARGS)
@@ -34,12 +34,19 @@ system-deps:
 	  missing=""; \
 	  $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	  command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "make: installing$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
 	      || echo "make: could not install$$missing (continuing)" >&2; \
 	  fi; \
 	fi
+
+# The web page: bento/web/static/ is built from clients/web/ (npm packages pinned by
+# its package-lock.json) and committed, so `make run` needs no Node. Rebuild after
+# changing clients/web; tests/web/test_build.py fails until you do.
+web:
+	cd clients/web && npm ci --no-audit --no-fund && node build.mjs
 
 # Benchmarks print one table (figure, ceiling measured in the same run, ratio,
 # target). ARGS=--quick for a one-minute version. Not part of `make test`.

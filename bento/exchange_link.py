@@ -106,13 +106,16 @@ class ExchangeLink:
             raise ExchangeGone("the exchange is gone")
         return slot[0]
 
-    async def receive(self) -> dict | None:
+    async def receive(self, check: bool = True) -> dict | None:
+        """The exchange's next message (checked against wire.MESSAGES unless
+        ``check`` is false), or None when the link is gone or broke the wire."""
         while True:
             try:
                 body = self.framer.next()
                 if body is not None:
                     msg: dict = protocol.decode_internal(body)
-                    wire.check(wire.FROM_EXCHANGE, msg)
+                    if check:
+                        wire.check(wire.FROM_EXCHANGE, msg)
                     return msg
             except (wire.WireError, wire.FrameTooLarge, protocol.ProtocolError) as exc:
                 log.error("an exchange broke the internal wire, dropping its link: %s", exc)
@@ -143,16 +146,22 @@ class ExchangeLink:
 
     async def hello(self) -> dict:
         """The exchange's first message, checked: its version must be ours."""
-        hello = await self.receive()
-        if hello is None or hello.get("t") != "hello":
+        # The version first: an exchange of another version may not fit the table.
+        hello = await self.receive(check=False)
+        if not isinstance(hello, dict) or hello.get("t") != "hello":
             await self.stream.aclose()
             raise ExchangeGone(f"the exchange did not say hello ({hello!r:.80})")
         if hello.get("wire") != wire.VERSION:
             await self.stream.aclose()
             raise ExchangeGone(
-                f"the exchange (pid {hello.get('pid')}) speaks internal wire version {hello.get('wire')}, "
-                f"this server {wire.VERSION}: it was started by another Bento version; let it finish "
-                "under that version, or stop it (its session is then adopted as lost)")
+                f"the exchange (pid {hello.get('pid')}) speaks internal wire version "
+                f"{hello.get('wire', 1)}, this server {wire.VERSION}: it was started by another Bento "
+                "version; let it finish under that version, or stop it (its session is then adopted as lost)")
+        try:
+            wire.check(wire.FROM_EXCHANGE, hello)
+        except wire.WireError as exc:
+            await self.stream.aclose()
+            raise ExchangeGone(f"the exchange's hello broke the internal wire: {exc}") from None
         return hello
 
 

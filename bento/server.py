@@ -1,4 +1,5 @@
-"""The Bento server: WebSocket endpoint, one task per connection, one worker per attachment.
+"""The Bento server: one port for the WebSocket endpoint (/v1) and plain HTTP,
+one task per connection, one worker per attachment.
 
 A connection task reads messages, validates them with the protocol module and
 answers each request. An attachment's worker reads the session's output log
@@ -7,8 +8,11 @@ memory beyond one batch, so the server's memory does not grow with unread
 output. Sends to a client have a timeout: a client that stops reading loses
 its connection (its sessions and their buffers stay), never stalls anyone else.
 
-Nothing a client sends may take the server down: every handler catches what
-it must (an exception escaping a trio-websocket handler kills the listener).
+Each connection's first request is read as HTTP (bento/http.py): an upgrade
+at /v1 becomes a WebSocket (bento/transport.py), anything else gets one HTTP
+answer. Nothing a client sends may take the server down: every handler
+catches what it must (an exception escaping a trio.serve_tcp handler kills
+the listener).
 """
 
 from __future__ import annotations
@@ -18,18 +22,22 @@ import math
 import ssl
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import bento_sandbox
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import bento
-from bento import auth, protocol, sessionlog, tcptune, wsfast
+from bento import auth, http, protocol, session_core, sessionlog, tcptune, transport
 from bento.config import Config
+from bento.metrics import Metrics
+from bento.readiness import Readiness
 from bento.server_jobs import JobOps, installer
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
 from bento.store import Store
+from bento.transport import ConnectionClosed, WebSocket
 
 log = logging.getLogger("bento.server")
 
@@ -55,26 +63,30 @@ class Server:
         self.store = store
         self.keys = auth.ApiKeys(config.api_keys)
         self.guesses = auth.GuessLimiter()
-        self.said_slow_send = False
         self.said_tuned = False
-        self.peers: dict[str, int] = {}
+        self.peers: dict[str, int] = {}  # open WebSocket connections per peer host
         self.name = f"bento/{bento.__version__}"
         self.uv = installer()
+        self.traffic = transport.Traffic()
+        self.metrics = Metrics(self)
+        self.routes = http.Routes(keys=self.keys, guesses=self.guesses, metrics=self.metrics.render,
+                                  ready=Readiness(config).why_not)
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        """Entry point for each WebSocket connection. Never raises: an exception
-        escaping it would take down the listener (trio-websocket)."""
+    async def handle(self, stream: trio.SocketStream | trio.SSLStream) -> None:
+        """Entry point for each TCP connection. Never raises: an exception
+        escaping it would take down the listener (trio.serve_tcp)."""
         try:
-            await self._handle(request)
+            await self._handle(stream)
         except Exception:  # noqa: BLE001 - the server must outlive any one connection
             log.exception("connection failed")
+        finally:
+            await trio.aclose_forcefully(stream)
 
-    def _tune(self, ws: WebSocketConnection) -> None:
+    def _tune(self, sock: Any) -> None:
         """A connection from this host gets a congestion control that does not
         pace it (bento/tcptune.py); said once in the log."""
         try:
-            # (trio-websocket keeps its stream in ``_stream``, as wsfast relies on.)
-            chosen = tcptune.plain_for_same_host(tcptune.stream_socket(getattr(ws, "_stream", None)))
+            chosen = tcptune.plain_for_same_host(sock)
         except OSError as exc:
             log.debug("could not tune a connection's congestion control: %s", exc)
             return
@@ -83,25 +95,61 @@ class Server:
             log.info("connections from this host use %s congestion control (not the system's %s)",
                      chosen.decode(), tcptune.system_default())
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, stream: trio.SocketStream | trio.SSLStream) -> None:
+        sock = tcptune.stream_socket(stream)
         try:
-            if request.path.split("?")[0] != "/v1":
-                await request.reject(404, body=b"Bento speaks WebSocket at /v1\n")
-                return
-            ws = await request.accept()
-        except ConnectionClosed:
-            return
-        except Exception:  # noqa: BLE001 - a broken handshake costs only its connection
-            log.exception("handshake failed")
-            return
-        try:
-            peer = _peer_host(ws)
+            peer = str(sock.getpeername()[0])
         except OSError:
-            # Reset right after the handshake: nobody is there any more.
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await ws.aclose()
-            return
-        self._tune(ws)
+            return  # reset right after the accept: nobody is there any more
+        self._tune(sock)
+        ws = None
+        # The request head (and a TLS handshake before it) within the handshake timeout.
+        with trio.move_on_after(self.config.handshake_timeout_s):
+            ws = await self._open(stream, peer)
+        if ws is not None:
+            await self._run(ws, peer)
+
+    async def _open(self, stream: trio.SocketStream | trio.SSLStream, peer: str) -> WebSocket | None:
+        """Read the first request: a WebSocket for an upgrade at /v1; any other
+        request gets its HTTP answer (None)."""
+        try:
+            got = await http.read_request(stream)
+        except http.BadRequest as exc:
+            await self._answer(stream, exc.conn, http.text(exc.status, f"bad request: {exc.message}"))
+            return None
+        if got is None:
+            return None
+        conn, request, trailing = got
+        at_v1 = request.target.split(b"?", 1)[0] == b"/v1"
+        if not transport.is_upgrade(request):
+            if at_v1:
+                answer = http.text(426, "Bento speaks WebSocket at /v1: connect with a WebSocket client",
+                                   ("upgrade", "websocket"))
+            else:
+                answer = await self.routes.answer(request, peer)
+            await self._answer(stream, conn, answer, head_only=request.method == b"HEAD")
+            return None
+        if not at_v1:
+            await self._answer(stream, conn, http.text(404, "Bento speaks WebSocket at /v1 only"))
+            return None
+        try:
+            return await transport.accept(stream, request, trailing, max_message=self.config.max_message,
+                                          traffic=self.traffic)
+        except transport.HandshakeRefused as exc:
+            await self._answer(stream, conn, http.text(exc.status, f"bad WebSocket handshake: {exc.message}"))
+        except ConnectionClosed:
+            pass
+        return None
+
+    async def _answer(self, stream: trio.abc.Stream, conn: Any, answer: http.Answer,
+                      head_only: bool = False) -> None:
+        with trio.move_on_after(self.config.send_timeout_s):
+            try:
+                await http.write_answer(stream, conn, answer, head_only)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client left without its answer
+
+    async def _run(self, ws: WebSocket, peer: str) -> None:
         count = self.peers.get(peer, 0)
         self.peers[peer] = count + 1
         conn = Connection(self, ws, peer)
@@ -123,23 +171,12 @@ class Server:
                 await ws.aclose()
 
 
-def _peer_host(ws: WebSocketConnection) -> str:
-    remote = ws.remote
-    return str(getattr(remote, "address", remote))
-
-
 class Connection(JobOps):
-    def __init__(self, server: Server, ws: WebSocketConnection, peer: str) -> None:
+    def __init__(self, server: Server, ws: WebSocket, peer: str) -> None:
         self.server = server
         self.config = server.config
         self.registry = server.registry
         self.ws = ws
-        # Binary messages go out without wsproto's copies when this connection allows it.
-        why_slow = wsfast.reason_unusable(ws)
-        self.fast_send = why_slow is None
-        if why_slow is not None and not server.said_slow_send:
-            server.said_slow_send = True
-            log.info("sending through wsproto (slower): %s", why_slow)
         self.peer = peer
         self.key: str | None = None  # hash of a valid API key ('' when none are required)
         self.hello = False
@@ -161,7 +198,7 @@ class Connection(JobOps):
         bounded by the send timeout instead): a message cut in half would leave
         the WebSocket stream unusable for every later message."""
         if self.dead:
-            raise ConnectionClosed(None)  # type: ignore[arg-type]
+            raise ConnectionClosed(None)
         # A client that takes at least MIN_SEND_RATE is never dropped: batches
         # are sized to go out within the send timeout at that rate, and a single
         # bigger frame gets the time it needs at that rate.
@@ -170,16 +207,13 @@ class Connection(JobOps):
         timeout = max(self.config.send_timeout_s, size / MIN_SEND_RATE)
         try:
             with trio.CancelScope(shield=True), trio.fail_after(timeout):
-                if self.fast_send:
-                    await wsfast.send_binary(self.ws, pieces, size)
-                else:
-                    await self.ws.send_message(data if isinstance(data, bytes) else b"".join(pieces))
+                await self.ws.send_binary(pieces, size)
         except trio.TooSlowError:
             self.dead = True
             log.warning("dropping %s: it stopped reading", self.peer)
             with trio.CancelScope(shield=True), trio.move_on_after(0.5):
                 await self.ws.aclose(1008, "send timeout")
-            raise ConnectionClosed(None) from None  # type: ignore[arg-type]
+            raise ConnectionClosed(1008, "send timeout") from None
 
     async def close(self, code: int, reason: str) -> None:
         self.dead = True
@@ -187,6 +221,7 @@ class Connection(JobOps):
             await self.ws.aclose(code, reason[:120])
 
     async def proto_error(self, message: str, code: int = 1002, request_id: int | None = None) -> None:
+        self.server.metrics.errors.labels("proto").inc()
         try:
             if request_id is not None:
                 await self.send(protocol.reply_error(request_id, "proto", message))
@@ -213,7 +248,7 @@ class Connection(JobOps):
         while not self.dead:
             timeout = self.config.idle_timeout_s if self.hello else self.config.handshake_timeout_s
             with trio.move_on_after(timeout) as idle:
-                raw = await self.ws.get_message()
+                raw = await self.ws.receive_message()
             if idle.cancelled_caught:
                 raise Closing(1008, "idle timeout" if self.hello else "handshake timeout")
             if isinstance(raw, str):
@@ -245,6 +280,7 @@ class Connection(JobOps):
                                        protocol.RequestError("internal", str(exc)))
 
     async def _send_error(self, request_id: int | None, session: Any, exc: protocol.RequestError) -> None:
+        self.server.metrics.errors.labels(exc.code).inc()
         if request_id is not None:
             await self.send(protocol.reply_error(request_id, exc.code, exc.message, **exc.extra))
         else:
@@ -265,10 +301,12 @@ class Connection(JobOps):
 
     def by_token(self, token: str, owner: bool) -> tuple[Session, str]:
         if not self.server.guesses.allowed(self.peer):
+            self.server.metrics.guesses_refused.inc()
             raise protocol.RequestError("limit", "too many failed token guesses; slow down")
         found = self.registry.by_token(token)
         if found is None:
             self.server.guesses.failed(self.peer)
+            self.server.metrics.guesses_failed.inc()
             raise protocol.RequestError("not_found", "no session has this token")
         s, mode = found
         if owner and mode != "rw":
@@ -342,6 +380,7 @@ class Connection(JobOps):
         }
         idem = req.get("idempotency_key")
         s, owner, viewer = await self.registry.create(meta, auth.idem_hash(key, idem) if idem else None)
+        self.server.metrics.executed(s, self.registry.nursery)
         await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
         if req["attach"]:
             self.attach(s, "rw", 1)
@@ -454,16 +493,27 @@ class Connection(JobOps):
         else:
             # stdin: the bytes themselves; else the value's CBOR, for api.recv().
             msg["data"] = req["data"] if req["stdin"] else protocol.encode(req["data"])
-        try:
-            r = await self.registry.call(s, msg)
-        except ExchangeGone:
-            if s.snap.has_ended:
-                raise protocol.RequestError("gone", "the function has ended") from None
-            raise
+        if s.on_disk:
+            r = self._input_after_end(s, req["seq"])
+        else:
+            try:
+                r = await self.registry.call(s, msg)
+            except ExchangeGone:
+                if not s.snap.has_ended:
+                    raise
+                r = self._input_after_end(s, req["seq"])
         if r["ok"]:
+            self.server.metrics.inputs.inc()
             await self.send(protocol.event("in_ack", session=s.sid, seq=r["input_seq"]))
         else:
             raise protocol.RequestError(r["code"], r["message"])
+
+    def _input_after_end(self, s: Session, seq: int) -> dict:
+        """Its function ended and no exchange answers: a re-sent input is still a duplicate."""
+        verdict = session_core.judge_input(s.snap.input_seq, seq, running=False)
+        if verdict == session_core.DUPLICATE:
+            return {"ok": True, "input_seq": s.snap.input_seq}
+        return {"ok": False, "code": verdict.code, "message": verdict.message}
 
     async def op_signal(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)
@@ -499,12 +549,10 @@ class Connection(JobOps):
         value = protocol.encode(req["value"])
         if len(value) > MAX_STATE_BYTES:
             raise protocol.RequestError("too_large", f"shared state is at most {MAX_STATE_BYTES} bytes encoded")
-        r = await self.registry.call(s, {"t": "state_put", "value": value, "if_version": req["if_version"]})
-        if r["ok"]:
-            s.set_shared(r["version"], value)
-            await self.send(protocol.reply_ok(req["id"], version=r["version"]))
-        else:
-            raise protocol.RequestError(r["code"], r["message"], version=r.get("version"))
+        ok, version = await self.registry.put_state(s, value, req["if_version"])
+        if not ok:
+            raise protocol.RequestError("conflict", "shared state changed", version=version)
+        await self.send(protocol.reply_ok(req["id"], version=version))
 
     # -- the attachment worker ---------------------------------------------------
 
@@ -548,6 +596,7 @@ class Connection(JobOps):
                 a, b = att.next_seq, snap.first_seq - 1
                 reason = snap.gap_reason(a)
                 await self.send(protocol.out_event(s.sid, [protocol.gap_frame(a, b, reason)]))
+                self.server.metrics.gap_frames.labels(reason).inc(b - a + 1)
                 att.next_seq = b + 1
                 cursor.seek(att.next_seq)
                 continue
@@ -566,13 +615,22 @@ class Connection(JobOps):
                     return
                 if frames:
                     await self.send(protocol.out_event_parts(s.sid, frames))
+                    self.server.metrics.frames_out.inc(len(frames))
                     att.next_seq = cursor.next_seq
                 continue
             await changed.wait()
 
 
-async def serve(config: Config, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the server until cancelled."""
+@dataclass
+class Listening:
+    """What ``serve`` reports once it listens."""
+
+    port: int
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+
+
+async def serve(config: Config, *, task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the server until cancelled: WebSocket at /v1 and plain HTTP on one port."""
     config.check()
     store = Store(config.data_dir)
     ssl_context = None
@@ -585,12 +643,11 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Any] = trio.TASK
         nursery.start_soon(registry.reaper)
         nursery.start_soon(registry.pool_keeper)
         server = Server(config, registry, store)
-        ws_server = await nursery.start(
-            lambda task_status: serve_websocket(
-                server.handle, config.host, config.port, ssl_context,
-                max_message_size=config.max_message, receive_buffer_size=64 * 1024,
-                connect_timeout=config.handshake_timeout_s, disconnect_timeout=5,
-                task_status=task_status,
-            )
-        )
-        task_status.started(ws_server)
+        if ssl_context is None:
+            listeners = await nursery.start(partial(trio.serve_tcp, server.handle, config.port, host=config.host))
+        else:
+            # https_compatible: a peer may close without TLS's close_notify, as browsers do.
+            listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, server.handle, config.port,
+                                                    ssl_context, host=config.host, https_compatible=True))
+        first = getattr(listeners[0], "transport_listener", listeners[0])  # under TLS: its TCP listener
+        task_status.started(Listening(first.socket.getsockname()[1], listeners))

@@ -135,7 +135,20 @@ class Snapshot(namedtuple("Snapshot", "state next_seq first_seq acked_seq input_
 
 
 _ENDED_TEXT = frozenset(s.value for s in ENDED)
-NEW = Snapshot("starting", 1, 1, 0, 0, 0, 0, None, None, None)
+NEW = Snapshot(State.STARTING.value, 1, 1, 0, 0, 0, 0, None, None, None)
+
+
+def judge_input(last: int, seq: int, running: bool) -> str | Refused:
+    """The input rules: a seq at or below the last accepted one is a duplicate,
+    one beyond last + 1 a gap; a new one is accepted only while the function
+    runs (or is starting)."""
+    if seq <= last:
+        return DUPLICATE
+    if seq > last + 1:
+        return Refused("input_gap", f"input seq {seq} skips {last + 1}")
+    if not running:
+        return Refused("gone", "the function has ended")
+    return ACCEPT
 
 
 class SessionCore:
@@ -153,7 +166,7 @@ class SessionCore:
         saved = saved or {}
         self.max_bytes = max_bytes
         self.policy = policy
-        self.state = State(saved.get("state", "starting"))
+        self.state = State(saved.get("state", State.STARTING.value))
         self.exit: dict | None = saved.get("exit")
         self.exit_seq: int | None = saved.get("exit_seq")
         self.ended: float | None = saved.get("ended")
@@ -268,13 +281,7 @@ class SessionCore:
     def input(self, seq: int) -> str | Refused:
         """Judge input ``seq``: ACCEPT (record it, then call :meth:`input_recorded`),
         DUPLICATE (answer with the last accepted seq), or Refused."""
-        if seq <= self.input_seq:
-            return DUPLICATE
-        if seq > self.input_seq + 1:
-            return Refused("input_gap", f"input seq {seq} skips {self.input_seq + 1}")
-        if not self.accepts_work:
-            return Refused("gone", "the function has ended")
-        return ACCEPT
+        return judge_input(self.input_seq, seq, self.accepts_work)
 
     def input_recorded(self, seq: int) -> tuple:
         """Input ``seq`` is in the input log: it is accepted."""
@@ -345,6 +352,9 @@ class ExitFacts(namedtuple("ExitFacts", "signal code kill_reason kill_error repo
     __slots__ = ()
 
 
+_EXITED, _FAILED, _KILLED, _LOST = (s.value for s in (State.EXITED, State.FAILED, State.KILLED, State.LOST))
+
+
 def _limit(f: ExitFacts) -> str | None:
     if f.kill_reason is not None:
         return None if f.kill_reason == "destroyed" else f.kill_reason
@@ -357,12 +367,12 @@ def _limit(f: ExitFacts) -> str | None:
 
 def _killed_by_limit(f: ExitFacts) -> dict:
     limit = _limit(f)
-    return {"state": "killed", "signal": "KILL",
+    return {"state": _KILLED, "signal": "KILL",
             "error": f.kill_error or {"type": "LimitExceeded", "message": limit}}
 
 
 def _did_not_start(f: ExitFacts) -> dict:
-    return {"state": "failed", "error": {
+    return {"state": _FAILED, "error": {
         "type": "SandboxError",
         "message": f"the environment did not start (status {f.status}): {f.stderr_tail[-500:]}",
         "traceback": ""}}
@@ -372,10 +382,10 @@ def _reported(f: ExitFacts) -> dict:
     rep = f.report
     kind = rep.get("kind")
     if kind == "failed":
-        return {"state": "failed", "error": rep.get("error")}
+        return {"state": _FAILED, "error": rep.get("error")}
     if kind == "interrupted":
-        return {"state": "killed", "signal": "INT", "error": rep.get("error")}
-    return {"state": "exited", "code": rep.get("code", 0), "error": rep.get("error"),
+        return {"state": _KILLED, "signal": "INT", "error": rep.get("error")}
+    return {"state": _EXITED, "code": rep.get("code", 0), "error": rep.get("error"),
             "result": rep.get("result")}
 
 
@@ -385,17 +395,17 @@ EXIT_RULES = (
     ("a limit the exchange enforced", lambda f: _limit(f) is not None, _killed_by_limit),
     ("the environment never came up", lambda f: f.report is None and not f.driver_up, _did_not_start),
     ("a client's signal, no report", lambda f: f.report is None and f.user_signal is not None,
-     lambda f: {"state": "killed", "signal": f.user_signal}),
+     lambda f: {"state": _KILLED, "signal": f.user_signal}),
     ("a signal ended the process", lambda f: f.signal is not None,
-     lambda f: {"state": "killed", "signal": f.signal}),
+     lambda f: {"state": _KILLED, "signal": f.signal}),
     ("the driver reported the end", lambda f: f.report is not None, _reported),
-    ("the process exited by itself", lambda f: True, lambda f: {"state": "exited", "code": f.code}),
+    ("the process exited by itself", lambda f: True, lambda f: {"state": _EXITED, "code": f.code}),
 )
 
 
 def classify_exit(facts: ExitFacts) -> dict:
     """The ``exit`` frame's data for a function whose process ended."""
-    data: dict[str, Any] = {"state": "exited", "code": None, "signal": None, "result": None, "error": None}
+    data: dict[str, Any] = {"state": _EXITED, "code": None, "signal": None, "result": None, "error": None}
     for _name, test, fields in EXIT_RULES:
         if test(facts):
             data.update(fields(facts))
@@ -405,13 +415,13 @@ def classify_exit(facts: ExitFacts) -> dict:
 
 def failed_exit(type_: str, message: str) -> dict:
     """The exit data of a session whose function could not start."""
-    return {"state": "failed", "code": None, "signal": None, "result": None,
+    return {"state": _FAILED, "code": None, "signal": None, "result": None,
             "error": {"type": type_, "message": message, "traceback": ""}}
 
 
 def lost_exit() -> dict:
     """The exit data of a session adopted after its exchange died."""
-    return {"state": "lost", "code": None, "signal": None, "result": None,
+    return {"state": _LOST, "code": None, "signal": None, "result": None,
             "error": {"type": "ExchangeLost",
                       "message": "the session's exchange died; output up to here is kept",
                       "traceback": ""}}
@@ -420,13 +430,16 @@ def lost_exit() -> dict:
 # -- lifetime ---------------------------------------------------------------------------
 
 
-def life_over(snap: Snapshot, attached: bool, idle_for: float, ttl: float) -> bool:
+def life_over(snap: Snapshot, attached: bool, idle_for: float, since_end: float, ttl: float) -> bool:
     """Whether a session's life is over (the server then removes it).
 
-    Never while attached. An ended session whose exit the owner acked ends at
-    once; any other ends after ``ttl`` seconds with nobody attached."""
-    if attached:
+    A running function is never ended by its session's lifetime (its limits
+    do that). Never while attached. An ended session whose exit the owner
+    acked ends once nobody is attached; any other ended session stays
+    ``ttl`` seconds after its end and after its last detach (``since_end``,
+    ``idle_for``)."""
+    if attached or not snap.has_ended:
         return False
     if snap.exit_seq is not None and snap.acked_seq >= snap.exit_seq:
         return True
-    return idle_for >= ttl
+    return idle_for >= ttl and since_end >= ttl

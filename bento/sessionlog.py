@@ -79,6 +79,19 @@ def list_segments(dirpath: str, prefix: str) -> list[tuple[int, str]]:
     return out
 
 
+def drop_segments(segments: list[tuple[int, str]], seq: int) -> None:
+    """Delete the segments of ``segments`` (oldest first, as ``list_segments``
+    gives them) that hold only records below ``seq``, and take them off the list."""
+    while len(segments) > 1 and segments[1][0] <= seq:
+        try:
+            os.unlink(segments[0][1])
+        except FileNotFoundError:
+            pass
+        # Any other error leaves the segment listed (tried again next time)
+        # and goes to the caller.
+        segments.pop(0)
+
+
 def parse(buf: bytes | memoryview, offset: int = 0) -> Iterator[tuple[int, int, int, int]]:
     """Yield (seq, payload start, payload end, record end) for each whole, valid
     record in ``buf`` from ``offset``; stop at the first incomplete or invalid one."""
@@ -260,14 +273,7 @@ class Writer:
 
     def drop_before(self, seq: int) -> None:
         """Delete whole segments that hold only records below ``seq``."""
-        while len(self.segments) > 1 and self.segments[1][0] <= seq:
-            try:
-                os.unlink(self.segments[0][1])
-            except FileNotFoundError:
-                pass
-            # Any other error leaves the segment listed (tried again next time)
-            # and goes to the caller.
-            self.segments.pop(0)
+        drop_segments(self.segments, seq)
 
     def close(self) -> None:
         if self.fd >= 0:

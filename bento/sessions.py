@@ -18,11 +18,12 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import bento_sandbox
 import trio
 
-from bento import auth, files, protocol, session_core
+from bento import auth, files, protocol, session_core, sessiondisk
 from bento.config import Config
 from bento.exchange_link import ExchangeGone, ExchangeLink, Exchanges
 from bento.session_core import Snapshot
@@ -68,6 +69,10 @@ class Session:
         self.idle_since = time.monotonic()
         self.removed = False
         self.ack_sent = 0
+        # Its function ended and its exchange exited: it is served from disk.
+        self.on_disk = False
+        self.disk: sessiondisk.Ended | None = None  # its core, while someone reads it
+        self.disk_lock = trio.Lock()
         # Check every output record's checksum when reading: True for a session
         # found on disk at start (a crash may have damaged what it wrote
         # before); False for one this process created, whose every record was
@@ -113,7 +118,10 @@ class Session:
         }
 
     def life_over(self, now: float, ttl: float) -> bool:
-        return session_core.life_over(self.snap, bool(self.attachments), now - self.idle_since, ttl)
+        """``now``: monotonic; the end is in epoch seconds (it survives restarts)."""
+        ended = self.snap.ended
+        since_end = 0.0 if ended is None else time.time() - ended
+        return session_core.life_over(self.snap, bool(self.attachments), now - self.idle_since, since_end, ttl)
 
 
 class Registry:
@@ -227,6 +235,8 @@ class Registry:
         s.link = link
         s.update(hello)
         self.nursery.start_soon(self._read_exchange, s, link)
+        if s.ack_sent > s.snap.acked_seq:
+            self.nursery.start_soon(self._send_ack, s)
 
     async def _read_exchange(self, s: Session, link: ExchangeLink) -> None:
         try:
@@ -250,24 +260,78 @@ class Registry:
             self.nursery.start_soon(self._reattach_exchange, s)
 
     async def _reattach_exchange(self, s: Session) -> None:
-        """The exchange went away on its own: reconnect, or adopt its session."""
+        """The exchange went away: its session ended (it is served from disk
+        now), or it died (reconnect, or adopt the session)."""
         for attempt in range(5):
             if s.removed:
                 return
+            try:
+                await self._revive(s)
+                return
+            except (OSError, ExchangeGone, RuntimeError, ValueError) as exc:
+                log.error("session %s: adopting failed (attempt %d): %s", s.sid, attempt + 1, exc)
+                await trio.sleep(0.2 * (attempt + 1))
+        log.error("session %s: unreachable; it stays registered as %s", s.sid, s.snap.state)
+
+    async def _revive(self, s: Session) -> None:
+        """Give ``s`` its exchange back, or its disk: connect to its exchange; else,
+        if its function has ended, serve it from disk (no process); else adopt it
+        (a new exchange marks it lost, then ends in turn)."""
+        snap = s.snap
+        ended = snap.exit_seq is not None and snap.next_seq > snap.exit_seq
+        if not ended:
             try:
                 await self._connect(s)
                 return
             except (OSError, ExchangeGone):
                 pass
+        if await self._from_disk(s):
+            return
+        await self.exchanges.spawn(s.dir, adopt=True)
+        try:
+            await self._connect(s)
+            log.warning("session %s: its exchange died; adopted as lost", s.sid)
+        except (OSError, ExchangeGone):
+            # The adopting exchange recorded the end and exited already.
+            if not await self._from_disk(s):
+                raise
+
+    async def _from_disk(self, s: Session) -> bool:
+        """Serve an ended session from disk; False if its function has not ended
+        (or an exchange holds it). Waits a moment for an exchange that is exiting."""
+        for _ in range(10):
             try:
-                await self.exchanges.spawn(s.dir, adopt=True)
-                await self._connect(s)
-                log.warning("session %s: its exchange died; adopted as lost", s.sid)
-                return
-            except (OSError, ExchangeGone, RuntimeError) as exc:
-                log.error("session %s: adopting failed (attempt %d): %s", s.sid, attempt + 1, exc)
-                await trio.sleep(0.2 * (attempt + 1))
-        log.error("session %s: unreachable; it stays registered as %s", s.sid, s.snap.state)
+                ended = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
+            except sessiondisk.Busy:
+                await trio.sleep(0.05)
+                continue
+            if ended is None:
+                return False
+            s.on_disk = True
+            s.disk = ended if s.attachments else None
+            s.update(ended.hello())
+            if s.ack_sent > s.snap.acked_seq:
+                # An ack that reached the exchange as it exited: apply it here.
+                await self.ack(s, s.ack_sent)
+            return True
+        return False
+
+    async def _on_disk(self, s: Session, call: Any, *args: Any) -> Any:
+        """``call(ended, *args)`` on the ended session ``s``, in a worker thread,
+        one at a time. Its core stays in memory while someone is attached (an
+        owner reading and acking): recovering it reads the whole output log."""
+        async with s.disk_lock:
+            try:
+                ended = s.disk
+                if ended is None:
+                    ended = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
+                    if ended is None:
+                        raise ExchangeGone("the session's exchange is not reachable right now")
+                    if s.attachments:
+                        s.disk = ended
+                return await trio.to_thread.run_sync(call, ended, *args)
+            except sessiondisk.Busy:
+                raise ExchangeGone("the session's exchange is ending; try again") from None
 
     async def sweep_cgroups(self) -> None:
         """Remove the cgroups of exchanges that were killed before they could."""
@@ -292,14 +356,10 @@ class Registry:
                 log.error("session %s: cannot be read, skipped: %s", sid, exc)
                 continue
             try:
-                await self._connect(s)
-            except (OSError, ExchangeGone):
-                try:
-                    await self.exchanges.spawn(sdir, adopt=True)
-                    await self._connect(s)
-                except (OSError, ExchangeGone, RuntimeError) as exc:
-                    log.error("session %s: cannot be adopted, skipped: %s", sid, exc)
-                    continue
+                await self._revive(s)
+            except (OSError, ExchangeGone, RuntimeError, ValueError, protocol.ProtocolError) as exc:
+                log.error("session %s: cannot be adopted, skipped: %s", sid, exc)
+                continue
             self._index(s)
 
     # -- requests to the exchange ---------------------------------------------
@@ -322,12 +382,45 @@ class Registry:
             pass  # it ended or died: its last announcement is what is known
 
     async def ack(self, s: Session, seq: int) -> None:
-        if seq > s.ack_sent and s.link is not None:
-            s.ack_sent = seq
+        """The owner's ack, to the exchange or (for an ended session) to the disk.
+        One that finds neither is kept in ``ack_sent`` and applied when the
+        link or the disk is back."""
+        if seq <= s.ack_sent and not s.on_disk:
+            return
+        s.ack_sent = max(s.ack_sent, seq)
+        if s.on_disk:
+            if seq > s.snap.acked_seq:
+                try:
+                    s.update(await self._on_disk(s, sessiondisk.Ended.ack, seq))
+                except ExchangeGone as exc:
+                    log.warning("session %s: an ack could not be applied yet: %s", s.sid, exc)
+            return
+        await self._send_ack(s)
+
+    async def _send_ack(self, s: Session) -> None:
+        if s.link is not None and s.ack_sent > s.snap.acked_seq:
             try:
-                await s.link.send({"t": "ack", "seq": seq})
+                await s.link.send({"t": "ack", "seq": s.ack_sent})
             except ExchangeGone:
-                s.ack_sent = 0
+                pass  # sent again when the link is back
+
+    async def put_state(self, s: Session, value: bytes, if_version: int | None) -> tuple[bool, int]:
+        """Compare-and-set of the shared state: (ok, version now)."""
+        ok, version = await self._put_state(s, value, if_version)
+        if ok:
+            s.set_shared(version, value)
+        return ok, version
+
+    async def _put_state(self, s: Session, value: bytes, if_version: int | None) -> tuple[bool, int]:
+        if not s.on_disk:
+            try:
+                r = await self.call(s, {"t": "state_put", "value": value, "if_version": if_version})
+                return r["ok"], r["version"]
+            except ExchangeGone:
+                if not s.snap.has_ended:
+                    raise
+        result: tuple[bool, int] = await self._on_disk(s, sessiondisk.Ended.put_state, value, if_version)
+        return result
 
     # -- the end of a session ------------------------------------------------------
 
@@ -356,5 +449,7 @@ class Registry:
             await trio.sleep(1.0)
             now = time.monotonic()
             for s in list(self.sessions.values()):
+                if s.disk is not None and not s.attachments:
+                    s.disk = None  # nobody reads it: its memory goes
                 if s.life_over(now, self.config.ttl_s):
                     self.nursery.start_soon(self.end, s)

@@ -24,8 +24,7 @@ import os
 import secrets
 import shutil
 
-import cbor2
-
+from bento import protocol
 from bento.sessionlog import write_atomic
 
 
@@ -84,7 +83,7 @@ class Store:
         fid = hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
         path = os.path.join(self.functions, f"{fid}.cbor")
         if not os.path.exists(path):
-            write_atomic(path, cbor2.dumps({"name": name, "code": code}))
+            write_atomic(path, protocol.encode({"name": name, "code": code}))
         return fid
 
     def get_function(self, fid: str) -> str | None:
@@ -92,7 +91,7 @@ class Store:
             return None
         try:
             with open(os.path.join(self.functions, f"{fid}.cbor"), "rb") as f:
-                return cbor2.loads(f.read())["code"]
+                return protocol.decode_internal(f.read())["code"]
         except FileNotFoundError:
             return None
 
@@ -105,7 +104,7 @@ class Store:
         sdir = self.session_dir(sid)
         os.mkdir(sdir, 0o700)
         try:
-            write_atomic(os.path.join(sdir, "meta.cbor"), cbor2.dumps(meta))
+            write_atomic(os.path.join(sdir, "meta.cbor"), protocol.encode(meta))
         except OSError:
             shutil.rmtree(sdir, ignore_errors=True)
             raise
@@ -117,7 +116,7 @@ class Store:
     def read_cbor(self, sid: str, name: str) -> dict | None:
         try:
             with open(os.path.join(self.session_dir(sid), name), "rb") as f:
-                value = cbor2.loads(f.read())
+                value = protocol.decode_internal(f.read())
         except FileNotFoundError:
             return None
         return value if isinstance(value, dict) else None

@@ -18,6 +18,8 @@ User mistakes get one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,10 +36,19 @@ from bento_clients.cli_commands import (
     cmd_send,
     cmd_share,
     cmd_status,
+    cmd_tokens,
 )
 from bento_clients.cli_files import cmd_cp
 from bento_clients.cli_ls import cmd_ls
-from bento_clients.cli_output import exit_code, exit_message, one_line, render, say, setup_logging
+from bento_clients.cli_output import (
+    exit_code,
+    exit_message,
+    one_line,
+    render,
+    say,
+    setup_logging,
+    unauthorized_message,
+)
 from bento_clients.cli_settings import (
     EXIT_BENTO,
     EXIT_USAGE,
@@ -54,6 +65,7 @@ __all__ = ["EXIT_BENTO", "UsageError", "build_parser", "exit_code", "exit_messag
            "normalize_url", "render"]
 
 STREAMING = ("run", "attach", "logs")
+EXIT_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that SIGPIPE ended
 
 
 # --------------------------------------------------------------------------
@@ -68,18 +80,26 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--server", default=argparse.SUPPRESS,
-                   help="server address (default: $BENTO_SERVER, the config file, ws://127.0.0.1:8765/v1)")
-    g.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (default: $BENTO_API_KEY)")
+                   help="server address; for a session this machine knows, overrides the server it was started "
+                        "on (default: $BENTO_SERVER, the config file, ws://127.0.0.1:8765/v1)")
+    g.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (default: $BENTO_API_KEY, the config file)")
+    g.add_argument("--ca-file", default=argparse.SUPPRESS, metavar="PEM",
+                   help="CA certificates that verify a wss:// server (default: $BENTO_CA_FILE, the config file, "
+                        "the system's)")
     g.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     g.add_argument("--state-file", default=argparse.SUPPRESS,
-                   help="local state file (default: $BENTO_CLIENT_STATE or ~/.local/state/bento/client.json)")
+                   help="local state file (default: $BENTO_CLIENT_STATE or ~/.local/state/bento-client/state.json)")
     g.add_argument("--config", default=argparse.SUPPRESS, help="config file (default: ~/.config/bento/config.toml)")
-    g.add_argument("--connect-timeout", type=float, default=argparse.SUPPRESS,
+    g.add_argument("--connect-timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
                    help="seconds to keep trying the first connection (default 10)")
-    g.add_argument("--reconnect-timeout", type=float, default=argparse.SUPPRESS,
+    g.add_argument("--reconnect-timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
                    help="seconds to keep trying after a dropped connection (default 60)")
     g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="say on stderr when the connection drops and comes back")
+
+
+SESSION_HELP = "owner or viewer token, or the id or --name of a session this machine knows"
+OWNER_HELP = "owner token (bto_...), or the id or --name of a session this machine started"
 
 
 def build_parser() -> dict[str, argparse.ArgumentParser]:
@@ -102,6 +122,8 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                    help="put a file (or a directory's tree) into the function's working directory (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="leave matching files out of a directory sent (repeatable; .gitignore is read too)")
+    p.add_argument("--name", help="a name for the session on this machine, usable wherever a token is "
+                                  "(unique here; letters, digits, . _ -)")
     p.add_argument("--entry", default="main", help="the function to call (default main)")
     p.add_argument("--kwarg", action="append", default=[], metavar="NAME=JSON", help="a keyword argument (repeatable)")
     p.add_argument("-d", "--detach", action="store_true", help="start it, print the tokens and return at once")
@@ -114,24 +136,27 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--requirements", "-r", metavar="FILE",
                    help="packages from a requirements file (one per line; # comments)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable (repeatable)")
-    p.add_argument("--idempotency-key", help="run at most once per key (default: a fresh key)")
-    p.add_argument("--buffer", help="output buffer size, e.g. 64M")
-    p.add_argument("--policy", choices=["block", "drop_oldest", "fail"], help="what a full buffer does")
+    p.add_argument("--idempotency-key", metavar="KEY", help="run at most once per key (default: a fresh key)")
+    p.add_argument("--buffer", metavar="SIZE", help="output buffer size, e.g. 64M (default: the server's)")
+    p.add_argument("--policy", choices=["block", "drop_oldest", "fail"],
+                   help="what a full buffer does: block the function, drop the oldest output, or fail "
+                        "(default: the server's)")
     _stream_options(p)
 
     p = make("attach", "Attach to a session, from where this machine left off.")
-    p.add_argument("token", help="owner or viewer token (or a session id this machine knows)")
-    p.add_argument("--from", dest="from_seq", type=int, help="start at this frame seq instead")
+    p.add_argument("token", help=SESSION_HELP)
+    p.add_argument("--from", dest="from_seq", type=int, metavar="SEQ", help="start at this frame seq instead")
     _stream_options(p)
 
     p = make("logs", "Print a session's retained output (read-only; a viewer token works).")
-    p.add_argument("token")
+    p.add_argument("token", help=SESSION_HELP)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the end")
-    p.add_argument("--from", dest="from_seq", type=int, default=1, help="start at this frame seq (default 1)")
-    p.add_argument("--traceback", action="store_true", help="print the remote traceback of an exception")
+    p.add_argument("--from", dest="from_seq", type=int, default=1, metavar="SEQ",
+                   help="start at this frame seq (default 1)")
+    p.add_argument("--traceback", action="store_true", help="print the whole remote traceback of an exception")
 
     p = make("send", "Send one input value to a session (owner token).")
-    p.add_argument("token")
+    p.add_argument("token", help=OWNER_HELP)
     p.add_argument("value", nargs="?", help="the value as JSON (a bare word is an error: quote strings)")
     p.add_argument("--str", dest="text", action="store_true", help="send VALUE as a plain string, not JSON")
     p.add_argument("--eof", action="store_true", help="close the function's input instead")
@@ -144,58 +169,66 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     p.add_argument("dst", help="a local path, or TOKEN:path")
 
     p = make("status", "Show a session's state.")
-    p.add_argument("token")
+    p.add_argument("token", help=SESSION_HELP)
 
     p = make("kill", "Send a signal to the function (owner token).")
-    p.add_argument("token")
-    p.add_argument("--signal", "-s", default="TERM", type=str.upper, choices=["INT", "TERM", "KILL"])
+    p.add_argument("token", help=OWNER_HELP)
+    p.add_argument("--signal", "-s", default="TERM", type=str.upper, choices=["INT", "TERM", "KILL"],
+                   help="INT (the function sees KeyboardInterrupt), TERM (default) or KILL")
 
     p = make("rm", "Destroy a session: kill it, delete its output, forget it here (owner token).")
-    p.add_argument("token")
+    p.add_argument("token", help=OWNER_HELP)
 
-    make("ls", "List the sessions this machine knows (and the server's, with an API key).")
+    p = make("ls", "List the sessions this machine knows, and those the server lists for the API key.")
+    p.add_argument("--prune", action="store_true",
+                   help="forget the sessions that have ended (their tokens are dropped from the state file)")
 
     p = make("share", "Print a session's viewer token (read-only access to share).")
-    p.add_argument("token")
+    p.add_argument("token", help=SESSION_HELP)
+
+    p = make("tokens", "Print a session's id, owner token and viewer token, as recorded on this machine.")
+    p.add_argument("token", help=SESSION_HELP)
     return parsers
 
 
 def _stream_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--detach-keys", default=None,
+    p.add_argument("--detach-keys", default=None, metavar="KEYS",
                    help=f"key sequence that detaches (default {DEFAULT_DETACH_KEYS})")
     p.add_argument("--no-stdin", action="store_true", help="do not send the terminal's input to the function")
     p.add_argument("-t", "--tty", action="store_true",
                    help="a terminal: run in one (run), or pass keys through to it (attach); keys go as typed")
     p.add_argument("--recv", action="store_true",
                    help="send each input line as a text value for api.recv() (default: the function's stdin)")
-    p.add_argument("--traceback", action="store_true", help="print the remote traceback of an exception")
+    p.add_argument("--traceback", action="store_true", help="print the whole remote traceback of an exception")
 
 
 HELP = """usage: bento COMMAND [options]
 
 commands:
-  run FILE.py [ARGS...]   run a function and attach (-d: detach at once; -t: in a terminal)
+  run FILE.py [ARGS...]   run a function and attach (-d: detach at once; -t: in a terminal; --name NAME)
   run DIR -m PKG.MOD      run a project's module (--file, --pip, -r requirements.txt)
-  attach TOKEN            attach, from where this machine left off
-  logs TOKEN [-f]         print retained output (read-only)
-  send TOKEN VALUE        send one input value (JSON)
-  cp TOKEN:path LOCAL     copy a file out of a session (or LOCAL TOKEN:path into it)
-  status TOKEN            show a session's state
-  kill TOKEN [-s SIG]     signal the function (INT, TERM, KILL)
-  rm TOKEN                destroy a session
-  ls                      sessions this machine knows
-  share TOKEN             print the viewer token
+  attach SESSION          attach, from where this machine left off
+  logs SESSION [-f]       print retained output (read-only)
+  send SESSION VALUE      send one input value (JSON; --stdin: a line of the function's stdin)
+  cp SESSION:path LOCAL   copy a file out of a session (or LOCAL SESSION:path into it)
+  status SESSION          show a session's state
+  kill SESSION [-s SIG]   signal the function (INT, TERM, KILL)
+  rm SESSION              destroy a session
+  ls [--prune]            sessions this machine knows (--prune: forget ended ones)
+  share SESSION           print the viewer token
+  tokens SESSION          print the session's tokens again
   server                  run a server (bento server --help)
   env ls | env rm NAME    the environments of executes' packages (on the server's machine)
 
-Run 'bento COMMAND --help' for a command's options. Docs: docs/cli.md.
+SESSION is a token (bto_... owner, btv_... viewer), or the id or --name of a
+session this machine knows. Run 'bento COMMAND --help' for a command's
+options. Docs: docs/cli.md.
 """
-
 
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[int]]] = {
     "run": cmd_run, "attach": cmd_attach, "logs": cmd_logs, "send": cmd_send, "status": cmd_status,
-    "kill": cmd_kill, "rm": cmd_rm, "ls": cmd_ls, "share": cmd_share, "cp": cmd_cp,
+    "kill": cmd_kill, "rm": cmd_rm, "ls": cmd_ls, "share": cmd_share, "tokens": cmd_tokens, "cp": cmd_cp,
 }
 
 
@@ -210,17 +243,26 @@ def _leaf(group: BaseExceptionGroup) -> BaseException:
     return next((e for e in found if not isinstance(e, trio.Cancelled)), found[0])
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for an error the user can do something about."""
+def describe_error(exc: BaseException, key_sent: bool) -> str:
+    """One line for an error the user can do something about (``key_sent``:
+    whether this command gave the server an API key)."""
     if isinstance(exc, NotFound):
         return "no session has this token (a wrong token, or the session ended and was cleaned up)"
     if isinstance(exc, Forbidden):
         return "this needs the owner token (bto_...), not a viewer token"
     if isinstance(exc, Unauthorized):
-        return "the server needs an API key: give --api-key or set BENTO_API_KEY"
+        return unauthorized_message(key_sent)
     if isinstance(exc, RequestFailed):
         return f"the server refused: {exc.code}: {exc.message}"
     return one_line(str(exc)) or type(exc).__name__
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: its reader has gone, and the interpreter's own
+    flush at exit must not fail again (and print a traceback)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: list[str]) -> int:
@@ -234,6 +276,7 @@ def main(argv: list[str]) -> int:
         say(f"bento: unknown command {command!r}\n{HELP}")
         return EXIT_USAGE
     failure = EXIT_BENTO if command in STREAMING else 1
+    settings: Settings | None = None
     try:
         try:
             args = parsers[command].parse_intermixed_args(rest)
@@ -242,19 +285,23 @@ def main(argv: list[str]) -> int:
         settings = settings_from(args)
         setup_logging(settings.verbose)
         try:
-            code = trio.run(COMMANDS[command], settings, args)
+            return trio.run(COMMANDS[command], settings, args)
         except BaseExceptionGroup as group:
             raise _leaf(group) from None
-        for warning in settings.state.warnings:
-            say(f"bento: warning: {warning}")
-        return code
     except UsageError as exc:
         say(f"bento: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        return failure
+        # The reader of our output went away (``bento attach T | head -3``):
+        # end quietly, as other Unix tools do. Frames not written are not
+        # recorded, so a later attach shows them.
+        _quiet_stdout()
+        return EXIT_PIPE
     except (BentoError, OSError) as exc:
-        say(f"bento: {describe_error(exc)}")
+        say(f"bento: {describe_error(exc, key_sent=settings is not None and settings.api_key is not None)}")
         return failure
+    finally:
+        for warning in settings.state.warnings if settings is not None else ():
+            say(f"bento: warning: {warning}")

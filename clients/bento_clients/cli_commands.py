@@ -1,5 +1,5 @@
 """The CLI's commands about one session: run, attach, logs, send, status, kill,
-rm, share. Each is ``async def cmd_x(settings, args) -> exit code``; ``cli``
+rm, share, tokens. Each is ``async def cmd_x(settings, args) -> exit code``; ``cli``
 parses the arguments and dispatches here.
 """
 
@@ -18,9 +18,12 @@ from bento_clients.cli_settings import Settings, UsageError, known_entry, parse_
 from bento_clients.cli_stream import follow, window, with_client
 from bento_clients.convert import from_json, parse_buffer, parse_limits
 from bento_clients.errors import Forbidden, Gone, NotFound
+from bento_clients.state import NameTaken, check_name, key_id
 from bento_clients.terminal import ResumeFilter, Sinks
 
-__all__ = ["cmd_attach", "cmd_kill", "cmd_logs", "cmd_rm", "cmd_run", "cmd_send", "cmd_share", "cmd_status"]
+__all__ = ["cmd_attach", "cmd_kill", "cmd_logs", "cmd_rm", "cmd_run", "cmd_send", "cmd_share", "cmd_status",
+           "cmd_tokens"]
+
 
 STDIN_PIECE = 256 * 1024
 
@@ -47,6 +50,15 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     packages = list(args.pip) + (read_requirements(args.requirements) if args.requirements else [])
     url = settings.server_for()
     state = settings.state
+    if args.name is not None:
+        try:
+            check_name(args.name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        taken = state.named(args.name)
+        if taken is not None:
+            raise UsageError(f"{NameTaken(args.name, taken)}: pick another name, or forget that session "
+                             f"(bento ls --prune forgets ended ones; bento rm {args.name} destroys it)")
 
     async def go(client: Any) -> int:
         s = await client.execute(
@@ -54,18 +66,23 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             buffer=buffer, network=args.network, packages=packages, files=files, module=module,
             tty=window() if args.tty else None, idempotency_key=args.idempotency_key,
             attach=not args.detach)
-        state.add_session({"session": s.id, "server": url, "token": s.token,
-                           "viewer_token": s.viewer_token, "name": os.path.basename(args.file)})
+        entry = {"session": s.id, "server": url, "token": s.token, "viewer_token": s.viewer_token,
+                 "name": args.name, "file": args.file, "key_id": key_id(settings.api_key),
+                 "buffer": buffer}
+        try:
+            state.add_session(entry)
+        except NameTaken as exc:  # another bento took the name since the check above
+            state.add_session({**entry, "name": None})
+            say(f"bento: warning: {exc}; session {s.id} is recorded here without a name")
         if args.detach:
             if settings.json:
-                show_json({"session": s.id, "token": s.token, "viewer_token": s.viewer_token})
+                show_json({"session": s.id, "token": s.token, "viewer_token": s.viewer_token, "name": args.name})
             else:
-                show(f"session       {s.id}\ntoken         {s.token}\nviewer token  {s.viewer_token}\n"
-                       f"attach with:  bento attach {s.token}\nshare with:   bento logs -f {s.viewer_token}")
+                show(_tokens_text({**entry, "name": args.name}))
             return 0
         s.input_journal = state.journal(s.id)
         return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback,
-                            to_recv=args.recv, tty=args.tty)
+                            to_recv=args.recv, tty=args.tty, file=args.file)
 
     return await with_client(settings, url, go)
 
@@ -118,7 +135,7 @@ async def cmd_attach(settings: Settings, args: argparse.Namespace) -> int:
             s.input_journal = state.journal(s.id)
         resume = ResumeFilter(Sinks(), resume_sizes) if resume_sizes else None
         return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback,
-                             resume=resume, to_recv=args.recv, tty=args.tty)
+                            resume=resume, to_recv=args.recv, tty=args.tty, file=(entry or {}).get("file"))
 
     return await with_client(settings, settings.server_for(entry), go)
 
@@ -133,7 +150,7 @@ async def cmd_logs(settings: Settings, args: argparse.Namespace) -> int:
         if stop_at is not None and stop_at < args.from_seq:
             return 0  # nothing retained from there
         code = await follow(settings, s, attached=False, stdin=False, traceback=args.traceback,
-                             stop_at=stop_at)
+                            stop_at=stop_at, file=(entry or {}).get("file"))
         return code if args.follow else 0
 
     return await with_client(settings, settings.server_for(entry), go)
@@ -178,7 +195,6 @@ async def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     return await with_client(settings, settings.server_for(entry), go)
 
 
-
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     entry = known_entry(settings, args.token)
     token = token_of(entry, args.token)
@@ -187,6 +203,9 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         try:
             st = await client.status(token)
         except NotFound:
+            if entry is not None and settings.server_for(entry) == entry.get("server"):
+                # Its own server has forgotten it: ls will not spend a look-up on it again.
+                settings.state.update_session(entry["session"], cleaned=True)
             if entry is None or not entry.get("exit"):
                 raise
             ex = from_json(entry["exit"])
@@ -202,7 +221,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         if settings.json:
             show_json(st)
         else:
-            show(status_lines(st))
+            show(status_lines(st, entry))
         return 0
 
     return await with_client(settings, settings.server_for(entry), go)
@@ -244,6 +263,29 @@ async def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
 
     return await with_client(settings, settings.server_for(entry), go)
 
+
+def _tokens_text(entry: dict[str, Any]) -> str:
+    """The lines that hand out a session's tokens (``run -d``, ``tokens``)."""
+    word = entry.get("name") or entry.get("token") or entry.get("viewer_token")
+    rows = [("session", entry.get("session")), ("name", entry.get("name")), ("server", entry.get("server")),
+            ("token", entry.get("token")), ("viewer token", entry.get("viewer_token"))]
+    lines = [f"{k:<13} {v}" for k, v in rows if v]
+    if entry.get("token"):
+        lines.append(f"attach with:  bento attach {word}")
+    if entry.get("viewer_token"):
+        lines.append(f"share with:   bento logs -f {entry['viewer_token']}")
+    return "\n".join(lines)
+
+
+async def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
+    entry = settings.state.find(args.token)
+    if entry is None:
+        raise UsageError(f"{args.token!r} is no session this machine knows (see bento ls)")
+    if settings.json:
+        show_json({k: entry.get(k) for k in ("session", "name", "server", "token", "viewer_token")})
+    else:
+        show(_tokens_text(entry))
+    return 0
 
 
 async def cmd_share(settings: Settings, args: argparse.Namespace) -> int:

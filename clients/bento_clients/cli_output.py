@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal as signals
 import sys
 import time
@@ -19,8 +20,9 @@ from bento_clients.cli_settings import EXIT_BENTO
 from bento_clients.convert import to_json
 from bento_clients.frames import Frame, Gap, Msg, Stderr, Stdout
 
-__all__ = ["exit_code", "exit_message", "one_line", "render", "say", "setup_logging", "show", "show_json",
-           "status_lines"]
+__all__ = ["FUNCTION_FILE", "exit_code", "exit_message", "localized_error", "one_line", "render", "say", "setup_logging", "show", "show_json",
+           "status_lines", "traceback_hint",
+           "unauthorized_message"]
 
 
 def _json_line(value: Any) -> bytes:
@@ -48,34 +50,74 @@ def exit_code(data: dict[str, Any]) -> int:
     return 1
 
 
-def exit_message(data: dict[str, Any], traceback: bool = False) -> str:
-    """What the exit frame says on stderr ('' when it ended normally)."""
+# The driver compiles the function's code under this name (bento_driver.main's
+# FUNCTION_FILE: execute carries no file name); the CLI, which knows the file
+# it sent, shows that file in its place.
+FUNCTION_FILE = "<function>"
+_FRAME_LINE = re.compile(r'^  File "(?P<file>[^"]*)", line (?P<line>\d+)(?:, in (?P<name>.+))?$', re.M)
+
+
+def localized_error(data: dict[str, Any], file: str | None) -> dict[str, Any] | None:
+    """The exit data's ``error`` with ``file`` in place of the driver's name for
+    the function's code (in the message and the traceback); None if no error."""
+    err = data.get("error")
+    if not isinstance(err, dict):
+        return None
+    if not file:
+        return err
+
+    def local(text: Any) -> str:
+        return (str(text).replace(f'File "{FUNCTION_FILE}"', f'File "{file}"')
+                .replace(f"({FUNCTION_FILE}, line", f"({file}, line"))
+    return {**err, "message": local(err.get("message", "")), "traceback": local(err.get("traceback") or "")}
+
+
+def traceback_hint(data: dict[str, Any], file: str | None = None) -> str:
+    """The line after an exception's summary: where it was raised (the innermost
+    frame of the remote traceback) and how to see the whole traceback."""
+    err = localized_error(data, file)
+    if not err or not err.get("traceback"):
+        return ""
+    frames = list(_FRAME_LINE.finditer(str(err["traceback"])))
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f"raised at {last['file']}, line {last['line']}" + (f", in {last['name']}" if last["name"] else "")
+        where += "; "
+    return f"bento: {where}--traceback shows the whole traceback\n"
+
+
+def exit_message(data: dict[str, Any], traceback: bool = False, file: str | None = None) -> str:
+    """What the exit frame says on stderr ('' when it ended normally): one line,
+    or with ``traceback`` the whole remote traceback (``file``: the function's
+    file, shown in place of the driver's name for it)."""
     state = data.get("state")
-    err = data.get("error") if isinstance(data.get("error"), dict) else None
+    err = localized_error(data, file)
     what = f"{err.get('type')}: {one_line(str(err.get('message', '')))}" if err else ""
+    full = str(err["traceback"]).rstrip() + "\n" if traceback and err and err.get("traceback") else ""
     if state == "exited":
         if not err:
             return ""
-        text = what
-        if traceback and err.get("traceback"):
-            text = str(err["traceback"]).rstrip()
-        return text + "\n"
+        return full or what + "\n"
     if state == "killed":
         if err and err.get("type") == "LimitExceeded":
             return f"bento: killed: limit {err.get('message')} exceeded (signal {data.get('signal')})\n"
-        return f"bento: killed by signal {data.get('signal')}\n"
+        return full + f"bento: killed by signal {data.get('signal')}\n"
     if state == "failed":
-        return f"bento: the function could not start: {what or 'unknown reason'}\n"
+        return full + f"bento: the function could not start: {what or 'unknown reason'}\n"
     if state == "lost":
         return "bento: the session was lost (its node or exchange died); its output so far is above\n"
     return f"bento: the session ended in state {state}\n"
 
 
-def render(frame: Frame, as_json: bool = False, traceback: bool = False) -> list[tuple[str, bytes]]:
+def render(frame: Frame, as_json: bool = False, traceback: bool = False,
+           file: str | None = None) -> list[tuple[str, bytes]]:
     """The (sink, bytes) writes that show ``frame``: raw stdout/stderr bytes, msg
     values as JSON lines ``{"msg": v}`` (``"channel"`` added for named ones),
-    a gap as a note on stderr, the result as a JSON line. With ``as_json``
-    every frame is one JSON line on stdout: ``{"seq", "ch", "data"}``."""
+    a gap as a note on stderr, the result as a JSON line, an exception as its
+    summary and a hint (``traceback``: the whole remote traceback; ``file``:
+    the function's file). With ``as_json`` every frame is one JSON line on
+    stdout: ``{"seq", "ch", "data"}``, the exit data as the server sent it."""
     if as_json:
         ch: str
         data: Any
@@ -102,7 +144,9 @@ def render(frame: Frame, as_json: bool = False, traceback: bool = False) -> list
     writes: list[tuple[str, bytes]] = []
     if frame.result is not None:
         writes.append(("stdout", _json_line(frame.result)))
-    message = exit_message(frame.data(), traceback)
+    message = exit_message(frame.data(), traceback, file)
+    if message and not traceback:
+        message += traceback_hint(frame.data(), file)
     if message:
         writes.append(("stderr", message.encode()))
     return writes
@@ -133,6 +177,13 @@ def setup_logging(verbose: bool) -> None:
     logger.propagate = False
 
 
+def unauthorized_message(key_sent: bool) -> str:
+    """Why the server answered ``unauthorized``: a key refused, or none given."""
+    if key_sent:
+        return "the API key was refused (check --api-key, $BENTO_API_KEY or api_key in the config file)"
+    return "the server needs an API key: give --api-key or set BENTO_API_KEY"
+
+
 def say(text: str) -> None:
     sys.stderr.write(text.rstrip("\n") + "\n")
     sys.stderr.flush()
@@ -147,8 +198,32 @@ def show_json(value: Any) -> None:
     show(json.dumps(to_json(value), ensure_ascii=False))
 
 
+def buffer_line(st: dict[str, Any], asked: dict[str, Any] | None = None) -> str:
+    """The status's buffer use, saying when it is full and what that does.
+    The limit and policy come from the status (``buffer``) where the server
+    reports them, else from what ``run`` asked for here (``asked``)."""
+    used = st.get("buffer_bytes")
+    reported = st.get("buffer")
+    known = {**(asked or {}), **(reported if isinstance(reported, dict) else {})}
+    limit, policy = known.get("max_bytes"), known.get("policy")
+    text = f"{used} bytes"
+    if not isinstance(used, int) or not isinstance(limit, int):
+        return text + (f" (policy {policy})" if policy else "")
+    text += f" of {limit} ({100 * used // max(limit, 1)}%)"
+    if used < limit or st.get("state") not in ("starting", "running"):
+        return text + (f", policy {policy}" if policy else "")
+    if policy == "block":
+        return text + (": FULL, the function is blocked in its next write until the owner reads "
+                       "(bento attach) and acknowledges output (policy block)")
+    if policy == "drop_oldest":
+        return text + ": FULL, the oldest unread output is being dropped (policy drop_oldest)"
+    return text + (": FULL: with the server's default policy (block unless its operator changed it) the "
+                   "function waits in its next write until the owner reads (bento attach)")
 
-def status_lines(st: dict[str, Any]) -> str:
+
+def status_lines(st: dict[str, Any], entry: dict[str, Any] | None = None) -> str:
+    """``bento status`` as lines; ``entry``: the session's entry in the state file."""
+    entry = entry or {}
     def when(t: Any) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, int | float) else "-"
 
@@ -160,7 +235,7 @@ def status_lines(st: dict[str, Any]) -> str:
         ("frames", f"retained {st.get('first_seq')}..{(st.get('next_seq') or 1) - 1}, "
                    f"acknowledged up to {st.get('acked_seq')}"),
         ("input", f"accepted up to {st.get('input_seq')}"),
-        ("buffer", f"{st.get('buffer_bytes')} bytes"),
+        ("buffer", buffer_line(st, entry.get("buffer"))),
         ("attached", st.get("attachments")),
         ("sandbox", st.get("sandbox")),
     ]
@@ -169,6 +244,6 @@ def status_lines(st: dict[str, Any]) -> str:
         rows.append(("exit", f"code {exit_code(ex)}" + (f", result {json.dumps(to_json(ex.get('result')))}"
                                                          if ex.get("result") is not None else "")))
         if ex.get("error"):
-            rows.append(("error", exit_message(ex).strip()))
+            rows.append(("error", exit_message(ex, file=entry.get("file")).strip()))
     return "\n".join(f"{k:<9} {v}" for k, v in rows if v is not None)
 

@@ -46,7 +46,7 @@ def config_path() -> str:
     return os.path.join(base, "bento", "config.toml")
 
 
-CONFIG_KEYS = ("server", "api_key", "detach_keys", "connect_timeout", "reconnect_timeout")
+CONFIG_KEYS = ("server", "api_key", "ca_file", "detach_keys", "connect_timeout", "reconnect_timeout")
 
 
 def load_config(path: str | None = None) -> dict[str, Any]:
@@ -80,9 +80,10 @@ def normalize_url(text: str) -> str:
 
 @dataclass
 class Settings:
-    server: str | None  # from --server or $BENTO_SERVER (wins over a session's recorded server)
-    default_server: str  # config file or the default
+    server: str | None  # from --server: wins over a session's recorded server
+    default_server: str  # $BENTO_SERVER, the config file or the default: for new sessions
     api_key: str | None
+    ca_file: str | None  # certificates that verify a wss:// server (None: the system's)
     json: bool
     verbose: bool
     connect_timeout: float
@@ -91,7 +92,7 @@ class Settings:
     state: StateFile
 
     def server_for(self, entry: dict[str, Any] | None = None) -> str:
-        """Where a session lives: explicit choice, else where it was started, else the default."""
+        """Where a session lives: ``--server``, else where it was started, else the default."""
         if self.server:
             return self.server
         if entry and entry.get("server"):
@@ -100,18 +101,28 @@ class Settings:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings for one command: flags > environment > config file > defaults."""
     cfg = load_config(getattr(args, "config", None))
-    explicit = getattr(args, "server", None) or os.environ.get("BENTO_SERVER")
+    flag_server = getattr(args, "server", None)
+    default_server = os.environ.get("BENTO_SERVER") or cfg.get("server") or sdk.DEFAULT_URL
     try:
         connect_timeout = float(getattr(args, "connect_timeout", None)
                                 or os.environ.get("BENTO_CONNECT_TIMEOUT") or cfg.get("connect_timeout", 10))
         reconnect_timeout = float(getattr(args, "reconnect_timeout", None) or cfg.get("reconnect_timeout", 60))
     except ValueError as exc:
         raise UsageError(f"bad timeout: {exc}") from None
+    ca_file = getattr(args, "ca_file", None) or os.environ.get("BENTO_CA_FILE") or cfg.get("ca_file") or None
+    if ca_file is not None:
+        try:
+            with open(ca_file, "rb"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"cannot read the CA file {ca_file}: {exc.strerror or exc}") from None
     return Settings(
-        server=normalize_url(explicit) if explicit else None,
-        default_server=normalize_url(str(cfg.get("server") or sdk.DEFAULT_URL)),
-        api_key=getattr(args, "api_key", None) or os.environ.get("BENTO_API_KEY") or cfg.get("api_key"),
+        server=normalize_url(flag_server) if flag_server else None,
+        default_server=normalize_url(str(default_server)),
+        api_key=getattr(args, "api_key", None) or os.environ.get("BENTO_API_KEY") or cfg.get("api_key") or None,
+        ca_file=ca_file,
         json=bool(getattr(args, "json", False)),
         verbose=bool(getattr(args, "verbose", False)),
         connect_timeout=connect_timeout,
@@ -119,7 +130,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
         detach_keys=getattr(args, "detach_keys", None) or cfg.get("detach_keys") or DEFAULT_DETACH_KEYS,
         state=StateFile(getattr(args, "state_file", None)),
     )
-
 
 
 def parse_json_arg(text: str, what: str) -> Any:
@@ -130,19 +140,22 @@ def parse_json_arg(text: str, what: str) -> Any:
         raise UsageError(f"bad JSON for {what}: {text!r} ({exc}); quote strings: '\"text\"'") from None
 
 
-def known_entry(settings: Settings, token: str) -> dict[str, Any] | None:
-    entry = settings.state.find(token)
-    if entry is None and not token.startswith(("bto_", "btv_")):
-        raise UsageError(f"{token!r} is not a token (bto_... or btv_...) nor a session this machine knows")
+def known_entry(settings: Settings, word: str) -> dict[str, Any] | None:
+    """The state file's entry for a token, session id or name (None for a token
+    this machine has not seen); UsageError for a word that is none of these."""
+    entry = settings.state.find(word)
+    if entry is None and not word.startswith(("bto_", "btv_")):
+        raise UsageError(f"{word!r} is not a token (bto_... or btv_...), nor the id or name of a session "
+                         f"this machine knows (see bento ls)")
     return entry
 
 
-def token_of(entry: dict[str, Any] | None, token: str, owner: bool = False) -> str:
-    """The token to use: a session id this machine knows stands for its token."""
-    if entry is not None and token == entry.get("session"):
+def token_of(entry: dict[str, Any] | None, word: str, owner: bool = False) -> str:
+    """The token to use: a session id or name this machine knows stands for its token."""
+    if entry is not None and word in (entry.get("session"), entry.get("name")):
         chosen = entry.get("token") or (None if owner else entry.get("viewer_token"))
         if chosen is None:
-            raise UsageError(f"this machine does not know the owner token of {token}")
+            raise UsageError(f"this machine does not know the owner token of {word}")
         return str(chosen)
-    return token
+    return word
 

@@ -26,7 +26,7 @@ from bento_clients.errors import BentoError, InputClosed, SessionGone
 from bento_clients.frames import Exit, Frame
 from bento_clients.terminal import KeyReader, ResumeFilter, Sinks, parse_detach_keys, raw_mode
 
-__all__ = ["follow", "with_client"]
+__all__ = ["connect", "follow", "with_client"]
 
 # Record the position in the state file at least this often while frames are
 # backed up (otherwise after every frame): bounds what a kill -9 can repeat on
@@ -50,6 +50,16 @@ async def _spinner(url: str) -> None:
             sys.stderr.flush()
 
 
+def connect(settings: Settings, url: str, **timeouts: float) -> Any:
+    """``sdk.connect`` to ``url`` with the settings' key, CA file and timeouts
+    (``connect_timeout`` / ``reconnect_timeout`` given here win)."""
+    options: dict[str, Any] = {"connect_timeout": settings.connect_timeout,
+                               "reconnect_timeout": settings.reconnect_timeout, **timeouts}
+    if settings.ca_file is not None:
+        options["ca_file"] = settings.ca_file
+    return sdk.connect(url, settings.api_key, client_name=CLIENT_NAME, **options)
+
+
 async def with_client(settings: Settings, url: str, fn: Callable[[Any], Awaitable[int]]) -> int:
     """``fn(client)`` on a connection to ``url``, with a spinner while connecting."""
     async with trio.open_nursery() as nursery:
@@ -60,9 +70,7 @@ async def with_client(settings: Settings, url: str, fn: Callable[[Any], Awaitabl
                     await _spinner(url)
             nursery.start_soon(spinner)
         try:
-            async with sdk.connect(url, settings.api_key, connect_timeout=settings.connect_timeout,
-                                   reconnect_timeout=settings.reconnect_timeout,
-                                   client_name=CLIENT_NAME) as client:
+            async with connect(settings, url) as client:
                 spin.cancel()
                 return await fn(client)
         finally:
@@ -86,6 +94,7 @@ class _Stream:
     traceback: bool
     stop_at: int | None = None  # logs without -f: the last seq to print
     resume: ResumeFilter | None = None
+    file: str | None = None  # the function's file, shown in its tracebacks
     detached: bool = False
     code: int | None = None
 
@@ -110,7 +119,7 @@ async def _stream(st: _Stream) -> int | None:
             batch = batch_bytes = 0
             try:
                 async for frame in s.output():
-                    for sink, data in render(frame, st.settings.json, st.traceback):
+                    for sink, data in render(frame, st.settings.json, st.traceback, st.file):
                         if st.resume is not None:
                             data = st.resume.filter(sink, data)
                         if data:
@@ -209,7 +218,9 @@ async def _stream(st: _Stream) -> int | None:
 
         async def keys_in() -> None:
             reader = KeyReader(parse_detach_keys(st.settings.detach_keys), raw=st.tty)
-            if st.tty and not st.send_input:
+            # A terminal's viewer is told at once: a raw terminal echoes nothing.
+            told_read_only = st.tty and not st.send_input
+            if told_read_only:
                 say(f"bento: read-only (viewer): your keys go nowhere; {st.settings.detach_keys} detaches\r")
             while True:
                 data = await trio.to_thread.run_sync(os.read, 0, 1024, abandon_on_cancel=True)
@@ -221,6 +232,11 @@ async def _stream(st: _Stream) -> int | None:
                 echo = reader.take_echo()
                 if echo and st.send_input:
                     os.write(0, echo)
+                typed = echo or any(ev.kind in ("line", "eof") for ev in events)
+                if typed and s.mode != "rw" and not told_read_only:
+                    told_read_only = True
+                    say(f"bento: attached read-only (viewer token): what you type is not sent to the function "
+                        f"({st.settings.detach_keys} detaches)")
                 for ev in events:
                     if ev.kind == "detach":
                         detach()
@@ -254,7 +270,7 @@ def window() -> tuple[int, int]:
 
 async def follow(settings: Settings, s: Any, *, attached: bool, stdin: bool, traceback: bool,
                   resume: ResumeFilter | None = None, stop_at: int | None = None,
-                  to_recv: bool = False, tty: bool = False) -> int:
+                  to_recv: bool = False, tty: bool = False, file: str | None = None) -> int:
     """Stream a session; returns the exit code. ``attached``: run/attach (record
     positions, detach keys, ctrl-c signals the function); else a read-only look
     (logs). ``stdin``: the terminal's input goes to the function (its stdin, or
@@ -262,7 +278,8 @@ async def follow(settings: Settings, s: Any, *, attached: bool, stdin: bool, tra
     rw = s.mode == "rw"
     keys = attached and os.isatty(0)
     st = _Stream(settings, s, record=attached, send_input=stdin and rw, to_recv=to_recv, tty=tty, keys=keys,
-                 control=attached and rw, traceback=traceback, stop_at=stop_at, resume=resume)
+                 control=attached and rw, traceback=traceback, stop_at=stop_at, resume=resume,
+                 file=file)
     if keys:
         if tty and rw:
             with contextlib.suppress(BentoError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import fcntl
 import importlib
+import linecache
 import math
 import os
 import queue
@@ -233,11 +234,39 @@ class Api:
         return not self._eof and not self._link.inputs.empty()
 
 
+# The file name the function's code is compiled under. The execute request
+# carries no file name, so clients that know the file (the CLI) show theirs in
+# its place; the source is in linecache under this name, so traceback lines
+# show the function's own source as local Python would.
+FUNCTION_FILE = "<function>"
+
+
+def _load_source(code: str) -> None:
+    linecache.cache[FUNCTION_FILE] = (len(code), None, code.splitlines(keepends=True), FUNCTION_FILE)
+
+
+def _without_driver(te: traceback.TracebackException) -> None:
+    """Drop this module's frames from ``te`` and every exception chained to it:
+    the user's traceback starts at the user's code, as it would locally."""
+    seen: set[int] = set()
+    todo = [te]
+    while todo:
+        t = todo.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        t.stack = traceback.StackSummary.from_list([f for f in t.stack if f.filename != __file__])
+        todo += [c for c in (t.__cause__, t.__context__) if c is not None]
+        todo += getattr(t, "exceptions", None) or []
+
+
 def _error(exc: BaseException) -> dict:
+    te = traceback.TracebackException.from_exception(exc)
+    _without_driver(te)
     return {
         "type": type(exc).__name__,
         "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
+        "traceback": "".join(te.format()),
     }
 
 
@@ -320,7 +349,8 @@ def main() -> None:
             module = types.ModuleType("__bento__")
             module.__dict__["api"] = api
             sys.modules["__bento__"] = module
-            exec(compile(start["code"], "<function>", "exec"), module.__dict__)
+            _load_source(start["code"])
+            exec(compile(start["code"], FUNCTION_FILE, "exec"), module.__dict__)
         entry = module.__dict__.get(entry_name)
         if not callable(entry):
             raise LookupError(f"the code defines no callable named {entry_name!r}")

@@ -21,7 +21,7 @@ LEN = struct.Struct(">I")
 #: it, and a server connects only to an exchange of its own version (an
 #: exchange outlives the server that started it, so a new server may meet an
 #: old one).
-VERSION = 3
+VERSION = 4
 
 
 #: ``api.send``: this byte, the channel's length (1 byte), the channel (UTF-8), the value (CBOR).

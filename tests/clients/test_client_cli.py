@@ -93,7 +93,8 @@ def test_exit_codes(cli, code, expected, stderr_has):
         assert json.loads(r.stdout) == {"ok": 1}
     if stderr_has:
         assert stderr_has.encode() in r.stderr
-        assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
+        # An exception: its summary and where it was raised (with a hint for --traceback).
+        assert r.stderr.count(b"\n") == (2 if expected == 1 else 1) and b"Traceback" not in r.stderr
 
 
 def test_kill9_mid_stream_then_attach_is_byte_exact(cli):
@@ -322,7 +323,7 @@ def test_detached_run_then_send_logs_status_share_ls_rm(cli):
     ls = run_cli(["ls"], env)
     assert sid in ls.stdout.decode() and "echo.py" in ls.stdout.decode()
     ls_json = json.loads(run_cli(["ls", "--json"], env).stdout)
-    assert [row["session"] for row in ls_json] == [sid]
+    assert [row["here"] for row in ls_json if row["session"] == sid] == [True]
 
     rm = run_cli(["rm", token], env)
     assert rm.returncode == 0, rm.stderr

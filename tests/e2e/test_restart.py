@@ -110,6 +110,16 @@ async def kill9_and_wait(pid: int, group: bool = False, timeout: float = 10) -> 
             await trio.sleep(0.02)
 
 
+async def kill9_exchange(data_dir: str, sid: str) -> None:
+    """Kill the session's exchange if it still runs (one whose session has ended
+    exits by itself, and removes its pid file as it goes)."""
+    try:
+        pid = read_pid(data_dir, sid, "exchange.pid")
+    except FileNotFoundError:
+        return
+    await kill9_and_wait(pid)
+
+
 def absorb(c, sid: str, frames: list[list]) -> int:
     """Take the out frames and in_acks this client already received (no more reads);
     returns the highest in_ack seen."""
@@ -238,7 +248,7 @@ async def test_torn_tail_after_crash_is_never_served(make_server):
     assert_contiguous(fin_frames)
     # No exchange may be running for them while we write: kill -9 those too.
     for r in (fin, run):
-        await kill9_and_wait(read_pid(srv.data_dir, r["session"], "exchange.pid"))
+        await kill9_exchange(srv.data_dir, r["session"])
     await kill9_and_wait(read_pid(srv.data_dir, run["session"], "env.pid"), group=True)
 
     fin_exit_seq = fin_frames[-1][0]
@@ -322,7 +332,7 @@ async def test_damaged_record_found_after_restart_is_refused(make_server):
         await wait_exit(c, r["token"], timeout=30)
         srv.kill()
     sid = r["session"]
-    await kill9_and_wait(read_pid(srv.data_dir, sid, "exchange.pid"))
+    await kill9_exchange(srv.data_dir, sid)
     segs = sessionlog.list_segments(session_dir(srv.data_dir, sid), "out")
     assert len(segs) >= 2, segs
     damaged = 20
@@ -417,3 +427,64 @@ async def test_input_exactly_once_across_server_kill9(make_server):
     ex = frames[-1][2]
     assert ex["state"] == "exited" and ex["result"] == [s * 10 for s in range(1, 8)], ex
     assert acks == sorted(acks)
+
+
+# -- an ended session costs no process ----------------------------------------------------
+
+ENDS = "def main(n):\n    for i in range(n):\n        print(i)\n    api.send('done')\n    return n\n"
+
+
+async def test_ended_sessions_cost_no_process_and_stay_readable_across_a_restart(make_server):
+    """Once a function has ended and its exit frame is on disk, its exchange
+    exits, whether or not anyone read or acked anything; the server serves the
+    session from disk, and after a kill -9 and a restart still does: output,
+    exit, duplicate inputs, the owner's acks and shared state."""
+    srv = make_server()
+    async with connect(srv.url) as c:
+        rs = [await c.ok("execute", code=ENDS, args=[n], attach=False) for n in (3, 50, 0)]
+        exits = [(await wait_exit(c, r["token"]))["exit"] for r in rs]
+        assert [e["result"] for e in exits] == [3, 50, 0]
+        for r in rs:
+            # The exchange removes its pid file as it exits; nothing runs for the session.
+            sdir = session_dir(srv.data_dir, r["session"])
+            with trio.fail_after(10):
+                while os.path.exists(os.path.join(sdir, "exchange.pid")):
+                    await trio.sleep(0.02)
+            assert not os.path.exists(os.path.join(sdir, "env.pid"))
+        # Served from disk while this server runs: read, input, state.
+        await c.ok("attach", token=rs[1]["viewer_token"])
+        before = await c.frames(rs[1]["session"])
+        assert data_of(before) == b"".join(b"%d\n" % i for i in range(50))
+        p = await c.ok("state_put", token=rs[1]["token"], value={"seen": True})
+        assert p["version"] == 1
+    srv.kill()
+    assert srv.exchange_pids() == []
+
+    again = make_server(data_dir=srv.data_dir)
+    async with connect(again.url) as c:
+        for r, ex in zip(rs, exits, strict=True):
+            st = await c.ok("status", token=r["token"])
+            assert st["state"] == "exited" and st["exit"] == ex, st
+        sid = rs[1]["session"]
+        a = await c.ok("attach", token=rs[1]["token"])
+        assert a["state"] == "exited" and a["next_seq"] == before[-1][0] + 1
+        got = await c.frames(sid)
+        assert got == before
+        g = await c.ok("state_get", token=rs[1]["viewer_token"])
+        assert (g["version"], g["value"]) == (1, {"seen": True})
+        await c.send({"op": "input", "session": sid, "seq": 1, "data": "late"})
+        assert (await c.event(ev="error", session=sid))["error"]["code"] == "gone"
+        await c.send({"op": "ack", "session": sid, "seq": got[-2][0]})
+        st = await c.ok("status", token=rs[1]["token"])
+        with trio.fail_after(5):
+            while st["acked_seq"] != got[-2][0]:
+                await trio.sleep(0.02)
+                st = await c.ok("status", token=rs[1]["token"])
+        assert st["first_seq"] == got[-1][0] and st["buffer_bytes"] == 0
+        # Acking the exit ends the session once detached: nothing of it stays.
+        await c.send({"op": "ack", "session": sid, "seq": got[-1][0]})
+        await c.ok("detach", session=sid)
+        with trio.fail_after(5):
+            while os.path.exists(session_dir(srv.data_dir, sid)):
+                await trio.sleep(0.05)
+    assert again.exchange_pids() == []

@@ -4,8 +4,9 @@ threads, RSS, the registry (``list``) and the files under ``sessions/``.
 
 Sessions live every kind of life, 20 at a time: finished and acknowledged
 (exit acked, then detached: the session ends at once), abandoned without ever
-being attached (gone at ``--ttl 1``), dropped abruptly while attached and
-running (gone at the TTL too), destroyed, and fed input until EOF.
+being attached (gone at ``--ttl 1`` after their end), dropped abruptly while
+attached and running (gone at the TTL after their end too), destroyed, and fed
+input until EOF.
 
 The default run makes 300 sessions; ``BENTO_LEAK_SESSIONS=2000`` is the long form.
 """
@@ -30,6 +31,7 @@ from trio_websocket import open_websocket_url
 SESSIONS = int(os.environ.get("BENTO_LEAK_SESSIONS", "300"))
 BATCH = 20
 TTL = 1.0
+WALL = 1.0  # the sleepers' wall_s: their function ends, then their TTL runs
 MiB = 1024 * 1024
 
 QUICK = "def main(n):\n    print('x' * n)\n    api.send(n)\n    return n\n"
@@ -137,14 +139,15 @@ class Workload:
                         await trio.sleep(0.02)
                 self.acked_gone.append(time.monotonic() - t)
             elif kind == "abandoned":
-                # Never attached: its TTL runs from its creation (before the reply).
+                # Never attached: its TTL runs from its end (the sleeper's wall_s,
+                # since a running function is never ended by its lifetime).
                 t = time.monotonic()
                 code, args = self.rng.choice(((QUICK, [10]), (SLEEPER, [])))
-                r = await c.ok("execute", code=code, args=args, attach=False)
+                r = await c.ok("execute", code=code, args=args, attach=False, limits={"wall_s": WALL})
                 self.abandoned.append((kind, r["session"], t))
             elif kind == "dropped":
                 with trio.CancelScope() as scope:
-                    r = await c.ok("execute", code=SLEEPER)
+                    r = await c.ok("execute", code=SLEEPER, limits={"wall_s": WALL})
                     await c.frames(r["session"], until_exit=False, count=1)
                     # Abrupt: the socket closed with no detach and no close frame,
                     # and the connection's tasks cancelled.
@@ -253,8 +256,10 @@ async def test_sessions_come_and_go_without_leaks(make_server):
 
 
 # --------------------------------------------------------------------------
-# A session that waits - ended but not yet acknowledged, or running but blocked
-# on input - costs no CPU: its exchange sleeps until something happens.
+# A session that waits costs no CPU: running but blocked on input, its exchange
+# sleeps until something happens; ended but not yet acknowledged, it has no
+# exchange at all.
+
 
 IDLE_CASES = {
     "returned": ("def main():\n    return 1\n", {}),
@@ -280,7 +285,15 @@ async def test_waiting_session_costs_no_cpu(server, case):
             frames = await c.frames(sid)
             assert frames[-1][1] == "exit", frames[-1]
         await trio.sleep(0.5)  # past any wall_s of the cases that ended
-        with open(os.path.join(server.data_dir, "sessions", sid, "exchange.pid")) as f:
+        pid_file = os.path.join(server.data_dir, "sessions", sid, "exchange.pid")
+        if "blocked" not in case:
+            # Ended: no exchange at all (it removes its pid file as it exits, and
+            # the server serves the session from disk).
+            gone = await settle(lambda: not os.path.exists(pid_file), 5)
+            assert gone, f"an ended session's exchange runs ({case})"
+            await c.ok("destroy", token=r["token"])
+            return
+        with open(pid_file) as f:
             exchange = psutil.Process(int(f.read()))
         used0 = sum(exchange.cpu_times()[:2])
         await trio.sleep(1.5)

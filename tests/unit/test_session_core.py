@@ -399,14 +399,21 @@ def snap(**kw: object) -> Snapshot:
 
 
 def test_an_attached_session_never_ends():
-    assert not life_over(snap(state="exited", exit_seq=3, acked_seq=3), True, 1e9, 1.0)
+    assert not life_over(snap(state="exited", exit_seq=3, acked_seq=3), True, 1e9, 1e9, 1.0)
+
+
+def test_a_running_function_is_never_ended_by_the_lifetime():
+    for state in ("starting", "running"):
+        assert not life_over(snap(state=state), False, 1e9, 0.0, 1.0)
 
 
 def test_an_ended_session_whose_exit_the_owner_acked_ends_once_detached():
-    assert life_over(snap(state="exited", exit_seq=3, acked_seq=3), False, 0.0, 3600.0)
-    assert not life_over(snap(state="exited", exit_seq=3, acked_seq=2), False, 0.0, 3600.0)
+    assert life_over(snap(state="exited", exit_seq=3, acked_seq=3), False, 0.0, 0.0, 3600.0)
+    assert not life_over(snap(state="exited", exit_seq=3, acked_seq=2), False, 0.0, 0.0, 3600.0)
 
 
-def test_an_unattached_session_ends_after_the_ttl():
-    assert not life_over(snap(state="exited", exit_seq=3, acked_seq=0), False, 59.0, 60.0)
-    assert life_over(snap(state="exited", exit_seq=3, acked_seq=0), False, 60.0, 60.0)
+def test_an_ended_unattached_session_stays_the_ttl_after_its_end_and_last_detach():
+    ended = snap(state="killed", exit_seq=3, acked_seq=0)
+    assert not life_over(ended, False, 59.0, 600.0, 60.0)  # detached a moment ago
+    assert not life_over(ended, False, 600.0, 59.0, 60.0)  # ended a moment ago
+    assert life_over(ended, False, 60.0, 60.0, 60.0)

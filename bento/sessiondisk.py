@@ -1,0 +1,168 @@
+"""A session's state on disk, read back into a session core, and the writes an ended one still takes.
+
+The exchange uses it when it starts (a new session, a restart, an adoption);
+the server uses it for a session whose function has ended and whose
+exchange has therefore exited (an ended session costs no process): its
+positions come from ``state.cbor`` and the output log, and the owner's acks
+and shared-state puts are applied here, under the session's ``lock`` (the one
+an exchange holds for its life, so the two never write at once). Synchronous
+file I/O, no trio: the server calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import os
+import time
+
+from bento import protocol, session_core, sessionlog
+
+STATE_FILE = "state.cbor"
+
+
+def load_saved(sdir: str) -> dict:
+    """The saved state (``{}`` for a session that has none yet)."""
+    try:
+        with open(os.path.join(sdir, STATE_FILE), "rb") as f:
+            saved = protocol.decode_internal(f.read())
+    except FileNotFoundError:
+        return {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"{STATE_FILE} holds no map")
+    return saved
+
+
+def save(sdir: str, core: session_core.SessionCore, extra: dict) -> None:
+    """Write the core's saved state (and ``extra``: what the exchange adds) atomically."""
+    sessionlog.write_atomic(os.path.join(sdir, STATE_FILE), protocol.encode({**core.saved(), **extra}))
+
+
+def recover(out: sessionlog.Writer, saved: dict, meta: dict, input_seq: int) -> session_core.SessionCore:
+    """The core as it was: the saved state, then what the output log says (an
+    exit frame on disk counts even if the saved state missed it)."""
+    buffer = meta["buffer"]
+    sizes = array.array("q")
+    base = out.next_seq
+    last: tuple[int, bytes] | None = None
+    for seq, payload in out.records():
+        if not sizes:
+            base = seq
+        sizes.append(data_len(payload))
+        last = (seq, payload)
+    if last is not None:
+        _seq, ch, data = protocol.decode_internal(last[1])
+        if ch == "exit":
+            saved = {**saved, "exit": data, "exit_seq": last[0], "state": data["state"],
+                     "ended": saved.get("ended") or time.time()}
+            sizes[-1] = 0
+    return session_core.SessionCore(buffer["max_bytes"], buffer["policy"], saved=saved,
+                                    size_base=base, sizes=sizes, input_seq=input_seq)
+
+
+def data_len(payload: bytes) -> int:
+    """Length of a frame's encoded ``data`` inside its encoded ``[seq, ch, data]``."""
+    pos = 1
+    for _ in range(2):  # skip seq (uint) and ch (text)
+        ai = payload[pos] & 0x1F
+        major = payload[pos] >> 5
+        size = {24: 1, 25: 2, 26: 4, 27: 8}.get(ai, 0)
+        n = ai if size == 0 else int.from_bytes(payload[pos + 1 : pos + 1 + size], "big")
+        pos += 1 + size + (n if major == 3 else 0)
+    return len(payload) - pos
+
+
+def note(sdir: str, message: str) -> None:
+    """Tell the operator, in the session's log (``exchange.log``), what was done to its files."""
+    try:
+        with open(os.path.join(sdir, "exchange.log"), "a") as f:
+            f.write(f"server: {message}\n")
+    except OSError:
+        pass  # the log is on the same failing disk; the files say it anyway
+
+
+class Busy(Exception):
+    """Another process (an exchange) holds the session's lock."""
+
+
+def take_lock(sdir: str) -> int:
+    """The session's lock fd, or -1 if another process holds it."""
+    lock_fd = os.open(os.path.join(sdir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return -1
+        raise
+    return lock_fd
+
+
+class Ended:
+    """An ended session as the server holds it while someone reads it: its core
+    (recovered from the files once: that reads the whole output log) and what
+    the exchange saved with it. Every write takes the session's lock (Busy if
+    an exchange holds it). Synchronous: call it from a worker thread."""
+
+    def __init__(self, sdir: str, meta: dict) -> None:
+        self.dir = sdir
+        with _locked(sdir):
+            self.saved = load_saved(sdir)
+            out = sessionlog.Writer(sdir, "out")
+            inputs = sessionlog.Writer(sdir, "in")
+            for log in (out, inputs):
+                log.close()
+                if log.torn_bytes:
+                    note(sdir, f"cut a torn record of {log.torn_bytes} bytes off the {log.prefix} log")
+            self.core = recover(out, self.saved, meta, inputs.next_seq - 1)
+
+    def hello(self) -> dict:
+        """What an exchange's hello would say of this session."""
+        core = self.core
+        return {**core.snapshot(), "enforced": self.saved.get("enforced", {}),
+                "shared_version": core.shared_version, "shared_value": core.shared_value}
+
+    def ack(self, seq: int) -> dict:
+        """The owner's ack: the new positions."""
+        self._apply(self.core.ack(seq))
+        return self.core.snapshot()
+
+    def put_state(self, value: bytes, if_version: int | None) -> tuple[bool, int]:
+        """Compare-and-set of the shared state: (ok, version now)."""
+        ok, version, actions = self.core.put_state(value, if_version)
+        self._apply(actions)
+        return ok, version
+
+    def _apply(self, actions: tuple) -> None:
+        """Carry out the core's actions: trims and saves (nothing else happens to an ended session)."""
+        if not actions:
+            return
+        with _locked(self.dir):
+            for action in actions:
+                if type(action) is session_core.Trim:
+                    sessionlog.drop_segments(sessionlog.list_segments(self.dir, "out"), action.first_seq)
+            save(self.dir, self.core, {k: v for k, v in self.saved.items() if k in ("enforced", "sandbox")})
+
+
+class _locked:
+    """The session's lock for a ``with`` block; Busy if an exchange holds it."""
+
+    def __init__(self, sdir: str) -> None:
+        self.sdir = sdir
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        self.fd = take_lock(self.sdir)
+        if self.fd < 0:
+            raise Busy(f"an exchange holds {self.sdir}")
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def open_ended(sdir: str, meta: dict) -> Ended | None:
+    """An ended session found on disk (its exit frame written), or None if its
+    function has not ended (it needs an exchange). Busy if an exchange holds it."""
+    ended = Ended(sdir, meta)
+    return ended if ended.core.exit is not None else None

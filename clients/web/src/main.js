@@ -1,0 +1,183 @@
+// The Bento page: reads the token from the URL fragment (#t=<token>, never a
+// query, so it reaches no server log and no Referer), follows that session, and
+// wires the forms: open a token, send input, signal, destroy, run a function.
+//
+// `window.bentoPage` is a read-only hook for tests and curious people: what the
+// page shows, read from the terminal's buffer and the page's own records.
+
+import '@xterm/xterm/css/xterm.css';
+import './app.css';
+
+import { showNotice, View } from './render.js';
+import { explain, SessionFollower, TOKEN_SHAPE } from './session.js';
+import { openStore } from './store.js';
+import { Connection, serverUrl } from './wire.js';
+
+const $ = (id) => document.getElementById(id);
+
+function fragment() {
+  return new URLSearchParams(window.location.hash.slice(1));
+}
+
+function notice(kind, text) {
+  showNotice($('notice'), kind, text);
+}
+
+/** A fresh idempotency key for `execute`: a Run whose reply was lost, clicked
+ * again with the same form, gets the same session back instead of a second one. */
+function newRunKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return `bento-web-${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}`;
+}
+
+const VIEWER_WHY = 'This is a viewer token: it can watch, not send input, signals or destroy. '
+  + 'The session\'s owner token (bto_…) can.';
+
+/** Enables what the token and the session's state allow, and says why the rest is off. */
+function setControls(mode, ended) {
+  const why = {
+    rw: ended ? 'The function has ended: it takes no more input or signals.' : '',
+    ro: VIEWER_WHY,
+    destroyed: 'The session was destroyed.',
+  }[mode] ?? 'Connecting…';
+  for (const node of $('controls').querySelectorAll('input, button')) {
+    node.disabled = mode !== 'rw' || (ended && node.id !== 'destroy');
+  }
+  $('controls-why').textContent = why;
+  $('controls-why').hidden = !why;
+}
+
+async function follow(token, viewerToken) {
+  $('intro').hidden = true;
+  $('session').hidden = false;
+  const view = new View(document.body);
+  const store = await openStore(token);
+  const follower = new SessionFollower(token, store, view, window.location);
+  let mode = token.startsWith('btv_') ? 'ro' : null;
+  setControls(mode, false);
+  document.body.addEventListener('bento-exit', () => setControls(mode, true));
+  document.body.addEventListener('bento-attached', (ev) => {
+    mode = ev.detail.mode;
+    setControls(mode, view.exitData !== null);
+    if (mode === 'rw' && viewerToken && TOKEN_SHAPE.test(viewerToken)) {
+      const url = new URL(window.location.href);
+      url.hash = `t=${viewerToken}`;
+      $('viewer-link').value = url.href;
+      $('share').hidden = false;
+    }
+  });
+  wireControls(follower, view);
+  window.bentoPage = hook(view, follower);
+  await follower.start();
+}
+
+function wireControls(follower, view) {
+  const act = (promise, done) => promise.then(done, (err) => view.notice('error', explain(err)));
+  $('input-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const text = $('input-line').value;
+    let data = text;
+    if ($('input-json').checked) {
+      try {
+        data = JSON.parse(text);
+      } catch (err) {
+        view.notice('error', `Not JSON: ${err.message}. Untick JSON to send the line as text.`);
+        return;
+      }
+    }
+    act(follower.input({ data }), () => { $('input-line').value = ''; });
+  });
+  $('eof').addEventListener('click', () => act(follower.input({ eof: true }), () => {}));
+  for (const button of $('controls').querySelectorAll('[data-signal]')) {
+    const { signal } = button.dataset;
+    button.addEventListener('click', () => act(follower.request('signal', { signal }),
+      () => view.notice('info', `Sent ${signal}.`)));
+  }
+  $('destroy').addEventListener('click', () => {
+    if (!window.confirm('Destroy this session? Its function is killed and its output deleted.')) return;
+    act(follower.request('destroy'), () => setControls('destroyed', true));
+  });
+}
+
+function hook(view, follower) {
+  return Object.freeze({
+    connection: () => follower.state,
+    mode: () => view.mode,
+    terminalText: () => view.terminalText(),
+    colorOf: (text) => view.colorOf(text),
+    flushed: () => view.flushed(),
+    seqs: () => view.seqs(),
+    held: () => follower.tracker.held,
+    duplicates: () => follower.tracker.duplicates,
+    messages: () => view.messages.map((m) => ({ seq: m.seq, ch: m.ch, value: JSON.parse(JSON.stringify(m.value, (_k, v) => (typeof v === 'bigint' ? String(v) : v))) })),
+    exit: () => view.exitData,
+    status: () => view.lastStatus,
+    sharedState: () => view.state,
+    notice: () => view.noticeText,
+    input: () => ({ ...view.inputFigures }),
+    persistent: () => follower.store.persistent,
+  });
+}
+
+function wireRun() {
+  let runKey = newRunKey();
+  $('run-form').addEventListener('input', () => { runKey = newRunKey(); });
+  $('run-form').addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const out = $('run-result');
+    let args;
+    let kwargs;
+    try {
+      args = JSON.parse($('run-args').value || '[]');
+      kwargs = JSON.parse($('run-kwargs').value || '{}');
+      if (!Array.isArray(args)) throw new Error('args must be a JSON list');
+      if (kwargs === null || typeof kwargs !== 'object' || Array.isArray(kwargs)) {
+        throw new Error('kwargs must be a JSON object');
+      }
+    } catch (err) {
+      out.textContent = `Not run: ${err.message}`;
+      return;
+    }
+    out.textContent = 'Starting…';
+    const conn = new Connection(serverUrl(window.location), { onEvent: () => {}, onClose: () => {} });
+    try {
+      await conn.open($('run-key').value.trim() || undefined);
+      const reply = await conn.request('execute', {
+        code: $('run-code').value, entry: $('run-entry').value.trim() || 'main', args, kwargs,
+        attach: false, idempotency_key: runKey,
+      });
+      window.location.hash = `t=${reply.token}&v=${reply.viewer_token}`;
+    } catch (err) {
+      out.textContent = `Not run: ${explain(err)}`;
+    } finally {
+      conn.close();
+    }
+  });
+}
+
+function wireTokenForm() {
+  $('token-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const token = $('token-input').value.trim();
+    $('token-input').value = '';
+    if (token) window.location.hash = `t=${token}`;
+  });
+}
+
+function main() {
+  wireTokenForm();
+  wireRun();
+  // A new fragment is a new session: start again from a clean page.
+  window.addEventListener('hashchange', () => window.location.reload());
+  const params = fragment();
+  const token = (params.get('t') || '').trim();
+  if (!token) return;
+  if (!TOKEN_SHAPE.test(token)) {
+    notice('fatal', 'That is not a Bento token: a token starts with bto_ (owner) or btv_ '
+      + '(viewer), followed by 43 letters, digits, - or _. Check that the link was copied whole.');
+    return;
+  }
+  follow(token, params.get('v')).catch((err) => notice('fatal', `The page failed: ${err.message}`));
+}
+
+main();

@@ -1,0 +1,252 @@
+// What the page shows of one session: stdout and stderr in a terminal (xterm.js
+// does the ANSI colours and carriage returns), `msg` frames as values, gaps as
+// gaps, the exit, the status figures, the shared state, and the connection.
+//
+// Every value shown comes from the network or from the function, so nothing is
+// ever put into the page as HTML: text only (textContent).
+
+import { FitAddon } from '@xterm/addon-fit';
+import { Terminal } from '@xterm/xterm';
+
+const MAX_MESSAGE_ROWS = 5000;
+const SUMMARY_CHARS = 160;
+
+/** JSON text of a CBOR value, with what JSON lacks (bytes, big integers, NaN) spelled out. */
+export function valueText(value, indent = 0) {
+  return JSON.stringify(value, (_key, v) => {
+    if (typeof v === 'bigint') return `${v}n`;
+    if (typeof v === 'number' && !Number.isFinite(v)) return String(v);
+    if (v instanceof Uint8Array) return `<${v.length} bytes: ${hex(v.subarray(0, 32))}${v.length > 32 ? '…' : ''}>`;
+    if (v === undefined) return null;
+    return v;
+  }, indent) ?? 'null';
+}
+
+function hex(bytes) {
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'class') node.className = v;
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function bytesText(n) {
+  if (typeof n !== 'number') return String(n ?? '–');
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+}
+
+function timeText(epoch) {
+  return typeof epoch === 'number' ? new Date(epoch * 1000).toISOString().replace('T', ' ').slice(0, 19) : '–';
+}
+
+/** Puts `text` in the notice box `box` (kind: fatal, error, warn, info; '' hides it). */
+export function showNotice(box, kind, text) {
+  box.textContent = text;
+  box.className = `notice notice-${kind}`;
+  box.hidden = !text;
+}
+
+export class View {
+  constructor(root) {
+    this.root = root;
+    this.$ = (id) => root.querySelector(`#${id}`);
+    this.terminal = new Terminal({
+      convertEol: true, disableStdin: true, scrollback: 10000, fontSize: 13,
+      fontFamily: 'ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace',
+      theme: { background: '#14161a', foreground: '#d8dee9' },
+    });
+    this.fit = new FitAddon();
+    this.terminal.loadAddon(this.fit);
+    this.terminal.open(this.$('terminal'));
+    this.fit.fit();
+    window.addEventListener('resize', () => this.fit.fit());
+    // The seqs shown, as runs [first, last]: a frame shown twice would start a new run.
+    this.runs = [];
+    this.lastSeq = 0;
+    this.atLineStart = true;
+    this.messages = [];
+    this.exitData = null;
+    this.lastStatus = null;
+    this.state = null;
+    this.mode = null;
+    this.connState = 'idle';
+    this.noticeText = '';
+    this.inputFigures = { accepted: 0, pending: 0 };
+  }
+
+  // -- frames ---------------------------------------------------------------
+
+  frame(seq, ch, data) {
+    const run = this.runs[this.runs.length - 1];
+    if (run && run[1] + 1 === seq) run[1] = seq;
+    else this.runs.push([seq, seq]);
+    this.lastSeq = seq;
+    const shown = this.$('shown-seq');
+    if (shown) shown.textContent = String(seq);
+    if (ch === 'stdout' || ch === 'stderr') {
+      const chunk = data instanceof Uint8Array ? data : String(data);
+      this.terminal.write(chunk);
+      if (chunk.length) this.atLineStart = chunk[chunk.length - 1] === (typeof chunk === 'string' ? '\n' : 10);
+    } else if (ch === 'gap') {
+      const text = `frames ${data.from}–${data.to} not received: ${data.reason}`;
+      this.terminal.write(`${this.atLineStart ? '' : '\r\n'}\x1b[33m── ${text} ──\x1b[0m\r\n`);
+      this.atLineStart = true;
+      this._messageRow(seq, 'gap', text, null);
+    } else if (ch === 'exit') {
+      this._exit(data);
+    } else {
+      this.messages.push({ seq, ch, value: data });
+      if (this.messages.length > MAX_MESSAGE_ROWS) this.messages.shift();
+      this._messageRow(seq, ch, valueText(data), data);
+    }
+  }
+
+  _messageRow(seq, ch, summary, value) {
+    const list = this.$('messages');
+    const short = summary.length > SUMMARY_CHARS ? `${summary.slice(0, SUMMARY_CHARS)}…` : summary;
+    const parts = [el('span', { class: 'seq' }, `#${seq}`),
+      el('span', { class: `ch ch-${ch.split(':')[0]}` }, ch), el('code', {}, short)];
+    const row = value === null
+      ? el('li', { class: 'gap' }, ...parts)
+      : el('li', {}, el('details', {}, el('summary', {}, ...parts), el('pre', {}, valueText(value, 2))));
+    list.append(row);
+    while (list.childElementCount > MAX_MESSAGE_ROWS) list.firstElementChild.remove();
+    this.$('messages-empty').hidden = true;
+    row.scrollIntoView({ block: 'nearest' });
+  }
+
+  _exit(data) {
+    this.exitData = data;
+    this.root.dispatchEvent(new CustomEvent('bento-exit', { detail: data }));
+    const box = this.$('exit');
+    box.replaceChildren();
+    box.hidden = false;
+    const d = data && typeof data === 'object' ? data : {};
+    const parts = [`${d.state}`];
+    if (d.code !== null && d.code !== undefined) parts.push(`code ${d.code}`);
+    if (d.signal) parts.push(`signal ${d.signal}`);
+    box.className = `exit exit-${d.error ? 'error' : d.state}`;
+    box.append(el('h3', {}, `Exit: ${parts.join(', ')}`));
+    if (d.result !== null && d.result !== undefined) {
+      box.append(el('div', {}, 'result: '), el('pre', {}, valueText(d.result, 2)));
+    }
+    if (d.error && typeof d.error === 'object') {
+      box.append(el('div', { class: 'error-line' }, `${d.error.type}: ${d.error.message}`));
+      if (d.error.traceback) box.append(el('pre', { class: 'traceback' }, String(d.error.traceback)));
+    }
+  }
+
+  // -- figures --------------------------------------------------------------
+
+  attached(info) {
+    this.mode = info.mode;
+    this.$('session-id').textContent = info.session;
+    this.$('mode').textContent = info.mode === 'rw' ? 'owner (read-write)' : 'viewer (read-only)';
+    if (this.noticeKind !== 'fatal') this.notice('', '');
+    if (!info.persistent) {
+      this.notice('warn', `${info.why || 'no storage in this browser'}: a reload re-reads the `
+        + 'output from the server, and an owner page does not acknowledge it.');
+    }
+    this.root.dispatchEvent(new CustomEvent('bento-attached', { detail: info }));
+  }
+
+  status(st) {
+    this.lastStatus = st;
+    const rows = [
+      ['state', st.state], ['first seq', st.first_seq], ['next seq', st.next_seq],
+      ['shown up to', this.lastSeq, 'shown-seq'],
+      ['acked seq', st.acked_seq], ['input seq', st.input_seq],
+      ['buffer', bytesText(st.buffer_bytes)], ['attachments', st.attachments],
+      ['sandbox', st.sandbox ?? '–'], ['created', timeText(st.created)], ['ended', timeText(st.ended)],
+    ];
+    this.$('status').replaceChildren(...rows.flatMap(([k, v, id]) => [
+      el('dt', {}, k), el('dd', id ? { id } : {}, String(v ?? '–'))]));
+    // An exit frame this page never got (trimmed before it attached) still has its status.
+    if (st.exit && this.exitData === null) this._exit(st.exit);
+    this.$('state-badge').textContent = String(st.state);
+    this.$('state-badge').className = `badge state-${st.state}`;
+  }
+
+  sharedState(version, value) {
+    this.state = { version, value };
+    this.$('shared-version').textContent = `version ${version}`;
+    this.$('shared-value').textContent = valueText(value, 2);
+  }
+
+  input(accepted, pending) {
+    this.inputFigures = { accepted, pending };
+    this.$('input-figures').textContent = pending
+      ? `${pending} input(s) waiting for the server (sent again after a reconnect)`
+      : `server has input up to seq ${accepted}`;
+  }
+
+  connection(state, detail) {
+    this.connState = state;
+    const badge = this.$('conn');
+    // A stopped page says why in its notice; the badge keeps to one short line.
+    badge.textContent = detail && state !== 'stopped' ? `${state}: ${detail}` : state;
+    badge.title = detail;
+    badge.className = `badge conn-${state}`;
+    if (state === 'stopped' && this.mode === null && this.lastSeq === 0) {
+      // Nothing to show of a session that was never reached: back to the start.
+      this.$('session').hidden = true;
+      this.$('intro').hidden = false;
+    }
+  }
+
+  notice(kind, text) {
+    this.noticeKind = kind;
+    this.noticeText = text;
+    showNotice(this.$('notice'), kind, text);
+  }
+
+  // -- the test hook (window.bentoPage) reads these --------------------------
+
+  /** Every seq shown, in the order shown. */
+  seqs() {
+    const out = [];
+    for (const [first, last] of this.runs) for (let seq = first; seq <= last; seq += 1) out.push(seq);
+    return out;
+  }
+
+  /** Every line of the terminal, scrollback included, right-trimmed. */
+  terminalText() {
+    const buffer = this.terminal.buffer.active;
+    const lines = [];
+    for (let y = 0; y < buffer.length; y += 1) {
+      const line = buffer.getLine(y);
+      if (!line) continue;
+      if (line.isWrapped && lines.length) lines[lines.length - 1] += line.translateToString(true);
+      else lines.push(line.translateToString(true));
+    }
+    while (lines.length && lines[lines.length - 1] === '') lines.pop();
+    return lines.join('\n');
+  }
+
+  /** The colour of the first cell of `text` in the terminal, or null where it is not shown. */
+  colorOf(text) {
+    const buffer = this.terminal.buffer.active;
+    for (let y = 0; y < buffer.length; y += 1) {
+      const line = buffer.getLine(y);
+      const x = line ? line.translateToString(false).indexOf(text) : -1;
+      if (x < 0) continue;
+      const cell = line.getCell(x);
+      return { fg: cell.getFgColor(), palette: cell.isFgPalette(), rgb: cell.isFgRGB(),
+        default: cell.isFgDefault(), bold: cell.isBold() !== 0 };
+    }
+    return null;
+  }
+
+  /** Resolves once the terminal has parsed everything written so far. */
+  flushed() {
+    return new Promise((resolve) => this.terminal.write('', resolve));
+  }
+}
