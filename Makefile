@@ -12,8 +12,12 @@ PYTEST_ARGS ?=
 
 .PHONY: run test install system-deps lint bench fuzz clean web
 
+# ARGS come last and replace HOST/PORT when they give --host/--port themselves.
+RUN_ADDR := $(if $(filter --host --host=%,$(ARGS)),,--host $(HOST)) $(if $(filter --port --port=%,$(ARGS)),,--port $(PORT))
+
 run: $(STAMP)
-	$(PY) -m bento.app server --host $(HOST) --port $(PORT) $(ARGS)
+	@echo "bento server $(strip $(RUN_ADDR) $(ARGS))"
+	@exec $(PY) -m bento.app server $(strip $(RUN_ADDR) $(ARGS))
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -24,8 +28,9 @@ $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory system-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
 	  echo "make: cannot create a venv; on Debian: apt-get install python3-venv" >&2; exit 1; }
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev]'
+	@echo "make: installing the package into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e '.[test,dev]'; } \
+	  >$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log >&2; exit 1; }
 	@touch $(STAMP)
 
 # Debian packages the project uses, installed only when running as root and missing.

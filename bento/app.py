@@ -6,13 +6,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import ssl
 import sys
+from dataclasses import dataclass
+from typing import Any
 
+from bento import auth, events, settings, units
 from bento.config import Config, default_data_dir
 
 
 def server_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bento server", description="Run a Bento server.")
+    p = argparse.ArgumentParser(
+        prog="bento server", description="Run a Bento server.",
+        epilog="Sizes take suffixes (64K, 512MiB, 1G), times too (30s, 1.5m, 2h, 1d). Every option "
+               "can also be set in a --config file under its name (data_dir = ...); flags win.")
+    p.add_argument("--config", metavar="PATH",
+                   help="a TOML file with these options by name, and named API keys (docs/operations.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--data-dir", default=default_data_dir(), help="where sessions and functions live")
@@ -20,32 +30,39 @@ def server_parser() -> argparse.ArgumentParser:
                    help="environment backend (default auto: bwrap when it works here, else none)")
     p.add_argument("--sandbox-cmd", help="run the driver behind this command prefix (implies --sandbox cmd)")
     p.add_argument("--api-key", action="append", default=[],
-                   help="require this API key for store/execute/list (repeatable; also BENTO_API_KEYS)")
+                   help="require this API key for store/execute/list (repeatable; also BENTO_API_KEYS). "
+                        "Visible in ps: prefer --api-key-file or the config file")
+    p.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
+                   help="API keys, one per line (# comments); not readable by other users (repeatable)")
+    p.add_argument("--hash-key", action="store_true",
+                   help="read an API key on stdin, print the key_hash a config file may hold, and exit")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback address without API keys")
     p.add_argument("--tls-cert", help="certificate (PEM) to serve wss://")
-    p.add_argument("--tls-key", help="private key (PEM) for --tls-cert")
-    p.add_argument("--ttl", type=float, default=24 * 3600.0,
-                   help="seconds an unattached session lives (default 86400)")
-    p.add_argument("--idle-timeout", type=float, default=300.0,
-                   help="close connections silent this long (default 300 s)")
-    p.add_argument("--handshake-timeout", type=float, default=10.0,
-                   help="close connections that do not say hello this fast (default 10 s)")
-    p.add_argument("--max-message", type=int, default=16 * 1024 * 1024,
-                   help="largest message in either direction, bytes (default 16 MiB)")
-    p.add_argument("--max-buffer-bytes", type=int, default=1024 * 1024 * 1024,
-                   help="largest buffer.max_bytes an execute may ask for (default 1 GiB)")
-    p.add_argument("--send-timeout", type=float, default=30.0,
-                   help="drop a client that does not read a message this long (default 30 s)")
-    p.add_argument("--buffer-bytes", type=int, default=64 * 1024 * 1024,
-                   help="default output buffer per session (default 64 MiB)")
-    p.add_argument("--buffer-policy", default="block", choices=["block", "drop_oldest", "fail"])
+    p.add_argument("--tls-key", help="private key (PEM, not encrypted) for --tls-cert")
+    p.add_argument("--ttl", type=units.duration, default=24 * 3600.0,
+                   help="how long an unattached session lives (default 24h)")
+    p.add_argument("--idle-timeout", type=units.duration, default=300.0,
+                   help="close connections silent this long (default 300s)")
+    p.add_argument("--handshake-timeout", type=units.duration, default=10.0,
+                   help="close connections that do not say hello this fast (default 10s)")
+    p.add_argument("--max-message", type=units.size, default=16 * 1024 * 1024,
+                   help="largest message in either direction (default 16MiB)")
+    p.add_argument("--max-buffer-bytes", type=units.size, default=1024 * 1024 * 1024,
+                   help="largest buffer.max_bytes an execute may ask for (default 1GiB)")
+    p.add_argument("--send-timeout", type=units.duration, default=30.0,
+                   help="drop a client that does not read a message this long (default 30s)")
+    p.add_argument("--buffer-bytes", type=units.size, default=64 * 1024 * 1024,
+                   help="default output buffer per session (default 64MiB)")
+    p.add_argument("--buffer-policy", default="block", choices=["block", "drop_oldest", "fail"],
+                   help="what a full buffer does by default (default block)")
     p.add_argument("--default-limit", action="append", default=[], metavar="KEY=VALUE",
                    help="a limit for executes that do not set it (repeatable; KEY=none removes "
-                        "a built-in default). Built in with bwrap: pids=256, memory_bytes=1GiB")
+                        f"a built-in default). Built in: {DEFAULT_LIMITS_TEXT}; with bwrap also "
+                        f"{BWRAP_LIMITS_TEXT}")
     p.add_argument("--max-limit", action="append", default=[], metavar="KEY=VALUE",
-                   help="the most an execute may ask for (repeatable); a limit with a maximum "
-                        "is always in force, at most that value")
+                   help="the most an execute may ask for, e.g. memory_bytes=512MiB (repeatable); a "
+                        "limit with a maximum is always in force, at most that value")
     p.add_argument("--allow-unenforced-limits", action="store_true",
                    help="accept limits this machine cannot hold for a whole environment (no "
                         "cgroup for them): they get a per-process rlimit or nothing, and status "
@@ -53,57 +70,133 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=2,
                    help="fresh environments kept started ahead of time for fast executes, never reused "
                         "(bwrap and none; default 2; 0 = off)")
-    p.add_argument("--max-env-bytes", type=int, default=4 * 1024 * 1024 * 1024,
+    p.add_argument("--max-env-bytes", type=units.size, default=4 * 1024 * 1024 * 1024,
                    help="bytes the environments of executes' packages may take together under the data "
-                        "dir (default 4 GiB); the least recently used go first")
-    p.add_argument("--max-work-bytes", type=int, default=1024 * 1024 * 1024,
+                        "dir (default 4GiB); the least recently used go first")
+    p.add_argument("--max-work-bytes", type=units.size, default=1024 * 1024 * 1024,
                    help="disk a function may fill in its work dir (its home, kept after the run; default "
-                        "1 GiB): over it, it is killed (LimitExceeded work_bytes)")
-    p.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024,
-                   help="the largest file a client may put into a running session (default 256 MiB)")
+                        "1GiB): over it, it is killed (LimitExceeded work_bytes)")
+    p.add_argument("--max-upload-bytes", type=units.size, default=256 * 1024 * 1024,
+                   help="the largest file a client may put into a running session (default 256MiB)")
     p.add_argument("--node", default="node-1", help="this node's name, sent in hello")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="least important log lines written to stderr (default INFO: session events)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="stderr log lines as text (default) or one JSON object per line")
     return p
 
 
-def parse_limits(items: list[str]) -> dict[str, float | None]:
-    from bento import protocol
-
-    out: dict[str, float | None] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in protocol.LIMIT_KEYS:
-            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {sorted(protocol.LIMIT_KEYS)}")
-        if value.lower() == "none":
-            out[key] = None
-            continue
-        number = float(value)
-        if number < 0 or number != number:
-            raise ValueError(f"{item!r}: the value must be a non-negative number")
-        out[key] = number if key in ("wall_s", "cpu_s") else int(number)
-    return out
+# Server defaults for executes that set no limit, so a forgotten job ends.
+DEFAULT_LIMITS: dict[str, float] = {"wall_s": 24 * 3600.0, "cpu_s": 4 * 3600.0}
+DEFAULT_LIMITS_TEXT = "wall_s=24h, cpu_s=4h"
+# With bwrap, sessions that ask for nothing could otherwise take the host's pids
+# and memory (tmpfs writes are charged to the memory cgroup).
+BWRAP_LIMITS: dict[str, float] = {"pids": 256, "memory_bytes": 1024 * 1024 * 1024}
+BWRAP_LIMITS_TEXT = "pids=256, memory_bytes=1GiB"
 
 
-def run_server(argv: list[str]) -> int:
-    args = server_parser().parse_args(argv)
+@dataclass
+class Resolved:
+    """The command line and config file together: options, and every accepted key."""
+
+    args: argparse.Namespace
+    file: settings.FileSettings
+    plain_keys: list[str]
+
+
+def resolve(argv: list[str]) -> Resolved:
+    """Options from ``argv`` over those of its --config file; keys from everywhere.
+    Raises SettingsError (argparse exits 2 on a bad flag)."""
+    parser = server_parser()
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    file = settings.load(known.config, parser)
+    parser.set_defaults(**file.defaults)
+    args = parser.parse_args(argv)
     keys = list(args.api_key)
-    env_keys = os.environ.get("BENTO_API_KEYS", "")
-    keys += [k.strip() for k in env_keys.split(",") if k.strip()]
-    config = Config(
+    keys += [k.strip() for k in os.environ.get("BENTO_API_KEYS", "").split(",") if k.strip()]
+    for path in args.api_key_file:
+        found = settings.read_key_file(path)
+        if not found:
+            raise settings.SettingsError(f"key file {path}: holds no key")
+        keys += found
+    return Resolved(args, file, keys)
+
+
+def tls_problem(cert: str, key: str) -> str | None:
+    """Why this certificate and key cannot serve TLS, in one line naming the file; None if they can."""
+    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            return f"{option} {path}: {exc.strerror}"
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=cert)
+    except ssl.SSLError:
+        return f"--tls-cert {cert}: no PEM certificate in it"
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+    def no_password() -> bytes:
+        raise ValueError("encrypted")
+
+    try:
+        context.load_cert_chain(cert, key, password=no_password)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            return f"--tls-key {key}: does not belong to the certificate in --tls-cert {cert}"
+        return f"--tls-key {key}: not a PEM private key for it ({exc.reason or exc})"
+    except ValueError:
+        return f"--tls-key {key}: the key is encrypted; give it decrypted (readable by this user only)"
+    return None
+
+
+def build_config(r: Resolved) -> Config:
+    args = r.args
+    return Config(
         host=args.host, port=args.port, data_dir=args.data_dir, sandbox=args.sandbox,
-        api_keys=keys, insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        api_keys=r.plain_keys, named_keys=r.file.named_keys, revoke_sessions=r.file.revoke_sessions,
+        insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key,
         ttl_s=args.ttl, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
         max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, max_env_bytes=args.max_env_bytes,
         max_work_bytes=args.max_work_bytes, max_upload_bytes=args.max_upload_bytes,
     )
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def hash_key() -> int:
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("bento server --hash-key: give the key on stdin", file=sys.stderr)
+        return 2
+    print(auth.key_hash(key))
+    return 0
+
+
+def run_server(argv: list[str]) -> int:
+    try:
+        resolved = resolve(argv)
+    except settings.SettingsError as exc:
+        print(f"bento server: {exc}", file=sys.stderr)
+        return 2
+    args = resolved.args
+    if args.hash_key:
+        return hash_key()
+    config = build_config(resolved)
+    events.configure(args.log_level, args.log_format)
     try:
         config.check()
     except ValueError as exc:
         print(f"bento server: {exc}", file=sys.stderr)
         return 2
+    if config.tls_cert and config.tls_key:
+        problem = tls_problem(config.tls_cert, config.tls_key)
+        if problem:
+            print(f"bento server: TLS: {problem}", file=sys.stderr)
+            return 2
     import bento_sandbox
 
     if args.sandbox_cmd:
@@ -117,16 +210,12 @@ def run_server(argv: list[str]) -> int:
         return 2
     config.enforceable = bento_sandbox.enforcement()
     config.allow_unenforced_limits = args.allow_unenforced_limits
-    unheld: list[str] = []
-    if config.sandbox == "bwrap":
-        # Without these a session that asks for nothing could take the host's
-        # pids and memory (tmpfs writes are charged to the memory cgroup).
-        builtin = {"pids": 256, "memory_bytes": 1024 * 1024 * 1024}
-        unheld = [k for k in builtin if k not in config.enforceable]
-        config.default_limits = {k: v for k, v in builtin.items() if k in config.enforceable}
+    builtin = {**DEFAULT_LIMITS, **(BWRAP_LIMITS if config.sandbox == "bwrap" else {})}
+    unheld = [k for k in builtin if k not in config.enforceable]
+    config.default_limits = {k: v for k, v in builtin.items() if k in config.enforceable}
     try:
-        given = parse_limits(args.default_limit)
-        maxima = parse_limits(args.max_limit)
+        given = settings.parse_limits(args.default_limit)
+        maxima = settings.parse_limits(args.max_limit)
     except ValueError as exc:
         print(f"bento server: --default-limit/--max-limit: {exc}", file=sys.stderr)
         return 2
@@ -141,6 +230,7 @@ def run_server(argv: list[str]) -> int:
     config.max_limits = {k: v for k, v in maxima.items() if v is not None}
     merged: dict[str, float | None] = {**config.default_limits, **given}
     config.default_limits = {k: v for k, v in merged.items() if v is not None}
+    unheld = [k for k in unheld if k not in given]
     from bento.store import DataDirBusy, lock_data_dir
 
     try:
@@ -148,43 +238,93 @@ def run_server(argv: list[str]) -> int:
     except DataDirBusy as exc:
         print(f"bento server: {exc}", file=sys.stderr)
         return 2
+    try:
+        stopped_by = trio_run(serve_until_signal, config, argv, unheld)
+    finally:
+        os.close(lock)
+    events.emit("server.stopped", signal=stopped_by)
+    print(f"bento: stopped ({stopped_by})", flush=True)
+    return 0
 
+
+def trio_run(fn: Any, *args: Any) -> str:
+    """``trio.run(fn, *args)``; a Ctrl-C that arrives before trio's own handler is
+    in place ends it as an interrupt, not as a traceback."""
+    import trio
+
+    try:
+        return trio.run(fn, *args)
+    except KeyboardInterrupt:
+        return "INT"
+    except BaseExceptionGroup as group:
+        if group.split(KeyboardInterrupt)[1] is None:
+            return "INT"
+        raise
+
+
+async def serve_until_signal(config: Config, argv: list[str], unheld: list[str]) -> str:
+    """Serve until SIGINT or SIGTERM (returns its name); SIGHUP reloads the API keys."""
     import trio
 
     from bento.server import serve
 
-    async def run() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             ws_server = await nursery.start(serve, config)
-            port = ws_server.port
-            scheme = "wss" if config.tls_cert else "ws"
-            host = f"[{config.host}]" if ":" in config.host else config.host
-            print(f"bento: listening on {scheme}://{host}:{port}/v1", flush=True)
-            print(f"bento: data dir {os.path.abspath(config.data_dir)}", flush=True)
-            print(f"bento: sandbox {config.sandbox}", flush=True)
-            if config.sandbox != "bwrap":
-                print(f"bento: WARNING sandbox '{config.sandbox}': functions run UNSANDBOXED "
-                      "as this user", flush=True)
-            held = "; ".join(f"{k} by {how}" for k, how in sorted(config.enforceable.items()))
-            print(f"bento: limits enforced: {held}", flush=True)
-            missing = sorted(set(bento_sandbox.Limits.KEYS) - set(config.enforceable))
-            if missing:
-                what = ("accepted, held per process at most (--allow-unenforced-limits)"
-                        if config.allow_unenforced_limits else "refused")
-                print(f"bento: WARNING limits this machine cannot enforce: {', '.join(missing)} "
-                      f"({'; '.join(bento_sandbox.unenforceable_reason(k) for k in missing)}): "
-                      f"executes asking for them are {what}", flush=True)
-            if unheld:
-                print(f"bento: WARNING no default {' or '.join(unheld)} limit: sessions can take "
-                      "the host's processes and memory", flush=True)
+            say_started(config, ws_server.port, unheld)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    reload_keys(config, argv)
+                    continue
+                nursery.cancel_scope.cancel()
+                return signal.Signals(signum).name.removeprefix("SIG")
+    return "cancelled"
 
+
+def reload_keys(config: Config, argv: list[str]) -> None:
+    """Read the config file and key files again and take their keys (nothing else:
+    other settings need a restart). A file that cannot be used keeps the old keys."""
     try:
-        trio.run(run)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        os.close(lock)
-    return 0
+        resolved = resolve(argv)
+    except (settings.SettingsError, SystemExit) as exc:
+        events.emit("server.reload_failed", logging.ERROR, reason=str(exc), kept="the previous keys")
+        return
+    before = {k.hash: k.name for k in config.key_list()}
+    config.api_keys, config.named_keys = resolved.plain_keys, resolved.file.named_keys
+    config.revoke_sessions = resolved.file.revoke_sessions
+    config.keys.replace(config.key_list())
+    gone = sorted(name for h, name in before.items() if not config.keys.known(h))
+    events.emit("server.reloaded", keys=len(config.key_list()), revoked=",".join(gone) or "none",
+                revoke_sessions=config.revoke_sessions)
+
+
+def say_started(config: Config, port: int, unheld: list[str]) -> None:
+    import bento_sandbox
+
+    scheme = "wss" if config.tls_cert else "ws"
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"bento: listening on {scheme}://{host}:{port}/v1", flush=True)
+    print(f"bento: data dir {os.path.abspath(config.data_dir)}", flush=True)
+    print(f"bento: sandbox {config.sandbox}", flush=True)
+    if config.sandbox != "bwrap":
+        print(f"bento: WARNING sandbox '{config.sandbox}': functions run UNSANDBOXED "
+              "as this user", flush=True)
+    held = "; ".join(f"{k} by {how}" for k, how in sorted(config.enforceable.items()))
+    print(f"bento: limits enforced: {held}", flush=True)
+    defaults = ", ".join(f"{k}={v:g}" for k, v in sorted(config.default_limits.items()))
+    print(f"bento: default limits: {defaults or 'none'}", flush=True)
+    missing = sorted(set(bento_sandbox.Limits.KEYS) - set(config.enforceable))
+    if missing:
+        what = ("accepted, held per process at most (--allow-unenforced-limits)"
+                if config.allow_unenforced_limits else "refused")
+        print(f"bento: WARNING limits this machine cannot enforce: {', '.join(missing)} "
+              f"({'; '.join(bento_sandbox.unenforceable_reason(k) for k in missing)}): "
+              f"executes asking for them are {what}", flush=True)
+    if unheld:
+        print(f"bento: WARNING no default {' or '.join(unheld)} limit: this machine cannot "
+              "enforce it, so sessions can take the host's processes, memory or CPU", flush=True)
+    events.emit("server.started", url=f"{scheme}://{host}:{port}/v1", data_dir=os.path.abspath(config.data_dir),
+                sandbox=config.sandbox, keys=len(config.key_list()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from dataclasses import dataclass
 
 OWNER_PREFIX = "bto_"
 VIEWER_PREFIX = "btv_"
@@ -55,27 +56,64 @@ def new_session_id() -> str:
     return "s_" + secrets.token_hex(12)
 
 
-class ApiKeys:
-    """The server's API keys; empty means none are required."""
+ROLES = ("admin", "user")
 
-    def __init__(self, keys: list[str]) -> None:
-        self._hashes = [key_hash(k) for k in keys if k]
+
+@dataclass(frozen=True)
+class Key:
+    """An API key the server accepts, by its hash (the key itself is never kept)."""
+
+    name: str
+    role: str  # one of ROLES
+    hash: str  # key_hash() of the key
+
+    @classmethod
+    def plain(cls, api_key: str) -> Key:
+        """A key given without a name (--api-key, --api-key-file): a user, named by its hash."""
+        h = key_hash(api_key)
+        return cls(name="key-" + h[:8], role="user", hash=h)
+
+
+class ApiKeys:
+    """The server's API keys, with their names and roles; empty means none are
+    required. ``replace`` swaps the whole set at once (a reload on SIGHUP): a
+    connection or session whose key is gone stops being served."""
+
+    def __init__(self, keys: list[Key] | None = None) -> None:
+        self._by_hash: dict[str, Key] = {}
+        self.replace(keys or [])
+
+    def replace(self, keys: list[Key]) -> None:
+        self._by_hash = {k.hash: k for k in keys}
 
     @property
     def required(self) -> bool:
-        return bool(self._hashes)
+        return bool(self._by_hash)
 
     def check(self, presented: str | None) -> str | None:
         """The key's hash if it is one of ours (or '' when none are required), else None."""
-        if not self._hashes:
+        if not self._by_hash:
             return key_hash(presented) if presented else ""
         if presented is None:
             return None
         h = key_hash(presented)
         found = False
-        for known in self._hashes:
+        for known in self._by_hash:
             found |= hmac.compare_digest(h, known)
         return h if found else None
+
+    def known(self, h: str) -> bool:
+        """Whether a key hash accepted earlier is still accepted (not revoked since)."""
+        return not self._by_hash or h in self._by_hash
+
+    def name(self, h: str) -> str:
+        """The name an operator gave the key ('' for no key or an unknown one)."""
+        k = self._by_hash.get(h)
+        return k.name if k is not None else ""
+
+    def is_admin(self, h: str | None) -> bool:
+        k = self._by_hash.get(h or "")
+        return k is not None and k.role == "admin"
 
 
 class GuessLimiter:

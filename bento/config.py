@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from bento import protocol
+from bento import auth, protocol
 
 
 def default_data_dir() -> str:
@@ -20,7 +20,10 @@ class Config:
     data_dir: str = field(default_factory=default_data_dir)
     sandbox: str = "none"
     sandbox_cmd: str | None = None
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)  # given without a name: users
+    named_keys: list[auth.Key] = field(default_factory=list)  # from the config file
+    # Cut off the tokens of sessions whose key was removed (a reload on SIGHUP).
+    revoke_sessions: bool = True
     insecure: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -47,6 +50,15 @@ class Config:
     # Accept limits that only a per-process rlimit (or nothing) holds.
     allow_unenforced_limits: bool = False
 
+    # Every accepted key (api_keys and named_keys); replaced whole on a reload.
+    keys: auth.ApiKeys = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = auth.ApiKeys(self.key_list())
+
+    def key_list(self) -> list[auth.Key]:
+        return [auth.Key.plain(k) for k in self.api_keys if k.strip()] + list(self.named_keys)
+
     @property
     def loopback(self) -> bool:
         return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
@@ -59,7 +71,7 @@ class Config:
                 "an API key is empty or blank (an unset $KEY in --api-key \"$KEY\"?): "
                 "an empty key is no key; give a real key, or leave --api-key out"
             )
-        if not self.loopback and not self.api_keys and not self.insecure:
+        if not self.loopback and not self.keys.required and not self.insecure:
             raise ValueError(
                 f"refusing to listen on {self.host} without API keys: "
                 "give --api-key (or BENTO_API_KEYS), or --insecure if you really mean it"

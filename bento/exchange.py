@@ -63,6 +63,9 @@ if TYPE_CHECKING:
 DRAIN_SECONDS = 2.0
 DIR_CHECK_SECONDS = 5.0
 STATE_FLUSH_SECONDS = 0.1
+CPU_CHECK_MIN_S = 0.1
+CPU_CHECK_MAX_S = 5.0
+CPUS = os.cpu_count() or 1
 
 
 def signal_name(num: int) -> str:
@@ -321,10 +324,15 @@ class Exchange:
         if (self.limits.cpu_s is None or self.child is None or self.drain_deadline is not None
                 or self.exiting is not None or now < self.next_cpu_check):
             return
-        self.next_cpu_check = now + 0.1
         used = self.child.cpu_seconds()
         if used is not None and used >= self.limits.cpu_s:
             self.kill("cpu_s")
+            return
+        # The function cannot use more CPU than CPUS per second of wall time: the
+        # next check is when it could first reach the limit (a large limit, like
+        # the server's default, costs a wake-up every few seconds, not ten a second).
+        left = self.limits.cpu_s - (used or 0.0)
+        self.next_cpu_check = now + min(max(left / CPUS, CPU_CHECK_MIN_S), CPU_CHECK_MAX_S)
 
     def check_work(self, now: float) -> None:
         watch = self.work_watch
@@ -396,7 +404,7 @@ class Exchange:
                 self.save()
             if self.control.link is None and now >= self.next_dir_check:
                 self.next_dir_check = now + DIR_CHECK_SECONDS
-                if not os.path.isdir(self.dir):
+                if sessiondisk.dir_deleted(self.dir):
                     # Deleted under us: no server can ever reach this session again.
                     self.disk_trouble("the session directory is gone; ending")
                     self.kill_child()
@@ -444,7 +452,8 @@ def main(argv: list[str]) -> None:
         sys.stdout.write("busy\n")
         sys.stdout.flush()
         os._exit(3)
-    work = os.path.join(sdir, "work")
+    work = os.path.join(sdir, "work")  # the environment's: a path other processes can use
+    sdir = sessiondisk.pin_dir(sdir)
     pre = meta = None
     if launched is not None and launched.error is None:
         # A pre-started environment and a brand-new session: the function
@@ -468,7 +477,7 @@ def main(argv: list[str]) -> None:
     if (not adopt and ex.core.exit is None and ex.meta.get("packages")
             and (launched is None or launched.error is None)):
         os.makedirs(work, exist_ok=True)
-        ex.build = EnvBuild(ex, work, launched)
+        ex.build = EnvBuild(ex, launched)
         ex.build.begin()
     elif not adopt and ex.core.exit is None:
         if launched is None:
@@ -513,7 +522,7 @@ def main(argv: list[str]) -> None:
     if ex.remove:
         import shutil  # only here: the exchange starts per session and stays small
 
-        shutil.rmtree(sdir, ignore_errors=True)
+        shutil.rmtree(sessiondisk.real_path(sdir), ignore_errors=True)
     os._exit(0)
 
 

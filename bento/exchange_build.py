@@ -23,7 +23,7 @@ import sys
 
 import bento_sandbox
 
-from bento import envs, session_core
+from bento import envs, session_core, sessiondisk
 from bento.launch import READ_SIZE, Launched, close_quietly, launch, prestart
 
 TYPE_CHECKING = False  # the exchange does not import typing (it starts per session)
@@ -34,9 +34,8 @@ if TYPE_CHECKING:
 class EnvBuild:
     """Gets one session's environment ready, then starts its function."""
 
-    def __init__(self, ex: Exchange, work: str, launched: Launched | None = None) -> None:
+    def __init__(self, ex: Exchange, launched: Launched | None = None) -> None:
         self.ex = ex
-        self.work = work
         self.launched = launched  # a warm environment, waiting for its start message
         meta = ex.meta
         self.envs_dir: str = meta["envs_dir"]
@@ -94,8 +93,11 @@ class EnvBuild:
 
     def start_function(self) -> None:
         ex = self.ex
-        cwd = None if ex.meta["sandbox"] == "bwrap" else self.work
-        launched = self.launched or launch(ex.meta, f"{ex.meta['session']}-{os.getpid()}", self.work)
+        # The build may take minutes: the work dir's path is read now, so a data
+        # dir moved meanwhile (see sessiondisk.pin_dir) is found where it is.
+        work = os.path.join(sessiondisk.real_path(ex.dir), "work")
+        cwd = None if ex.meta["sandbox"] == "bwrap" else work
+        launched = self.launched or launch(ex.meta, f"{ex.meta['session']}-{os.getpid()}", work)
         try:
             pre = prestart(launched, ex.meta, cwd) if self.launched is not None else None
         except bento_sandbox.Unenforceable as exc:

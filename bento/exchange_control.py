@@ -142,7 +142,11 @@ class Control:
             else:
                 name = msg["signal"]
                 ex.user_signal = name
-                if name == "KILL":
+                if msg.get("by"):
+                    # An admin's kill: the exit's error names who ended it.
+                    ex.kill("admin", {"type": "Killed", "by": msg["by"], "traceback": "",
+                                      "message": f"ended by {msg['by']}"})
+                elif name == "KILL":
                     ex.child.kill()
                 elif ex.driver is not None:
                     # Raised in the function's main thread by the driver's reader.

@@ -346,8 +346,16 @@ def _one_of_data_eof(msg: dict[str, Any], out: dict[str, Any]) -> None:
     out["data"] = data
 
 
+def _one_of_token_session(msg: dict[str, Any], out: dict[str, Any]) -> None:
+    if (out["token"] is None) == (out["session"] is None):
+        raise _BadField(f"{out['op']} needs exactly one of 'token' and 'session' (a session id: admin keys only)")
+
+
 _REQUIRED = object()
 _TOKEN: dict[str, tuple[Callable[[Any], Any], Any]] = {"token": (_text_field, _REQUIRED)}
+# A session's token, or (for an admin key) its id.
+_TOKEN_OR_ID: dict[str, tuple[Callable[[Any], Any], Any]] = {
+    "token": (_text_field, None), "session": (_text_field, None)}
 
 # op -> (id required, {field: (checker, default or _REQUIRED)}, cross-field check or None).
 # A default that is a list or dict is copied for each request.
@@ -399,9 +407,9 @@ _OPS: dict[
          "stdin": (_bool, False)},
         _one_of_data_eof,
     ),
-    "signal": (True, {**_TOKEN, "signal": (_signal, _REQUIRED)}, None),
-    "status": (True, _TOKEN, None),
-    "destroy": (True, _TOKEN, None),
+    "signal": (True, {**_TOKEN_OR_ID, "signal": (_signal, _REQUIRED)}, _one_of_token_session),
+    "status": (True, _TOKEN_OR_ID, _one_of_token_session),
+    "destroy": (True, _TOKEN_OR_ID, _one_of_token_session),
     "state_get": (True, _TOKEN, None),
     "list": (True, {}, None),
     "state_put": (

@@ -30,7 +30,8 @@ import bento_sandbox
 import trio
 
 import bento
-from bento import auth, http, protocol, session_core, sessionlog, tcptune, transport
+from bento import auth, events, http, protocol, session_core, sessionlog, tcptune, transport
+from bento.admin import SessionOps
 from bento.config import Config
 from bento.metrics import Metrics
 from bento.readiness import Readiness
@@ -61,7 +62,7 @@ class Server:
         self.config = config
         self.registry = registry
         self.store = store
-        self.keys = auth.ApiKeys(config.api_keys)
+        self.keys = config.keys  # replaced in place on a reload
         self.guesses = auth.GuessLimiter()
         self.said_tuned = False
         self.peers: dict[str, int] = {}  # open WebSocket connections per peer host
@@ -171,7 +172,7 @@ class Server:
                 await ws.aclose()
 
 
-class Connection(JobOps):
+class Connection(SessionOps, JobOps):
     def __init__(self, server: Server, ws: WebSocket, peer: str) -> None:
         self.server = server
         self.config = server.config
@@ -238,8 +239,9 @@ class Connection(JobOps):
             self.nursery = nursery
             try:
                 await self._read_loop()
-            except ConnectionClosed:
-                pass
+            except ConnectionClosed as exc:
+                if exc.code == 1009:
+                    events.refused("too_large", self.peer, limit=self.config.max_message)
             except Closing as exc:
                 await self.close(exc.code, exc.reason)
             nursery.cancel_scope.cancel()
@@ -294,25 +296,6 @@ class Connection(JobOps):
 
     # -- helpers -------------------------------------------------------------
 
-    def need_key(self) -> str:
-        if self.key is None:
-            raise protocol.RequestError("unauthorized", "this server requires a valid API key (hello auth)")
-        return self.key
-
-    def by_token(self, token: str, owner: bool) -> tuple[Session, str]:
-        if not self.server.guesses.allowed(self.peer):
-            self.server.metrics.guesses_refused.inc()
-            raise protocol.RequestError("limit", "too many failed token guesses; slow down")
-        found = self.registry.by_token(token)
-        if found is None:
-            self.server.guesses.failed(self.peer)
-            self.server.metrics.guesses_failed.inc()
-            raise protocol.RequestError("not_found", "no session has this token")
-        s, mode = found
-        if owner and mode != "rw":
-            raise protocol.RequestError("forbidden", "this needs the owner token, not a viewer token")
-        return s, mode
-
     def attachment(self, sid: str, write: bool) -> Attachment:
         att = self.attachments.get(sid)
         if att is None:
@@ -335,6 +318,7 @@ class Connection(JobOps):
         self.key = self.server.keys.check(presented)
         if presented is not None and self.key is None:
             self.server.guesses.failed(self.peer)
+            events.refused("bad_key", self.peer)
         await self.send(protocol.reply_ok(
             req["id"], proto=protocol.PROTO_VERSION, server=self.server.name,
             node=self.config.node, max_message=self.config.max_message,
@@ -514,30 +498,6 @@ class Connection(JobOps):
         if verdict == session_core.DUPLICATE:
             return {"ok": True, "input_seq": s.snap.input_seq}
         return {"ok": False, "code": verdict.code, "message": verdict.message}
-
-    async def op_signal(self, req: dict) -> None:
-        s, _ = self.by_token(req["token"], owner=True)
-        if s.snap.has_ended:
-            raise protocol.RequestError("gone", "the function has ended")
-        r = await self.registry.call(s, {"t": "signal", "signal": req["signal"]})
-        if not r["ok"]:
-            raise protocol.RequestError(r["code"], r["message"])
-        await self.send(protocol.reply_ok(req["id"]))
-
-    async def op_status(self, req: dict) -> None:
-        s, _ = self.by_token(req["token"], owner=False)
-        await self.send(protocol.reply_ok(req["id"], **s.status()))
-
-    async def op_list(self, req: dict) -> None:
-        key = self.need_key()
-        every = not self.server.keys.required
-        out = [s.status() for s in self.registry.sessions.values() if every or s.meta.get("key") == key]
-        await self.send(protocol.reply_ok(req["id"], sessions=out))
-
-    async def op_destroy(self, req: dict) -> None:
-        s, _ = self.by_token(req["token"], owner=True)
-        await self.registry.end(s)
-        await self.send(protocol.reply_ok(req["id"]))
 
     async def op_state_get(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=False)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from bento import envs, files, protocol
+from bento import envs, events, files, protocol
 
 if TYPE_CHECKING:
     from bento.config import Config
@@ -115,4 +115,5 @@ class JobOps:
             raise protocol.RequestError("too_large", f"an uploaded file is at most {cap} bytes on this server")
         size = await _io(files.write_file, os.path.join(s.dir, "work"), parts, req["offset"], req["data"],
                          req["offset"] == 0)
+        events.emit("session.file_put", session=s.sid, offset=req["offset"], bytes=len(req["data"]), size=size)
         await self.send(protocol.reply_ok(req["id"], size=size))

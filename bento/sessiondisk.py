@@ -82,6 +82,28 @@ def note(sdir: str, message: str) -> None:
         pass  # the log is on the same failing disk; the files say it anyway
 
 
+def pin_dir(sdir: str) -> str:
+    """The session directory as this process's own path to it (``/proc/self/fd/N``):
+    an exchange reaches its directory through an fd, so a data dir moved while the
+    function runs (stop the server, mv, start it on the new path) keeps working.
+    Only this process may use the path; its children get real paths."""
+    return f"/proc/self/fd/{os.open(sdir, os.O_RDONLY | os.O_DIRECTORY)}"
+
+
+def real_path(pinned: str) -> str:
+    """Where the directory behind a :func:`pin_dir` path is now, as other
+    processes (a function's sandbox, an installer) must be told: it follows a move."""
+    return os.readlink(pinned)
+
+
+def dir_deleted(pinned: str) -> bool:
+    """Whether the directory behind a :func:`pin_dir` path was deleted."""
+    try:
+        return os.stat(pinned).st_nlink == 0
+    except OSError:
+        return True
+
+
 class Busy(Exception):
     """Another process (an exchange) holds the session's lock."""
 

@@ -23,10 +23,10 @@ from typing import Any
 import bento_sandbox
 import trio
 
-from bento import auth, files, protocol, session_core, sessiondisk
+from bento import auth, events, files, protocol, session_core, sessiondisk
 from bento.config import Config
 from bento.exchange_link import ExchangeGone, ExchangeLink, Exchanges
-from bento.session_core import Snapshot
+from bento.session_core import Snapshot, State
 from bento.store import Store
 
 log = logging.getLogger("bento.sessions")
@@ -83,7 +83,12 @@ class Session:
 
     def update(self, msg: dict) -> None:
         """Take the exchange's snapshot (a hello, a progress or a sync reply)."""
+        before = self.snap.state
         self.snap = Snapshot.from_map(msg)
+        if self.snap.state != before and (before != State.STARTING.value or not self.check_log):
+            # (A session found at start says its state in session.recovered.)
+            events.emit("session.state", session=self.sid, state=self.snap.state, was=before,
+                        **events.exit_fields(self.snap.exit))
         if "enforced" in msg:
             self.enforced = msg["enforced"]
         if "shared_version" in msg:
@@ -222,6 +227,8 @@ class Registry:
             shutil.rmtree(sdir, ignore_errors=True)
             raise protocol.RequestError("internal", f"could not start the session: {exc}") from None
         self._index(s)
+        events.emit("session.created", session=sid, key=self.config.keys.name(meta.get("key") or ""),
+                    **({"env": meta["env_name"]} if meta.get("env_name") else {}))
         return s
 
     async def pool_keeper(self) -> None:
@@ -361,6 +368,7 @@ class Registry:
                 log.error("session %s: cannot be adopted, skipped: %s", sid, exc)
                 continue
             self._index(s)
+            events.emit("session.recovered", session=sid, state=s.snap.state, **events.exit_fields(s.snap.exit))
 
     # -- requests to the exchange ---------------------------------------------
 
@@ -424,10 +432,12 @@ class Registry:
 
     # -- the end of a session ------------------------------------------------------
 
-    async def end(self, s: Session) -> None:
+    async def end(self, s: Session, reason: str = "") -> None:
         """Remove the session: kill its function, delete its buffers, forget its tokens."""
         if s.removed:
             return
+        acked = s.snap.exit_seq is not None and s.snap.acked_seq >= s.snap.exit_seq
+        events.emit("session.ended", session=s.sid, state=s.snap.state, why=reason or ("exit_acked" if acked else "ttl"))
         self._unindex(s)
         for att in list(s.attachments):
             att.ended = True

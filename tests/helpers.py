@@ -386,7 +386,7 @@ def assert_contiguous(frames: list[list], start: int = 1) -> None:
         expect = seq + 1
 
 
-def self_signed(tmp_path) -> tuple[str, str]:
+def self_signed(tmp_path: Any) -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1 and its key (PEM files in ``tmp_path``)."""
     cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
     subprocess.run(

@@ -13,11 +13,10 @@ back into bytes, so values round-trip except for non-text map keys.
 from __future__ import annotations
 
 import base64
-import math
-import re
 from typing import Any
 
 from bento import protocol
+from bento.units import limit_value, parse_duration, parse_size
 
 __all__ = [
     "LIMIT_ALIASES",
@@ -43,33 +42,6 @@ LIMIT_ALIASES: dict[str, str] = {
     "file": "file_bytes",
     **{k: k for k in protocol.LIMIT_KEYS},
 }
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in ``text``: ``1048576``, ``64K``, ``256M``, ``1.5G``, ``256MiB``, ``2gb``.
-
-    Suffixes are binary (K = 1024) and case-insensitive. Raises ValueError."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"bad size {text!r} (examples: 4096, 64K, 256M, 1G)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``text``: ``30``, ``30s``, ``500ms``, ``2m``, ``1.5h``, ``1d``. Raises ValueError."""
-    m = _DURATION.match(text)
-    if not m:
-        raise ValueError(f"bad duration {text!r} (examples: 30s, 500ms, 2m, 1h)")
-    value = float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "s").lower()]
-    if not math.isfinite(value):
-        raise ValueError(f"bad duration {text!r}")
-    return int(value) if value.is_integer() else value
-
 
 def parse_limits(spec: str | dict[str, Any] | None) -> dict[str, int | float]:
     """The protocol ``limits`` map for ``spec``.
@@ -100,20 +72,7 @@ def parse_limits(spec: str | dict[str, Any] | None) -> dict[str, int | float]:
             raise ValueError(f"unknown limit {key!r} (known: {known})")
         if name in out:
             raise ValueError(f"limit {key!r} given twice")
-        if isinstance(value, bool):
-            raise ValueError(f"limit {key!r}: {value!r} is not a number")
-        if isinstance(value, int | float):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"limit {key!r}: {value!r} must be a non-negative number")
-            out[name] = value if name in ("wall_s", "cpu_s") else int(value)
-        elif name in ("wall_s", "cpu_s"):
-            out[name] = parse_duration(str(value))
-        elif name == "pids":
-            if not str(value).strip().isdigit():
-                raise ValueError(f"limit {key!r}: {value!r} is not a whole number")
-            out[name] = int(value)
-        else:
-            out[name] = parse_size(str(value))
+        out[name] = limit_value(name, value)
     return out
 
 

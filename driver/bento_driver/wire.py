@@ -21,7 +21,7 @@ LEN = struct.Struct(">I")
 #: it, and a server connects only to an exchange of its own version (an
 #: exchange outlives the server that started it, so a new server may meet an
 #: old one).
-VERSION = 4
+VERSION = 5
 
 
 #: ``api.send``: this byte, the channel's length (1 byte), the channel (UTF-8), the value (CBOR).
@@ -63,7 +63,7 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "input": ("rid seq", "data eof stdin"),  # stdin: data is bytes for fd 0, not a value
             "ack": ("seq", ""),
             "sync": ("rid", ""),  # positions now: replied with the snapshot's fields
-            "signal": ("rid signal", ""),
+            "signal": ("rid signal", "by"),  # by: the admin who kills (KILL only)
             "state_get": ("rid", ""),
             "state_put": ("rid value if_version", ""),
             "end": ("rid", ""),  # destroy: kill, delete, exit

@@ -9,9 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 # What the clients may import of the ``bento`` package: the protocol, the
-# package root (for its ``__version__``) and tcptune, a stdlib-only helper that
-# both sides use and that knows nothing of either.
-ALLOWED = {"bento", "bento.protocol", "bento.tcptune"}
+# package root (for its ``__version__``), tcptune, a stdlib-only helper that
+# both sides use and that knows nothing of either, and units, the one parser
+# of sizes and durations (pure functions over the protocol's limit keys).
+ALLOWED = {"bento", "bento.protocol", "bento.tcptune", "bento.units"}
 
 
 def imported_modules(path: Path) -> set[str]:

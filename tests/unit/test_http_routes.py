@@ -20,7 +20,7 @@ async def never_ready() -> str | None:
 
 
 def routes(static_dir: str, keys: list[str] | None = None) -> http.Routes:
-    return http.Routes(keys=auth.ApiKeys(keys or []), guesses=auth.GuessLimiter(burst=2, per_second=0.01),
+    return http.Routes(keys=auth.ApiKeys([auth.Key.plain(k) for k in keys or []]), guesses=auth.GuessLimiter(burst=2, per_second=0.01),
                        metrics=lambda: b"bento_up 1\n", ready=never_ready, static_dir=static_dir)
 
 

@@ -887,10 +887,11 @@ HAPPY = [
     ),
     (
         {"op": "signal", "id": 7, "token": "t", "signal": "TERM"},
-        {"op": "signal", "id": 7, "token": "t", "signal": "TERM"},
+        {"op": "signal", "id": 7, "token": "t", "session": None, "signal": "TERM"},
     ),
-    ({"op": "status", "id": 8, "token": "t"}, {"op": "status", "id": 8, "token": "t"}),
-    ({"op": "destroy", "id": 9, "token": "t"}, {"op": "destroy", "id": 9, "token": "t"}),
+    ({"op": "status", "id": 8, "token": "t"}, {"op": "status", "id": 8, "token": "t", "session": None}),
+    ({"op": "status", "id": 8, "session": "s_1"}, {"op": "status", "id": 8, "token": None, "session": "s_1"}),
+    ({"op": "destroy", "id": 9, "token": "t"}, {"op": "destroy", "id": 9, "token": "t", "session": None}),
     ({"op": "state_get", "id": 10, "token": "t"}, {"op": "state_get", "id": 10, "token": "t"}),
     ({"op": "list", "id": 11}, {"op": "list", "id": 11}),
     (
@@ -1036,6 +1037,7 @@ BAD = [
     ({"op": "signal", "id": 9, "token": "t", "signal": "SIGTERM"}, 9),
     ({"op": "signal", "id": 9, "token": "t", "signal": ["INT"]}, 9),
     ({"op": "status", "id": 10}, 10),
+    ({"op": "status", "id": 10, "token": "t", "session": "s_1"}, 10),
     ({"op": "destroy", "id": 11, "token": 1}, 11),
     ({"op": "state_get", "id": 12, "token": None}, 12),
     ({"op": "state_put", "id": 13, "token": "t"}, 13),  # value is required, even null

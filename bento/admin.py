@@ -1,0 +1,115 @@
+"""The requests that name a session by its token, and the ones that act on a
+session as a whole (signal, status, list, destroy) for its owner and for an
+admin key, which names any session by its id.
+
+Who may act: a token gives its session (the owner token everything, a viewer
+token reads); a token whose session was started by a key revoked since
+(a reload on SIGHUP, ``revoke_sessions``) gives nothing. An admin key names
+sessions by id, across owners; its kill is recorded in the function's exit
+(``Killed``, ``by: "admin:<name>"``) through the exchange's control socket. An
+ended session has no exchange: status and destroy are answered from what the
+server holds and from disk. A mixin of ``bento.server.Connection``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bento import events, protocol
+from bento.sessions import Session
+
+if TYPE_CHECKING:
+    from bento.config import Config
+    from bento.server import Server
+    from bento.sessions import Registry
+
+
+class SessionOps:
+    """signal, status, list and destroy, and how a request finds its session."""
+
+    server: Server
+    config: Config
+    registry: Registry
+    key: str | None
+    peer: str
+
+    if TYPE_CHECKING:
+        async def send(self, data: bytes) -> None: ...  # Connection.send
+
+    def need_key(self) -> str:
+        if self.key is None or not self.server.keys.known(self.key):
+            raise protocol.RequestError("unauthorized", "this server requires a valid API key (hello auth)")
+        return self.key
+
+    def by_token(self, token: str, owner: bool) -> tuple[Session, str]:
+        if not self.server.guesses.allowed(self.peer):
+            self.server.metrics.guesses_refused.inc()
+            events.refused("rate_limit", self.peer)
+            raise protocol.RequestError("limit", "too many failed token guesses; slow down")
+        found = self.registry.by_token(token)
+        if found is None:
+            self.server.guesses.failed(self.peer)
+            self.server.metrics.guesses_failed.inc()
+            raise protocol.RequestError("not_found", "no session has this token")
+        s, mode = found
+        key = s.meta.get("key")
+        if key and self.config.revoke_sessions and not self.server.keys.known(key):
+            raise protocol.RequestError("unauthorized", "the API key that started this session was revoked")
+        if owner and mode != "rw":
+            raise protocol.RequestError("forbidden", "this needs the owner token, not a viewer token")
+        return s, mode
+
+    def target(self, req: dict, owner: bool) -> tuple[Session, str | None]:
+        """The session a request names by token, or by id for an admin key; and
+        who acts on it ("admin:<name>" when an admin named it by id, else None)."""
+        if req["token"] is not None:
+            return self.by_token(req["token"], owner)[0], None
+        if not self.server.keys.is_admin(self.key):
+            raise protocol.RequestError(
+                "forbidden", "only an admin key may name a session by its id; use the session's token")
+        s = self.registry.sessions.get(req["session"])
+        if s is None or s.removed:
+            raise protocol.RequestError("not_found", f"no session {req['session']!r} on this server")
+        return s, f"admin:{self.server.keys.name(self.key or '')}"
+
+    async def op_signal(self, req: dict) -> None:
+        s, by = self.target(req, owner=True)
+        await self._signal(s, req["signal"], by)
+        await self.send(protocol.reply_ok(req["id"]))
+
+    async def _signal(self, s: Session, name: str, by: str | None) -> None:
+        """Send a signal to the function; a KILL sent ``by`` an admin is recorded in its exit."""
+        if s.snap.has_ended:
+            raise protocol.RequestError("gone", "the function has ended")
+        msg = {"t": "signal", "signal": name}
+        if by is not None and name == "KILL":
+            msg["by"] = by
+            events.emit("admin.kill", session=s.sid, by=by)
+        r = await self.registry.call(s, msg)
+        if not r["ok"]:
+            raise protocol.RequestError(r["code"], r["message"])
+
+    async def op_status(self, req: dict) -> None:
+        s, by = self.target(req, owner=False)
+        await self.send(protocol.reply_ok(req["id"], **self._status(s, by is not None)))
+
+    def _status(self, s: Session, with_key: bool) -> dict:
+        if not with_key:
+            return s.status()
+        return {**s.status(), "key": self.server.keys.name(s.meta.get("key") or "")}
+
+    async def op_list(self, req: dict) -> None:
+        key = self.need_key()
+        every = not self.server.keys.required or self.server.keys.is_admin(key)
+        out = [self._status(s, True) for s in self.registry.sessions.values()
+               if every or s.meta.get("key") == key]
+        await self.send(protocol.reply_ok(req["id"], sessions=out))
+
+    async def op_destroy(self, req: dict) -> None:
+        s, by = self.target(req, owner=True)
+        if by is not None and not s.snap.has_ended:
+            # An admin ends the function; the session stays readable for its owner.
+            await self._signal(s, "KILL", by)
+        else:
+            await self.registry.end(s, reason="destroyed by " + (by or "owner"))
+        await self.send(protocol.reply_ok(req["id"]))
