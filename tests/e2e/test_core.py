@@ -149,9 +149,10 @@ async def test_two_attachments_independent_positions(server):
 
 async def test_print_of_framing_like_bytes_is_only_stdout(server):
     code = (
-        "import sys, struct, cbor2\n"
+        "import sys, struct\n"
+        "from bento_driver import cbor\n"
         "def main():\n"
-        "    junk = struct.pack('>I', 5) + cbor2.dumps({'t': 'send', 'ch': None, 'v': b'x'})\n"
+        "    junk = struct.pack('>I', 5) + cbor.encode({'t': 'send', 'ch': None, 'v': b'x'})\n"
         "    sys.stdout.buffer.write(junk + b'\\xff\\x00\\x9f')\n"
         "    sys.stdout.flush()\n"
         "    print('{\"ev\": \"out\"}')\n"
