@@ -498,9 +498,10 @@ class BwrapBackend(_Backend):
         self.tmp_bytes = tmp_bytes
 
     def command(self, argv: list[str], *, env: Mapping[str, str], network: bool,
-                bind: list[str | tuple[str, str]], tmp_bytes: int, home_fd: int) -> list[str]:
+                bind: list[str | tuple[int, str]], tmp_bytes: int, home_fd: int) -> list[str]:
         """bwrap's command line; ``home_fd``: an fd of the host directory bound
-        read-write at HOME (an fd, so no command line names the data dir)."""
+        read-write at HOME; a ``(fd, where)`` item of ``bind`` is bound read-only
+        there (fds, so no command line names the data dir)."""
         assert self.bwrap is not None
         cmd = [
             self.bwrap,
@@ -527,8 +528,8 @@ class BwrapBackend(_Backend):
                     cmd += ["--ro-bind", path, path]
         seen = {"/usr"}
         for item in [sys.base_prefix, *bind]:
-            if isinstance(item, tuple):  # (host path, where the sandbox sees it)
-                cmd += ["--ro-bind", os.path.realpath(item[0]), item[1]]
+            if isinstance(item, tuple):  # (an fd of the host path, where the sandbox sees it)
+                cmd += ["--ro-bind-fd", str(item[0]), item[1]]
                 continue
             path = os.path.realpath(item)
             if any(path == s or path.startswith(s + "/") for s in seen):
@@ -548,14 +549,24 @@ class BwrapBackend(_Backend):
         enforced = {"tmp_bytes": f"tmpfs of {self.tmp_bytes} bytes for /tmp"}
         if not network:
             enforced["network"] = "none (own network namespace)"
-        home_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
+        fds: list[int] = []
         try:
-            cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=bind,
+            home_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
+            fds.append(home_fd)
+            by_fd: list[str | tuple[int, str]] = []
+            for item in bind:
+                if isinstance(item, tuple):  # (host path, where the sandbox sees it)
+                    fds.append(os.open(os.path.realpath(item[0]), os.O_PATH))
+                    by_fd.append((fds[-1], item[1]))
+                else:
+                    by_fd.append(item)
+            cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=by_fd,
                                tmp_bytes=self.tmp_bytes, home_fd=home_fd)
-            proc, cgroups = self._start(cmd, name=name, cwd="/", env={}, pass_fds=(*pass_fds, home_fd),
+            proc, cgroups = self._start(cmd, name=name, cwd="/", env={}, pass_fds=(*pass_fds, *fds),
                                         stdin=stdin, stdout=stdout, stderr=stderr)
         finally:
-            os.close(home_fd)
+            for fd in fds:
+                os.close(fd)
         return Environment(proc, cgroups, enforced, signal_exit_codes=True)
 
 
