@@ -42,7 +42,7 @@ async def test_the_fifth_execute_is_busy_at_once_and_the_four_are_unharmed(make_
         assert err["code"] == "busy" and err["busy"] == "sessions", err
         assert err["retry_after"] > 0
         assert "--max-sessions 4" in err["message"]
-        assert took < 0.1, took
+        assert took < 1.0, took  # refused at once, not queued
         for i, run in enumerate(running):
             got = await finish(c, run, f"v{i}")
             assert got[-1][2]["result"] == f"v{i}" and got[-1][2]["state"] == "exited"
@@ -141,7 +141,10 @@ async def test_a_key_over_its_rate_gets_quota_while_another_key_is_served(make_s
         # Bob's own bucket is full.
         r = await bob.ok("execute", code=QUICK)
         assert (await bob.frames(r["session"]))[-1][2]["result"] == 1
-    assert loaded <= 2 * baseline, (baseline, loaded)
+    # Served, not starved: a starved ping waits behind the flood for hundreds of
+    # milliseconds. Sub-millisecond medians wobble by more than 2x on a shared
+    # machine, so the bound is 2x the baseline or 20 ms, whichever is larger.
+    assert loaded <= max(2 * baseline, 0.02), (baseline, loaded)
 
 
 async def test_quota_sessions_names_the_quota(make_server):
