@@ -95,6 +95,14 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--quota-history-bytes", type=units.size, metavar="SIZE",
                    help="output one API key's sessions may retain (unacknowledged plus history) before "
                         "its executes are refused (default: no quota)")
+    p.add_argument("--max-env-bytes", type=units.size, default=4 * 1024 * 1024 * 1024,
+                   help="bytes the environments of executes' packages may take together under the data "
+                        "dir (default 4GiB); the least recently used go first")
+    p.add_argument("--max-work-bytes", type=units.size, default=1024 * 1024 * 1024,
+                   help="disk a function may fill in its work dir (its home, kept after the run; default "
+                        "1GiB): over it, it is killed (LimitExceeded work_bytes)")
+    p.add_argument("--max-upload-bytes", type=units.size, default=256 * 1024 * 1024,
+                   help="the largest file a client may put into a running session (default 256MiB)")
     p.add_argument("--node", default="node-1",
                    help="this node's name, sent in hello; unique in a cluster")
     p.add_argument("--cluster", metavar="URL",
@@ -193,6 +201,8 @@ def build_config(r: Resolved) -> Config:
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
         max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, cluster=args.cluster,
+        max_env_bytes=args.max_env_bytes, max_work_bytes=args.max_work_bytes,
+        max_upload_bytes=args.max_upload_bytes,
     )
 
 
@@ -389,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["server"]:
         return run_server(argv[1:])
+    if argv[:1] == ["env"]:
+        from bento.envs_cli import main as env_main
+
+        return env_main(argv[1:])
     try:
         from bento_clients.cli import main as client_main
     except ImportError:

@@ -59,6 +59,9 @@ class Config:
     default_limits: dict[str, float] = field(default_factory=dict)
     max_limits: dict[str, float] = field(default_factory=dict)
     pool_size: int = 2  # warm environments kept ready (bwrap and none)
+    max_env_bytes: int = 4 * 1024 * 1024 * 1024  # the packages' environments together (envs/)
+    max_upload_bytes: int = 256 * 1024 * 1024  # one file put into a running session (file_put)
+    max_work_bytes: int = 1024 * 1024 * 1024  # what a function may leave in its work dir (host disk)
     # limit -> what holds it for a whole environment here (bento_sandbox.enforcement()).
     enforceable: dict[str, str] = field(default_factory=dict)
     # Accept limits that only a per-process rlimit (or nothing) holds.

@@ -37,9 +37,12 @@ import bento_sandbox
 from bento_driver import wire
 
 from bento import protocol, session_core, sessiondisk, sessionlog
+from bento.exchange_build import EnvBuild
 from bento.exchange_control import Control, unlink
 from bento.exchange_driver import DriverSide
 from bento.exchange_output import RETRY_SECONDS, Output
+from bento.exchange_stdin import Stdin
+from bento.exchange_workdir import WorkDirWatch
 from bento.launch import (
     READ_SIZE,
     VALUE_ROOM,
@@ -106,6 +109,9 @@ class Exchange:
         self.wall_deadline: float | None = None
         self.to_close: list[int] = []
         self.driver: DriverSide | None = None
+        self.stdin: Stdin | None = None
+        self.build: EnvBuild | None = None  # the session's packages, before its function starts
+        self.work_watch: WorkDirWatch | None = None  # the bound on what it leaves on disk
         self.reading = False
         self.control = Control(self)
         self.progress_dirty = True
@@ -152,6 +158,19 @@ class Exchange:
             sys.stderr.flush()
         except OSError:
             pass  # the log is on the same full disk; the state says it anyway
+
+    def deliver(self, record: list) -> None:
+        """Queue one input-log record for the function: stdin bytes, or a value for
+        api.recv(). A record is [seq, data] (data None: the eof) for api.recv(),
+        [seq, data, true] for stdin."""
+        if len(record) == 3:
+            if self.stdin is not None:
+                self.stdin.add(record[1])
+        elif self.driver is not None:
+            if record[1] is None:
+                self.driver.send("eof")
+            else:
+                self.driver.send("in", data=record[1])
 
     def watch_fd(self, fd: int, events: int, cb: Any) -> None:
         try:
@@ -206,18 +225,20 @@ class Exchange:
         self.child = child = launched.env
         link, self.enforced, started_at = pre
         self.driver = driver = DriverSide(self, link)
+        self.stdin = Stdin(self, launched.in_w)
+        if self.meta.get("work_bytes") is not None:
+            self.work_watch = WorkDirWatch(os.path.join(self.dir, "work"), self.meta["work_bytes"])
         self.output.watch(launched.out_r, launched.err_r)
+        self.output.tty_fd = launched.out_r
         self.pidfd = os.pidfd_open(child.pid)
         self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
         if self.limits.wall_s is not None:
             self.wall_deadline = started_at + self.limits.wall_s
         # Input accepted before the function started goes to it now, in order.
         for _seq, payload in self.inlog.records():
-            _s, data = loads(payload)
-            link.queue(protocol.encode(
-                wire.message(wire.TO_DRIVER, "eof") if data is None else
-                wire.message(wire.TO_DRIVER, "in", data=data)))
+            self.deliver(loads(payload))
         driver.flush()
+        self.stdin.pump()
         # The function runs from here on; the bookkeeping below is off its path.
         with open(os.path.join(self.dir, "env.pid"), "w") as f:
             f.write(f"{child.pgid}\n")
@@ -231,6 +252,8 @@ class Exchange:
         self.kill_child()
 
     def kill_child(self) -> None:
+        if self.build is not None:
+            self.build.kill()
         if self.child is not None:
             self.child.kill()
 
@@ -248,6 +271,8 @@ class Exchange:
         self.wall_deadline = None  # the function is over: no timer may wake this loop
         # Whatever the function left behind dies with it, and its pid may be reused.
         self.child.release()
+        if self.build is not None:
+            self.build.release()  # its environment may be evicted from now on
         unlink(os.path.join(self.dir, "env.pid"))
         self.core.function_ended()
         self.drain_deadline = time.monotonic() + DRAIN_SECONDS
@@ -270,6 +295,8 @@ class Exchange:
             for fd in (self.driver.link.rfd, self.driver.link.wfd):
                 self.watch_fd(fd, 0, None)
                 self.to_close.append(fd)
+        if self.stdin is not None:
+            self.stdin.close()
         self.finish_exit(session_core.classify_exit(self.exit_facts()))
 
     def exit_facts(self) -> session_core.ExitFacts:
@@ -307,6 +334,12 @@ class Exchange:
         left = self.limits.cpu_s - (used or 0.0)
         self.next_cpu_check = now + min(max(left / CPUS, CPU_CHECK_MIN_S), CPU_CHECK_MAX_S)
 
+    def check_work(self, now: float) -> None:
+        watch = self.work_watch
+        if (watch is not None and self.child is not None and self.drain_deadline is None
+                and self.exiting is None and watch.over(now)):
+            self.kill("work_bytes")
+
     def finish_exit(self, data: dict) -> None:
         """Record the end: the exit frame (state, code, result, error) goes last."""
         self.exiting = data
@@ -342,8 +375,10 @@ class Exchange:
                 timeout = max(0.0, self.next_dir_check - now)
             running = self.child is not None and self.exiting is None and self.drain_deadline is None
             cpu_check = self.next_cpu_check if self.limits.cpu_s is not None and running else None
+            work_check = self.work_watch.next_check if self.work_watch is not None and running else None
             retry = output.retry_at if output.held_back else None
-            for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry):
+            for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry,
+                             work_check):
                 if deadline is not None:
                     left = max(0.0, deadline - now)
                     timeout = left if timeout is None else min(timeout, left)
@@ -360,6 +395,7 @@ class Exchange:
                 if self.exiting is None and self.drain_deadline is None:
                     self.kill("wall_s")
             self.check_cpu(now)
+            self.check_work(now)
             output.retry_stalled(now)
             self.maybe_finish_drain(now)
             if output.log.pending and (not output.flush_blocked or now >= output.retry_at):
@@ -423,21 +459,27 @@ def main(argv: list[str]) -> None:
         # A pre-started environment and a brand-new session: the function
         # starts first, and runs while this exchange sets itself up.
         meta = read_meta(sdir)
-        cwd = None
-        if meta["sandbox"] != "bwrap":
-            # Unsandboxed: the driver moves to the session's work dir (cwd and
-            # HOME, as if started there). A sandbox has its own tmpfs home.
-            os.makedirs(work, exist_ok=True)
-            cwd = work
+        # The environment was started in a directory of its own: it becomes the
+        # session's work dir, where clients read and write its files (a
+        # sandbox's home is a bind of it, which follows the rename).
+        os.rename(launched.workdir, work)
+        # Unsandboxed, the driver moves there by its new name (cwd and HOME).
+        cwd = None if meta["sandbox"] == "bwrap" else work
         try:
-            pre = prestart(launched, meta, cwd)
+            # (With packages, the start message waits until they are ready.)
+            pre = None if meta.get("packages") else prestart(launched, meta, cwd)
         except bento_sandbox.Unenforceable as exc:
             launched.discard()
             launched = Launched(None, error=str(exc))
     ex = Exchange(sdir, adopt, meta)
     if adopt:
         ex.adopt_lost()
-    if not adopt and ex.core.exit is None:
+    if (not adopt and ex.core.exit is None and ex.meta.get("packages")
+            and (launched is None or launched.error is None)):
+        os.makedirs(work, exist_ok=True)
+        ex.build = EnvBuild(ex, launched)
+        ex.build.begin()
+    elif not adopt and ex.core.exit is None:
         if launched is None:
             os.makedirs(work, exist_ok=True)
             # (Named after this exchange too: see bento_sandbox.sweep_cgroups.)
@@ -480,7 +522,7 @@ def main(argv: list[str]) -> None:
     if ex.remove:
         import shutil  # only here: the exchange starts per session and stays small
 
-        shutil.rmtree(os.readlink(sdir), ignore_errors=True)
+        shutil.rmtree(sessiondisk.real_path(sdir), ignore_errors=True)
     os._exit(0)
 
 

@@ -16,7 +16,7 @@ import socket
 from bento_driver import wire
 
 from bento import protocol
-from bento.launch import Link, loads
+from bento.launch import Link, loads, set_window
 from bento.session_core import ACCEPT, DUPLICATE
 
 TYPE_CHECKING = False  # the exchange does not import typing (it starts per session)
@@ -136,7 +136,11 @@ class Control:
             ex.apply(core.trim_history(msg["keep"]))
             self.reply(rid, ok=True, **core.snapshot())
         elif t == "signal":
-            if not core.accepts_work or ex.child is None:
+            if ex.build is not None and ex.build.building and core.accepts_work:
+                ex.user_signal = msg["signal"]
+                ex.build.kill()  # the function never starts: the session ends failed
+                self.reply(rid, ok=True)
+            elif not core.accepts_work or ex.child is None:
                 self.reply(rid, ok=False, code="gone", message="the function has ended")
             else:
                 name = msg["signal"]
@@ -160,6 +164,12 @@ class Control:
                 self.reply(rid, ok=True, version=version)
             else:
                 self.reply(rid, ok=False, code="conflict", message="shared state changed", version=version)
+        elif t == "resize":
+            if ex.child is None or not ex.meta.get("tty") or not core.accepts_work:
+                self.reply(rid, ok=False, code="gone", message="no terminal: the function is not running in one")
+            else:
+                set_window(ex.output.tty_fd, msg["rows"], msg["cols"])
+                self.reply(rid, ok=True)
         elif t == "end":
             # destroy, or the session's life is over: nothing of it remains.
             ex.kill_reason = ex.kill_reason or "destroyed"
@@ -184,22 +194,23 @@ class Control:
         if verdict != ACCEPT:
             self.reply(rid, ok=False, code=verdict.code, message=verdict.message, input_seq=core.input_seq)
             return
-        if ex.driver is not None and len(ex.driver.link.outbuf) > MAX_PENDING_INPUT:
+        waiting = (len(ex.driver.link.outbuf) if ex.driver is not None else 0) + (
+            ex.stdin.pending if ex.stdin is not None else 0)
+        if waiting > MAX_PENDING_INPUT:
             self.reply(rid, ok=False, code="limit",
                        message="too much input is waiting for the function to read it")
             return
         eof = bool(msg.get("eof"))
-        data = msg.get("data")
+        data = None if eof else msg.get("data")
+        # A record is [seq, data] (data None: the eof) for api.recv(), [seq, data, true] for stdin.
+        record = [seq, data, True] if msg.get("stdin") else [seq, data]
         try:
-            ex.inlog.append(seq, protocol.encode([seq, None if eof else data]))
+            ex.inlog.append(seq, protocol.encode(record))
         except OSError as exc:
             self.reply(rid, ok=False, code="internal", message=f"cannot record the input: {exc.strerror}")
             return
         ex.apply(core.input_recorded(seq))
-        if ex.driver is not None:
-            if eof:
-                ex.driver.send("eof")
-            else:
-                ex.driver.send("in", data=data)
+        ex.deliver(record)
+        if ex.stdin is not None:
+            ex.stdin.pump()
         self.reply(rid, ok=True, input_seq=seq)
-

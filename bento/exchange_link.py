@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 import bento_driver
@@ -54,12 +56,10 @@ def exchange_sys_path() -> list[str]:
 
 
 def driver_sys_path() -> list[str]:
-    """What the sandbox shows, read-only, of the host's packages: the driver
-    (stdlib and its own codec) and cbor2, which functions may import; nothing
-    else of the host (never the data dir)."""
-    import cbor2
-
-    return _parents(bento_driver, cbor2)
+    """Where the driver (stdlib and its own codec) is found. bwrap binds only
+    the driver's package from there (bento/launch.py), so nothing else of the
+    host's packages is importable in the sandbox (never the data dir)."""
+    return _parents(bento_driver)
 
 
 def real_python() -> str:
@@ -177,6 +177,12 @@ class Exchanges:
         self.boot = (f"import sys;sys.path[:0]={self.sys_path!r};"
                      "from bento.exchange import main;main(sys.argv[1:])")
         self.warm: list[ExchangeLink] = []
+        self.warm_dir = os.path.join(config.data_dir, "warm")
+        # Every sandbox binds it (read-only): a warm one may get a session with packages.
+        self.envs_dir = os.path.join(os.path.abspath(config.data_dir), "envs")
+        os.makedirs(self.envs_dir, exist_ok=True)
+        shutil.rmtree(self.warm_dir, ignore_errors=True)  # homes of warm exchanges of a previous run
+        os.makedirs(self.warm_dir, exist_ok=True)
         self.warm_wanted = trio.Event()
         # Not for --sandbox-cmd: its command prefix may tie a process to its cwd.
         self.pool_size = config.pool_size if config.sandbox in ("bwrap", "none") else 0
@@ -214,7 +220,9 @@ class Exchanges:
         await link.send({
             "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,
             "python": self.python, "driver_path": self.driver_path, "network": False,
-            "workdir": "/",
+            "envs_dir": self.envs_dir,
+            # The sandbox's home until a session takes it (then renamed to the session's work dir).
+            "workdir": tempfile.mkdtemp(prefix="warm-", dir=self.warm_dir),
         })
         with trio.fail_after(SPAWN_TIMEOUT_S):
             ready = await link.receive()

@@ -37,6 +37,7 @@ class Output:
         self.output_total = 0
         self.stderr_tail = b""
         self.pipes: dict[int, str] = {}  # fd -> "stdout" | "stderr"
+        self.tty_fd = -1  # stdout's fd: a terminal's master in a tty session
         self.pipe_poll = select.poll()
         self.stalled: list[tuple[str, Parts, int]] = []  # frames the disk refused, oldest first
         self.flush_blocked = False  # appended frames wait for the disk

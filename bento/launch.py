@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
+import termios
 import time
 
 import bento_sandbox
@@ -21,6 +23,8 @@ from bento import protocol
 PIPE_BYTES = 1 << 20
 READ_SIZE = 1 << 16
 VALUE_ROOM = 1024  # an out event carries one frame at least: room for its envelope
+SANDBOX_LIB = "/opt/bento/lib"  # the driver's package, inside bwrap
+SANDBOX_ENVS = "/opt/bento/envs"  # the environments of executes' packages, inside bwrap (read-only)
 
 
 loads = protocol.decode_internal
@@ -76,12 +80,15 @@ class Link:
 
 
 class Launched:
-    """A started environment and the exchange's ends of its pipes."""
+    """A started environment and the exchange's ends of its pipes (``in_w``: the
+    function's standard input)."""
 
     def __init__(self, env: bento_sandbox.Environment | None, out_r: int = -1, err_r: int = -1,
-                 to_w: int = -1, from_r: int = -1, error: str | None = None) -> None:
+                 to_w: int = -1, from_r: int = -1, error: str | None = None, in_w: int = -1) -> None:
         self.env, self.error = env, error
         self.out_r, self.err_r, self.to_w, self.from_r = out_r, err_r, to_w, from_r
+        self.in_w = in_w
+        self.workdir = ""  # the host directory that is the environment's home and cwd
 
     def discard(self) -> None:
         if self.env is not None:
@@ -90,7 +97,7 @@ class Launched:
                 os.waitpid(self.env.pid, 0)
             except ChildProcessError:
                 pass
-        for fd in (self.out_r, self.err_r, self.to_w, self.from_r):
+        for fd in (self.out_r, self.err_r, self.to_w, self.from_r, self.in_w):
             if fd >= 0:
                 close_quietly(fd)
 
@@ -116,11 +123,17 @@ def prestart(launched: Launched, meta: dict, cwd: str | None) -> Prestarted:
     enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(meta["limits"]),
                                            strict=not meta.get("allow_unenforced", False))
     driver = Link(launched.from_r, launched.to_w, meta["max_message"] + 4096)
+    module = {"module": meta["module"]} if meta.get("module") else {}
+    if meta.get("tty"):
+        module["tty"] = True
+    site = site_for(meta)
+    if site:
+        module["site"] = site
     driver.queue(protocol.encode(wire.message(
         wire.TO_DRIVER, "start", code=meta["code"], entry=meta["entry"], args=meta["args"],
         kwargs=meta["kwargs"], env=meta["env"], cwd=cwd, rlimits=rlimits,
         max_value=meta["max_message"] - VALUE_ROOM, max_depth=protocol.MAX_DEPTH - 4,
-        max_items=protocol.DEFAULT_MAX_ITEMS)))
+        max_items=protocol.DEFAULT_MAX_ITEMS, **module)))
     driver.flush()  # what the pipe does not take now goes when the loop runs
     return driver, enforced, time.monotonic()
 
@@ -130,8 +143,18 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
 
     ``cfg`` holds sandbox, sandbox_cmd, python, driver_path, network. No
     session-specific setting is needed yet: limits, env and code come later."""
+    in_r, in_w = os.pipe()  # the function's standard input (input with stdin: true)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    if cfg.get("tty"):
+        # A terminal: its slave is stdin, stdout and stderr; the exchange reads
+        # the master as stdout (stderr's pipe just ends) and writes keys to it.
+        for fd in (in_r, in_w, out_r, out_w):
+            close_quietly(fd)
+        out_r, slave = os.openpty()
+        set_window(out_r, cfg["tty"]["rows"], cfg["tty"]["cols"])
+        in_r, out_w, in_w = slave, os.dup(slave), os.dup(out_r)
+        os.dup2(slave, err_w)
     to_r, to_w = os.pipe()  # exchange -> driver (driver's fd 3)
     from_r, from_w = os.pipe()  # driver -> exchange (driver's fd 4)
     for fd in (out_r, err_r, from_r):
@@ -142,7 +165,7 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
             pass  # over /proc/sys/fs/pipe-max-size for this user: keep the default
     # The driver expects its pipes at fds 3 and 4: pass them high, dup them down inside.
     child_in, child_out = _fd_at_least(to_r, 10), _fd_at_least(from_w, 10)
-    paths = cfg["driver_path"]
+    paths, binds = _mounts(cfg)
     boot = (
         "import os,sys;"
         f"os.dup2({child_in},3);os.dup2({child_out},4);os.close({child_in});os.close({child_out});"
@@ -156,17 +179,49 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
             name=name, workdir=workdir,
             env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
             network=cfg["network"], pass_fds=(child_in, child_out),
-            stdout=out_w, stderr=err_w, bind=paths,
+            stdin=in_r, stdout=out_w, stderr=err_w, bind=binds,
         )
     except (OSError, bento_sandbox.SandboxUnavailable) as exc:
-        for fd in (out_r, out_w, err_r, err_w, to_w, from_r, child_in, child_out):
+        for fd in (in_r, in_w, out_r, out_w, err_r, err_w, to_w, from_r, child_in, child_out):
             close_quietly(fd)
         return Launched(None, error=str(exc))
-    for fd in (out_w, err_w, child_in, child_out):
+    for fd in (in_r, out_w, err_w, child_in, child_out):
         close_quietly(fd)
-    for fd in (out_r, err_r, to_w, from_r):
+    for fd in (in_w, out_r, err_r, to_w, from_r):
         os.set_blocking(fd, False)
-    return Launched(env, out_r, err_r, to_w, from_r)
+    launched = Launched(env, out_r, err_r, to_w, from_r, in_w=in_w)
+    launched.workdir = workdir
+    return launched
+
+
+def set_window(fd: int, rows: int, cols: int) -> None:
+    """The terminal's window size (the kernel tells its foreground processes: SIGWINCH)."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _mounts(cfg: dict) -> tuple[list[str], list]:
+    """(the driver's sys.path, what the sandbox binds). In bwrap only the
+    driver's own package and the packages' environments (read-only, at fixed
+    places) are bound: never the directory that holds the driver, which may be
+    the server's whole site-packages. The environments are bound whether or not
+    a session asks for packages (a warm environment does not know yet); the
+    start message says which one is the session's (``site_for``)."""
+    if cfg["sandbox"] != "bwrap":
+        return cfg["driver_path"], []
+    binds: list = [(os.path.join(p, "bento_driver"), f"{SANDBOX_LIB}/bento_driver")
+                   for p in cfg["driver_path"][:1]]
+    if cfg.get("envs_dir"):
+        binds.append((cfg["envs_dir"], SANDBOX_ENVS))
+    return [SANDBOX_LIB], binds
+
+
+def site_for(meta: dict) -> str | None:
+    """The session's packages' directory as its driver sees it (None: no packages)."""
+    if not meta.get("packages"):
+        return None
+    if meta["sandbox"] == "bwrap":
+        return f"{SANDBOX_ENVS}/{meta['env_name']}/site"
+    return os.path.join(meta["envs_dir"], meta["env_name"], "site")
 
 
 def _fd_at_least(fd: int, low: int) -> int:

@@ -284,6 +284,39 @@ def _buffer(v: Any) -> dict[str, Any] | None:
     return out
 
 
+def _packages(v: Any) -> list[str]:
+    if type(v) is not list or any(type(x) is not str for x in v):
+        raise _BadField("must be an array of text (package requirements like 'pandas<3')")
+    return v
+
+
+def _files(v: Any) -> dict[str, bytes]:
+    if type(v) is not dict or any(type(k) is not str or type(x) is not bytes for k, x in v.items()):
+        raise _BadField("must be a map of relative path (text) to content (bytes)")
+    return v
+
+
+def _window(v: Any) -> dict[str, int] | None:
+    if v is None:
+        return None
+    if (type(v) is not dict or set(v) != {"rows", "cols"}
+            or any(type(x) is not int or not 1 <= x <= 10_000 for x in v.values())):
+        raise _BadField("must be null or {'rows': 1..10000, 'cols': 1..10000}")
+    return v
+
+
+def _size(v: Any) -> int:
+    if type(v) is not int or not 1 <= v <= 10_000:
+        raise _BadField("must be an integer from 1 to 10000")
+    return v
+
+
+def _bytes(v: Any) -> bytes:
+    if type(v) is not bytes:
+        raise _BadField("must be bytes")
+    return v
+
+
 def _idempotency_key(v: Any) -> str:
     if type(v) is not str or not 1 <= len(v) <= 256:
         raise _BadField("must be text of 1 to 256 characters")
@@ -303,15 +336,22 @@ def _viewer_action(v: Any) -> str:
 
 
 def _one_of_function_code(msg: dict[str, Any], out: dict[str, Any]) -> None:
-    if (out["function"] is None) == (out["code"] is None):
-        raise _BadField("execute needs exactly one of 'function' and 'code'")
+    if sum(out[k] is not None for k in ("function", "code", "module")) != 1:
+        raise _BadField("execute needs exactly one of 'function', 'code' and 'module'")
 
 
 def _one_of_data_eof(msg: dict[str, Any], out: dict[str, Any]) -> None:
     has_data = "data" in msg
     if has_data == out["eof"]:
         raise _BadField("input needs exactly one of 'data' and 'eof'")
-    out["data"] = msg["data"] if has_data else None
+    data = msg["data"] if has_data else None
+    if out["stdin"] and has_data:
+        # Bytes for the function's standard input: text goes as UTF-8.
+        if type(data) is str:
+            data = data.encode("utf-8")
+        elif type(data) is not bytes:
+            raise _BadField("input: 'data' for stdin must be bytes or text")
+    out["data"] = data
 
 
 def _one_of_token_session(msg: dict[str, Any], out: dict[str, Any]) -> None:
@@ -357,6 +397,10 @@ _OPS: dict[
             "limits": (_limits, {}),
             "buffer": (_buffer, None),
             "network": (_bool, False),
+            "packages": (_packages, []),
+            "module": (_text_field, None),
+            "files": (_files, {}),
+            "tty": (_window, None),
             "idempotency_key": (_idempotency_key, None),
             "attach": (_bool, True),
             "queue": (_seconds, None),
@@ -368,7 +412,8 @@ _OPS: dict[
     "ack": (False, {"session": (_text_field, _REQUIRED), "seq": (_uint, _REQUIRED)}, None),
     "input": (
         False,
-        {"session": (_text_field, _REQUIRED), "seq": (_positive, _REQUIRED), "eof": (_true, False)},
+        {"session": (_text_field, _REQUIRED), "seq": (_positive, _REQUIRED), "eof": (_true, False),
+         "stdin": (_bool, False)},
         _one_of_data_eof,
     ),
     "signal": (True, {**_TOKEN_OR_ID, "signal": (_signal, _REQUIRED)}, _one_of_token_session),
@@ -383,6 +428,11 @@ _OPS: dict[
     ),
     "ping": (True, {}, None),
     "share": (True, {**_TOKEN, "viewer": (_viewer_action, _REQUIRED)}, None),
+    "resize": (True, {**_TOKEN, "rows": (_size, _REQUIRED), "cols": (_size, _REQUIRED)}, None),
+    "file_get": (True, {**_TOKEN, "path": (_text_field, _REQUIRED), "offset": (_uint, 0),
+                        "length": (_positive, 1 << 20)}, None),
+    "file_put": (True, {**_TOKEN, "path": (_text_field, _REQUIRED), "offset": (_uint, 0),
+                        "data": (_bytes, _REQUIRED)}, None),
 }
 
 

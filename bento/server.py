@@ -36,6 +36,7 @@ from bento.config import Config
 from bento.gate import Gate, audit, machine_capacity
 from bento.metrics import Metrics
 from bento.readiness import Readiness
+from bento.server_jobs import JobOps, installer
 from bento.sessions import Attachment, ExchangeGone, Registry, Session
 from bento.store import Store
 from bento.transport import ConnectionClosed, WebSocket
@@ -67,17 +68,14 @@ class Server:
         self.said_tuned = False
         self.peers: dict[str, int] = {}  # open WebSocket connections per peer host
         self.name = f"bento/{bento.__version__}"
+        self.uv = installer()
         self.traffic = transport.Traffic()
         self.cluster: Any = None  # bento.cluster.node.Cluster with config.cluster
         capacity = config.capacity or machine_capacity(config.data_dir, config.default_limits.get("memory_bytes"))
         self.gate = Gate(Admission(capacity, config.quota), config.data_dir, registry.nursery)
         self.metrics = Metrics(self)
         self.routes = http.Routes(keys=self.keys, guesses=self.guesses, metrics=self.metrics.render,
-                                  ready=Readiness(config, self.cluster_unreachable).why_not)
-
-    def cluster_unreachable(self) -> str | None:
-        """Why this node cannot reach the cluster's store (None without a cluster)."""
-        return self.cluster.unreachable if self.cluster is not None else None
+                                  ready=Readiness(config).why_not)
 
     async def handle(self, stream: trio.SocketStream | trio.SSLStream) -> None:
         """Entry point for each TCP connection. Never raises: an exception
@@ -178,7 +176,7 @@ class Server:
                 await ws.aclose()
 
 
-class Connection(SessionOps):
+class Connection(SessionOps, JobOps):
     def __init__(self, server: Server, ws: WebSocket, peer: str) -> None:
         self.server = server
         self.config = server.config
@@ -398,7 +396,7 @@ class Connection(SessionOps):
 
     async def _meta(self, req: dict, key: str, limits: dict) -> dict:
         code = req.get("code")
-        if code is None:
+        if code is None and req["function"] is not None:
             code = self.server.store.get_function(req["function"])
             if code is None and self.server.cluster is not None:
                 code = await self.server.cluster.function(req["function"])  # stored on another node
@@ -415,6 +413,10 @@ class Connection(SessionOps):
             "buffer": self._buffer(req["buffer"]),
             "history_bytes": self.config.history_bytes,
             "network": req["network"],
+            **self._packages(req["packages"]),
+            **self._files(req),
+            **({"tty": req["tty"]} if req["tty"] else {}),
+            "work_bytes": self.config.max_work_bytes,
             "sandbox": self.config.sandbox,
             "sandbox_cmd": self.config.sandbox_cmd,
             "max_message": self.config.max_message,
@@ -542,10 +544,13 @@ class Connection(SessionOps):
         att = self.attachment(req["session"], write=True)
         s = att.session
         msg: dict[str, Any] = {"t": "input", "seq": req["seq"]}
+        if req["stdin"]:
+            msg["stdin"] = True
         if req["eof"]:
             msg["eof"] = True
         else:
-            msg["data"] = protocol.encode(req["data"])
+            # stdin: the bytes themselves; else the value's CBOR, for api.recv().
+            msg["data"] = req["data"] if req["stdin"] else protocol.encode(req["data"])
         if s.on_disk:
             r = self._input_after_end(s, req["seq"])
         else:

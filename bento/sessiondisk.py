@@ -91,6 +91,12 @@ def pin_dir(sdir: str) -> str:
     return f"/proc/self/fd/{os.open(sdir, os.O_RDONLY | os.O_DIRECTORY)}"
 
 
+def real_path(pinned: str) -> str:
+    """Where the directory behind a :func:`pin_dir` path is now, as other
+    processes (a function's sandbox, an installer) must be told: it follows a move."""
+    return os.readlink(pinned)
+
+
 def dir_deleted(pinned: str) -> bool:
     """Whether the directory behind a :func:`pin_dir` path was deleted."""
     try:

@@ -23,7 +23,7 @@ from typing import Any
 import bento_sandbox
 import trio
 
-from bento import auth, events, protocol, session_core, sessiondisk
+from bento import auth, events, files, protocol, session_core, sessiondisk
 from bento.config import Config
 from bento.exchange_link import ExchangeGone, ExchangeLink, Exchanges
 from bento.session_core import Snapshot, State
@@ -117,7 +117,6 @@ class Session:
             "acked_seq": snap.acked_seq,
             "input_seq": snap.input_seq,
             "buffer_bytes": snap.buffer_bytes,
-            "buffer": self.meta["buffer"],
             "history_bytes": snap.history_bytes,
             "attachments": len(self.attachments),
             "exit": snap.exit,
@@ -203,15 +202,24 @@ class Registry:
             "python": self.exchanges.python,
             "driver_path": self.exchanges.driver_path,
         }
+        tree = meta.pop("files", None)  # written into the work dir, not the meta file
         try:
             sdir = self.store.create_session(sid, meta)
-        except OSError as exc:
+            if tree:
+                os.mkdir(os.path.join(sdir, "work"), 0o755)
+                await trio.to_thread.run_sync(files.write_tree, os.path.join(sdir, "work"), tree)
+        except (OSError, files.FileError) as exc:
             log.error("session %s: cannot be created: %s", sid, exc)
-            raise protocol.RequestError("internal", f"cannot create the session: {exc.strerror}") from None
+            shutil.rmtree(self.store.session_dir(sid), ignore_errors=True)
+            why = getattr(exc, "strerror", None) or exc
+            raise protocol.RequestError("internal", f"cannot create the session: {why}") from None
         s = Session(sid, sdir, meta)
         s.check_log = False
         try:
-            warm = await self.exchanges.assign_warm(sdir, s.meta["network"])
+            # A session with files or a terminal starts cold: those are set at the spawn.
+            cold = s.meta.get("tty") or tree
+            warm = None if cold else await self.exchanges.assign_warm(
+                sdir, s.meta["network"])
             if warm is not None:
                 self._linked(s, *warm)
             else:
@@ -222,7 +230,8 @@ class Registry:
             shutil.rmtree(sdir, ignore_errors=True)
             raise protocol.RequestError("internal", f"could not start the session: {exc}") from None
         self._index(s)
-        events.emit("session.created", session=sid, key=self.config.keys.name(meta.get("key") or ""))
+        events.emit("session.created", session=sid, key=self.config.keys.name(meta.get("key") or ""),
+                    **({"env": meta["env_name"]} if meta.get("env_name") else {}))
         return s
 
     async def pool_keeper(self) -> None:

@@ -26,7 +26,8 @@ EXPORTS: dict[str, tuple[str, str | None]] = {
     "Client": ("bento_clients.sdk", "Client"),
     "Session": ("bento_clients.sdk", "Session"),
     "sync": ("bento_clients.sync", None),
-    **{name: ("bento_clients.frames", name) for name in ("Stdout", "Stderr", "Msg", "Gap", "Exit", "EOF")},
+    **{name: ("bento_clients.frames", name) for name in ("Stdout", "Stderr", "Msg", "Gap", "Exit", "EOF",
+                                                             "Stdin")},
     **{
         name: ("bento_clients.errors", name)
         for name in (

@@ -38,6 +38,7 @@ from bento_clients.cli_commands import (
     cmd_status,
     cmd_tokens,
 )
+from bento_clients.cli_files import cmd_cp
 from bento_clients.cli_ls import cmd_ls
 from bento_clients.cli_output import (
     exit_code,
@@ -119,9 +120,16 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
         parsers[name] = p
         return p
 
-    p = make("run", "Run FILE.py's entry on the server and attach to it.")
-    p.add_argument("file", help="the Python file (a module defining the entry)")
-    p.add_argument("args", nargs="*", help="arguments for the entry, each as JSON ('3', '\"text\"', '[1,2]')")
+    p = make("run", "Run FILE.py's entry (or a project directory's module) on the server and attach to it.")
+    p.add_argument("file", help="the Python file (a module defining the entry), or a project directory (-m)")
+    p.add_argument("args", nargs="*", help="arguments for the entry, each as JSON ('3', '\"text\"', '[1,2]'); "
+                                           "@path: the JSON in that file")
+    p.add_argument("-m", "--module", metavar="PKG.MODULE[:ENTRY]",
+                   help="with a directory: the module to import from it (and its entry)")
+    p.add_argument("--file", dest="add_file", action="append", default=[], metavar="SRC[:DEST]",
+                   help="put a file (or a directory's tree) into the function's working directory (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="leave matching files out of a directory sent (repeatable; .gitignore is read too)")
     p.add_argument("--name", help="a name for the session on this machine, usable wherever a token is "
                                   "(unique here; letters, digits, . _ -)")
     p.add_argument("--entry", default="main", help="the function to call (default main)")
@@ -130,6 +138,11 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--limit", action="append", default=[], metavar="SPEC",
                    help="limits, e.g. wall=30s,mem=256M,cpu=10s,out=1M,pids=64")
     p.add_argument("--network", action="store_true", help="allow network access")
+    p.add_argument("--pip", action="append", default=[], metavar="SPEC",
+                   help="a package the function imports, e.g. numpy or 'pandas<3' (repeatable; installed "
+                        "by the server once per distinct set)")
+    p.add_argument("--requirements", "-r", metavar="FILE",
+                   help="packages from a requirements file (one per line; # comments)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable (repeatable)")
     p.add_argument("--idempotency-key", metavar="KEY", help="run at most once per key (default: a fresh key)")
     p.add_argument("--wait", nargs="?", type=float, const=True, default=False, metavar="SECONDS",
@@ -158,6 +171,13 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     p.add_argument("value", nargs="?", help="the value as JSON (a bare word is an error: quote strings)")
     p.add_argument("--str", dest="text", action="store_true", help="send VALUE as a plain string, not JSON")
     p.add_argument("--eof", action="store_true", help="close the function's input instead")
+    p.add_argument("--stdin", action="store_true",
+                   help="write to the function's standard input: VALUE and a newline, or with VALUE '-' "
+                        "this command's own stdin as it is (--eof closes the function's stdin)")
+
+    p = make("cp", "Copy a file between this machine and a session's working directory.")
+    p.add_argument("src", help="TOKEN:path (download; any token) or a local file (upload; owner token)")
+    p.add_argument("dst", help="a local path, or TOKEN:path")
 
     p = make("status", "Show a session's state.")
     p.add_argument("token", help=SESSION_HELP)
@@ -190,16 +210,22 @@ def _stream_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detach-keys", default=None, metavar="KEYS",
                    help=f"key sequence that detaches (default {DEFAULT_DETACH_KEYS})")
     p.add_argument("--no-stdin", action="store_true", help="do not send the terminal's input to the function")
+    p.add_argument("-t", "--tty", action="store_true",
+                   help="a terminal: run in one (run), or pass keys through to it (attach); keys go as typed")
+    p.add_argument("--recv", action="store_true",
+                   help="send each input line as a text value for api.recv() (default: the function's stdin)")
     p.add_argument("--traceback", action="store_true", help="print the whole remote traceback of an exception")
 
 
 HELP = """usage: bento COMMAND [options]
 
 commands:
-  run FILE.py [ARGS...]   run a function and attach (-d: detach at once; --name NAME)
+  run FILE.py [ARGS...]   run a function and attach (-d: detach at once; -t: in a terminal; --name NAME)
+  run DIR -m PKG.MOD      run a project's module (--file, --pip, -r requirements.txt)
   attach SESSION          attach, from where this machine left off
   logs SESSION [-f]       print retained output (read-only)
-  send SESSION VALUE      send one input value (JSON)
+  send SESSION VALUE      send one input value (JSON; --stdin: a line of the function's stdin)
+  cp SESSION:path LOCAL   copy a file out of a session (or LOCAL SESSION:path into it)
   status SESSION          show a session's state
   kill SESSION [-s SIG]   signal the function (INT, TERM, KILL)
   rm SESSION              destroy a session
@@ -207,6 +233,7 @@ commands:
   share SESSION           print the viewer token
   tokens SESSION          print the session's tokens again
   server                  run a server (bento server --help)
+  env ls | env rm NAME    the environments of executes' packages (on the server's machine)
 
 SESSION is a token (bto_... owner, btv_... viewer), or the id or --name of a
 session this machine knows. Run 'bento COMMAND --help' for a command's
@@ -216,7 +243,7 @@ options. Docs: docs/cli.md.
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[int]]] = {
     "run": cmd_run, "attach": cmd_attach, "logs": cmd_logs, "send": cmd_send, "status": cmd_status,
-    "kill": cmd_kill, "rm": cmd_rm, "ls": cmd_ls, "share": cmd_share, "tokens": cmd_tokens,
+    "kill": cmd_kill, "rm": cmd_rm, "ls": cmd_ls, "share": cmd_share, "tokens": cmd_tokens, "cp": cmd_cp,
 }
 
 

@@ -6,14 +6,16 @@ parses the arguments and dispatches here.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 import trio
 
+from bento_clients.cli_files import run_source
 from bento_clients.cli_output import QueueLine, exit_code, say, show, show_json, status_lines
 from bento_clients.cli_settings import Settings, UsageError, known_entry, parse_json_arg, token_of
-from bento_clients.cli_stream import follow, with_client
+from bento_clients.cli_stream import follow, window, with_client
 from bento_clients.convert import from_json, parse_buffer, parse_limits
 from bento_clients.errors import Forbidden, Gone, NotFound
 from bento_clients.state import NameTaken, check_name, key_id
@@ -23,20 +25,18 @@ __all__ = ["cmd_attach", "cmd_kill", "cmd_logs", "cmd_rm", "cmd_run", "cmd_send"
            "cmd_tokens"]
 
 
+STDIN_PIECE = 256 * 1024
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            code = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}") from None
-    fn_args = [parse_json_arg(a, f"argument {i + 1}") for i, a in enumerate(args.args)]
+    code, module, files, fn_args = run_source(args)
     kwargs: dict[str, Any] = {}
     for kv in args.kwarg:
         name, sep, value = kv.partition("=")
         if not sep or not name:
             raise UsageError(f"bad --kwarg {kv!r}: expected NAME=JSON")
         kwargs[name] = parse_json_arg(value, f"--kwarg {name}")
-    env: dict[str, str] = {}
+    env: dict[str, str] = {"TERM": os.environ.get("TERM", "xterm-256color")} if args.tty else {}
     for kv in args.env:
         name, sep, value = kv.partition("=")
         if not sep or not name:
@@ -47,6 +47,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         buffer = parse_buffer(args.buffer, args.policy)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    packages = list(args.pip) + (read_requirements(args.requirements) if args.requirements else [])
     url = settings.server_for()
     state = settings.state
     if args.name is not None:
@@ -64,7 +65,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         try:
             s = await client.execute(
                 code, *fn_args, entry=args.entry, kwargs=kwargs, env=env or None, limits=limits,
-                buffer=buffer, network=args.network, idempotency_key=args.idempotency_key,
+                buffer=buffer, network=args.network, packages=packages, files=files, module=module,
+                tty=window() if args.tty else None, idempotency_key=args.idempotency_key,
                 attach=not args.detach, wait=args.wait)
         finally:
             queue_line.done()
@@ -84,9 +86,30 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         s.input_journal = state.journal(s.id)
         return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback,
-                            file=args.file)
+                            to_recv=args.recv, tty=args.tty, file=args.file)
 
     return await with_client(settings, url, go)
+
+
+
+def read_requirements(path: str) -> list[str]:
+    """The requirements of a requirements file: one per line, without comments
+    and blank lines. Options (``-r``, ``-e``, ``--index-url`` ...) are refused:
+    the server installs plain requirements from its own index only."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if line.startswith("-"):
+            raise UsageError(f"{path}:{n}: {line!r}: options are not supported, only requirements "
+                             "like 'pandas<3'")
+        if line:
+            out.append(line)
+    return out
 
 
 async def cmd_attach(settings: Settings, args: argparse.Namespace) -> int:
@@ -116,7 +139,7 @@ async def cmd_attach(settings: Settings, args: argparse.Namespace) -> int:
             s.input_journal = state.journal(s.id)
         resume = ResumeFilter(Sinks(), resume_sizes) if resume_sizes else None
         return await follow(settings, s, attached=True, stdin=not args.no_stdin, traceback=args.traceback,
-                            resume=resume, file=(entry or {}).get("file"))
+                            resume=resume, to_recv=args.recv, tty=args.tty, file=(entry or {}).get("file"))
 
     return await with_client(settings, settings.server_for(entry), go)
 
@@ -140,8 +163,12 @@ async def cmd_logs(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     if args.eof == (args.value is not None):
         raise UsageError("bento send: give either VALUE or --eof")
-    value = None
-    if not args.eof:
+    value: Any = None
+    if args.stdin and args.value == "-":
+        value = sys.stdin.buffer.read()
+    elif args.stdin and not args.eof:
+        value = (args.value + "\n").encode("utf-8")
+    elif not args.eof:
         value = args.value if args.text else parse_json_arg(args.value, "VALUE")
     entry = known_entry(settings, args.token)
     token = token_of(entry, args.token, owner=True)
@@ -154,7 +181,14 @@ async def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
             raise Forbidden("forbidden", "sending input needs the owner token (bto_...), not a viewer token")
         state.add_session({"session": s.id, "server": settings.server_for(entry), "token": s.token})
         s.input_journal = state.journal(s.id)
-        seq = await (s.close_input() if args.eof else s.send(value))
+        if args.stdin and args.eof:
+            seq = await s.close_stdin()
+        elif args.stdin:
+            # In pieces well under any server's max_message; each is one input.
+            for at in range(0, max(len(value), 1), STDIN_PIECE):
+                seq = await s.write_stdin(value[at : at + STDIN_PIECE])
+        else:
+            seq = await (s.close_input() if args.eof else s.send(value))
         with trio.fail_after(max(settings.reconnect_timeout, 10)):
             await s.wait_input_acked()
         await s.detach()

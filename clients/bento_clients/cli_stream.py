@@ -8,6 +8,7 @@ steps this module keeps for every frame.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal as signals
 import sys
@@ -86,6 +87,8 @@ class _Stream:
     session: Any  # sdk.Session
     record: bool  # write positions to the state file (and acknowledge only then)
     send_input: bool  # stdin lines become the function's input
+    to_recv: bool  # ... as text values for api.recv(), not bytes for the function's stdin
+    tty: bool  # the session runs in a terminal: keys go as typed, the window size follows ours
     keys: bool  # stdin is a terminal we read in raw mode (detach keys, ctrl-c)
     control: bool  # ctrl-c / SIGINT signals the function (else it detaches)
     traceback: bool
@@ -162,19 +165,31 @@ async def _stream(st: _Stream) -> int | None:
                 say(f"bento: could not send INT: {exc}")
 
         async def signals_in() -> None:
-            with trio.open_signal_receiver(signals.SIGINT, signals.SIGTERM, signals.SIGHUP) as received:
+            with trio.open_signal_receiver(signals.SIGINT, signals.SIGTERM, signals.SIGHUP,
+                                           signals.SIGWINCH) as received:
                 async for signum in received:
                     if signum == signals.SIGINT:
                         await interrupt()
+                    elif signum == signals.SIGWINCH:
+                        if st.tty and s.mode == "rw" and s.exit is None:
+                            with contextlib.suppress(BentoError):
+                                await s.resize(*window())
                     else:
                         detach()
 
         async def send(item: Any) -> bool:
+            """Send a line (text, for api.recv()), bytes (for stdin), or None: the
+            end of input closes both the function's stdin and its api.recv()."""
             try:
                 if item is None:
+                    await s.close_stdin()
                     await s.close_input()
-                else:
+                elif isinstance(item, bytes):
+                    await s.write_stdin(item)
+                elif st.to_recv:
                     await s.send(item)
+                else:
+                    await s.write_stdin(item + "\n")
                 return True
             except (InputClosed, SessionGone):
                 return False
@@ -185,6 +200,11 @@ async def _stream(st: _Stream) -> int | None:
             buf = b""
             while True:
                 data = await trio.to_thread.run_sync(os.read, 0, 65536, abandon_on_cancel=True)
+                if not st.to_recv:
+                    # The function's stdin gets the bytes as they are.
+                    if not await send(data or None) or not data:
+                        return
+                    continue
                 buf += data
                 *lines, buf = buf.split(b"\n")
                 if not data and buf:
@@ -197,8 +217,11 @@ async def _stream(st: _Stream) -> int | None:
                     return
 
         async def keys_in() -> None:
-            reader = KeyReader(parse_detach_keys(st.settings.detach_keys))
-            told_read_only = False
+            reader = KeyReader(parse_detach_keys(st.settings.detach_keys), raw=st.tty)
+            # A terminal's viewer is told at once: a raw terminal echoes nothing.
+            told_read_only = st.tty and not st.send_input
+            if told_read_only:
+                say(f"bento: read-only (viewer): your keys go nowhere; {st.settings.detach_keys} detaches\r")
             while True:
                 data = await trio.to_thread.run_sync(os.read, 0, 1024, abandon_on_cancel=True)
                 if not data:
@@ -224,6 +247,8 @@ async def _stream(st: _Stream) -> int | None:
                         await send(None)
                     elif ev.kind == "line" and st.send_input:
                         await send(ev.text)
+                    elif ev.kind == "keys" and st.send_input:
+                        await send(ev.data)
 
         nursery.start_soon(output)
         nursery.start_soon(signals_in)
@@ -234,18 +259,32 @@ async def _stream(st: _Stream) -> int | None:
     return None if st.detached else st.code
 
 
+def window() -> tuple[int, int]:
+    """(rows, cols) of this terminal (24x80 when stdin is not one)."""
+    try:
+        size = os.get_terminal_size(0)
+    except OSError:
+        return 24, 80
+    return size.lines, size.columns
+
+
 async def follow(settings: Settings, s: Any, *, attached: bool, stdin: bool, traceback: bool,
-                  resume: ResumeFilter | None = None, stop_at: int | None = None, file: str | None = None) -> int:
+                  resume: ResumeFilter | None = None, stop_at: int | None = None,
+                  to_recv: bool = False, tty: bool = False, file: str | None = None) -> int:
     """Stream a session; returns the exit code. ``attached``: run/attach (record
     positions, detach keys, ctrl-c signals the function); else a read-only look
-    (logs). ``stdin``: the terminal's input goes to the function."""
+    (logs). ``stdin``: the terminal's input goes to the function (its stdin, or
+    with ``to_recv`` text values for api.recv())."""
     rw = s.mode == "rw"
     keys = attached and os.isatty(0)
-    st = _Stream(settings, s, record=attached, send_input=stdin and rw, keys=keys,
+    st = _Stream(settings, s, record=attached, send_input=stdin and rw, to_recv=to_recv, tty=tty, keys=keys,
                  control=attached and rw, traceback=traceback, stop_at=stop_at, resume=resume,
                  file=file)
     if keys:
-        with raw_mode(0):
+        if tty and rw:
+            with contextlib.suppress(BentoError):
+                await s.resize(*window())  # this terminal, not the one that started it
+        with raw_mode(0, output=tty):
             code = await _stream(st)
     else:
         code = await _stream(st)

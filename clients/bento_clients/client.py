@@ -39,11 +39,12 @@ DEFAULT_URL = "ws://127.0.0.1:8765/v1"
 CLIENT_NAME = f"bento-python/{bento.__version__}"
 # Keyword names of execute() that are options, not the function's kwargs
 # (pass a colliding function kwarg through kwargs={...}).
-RESERVED_OPTIONS = ("entry", "kwargs", "env", "limits", "buffer", "network", "idempotency_key", "attach",
-                    "wait")
+RESERVED_OPTIONS = ("entry", "kwargs", "env", "limits", "buffer", "network", "packages", "files", "module",
+                    "tty", "idempotency_key", "attach", "wait")
 # What execute(wait=True) waits for capacity at most, seconds.
 DEFAULT_WAIT_S = 600.0
 _FUNCTION_ID = re.compile(r"[0-9a-f]{64}")
+FILE_PIECE = 1 << 20  # bytes per file_get / file_put
 
 
 def default_url() -> str:
@@ -129,7 +130,7 @@ class Client:
 
     async def execute(
         self,
-        function: str | Callable[..., Any],
+        function: str | Callable[..., Any] | None = None,
         /,
         *args: Any,
         entry: str | None = None,
@@ -138,6 +139,10 @@ class Client:
         limits: str | dict[str, Any] | None = None,
         buffer: int | str | dict[str, Any] | None = None,
         network: bool = False,
+        packages: Iterable[str] = (),
+        files: dict[str, bytes] | None = None,
+        module: str | None = None,
+        tty: tuple[int, int] | None = None,
         idempotency_key: str | None = None,
         attach: bool = True,
         wait: bool | float = False,
@@ -156,6 +161,16 @@ class Client:
         collide with these options), ``env``, ``limits`` (a map of protocol
         keys or text like ``"wall=30s,mem=256M"``), ``buffer`` (max bytes as
         int or ``"64M"``, or ``{"max_bytes", "policy"}``), ``network``,
+        ``packages`` (requirements such as ``["numpy", "pandas<3"]``: the
+        server installs them once per distinct list and the function imports
+        them; the installer's progress arrives as stderr frames), ``files``
+        (relative path -> bytes: written into the function's working directory
+        before it starts; ``bento_clients.tree.pack`` reads a directory),
+        ``module`` (instead of ``function``: import this dotted module from
+        those files and call its ``entry``; ``__file__`` and relative imports
+        work), ``tty`` ((rows, cols): run the function in a terminal of that
+        size; ``Session.write_stdin`` sends its keys, ``Session.resize`` its
+        new size),
         ``idempotency_key`` (one is generated when not given, so a retried
         execute after a dropped connection never starts a second function),
         ``attach`` (False: start it and only return the tokens), ``wait``
@@ -165,7 +180,11 @@ class Client:
         while time is left; ``on_queued`` hears its position).
         """
         fields: dict[str, Any] = {}
-        if callable(function):
+        if module is not None:
+            if function is not None:
+                raise TypeError("execute() takes a function or module=, not both")
+            fields["module"] = module
+        elif callable(function):
             fields["code"] = _source_of(function)
             entry = entry or function.__name__
         elif isinstance(function, str):
@@ -181,6 +200,15 @@ class Client:
                       idempotency_key=idempotency_key or f"sdk-{uuid.uuid4().hex}", attach=bool(attach))
         if env:
             fields["env"] = dict(env)
+        if isinstance(packages, str):
+            raise TypeError("packages= takes a list of requirements, not one string")
+        if packages:
+            fields["packages"] = list(packages)
+        if files:
+            fields["files"] = {str(k): bytes(v) for k, v in files.items()}
+        if tty is not None:
+            rows, cols = tty
+            fields["tty"] = {"rows": int(rows), "cols": int(cols)}
         if limits:
             fields["limits"] = parse_limits(limits)
         if buffer is not None:
@@ -273,6 +301,29 @@ class Client:
         retried after a drop (a repeat would rotate twice)."""
         r = await self._sup.call("share", {"token": token, "viewer": viewer}, retry=False)
         return r.get("viewer_token")
+
+    async def download(self, token: str, path: str) -> bytes:
+        """A file of the session's work dir (relative ``path``), during the run or
+        after it; any token works. Read in pieces of 1 MiB (retried after a drop:
+        each piece is read by its offset)."""
+        got = bytearray()
+        while True:
+            r = await self._sup.call("file_get", {"token": token, "path": path, "offset": len(got),
+                                                  "length": FILE_PIECE}, retry=True)
+            got += r["data"]
+            if len(got) >= r["size"] or not r["data"]:
+                return bytes(got)
+
+    async def upload(self, token: str, path: str, data: bytes) -> None:
+        """Write ``data`` as the file ``path`` of a running session's work dir
+        (owner token), in pieces (each retried after a drop: it goes by its offset)."""
+        for at in range(0, max(len(data), 1), FILE_PIECE):
+            await self._sup.call("file_put", {"token": token, "path": path, "offset": at,
+                                              "data": bytes(data[at : at + FILE_PIECE])}, retry=True)
+
+    async def resize(self, token: str, rows: int, cols: int) -> None:
+        """A terminal session's new window size (owner token)."""
+        await self._sup.call("resize", {"token": token, "rows": rows, "cols": cols}, retry=True)
 
     async def state_get(self, token: str) -> tuple[int, Any]:
         """The session's shared state: ``(version, value)``."""

@@ -198,8 +198,8 @@ class SessionGone(BentoError):
 
 
 class InputClosed(BentoError):
-    """Input cannot be sent: ``close_input()`` was called, the function has
-    ended, or the attachment is read-only."""
+    """Input cannot be sent: ``close_input()`` (or, for stdin, ``close_stdin()``)
+    was called, the function has ended, or the attachment is read-only."""
 
 
 class RemoteError(BentoError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-__all__ = ["EOF", "Exit", "Frame", "Gap", "Msg", "Stderr", "Stdout", "frame_from_wire"]
+__all__ = ["EOF", "Exit", "Frame", "Gap", "Msg", "Stderr", "Stdin", "Stdout", "frame_from_wire"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +99,14 @@ class _Eof:
 
 
 EOF = _Eof()
+
+
+@dataclass(frozen=True, slots=True)
+class Stdin:
+    """The input item for the function's standard input (``write_stdin()``): bytes,
+    or None for its eof (``close_stdin()``). Other items go to ``api.recv()``."""
+
+    data: bytes | None
 
 
 def _int_or_none(v: Any) -> int | None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from bento_clients.errors import InputClosed, TooLarge
-from bento_clients.frames import EOF
+from bento_clients.frames import EOF, Stdin
 from bento_clients.link import LinkDied
 from bento_clients.positions import InputLog
 
@@ -32,7 +32,7 @@ class InputJournal(Protocol):
     state file). Called synchronously, before the input is sent / after an ack."""
 
     def record(self, item: Any, proposed_seq: int) -> tuple[int, list[tuple[int, Any]]]:
-        """Persist a new input item (a value or ``EOF``); return its seq (at least
+        """Persist a new input item (a value, ``EOF`` or ``Stdin``); return its seq (at least
         ``proposed_seq``: another writer may have taken seqs) and the inputs other
         writers recorded for this session that are still pending."""
         ...
@@ -51,6 +51,7 @@ class SessionInput:
         self.max_pending = max_pending
         self.log = InputLog()
         self.closed = False  # by close_input()
+        self.stdin_closed = False  # by close_stdin()
         self.gone = False  # the function ended: no input is taken any more
         self.failed: TooLarge | None = None  # an input the server cannot take: none after it goes
         self._sent_upto = 0
@@ -59,8 +60,9 @@ class SessionInput:
     def __len__(self) -> int:
         return len(self.log)
 
-    def check(self, new: bool) -> None:
-        """Raise why input cannot be sent now (``new``: a new item, not a resend)."""
+    def check(self, new: bool, stdin: bool = False) -> None:
+        """Raise why input cannot be sent now (``new``: a new item, not a resend;
+        ``stdin``: for the function's standard input)."""
         s = self._session
         if s.mode != "rw":
             raise InputClosed("a viewer (read-only) attachment cannot send input")
@@ -70,19 +72,22 @@ class SessionInput:
             raise self.failed
         if self.gone:
             raise InputClosed(f"session {s.id} has ended: it takes no more input")
-        if new and self.closed:
+        if new and stdin and self.stdin_closed:
+            raise InputClosed(f"the standard input of session {s.id} is closed")
+        if new and not stdin and self.closed:
             raise InputClosed(f"the input of session {s.id} is closed")
         if s._detached:
             raise InputClosed(f"session {s.id} is detached")
         s._client._sup.check_lost()
 
     async def add(self, item: Any) -> int:
-        """Record a new input (a value or ``EOF``) and send it; returns its seq.
-        Waits while ``max_pending`` inputs are unacknowledged."""
-        self.check(new=True)
+        """Record a new input (a value, ``EOF`` or ``Stdin``) and send it; returns
+        its seq. Waits while ``max_pending`` inputs are unacknowledged."""
+        stdin = isinstance(item, Stdin)
+        self.check(new=True, stdin=stdin)
         while len(self.log) >= self.max_pending:
             await self._session._changed.wait()
-            self.check(new=True)
+            self.check(new=True, stdin=stdin)
         proposed = self.log.last + 1
         if self.journal is not None:
             seq, others = self.journal.record(item, proposed)
@@ -92,6 +97,8 @@ class SessionInput:
         self.log.add(item, seq)
         if item is EOF:
             self.closed = True
+        elif item == Stdin(None):
+            self.stdin_closed = True
         await self.flush()
         return seq
 
@@ -111,6 +118,9 @@ class SessionInput:
                 return 0
             for seq, item in self.log.unsent(self._sent_upto):
                 msg: dict[str, Any] = {"op": "input", "session": s.id, "seq": seq}
+                if isinstance(item, Stdin):
+                    msg["stdin"] = True
+                    item = EOF if item.data is None else item.data
                 if item is EOF:
                     msg["eof"] = True
                 else:

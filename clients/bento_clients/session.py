@@ -21,7 +21,7 @@ from bento import protocol
 from bento_clients.attachment import Attachment
 from bento_clients.errors import BentoError, TooLarge, remote_error
 from bento_clients.flow import ReadQueue
-from bento_clients.frames import EOF, Exit, Frame
+from bento_clients.frames import EOF, Exit, Frame, Stdin
 from bento_clients.inputs import InputJournal, SessionInput
 from bento_clients.link import Changed, Link, LinkDied
 from bento_clients.positions import OutputTracker
@@ -237,6 +237,20 @@ class Session:
         """Close the function's input (``api.recv()`` then raises EOFError)."""
         return await self._input.add(EOF)
 
+    async def write_stdin(self, data: bytes | str) -> int:
+        """Write ``data`` (text as UTF-8) to the function's standard input, where
+        ``input()`` and ``sys.stdin`` read it; returns its seq. Exactly once, in
+        order with other stdin writes, across reconnects (as ``send``)."""
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        limit = (self._link.max_message if self._link else protocol.DEFAULT_MAX_MESSAGE) - _INPUT_OVERHEAD
+        if len(raw) > limit:
+            raise TooLarge.message_over("input", len(raw), limit)
+        return await self._input.add(Stdin(raw))
+
+    async def close_stdin(self) -> int:
+        """Close the function's standard input (``input()`` then raises EOFError)."""
+        return await self._input.add(Stdin(None))
+
     async def wait_input_acked(self) -> None:
         """Wait until the server has accepted every input sent so far. Raises
         ``InputClosed`` if the function ends first."""
@@ -359,6 +373,18 @@ class Session:
     async def destroy(self) -> None:
         """``Client.destroy`` for this session (owner)."""
         await self._client.destroy(self._owner_token())
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """``Client.resize``: this terminal session's new window size (owner)."""
+        await self._client.resize(self._owner_token(), rows, cols)
+
+    async def download(self, path: str) -> bytes:
+        """``Client.download``: a file of this session's work dir."""
+        return await self._client.download(self._attach_token, path)
+
+    async def upload(self, path: str, data: bytes) -> None:
+        """``Client.upload``: a file into this running session's work dir (owner)."""
+        await self._client.upload(self._owner_token(), path, data)
 
     async def state_get(self) -> tuple[int, Any]:
         """``Client.state_get`` for this session."""

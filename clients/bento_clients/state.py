@@ -51,7 +51,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bento_clients.convert import from_json, to_json
-from bento_clients.frames import EOF
+from bento_clients.frames import EOF, Stdin
 
 __all__ = ["NameTaken", "StateFile", "StateJournal", "check_name", "default_path", "input_from_json", "input_to_json",
            "key_id", "legacy_path"]
@@ -81,7 +81,9 @@ def legacy_path() -> str:
 
 
 def input_to_json(item: Any) -> Any:
-    """The JSON form of an input item (a value, or ``EOF``)."""
+    """The JSON form of an input item (a value, ``EOF``, or ``Stdin``)."""
+    if isinstance(item, Stdin):
+        return {"$stdin": None if item.data is None else to_json(item.data)}
     return {"$eof": True} if item is EOF else to_json(item)
 
 
@@ -89,6 +91,10 @@ def input_from_json(value: Any) -> Any:
     """The input item of its JSON form."""
     if isinstance(value, dict) and value == {"$eof": True}:
         return EOF
+    if isinstance(value, dict) and len(value) == 1 and "$stdin" in value:
+        data = value["$stdin"]
+        if data is None or (isinstance(data, dict) and list(data) == ["$base64"]):
+            return Stdin(None if data is None else from_json(data))
     return from_json(value)
 
 

@@ -128,7 +128,8 @@ class SyncClient:
 
     # -- the API (same names as sdk.Client) ---------------------------------
 
-    def execute(self, function: str | Callable[..., Any], /, *args: Any, **options: Any) -> SyncSession:
+    def execute(self, function: str | Callable[..., Any] | None = None, /, *args: Any,
+                **options: Any) -> SyncSession:
         """``sdk.Client.execute``: run a function; returns its session."""
         c = self.client
         s = self._call(lambda: c.execute(function, *args, **options))
@@ -262,6 +263,26 @@ class SyncSession:
     def close_input(self) -> int:
         """Close the function's input."""
         return self._client._call(self._session.close_input)
+
+    def write_stdin(self, data: bytes | str) -> int:
+        """Write to the function's standard input; returns its seq."""
+        return self._client._call(self._session.write_stdin, data)
+
+    def close_stdin(self) -> int:
+        """Close the function's standard input."""
+        return self._client._call(self._session.close_stdin)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """A terminal session's new window size."""
+        self._client._call(self._session.resize, rows, cols)
+
+    def download(self, path: str) -> bytes:
+        """A file of the session's work dir."""
+        return self._client._call(self._session.download, path)
+
+    def upload(self, path: str, data: bytes) -> None:
+        """A file into the running session's work dir."""
+        self._client._call(self._session.upload, path, data)
 
     def wait_input_acked(self, timeout: float | None = None) -> None:
         """Wait until the server accepted every input sent so far."""

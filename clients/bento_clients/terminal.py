@@ -130,10 +130,12 @@ class ResumeFilter:
 @dataclass(frozen=True)
 class KeyEvent:
     """What a key press means: ``kind`` is "line" (``text`` set), "eof",
-    "interrupt" (ctrl-c) or "detach"."""
+    "interrupt" (ctrl-c), "detach", or with ``raw`` "keys" (``data``: the bytes
+    as typed, for a remote terminal that does its own editing)."""
 
     kind: str
     text: str = ""
+    data: bytes = b""
 
 
 _ENTER = (0x0D, 0x0A)
@@ -151,8 +153,9 @@ class KeyReader:
     sequence are held until it completes (detach) or breaks (then they are
     ordinary input: a lone ctrl-p followed by 'x' puts "\\x10x" in the line)."""
 
-    def __init__(self, detach_keys: bytes | None) -> None:
+    def __init__(self, detach_keys: bytes | None, raw: bool = False) -> None:
         self.detach_keys = detach_keys or b""
+        self.raw = raw
         self.held = b""
         self.line = bytearray()
         self.echo = bytearray()
@@ -186,7 +189,12 @@ class KeyReader:
         return events
 
     def _key(self, b: int, events: list[KeyEvent]) -> None:
-        if b in _ENTER:
+        if self.raw:
+            if events and events[-1].kind == "keys":
+                events[-1] = KeyEvent("keys", data=events[-1].data + bytes((b,)))
+            else:
+                events.append(KeyEvent("keys", data=bytes((b,))))
+        elif b in _ENTER:
             events.append(KeyEvent("line", self.line.decode("utf-8", errors="replace")))
             self.line.clear()
             self.echo += b"\r\n"
@@ -210,11 +218,14 @@ class KeyReader:
 
 
 @contextlib.contextmanager
-def raw_mode(fd: int) -> Iterator[None]:
+def raw_mode(fd: int, output: bool = False) -> Iterator[None]:
     """The TTY on ``fd`` without line editing, echo, signals or flow control
-    (ctrl-q must reach us), restored on exit; output processing is kept."""
+    (ctrl-q must reach us), restored on exit; output processing is kept unless
+    ``output`` (a remote terminal's output is already what the screen needs)."""
     old = termios.tcgetattr(fd)
     new = termios.tcgetattr(fd)
+    if output:
+        new[1] &= ~termios.OPOST
     new[0] &= ~(termios.IXON | termios.IXOFF | termios.ICRNL | termios.INLCR | termios.IGNCR)
     new[3] &= ~(termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN)
     new[6][termios.VMIN] = 1

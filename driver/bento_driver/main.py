@@ -7,6 +7,9 @@ the exchange treats a malformed message as the function's fault.
 
 from __future__ import annotations
 
+import builtins
+import fcntl
+import importlib
 import linecache
 import math
 import os
@@ -14,6 +17,7 @@ import queue
 import resource
 import signal
 import sys
+import termios
 import threading
 import traceback
 import types
@@ -310,21 +314,43 @@ def main() -> None:
         os.chdir(cwd)
         os.environ["HOME"] = cwd
     os.environ.update(start.get("env", {}))
+    if start.get("tty"):
+        # The terminal on fds 0-2 becomes ours: its keys' signals (ctrl-c) and
+        # window changes (SIGWINCH) reach this process group.
+        try:
+            os.setsid()
+        except OSError:
+            pass  # already a session leader
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
     for name, (soft, hard) in start.get("rlimits", {}).items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     encode = _Encoder(start["max_value"], start["max_depth"], start["max_items"])
     api = Api(link, encode)
     report: dict[str, Any] = {"t": "exit", "kind": "return", "result": None, "error": None, "code": 0}
 
-    module = types.ModuleType("__bento__")
-    module.__dict__["api"] = api
-    sys.modules["__bento__"] = module
+    # The work dir's files import each other (`from helper import x`).
+    sys.path.insert(0, os.getcwd())
+    packages = start.get("site")
+    if packages:
+        sys.path.insert(1, packages)
+        if any(name.endswith(".pth") for name in os.listdir(packages)):
+            import site  # only then (a few ms); with -S it adds nothing by itself
+
+            site.addsitedir(packages)
     entry_name = start["entry"]
     link.go.set()
     try:
-        _load_source(start["code"])
-        code = compile(start["code"], FUNCTION_FILE, "exec")
-        exec(code, module.__dict__)
+        if start.get("module"):
+            # A project sent as files: a real import (``__file__``, relative
+            # imports); ``api`` is a builtin, so every module of it sees it.
+            builtins.api = api  # type: ignore[attr-defined]
+            module = importlib.import_module(start["module"])
+        else:
+            module = types.ModuleType("__bento__")
+            module.__dict__["api"] = api
+            sys.modules["__bento__"] = module
+            _load_source(start["code"])
+            exec(compile(start["code"], FUNCTION_FILE, "exec"), module.__dict__)
         entry = module.__dict__.get(entry_name)
         if not callable(entry):
             raise LookupError(f"the code defines no callable named {entry_name!r}")

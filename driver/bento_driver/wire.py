@@ -21,7 +21,7 @@ LEN = struct.Struct(">I")
 #: it, and a server connects only to an exchange of its own version (an
 #: exchange outlives the server that started it, so a new server may meet an
 #: old one).
-VERSION = 3
+VERSION = 6
 
 
 #: ``api.send``: this byte, the channel's length (1 byte), the channel (UTF-8), the value (CBOR).
@@ -40,7 +40,11 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
     direction: {t: (frozenset(req.split()), frozenset(opt.split())) for t, (req, opt) in table.items()}
     for direction, table in {
         TO_DRIVER: {
-            "start": ("code entry args kwargs env cwd rlimits max_value max_depth max_items", ""),
+            # module: import this module from the work dir instead of running code
+            # tty: stdin/stdout/stderr are a terminal that the driver makes its controlling one
+            # site: the session's packages (added with their .pth files)
+            "start": ("code entry args kwargs env cwd rlimits max_value max_depth max_items",
+                      "module tty site"),
             "in": ("data", ""),  # an input's value (CBOR bytes)
             "eof": ("", ""),  # the input is closed
             "signal": ("sig", ""),  # raise INT or TERM in the function's main thread
@@ -54,9 +58,9 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "exit": ("kind result error code", ""),  # the function's end, as the driver saw it
         },
         TO_EXCHANGE: {
-            "warm": ("sandbox sandbox_cmd python driver_path network workdir", ""),
+            "warm": ("sandbox sandbox_cmd python driver_path network workdir", "envs_dir"),
             "assign": ("dir", ""),
-            "input": ("rid seq", "data eof"),
+            "input": ("rid seq", "data eof stdin"),  # stdin: data is bytes for fd 0, not a value
             "ack": ("seq", ""),
             "sync": ("rid", ""),  # positions now: replied with the snapshot's fields
             # trim the history to at most ``keep`` bytes (the server-wide limit): replied
@@ -66,6 +70,7 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "state_get": ("rid", ""),
             "state_put": ("rid value if_version", ""),
             "end": ("rid", ""),  # destroy: kill, delete, exit
+            "resize": ("rid rows cols", ""),  # the terminal's window size (tty sessions)
         },
         FROM_EXCHANGE: {
             "warm_ready": ("pid error", ""),

@@ -9,8 +9,9 @@ small process per session, imports this module).
 Backends:
 - ``bwrap``: bubblewrap with every namespace unshared (user, pid, net, ipc,
   uts, mount, cgroup), all capabilities dropped, an unprivileged uid inside,
-  a read-only system and Python, a private size-bounded /tmp and home, and no
-  network unless asked. Limits through cgroups where this machine lets us
+  a read-only system and Python, a private size-bounded /tmp, the
+  environment's work dir (given by the caller) as its home, and no network
+  unless asked. Limits through cgroups where this machine lets us
   create them (memory, pids, CPU accounting, cgroup.kill), rlimits otherwise.
 - ``none``: a plain child process in its own process group with rlimits. No
   isolation at all: for development only, and reported as such.
@@ -435,7 +436,8 @@ class _Backend:
     name = ""
 
     def _start(self, argv: list[str], *, name: str, cwd: str, env: Mapping[str, str],
-               pass_fds: tuple[int, ...], stdout: int, stderr: int) -> tuple[subprocess.Popen, Cgroups]:
+               pass_fds: tuple[int, ...], stdin: int, stdout: int,
+               stderr: int) -> tuple[subprocess.Popen, Cgroups]:
         """Start ``argv`` in its own session and in fresh cgroups named ``name``."""
         cgroups = Cgroups(name, detect_cgroups())
 
@@ -445,7 +447,7 @@ class _Backend:
 
         try:
             proc = subprocess.Popen(
-                argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                argv, cwd=cwd, env=dict(env), stdin=stdin, stdout=stdout, stderr=stderr,
                 pass_fds=pass_fds, start_new_session=True, preexec_fn=preexec,
             )
         except BaseException:
@@ -463,10 +465,10 @@ class NoneBackend(_Backend):
         return argv
 
     def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
-              network: bool, pass_fds: tuple[int, ...], stdout: int, stderr: int,
-              bind: list[str]) -> Environment:
+              network: bool, pass_fds: tuple[int, ...], stdin: int, stdout: int, stderr: int,
+              bind: list[str | tuple[str, str]]) -> Environment:
         proc, cgroups = self._start(self.argv(argv), name=name, cwd=workdir, env={**env, "HOME": workdir},
-                                    pass_fds=pass_fds, stdout=stdout, stderr=stderr)
+                                    pass_fds=pass_fds, stdin=stdin, stdout=stdout, stderr=stderr)
         return Environment(proc, cgroups, {}, signal_exit_codes=False)
 
 
@@ -495,8 +497,11 @@ class BwrapBackend(_Backend):
             raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
         self.tmp_bytes = tmp_bytes
 
-    def command(self, argv: list[str], *, env: Mapping[str, str], network: bool, bind: list[str],
-                tmp_bytes: int) -> list[str]:
+    def command(self, argv: list[str], *, env: Mapping[str, str], network: bool,
+                bind: list[str | tuple[int, str]], tmp_bytes: int, home_fd: int) -> list[str]:
+        """bwrap's command line; ``home_fd``: an fd of the host directory bound
+        read-write at HOME; a ``(fd, where)`` item of ``bind`` is bound read-only
+        there (fds, so no command line names the data dir)."""
         assert self.bwrap is not None
         cmd = [
             self.bwrap,
@@ -512,7 +517,7 @@ class BwrapBackend(_Backend):
             "--proc", "/proc", "--dev", "/dev",
             "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
             "--size", str(tmp_bytes), "--tmpfs", "/tmp",
-            "--size", str(tmp_bytes), "--tmpfs", HOME,
+            "--bind-fd", str(home_fd), HOME,
             "--chdir", HOME,
         ]
         if network:
@@ -522,8 +527,11 @@ class BwrapBackend(_Backend):
                 if os.path.exists(path):
                     cmd += ["--ro-bind", path, path]
         seen = {"/usr"}
-        for path in [sys.base_prefix, *bind]:
-            path = os.path.realpath(path)
+        for item in [sys.base_prefix, *bind]:
+            if isinstance(item, tuple):  # (an fd of the host path, where the sandbox sees it)
+                cmd += ["--ro-bind-fd", str(item[0]), item[1]]
+                continue
+            path = os.path.realpath(item)
             if any(path == s or path.startswith(s + "/") for s in seen):
                 continue
             seen.add(path)
@@ -536,15 +544,29 @@ class BwrapBackend(_Backend):
         return [*cmd, "--", *argv]
 
     def spawn(self, argv: list[str], *, name: str, workdir: str, env: Mapping[str, str],
-              network: bool, pass_fds: tuple[int, ...], stdout: int, stderr: int,
-              bind: list[str]) -> Environment:
-        enforced = {"tmp_bytes": f"tmpfs of {self.tmp_bytes} bytes for /tmp and {HOME}"}
+              network: bool, pass_fds: tuple[int, ...], stdin: int, stdout: int, stderr: int,
+              bind: list[str | tuple[str, str]]) -> Environment:
+        enforced = {"tmp_bytes": f"tmpfs of {self.tmp_bytes} bytes for /tmp"}
         if not network:
             enforced["network"] = "none (own network namespace)"
-        cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=bind,
-                           tmp_bytes=self.tmp_bytes)
-        proc, cgroups = self._start(cmd, name=name, cwd="/", env={}, pass_fds=pass_fds,
-                                    stdout=stdout, stderr=stderr)
+        fds: list[int] = []
+        try:
+            home_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
+            fds.append(home_fd)
+            by_fd: list[str | tuple[int, str]] = []
+            for item in bind:
+                if isinstance(item, tuple):  # (host path, where the sandbox sees it)
+                    fds.append(os.open(os.path.realpath(item[0]), os.O_PATH))
+                    by_fd.append((fds[-1], item[1]))
+                else:
+                    by_fd.append(item)
+            cmd = self.command(argv, env={**env, "HOME": HOME}, network=network, bind=by_fd,
+                               tmp_bytes=self.tmp_bytes, home_fd=home_fd)
+            proc, cgroups = self._start(cmd, name=name, cwd="/", env={}, pass_fds=(*pass_fds, *fds),
+                                        stdin=stdin, stdout=stdout, stderr=stderr)
+        finally:
+            for fd in fds:
+                os.close(fd)
         return Environment(proc, cgroups, enforced, signal_exit_codes=True)
 
 

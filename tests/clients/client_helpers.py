@@ -140,6 +140,13 @@ def run_cli(args: list[str], env: dict[str, str], input: bytes | None = b"",
                           cwd=cwd or ROOT)
 
 
+def spawn_cli(env: dict[str, str], args: list[str], rows: int = 24, cols: int = 200) -> Any:
+    """``bento ARGS`` under a pexpect PTY of that size (the caller closes it)."""
+    import pexpect
+
+    return pexpect.spawn(CLI[0], CLI[1:] + args, env=env, cwd=ROOT, timeout=30, dimensions=(rows, cols))
+
+
 def state_sessions(state_file: str) -> dict[str, Any]:
     with open(state_file) as f:
         return json.load(f)["sessions"]

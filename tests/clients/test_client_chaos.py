@@ -254,3 +254,46 @@ async def test_pauses_and_cuts_exactly_once(server):
         assert not [f for f in frames if isinstance(f, Gap)]
         assert line_numbers(frames) == list(range(n_lines))
         assert isinstance(frames[-1], Exit)
+
+
+# input() in a loop: each line it reads is echoed back as a message.
+INPUT_LOOP = """
+def main():
+    got = []
+    while True:
+        try:
+            line = input()
+        except EOFError:
+            return got
+        got.append(line)
+        api.send(line)
+"""
+
+
+async def test_stdin_lines_exactly_once_across_cuts(server):
+    with trio.fail_after(60):
+        rng = random.Random(20261204)
+        async with trio.open_nursery() as outer:
+            proxy = Proxy(server.port)
+            await outer.start(proxy.run)
+            url = f"ws://127.0.0.1:{proxy.port}/v1"
+            async with bento_clients.connect(url, reconnect_timeout=20, backoff_base=0.01, backoff_max=0.1) as c:
+                s = await c.execute(INPUT_LOOP)
+                lines = [f"line {i}" for i in range(60)]
+                for i, line in enumerate(lines):
+                    # Some lines in two writes: the function still sees one line.
+                    if i % 3 == 0:
+                        await s.write_stdin(line[:3])
+                        await s.write_stdin(line[3:] + "\n")
+                    else:
+                        await s.write_stdin(line + "\n")
+                    if i % 6 == 5:
+                        while not c.connected:
+                            await trio.sleep(0.002)
+                        proxy.cut()
+                        await trio.sleep(rng.uniform(0, 0.02))
+                await s.close_stdin()
+                frames = [f async for f in s.output()]
+                assert await s.result() == lines
+            outer.cancel_scope.cancel()
+    assert [f.value for f in frames if isinstance(f, Msg)] == lines

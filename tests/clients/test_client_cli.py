@@ -13,7 +13,7 @@ import time
 
 import pexpect
 import pytest
-from client_helpers import CLI, ROOT, cli_env, run_cli, state_sessions, write_file
+from client_helpers import CLI, ROOT, cli_env, run_cli, spawn_cli, state_sessions, write_file
 
 NUMBERED = """
 import sys, time
@@ -190,7 +190,7 @@ def test_killed_between_write_and_record_resumes_exactly(cli, where):
 
 
 def _spawn(env: dict[str, str], args: list[str]) -> pexpect.spawn:
-    return pexpect.spawn(CLI[0], CLI[1:] + args, env=env, cwd=ROOT, timeout=30, dimensions=(24, 200))
+    return spawn_cli(env, args)
 
 
 def test_detach_keys_under_a_pty(cli):
@@ -222,11 +222,25 @@ def test_detach_keys_under_a_pty(cli):
 def test_lone_ctrl_p_reaches_the_function(cli):
     env, tmp = cli
     job = write_file(tmp, "recv.py", "def main():\n    return api.recv()\n")
-    child = _spawn(env, ["run", job])
+    child = _spawn(env, ["run", job, "--recv"])
     try:
         time.sleep(1.0)  # let the CLI attach and take the terminal
         child.send(b"\x10x\r")
         child.expect(re.escape('"\\u0010x"'))
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_a_line_typed_at_the_terminal_reaches_input(cli):
+    env, tmp = cli
+    job = write_file(tmp, "ask.py", "def main():\n    return input('name? ')\n")
+    child = _spawn(env, ["run", job])
+    try:
+        child.expect("name\\? ")
+        child.send(b"bobx\x7f\r")  # a backspace is edited away here, before the line is sent
+        child.expect(re.escape('"bob"'))
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
@@ -253,11 +267,29 @@ def test_ctrl_c_interrupts_the_function(cli):
 def test_stdin_lines_are_inputs_and_eof_closes(cli):
     env, tmp = cli
     job = write_file(tmp, "echo.py", ECHO)
-    r = run_cli(["run", job], env, input="alpha\nbéta\n\nlast-without-newline".encode())
+    r = run_cli(["run", job, "--recv"], env, input="alpha\nbéta\n\nlast-without-newline".encode())
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == ["alpha", "béta", "", "last-without-newline"]
     entry = next(iter(state_sessions(env["BENTO_CLIENT_STATE"]).values()))
-    assert entry["pending"] == [] and entry["input_seq"] == 5
+    # Four lines, then the end of input closes stdin and api.recv().
+    assert entry["pending"] == [] and entry["input_seq"] == 6
+
+
+def test_piped_stdin_is_the_functions_stdin_and_send_stdin_adds_to_it(cli):
+    env, tmp = cli
+    job = write_file(tmp, "cat.py", "import sys\ndef main():\n    return sys.stdin.read()\n")
+    r = run_cli(["run", job], env, input="alpha\nbéta\n\nlast-without-newline".encode())
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == "alpha\nbéta\n\nlast-without-newline"
+
+    job = write_file(tmp, "lines.py", "def main():\n    return [input(), input(), api.recv()]\n")
+    started = json.loads(run_cli(["run", job, "-d", "--json"], env).stdout)
+    token = started["token"]
+    assert run_cli(["send", "--stdin", token, "first line"], env).returncode == 0
+    assert run_cli(["send", "--stdin", token, "-"], env, input=b"second\n").returncode == 0
+    assert run_cli(["send", token, '"a value"'], env).returncode == 0
+    follow = run_cli(["logs", "-f", started["viewer_token"]], env)
+    assert json.loads(follow.stdout) == ["first line", "second", "a value"]
 
 
 def test_detached_run_then_send_logs_status_share_ls_rm(cli):

@@ -1,0 +1,92 @@
+"""``bento run -t`` / ``attach -t`` driven with pexpect: a PTY on each side.
+
+The function's terminal does the editing and the echo; bento passes keys as
+typed, keeps its detach keys, follows window changes, and tells a viewer that
+its keys go nowhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pexpect
+import pytest
+from client_helpers import cli_env, run_cli, spawn_cli, write_file
+
+PROGRESS_THEN_PROMPT = r'''
+import os, signal, time
+def main():
+    for i in range(0, 101, 25):
+        print(f"\r\x1b[1;32mloading {i:3d}%\x1b[0m", end="", flush=True)
+        time.sleep(0.05)
+    print()
+    name = input("name? ")
+    sizes = []
+    signal.signal(signal.SIGWINCH, lambda *a: sizes.append(os.get_terminal_size()))
+    print(f"hello {name}, size {tuple(os.get_terminal_size())}", flush=True)
+    deadline = time.monotonic() + 15
+    while not sizes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print(f"resized to {tuple(sizes[0]) if sizes else None}", flush=True)
+    input("press enter ")
+    return name
+'''
+
+
+@pytest.fixture
+def cli(server, tmp_path):
+    return cli_env(str(tmp_path / "state" / "client.json"), server.url), str(tmp_path)
+
+
+def _spawn(env: dict[str, str], args: list[str]) -> pexpect.spawn:
+    return spawn_cli(env, args, rows=30, cols=100)
+
+
+def test_run_t_prompt_backspace_progress_bar_and_resize(cli):
+    env, tmp = cli
+    job = write_file(tmp, "screen.py", PROGRESS_THEN_PROMPT)
+    child = _spawn(env, ["run", "-t", job])
+    try:
+        # The progress bar redraws in place with \r, in colour.
+        child.expect(re.escape("\r\x1b[1;32mloading  50%\x1b[0m"))
+        child.expect(re.escape("\r\x1b[1;32mloading 100%\x1b[0m"))
+        child.expect(re.escape("name? "))
+        child.send(b"bobx\x7f\r")  # the remote terminal erases the x
+        child.expect(re.escape("hello bob, size (100, 30)"))
+        child.setwinsize(40, 120)  # SIGWINCH here: bento resizes the remote terminal
+        child.expect(re.escape("resized to (120, 40)"))
+        child.expect(re.escape("press enter "))
+        child.send(b"\r")
+        child.expect(re.escape('"bob"'))
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_attach_t_detach_keys_and_a_viewer_told_its_keys_go_nowhere(cli):
+    env, tmp = cli
+    job = write_file(tmp, "ask.py", "def main():\n    return input('name? ')\n")
+    started = json.loads(run_cli(["run", "-t", job, "-d", "--json"], env).stdout)
+    token, viewer = started["token"], started["viewer_token"]
+
+    watcher = _spawn(env, ["attach", "-t", viewer])
+    try:
+        watcher.expect("your keys go nowhere")
+        watcher.send(b"ignored\r")
+        watcher.send(b"\x10\x11")  # ctrl-p ctrl-q still detaches
+        watcher.expect("detached")
+        watcher.expect(pexpect.EOF)
+    finally:
+        watcher.close(force=True)
+
+    owner = _spawn(env, ["attach", "-t", token, "--from", "1"])  # the viewer above took the prompt
+    try:
+        owner.expect(re.escape("name? "))
+        owner.send(b"\x10x\r")  # a lone ctrl-p is an ordinary key
+        owner.expect(re.escape('"\\u0010x"'))
+        owner.expect(pexpect.EOF)
+    finally:
+        owner.close(force=True)
+    assert owner.exitstatus == 0
