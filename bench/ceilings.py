@@ -128,11 +128,11 @@ async def ws_connect_rtt(url: str, n: int) -> list[float]:
 # -- process start ceilings -------------------------------------------------------
 
 
-def first_byte(argv: list[str], timeout: float = 10.0) -> float:
-    """Seconds from starting ``argv`` to the first byte on its stdout."""
+def first_byte(argv: list[str], timeout: float = 10.0, fds: tuple[int, ...] = ()) -> float:
+    """Seconds from starting ``argv`` (given ``fds``) to the first byte on its stdout."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, close_fds=True)
+                            stderr=subprocess.DEVNULL, close_fds=True, pass_fds=fds)
     try:
         assert proc.stdout is not None
         b = proc.stdout.read(1)
@@ -153,8 +153,9 @@ def bare_python_argv() -> list[str]:
     return [real_python(), "-I", "-S", "-c", SPAWN_CODE]
 
 
-def bwrap_argv() -> list[str]:
-    """The server's bwrap command line around the bare python start.
+def bwrap_argv(home_fd: int) -> list[str]:
+    """The server's bwrap command line around the bare python start, with the
+    directory open at ``home_fd`` as its home (the caller passes the fd on).
 
     Taken from ``bento_sandbox.BwrapBackend().command(...)`` with no extra
     binds (it binds sys.base_prefix itself); only the keywords its current
@@ -164,15 +165,15 @@ def bwrap_argv() -> list[str]:
     backend = bento_sandbox.BwrapBackend()
     params = inspect.signature(backend.command).parameters
     kw = {"env": {"HOME": getattr(bento_sandbox, "HOME", "/tmp")}, "network": False, "bind": [],
-          "tmp_bytes": getattr(bento_sandbox, "DEFAULT_TMP_BYTES", 64 * 1024 * 1024)}
+          "tmp_bytes": getattr(bento_sandbox, "DEFAULT_TMP_BYTES", 64 * 1024 * 1024), "home_fd": home_fd}
     kw = {k: v for k, v in kw.items() if k in params}
     return list(backend.command(bare_python_argv(), **kw))
 
 
-def spawn_samples(argv: list[str], runs: int, warmup: int = 2) -> list[float]:
+def spawn_samples(argv: list[str], runs: int, warmup: int = 2, fds: tuple[int, ...] = ()) -> list[float]:
     for _ in range(warmup):
-        first_byte(argv)
-    return [first_byte(argv) for _ in range(runs)]
+        first_byte(argv, fds=fds)
+    return [first_byte(argv, fds=fds) for _ in range(runs)]
 
 
 def run_async(fn, *args):  # type: ignore[no-untyped-def]

@@ -212,7 +212,12 @@ class Bench:
         py = [s * MS for s in ceilings.spawn_samples(ceilings.bare_python_argv(), runs)]
         self.set_ceiling("spawn_python", "bare `python -I -S` start, first byte (ms)", py)
         self.log(f"    python -I -S first byte p50 {statistics.median(py):.1f} ms")
-        bw = [s * MS for s in ceilings.spawn_samples(ceilings.bwrap_argv(), runs)]
+        home = tempfile.mkdtemp(prefix="bwrap-home-", dir=self.tmp)
+        home_fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            bw = [s * MS for s in ceilings.spawn_samples(ceilings.bwrap_argv(home_fd), runs, fds=(home_fd,))]
+        finally:
+            os.close(home_fd)
         self.set_ceiling("spawn_bwrap", "same inside the server's bwrap argv (ms)", bw)
         self.log(f"    in bwrap first byte p50 {statistics.median(bw):.1f} ms")
         # An idle bare interpreter: what one Python process costs at least.
