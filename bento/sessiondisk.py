@@ -15,11 +15,17 @@ import array
 import errno
 import fcntl
 import os
+import struct
+import sys
 import time
 
 from bento import protocol, session_core, sessionlog
 
 STATE_FILE = "state.cbor"
+# An ended session's frame sizes (little-endian int64: the first seq, then one
+# size per frame up to the exit frame): written once at the end, so that
+# reading the session back does not scan its whole output log.
+SIZES_FILE = "sizes.bin"
 
 
 def load_saved(sdir: str) -> dict:
@@ -35,14 +41,50 @@ def load_saved(sdir: str) -> dict:
 
 
 def save(sdir: str, core: session_core.SessionCore, extra: dict) -> None:
-    """Write the core's saved state (and ``extra``: what the exchange adds) atomically."""
+    """Write the core's saved state (and ``extra``: what the exchange adds)
+    atomically; at the session's end, its frame sizes once (:data:`SIZES_FILE`)."""
+    if core.exit is not None and not os.path.exists(os.path.join(sdir, SIZES_FILE)):
+        sizes = array.array("q", core.sizes)
+        if sys.byteorder == "big":
+            sizes.byteswap()
+        sessionlog.write_atomic(os.path.join(sdir, SIZES_FILE), struct.pack("<q", core.size_base) + sizes.tobytes())
     sessionlog.write_atomic(os.path.join(sdir, STATE_FILE), protocol.encode({**core.saved(), **extra}))
+
+
+def saved_sizes(sdir: str, saved: dict, next_seq: int) -> tuple[int, array.array] | None:
+    """The frame sizes saved at the session's end, if they agree with the saved
+    exit and the output log (which ends at ``next_seq``); None otherwise."""
+    exit_seq = saved.get("exit_seq")
+    if saved.get("exit") is None or not isinstance(exit_seq, int) or exit_seq + 1 != next_seq:
+        return None
+    try:
+        with open(os.path.join(sdir, SIZES_FILE), "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    if len(raw) < 8 or len(raw) % 8:
+        return None
+    base = struct.unpack_from("<q", raw)[0]
+    sizes = array.array("q")
+    sizes.frombytes(raw[8:])
+    if sys.byteorder == "big":
+        sizes.byteswap()
+    if base < 1 or base + len(sizes) != next_seq or (sizes and sizes[-1] != 0) or min(sizes, default=0) < 0:
+        return None
+    return base, sizes
 
 
 def recover(out: sessionlog.Writer, saved: dict, meta: dict, input_seq: int) -> session_core.SessionCore:
     """The core as it was: the saved state, then what the output log says (an
-    exit frame on disk counts even if the saved state missed it)."""
+    exit frame on disk counts even if the saved state missed it). An ended
+    session's sizes come from :data:`SIZES_FILE` when it agrees with the log."""
     buffer = meta["buffer"]
+    history = meta.get("history_bytes", session_core.DEFAULT_HISTORY_BYTES)
+    known = saved_sizes(out.dirpath, saved, out.next_seq)
+    if known is not None:
+        base, sizes = known
+        return session_core.SessionCore(buffer["max_bytes"], buffer["policy"], saved=saved,
+                                        size_base=base, sizes=sizes, input_seq=input_seq, history_max=history)
     sizes = array.array("q")
     base = out.next_seq
     last: tuple[int, bytes] | None = None
@@ -57,7 +99,6 @@ def recover(out: sessionlog.Writer, saved: dict, meta: dict, input_seq: int) -> 
             saved = {**saved, "exit": data, "exit_seq": last[0], "state": data["state"],
                      "ended": saved.get("ended") or time.time()}
             sizes[-1] = 0
-    history = meta.get("history_bytes", session_core.DEFAULT_HISTORY_BYTES)
     return session_core.SessionCore(buffer["max_bytes"], buffer["policy"], saved=saved,
                                     size_base=base, sizes=sizes, input_seq=input_seq, history_max=history)
 

@@ -190,9 +190,16 @@ class Writer:
         self.flushed_next = self.next_seq
 
     def records(self) -> Iterator[tuple[int, bytes]]:
-        """Every record still on disk, oldest first (for recovery)."""
+        """Every record still on disk, oldest first (for recovery). A segment
+        deleted meanwhile (trimmed history: the oldest go first) is skipped."""
         for _start, path in list_segments(self.dirpath, self.prefix):
-            for seq, payload, _end in scan_file(path):
+            records = scan_file(path)
+            try:
+                first = next(records)  # opens the file: once open, a delete does not matter
+            except (FileNotFoundError, StopIteration):
+                continue
+            yield first[0], first[1]
+            for seq, payload, _end in records:
                 yield seq, payload
 
     def append(self, seq: int, payload: bytes) -> None:

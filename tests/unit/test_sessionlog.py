@@ -195,3 +195,22 @@ def test_a_segment_that_cannot_be_deleted_stays_listed(tmp_path, monkeypatch):
     monkeypatch.setattr(sessionlog.os, "unlink", real_unlink)
     w.drop_before(6)
     assert not os.path.exists(first) and len(w.segments) == 1
+
+
+def test_records_skip_a_segment_deleted_while_they_are_listed(tmp_path, monkeypatch):
+    w = sessionlog.Writer(str(tmp_path), "out", segment_bytes=64)
+    for seq in range(1, 21):
+        w.append(seq, b"x" * 30)
+    w.close()
+    segments = sessionlog.list_segments(str(tmp_path), "out")
+    assert len(segments) > 2
+    real_scan = sessionlog.scan_file
+
+    def scan_after_trim(path):  # the oldest segment goes between the listing and its read
+        if path == segments[0][1] and os.path.exists(path):
+            os.unlink(path)
+        return real_scan(path)
+
+    monkeypatch.setattr(sessionlog, "scan_file", scan_after_trim)
+    seqs = [seq for seq, _ in sessionlog.Writer(str(tmp_path), "out", segment_bytes=64).records()]
+    assert seqs == list(range(segments[1][0], 21))

@@ -1,0 +1,60 @@
+"""An ended session read back from disk: from its saved frame sizes when they
+agree with the log, from a scan of the log otherwise."""
+
+from __future__ import annotations
+
+import os
+
+from bento import protocol, session_core, sessiondisk, sessionlog
+
+META = {"buffer": {"max_bytes": 1 << 20, "policy": "block"}}
+
+
+def ended_session(sdir: str, n: int) -> session_core.SessionCore:
+    """A session of ``n`` frames (frame i has i bytes of data) and an exit frame, saved."""
+    core = session_core.SessionCore(1 << 20, "block")
+    core.started()
+    out = sessionlog.Writer(sdir, "out", segment_bytes=256)
+    for seq in range(1, n + 1):
+        data = protocol.encode(b"x" * seq)
+        out.append(seq, protocol.encode_frame(seq, "out", b"") + data)
+        core.frame(seq, sessiondisk.data_len(protocol.encode_frame(seq, "out", b"") + data))
+    exit_data = {"state": "exited", "code": 0, "signal": None, "result": None, "error": None}
+    out.append(n + 1, protocol.encode_frame(n + 1, "exit", protocol.encode(exit_data)))
+    out.close()
+    core.durable(n + 1)
+    core.recorded_exit(exit_data, n + 1, 1000.0)
+    core.durable(n + 2)
+    sessiondisk.save(sdir, core, {})
+    return core
+
+
+def recovered(sdir: str) -> session_core.SessionCore:
+    out = sessionlog.Writer(sdir, "out", segment_bytes=256)
+    out.close()
+    return sessiondisk.recover(out, sessiondisk.load_saved(sdir), META, 0)
+
+
+def test_an_ended_session_reads_back_from_its_saved_sizes_without_a_scan(tmp_path, monkeypatch):
+    sdir = str(tmp_path)
+    core = ended_session(sdir, 40)
+    assert os.path.exists(os.path.join(sdir, sessiondisk.SIZES_FILE))
+    monkeypatch.setattr(sessionlog.Writer, "records", lambda self: (_ for _ in ()).throw(AssertionError("scanned")))
+    again = recovered(sdir)
+    assert again.snapshot() == {**core.snapshot(), "next_seq": 42}
+    assert list(again.sizes) == list(core.sizes) and again.buffer_bytes == core.buffer_bytes
+
+
+def test_sizes_that_disagree_with_the_log_are_not_trusted(tmp_path):
+    sdir = str(tmp_path)
+    core = ended_session(sdir, 40)
+    path = os.path.join(sdir, sessiondisk.SIZES_FILE)
+    with open(path, "rb") as f:
+        good = f.read()
+    for bad in (b"", b"\x01" * 7, (1).to_bytes(8, "little") + (5).to_bytes(8, "little") * 3,
+                (0).to_bytes(8, "little") + good[8:], good[:-8] + (7).to_bytes(8, "little")):
+        with open(path, "wb") as f:
+            f.write(bad)
+        again = recovered(sdir)
+        assert list(again.sizes) == list(core.sizes)
+        assert again.buffer_bytes == core.buffer_bytes
