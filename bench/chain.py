@@ -71,14 +71,16 @@ async def wait_ended(c, token: str, timeout: float) -> dict:  # type: ignore[no-
 # -- execute -> first output -------------------------------------------------------
 
 
-async def first_output_once(c) -> float:  # type: ignore[no-untyped-def]
-    """Seconds from sending execute to the first stdout frame."""
+async def first_output_once(c, packages: list[str] | None = None,  # type: ignore[no-untyped-def]
+                            timeout: float = 30) -> float:
+    """Seconds from sending execute (with ``packages``, if any) to the first stdout frame."""
     t0 = now()
-    r = await request(c, "execute", code=CODE_PRINT)
+    extra = {"packages": packages} if packages else {}
+    r = await request(c, "execute", code=CODE_PRINT, **extra)
     sid = r["session"]
     t1 = None
     exit_data = None
-    with trio.fail_after(30):
+    with trio.fail_after(timeout):
         while t1 is None:
             msg = await next_message(c)
             if msg.get("ev") == "error" and msg.get("session") == sid:
@@ -109,6 +111,22 @@ async def first_output(url: str, runs: int, warmup: int = 2, pause: float = 0.05
                 out.append(dt)
             await trio.sleep(pause)  # let the previous session's teardown finish
     return out
+
+
+async def packages_first_output(url: str, spec: list[str], runs: int,
+                                pause: float) -> tuple[float, list[float], list[float]]:
+    """Seconds to the first output: the first execute of a new packages ``spec``
+    (its environment is built), then ``runs`` executes with the cached spec,
+    each followed by one without packages (the same server, the same pauses)."""
+    cached, plain = [], []
+    async with open_client(url) as c:
+        new = await first_output_once(c, spec, timeout=300)
+        for _ in range(runs):
+            await trio.sleep(pause)
+            cached.append(await first_output_once(c, spec))
+            await trio.sleep(pause)
+            plain.append(await first_output_once(c))
+    return new, cached, plain
 
 
 async def cold_first_output(url: str) -> float:

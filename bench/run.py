@@ -59,6 +59,7 @@ from common import (  # noqa: E402
 from helpers import ServerProcess  # noqa: E402
 
 MS = 1000.0
+PACKAGES = ("six",)  # small and pure Python: the build measures the server, not a compiler
 CAPACITY = ("--max-sessions", "100000", "--memory-budget", "100T")
 MAX_BUFFER = str(2 * 1024 * 1024 * 1024)
 
@@ -73,6 +74,8 @@ ROW_SPECS: list[tuple[str, str, str, bool, str]] = [
     ("small_live", "stream 100 B frames, live", "frames/s", True, ">= 150k/s"),
     ("small_replay", "stream 100 B frames, replay", "frames/s", True, ">= live"),
     ("reattach", "reattach: connect+attach->1st frame", "ms", False, "- (reported)"),
+    ("pkgs_new", "execute->first output, new packages spec", "ms", False, "- (reported)"),
+    ("pkgs_cached", "execute->first output, cached packages", "ms", False, "<= 1.1x ceiling"),
     ("sessions_errors", "N concurrent sessions: errors", "count", False, "= 0"),
     ("sessions_rate", "N sessions: execute rate (start)", "sess/s", True, "- (reported)"),
     ("server_per_session", "server RSS per idle session", "KiB", False, "<= 50 KiB"),
@@ -354,6 +357,18 @@ class Bench:
             self.rows["first_none"].set(xs)
             self.log(f"    none first output p50 {statistics.median(xs):.1f} ms")
 
+    def stage_packages(self) -> None:
+        # A package from the index (the first build needs it; uv's own cache may
+        # hold its wheel, as on any machine that built it once).
+        with self.running("bwrap") as srv:
+            new, cached, plain = trio.run(chain.packages_first_output, srv.url, list(PACKAGES),
+                                          self.b.first_output_runs, self.b.first_output_pause)
+        self.rows["pkgs_new"].set([new * MS])
+        self.rows["pkgs_cached"].set([x * MS for x in cached])
+        self.set_ceiling("plain_first", "the same without packages, interleaved (ms)", [x * MS for x in plain])
+        self.log(f"    new spec {new * MS:.0f} ms; cached p50 {statistics.median(cached) * MS:.1f} ms, "
+                 f"without packages p50 {statistics.median(plain) * MS:.1f} ms")
+
     def stage_sessions(self) -> None:
         n = self.b.sessions
         # Do not take the machine down: ~16 MiB per session (exchange + environment).
@@ -419,6 +434,7 @@ class Bench:
         self.use_ceiling("small_live", "ws_small")
         self.use_ceiling("small_replay", "ws_small")
         self.use_ceiling("reattach", "ws_connect")
+        self.use_ceiling("pkgs_cached", "plain_first")
         self.use_ceiling("exchange_rss", "idle_rss")
         self.use_ceiling("exchange_pss", "idle_pss")
         self.use_ceiling("env_rss", "idle_rss")
@@ -434,6 +450,7 @@ class Bench:
             if lv is not None:
                 r[replay].judge(lambda x, lv=lv: x >= lv)
         r["small_live"].judge(lambda x: x >= 150_000)
+        r["pkgs_cached"].judge(lambda x: r["pkgs_cached"].ratio is not None and r["pkgs_cached"].ratio <= 1.1)
         r["sessions_errors"].judge(lambda x: x == 0)
         r["server_per_session"].judge(lambda x: x <= 50)
         r["exchange_rss"].judge(lambda x: x <= 8)
@@ -523,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "small_replay", "reattach"], bench.stage_bwrap_chain)
         bench.stage("chain, --sandbox none", ["first_none"], bench.stage_none)
         bench.stage("cold starts", ["first_bwrap_cold"], bench.stage_cold)
+        bench.stage("packages", ["pkgs_new", "pkgs_cached"], bench.stage_packages)
         bench.stage(f"{budget.sessions} concurrent sessions",
                     ["sessions_errors", "sessions_rate", "server_per_session", "exchange_rss", "exchange_pss",
                      "env_rss", "env_pss", "loaded_echo"], bench.stage_sessions)
