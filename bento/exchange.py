@@ -37,7 +37,6 @@ import bento_sandbox
 from bento_driver import wire
 
 from bento import protocol, session_core, sessiondisk, sessionlog
-from bento.exchange_build import EnvBuild
 from bento.exchange_control import Control, unlink
 from bento.exchange_driver import DriverSide
 from bento.exchange_output import RETRY_SECONDS, Output
@@ -59,6 +58,8 @@ from bento.warm import wait_for_session
 TYPE_CHECKING = False  # the exchange does not import typing (it starts per session)
 if TYPE_CHECKING:
     from typing import Any
+
+    from bento import exchange_build
 
 DRAIN_SECONDS = 2.0
 DIR_CHECK_SECONDS = 5.0
@@ -110,7 +111,7 @@ class Exchange:
         self.to_close: list[int] = []
         self.driver: DriverSide | None = None
         self.stdin: Stdin | None = None
-        self.build: EnvBuild | None = None  # the session's packages, before its function starts
+        self.build: exchange_build.EnvBuild | None = None  # the session's packages, before its function starts
         self.work_watch: WorkDirWatch | None = None  # the bound on what it leaves on disk
         self.reading = False
         self.control = Control(self)
@@ -477,6 +478,10 @@ def main(argv: list[str]) -> None:
     if (not adopt and ex.core.exit is None and ex.meta.get("packages")
             and (launched is None or launched.error is None)):
         os.makedirs(work, exist_ok=True)
+        # Imported here: the builder (hashlib, json, re) would add ~4 MiB to
+        # every exchange, and most sessions have no packages.
+        from bento.exchange_build import EnvBuild
+
         ex.build = EnvBuild(ex, launched)
         ex.build.begin()
     elif not adopt and ex.core.exit is None:
