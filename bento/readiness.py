@@ -1,8 +1,9 @@
 """Whether the server can take sessions now, for ``GET /readyz``.
 
 Ready means: the data dir takes a write (a small file written, synced and
-removed) and the configured sandbox backend is there. Checked at most every
-CHECK_EVERY_S, in a thread, so probes cost the server next to nothing.
+removed), the configured sandbox backend is there, and in cluster mode the
+node's last heartbeat reached Redis. Checked at most every CHECK_EVERY_S, in a
+thread, so probes cost the server next to nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import errno
 import math
 import os
 import tempfile
+from collections.abc import Callable
 
 import bento_sandbox
 import trio
@@ -21,12 +23,16 @@ CHECK_EVERY_S = 1.0
 
 
 class Readiness:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, cluster: Callable[[], str | None] = lambda: None) -> None:
         self.config = config
+        self.cluster = cluster  # why the cluster's store is out of reach (None: it is not)
         self._last: tuple[float, str | None] = (-math.inf, None)
 
     async def why_not(self) -> str | None:
         """Why this server cannot take sessions (None: it can)."""
+        unreachable = self.cluster()
+        if unreachable is not None:
+            return unreachable
         at, why = self._last
         now = trio.current_time()
         if now - at >= CHECK_EVERY_S:

@@ -75,7 +75,11 @@ class Server:
         self.gate = Gate(Admission(capacity, config.quota), config.data_dir, registry.nursery)
         self.metrics = Metrics(self)
         self.routes = http.Routes(keys=self.keys, guesses=self.guesses, metrics=self.metrics.render,
-                                  ready=Readiness(config).why_not)
+                                  ready=Readiness(config, self.cluster_unreachable).why_not)
+
+    def cluster_unreachable(self) -> str | None:
+        """Why this node cannot reach the cluster's store (None without a cluster)."""
+        return self.cluster.unreachable if self.cluster is not None else None
 
     async def handle(self, stream: trio.SocketStream | trio.SSLStream) -> None:
         """Entry point for each TCP connection. Never raises: an exception

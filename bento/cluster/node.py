@@ -53,6 +53,8 @@ class Cluster:
         self.secret = registry.store.secret  # the cluster's, once run() has read it
         self.remote = Remote(self)
         self.control = Control(self)
+        # Why the last heartbeat could not be written (None: it was): what /readyz says.
+        self.unreachable: str | None = None
 
     # -- this node's sessions ----------------------------------------------------
 
@@ -171,8 +173,10 @@ class Cluster:
             try:
                 await self.redis.set(keys.node(self.node), value, px=HEARTBEAT_TTL_MS)
                 await self.redis.sadd(keys.NODES, [self.node])
+                self.unreachable = None
             except RedisError as exc:
                 log.warning("cannot renew this node's heartbeat: %s", exc)
+                self.unreachable = f"the cluster's Redis does not answer: {exc}"
             await trio.sleep(HEARTBEAT_S)
 
 

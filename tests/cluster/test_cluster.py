@@ -9,6 +9,8 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import coredis
 import trio
@@ -406,6 +408,8 @@ async def test_redis_restart_loses_no_session(durable_redis, tmp_path):
             await cr.frames(sid, until_exit=False, count=30, timeout=30)
             durable_redis.stop(signal.SIGTERM)
             await trio.sleep(12)
+            status, body = await trio.to_thread.run_sync(readyz, runner.port)
+            assert status == 503 and "Redis" in body, (status, body)  # /readyz says why
             durable_redis.start()
             ev = await cr.event(ev="error", session=sid, timeout=30)
             assert "Redis" in ev["error"]["message"]
@@ -415,6 +419,17 @@ async def test_redis_restart_loses_no_session(durable_redis, tmp_path):
         assert_contiguous(frames)
         assert values(frames) == list(range(n))
         assert frames[-1][2]["state"] == "exited"
+        assert (await trio.to_thread.run_sync(readyz, runner.port))[0] == 200
     finally:
         runner.stop()
         reader.stop()
+
+
+def readyz(port: int) -> tuple[int, str]:
+    """GET /readyz: (status, body)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
