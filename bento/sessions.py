@@ -117,6 +117,7 @@ class Session:
             "acked_seq": snap.acked_seq,
             "input_seq": snap.input_seq,
             "buffer_bytes": snap.buffer_bytes,
+            "buffer": self.meta["buffer"],
             "history_bytes": snap.history_bytes,
             "attachments": len(self.attachments),
             "exit": snap.exit,

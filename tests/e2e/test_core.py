@@ -204,6 +204,8 @@ async def test_status_list_signal_destroy(server):
         st = await c.ok("status", token=r["viewer_token"])
         assert st["session"] == r["session"] and st["state"] in ("starting", "running")
         assert st["sandbox"] in ("bwrap", "none") and "enforced" in st and st["attachments"] == 1
+        # The buffer's limit and policy, so a client can say when it is full (the server's defaults).
+        assert st["buffer"] == {"max_bytes": 64 * 1024 * 1024, "policy": "block"}, st
         assert (await c.request("signal", token=r["viewer_token"], signal="TERM"))["error"]["code"] == "forbidden"
         await c.ok("signal", token=r["token"], signal="TERM")
         ex = (await c.frames(r["session"]))[-1][2]
