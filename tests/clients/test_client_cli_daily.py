@@ -251,10 +251,14 @@ def test_a_viewer_is_told_once_that_typing_is_not_sent(cli_run):
 # status
 
 
-def test_status_says_the_buffer_is_full_and_the_function_blocked(cli_run):
-    env, tmp = cli_run
+@pytest.mark.parametrize("asked", [True, False], ids=["asked-by-run", "the-servers-default"])
+def test_status_says_the_buffer_is_full_and_the_function_blocked(make_server, tmp_path, asked):
+    # Asked by run, the CLI knows the limit; as the server's default, only the status says it.
+    srv = make_server() if asked else make_server("--buffer-bytes", "64K")
+    env, tmp = cli_env(str(tmp_path / "state" / "state.json"), srv.url), str(tmp_path)
     job = write_file(tmp, "loud.py", "def main():\n    for _ in range(100000):\n        print('x' * 1000)\n")
-    started = _json(run_cli(["run", job, "--buffer", "64K", "--policy", "block", "-d", "--json"], env))
+    buffer_args = ["--buffer", "64K", "--policy", "block"] if asked else []
+    started = _json(run_cli(["run", job, *buffer_args, "-d", "--json"], env))
     deadline = time.monotonic() + 30
     while True:
         st = _json(run_cli(["status", started["token"], "--json"], env))
