@@ -225,7 +225,7 @@ class Exchange:
                 return
         self.child = child = launched.env
         link, self.enforced, started_at = pre
-        self.driver = driver = DriverSide(self, link)
+        self.driver = driver = DriverSide(self, link, launched.up)
         self.stdin = Stdin(self, launched.in_w)
         if self.meta.get("work_bytes") is not None:
             self.work_watch = WorkDirWatch(os.path.join(self.dir, "work"), self.meta["work_bytes"])

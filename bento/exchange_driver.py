@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 class DriverSide:
     """The link to one function's driver and what it reported."""
 
-    def __init__(self, ex: Exchange, link: Link) -> None:
+    def __init__(self, ex: Exchange, link: Link, up: bool = False) -> None:
         self.ex = ex
         self.link = link
-        self.up = False  # the driver said it runs
+        # The driver said it runs (a warm environment's ``up`` was read before
+        # it had a session: bento/warm.py).
+        self.up = up
         self.report: dict | None = None  # its exit message
 
     def flush(self) -> None:

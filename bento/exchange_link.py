@@ -29,12 +29,16 @@ import trio
 from bento_driver import wire
 
 import bento
-from bento import protocol
+from bento import protocol, warm
 
 log = logging.getLogger("bento.sessions")
 
 SPAWN_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 30.0
+# A warm exchange answers within its own bound for the environment to come up, plus its start.
+WARM_TIMEOUT_S = warm.UP_TIMEOUT_S + 10.0
+RETRY_FIRST_S = 1.0  # the warm pool's pause after a failure, doubled while failures go on
+RETRY_MAX_S = 30.0
 
 
 class ExchangeGone(Exception):
@@ -188,24 +192,37 @@ class Exchanges:
         self.pool_size = config.pool_size if config.sandbox in ("bwrap", "none") else 0
 
     async def pool_keeper(self) -> None:
-        """Keep ``pool_size`` warm exchanges ready (bwrap: the sandbox's working
-        dir is its own tmpfs; none: the driver moves to the session's work dir
-        when it starts; so nothing ties them to a session yet)."""
+        """Keep ``pool_size`` warm exchanges ready (bwrap: the sandbox's home is
+        a directory of its own until a session takes it; none: the driver moves
+        to the session's work dir when it starts; so nothing ties them to a
+        session yet). A warm exchange that fails or is slow is logged with why
+        and another is tried after a pause that doubles while they keep failing:
+        executes start cold meanwhile, and the keeper never ends."""
+        pause = RETRY_FIRST_S
         while self.pool_size:
             while len(self.warm) < self.pool_size:
                 try:
                     link = await self._spawn_warm()
                 except (OSError, RuntimeError, ExchangeGone) as exc:
-                    log.error("warm pool: could not start an exchange: %s", exc)
-                    await trio.sleep(1.0)
+                    log.error("warm pool: could not start a warm environment: %s (next try in %g s)",
+                              exc, pause)
+                except Exception:  # a bug here must not end the pool nor the server
+                    log.exception("warm pool: could not start a warm environment (next try in %g s)", pause)
+                else:
+                    self.warm.append(link)
+                    pause = RETRY_FIRST_S
                     continue
-                self.warm.append(link)
+                await trio.sleep(pause)
+                pause = min(2 * pause, RETRY_MAX_S)
             self.warm_wanted = trio.Event()
             await self.warm_wanted.wait()
             # Let the session that just took a warm exchange have the CPU first.
             await trio.sleep(0.05)
 
     async def _spawn_warm(self) -> ExchangeLink:
+        """A warm exchange whose environment is up (bento/warm.py says why up)."""
+        # The sandbox's home until a session takes it (then renamed to the session's work dir).
+        workdir = tempfile.mkdtemp(prefix="warm-", dir=self.warm_dir)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = await trio.lowlevel.open_process(
@@ -213,22 +230,36 @@ class Exchanges:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),), start_new_session=True,
             )
+        except BaseException:
+            ours.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         finally:
             theirs.close()
         self.nursery.start_soon(proc.wait)
         link = ExchangeLink(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
-        await link.send({
-            "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,
-            "python": self.python, "driver_path": self.driver_path, "network": False,
-            "envs_dir": self.envs_dir,
-            # The sandbox's home until a session takes it (then renamed to the session's work dir).
-            "workdir": tempfile.mkdtemp(prefix="warm-", dir=self.warm_dir),
-        })
-        with trio.fail_after(SPAWN_TIMEOUT_S):
-            ready = await link.receive()
-        if ready is None or ready.get("t") != "warm_ready" or ready.get("error"):
+        ready: dict | None = None
+        try:
+            await link.send({
+                "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,
+                "python": self.python, "driver_path": self.driver_path, "network": False,
+                "envs_dir": self.envs_dir, "workdir": workdir,
+            })
+            with trio.move_on_after(WARM_TIMEOUT_S) as waited:
+                ready = await link.receive()
+            if waited.cancelled_caught:
+                # Stuck past its own bound for the environment: it will not answer.
+                proc.kill()
+                raise RuntimeError(f"the warm exchange (pid {proc.pid}) did not answer within "
+                                   f"{WARM_TIMEOUT_S:g} s and was killed")
+            if ready is None or ready.get("t") != "warm_ready":
+                raise RuntimeError(f"the warm exchange (pid {proc.pid}) ended without answering: {ready!r:.200}")
+            if ready["error"]:
+                raise RuntimeError(ready["error"])
+        except BaseException:
             await link.stream.aclose()
-            raise RuntimeError(f"warm exchange failed: {ready}")
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         return link
 
     async def assign_warm(self, sdir: str, network: bool) -> tuple[ExchangeLink, dict] | None:

@@ -89,6 +89,8 @@ class Launched:
         self.out_r, self.err_r, self.to_w, self.from_r = out_r, err_r, to_w, from_r
         self.in_w = in_w
         self.workdir = ""  # the host directory that is the environment's home and cwd
+        self.up = False  # its driver said ``up`` (a warm environment waits for that: bento/warm.py)
+        self.early = b""  # what the driver sent after its ``up``, read before the session's link
 
     def discard(self) -> None:
         if self.env is not None:
@@ -123,6 +125,7 @@ def prestart(launched: Launched, meta: dict, cwd: str | None) -> Prestarted:
     enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(meta["limits"]),
                                            strict=not meta.get("allow_unenforced", False))
     driver = Link(launched.from_r, launched.to_w, meta["max_message"] + 4096)
+    driver.framer.feed(launched.early)
     module = {"module": meta["module"]} if meta.get("module") else {}
     if meta.get("tty"):
         module["tty"] = True

@@ -1,25 +1,39 @@
 """A warm exchange: its environment is started before any session exists.
 
 The server keeps a pool of these (``--pool``). Over the socket pair it was
-started with, a warm exchange gets ``warm`` (how to launch), launches and
-answers ``warm_ready``, then waits for ``assign`` (the session's directory);
-from there on it is an ordinary exchange. It must never import trio.
+started with, a warm exchange gets ``warm`` (how to launch), launches, waits
+until the environment is up (its driver's ``up``) and answers ``warm_ready``,
+then waits for ``assign`` (the session's directory); from there on it is an
+ordinary exchange. It must never import trio.
+
+Up, not just launched: a sandbox's home is a directory that a session renames
+to its work dir when it takes the environment, and bwrap turns the home's fd
+into a path early and mounts that path late. A rename in between leaves the
+sandbox without its home and it dies before the function runs. Once the
+driver runs, every mount is done and the name no longer matters.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
+import time
 
 from bento_driver import wire
 
 from bento import protocol
-from bento.launch import Launched, Link, launch, loads
+from bento.launch import READ_SIZE, Launched, Link, launch, loads
+
+UP_TIMEOUT_S = 10.0  # an environment not up by then is discarded (the pool tries again later)
+UP_MAX_BYTES = 4096  # the driver's ``up`` is a few bytes: more is a broken driver
+STDERR_TAIL = 1000  # of an environment that died before it came up, for the server's log
 
 
 def wait_for_session(sock: socket.socket) -> tuple[Launched, str] | None:
     """Start an environment now, then wait for the server to assign a session:
-    (the environment, the session's directory), or None if the server gave up."""
+    (the environment, the session's directory), or None if the server gave up
+    or the environment never came up."""
     link = Link(sock.fileno(), sock.fileno(), 1 << 20)
     os.set_blocking(sock.fileno(), True)
 
@@ -37,9 +51,16 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str] | None:
     if cfg is None or cfg.get("t") != "warm":
         return None
     launched = launch(cfg, f"warm-{os.getpid()}", cfg["workdir"])
+    error = launched.error
+    if error is None:
+        error = wait_up(launched, sock.fileno(), UP_TIMEOUT_S)
+        if error is not None:
+            launched.discard()
     link.queue(protocol.encode(wire.message(wire.FROM_EXCHANGE, "warm_ready", pid=os.getpid(),
-                                            error=launched.error)))
+                                            error=error)))
     link.flush()
+    if error is not None:
+        return None  # nothing was handed out: the server logs why and starts another
     assign = receive()
     if assign is None or assign.get("t") != "assign":
         launched.discard()
@@ -48,3 +69,60 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str] | None:
         raise RuntimeError("the server sent more than one message before the session was set up")
     os.set_blocking(sock.fileno(), False)
     return launched, assign["dir"]
+
+
+def wait_up(launched: Launched, server_fd: int, timeout: float) -> str | None:
+    """Wait until the environment's driver says ``up``: None, or why it never will.
+
+    Sets ``launched.up``; bytes the driver sent after its ``up`` stay in
+    ``launched.early`` for the session's link. Gives up when ``timeout``
+    passes, when the environment ends first, or when the server closes
+    ``server_fd`` (it sends nothing before ``warm_ready``)."""
+    framer = wire.Framer(UP_MAX_BYTES)
+    poller = select.poll()
+    poller.register(launched.from_r, select.POLLIN)
+    poller.register(server_fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"the environment did not come up within {timeout:g} s"
+        for fd, _events in poller.poll(left * 1000):
+            if fd == server_fd:
+                return "the server closed the link before the environment came up"
+            try:
+                chunk = os.read(launched.from_r, UP_MAX_BYTES)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                return f"cannot read the environment's driver: {exc}"
+            if not chunk:
+                return f"the environment ended before it came up: {_stderr_tail(launched)}"
+            framer.feed(chunk)
+            try:
+                body = framer.next()
+                if body is None:
+                    continue
+                msg = loads(body)
+                if wire.check(wire.FROM_DRIVER, msg) != "up":
+                    raise wire.WireError(f"{msg['t']!r} before up")
+            except (ValueError, protocol.ProtocolError) as exc:
+                return f"the environment's driver broke the internal wire: {exc}"
+            launched.up = True
+            launched.early = bytes(framer.buf)
+            return None
+
+
+def _stderr_tail(launched: Launched) -> str:
+    """What the dead environment wrote to stderr (bwrap says there why it failed)."""
+    got = b""
+    while len(got) < READ_SIZE:
+        try:
+            chunk = os.read(launched.err_r, READ_SIZE)
+        except OSError:  # BlockingIOError: nothing more for now
+            break
+        if not chunk:
+            break
+        got += chunk
+    text = got[-STDERR_TAIL:].decode(errors="replace").strip()
+    return text or "(no message)"
