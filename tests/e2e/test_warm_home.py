@@ -101,9 +101,12 @@ async def warm_ready(port: int, timeout: float = 30) -> None:
 
 
 @pytest.mark.deadline(240)
-async def test_a_warm_sandbox_taken_the_moment_the_pool_counts_it_keeps_its_home(tmp_path):
+@pytest.mark.parametrize("fields", [{}, {"packages": ["six"]}], ids=["plain", "packages"])
+async def test_a_warm_sandbox_taken_the_moment_the_pool_counts_it_keeps_its_home(tmp_path, fields):
     # The wrapper widens bwrap's window to 1.5 s: an environment taken as soon as
-    # the pool counts it ready is inside that window unless ready means up.
+    # the pool counts it ready is inside that window unless ready means up. With
+    # packages (uv installs six from the index, as in test_envs) the start
+    # message waits for the build, but the home was renamed at the take already.
     srv = start_server(tmp_path, wrapper_dir(tmp_path, delay=1.5), "--pool", "1")
     results = []
     try:
@@ -111,9 +114,9 @@ async def test_a_warm_sandbox_taken_the_moment_the_pool_counts_it_keeps_its_home
             started = []
             for i in range(4):
                 await warm_ready(srv.port)
-                started.append(await c.ok("execute", code=CODE, args=[i]))
+                started.append(await c.ok("execute", code=CODE, args=[i], **fields))
             for r in started:
-                frames = await c.frames(r["session"], timeout=60)
+                frames = await c.frames(r["session"], timeout=120)
                 got = await c.request("file_get", token=r["token"], path="mark.txt", offset=0, length=100)
                 results.append((frames[-1][2], got.get("data", b"")))
         log = srv.read_log()
