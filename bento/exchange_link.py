@@ -257,8 +257,8 @@ class Exchanges:
             if ready["error"]:
                 raise RuntimeError(ready["error"])
         except BaseException:
-            await link.stream.aclose()
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(workdir, ignore_errors=True)  # (first: a cancelled aclose raises)
+            await link.stream.aclose()  # the exchange sees the end and exits, if it still runs
             raise
         return link
 
