@@ -5,7 +5,9 @@ loop: the function's output becomes frames in the output log
 (bento/exchange_output.py), the driver's messages are handled and input goes
 to the function (bento/exchange_driver.py), and the server talks to it over a
 Unix socket in the session directory, ``ctl.sock`` (bento/exchange_control.py,
-where accepted input is logged before it is acknowledged). Every rule about positions, the buffer,
+where accepted input is logged before it is acknowledged), and the limits
+and the end of the function are watched and recorded
+(bento/exchange_environment.py). Every rule about positions, the buffer,
 input seqs, shared state and the exit lives in the sans-IO session core
 (bento/session_core.py); this module feeds it events and carries out its
 actions. The exchange does not die with the server: a server that restarts
@@ -36,9 +38,10 @@ import time
 import bento_sandbox
 from bento_driver import wire
 
-from bento import protocol, session_core, sessiondisk, sessionlog
+from bento import session_core, sessiondisk, sessionlog
 from bento.exchange_control import Control, unlink
 from bento.exchange_driver import DriverSide
+from bento.exchange_environment import EnvironmentLife
 from bento.exchange_output import RETRY_SECONDS, Output
 from bento.exchange_stdin import Stdin
 from bento.exchange_workdir import WorkDirWatch
@@ -61,22 +64,11 @@ if TYPE_CHECKING:
 
     from bento import exchange_build
 
-DRAIN_SECONDS = 2.0
 DIR_CHECK_SECONDS = 5.0
 STATE_FLUSH_SECONDS = 0.1
-CPU_CHECK_MIN_S = 0.1
-CPU_CHECK_MAX_S = 5.0
-CPUS = os.cpu_count() or 1
 
 
-def signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name.removeprefix("SIG")
-    except ValueError:
-        return str(num)
-
-
-class Exchange:
+class Exchange(EnvironmentLife):
     def __init__(self, sdir: str, adopt: bool, meta: dict | None = None) -> None:
         self.dir = sdir
         self.adopt = adopt
@@ -204,7 +196,7 @@ class Exchange:
         if want and drv is not None and drv.link.framer.pending:
             drv.messages()
 
-    # -- the environment ----------------------------------------------------
+    # -- the environment (its limits and its end: bento/exchange_environment.py) --
 
     def start(self, launched: Launched | None, pre: tuple | None = None) -> None:
         """Give the session its environment (None if it could not start) and
@@ -244,115 +236,6 @@ class Exchange:
         with open(os.path.join(self.dir, "env.pid"), "w") as f:
             f.write(f"{child.pgid}\n")
         self.apply(self.core.started())
-
-    def kill(self, reason: str, error: dict | None = None) -> None:
-        """End the function because of a limit or a violation."""
-        if self.kill_reason is None:
-            self.kill_reason = reason
-            self.kill_error = error
-        self.kill_child()
-
-    def kill_child(self) -> None:
-        if self.build is not None:
-            self.build.kill()
-        if self.child is not None:
-            self.child.kill()
-
-    def on_child_exit(self, _fd: int) -> None:
-        assert self.child is not None
-        self.sel.unregister(self.pidfd)
-        os.close(self.pidfd)
-        self.pidfd = -1
-        # Read the environment's accounts while they exist: before the reap
-        # (for /proc/<pid>) and before its cgroups go.
-        self.facts = (self.child.oom_killed(), self.child.cpu_seconds() or 0.0)
-        _pid, status = os.waitpid(self.child.pid, 0)
-        self.child.process.returncode = os.waitstatus_to_exitcode(status)
-        self.child_status = status
-        self.wall_deadline = None  # the function is over: no timer may wake this loop
-        # Whatever the function left behind dies with it, and its pid may be reused.
-        self.child.release()
-        if self.build is not None:
-            self.build.release()  # its environment may be evicted from now on
-        unlink(os.path.join(self.dir, "env.pid"))
-        self.core.function_ended()
-        self.drain_deadline = time.monotonic() + DRAIN_SECONDS
-        self.reading = False
-        self.update_reading()
-
-    def maybe_finish_drain(self, now: float) -> None:
-        if self.drain_deadline is None or self.exiting is not None:
-            return
-        if self.output.held_back:
-            # The disk refused output: keep what is still in the pipes for when it takes it.
-            self.drain_deadline = max(self.drain_deadline, now + DRAIN_SECONDS)
-            return
-        driver_open = self.driver is not None and not self.driver.link.eof
-        if (self.output.pipes or driver_open) and now < self.drain_deadline:
-            return
-        for fd in list(self.output.pipes):
-            self.output.close_pipe(fd)
-        if self.driver is not None:
-            for fd in (self.driver.link.rfd, self.driver.link.wfd):
-                self.watch_fd(fd, 0, None)
-                self.to_close.append(fd)
-        if self.stdin is not None:
-            self.stdin.close()
-        self.finish_exit(session_core.classify_exit(self.exit_facts()))
-
-    def exit_facts(self) -> session_core.ExitFacts:
-        status = self.child_status
-        assert status is not None and self.child is not None
-        drv = self.driver
-        assert drv is not None
-        rep = drv.report
-        sig: int | None = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        if sig is None and code is not None and code > 128 and self.child.signal_exit_codes and rep is None:
-            sig, code = code - 128, None
-        if rep is not None and rep.get("result") is not None:
-            rep = {**rep, "result": loads(rep["result"])}
-        oom, cpu_used = self.facts
-        cpu_s = self.limits.cpu_s
-        tail = self.output.stderr_tail.decode("utf-8", "replace").strip()
-        return session_core.ExitFacts(
-            signal=None if sig is None else signal_name(sig), code=code,
-            kill_reason=self.kill_reason, kill_error=self.kill_error, report=rep,
-            driver_up=drv.up, user_signal=self.user_signal, oom_killed=oom,
-            cpu_over=cpu_s is not None and cpu_used >= cpu_s, stderr_tail=tail, status=status)
-
-    def check_cpu(self, now: float) -> None:
-        if (self.limits.cpu_s is None or self.child is None or self.drain_deadline is not None
-                or self.exiting is not None or now < self.next_cpu_check):
-            return
-        used = self.child.cpu_seconds()
-        if used is not None and used >= self.limits.cpu_s:
-            self.kill("cpu_s")
-            return
-        # The function cannot use more CPU than CPUS per second of wall time: the
-        # next check is when it could first reach the limit (a large limit, like
-        # the server's default, costs a wake-up every few seconds, not ten a second).
-        left = self.limits.cpu_s - (used or 0.0)
-        self.next_cpu_check = now + min(max(left / CPUS, CPU_CHECK_MIN_S), CPU_CHECK_MAX_S)
-
-    def check_work(self, now: float) -> None:
-        watch = self.work_watch
-        if (watch is not None and self.child is not None and self.drain_deadline is None
-                and self.exiting is None and watch.over(now)):
-            self.kill("work_bytes")
-
-    def finish_exit(self, data: dict) -> None:
-        """Record the end: the exit frame (state, code, result, error) goes last."""
-        self.exiting = data
-        self.drain_deadline = None
-        self.output.append("exit", (protocol.encode(data),), 0)
-
-    def exit_written(self, seq: int) -> None:
-        self.apply(self.core.recorded_exit(self.exiting, seq, time.time()))
-
-    def adopt_lost(self) -> None:
-        if self.core.exit is None:
-            self.finish_exit(session_core.lost_exit())
 
     # -- main loop ----------------------------------------------------------
 

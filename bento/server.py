@@ -13,37 +13,43 @@ at /v1 becomes a WebSocket (bento/transport.py), anything else gets one HTTP
 answer. Nothing a client sends may take the server down: every handler
 catches what it must (an exception escaping a trio.serve_tcp handler kills
 the listener).
+
+The ops are mixins of ``Connection``, one module per concern: ``store`` and
+``execute`` (bento/server_execute.py), attachments and their workers
+(bento/server_attach.py), input and shared state (bento/server_input.py),
+the ops on a session as a whole (bento/admin.py) and on real jobs' files
+and terminal (bento/server_jobs.py).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import bento_sandbox
 import trio
 
 import bento
-from bento import auth, events, http, protocol, session_core, sessionlog, tcptune, transport
+from bento import auth, events, http, protocol, tcptune, transport
 from bento.admin import SessionOps
-from bento.admission import Admission, Refused, Ticket
+from bento.admission import Admission
 from bento.config import Config
-from bento.gate import Gate, audit, machine_capacity
+from bento.gate import Gate, machine_capacity
 from bento.metrics import Metrics
 from bento.readiness import Readiness
+from bento.server_attach import AttachOps
+from bento.server_execute import ExecuteOps
+from bento.server_input import InputOps
 from bento.server_jobs import JobOps, installer
-from bento.sessions import Attachment, ExchangeGone, Registry, Session
+from bento.sessions import Attachment, ExchangeGone, Registry
 from bento.store import Store
 from bento.transport import ConnectionClosed, WebSocket
 
 log = logging.getLogger("bento.server")
 
-MAX_STATE_BYTES = 64 * 1024
 MIN_SEND_RATE = 64 * 1024  # bytes/s a client must at least take to keep its connection
 MIN_OUT_BUDGET = 64 * 1024
 TOKEN_OPS = ("attach", "signal", "status", "destroy", "state_get", "state_put")
@@ -180,7 +186,7 @@ class Server:
                 await ws.aclose()
 
 
-class Connection(SessionOps, JobOps):
+class Connection(SessionOps, JobOps, ExecuteOps, AttachOps, InputOps):
     def __init__(self, server: Server, ws: WebSocket, peer: str) -> None:
         self.server = server
         self.config = server.config
@@ -323,16 +329,6 @@ class Connection(SessionOps, JobOps):
         except ConnectionClosed:
             pass
 
-    # -- helpers -------------------------------------------------------------
-
-    def attachment(self, sid: str, write: bool) -> Attachment:
-        att = self.attachments.get(sid)
-        if att is None:
-            raise protocol.RequestError("not_found", f"this connection is not attached to {sid}")
-        if write and att.mode != "rw":
-            raise protocol.RequestError("forbidden", "this attachment is read-only")
-        return att
-
     # -- ops -------------------------------------------------------------------
 
     async def op_hello(self, req: dict) -> None:
@@ -356,308 +352,6 @@ class Connection(SessionOps, JobOps):
     async def op_ping(self, req: dict) -> None:
         await self.send(protocol.reply_ok(req["id"]))
 
-    async def op_store(self, req: dict) -> None:
-        self.need_key()
-        try:
-            fid = await trio.to_thread.run_sync(self.server.store.put_function, req["name"], req["code"])
-        except OSError as exc:
-            raise protocol.RequestError("internal", f"cannot store the function: {exc.strerror}") from None
-        if self.server.cluster is not None:
-            await self.server.cluster.share_function(fid, req["name"], req["code"])
-        await self.send(protocol.reply_ok(req["id"], function=fid))
-
-    async def op_execute(self, req: dict) -> None:
-        key = self.need_key()
-        limits = self._limits(req["limits"])
-        idem = req.get("idempotency_key")
-        idem_hash = auth.idem_hash(key, idem) if idem else None
-        cluster = self.server.cluster
-        if cluster is not None and idem_hash is not None:
-            elsewhere = await cluster.claim(idem_hash)
-            if elsewhere is not None:
-                await cluster.remote.execute_again(self, req, idem_hash, *elsewhere)
-                return
-        meta = await self._meta(req, key, limits)
-        # Admission comes first (a refusal is cheap); a retry of an execute that started skips it.
-        ticket = None if idem_hash in self.registry.idem else await self._admit(req, key, limits)
-        try:
-            s, owner, viewer = await self.registry.create(meta, idem_hash)
-        except BaseException:
-            if ticket is not None:
-                self.server.gate.release(ticket)
-            raise
-        if ticket is not None:
-            self.server.gate.bind(ticket, s)
-        audit("execute", key, s.sid)
-        self.server.metrics.executed(s, self.registry.nursery)
-        if cluster is not None:
-            await cluster.publish(s)
-            if idem_hash is not None:
-                await cluster.settle(idem_hash, s.sid)
-        await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
-        if req["attach"]:
-            self.attach(s, "rw", 1)
-
-    async def _meta(self, req: dict, key: str, limits: dict) -> dict:
-        code = req.get("code")
-        if code is None and req["function"] is not None:
-            code = self.server.store.get_function(req["function"])
-            if code is None and self.server.cluster is not None:
-                code = await self.server.cluster.function(req["function"])  # stored on another node
-            if code is None:
-                raise protocol.RequestError("not_found", f"no stored function {req['function']!r}")
-        return {
-            "code": code,
-            "function": req.get("function"),
-            "entry": req["entry"],
-            "args": protocol.encode(req["args"]),
-            "kwargs": protocol.encode(req["kwargs"]),
-            "env": req["env"],
-            "limits": limits,
-            "buffer": self._buffer(req["buffer"]),
-            "history_bytes": self.config.history_bytes,
-            "network": req["network"],
-            **self._packages(req["packages"]),
-            **self._files(req),
-            **({"tty": req["tty"]} if req["tty"] else {}),
-            "work_bytes": self.config.max_work_bytes,
-            "sandbox": self.config.sandbox,
-            "sandbox_cmd": self.config.sandbox_cmd,
-            "max_message": self.config.max_message,
-            "allow_unenforced": self.config.allow_unenforced_limits,
-            "key": key,
-        }
-
-    async def _admit(self, req: dict, key: str, limits: dict) -> Ticket:
-        """Admission (bento/gate.py): a ticket, or the error ``busy`` or ``quota``."""
-        gate = self.server.gate
-
-        async def queued(position: int) -> None:
-            await self.send(protocol.event("queued", id=req["id"], position=position))
-
-        history = gate.history_bytes(key, list(self.registry.sessions.values()))
-        try:
-            return await gate.enter(key, limits, history, req["queue"], queued)
-        except Refused as exc:
-            raise protocol.RequestError(exc.code, exc.message, **exc.fields()) from None
-
-    def _limits(self, asked: dict) -> dict:
-        """The session's limits: what it asked for, the server's defaults for
-        the rest, and never above the server's maxima (a limit with a maximum
-        is always set)."""
-        limits = dict(self.config.default_limits)
-        for k, v in asked.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                raise protocol.RequestError("bad_request", f"limit {k} must be finite")
-            top = self.config.max_limits.get(k)
-            if top is not None and v > top:
-                raise protocol.RequestError("bad_request", f"limit {k} is at most {top} on this server")
-            limits[k] = v
-        for k, top in self.config.max_limits.items():
-            limits[k] = min(limits.get(k, top), top)
-        if not self.config.allow_unenforced_limits:
-            for k in limits:
-                if k not in self.config.enforceable:
-                    raise protocol.RequestError(
-                        "bad_request",
-                        f"limit {k} cannot be enforced on this server "
-                        f"({bento_sandbox.unenforceable_reason(k)}): run without it, or ask the "
-                        "operator (who may start the server with --allow-unenforced-limits)")
-        return limits
-
-    def _buffer(self, asked: dict | None) -> dict:
-        asked = asked or {}
-        max_bytes = asked.get("max_bytes", self.config.buffer_bytes)
-        if max_bytes > self.config.max_buffer_bytes:
-            raise protocol.RequestError(
-                "bad_request", f"buffer.max_bytes is at most {self.config.max_buffer_bytes} on this server")
-        return {"max_bytes": max_bytes, "policy": asked.get("policy", self.config.buffer_policy)}
-
-    async def op_attach(self, req: dict) -> None:
-        s, mode = self.by_token(req["token"], owner=False)
-        audit("attach", self.key, s.sid)
-        # The reply carries the session's positions as they are now, not as last announced.
-        await self.registry.sync(s)
-        snap = s.snap
-        start = req["from"]
-        if start > snap.next_seq:
-            raise protocol.RequestError("bad_request", f"from {start} is beyond next_seq {snap.next_seq}")
-        old = self.attachments.pop(s.sid, None)
-        if old is not None:
-            # The old position's last batch must be out before the new one starts.
-            await self._drop_and_wait(old)
-        await self.send(protocol.reply_ok(
-            req["id"], session=s.sid, mode=mode, state=snap.state, first_seq=snap.first_seq,
-            next_seq=snap.next_seq, input_seq=snap.input_seq,
-        ))
-        self.attach(s, mode, start)
-
-    def attach(self, s: Session, mode: str, start: int) -> None:
-        old = self.attachments.pop(s.sid, None)
-        if old is not None:
-            self._drop(old)
-        assert self.nursery is not None
-        att = Attachment(session=s, mode=mode, next_seq=start, cancel=trio.CancelScope())
-        self.attachments[s.sid] = att
-        s.attachments.add(att)
-        self.nursery.start_soon(self.worker, att)
-
-    async def _drop_and_wait(self, att: Attachment) -> None:
-        self._drop(att)
-        await att.done.wait()
-
-    def _drop(self, att: Attachment) -> None:
-        att.cancel.cancel()
-        s = att.session
-        s.attachments.discard(att)
-
-    def detach_all(self) -> None:
-        for att in self.attachments.values():
-            self._drop(att)
-        sessions = [a.session for a in self.attachments.values()]
-        self.attachments.clear()
-        for s in sessions:
-            self.registry.nursery.start_soon(self._maybe_end, s)
-
-    async def _maybe_end(self, s: Session) -> None:
-        if not s.removed and s.life_over(self.config.keep_s):
-            await self.registry.end_by_keep(s)
-
-    async def op_detach(self, req: dict) -> None:
-        if self.server.cluster is not None and await self.server.cluster.remote.detach(self, req["session"]):
-            await self.send(protocol.reply_ok(req["id"]))
-            return
-        att = self.attachment(req["session"], write=False)
-        self.attachments.pop(att.session.sid, None)
-        # No frame of this session may follow the reply.
-        await self._drop_and_wait(att)
-        await self.send(protocol.reply_ok(req["id"]))
-        await self._maybe_end(att.session)
-
-    async def op_ack(self, req: dict) -> None:
-        if self.server.cluster is not None and await self.server.cluster.remote.ack(self, req["session"], req["seq"]):
-            return
-        att = self.attachment(req["session"], write=False)
-        if att.mode != "rw":
-            return  # acks over a viewer attachment are ignored
-        await self.registry.ack(att.session, req["seq"])
-
-    async def op_input(self, req: dict) -> None:
-        if self.server.cluster is not None and await self.server.cluster.remote.input(self, req):
-            return
-        att = self.attachment(req["session"], write=True)
-        s = att.session
-        msg: dict[str, Any] = {"t": "input", "seq": req["seq"]}
-        if req["stdin"]:
-            msg["stdin"] = True
-        if req["eof"]:
-            msg["eof"] = True
-        else:
-            # stdin: the bytes themselves; else the value's CBOR, for api.recv().
-            msg["data"] = req["data"] if req["stdin"] else protocol.encode(req["data"])
-        if s.on_disk:
-            r = self._input_after_end(s, req["seq"])
-        else:
-            try:
-                r = await self.registry.call(s, msg)
-            except ExchangeGone:
-                if not s.snap.has_ended:
-                    raise
-                r = self._input_after_end(s, req["seq"])
-        if r["ok"]:
-            self.server.metrics.inputs.inc()
-            await self.send(protocol.event("in_ack", session=s.sid, seq=r["input_seq"]))
-        else:
-            raise protocol.RequestError(r["code"], r["message"])
-
-    def _input_after_end(self, s: Session, seq: int) -> dict:
-        """Its function ended and no exchange answers: a re-sent input is still a duplicate."""
-        verdict = session_core.judge_input(s.snap.input_seq, seq, running=False)
-        if verdict == session_core.DUPLICATE:
-            return {"ok": True, "input_seq": s.snap.input_seq}
-        return {"ok": False, "code": verdict.code, "message": verdict.message}
-
-    async def op_state_get(self, req: dict) -> None:
-        s, _ = self.by_token(req["token"], owner=False)
-        value = protocol.decode(s.shared_value, require_map=False)
-        await self.send(protocol.reply_ok(req["id"], version=s.shared_version, value=value))
-
-    async def op_state_put(self, req: dict) -> None:
-        s, _ = self.by_token(req["token"], owner=True)
-        value = protocol.encode(req["value"])
-        if len(value) > MAX_STATE_BYTES:
-            raise protocol.RequestError("too_large", f"shared state is at most {MAX_STATE_BYTES} bytes encoded")
-        ok, version = await self.registry.put_state(s, value, req["if_version"])
-        if not ok:
-            raise protocol.RequestError("conflict", "shared state changed", version=version)
-        await self.send(protocol.reply_ok(req["id"], version=version))
-
-    # -- the attachment worker ---------------------------------------------------
-
-    async def worker(self, att: Attachment) -> None:
-        s = att.session
-        # Checksums: of everything for a session found on disk at start; else of
-        # what is on disk already (the steady stream after it is read unchecked).
-        verify_below = 1 << 62 if s.check_log else s.snap.next_seq
-        cursor = sessionlog.Cursor(s.dir, "out", att.next_seq, verify_below=verify_below)
-        try:
-            with att.cancel:
-                await self._pump(att, s, cursor)
-        except ConnectionClosed:
-            pass
-        finally:
-            cursor.close()
-            try:
-                if att.ended and not self.dead and self.attachments.get(s.sid) is att:
-                    self.attachments.pop(s.sid, None)
-                    code, why = ("forbidden", att.why) if att.why else ("gone", "the session was destroyed")
-                    with trio.CancelScope(shield=True), trio.move_on_after(1):
-                        try:
-                            await self.send(protocol.error_event(s.sid, code, why))
-                        except ConnectionClosed:
-                            pass
-            finally:
-                att.done.set()
-
-    async def _pump(self, att: Attachment, s: Session, cursor: sessionlog.Cursor) -> None:
-        while True:
-            changed = s.changed
-            if s.removed:
-                att.ended = True
-                return
-            if s.shared_version > att.state_version_sent:
-                att.state_version_sent = s.shared_version
-                value = protocol.decode(s.shared_value, require_map=False)
-                await self.send(protocol.event("state", session=s.sid, version=s.shared_version, value=value))
-                continue
-            snap = s.snap
-            if att.next_seq < snap.first_seq:
-                a, b = att.next_seq, snap.first_seq - 1
-                reason = snap.gap_reason(a)
-                await self.send(protocol.out_event(s.sid, [protocol.gap_frame(a, b, reason)]))
-                self.server.metrics.gap_frames.labels(reason).inc(b - a + 1)
-                att.next_seq = b + 1
-                cursor.seek(att.next_seq)
-                continue
-            if att.next_seq < snap.next_seq:
-                try:
-                    frames = cursor.read(snap.next_seq, self.out_budget)
-                except FileNotFoundError:
-                    # Trimmed under our feet: the exchange's next progress says how far.
-                    cursor.seek(att.next_seq)
-                    with trio.move_on_after(0.05):
-                        await changed.wait()
-                    continue
-                except sessionlog.LogCorrupt as exc:
-                    log.error("session %s: output log is corrupt: %s", s.sid, exc)
-                    await self.send(protocol.error_event(s.sid, "internal", f"output log is corrupt: {exc}"))
-                    return
-                if frames:
-                    await self.send(protocol.out_event_parts(s.sid, frames))
-                    self.server.metrics.frames_out.inc(len(frames))
-                    att.next_seq = cursor.next_seq
-                continue
-            await changed.wait()
 
 
 @dataclass
