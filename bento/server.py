@@ -72,7 +72,7 @@ class Server:
         self.traffic = transport.Traffic()
         self.cluster: Any = None  # bento.cluster.node.Cluster with config.cluster
         capacity = config.capacity or machine_capacity(config.data_dir, config.default_limits.get("memory_bytes"))
-        self.gate = Gate(Admission(capacity, config.quota), config.data_dir, registry.nursery)
+        self.gate = Gate(Admission(capacity, config.quotas), config.data_dir, registry.nursery)
         self.metrics = Metrics(self)
         self.routes = http.Routes(keys=self.keys, guesses=self.guesses, metrics=self.metrics.render,
                                   ready=Readiness(config, self.cluster_unreachable).why_not)
@@ -379,7 +379,7 @@ class Connection(SessionOps, JobOps):
                 return
         meta = await self._meta(req, key, limits)
         # Admission comes first (a refusal is cheap); a retry of an execute that started skips it.
-        ticket = None if idem_hash in self.registry.idem else await self._admit(req, key, limits)
+        ticket = None if idem_hash in self.registry.idem else await self._admit(req, key, limits, meta.get("env_name"))
         try:
             s, owner, viewer = await self.registry.create(meta, idem_hash)
         except BaseException:
@@ -428,7 +428,7 @@ class Connection(SessionOps, JobOps):
             "key": key,
         }
 
-    async def _admit(self, req: dict, key: str, limits: dict) -> Ticket:
+    async def _admit(self, req: dict, key: str, limits: dict, env: str | None) -> Ticket:
         """Admission (bento/gate.py): a ticket, or the error ``busy`` or ``quota``."""
         gate = self.server.gate
 
@@ -437,7 +437,7 @@ class Connection(SessionOps, JobOps):
 
         history = gate.history_bytes(key, list(self.registry.sessions.values()))
         try:
-            return await gate.enter(key, limits, history, req["queue"], queued)
+            return await gate.enter(key, limits, history, req["queue"], queued, env)
         except Refused as exc:
             raise protocol.RequestError(exc.code, exc.message, **exc.fields()) from None
 
