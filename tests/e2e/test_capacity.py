@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -293,3 +294,97 @@ async def test_share_rotate_and_revoke_the_viewer_token_and_the_audit_lines(make
     for op in ("execute", "attach", "share.rotate", "share.revoke", "destroy"):
         assert f"audit op={op} key=- session={sid}" in log, op
     assert "bto_" not in log and "btv_" not in log
+
+
+def quota_config(tmp_path, text: str) -> str:
+    """A config file (rewritten in place for a reload) with keys alice and bob."""
+    path = tmp_path / "bento.toml"
+    path.write_text('sandbox = "none"\npool = 0\n' + text)
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+async def reload(srv, times: int) -> None:
+    """SIGHUP, then wait until the log says it was handled ``times`` times in all."""
+    srv.proc.send_signal(signal.SIGHUP)
+    with trio.fail_after(10):
+        while srv.read_log().count("server.reload") < times:
+            await trio.sleep(0.05)
+
+
+async def test_per_key_quotas_from_the_config_file_reload_on_sighup(make_server, tmp_path):
+    config = quota_config(tmp_path, """
+quota_sessions = 1
+[keys.alice]
+key = "k-alice"
+quota = {sessions = 2, executes_per_minute = 2}
+[keys.bob]
+key = "k-bob"
+""")
+    srv = make_server("--config", config)
+    async with connect(srv.url, auth="k-alice") as alice, connect(srv.url, auth="k-bob") as bob:
+        # Bob has the default quota (quota_sessions = 1), alice her own (2).
+        (b1,) = await start_waiting(bob, 1)
+        r = await bob.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "sessions"), r
+        a1, a2 = await start_waiting(alice, 2)
+        r = await alice.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "sessions"), r
+        assert "quota of concurrent sessions is 2" in r["error"]["message"]
+        for run in (a1, a2):
+            await finish(alice, run, "v")
+        # Her two executes were her burst of executes_per_minute = 2.
+        r = await alice.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "executes_per_minute"), r
+        assert 0 < r["error"]["retry_after"] <= 30
+
+        # A reload: alice has no rate quota now, bob a quota of his own.
+        quota_config(tmp_path, """
+quota_sessions = 1
+[keys.alice]
+key = "k-alice"
+quota = {executes_per_minute = "none"}
+[keys.bob]
+key = "k-bob"
+quota = {sessions = 3}
+""")
+        await reload(srv, 1)
+        assert "server.reloaded" in srv.read_log() and "quotas=2" in srv.read_log()
+        await start_waiting(bob, 2)  # three running now
+        r = await bob.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "sessions"), r
+        (a3,) = await start_waiting(alice, 1)  # no rate quota; her sessions are the default 1
+        r = await alice.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "sessions"), r
+        assert "quota of concurrent sessions is 1" in r["error"]["message"]
+
+        # A file that cannot be used keeps what is in force.
+        quota_config(tmp_path, '[keys.alice]\nkey = "k-alice"\nquota = {sessions = -1}\n')
+        await reload(srv, 2)
+        assert "server.reload_failed" in srv.read_log()
+        assert "keys.alice.quota.sessions" in srv.read_log()
+        r = await bob.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "sessions"), r
+        await finish(alice, a3, "v")
+        await finish(bob, b1, "v")
+        r = await bob.ok("execute", code=QUICK)
+        assert (await bob.frames(r["session"]))[-1][2]["result"] == 1
+
+
+def test_a_quota_that_cannot_work_refuses_to_start(tmp_path):
+    from test_config_file import refused
+
+    data = str(tmp_path / "d")
+    cases = [
+        ('[keys.a]\nkey = "k"\nquota = {sessions = -1}\n', "keys.a.quota.sessions", "at least 0"),
+        ('[keys.a]\nkey = "k"\nquota = {session = 1}\n', "keys.a.quota", "unknown quota 'session'"),
+        ('[keys.a]\nkey = "k"\nquota = {environments = 1.5}\n', "environments", "whole number"),
+        ('[keys.a]\nkey = "k"\nquota = {history_bytes = "lots"}\n', "history_bytes", "bad size"),
+        ('[keys.a]\nkey = "k"\nquota = 3\n', "keys.a.quota", "must be a table"),
+    ]
+    for n, (text, name, message) in enumerate(cases):
+        config = quota_config(tmp_path, text)
+        os.rename(config, tmp_path / f"c{n}.toml")
+        line = refused("--data-dir", data, "--config", str(tmp_path / f"c{n}.toml"))
+        assert name in line and message in line, (text, line)
+    assert "--quota-environments must be at least 0" in refused("--data-dir", data, "--quota-environments", "-1")
