@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from bento import auth, protocol, session_core
 from bento.admission import QUOTA_NAMES, Capacity, Quota, Quotas
@@ -43,7 +44,7 @@ def make_quotas(default: dict[str, float | None], by_key: dict[str, dict[str, fl
     return Quotas(base, {h: replace(base, **_whole(table)) for h, table in by_key.items()})
 
 
-def _whole(table: dict[str, float | None]) -> dict[str, float | None]:
+def _whole(table: dict[str, float | None]) -> dict[str, Any]:
     """Quota values as the admission counts them: whole numbers but the rate."""
     return {k: v if v is None or k == "executes_per_minute" else int(v) for k, v in table.items()}
 
