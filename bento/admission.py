@@ -10,8 +10,11 @@ Two kinds of refusal, kept apart because a client answers them differently:
   disk floor). It says ``retry_after``; an execute may instead wait in the
   queue for capacity.
 - ``quota``: the *key* used its share (concurrent sessions, executes per
-  minute, retained history bytes). It names the quota; waiting in the queue
-  does not help, so a quota refusal is never queued.
+  minute, retained history bytes, environments built). It names the quota;
+  waiting in the queue does not help, so a quota refusal is never queued.
+
+Every key has the default quota (``Quotas.default``) unless the config file
+gives it its own (``Quotas.by_key``, by key hash); a reload replaces both.
 
 The queue is a bounded FIFO, fair between keys: waiters are served in rounds,
 the first waiter of every key (in arrival order), then the second of every
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 # What a busy answer suggests when nothing says better: capacity frees up
@@ -49,8 +53,10 @@ class Capacity:
 
 @dataclass(frozen=True)
 class Quota:
-    """What one API key may use; None is no limit. ``environments`` is reserved
-    for package environments (not built by this server yet: not enforced)."""
+    """What one API key may use; None is no limit. ``environments``: package
+    environments the key's executes built that exist now (ready, or being built
+    by a running function of the key); an execute whose packages are ready, or
+    being built by a running function, builds none."""
 
     sessions: int | None = None
     executes_per_minute: float | None = None
@@ -59,6 +65,21 @@ class Quota:
 
 
 QUOTA_NAMES = ("sessions", "executes_per_minute", "history_bytes", "environments")
+
+
+@dataclass
+class Quotas:
+    """Every key's quota: ``default``, or the key's own in ``by_key`` (by key
+    hash). Shared by the config and the admission; a reload calls ``replace``."""
+
+    default: Quota = field(default_factory=Quota)
+    by_key: dict[str, Quota] = field(default_factory=dict)
+
+    def of(self, key: str) -> Quota:
+        return self.by_key.get(key, self.default)
+
+    def replace(self, default: Quota, by_key: dict[str, Quota]) -> None:
+        self.default, self.by_key = default, dict(by_key)
 
 
 class Refused(Exception):
@@ -99,11 +120,13 @@ class Bucket:
 
 @dataclass(eq=False)
 class Ticket:
-    """One admitted (or waiting) execute: who, and how much memory it holds."""
+    """One admitted (or waiting) execute: who, how much memory it holds, and the
+    environment it builds (None: no packages, or their environment is there)."""
 
     key: str
     memory: int
     arrival: int
+    env: str | None = None
     round: int = 0  # its round in the queue (see the module's docstring)
     admitted: bool = False
 
@@ -117,25 +140,23 @@ class KeyUsage:
 
 @dataclass
 class Admission:
-    """The accounting: who runs, how much memory is committed, the buckets, the queue.
-
-    ``overrides`` holds a key's own quota (by key hash); every other key gets
-    ``quota``. A per-key entry from a config file is one line: ``overrides[h] = Quota(...)``."""
+    """The accounting: who runs, how much memory is committed, the buckets, the
+    environments each key built, the queue."""
 
     capacity: Capacity
-    quota: Quota = field(default_factory=Quota)
-    overrides: dict[str, Quota] = field(default_factory=dict)
+    quotas: Quotas = field(default_factory=Quotas)
     running: set[Ticket] = field(default_factory=set)
     memory: int = 0
     usage: dict[str, KeyUsage] = field(default_factory=dict)
     buckets: dict[str, Bucket] = field(default_factory=dict)
+    built: dict[str, set[str]] = field(default_factory=dict)  # environment names, by key
     waiting: list[Ticket] = field(default_factory=list)
     serving: int = 0  # the round of the last waiter admitted
     last_round: dict[str, int] = field(default_factory=dict)  # of each key with waiters
     _arrivals: itertools.count = field(default_factory=itertools.count)
 
     def quota_for(self, key: str) -> Quota:
-        return self.overrides.get(key, self.quota)
+        return self.quotas.of(key)
 
     def memory_of(self, limits: dict) -> int:
         """What a session with these limits counts against the budget."""
@@ -144,9 +165,11 @@ class Admission:
 
     # -- the checks ----------------------------------------------------------
 
-    def check_quota(self, key: str, now: float, history_bytes: int) -> None:
+    def check_quota(self, key: str, now: float, history_bytes: int, environments: int | None = None) -> None:
         """Raise Refused("quota") if ``key`` may not start one more function now.
-        Takes one token from the key's execute bucket when it passes."""
+        ``environments``: how many environments the key holds, when this execute
+        builds one more (None: it builds none). Takes one token from the key's
+        execute bucket when it passes."""
         q = self.quota_for(key)
         used = self.usage.get(key, KeyUsage())
         if q.sessions is not None and used.running >= q.sessions:
@@ -156,6 +179,11 @@ class Admission:
             raise Refused("quota", "history_bytes", f"this key's sessions retain {history_bytes} bytes "
                           f"of output (unacknowledged and history), its quota is {q.history_bytes}: "
                           "destroy ended sessions, or wait for their keep period", None)
+        if q.environments is not None and environments is not None and environments >= q.environments:
+            raise Refused("quota", "environments", f"these packages are not built on this server, and "
+                          f"this key holds {environments} environments it built, its quota is "
+                          f"{q.environments}: use packages it built already, or remove one "
+                          "(`bento env rm`)", None)
         rate = q.executes_per_minute
         if rate is not None:
             bucket = self.buckets.setdefault(key, Bucket(level=rate, at=now))
@@ -163,6 +191,23 @@ class Admission:
             if wait:
                 raise Refused("quota", "executes_per_minute", f"this key may start {rate:g} executes "
                               "per minute", None if math.isinf(wait) else wait)
+
+    def builds(self, env: str | None, ready: Callable[[str], bool]) -> bool:
+        """Whether an execute with environment ``env`` builds it: it is not
+        ``ready`` and no running function builds it now."""
+        return env is not None and not ready(env) and not any(t.env == env for t in self.running)
+
+    def environments(self, key: str, ready: Callable[[str], bool]) -> int:
+        """The environments ``key``'s executes built that exist now: ready, or
+        being built by its running functions. Forgets the others (evicted,
+        removed, or a build that failed)."""
+        building = {t.env for t in self.running if t.key == key and t.env is not None}
+        kept = {name for name in self.built.get(key, ()) if name in building or ready(name)}
+        if kept:
+            self.built[key] = kept
+        else:
+            self.built.pop(key, None)
+        return len(kept)
 
     def refund(self, key: str) -> None:
         """Give back the execute token ``check_quota`` took (the execute did not start)."""
@@ -200,8 +245,8 @@ class Admission:
 
     # -- running functions ------------------------------------------------------
 
-    def ticket(self, key: str, memory: int) -> Ticket:
-        return Ticket(key=key, memory=memory, arrival=next(self._arrivals))
+    def ticket(self, key: str, memory: int, env: str | None = None) -> Ticket:
+        return Ticket(key=key, memory=memory, arrival=next(self._arrivals), env=env)
 
     def admit(self, t: Ticket) -> None:
         """Count ``t`` as running (checked or not: a recovered session is admitted as it is)."""
@@ -214,6 +259,8 @@ class Admission:
         used.running += 1
         used.memory += t.memory
         used.executes += 1
+        if t.env is not None:
+            self.built.setdefault(t.key, set()).add(t.env)
 
     def release(self, t: Ticket) -> None:
         """``t``'s function ended (or never started): free what it held. Idempotent."""

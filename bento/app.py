@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bento import auth, events, settings, units
-from bento.admission import Quota
-from bento.config import Config, default_data_dir, default_max_history_bytes
+from bento.admission import Quotas
+from bento.config import Config, default_data_dir, default_max_history_bytes, make_quotas
 
 
 def server_parser() -> argparse.ArgumentParser:
@@ -95,6 +95,9 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--quota-history-bytes", type=units.size, metavar="SIZE",
                    help="output one API key's sessions may retain (unacknowledged plus history) before "
                         "its executes are refused (default: no quota)")
+    p.add_argument("--quota-environments", type=int, metavar="N",
+                   help="package environments one API key's executes may have built (those that exist "
+                        "now); an execute with new packages over it is refused (default: no quota)")
     p.add_argument("--max-env-bytes", type=units.size, default=4 * 1024 * 1024 * 1024,
                    help="bytes the environments of executes' packages may take together under the data "
                         "dir (default 4GiB); the least recently used go first")
@@ -206,6 +209,14 @@ def build_config(r: Resolved) -> Config:
     )
 
 
+def quotas_of(r: Resolved) -> Quotas:
+    """Every key's quota (the ``--quota-*`` settings) and the named keys' own. Raises ValueError."""
+    a = r.args
+    return make_quotas({"sessions": a.quota_sessions, "executes_per_minute": a.quota_executes_per_minute,
+                        "history_bytes": a.quota_history_bytes, "environments": a.quota_environments},
+                       r.file.quotas)
+
+
 def hash_key() -> int:
     key = sys.stdin.readline().strip()
     if not key:
@@ -270,11 +281,12 @@ def run_server(argv: list[str]) -> int:
     merged: dict[str, float | None] = {**config.default_limits, **given}
     config.default_limits = {k: v for k, v in merged.items() if v is not None}
     unheld = [k for k in unheld if k not in given]
-    config.quota = Quota(sessions=args.quota_sessions, executes_per_minute=args.quota_executes_per_minute,
-                         history_bytes=args.quota_history_bytes)
-    for option, value, least in (("--max-sessions", args.max_sessions, 1), ("--max-queued", args.max_queued, 0),
-                                 ("--quota-sessions", args.quota_sessions, 0),
-                                 ("--quota-executes-per-minute", args.quota_executes_per_minute, 0)):
+    try:
+        config.quotas = quotas_of(resolved)
+    except ValueError as exc:
+        print(f"bento server: {exc}", file=sys.stderr)
+        return 2
+    for option, value, least in (("--max-sessions", args.max_sessions, 1), ("--max-queued", args.max_queued, 0)):
         if value is not None and not value >= least:
             print(f"bento server: {option} must be at least {least}", file=sys.stderr)
             return 2
@@ -326,7 +338,7 @@ def trio_run(fn: Any, *args: Any) -> str:
 
 
 async def serve_until_signal(config: Config, argv: list[str], unheld: list[str]) -> str:
-    """Serve until SIGINT or SIGTERM (returns its name); SIGHUP reloads the API keys."""
+    """Serve until SIGINT or SIGTERM (returns its name); SIGHUP reloads the API keys and quotas."""
     import trio
 
     from bento.server import serve
@@ -345,20 +357,23 @@ async def serve_until_signal(config: Config, argv: list[str], unheld: list[str])
 
 
 def reload_keys(config: Config, argv: list[str]) -> None:
-    """Read the config file and key files again and take their keys (nothing else:
-    other settings need a restart). A file that cannot be used keeps the old keys."""
+    """Read the config file and key files again and take their keys and quotas
+    (nothing else: other settings need a restart). A file that cannot be used
+    keeps the old keys and quotas."""
     try:
         resolved = resolve(argv)
-    except (settings.SettingsError, SystemExit) as exc:
-        events.emit("server.reload_failed", logging.ERROR, reason=str(exc), kept="the previous keys")
+        quotas = quotas_of(resolved)
+    except (ValueError, SystemExit) as exc:
+        events.emit("server.reload_failed", logging.ERROR, reason=str(exc), kept="the previous keys and quotas")
         return
+    config.quotas.replace(quotas.default, quotas.by_key)
     before = {k.hash: k.name for k in config.key_list()}
     config.api_keys, config.named_keys = resolved.plain_keys, resolved.file.named_keys
     config.revoke_sessions = resolved.file.revoke_sessions
     config.keys.replace(config.key_list())
     gone = sorted(name for h, name in before.items() if not config.keys.known(h))
     events.emit("server.reloaded", keys=len(config.key_list()), revoked=",".join(gone) or "none",
-                revoke_sessions=config.revoke_sessions)
+                revoke_sessions=config.revoke_sessions, quotas=len(quotas.by_key))
 
 
 def say_started(config: Config, port: int, unheld: list[str]) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from bento import auth, protocol, session_core
-from bento.admission import Capacity, Quota
+from bento.admission import QUOTA_NAMES, Capacity, Quota, Quotas
 
 
 def default_data_dir() -> str:
@@ -26,6 +27,26 @@ def default_max_history_bytes(data_dir: str) -> int:
         path = os.path.dirname(path)
     st = os.statvfs(path)
     return int(st.f_blocks * st.f_frsize * HISTORY_DISK_SHARE)
+
+
+def make_quotas(default: dict[str, float | None], by_key: dict[str, dict[str, float | None]]) -> Quotas:
+    """The quotas from the ``--quota-*`` settings (``default``: name -> value,
+    None for no limit) and the named keys' own tables (by key hash), each of
+    which replaces the default quotas it names and keeps the others. Raises
+    ValueError for a negative value."""
+    for table in (default, *by_key.values()):
+        for name, value in table.items():
+            if name not in QUOTA_NAMES:
+                raise ValueError(f"unknown quota {name!r}")
+            if value is not None and not value >= 0:
+                raise ValueError(f"--quota-{name.replace('_', '-')} must be at least 0, not {value}")
+    base = Quota(**_whole(default))
+    return Quotas(base, {h: replace(base, **_whole(table)) for h, table in by_key.items()})
+
+
+def _whole(table: dict[str, float | None]) -> dict[str, Any]:
+    """Quota values as the admission counts them: whole numbers but the rate."""
+    return {k: v if v is None or k == "executes_per_minute" else int(v) for k, v in table.items()}
 
 
 @dataclass
@@ -71,7 +92,8 @@ class Config:
 
     # Admission (bento/admission.py): None derives the capacity from the machine at start.
     capacity: Capacity | None = None
-    quota: Quota = field(default_factory=Quota)  # every key's; per-key overrides go in Admission
+    # Every key's quota and the named keys' own (the admission shares it; replaced whole on a reload).
+    quotas: Quotas = field(default_factory=Quotas)
 
     # Every accepted key (api_keys and named_keys); replaced whole on a reload.
     keys: auth.ApiKeys = field(init=False)

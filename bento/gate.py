@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from bento import events
+from bento import envs, events
 from bento.admission import (
     BUSY_RETRY_S,
     Admission,
@@ -69,16 +69,23 @@ class Gate:
         st = os.statvfs(self.data_dir)
         return st.f_bavail * st.f_frsize
 
+    def env_ready(self, name: str) -> bool:
+        """Whether package environment ``name`` is built in the data dir (bento/envs.py)."""
+        return os.path.exists(os.path.join(self.data_dir, "envs", name, envs.READY))
+
     async def enter(self, key: str, limits: dict, history_bytes: int, queue_s: float | None,
-                    queued: Callable[[int], Awaitable[None]]) -> Ticket:
-        """An admitted ticket for one execute, or Refused.
+                    queued: Callable[[int], Awaitable[None]], env: str | None = None) -> Ticket:
+        """An admitted ticket for one execute, or Refused. ``env``: the name of
+        the environment of its packages (None: no packages).
 
         Over capacity, with ``queue_s``, it waits up to that long in the queue and
         calls ``queued(position)`` each time its position changes. Nobody cuts
         the queue: while executes wait, a new one waits too (or is refused)."""
         adm = self.admission
-        adm.check_quota(key, trio.current_time(), history_bytes)
-        t = adm.ticket(key, adm.memory_of(limits))
+        build = env if adm.builds(env, self.env_ready) else None
+        held = adm.environments(key, self.env_ready) if build else None
+        adm.check_quota(key, trio.current_time(), history_bytes, held)
+        t = adm.ticket(key, adm.memory_of(limits), build)
         busy: Refused | None = None
         try:
             adm.check_capacity(t.memory, self.disk_free())

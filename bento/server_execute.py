@@ -64,7 +64,7 @@ class ExecuteOps:
                 return
         meta = await self._meta(req, key, limits)
         # Admission comes first (a refusal is cheap); a retry of an execute that started skips it.
-        ticket = None if idem_hash in self.registry.idem else await self._admit(req, key, limits)
+        ticket = None if idem_hash in self.registry.idem else await self._admit(req, key, limits, meta.get("env_name"))
         try:
             s, owner, viewer = await self.registry.create(meta, idem_hash)
         except BaseException:
@@ -113,7 +113,7 @@ class ExecuteOps:
             "key": key,
         }
 
-    async def _admit(self, req: dict, key: str, limits: dict) -> Ticket:
+    async def _admit(self, req: dict, key: str, limits: dict, env: str | None) -> Ticket:
         """Admission (bento/gate.py): a ticket, or the error ``busy`` or ``quota``."""
         gate = self.server.gate
 
@@ -122,7 +122,7 @@ class ExecuteOps:
 
         history = gate.history_bytes(key, list(self.registry.sessions.values()))
         try:
-            return await gate.enter(key, limits, history, req["queue"], queued)
+            return await gate.enter(key, limits, history, req["queue"], queued, env)
         except Refused as exc:
             raise protocol.RequestError(exc.code, exc.message, **exc.fields()) from None
 

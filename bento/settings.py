@@ -3,13 +3,15 @@
 A config file uses the names of ``bento server``'s flags (``data_dir``,
 ``max_limit = {memory_bytes = "512MiB"}``, ...); a flag given on the command
 line wins over the file. Two names exist only here: ``[keys.NAME]`` tables
-(named keys with a role) and ``revoke_sessions``. An unknown name is an error
+(named keys with a role, and the key's own quota: ``quota = {sessions = 2}``)
+and ``revoke_sessions``. An unknown name is an error
 naming it and the file. Nothing here logs or prints a key.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ FILE_ONLY = ("keys", "revoke_sessions")
 NOT_IN_FILE = ("help", "config", "hash_key")
 LIMIT_OPTIONS = ("default_limit", "max_limit")
 KEY_SOURCES = ("key", "key_file", "key_hash")
+# A key's quota table: name -> what reads its value (``"none"`` is no limit).
+QUOTA_VALUES: dict[str, Any] = {"sessions": int, "executes_per_minute": float,
+                                "history_bytes": units.size, "environments": int}
 
 
 class SettingsError(ValueError):
@@ -34,6 +39,8 @@ class FileSettings:
     path: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     named_keys: list[auth.Key] = field(default_factory=list)
+    # A named key's own quotas (by key hash): name -> value, None for no limit.
+    quotas: dict[str, dict[str, float | None]] = field(default_factory=dict)
     revoke_sessions: bool = True
 
 
@@ -53,7 +60,7 @@ def load(path: str | None, parser: argparse.ArgumentParser) -> FileSettings:
     for name, value in raw.items():
         where = f"config file {path}: {name}"
         if name == "keys":
-            out.named_keys = _named_keys(value, path)
+            out.named_keys, out.quotas = _named_keys(value, path)
         elif name == "revoke_sessions":
             if not isinstance(value, bool):
                 raise SettingsError(f"{where}: must be true or false")
@@ -108,17 +115,19 @@ def parse_limits(items: list[str]) -> dict[str, float | None]:
     return out
 
 
-def _named_keys(table: Any, path: str) -> list[auth.Key]:
+def _named_keys(table: Any, path: str) -> tuple[list[auth.Key], dict[str, dict[str, float | None]]]:
     if not isinstance(table, dict):
         raise SettingsError(f"config file {path}: keys: must be tables, e.g. [keys.alice]")
     out: list[auth.Key] = []
+    quotas: dict[str, dict[str, float | None]] = {}
     for name, spec in table.items():
         where = f"config file {path}: keys.{name}"
         if not isinstance(spec, dict):
             raise SettingsError(f"{where}: must be a table with key_file (or key_hash) and role")
-        unknown = sorted(set(spec) - {*KEY_SOURCES, "role"})
+        unknown = sorted(set(spec) - {*KEY_SOURCES, "role", "quota"})
         if unknown:
-            raise SettingsError(f"{where}: unknown setting {unknown[0]!r} (known: role, {', '.join(KEY_SOURCES)})")
+            raise SettingsError(f"{where}: unknown setting {unknown[0]!r} "
+                                f"(known: role, quota, {', '.join(KEY_SOURCES)})")
         role = spec.get("role", "user")
         if role not in auth.ROLES:
             raise SettingsError(f"{where}: role {role!r} is not one of {', '.join(auth.ROLES)}")
@@ -138,9 +147,35 @@ def _named_keys(table: Any, path: str) -> list[auth.Key]:
                 raise SettingsError(f"{where}: key file {source} must hold exactly one key (it has {len(keys)})")
             digest = auth.key_hash(keys[0])
         out.append(auth.Key(name=str(name), role=role, hash=digest))
+        if "quota" in spec:
+            quotas[digest] = _quota(spec["quota"], f"{where}.quota")
     hashes = [k.hash for k in out]
     if len(set(hashes)) != len(hashes):
         raise SettingsError(f"config file {path}: two [keys.*] entries have the same key")
+    return out, quotas
+
+
+def _quota(table: Any, where: str) -> dict[str, float | None]:
+    """A key's quota table: each given quota's value (None: ``"none"``, no limit)."""
+    if not isinstance(table, dict):
+        raise SettingsError(f"{where}: must be a table, e.g. quota = {{sessions = 4, executes_per_minute = 60}}")
+    out: dict[str, float | None] = {}
+    for name, value in table.items():
+        read = QUOTA_VALUES.get(name)
+        if read is None:
+            raise SettingsError(f"{where}: unknown quota {name!r} (known: {', '.join(QUOTA_VALUES)})")
+        if isinstance(value, str) and value.strip().lower() == "none":
+            out[name] = None
+            continue
+        try:
+            if isinstance(value, bool) or (read is int and not isinstance(value, int)):
+                raise ValueError(f"{value!r} is not a whole number")
+            number = read(value)
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"{where}.{name}: {exc} (or \"none\" for no limit)") from None
+        if not (math.isfinite(number) and number >= 0):
+            raise SettingsError(f"{where}.{name}: must be a number of at least 0, not {value!r}")
+        out[name] = number
     return out
 
 

@@ -169,8 +169,8 @@ class Busy(RequestFailed):
 
 
 class QuotaExceeded(RequestFailed):
-    """This API key used its share (``quota``: sessions, executes_per_minute or
-    history_bytes). Waiting in the server's queue does not help; ``retry_after``
+    """This API key used its share (``quota``: sessions, executes_per_minute,
+    history_bytes or environments). Waiting in the server's queue does not help; ``retry_after``
     says when, for executes_per_minute."""
 
     def __init__(self, code: str, message: str, op: str = "", **details: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ async def test_the_fifth_execute_is_busy_at_once_and_the_four_are_unharmed(make_
         assert err["code"] == "busy" and err["busy"] == "sessions", err
         assert err["retry_after"] > 0
         assert "--max-sessions 4" in err["message"]
-        assert took < 1.0, took  # refused at once, not queued
+        assert took < 0.1, took  # refused at once (issue 16: within 100 ms), not queued
         for i, run in enumerate(running):
             got = await finish(c, run, f"v{i}")
             assert got[-1][2]["result"] == f"v{i}" and got[-1][2]["state"] == "exited"
@@ -76,18 +77,39 @@ async def test_queue_waits_and_starts_when_one_ends(make_server):
         assert not r["ok"] and r["error"]["code"] == "busy" and "waited" in r["error"]["message"]
 
 
-async def round_trips(c, n: int = 100) -> float:
-    """The median ping round trip, seconds: the better of two runs (other work
-    on a shared machine can stall either one)."""
-    medians = []
-    for _ in range(2):
-        took = []
-        for _ in range(n):
-            t0 = time.monotonic()
-            await c.ok("ping")
-            took.append(time.monotonic() - t0)
-        medians.append(sorted(took)[n // 2])
-    return min(medians)
+ECHO = "def main():\n    while True:\n        try:\n            api.send(api.recv())\n        except EOFError:\n            return 0\n"
+
+
+class Echo:
+    """Round trips through a running function: input -> the function's
+    ``api.send`` -> this client (the path a real client's messages take)."""
+
+    def __init__(self, c, sid: str) -> None:
+        self.c, self.sid, self.seq = c, sid, 0
+
+    async def once(self) -> float:
+        self.seq += 1
+        t0 = time.monotonic()
+        await self.c.send({"op": "input", "session": self.sid, "seq": self.seq, "data": self.seq})
+        with trio.fail_after(10):
+            while True:
+                await self.c._read_one()
+                got = False
+                while self.c.events:  # in_ack and out events: only our echo counts
+                    ev = self.c.events.popleft()
+                    if ev.get("ev") == "out" and ev.get("session") == self.sid:
+                        got |= any(f[1] == "msg" and f[2] == self.seq for f in ev["frames"])
+                if got:
+                    return time.monotonic() - t0
+
+    async def p50(self, n: int = 40) -> float:
+        """The median round trip, seconds: the better of two runs of ``n`` (other
+        work on a shared machine can stall either one)."""
+        medians = []
+        for _ in range(2):
+            took = sorted([await self.once() for _ in range(n)])
+            medians.append(took[n // 2])
+        return min(medians)
 
 
 # Alice's flood runs in its own process, at the lowest CPU priority, so that
@@ -121,19 +143,25 @@ async def test_a_key_over_its_rate_gets_quota_while_another_key_is_served(make_s
             await alice.ok("execute", code=QUICK, attach=False)
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     async with connect(srv.url, auth="bob") as bob:
-        baseline = await round_trips(bob)
+        run = await bob.ok("execute", code=ECHO)
+        echo = Echo(bob, run["session"])
+        await echo.once()  # the function runs
+        baseline = await echo.p50()
         flood = subprocess.Popen([sys.executable, "-c", FLOOD, srv.url, "4"], cwd=tests_dir,
                                  stdout=subprocess.PIPE, text=True)
         try:
             assert flood.stdout is not None
             with trio.fail_after(20):
                 assert await trio.to_thread.run_sync(flood.stdout.readline) == "flooding\n"
-                loaded = await round_trips(bob)
+                loaded = await echo.p50()
+                assert flood.poll() is None  # measured while the flood ran
                 result = json.loads(await trio.to_thread.run_sync(flood.stdout.readline))
         finally:
             flood.kill()
             flood.wait(timeout=10)
             flood.stdout.close()
+        await bob.send({"op": "input", "session": run["session"], "seq": echo.seq + 1, "eof": True})
+        assert (await bob.frames(run["session"]))[-1][2]["state"] == "exited"
         assert result["n"] >= 50 and result["ok"] == 0, result
         err = result["first"]["error"]
         assert err["code"] == "quota" and err["quota"] == "executes_per_minute", err
@@ -141,9 +169,10 @@ async def test_a_key_over_its_rate_gets_quota_while_another_key_is_served(make_s
         # Bob's own bucket is full.
         r = await bob.ok("execute", code=QUICK)
         assert (await bob.frames(r["session"]))[-1][2]["result"] == 1
-    # Served, not starved: a starved ping waits behind the flood for hundreds of
-    # milliseconds. Sub-millisecond medians wobble by more than 2x on a shared
-    # machine, so the bound is 2x the baseline or 20 ms, whichever is larger.
+    # Served, not starved: within 2x its baseline (issue 16). A starved echo waits
+    # behind the flood for hundreds of milliseconds; sub-millisecond medians
+    # wobble by more than 2x on a shared machine, so the bound is 2x the
+    # baseline or 20 ms, whichever is larger.
     assert loaded <= max(2 * baseline, 0.02), (baseline, loaded)
 
 
@@ -265,3 +294,97 @@ async def test_share_rotate_and_revoke_the_viewer_token_and_the_audit_lines(make
     for op in ("execute", "attach", "share.rotate", "share.revoke", "destroy"):
         assert f"audit op={op} key=- session={sid}" in log, op
     assert "bto_" not in log and "btv_" not in log
+
+
+def quota_config(tmp_path, text: str) -> str:
+    """A config file (rewritten in place for a reload) with keys alice and bob."""
+    path = tmp_path / "bento.toml"
+    path.write_text('sandbox = "none"\npool = 0\n' + text)
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+async def reload(srv, times: int) -> None:
+    """SIGHUP, then wait until the log says it was handled ``times`` times in all."""
+    srv.proc.send_signal(signal.SIGHUP)
+    with trio.fail_after(10):
+        while srv.read_log().count("server.reload") < times:
+            await trio.sleep(0.05)
+
+
+async def test_per_key_quotas_from_the_config_file_reload_on_sighup(make_server, tmp_path):
+    config = quota_config(tmp_path, """
+quota_sessions = 1
+[keys.alice]
+key = "k-alice"
+quota = {sessions = 2, executes_per_minute = 2}
+[keys.bob]
+key = "k-bob"
+""")
+    srv = make_server("--config", config)
+    async with connect(srv.url, auth="k-alice") as alice, connect(srv.url, auth="k-bob") as bob:
+        # Bob has the default quota (quota_sessions = 1), alice her own (2).
+        (b1,) = await start_waiting(bob, 1)
+        r = await bob.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "sessions"), r
+        a1, a2 = await start_waiting(alice, 2)
+        r = await alice.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "sessions"), r
+        assert "quota of concurrent sessions is 2" in r["error"]["message"]
+        for run in (a1, a2):
+            await finish(alice, run, "v")
+        # Her two executes were her burst of executes_per_minute = 2.
+        r = await alice.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "executes_per_minute"), r
+        assert 0 < r["error"]["retry_after"] <= 30
+
+        # A reload: alice has no rate quota now, bob a quota of his own.
+        quota_config(tmp_path, """
+quota_sessions = 1
+[keys.alice]
+key = "k-alice"
+quota = {executes_per_minute = "none"}
+[keys.bob]
+key = "k-bob"
+quota = {sessions = 3}
+""")
+        await reload(srv, 1)
+        assert "server.reloaded" in srv.read_log() and "quotas=2" in srv.read_log()
+        await start_waiting(bob, 2)  # three running now
+        r = await bob.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "sessions"), r
+        (a3,) = await start_waiting(alice, 1)  # no rate quota; her sessions are the default 1
+        r = await alice.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "sessions"), r
+        assert "quota of concurrent sessions is 1" in r["error"]["message"]
+
+        # A file that cannot be used keeps what is in force.
+        quota_config(tmp_path, '[keys.alice]\nkey = "k-alice"\nquota = {sessions = -1}\n')
+        await reload(srv, 2)
+        assert "server.reload_failed" in srv.read_log()
+        assert "keys.alice.quota.sessions" in srv.read_log()
+        r = await bob.request("execute", code=QUICK)
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "sessions"), r
+        await finish(alice, a3, "v")
+        await finish(bob, b1, "v")
+        r = await bob.ok("execute", code=QUICK)
+        assert (await bob.frames(r["session"]))[-1][2]["result"] == 1
+
+
+def test_a_quota_that_cannot_work_refuses_to_start(tmp_path):
+    from test_config_file import refused
+
+    data = str(tmp_path / "d")
+    cases = [
+        ('[keys.a]\nkey = "k"\nquota = {sessions = -1}\n', "keys.a.quota.sessions", "at least 0"),
+        ('[keys.a]\nkey = "k"\nquota = {session = 1}\n', "keys.a.quota", "unknown quota 'session'"),
+        ('[keys.a]\nkey = "k"\nquota = {environments = 1.5}\n', "environments", "whole number"),
+        ('[keys.a]\nkey = "k"\nquota = {history_bytes = "lots"}\n', "history_bytes", "bad size"),
+        ('[keys.a]\nkey = "k"\nquota = 3\n', "keys.a.quota", "must be a table"),
+    ]
+    for n, (text, name, message) in enumerate(cases):
+        config = quota_config(tmp_path, text)
+        os.rename(config, tmp_path / f"c{n}.toml")
+        line = refused("--data-dir", data, "--config", str(tmp_path / f"c{n}.toml"))
+        assert name in line and message in line, (text, line)
+    assert "--quota-environments must be at least 0" in refused("--data-dir", data, "--quota-environments", "-1")

@@ -145,3 +145,38 @@ async def test_sdk_execute_with_packages(server):
         assert (await s.result())["found"] == {"six": True}
         with pytest.raises(TypeError, match="list of requirements"):
             await c.execute(IMPORTS, packages="six")
+
+
+@pytest.mark.deadline(300)
+async def test_environments_quota_counts_the_builds_of_a_key_that_still_exist(make_server, tmp_path):
+    config = tmp_path / "bento.toml"
+    config.write_text('quota_environments = 1\npool = 0\n[keys.alice]\nkey = "k-alice"\n'
+                      '[keys.bob]\nkey = "k-bob"\nquota = {environments = 0}\n')
+    srv = make_server("--config", str(config))
+    async with conn(srv.url, auth="k-bob") as bob, conn(srv.url, auth="k-alice") as alice:
+        # Bob may build none: new packages are refused before anything is installed.
+        r = await bob.request("execute", code=IMPORTS, args=[["six"]], packages=["six"])
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "environments"), r
+        assert "quota is 0" in r["error"]["message"]
+        # Alice builds one: her quota.
+        r = await alice.ok("execute", code=IMPORTS, args=[["six"]], packages=["six"])
+        frames = await alice.frames(r["session"], timeout=120)
+        assert frames[-1][2]["result"]["found"] == {"six": True}, frames[-1]
+        assert b"installing six" in data_of(frames, "stderr")
+        r = await alice.request("execute", code=IMPORTS, args=[["idna"]], packages=["idna"])
+        assert (r["error"]["code"], r["error"]["quota"]) == ("quota", "environments"), r
+        assert "holds 1 environments" in r["error"]["message"]
+        # A ready environment is no build, for her and for bob.
+        for c, spelling in ((alice, "SIX"), (bob, "six")):
+            r = await c.ok("execute", code=IMPORTS, args=[["six"]], packages=[spelling])
+            frames = await c.frames(r["session"], timeout=60)
+            assert frames[-1][2]["result"]["found"] == {"six": True}, frames[-1]
+            assert b"installing" not in data_of(frames, "stderr")
+        # Removed, it no longer counts: she may build another.
+        listed = json.loads(subprocess.run(BENTO + ["env", "--data-dir", srv.data_dir, "ls", "--json"],
+                                           capture_output=True, check=True).stdout)
+        subprocess.run(BENTO + ["env", "--data-dir", srv.data_dir, "rm", listed[0]["name"]], check=True,
+                       capture_output=True)
+        r = await alice.ok("execute", code=IMPORTS, args=[["idna"]], packages=["idna"])
+        frames = await alice.frames(r["session"], timeout=120)
+        assert frames[-1][2]["result"]["found"] == {"idna": True}, frames[-1]

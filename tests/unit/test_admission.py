@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bento.admission import Admission, Capacity, Quota, Refused, default_capacity, key_id
+from bento.admission import Admission, Capacity, Quota, Quotas, Refused, default_capacity, key_id
+from bento.config import make_quotas
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -15,7 +16,7 @@ def make(max_running: int = 4, budget: int = 4 * GiB, floor: int = GiB, queued: 
          **quota: int | float) -> Admission:
     cap = Capacity(max_running=max_running, memory_budget=budget, disk_floor=floor,
                    default_memory=GiB, max_queued=queued)
-    return Admission(cap, Quota(**quota))
+    return Admission(cap, Quotas(Quota(**quota)))
 
 
 def start(adm: Admission, key: str = "k", memory: int = 256 * MiB, now: float = 0.0,
@@ -112,12 +113,62 @@ def test_history_bytes_quota():
     assert (r.code, r.limit) == ("quota", "history_bytes")
 
 
-def test_a_per_key_override_replaces_the_default_quota():
+def test_a_keys_own_quota_replaces_the_default_quota():
     adm = make(sessions=1)
-    adm.overrides["vip"] = Quota(sessions=3)
+    adm.quotas.by_key["vip"] = Quota(sessions=3)
     for _ in range(3):
         start(adm, "vip")
     refused(adm.check_quota, "vip", 0.0, 0)
+    start(adm, "other")
+    refused(adm.check_quota, "other", 0.0, 0)
+
+
+def test_make_quotas_merges_a_keys_table_over_the_default():
+    q = make_quotas({"sessions": 2, "executes_per_minute": 30.0, "history_bytes": None, "environments": None},
+                    {"vip": {"sessions": None, "environments": 3}, "slow": {"executes_per_minute": 0.5}})
+    assert q.of("anyone") == Quota(sessions=2, executes_per_minute=30.0)
+    assert q.of("vip") == Quota(sessions=None, executes_per_minute=30.0, environments=3)
+    assert q.of("slow") == Quota(sessions=2, executes_per_minute=0.5)
+    with pytest.raises(ValueError, match="--quota-sessions"):
+        make_quotas({"sessions": -1}, {})
+    # A reload replaces both in place: the admission that shares the object sees it.
+    adm = Admission(make().capacity, q)
+    q.replace(Quota(sessions=0), {})
+    assert refused(adm.check_quota, "vip", 0.0, 0).limit == "sessions"
+
+
+def test_environments_quota_counts_what_the_key_built_and_still_exists():
+    adm = make(max_running=10, environments=2)
+    ready: set[str] = {"old"}
+
+    def build(key: str, env: str):
+        """What the gate does for an execute with packages (environment ``env``)."""
+        new = env if adm.builds(env, ready.__contains__) else None
+        held = adm.environments(key, ready.__contains__) if new else None
+        adm.check_quota(key, 0.0, 0, held)
+        t = adm.ticket(key, MiB, new)
+        adm.admit(t)
+        return t
+
+    assert not adm.builds("old", ready.__contains__) and not adm.builds(None, ready.__contains__)
+    build("alice", "old")  # ready: no build, however many
+    a = build("alice", "e1")
+    assert not adm.builds("e1", ready.__contains__)  # being built: another execute waits for it
+    build("alice", "e1")
+    build("alice", "e2")
+    r = refused(build, "alice", "e3")
+    assert (r.code, r.limit) == ("quota", "environments") and r.retry_after is None
+    assert r.fields() == {"quota": "environments"}
+    build("bob", "e3")  # another key's count
+    ready.add("e1")
+    adm.release(a)
+    refused(build, "alice", "e4")  # e1 is ready, e2 still building: two
+    for t in [t for t in adm.running if t.env == "e2"]:
+        adm.release(t)  # e2's build failed: it is not there, so it is not counted
+    build("alice", "e4")
+    ready.discard("e1")  # evicted or removed
+    build("alice", "e5")
+    assert adm.built["alice"] == {"e4", "e5"}
 
 
 def test_queue_is_fair_between_keys():

@@ -59,5 +59,7 @@ def test_config_example_uses_only_known_settings():
     known = {a.dest for a in server_parser()._actions} - set(settings.NOT_IN_FILE)
     assert set(config) <= known | set(settings.FILE_ONLY), set(config) - known
     for name, key in config["keys"].items():
-        assert set(key) <= {"role", *settings.KEY_SOURCES}, name
+        assert set(key) <= {"role", "quota", *settings.KEY_SOURCES}, name
         assert key["role"] in ("admin", "user")
+        if "quota" in key:
+            settings._quota(key["quota"], name)  # raises for a name or value it would refuse
