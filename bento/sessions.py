@@ -13,6 +13,7 @@ socket; a request cancelled while waiting for its reply may still take effect
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -499,8 +500,9 @@ class Registry:
         try:
             await self.call(s, {"t": "end"})
         except ExchangeGone:
-            # No exchange to do it: nothing else writes there any more.
-            shutil.rmtree(s.dir, ignore_errors=True)
+            # No exchange to do it: nothing else writes there any more. (In a
+            # worker thread: the deletes must not hold up every connection.)
+            await trio.to_thread.run_sync(functools.partial(shutil.rmtree, s.dir, ignore_errors=True))
 
     async def reaper(self) -> None:
         next_sweep = time.monotonic()
