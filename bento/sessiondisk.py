@@ -26,6 +26,11 @@ STATE_FILE = "state.cbor"
 # size per frame up to the exit frame): written once at the end, so that
 # reading the session back does not scan its whole output log.
 SIZES_FILE = "sizes.bin"
+# Saved with an ended session whose exit frame is on disk: where each log ends
+# (its last segment's first seq and byte size; 0, 0 for no segment) and the
+# last input's seq, so that reading it back needs no scan of its logs' last
+# segments while the files are as the exchange left them.
+LOG_END = "log_end"
 
 
 def load_saved(sdir: str) -> dict:
@@ -48,7 +53,32 @@ def save(sdir: str, core: session_core.SessionCore, extra: dict) -> None:
         if sys.byteorder == "big":
             sizes.byteswap()
         sessionlog.write_atomic(os.path.join(sdir, SIZES_FILE), struct.pack("<q", core.size_base) + sizes.tobytes())
+    if core.exit is not None and core.durable_next > core.exit_seq and LOG_END not in extra:
+        extra = {**extra, LOG_END: [*_log_end(sdir, "out"), *_log_end(sdir, "in"), core.input_seq]}
     sessionlog.write_atomic(os.path.join(sdir, STATE_FILE), protocol.encode({**core.saved(), **extra}))
+
+
+def _log_end(sdir: str, prefix: str) -> tuple[int, int]:
+    """A log's last segment: its first seq and byte size (0, 0 if it has none)."""
+    segments = sessionlog.list_segments(sdir, prefix)
+    if not segments:
+        return 0, 0
+    start, path = segments[-1]
+    return start, os.path.getsize(path)
+
+
+def ended_as_left(sdir: str, saved: dict) -> tuple[int, int] | None:
+    """(next seq of the output log, last input seq) of an ended session whose
+    logs end where its saved :data:`LOG_END` says (nothing was cut or added
+    since its exchange saved it); None otherwise (its logs must be scanned)."""
+    end = saved.get(LOG_END)
+    exit_seq = saved.get("exit_seq")
+    if (saved.get("exit") is None or not isinstance(exit_seq, int) or not isinstance(end, list) or len(end) != 5
+            or not all(isinstance(x, int) for x in end)):
+        return None
+    if (_log_end(sdir, "out"), _log_end(sdir, "in")) != ((end[0], end[1]), (end[2], end[3])):
+        return None
+    return exit_seq + 1, end[4]
 
 
 def saved_sizes(sdir: str, saved: dict, next_seq: int) -> tuple[int, array.array] | None:
@@ -173,6 +203,14 @@ class Ended:
         self.dir = sdir
         with _locked(sdir):
             self.saved = load_saved(sdir)
+            as_left = ended_as_left(sdir, self.saved)
+            known = None if as_left is None else saved_sizes(sdir, self.saved, as_left[0])
+            if as_left is not None and known is not None:
+                buffer = meta["buffer"]
+                self.core = session_core.SessionCore(
+                    buffer["max_bytes"], buffer["policy"], saved=self.saved, size_base=known[0], sizes=known[1],
+                    input_seq=as_left[1], history_max=meta.get("history_bytes", session_core.DEFAULT_HISTORY_BYTES))
+                return
             out = sessionlog.Writer(sdir, "out")
             inputs = sessionlog.Writer(sdir, "in")
             for log in (out, inputs):
@@ -211,7 +249,7 @@ class Ended:
             for action in actions:
                 if type(action) is session_core.Trim:
                     sessionlog.drop_segments(sessionlog.list_segments(self.dir, "out"), action.first_seq)
-            save(self.dir, self.core, {k: v for k, v in self.saved.items() if k in ("enforced", "sandbox")})
+            save(self.dir, self.core, {k: v for k, v in self.saved.items() if k in ("enforced", "sandbox", LOG_END)})
 
 
 class _locked:

@@ -11,6 +11,7 @@ remove it, or removes its directory when no exchange runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -99,8 +100,9 @@ class Upkeep:
         try:
             await self.call(s, {"t": "end"})
         except ExchangeGone:
-            # No exchange to do it: nothing else writes there any more.
-            shutil.rmtree(s.dir, ignore_errors=True)
+            # No exchange to do it: nothing else writes there any more. (In a
+            # worker thread: the deletes must not hold up every connection.)
+            await trio.to_thread.run_sync(functools.partial(shutil.rmtree, s.dir, ignore_errors=True))
 
     async def reaper(self) -> None:
         next_sweep = time.monotonic()

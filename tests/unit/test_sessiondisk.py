@@ -58,3 +58,34 @@ def test_sizes_that_disagree_with_the_log_are_not_trusted(tmp_path):
         again = recovered(sdir)
         assert list(again.sizes) == list(core.sizes)
         assert again.buffer_bytes == core.buffer_bytes
+
+
+def test_an_ended_session_as_its_exchange_left_it_opens_without_scanning_its_logs(tmp_path, monkeypatch):
+    sdir = str(tmp_path)
+    core = ended_session(sdir, 40)
+    inputs = sessionlog.Writer(sdir, "in")
+    for seq in (1, 2, 3):
+        inputs.append(seq, protocol.encode(seq))
+    inputs.close()
+    core.input_seq = 3
+    sessiondisk.save(sdir, core, {})
+    monkeypatch.setattr(sessionlog, "scan_file", lambda path: (_ for _ in ()).throw(AssertionError("scanned")))
+    ended = sessiondisk.open_ended(sdir, META)
+    assert ended is not None
+    assert ended.core.snapshot() == {**core.snapshot(), "next_seq": 42, "input_seq": 3}
+    assert list(ended.core.sizes) == list(core.sizes)
+
+
+def test_logs_changed_since_the_exchange_left_are_scanned(tmp_path):
+    """A log whose last segment is not as saved (a torn record added, say) is
+    scanned and cut as before: the saved end is not trusted."""
+    sdir = str(tmp_path)
+    core = ended_session(sdir, 40)
+    last = sessionlog.list_segments(sdir, "out")[-1][1]
+    with open(last, "ab") as f:
+        f.write(b"\x05\x00\x00")  # the start of a record that was never finished
+    ended = sessiondisk.open_ended(sdir, META)
+    assert ended is not None and ended.core.snapshot() == {**core.snapshot(), "next_seq": 42}
+    assert os.path.getsize(last) == sessiondisk._log_end(sdir, "out")[1]
+    with open(os.path.join(sdir, "exchange.log")) as f:
+        assert "torn record of 3 bytes" in f.read()
