@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+from helpers import connect
 from reliability import test_chaos as chaos
 from trio_websocket import open_websocket_url
 
@@ -120,3 +121,29 @@ async def test_chaos_across_nodes(nodes, acks):
     assert st.disconnects >= TARGET_DISCONNECTS and min(cc.by_node.values()) > 50
     assert st.rewinds >= 20 and st.resent_inputs > 0
     assert total_inputs >= chaos.MIN_INPUTS
+
+
+BIG = "import sys\ndef main(n):\n    b = b'x' * 65536\n    for _ in range(n):\n        sys.stdout.buffer.write(b)\n"
+
+
+async def test_acks_racing_a_destroy_through_the_other_node_leave_the_node_up(nodes):
+    """The owner reads through node B, acking every batch, and destroys the
+    session on node A as soon as the exit frame arrives: acks still in node A's
+    control stream then meet a session whose directory is going away. Node A
+    answers on."""
+    a, b = nodes
+    async with connect(a.url) as ca, connect(b.url) as cb:
+        for _ in range(12):
+            r = await ca.ok("execute", code=BIG, args=[40], attach=False)
+            await cb.ok("attach", token=r["token"], **{"from": 1})
+            frames: list = []
+            while not frames or frames[-1][1] != "exit":
+                ev = await cb.event(ev="out", session=r["session"], timeout=30)
+                frames += ev["frames"]
+                await cb.send({"op": "ack", "session": r["session"], "seq": frames[-1][0]})
+            await ca.ok("destroy", token=r["token"])  # on A: it overtakes the acks queued for A
+        # Both nodes still serve.
+        for c in (ca, cb):
+            r = await c.ok("execute", code="def main():\n    return 1\n")
+            assert (await c.frames(r["session"]))[-1][2]["result"] == 1
+    assert a.proc.poll() is None and b.proc.poll() is None
