@@ -217,7 +217,7 @@ async def test_attach_sends_state_events(pair):
     async with connect(pair[1].url) as c:
         await c.ok("state_put", token=r["token"], value={"n": 1}, if_version=0)
         await c.ok("attach", token=r["token"], **{"from": 1})
-        st = await c.event(ev="state", session=r["session"], timeout=5)
+        st = await c.event(ev="state", session=r["session"], timeout=2)
         assert (st["version"], st["value"]) == (1, {"n": 1})
         await c.ok("destroy", token=r["token"])
 
