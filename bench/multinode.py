@@ -32,6 +32,8 @@ ROW_SPECS: list[tuple[str, str, str, bool, str]] = [
     ("cl_bytes_small", "cluster: Redis bytes/frame, 100 B", "B", False, "- (reported)"),
     ("cl_ops_big", "cluster: Redis commands/frame, 64 KiB", "cmd", False, "- (reported)"),
     ("cl_bytes_big", "cluster: Redis bytes/frame, 64 KiB", "B", False, "- (reported)"),
+    ("cl_cpu_small", "cluster: Redis CPU/frame, 100 B", "us", False, "- (reported)"),
+    ("cl_cpu_big", "cluster: Redis CPU/frame, 64 KiB", "us", False, "- (reported)"),
 ]
 KEYS = [spec[0] for spec in ROW_SPECS]
 # cluster row -> the embedded row of the same run that is its ceiling
@@ -48,14 +50,18 @@ def redis_process(workdir: str) -> Any:
     return module.RedisProcess(workdir)
 
 
-async def redis_counters(port: int) -> dict[str, int]:
+async def redis_counters(port: int) -> dict[str, float]:
+    """Commands, bytes in and out, and CPU seconds (user + system) of the Redis server so far."""
     from bento.cluster import connect
 
     redis = connect.client(f"redis://127.0.0.1:{port}/0")
     async with redis:
         stats = await redis.info("stats")
-    return {k: int(stats[k]) for k in ("total_commands_processed", "total_net_input_bytes",
-                                       "total_net_output_bytes")}
+        cpu = await redis.info("cpu")
+    out = {k: float(stats[k]) for k in ("total_commands_processed", "total_net_input_bytes",
+                                        "total_net_output_bytes")}
+    out["cpu_s"] = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return out
 
 
 async def attach_on_other(run_url: str, read_url: str, runs: int, warmup: int = 2) -> list[float]:
@@ -87,7 +93,7 @@ async def attach_on_other(run_url: str, read_url: str, runs: int, warmup: int = 
 
 
 async def stream_via_other(run_url: str, read_url: str, redis_port: int, kind: str,
-                           amount: int) -> tuple[float, int, dict[str, int]]:
+                           amount: int) -> tuple[float, int, dict[str, float]]:
     """Execute on the running node (not attached) and read it live through the
     other node from seq 1, acking as it goes: (rate, frames, Redis counters'
     growth over the run)."""
@@ -134,7 +140,7 @@ def stage(bench: Any) -> None:
             bench.log(f"    attach on the other node p50 {statistics.median(xs):.2f} ms")
             for kind, amount, scale in (("big", max(chain.FRAME * 16, b.stream_bytes // 4), 1e6),
                                         ("small", max(1000, b.small_frames // 2), 1.0)):
-                rates, per_cmd, per_byte, ins, outs = [], [], [], [], []
+                rates, per_cmd, per_byte, ins, outs, cpu = [], [], [], [], [], []
                 for _ in range(min(3, b.stream_runs)):
                     bench.quiet()
                     rate, frames, growth = trio.run(stream_via_other, a.url, node_b.url, redis.port, kind,
@@ -144,10 +150,15 @@ def stage(bench: Any) -> None:
                     ins.append(growth["total_net_input_bytes"] / frames)
                     outs.append(growth["total_net_output_bytes"] / frames)
                     per_byte.append(ins[-1] + outs[-1])
+                    cpu.append(growth["cpu_s"] / frames * 1e6)
                 size = "64 KiB" if kind == "big" else "100 B"
                 rows[f"cl_{kind}"].set(rates)
                 rows[f"cl_ops_{kind}"].set(per_cmd)
                 rows[f"cl_bytes_{kind}"].set(per_byte)
+                rows[f"cl_cpu_{kind}"].set(cpu)
+                rows[f"cl_cpu_{kind}"].note = (
+                    f"{size} frames: redis-server's own CPU (user + system) over the run per frame; one "
+                    f"Redis core carries about {1e6 / max(statistics.median(cpu), 1e-9):,.0f} such frames/s")
                 rows[f"cl_bytes_{kind}"].note = (
                     f"{size} frames: into Redis {statistics.median(ins):,.0f} B/frame (node A's mirror, "
                     f"node B's reads and acks), out of Redis {statistics.median(outs):,.0f} B/frame "
@@ -155,7 +166,8 @@ def stage(bench: Any) -> None:
                 rows[f"cl_ops_{kind}"].note = "the embedded store: 0 (no Redis)"
                 bench.log(f"    {kind} via the other node p50 {statistics.median(rates):,.1f} "
                           f"{rows[f'cl_{kind}'].unit}; {statistics.median(per_cmd):.3f} commands and "
-                          f"{statistics.median(per_byte):,.0f} bytes per frame")
+                          f"{statistics.median(per_byte):,.0f} bytes and {statistics.median(cpu):.1f} us of "
+                          "Redis CPU per frame")
     finally:
         redis.stop()
 
