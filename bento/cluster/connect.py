@@ -40,6 +40,7 @@ SCHEMES = {  # scheme → (TLS, Redis Cluster)
     "rediss+cluster": (True, True),
 }
 CONNECT_TIMEOUT_S = 5.0
+Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]  # what ``client`` makes
 MAX_CONNECTIONS = 256  # per node: each attachment read through this node holds one while it waits
 
 
@@ -138,7 +139,7 @@ def reason(exc: BaseException) -> str:
     return ": ".join(parts)
 
 
-def client(url: str, max_connections: int = MAX_CONNECTIONS) -> coredis.Redis[bytes] | coredis.RedisCluster[bytes]:
+def client(url: str, max_connections: int = MAX_CONNECTIONS) -> Client:
     """A client (bytes in and out) for the URL, to be entered with ``async with``;
     at most ``max_connections`` connections to each Redis node."""
     t = parse(url)

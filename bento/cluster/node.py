@@ -42,7 +42,7 @@ REACH_TIMEOUT_S = 5.0
 class Cluster:
     """The node's cluster side. Made by ``run``; lives as long as the server."""
 
-    def __init__(self, config: Config, redis: coredis.Redis, registry: Registry,
+    def __init__(self, config: Config, redis: connect.Client, registry: Registry,
                  nursery: trio.Nursery) -> None:
         self.node = config.node
         self.instance = instance(config)
