@@ -230,3 +230,21 @@ async def test_coredis_own_pool_still_loses_slots(redis_server):
     async with redis:
         await cancel_blocking_requests(redis, 2)
         assert not await still_serves(redis, 1)
+
+
+async def test_a_node_serves_on_after_many_attachments_detached_mid_wait(nodes):
+    """Each detach of an idle attachment on node B cancels its XREAD BLOCK:
+    more detaches than B's pool has connections, and B still reads."""
+    a, b = nodes
+    detaches = rconnect.MAX_CONNECTIONS + 44
+    async with connect(a.url) as ca, connect(b.url) as cb:
+        r = await ca.ok("execute", code="def main():\n    api.recv()\n    api.send('done')\n",
+                        attach=False)
+        for _ in range(detaches):
+            await cb.ok("attach", token=r["viewer_token"], **{"from": 1})
+            await trio.sleep(0.004)  # its reader is in XREAD BLOCK by now
+            await cb.ok("detach", session=r["session"])
+        await cb.ok("attach", token=r["token"], **{"from": 1})
+        await cb.send({"op": "input", "session": r["session"], "seq": 1, "data": None})
+        frames = await cb.frames(r["session"], timeout=10)
+    assert values(frames) == ["done"]
