@@ -41,6 +41,7 @@ for p in (HERE, os.path.join(ROOT, "tests"), ROOT):
 
 import ceilings  # noqa: E402
 import chain  # noqa: E402
+import multinode  # noqa: E402
 import psutil  # noqa: E402
 import trio  # noqa: E402
 from common import (  # noqa: E402
@@ -85,6 +86,7 @@ ROW_SPECS: list[tuple[str, str, str, bool, str]] = [
     ("env_pss", "environment PSS (bwrap+driver)", "MiB", False, "- (reported)"),
     ("loaded_echo", "echo round trip, N sessions running", "ms", False, "p50 <= 1 ms"),
     ("backlog_rss", "server RSS growth, unread backlog", "MiB", False, "<= 20 MiB"),
+    *multinode.ROW_SPECS,
 ]
 ROW_NAMES = [spec[1] for spec in ROW_SPECS]
 
@@ -439,6 +441,7 @@ class Bench:
         self.use_ceiling("exchange_pss", "idle_pss")
         self.use_ceiling("env_rss", "idle_rss")
         self.use_ceiling("env_pss", "idle_pss")
+        multinode.set_ceilings(self)
 
         r["first_bwrap"].judge(lambda x: x <= 5)
         r["first_none"].judge(lambda x: x <= 5)
@@ -545,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                     ["sessions_errors", "sessions_rate", "server_per_session", "exchange_rss", "exchange_pss",
                      "env_rss", "env_pss", "loaded_echo"], bench.stage_sessions)
         bench.stage("unread backlog", ["backlog_rss"], bench.stage_backlog)
+        bench.stage("cluster: two nodes on one redis-server", multinode.KEYS, lambda: multinode.stage(bench))
     except KeyboardInterrupt:
         interrupted = True
         bench.log("interrupted: stopping everything")

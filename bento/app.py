@@ -109,7 +109,8 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", default="node-1",
                    help="this node's name, sent in hello; unique in a cluster")
     p.add_argument("--cluster", metavar="URL",
-                   help="run as a node of a cluster on this Redis (redis://HOST:PORT/DB): any node "
+                   help="run as a node of a cluster on this Redis (redis://HOST:PORT/DB, "
+                        "rediss://HOST:PORT/DB?ca=FILE, redis+cluster://HOST:PORT,HOST:PORT): any node "
                         "serves any token (docs/cluster.md)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],

@@ -87,7 +87,8 @@ class Config:
     enforceable: dict[str, str] = field(default_factory=dict)
     # Accept limits that only a per-process rlimit (or nothing) holds.
     allow_unenforced_limits: bool = False
-    # redis://HOST:PORT/DB: run as one node of a cluster on that Redis (bento/cluster).
+    # redis://HOST:PORT/DB (or rediss://, redis+cluster://): run as one node of a cluster
+    # on that Redis (bento/cluster/connect.py has the URL forms).
     cluster: str | None = None
 
     # Admission (bento/admission.py): None derives the capacity from the machine at start.
@@ -123,8 +124,11 @@ class Config:
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
-        if self.cluster and not self.cluster.startswith(("redis://", "rediss://")):
-            raise ValueError(f"--cluster {self.cluster!r}: expected redis://HOST:PORT/DB or rediss://...")
+        if self.cluster and not self.cluster.startswith(("redis://", "rediss://", "redis+cluster://",
+                                                         "rediss+cluster://")):
+            raise ValueError(f"--cluster {self.cluster!r}: expected redis://HOST:PORT/DB, "
+                             "rediss://HOST:PORT/DB?ca=FILE or redis+cluster://HOST:PORT,HOST:PORT "
+                             "(docs/cluster.md)")
         if self.buffer_policy not in protocol.BUFFER_POLICIES:
             raise ValueError(f"unknown buffer policy {self.buffer_policy!r}")
         for name, value in (("--keep", self.keep_s), ("--history-bytes", self.history_bytes),

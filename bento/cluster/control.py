@@ -95,6 +95,9 @@ class Control:
                     await self.redis.xdel(key, [entry.identifier])
                 except RedisError as exc:
                     log.warning("control stream: could not answer a request: %s", exc)
+                except Exception:  # noqa: BLE001 - the node outlives any one request, as the server any one connection
+                    # e.g. an ack that meets a session whose directory a destroy is removing
+                    log.exception("control stream: request %s failed", entry.identifier)
 
     async def _one(self, entry_id: str | bytes, fields: dict) -> None:
         try:

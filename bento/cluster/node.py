@@ -21,7 +21,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from bento import protocol
-from bento.cluster import keys, lost
+from bento.cluster import connect, keys, lost
 from bento.cluster.control import Control
 from bento.cluster.mirror import Mirror
 from bento.cluster.remote import Remote, unavailable
@@ -42,7 +42,7 @@ REACH_TIMEOUT_S = 5.0
 class Cluster:
     """The node's cluster side. Made by ``run``; lives as long as the server."""
 
-    def __init__(self, config: Config, redis: coredis.Redis, registry: Registry,
+    def __init__(self, config: Config, redis: connect.Client, registry: Registry,
                  nursery: trio.Nursery) -> None:
         self.node = config.node
         self.instance = instance(config)
@@ -93,7 +93,9 @@ class Cluster:
     async def forget(self, s: Session) -> None:
         """Remove the directory entries and the stream of a session that was removed."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete([keys.token(s.meta["owner_hash"]), keys.token(s.meta["viewer_hash"])])
+            # One DEL per slot: on a Redis Cluster a command's keys must share one.
+            pipe.delete([keys.token(s.meta["owner_hash"])])
+            pipe.delete([keys.token(s.meta["viewer_hash"])])
             pipe.delete([keys.meta(s.sid), keys.out(s.sid)])
             pipe.srem(keys.node_sessions(self.node), [s.sid])
             if s.meta.get("idem"):
@@ -191,10 +193,14 @@ def cannot_start(config: Config) -> str | None:
     the check at start, before the server's loop."""
     url = config.cluster
     assert url is not None
+    try:
+        shown = connect.parse(url).shown()  # never the password
+    except ValueError as exc:
+        return f"cannot use {url.partition('://')[0]}:// URL: {exc}"
     holder: list[str] = []
 
     async def check() -> None:
-        redis = coredis.Redis.from_url(url, decode_responses=False)
+        redis = connect.client(url)
         with trio.fail_after(REACH_TIMEOUT_S):
             async with redis:
                 raw = await redis.get(keys.node(config.node))
@@ -206,12 +212,12 @@ def cannot_start(config: Config) -> str | None:
     try:
         trio.run(check)
     except trio.TooSlowError:
-        return f"Redis at {url} did not answer in {REACH_TIMEOUT_S:.0f} s"
+        return f"Redis at {shown} did not answer in {REACH_TIMEOUT_S:.0f} s"
     except ValueError as exc:
-        return f"cannot use Redis at {url}: {exc}"
+        return f"cannot use Redis at {shown}: {exc}"
     except (RedisError, OSError, BaseExceptionGroup) as exc:
         first = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) else exc
-        return f"cannot reach Redis at {url}: {first}"
+        return f"cannot reach Redis at {shown}: {connect.reason(first)}"
     if holder:
         return (f"the node name {config.node!r} is in use by {holder[0]} (its heartbeat is live): "
                 "give this node its own --node")
@@ -225,7 +231,7 @@ async def run(config: Config, registry: Registry, *,
     The client's ``async with`` is here, once, around everything that uses it
     (coredis wraps whatever leaves it in an ExceptionGroup)."""
     assert config.cluster is not None
-    redis = coredis.Redis.from_url(config.cluster, decode_responses=False)
+    redis = connect.client(config.cluster)
     async with redis:
         # One secret for the whole cluster: a retried execute gets the same
         # derived tokens from any node. It replaces this node's own.

@@ -228,7 +228,8 @@ class Remote:
                 entries = (got or {}).get(out.encode(), ())
                 if not entries:
                     continue
-            await self._deliver(conn, att, entries)
+            while entries:  # what one out event could not carry goes in the next, not read again
+                entries = await self._deliver(conn, att, entries)
 
     async def _snapshot(self, att: RemoteAttachment) -> Snapshot | None:
         raw = await self.redis.hget(keys.meta(att.sid), "snap")
@@ -240,18 +241,21 @@ class Remote:
         await conn.send(protocol.out_event(att.sid, [protocol.gap_frame(a, b, snap.gap_reason(a))]))
         att.next_seq = upto
 
-    async def _deliver(self, conn: Connection, att: RemoteAttachment, entries: Any) -> None:
+    async def _deliver(self, conn: Connection, att: RemoteAttachment, entries: Any) -> Any:
         """One ``out`` event of the entries from ``att.next_seq`` on (within the
-        connection's batch size); a hole in the stream becomes a gap frame."""
+        connection's batch size); a hole in the stream becomes a gap frame.
+        Returns the entries it left for the next event."""
         frames: list[bytes] = []
         size = 0
         expect = att.next_seq
-        for entry in entries:
+        rest: Any = ()
+        for i, entry in enumerate(entries):
             seq = keys.seq_of(entry.identifier)
             if seq < expect:
                 continue
             frame = entry.field_values[b"f"]
             if frames and size + len(frame) > conn.out_budget:
+                rest = entries[i:]
                 break
             if seq > expect:
                 snap = await self._snapshot(att)
@@ -263,3 +267,4 @@ class Remote:
         if frames:
             await conn.send(protocol.out_event_parts(att.sid, frames))
             att.next_seq = expect
+        return rest

@@ -273,14 +273,7 @@ class Chaos:
                     await self.attached(Conn(ws), s, a, life)
                 finally:
                     if life.scope.cancel_called:
-                        if mode == "socket_close":
-                            ws._stream.socket.close()
-                        elif mode == "rst":
-                            ws._stream.socket.setsockopt(
-                                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                            ws._stream.socket.close()
-                        # "cancel": trio-websocket's close is cancelled before it
-                        # sends a close frame; it only closes the TCP stream.
+                        cut(ws, mode)
         assert not (life.stage is None and life.scope.cancelled_caught)
 
     async def request(self, c: Conn, s: Sess, a: Actor, view: View | None, op: str,
@@ -380,6 +373,17 @@ class Chaos:
                 a.exit_seen = True
 
 
+def cut(ws: Any, mode: str) -> None:
+    """End a connection whose task was cancelled the way ``mode`` says."""
+    if mode == "socket_close":
+        ws._stream.socket.close()
+    elif mode == "rst":
+        ws._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        ws._stream.socket.close()
+    # "cancel": trio-websocket's close is cancelled before it sends a close
+    # frame; it only closes the TCP stream.
+
+
 async def read_whole_log(url: str, token: str, sid: str) -> list[bytes]:
     """One clean attach from 1 to the exit frame: the session's log, frame by frame."""
     log: list[bytes] = []
@@ -400,6 +404,35 @@ async def read_whole_log(url: str, token: str, sid: str) -> list[bytes]:
         await c.send({"op": "detach", "id": 2, "session": sid})
         assert (await c.recv())[0] == {"id": 2, "ok": True}
     return log
+
+
+def audit(s: Sess, log: list[bytes]) -> int:
+    """Check one session's clients against its whole log; its number of inputs."""
+    frames = [protocol.decode(b, require_map=False) for b in log]
+    # The log itself: seqs 1..n, no gap, one exit frame, last.
+    assert [f[0] for f in frames] == list(range(1, len(frames) + 1))
+    assert all(f[1] in ("stdout", "msg") for f in frames[:-1])
+    ex = frames[-1][2]
+    assert frames[-1][1] == "exit" and ex["state"] == "exited" and ex["code"] == 0, ex
+    res = ex["result"]
+    # Output: every line once, in order.
+    text = b"".join(f[2] for f in frames if f[1] == "stdout").decode()
+    assert text == "".join(f"line {i}\n" for i in range(res["lines"]))
+    # Input: every input reached the function exactly once, in order.
+    assert res["got"] == s.inputs, (s.sid, len(res["got"]), len(s.inputs))
+    assert [f[2] for f in frames if f[1] == "msg"] == s.inputs
+    assert s.acked == len(s.inputs) + 1
+    # Every attachment saw exactly the log, byte for byte, from its start,
+    # and each client has all of it from where it began.
+    for a in s.actors:
+        assert a.exit_seen, a.name
+        for v in a.views:
+            assert all(log[q - 1] == b for q, b in v.frames), (a.name, v.start)
+        lo = min(a.seen)
+        assert set(a.seen) >= set(range(lo, len(log) + 1)), a.name
+        assert a.owner is False or lo == 1
+        assert a.views[-1].frames[-1][1] == log[-1]
+    return len(s.inputs)
 
 
 @pytest.mark.parametrize(("acks", "target"), [(False, TARGET_DISCONNECTS), (True, 600)],
@@ -447,32 +480,8 @@ async def test_chaos_many_clients_thousand_disconnects(server, acks, target):
             log = full
         else:  # acked frames stay readable as history: the log reads the same, whole
             assert full == log
-        frames = [protocol.decode(b, require_map=False) for b in log]
-        total_frames += len(frames)
-        # The log itself: seqs 1..n, no gap, one exit frame, last.
-        assert [f[0] for f in frames] == list(range(1, len(frames) + 1))
-        assert all(f[1] in ("stdout", "msg") for f in frames[:-1])
-        ex = frames[-1][2]
-        assert frames[-1][1] == "exit" and ex["state"] == "exited" and ex["code"] == 0, ex
-        res = ex["result"]
-        # Output: every line once, in order.
-        text = b"".join(f[2] for f in frames if f[1] == "stdout").decode()
-        assert text == "".join(f"line {i}\n" for i in range(res["lines"]))
-        # Input: every input reached the function exactly once, in order.
-        assert res["got"] == s.inputs, (s.sid, len(res["got"]), len(s.inputs))
-        assert [f[2] for f in frames if f[1] == "msg"] == s.inputs
-        assert s.acked == len(s.inputs) + 1
-        total_inputs += len(s.inputs)
-        # Every attachment saw exactly the log, byte for byte, from its start,
-        # and each client has all of it from where it began.
-        for a in s.actors:
-            assert a.exit_seen, a.name
-            for v in a.views:
-                assert all(log[q - 1] == b for q, b in v.frames), (a.name, v.start)
-            lo = min(a.seen)
-            assert set(a.seen) >= set(range(lo, len(log) + 1)), a.name
-            assert a.owner is False or lo == 1
-            assert a.views[-1].frames[-1][1] == log[-1]
+        total_frames += len(log)
+        total_inputs += audit(s, log)
 
     print(f"\nchaos ({'owner acks' if acks else 'no acks'}): {SESSIONS} sessions x "
           f"{1 + VIEWERS} clients, {st.disconnects} abrupt disconnects {dict(st.modes)} "
