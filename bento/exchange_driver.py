@@ -100,6 +100,11 @@ class DriverSide:
             ok, version, actions = core.put_state(value, if_version)
             ex.apply(actions)
             self.send("put", ok=ok, version=version)
+        elif t == "wait":
+            on = msg["on"]
+            if on not in session_core.WAITS:
+                raise ValueError(f"cannot wait for {on!r}")
+            ex.apply(core.wait(on))
         elif t == "up":
             self.up = True
         elif t == "exit":

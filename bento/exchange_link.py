@@ -149,13 +149,14 @@ class ExchangeLink:
         self.pending.clear()
 
     async def hello(self) -> dict:
-        """The exchange's first message, checked: its version must be ours."""
+        """The exchange's first message, checked: its version must be one we accept."""
         # The version first: an exchange of another version may not fit the table.
         hello = await self.receive(check=False)
         if not isinstance(hello, dict) or hello.get("t") != "hello":
             await self.stream.aclose()
             raise ExchangeGone(f"the exchange did not say hello ({hello!r:.80})")
-        if hello.get("wire") != wire.VERSION:
+        version = hello.get("wire")
+        if type(version) is not int or version not in wire.ACCEPTED:
             await self.stream.aclose()
             raise ExchangeGone(
                 f"the exchange (pid {hello.get('pid')}) speaks internal wire version "

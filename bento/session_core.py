@@ -117,17 +117,19 @@ DUPLICATE = "duplicate"
 
 
 class Snapshot(namedtuple("Snapshot", "state next_seq first_seq acked_seq input_seq buffer_bytes "
-                                      "dropped_to ended exit exit_seq history_bytes")):
+                                      "dropped_to ended exit exit_seq history_bytes waiting")):
     """A session's positions as the exchange last announced them (what ``attach``
     and ``status`` report). ``state`` is the state's text; ``ended`` epoch seconds;
     ``first_seq`` the first frame still readable; ``history_bytes`` the data bytes
-    of readable frames that left the buffer (acked)."""
+    of readable frames that left the buffer (acked); ``waiting`` what the running
+    function is blocked waiting for (one of :data:`WAITS`)."""
 
     __slots__ = ()
 
     @classmethod
     def from_map(cls, msg: dict) -> Snapshot:
-        return cls(*(msg[k] for k in cls._fields))
+        # An exchange of wire version 6 (and a snapshot it mirrored) has no ``waiting``.
+        return cls(*(msg[k] for k in cls._fields[:-1]), msg.get("waiting"))
 
     @property
     def has_ended(self) -> bool:
@@ -140,7 +142,8 @@ class Snapshot(namedtuple("Snapshot", "state next_seq first_seq acked_seq input_
 
 
 _ENDED_TEXT = frozenset(s.value for s in ENDED)
-NEW = Snapshot(State.STARTING.value, 1, 1, 0, 0, 0, 0, None, None, None, 0)
+NEW = Snapshot(State.STARTING.value, 1, 1, 0, 0, 0, 0, None, None, None, 0, None)
+WAITS = (None, "recv", "stdin")  # what a function can be blocked on: nothing, api.recv(), stdin
 
 
 def judge_input(last: int, seq: int, running: bool) -> str | Refused:
@@ -198,6 +201,7 @@ class SessionCore:
         self.history_bytes = sum(self.sizes[self.first_seq - size_base:self.buffer_seq - size_base])
         self.input_seq = input_seq
         self.function_over = self.state in ENDED  # the function's process has ended
+        self.waiting: str | None = None  # one of WAITS, as the driver last said
 
     # -- state -----------------------------------------------------------------
 
@@ -214,11 +218,21 @@ class SessionCore:
     def function_ended(self) -> None:
         """The function's process is gone; its last output is still being read."""
         self.function_over = True
+        self.waiting = None
+
+    def wait(self, what: str | None) -> tuple:
+        """The function is now blocked waiting for ``what`` (:data:`WAITS`), says its driver."""
+        if what not in WAITS:
+            raise LocalError(f"a function cannot wait for {what!r}")
+        if self.function_over or what == self.waiting:
+            return NOTHING
+        self.waiting = what
+        return _ANNOUNCE
 
     def recorded_exit(self, data: dict, seq: int, now: float) -> tuple:
         """The exit frame ``data`` (see :func:`classify_exit`) was appended at ``seq``."""
         self._enter(State(data["state"]))
-        self.function_over = True
+        self.function_over, self.waiting = True, None
         self.exit, self.exit_seq, self.ended = data, seq, now
         self.sizes.append(0)
         self.next_seq = seq + 1
@@ -358,6 +372,7 @@ class SessionCore:
             "exit": self.exit,
             "exit_seq": self.exit_seq,
             "history_bytes": self.history_bytes,
+            "waiting": self.waiting,
         }
 
     def saved(self) -> dict:

@@ -118,6 +118,7 @@ class Session:
             "history_bytes": snap.history_bytes,
             "attachments": len(self.attachments),
             "exit": snap.exit,
+            "waiting": snap.waiting,
             "sandbox": self.meta["sandbox"],
             "enforced": self.enforced,
         }

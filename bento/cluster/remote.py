@@ -133,7 +133,7 @@ class Remote:
             req["id"], session=sid, state=snap.state, created=float(meta[b"created"]), ended=snap.ended,
             first_seq=snap.first_seq, next_seq=snap.next_seq, acked_seq=snap.acked_seq,
             input_seq=snap.input_seq, buffer_bytes=snap.buffer_bytes, attachments=None,
-            exit=snap.exit, sandbox=meta[b"sandbox"].decode(),
+            exit=snap.exit, waiting=snap.waiting, sandbox=meta[b"sandbox"].decode(),
             enforced=protocol.decode(meta[b"enforced"]), node=meta[b"node"].decode(),
         ))
 

@@ -247,6 +247,22 @@ def buffer_line(st: dict[str, Any], asked: dict[str, Any] | None = None) -> str:
                    "function waits in its next write until the owner reads (bento attach)")
 
 
+WAITING = {
+    "recv": "for input: the function is blocked in api.recv() "
+            "(send a value: bento send SESSION VALUE, or bento attach --recv)",
+    "stdin": "for input: the function is blocked reading its standard input "
+             "(type it in bento attach, or bento send SESSION --stdin TEXT)",
+}
+
+
+def waiting_line(st: dict[str, Any]) -> str | None:
+    """What the function waits for, as the status's ``waiting`` line (None: no line)."""
+    waiting = st.get("waiting")
+    if not waiting:
+        return None
+    return WAITING.get(waiting, f"for input ({waiting})")
+
+
 def status_lines(st: dict[str, Any], entry: dict[str, Any] | None = None) -> str:
     """``bento status`` as lines; ``entry``: the session's entry in the state file."""
     entry = entry or {}
@@ -256,6 +272,7 @@ def status_lines(st: dict[str, Any], entry: dict[str, Any] | None = None) -> str
     rows = [
         ("session", st.get("session")),
         ("state", st.get("state")),
+        ("waiting", waiting_line(st)),
         ("created", when(st.get("created"))),
         ("ended", when(st.get("ended"))),
         ("frames", f"retained {st.get('first_seq')}..{(st.get('next_seq') or 1) - 1}, "

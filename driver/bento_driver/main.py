@@ -24,6 +24,7 @@ import types
 from typing import Any
 
 from bento_driver import cbor, wire
+from bento_driver.waits import GRACE_S, Waits, watch_stdin
 
 IN_FD = 3
 OUT_FD = 4
@@ -127,7 +128,6 @@ class _Link:
 
 SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}
 
-
 def _check(value: Any, depth: int, budget: list[int]) -> None:
     """Raise TypeError/ValueError unless ``value`` is a plain protocol value."""
     budget[0] -= 1
@@ -197,10 +197,11 @@ class Api:
 
     StateConflict = StateConflict
 
-    def __init__(self, link: _Link, encode: _Encoder) -> None:
+    def __init__(self, link: _Link, encode: _Encoder, waits: Waits) -> None:
         self._link = link
         self._encode = encode
         self._eof = False
+        self._waits = waits
         self.state = _State(link, encode)
 
     def send(self, value: Any, channel: str | None = None) -> None:
@@ -221,14 +222,29 @@ class Api:
         if timeout is not None and (not isinstance(timeout, (int, float)) or math.isnan(timeout)):
             raise TypeError("timeout must be a number or None")
         _flush()
+        inputs = self._link.inputs
+        left = None if timeout is None else max(0.0, timeout)
         try:
-            msg = self._link.inputs.get(timeout=None if timeout is None else max(0.0, timeout))
+            msg = inputs.get(timeout=GRACE_S if left is None else min(left, GRACE_S))
         except queue.Empty:
-            raise TimeoutError("no input within the timeout") from None
+            if left is not None and left <= GRACE_S:
+                raise TimeoutError("no input within the timeout") from None
+            msg = self._wait(None if left is None else left - GRACE_S)
         if msg is None or msg["t"] == "eof":
             self._eof = True
             raise EOFError("input is closed")
         return cbor.decode_internal(msg["data"])
+
+    def _wait(self, left: float | None) -> dict | None:
+        """The next input once the grace period has passed without one: a wait
+        for "recv", told to the exchange."""
+        self._waits.enter("recv")
+        try:
+            return self._link.inputs.get(timeout=left)
+        except queue.Empty:
+            raise TimeoutError("no input within the timeout") from None
+        finally:
+            self._waits.leave("recv")
 
     def poll(self) -> bool:
         return not self._eof and not self._link.inputs.empty()
@@ -325,7 +341,9 @@ def main() -> None:
     for name, (soft, hard) in start.get("rlimits", {}).items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     encode = _Encoder(start["max_value"], start["max_depth"], start["max_items"])
-    api = Api(link, encode)
+    waits = Waits(link)
+    api = Api(link, encode, waits)
+    watch_stdin(waits, bool(start.get("tty")))
     report: dict[str, Any] = {"t": "exit", "kind": "return", "result": None, "error": None, "code": 0}
 
     # The work dir's files import each other (`from helper import x`).

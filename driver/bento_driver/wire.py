@@ -18,10 +18,14 @@ import struct
 LEN = struct.Struct(">I")
 
 #: The version of the server↔exchange messages: the exchange's ``hello`` carries
-#: it, and a server connects only to an exchange of its own version (an
-#: exchange outlives the server that started it, so a new server may meet an
+#: it, and a server connects only to an exchange of a version in :data:`ACCEPTED`
+#: (an exchange outlives the server that started it, so a new server may meet an
 #: old one).
-VERSION = 6
+VERSION = 7
+#: The exchange versions this server talks to: its own, and 6, whose messages are
+#: 7's without the optional ``waiting`` (the server's messages are the same), so
+#: a server upgraded from 6 keeps the running sessions of the one before.
+ACCEPTED = frozenset({6, 7})
 
 
 #: ``api.send``: this byte, the channel's length (1 byte), the channel (UTF-8), the value (CBOR).
@@ -33,6 +37,8 @@ TO_EXCHANGE = "server>exchange"
 FROM_EXCHANGE = "exchange>server"
 
 _SNAPSHOT = "state next_seq first_seq acked_seq input_seq buffer_bytes dropped_to ended exit exit_seq history_bytes"
+#: Snapshot fields that an exchange of an older accepted version does not send.
+_SNAPSHOT_NEW = "waiting"
 
 #: Every message type, by direction: ``t`` -> (required fields, optional fields).
 #: ``rid`` pairs a server's request with the exchange's ``reply``.
@@ -56,6 +62,10 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "get": ("", ""),  # api.state.get()
             "put": ("v if", ""),  # api.state.put(value, if_version)
             "exit": ("kind result error code", ""),  # the function's end, as the driver saw it
+            # on: what the function is now blocked waiting for, "recv" (api.recv) or
+            # "stdin" (a read of sys.stdin), or None; sent when that changes, and only
+            # for a wait longer than the driver's grace period
+            "wait": ("on", ""),
         },
         TO_EXCHANGE: {
             "warm": ("sandbox sandbox_cmd python driver_path network workdir", "envs_dir"),
@@ -74,10 +84,10 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
         },
         FROM_EXCHANGE: {
             "warm_ready": ("pid error", ""),
-            "hello": (f"wire pid enforced shared_version shared_value {_SNAPSHOT}", ""),
-            "progress": (_SNAPSHOT, ""),
+            "hello": (f"wire pid enforced shared_version shared_value {_SNAPSHOT}", _SNAPSHOT_NEW),
+            "progress": (_SNAPSHOT, _SNAPSHOT_NEW),
             "state": ("version value", ""),  # the shared state changed
-            "reply": ("rid ok", f"code message input_seq version value {_SNAPSHOT}"),
+            "reply": ("rid ok", f"code message input_seq version value {_SNAPSHOT} {_SNAPSHOT_NEW}"),
         },
     }.items()
 }

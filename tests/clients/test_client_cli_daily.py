@@ -274,6 +274,34 @@ def test_status_says_the_buffer_is_full_and_the_function_blocked(make_server, tm
     assert run_cli(["rm", started["token"]], env).returncode == 0
 
 
+@pytest.mark.parametrize("how", ["stdin", "recv"])
+def test_status_says_the_function_waits_for_input_until_it_comes(cli_run, how):
+    env, tmp = cli_run
+    read = "input('name? ')" if how == "stdin" else "api.recv()"
+    job = write_file(tmp, "asks.py", f"import time\ndef main():\n    api.send({read})\n    time.sleep(60)\n")
+    started = _json(run_cli(["run", job, "-d", "--json"], env))
+    token = started["token"]
+
+    def waiting_lines() -> list[str]:
+        text = run_cli(["status", token], env).stdout.decode()
+        return [line for line in text.splitlines() if line.startswith("waiting")]
+
+    deadline = time.monotonic() + 30
+    while _json(run_cli(["status", token, "--json"], env))["waiting"] != how:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    expected = ("the function is blocked reading its standard input" if how == "stdin"
+                else "the function is blocked in api.recv()")
+    assert len(lines := waiting_lines()) == 1 and f"waiting   for input: {expected} (" in lines[0], lines
+    value = ["--stdin", "ann"] if how == "stdin" else ["--str", "ann"]
+    assert run_cli(["send", token, *value], env).returncode == 0
+    while _json(run_cli(["status", token, "--json"], env))["waiting"] is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert waiting_lines() == []
+    assert run_cli(["rm", token], env).returncode == 0
+
+
 # --------------------------------------------------------------------------
 # The state file's place, --ca-file, help
 

@@ -157,6 +157,25 @@ async def test_attach_by_token_from_seq_and_viewer(server):
                 await c2.attach("bto_" + "x" * 43)
 
 
+async def test_status_says_when_the_function_waits_in_recv(server):
+    async def waiting(s, what):
+        while (await s.status())["waiting"] != what:
+            await trio.sleep(0.05)
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with bento_clients.connect(server.url) as c:
+            s = await c.execute(ECHO)
+            await waiting(s, "recv")
+            await s.send(1)
+            frames = s.output()
+            assert (await frames.__anext__()).value == "1"
+            # Back in api.recv(), for the next value: waiting again.
+            await waiting(s, "recv")
+            await s.close_input()
+            assert await s.result() == [1]
+            assert (await s.status())["waiting"] is None
+
+
 async def test_status_state_and_destroy(server):
     with trio.fail_after(TEST_TIMEOUT_S):
         async with bento_clients.connect(server.url) as c:

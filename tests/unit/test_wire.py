@@ -49,5 +49,8 @@ def test_every_direction_has_its_messages_and_replies_carry_the_snapshot():
     from bento.session_core import Snapshot
 
     required, optional = wire.MESSAGES[wire.FROM_EXCHANGE]["progress"]
-    assert required == set(Snapshot._fields) and not optional
+    # waiting is optional: an exchange of version 6 (which a server still accepts) has none
+    assert required | optional == set(Snapshot._fields) and optional == {"waiting"}
     assert set(Snapshot._fields) <= wire.MESSAGES[wire.FROM_EXCHANGE]["reply"][1]
+    assert wire.MESSAGES[wire.FROM_EXCHANGE]["hello"][1] == {"waiting"}
+    assert wire.VERSION in wire.ACCEPTED
