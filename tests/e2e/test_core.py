@@ -223,11 +223,12 @@ async def test_status_list_signal_destroy(server):
 
 
 async def test_signal_int_is_keyboard_interrupt(server):
-    caught = "import time\ndef main():\n    try:\n        time.sleep(30)\n    except KeyboardInterrupt:\n        return 'caught'\n"
+    caught = "import time\ndef main():\n    try:\n        api.send('ready')\n        time.sleep(30)\n" \
+             "    except KeyboardInterrupt:\n        return 'caught'\n"
     escapes = "import time\ndef main():\n    api.send('ready')\n    time.sleep(30)\n"
     async with connect(server.url) as c:
         r = await c.ok("execute", code=caught)
-        await trio.sleep(0.5)
+        await c.frames(r["session"], until_exit=False, count=1)
         await c.ok("signal", token=r["token"], signal="INT")
         ex = (await c.frames(r["session"]))[-1][2]
         assert ex["state"] == "exited" and ex["result"] == "caught"
@@ -249,7 +250,9 @@ async def test_signals_work_when_the_server_started_with_them_ignored(make_serve
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-    caught = "import time\ndef main():\n    api.send('ready')\n    try:\n        time.sleep(30)\n" \
+    # 'ready' is sent inside the try: a signal that arrives as the send returns
+    # must already be caught (a busy machine can hold the function back there).
+    caught = "import time\ndef main():\n    try:\n        api.send('ready')\n        time.sleep(30)\n" \
              "    except KeyboardInterrupt:\n        return 'caught'\n"
     sleeper = "import time\ndef main():\n    api.send('ready')\n    time.sleep(30)\n"
     async with connect(srv.url) as c:
