@@ -386,6 +386,7 @@ def say_started(config: Config, port: int, unheld: list[str]) -> None:
     print(f"bento: data dir {os.path.abspath(config.data_dir)}", flush=True)
     print(f"bento: sandbox {config.sandbox}", flush=True)
     cap = config.capacity
+    assert cap is not None  # set by run_server before the server starts
     print(f"bento: capacity {cap.max_running} running functions, memory budget "
           f"{cap.memory_budget >> 20} MiB (a function without a memory limit counts "
           f"{cap.default_memory >> 20} MiB), disk floor {cap.disk_floor >> 20} MiB, "

@@ -204,7 +204,7 @@ class Exchange(EnvironmentLife):
         pre-started environment's limits were applied and its start message
         sent already (``prestart``, before this exchange set itself up)."""
         if launched is None or launched.error is not None:
-            message = launched.error if launched is not None else "no environment"
+            message = (launched.error if launched is not None else None) or "no environment"
             self.finish_exit(session_core.failed_exit("SandboxError", message))
             return
         assert launched.env is not None
@@ -243,7 +243,7 @@ class Exchange(EnvironmentLife):
         """An ended session needs no process: once its exit frame and state are
         on disk and the server has been told, the server serves it from disk."""
         core, output = self.core, self.output
-        return (core.exit is not None and core.durable_next > core.exit_seq
+        return (core.exit_seq is not None and core.durable_next > core.exit_seq
                 and not output.held_back and not output.log.pending and self.state_dirty_at is None
                 and not self.progress_dirty and (self.control.link is None or not self.control.link.outbuf)
                 and self.pidfd < 0)

@@ -17,7 +17,7 @@ from bento_driver import wire
 
 from bento import protocol
 from bento.launch import Link, loads, set_window
-from bento.session_core import ACCEPT, DUPLICATE
+from bento.session_core import DUPLICATE, Refused
 
 TYPE_CHECKING = False  # the exchange does not import typing (it starts per session)
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ class Control:
         if verdict == DUPLICATE:
             self.reply(rid, ok=True, input_seq=core.input_seq)
             return
-        if verdict != ACCEPT:
+        if isinstance(verdict, Refused):
             self.reply(rid, ok=False, code=verdict.code, message=verdict.message, input_seq=core.input_seq)
             return
         waiting = (len(ex.driver.link.outbuf) if ex.driver is not None else 0) + (

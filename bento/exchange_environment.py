@@ -188,6 +188,7 @@ class EnvironmentLife:
         self.output.append("exit", (protocol.encode(data),), 0)
 
     def exit_written(self, seq: int) -> None:
+        assert self.exiting is not None  # the exit frame written was finish_exit's
         self.apply(self.core.recorded_exit(self.exiting, seq, time.time()))
 
     def adopt_lost(self) -> None:

@@ -45,12 +45,13 @@ def audit(op: str, key: str | None, session: str) -> None:
     events.emit("audit", op=op, key=key_id(key or ""), session=session)
 
 
-def machine_capacity(data_dir: str, default_memory: int | None, **given: int | None) -> Capacity:
+def machine_capacity(data_dir: str, default_memory: float | None, **given: int | None) -> Capacity:
     """The capacity from the machine's RAM and the data dir's file system, with
     the settings that were given in place of the defaults."""
     mem_total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     st = os.statvfs(data_dir)
-    return with_settings(default_capacity(mem_total, st.f_blocks * st.f_frsize, default_memory), **given)
+    return with_settings(default_capacity(mem_total, st.f_blocks * st.f_frsize,
+                                             None if default_memory is None else int(default_memory)), **given)
 
 
 class Gate:

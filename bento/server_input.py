@@ -64,6 +64,7 @@ class InputOps:
         verdict = session_core.judge_input(s.snap.input_seq, seq, running=False)
         if verdict == session_core.DUPLICATE:
             return {"ok": True, "input_seq": s.snap.input_seq}
+        assert isinstance(verdict, session_core.Refused)  # not ACCEPT: the function ended
         return {"ok": False, "code": verdict.code, "message": verdict.message}
 
     async def op_state_get(self, req: dict) -> None:

@@ -129,7 +129,7 @@ class Snapshot(namedtuple("Snapshot", "state next_seq first_seq acked_seq input_
     @classmethod
     def from_map(cls, msg: dict) -> Snapshot:
         # An exchange of wire version 6 (and a snapshot it mirrored) has no ``waiting``.
-        return cls(*(msg[k] for k in cls._fields[:-1]), msg.get("waiting"))
+        return cls._make([*(msg[k] for k in cls._fields[:-1]), msg.get("waiting")])
 
     @property
     def has_ended(self) -> bool:

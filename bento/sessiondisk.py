@@ -53,7 +53,7 @@ def save(sdir: str, core: session_core.SessionCore, extra: dict) -> None:
         if sys.byteorder == "big":
             sizes.byteswap()
         sessionlog.write_atomic(os.path.join(sdir, SIZES_FILE), struct.pack("<q", core.size_base) + sizes.tobytes())
-    if core.exit is not None and core.durable_next > core.exit_seq and LOG_END not in extra:
+    if core.exit_seq is not None and core.durable_next > core.exit_seq and LOG_END not in extra:
         extra = {**extra, LOG_END: [*_log_end(sdir, "out"), *_log_end(sdir, "in"), core.input_seq]}
     sessionlog.write_atomic(os.path.join(sdir, STATE_FILE), protocol.encode({**core.saved(), **extra}))
 

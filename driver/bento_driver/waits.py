@@ -80,14 +80,14 @@ class _Stdin(io.FileIO):
         self._block()
         return super().readinto(b)
 
-    def read(self, size: int | None = -1) -> bytes | None:
+    def read(self, size: int | None = -1) -> bytes | None:  # type: ignore[override]
         if size is None or size < 0:
             return self.readall()
         self._block()
         return super().read(size)
 
     def readall(self) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             chunk = self.read(1 << 16)
             if not chunk:  # the end of file (or no data on a non-blocking fd)
@@ -110,4 +110,4 @@ def watch_stdin(waits: Waits, tty: bool) -> None:
     raw.waits = waits
     raw.name = "<stdin>"  # type: ignore[misc]
     sys.stdin = io.TextIOWrapper(io.BufferedReader(raw), encoding=old.encoding, errors=old.errors,
-                                 newline="\n", line_buffering=old.line_buffering)
+                                 newline="\n", line_buffering=bool(old.line_buffering))
