@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+NODE_BENCH := bench/node/node_modules/.package-lock.json
 HOST ?= 127.0.0.1
 PORT ?= 8765
 ARGS ?=
@@ -19,7 +20,7 @@ run: $(STAMP)
 	@echo "bento server $(strip $(RUN_ADDR) $(ARGS))"
 	@exec $(PY) -m bento.app server $(strip $(RUN_ADDR) $(ARGS))
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_BENCH)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 install: $(STAMP)
@@ -76,8 +77,16 @@ web:
 
 # Benchmarks print one table (figure, ceiling measured in the same run, ratio,
 # target). ARGS=--quick for a one-minute version. Not part of `make test`.
-bench: $(STAMP)
+bench: $(STAMP) $(NODE_BENCH)
 	$(PY) bench/run.py $(ARGS)
+
+# The bench's independent client (bench/node: stock ws + cbor-x), installed when
+# npm is present; without it the bench's Node rows say why they have no figure.
+$(NODE_BENCH): bench/node/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  npm ci --prefix bench/node --no-audit --no-fund --loglevel=error \
+	    || echo "make: npm ci in bench/node failed: the bench's Node client rows will say so" >&2; \
+	fi
 
 # The long fuzz run (>= 100,000 cases against the decoder and a live server).
 fuzz: $(STAMP)

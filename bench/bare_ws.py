@@ -10,6 +10,8 @@ prints ``port N`` once it listens, and answers one CBOR map per message:
   ``{"ev": "done"}``
 - ``{"op": "records", "size": n, "batch": b, "count": k}`` -> out events of b
   frames of n bytes each until k frames are sent, then ``{"ev": "done"}``
+- ``{"op": "ack", ...}`` -> nothing (a client that acks each event, as it
+  would with the real server, costs the bare server no replies)
 - anything else with an ``id`` -> ``{"id": id, "ok": true}``
 
 The server uses the same trio-websocket settings as ``bento server``
@@ -52,7 +54,7 @@ async def handler(request) -> None:  # type: ignore[no-untyped-def]
                     await ws.send_message(cbor2.dumps({"ev": "out", "session": SID, "frames": frames}))
                     seq += n
                 await ws.send_message(cbor2.dumps({"ev": "done"}))
-            else:
+            elif op != "ack":
                 await ws.send_message(cbor2.dumps({"id": msg.get("id", 0), "ok": True}))
     except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
         pass

@@ -42,6 +42,7 @@ for p in (HERE, os.path.join(ROOT, "tests"), ROOT):
 import ceilings  # noqa: E402
 import chain  # noqa: E402
 import multinode  # noqa: E402
+import node_client  # noqa: E402
 import psutil  # noqa: E402
 import trio  # noqa: E402
 from common import (  # noqa: E402
@@ -75,6 +76,8 @@ ROW_SPECS: list[tuple[str, str, str, bool, str]] = [
     ("small_live", "stream 100 B frames, live", "frames/s", True, ">= 150k/s"),
     ("small_replay", "stream 100 B frames, replay", "frames/s", True, ">= live"),
     ("reattach", "reattach: connect+attach->1st frame", "ms", False, "- (reported)"),
+    ("node_big", "64 KiB frames to a Node ws+cbor-x client", "MB/s", True, ">= 500 MB/s, >= 70% of ceiling"),
+    ("node_small", "100 B frames to a Node ws+cbor-x client", "frames/s", True, ">= 250k/s"),
     ("pkgs_new", "execute->first output, new packages spec", "ms", False, "- (reported)"),
     ("pkgs_cached", "execute->first output, cached packages", "ms", False, "<= 1.1x ceiling"),
     ("sessions_errors", "N concurrent sessions: errors", "count", False, "= 0"),
@@ -114,7 +117,10 @@ class Bench:
 
     def quiet(self) -> None:
         """Start the next measurement on a quiet machine (common.settle); say so
-        when the machine did not quieten (the figure then carries its load)."""
+        when the machine did not quieten (the figure then carries its load).
+        The smoke mode checks that the bench runs, not its figures: no wait."""
+        if self.b.mode == "smoke":
+            return
         if not settle():
             self.unsettled += 1
             self.log("    (the machine stayed busy for 3 s; measuring anyway)")
@@ -330,6 +336,34 @@ class Bench:
             self.stage("  stream 100 B", ["small_live", "small_replay"],
                        lambda: streams("small", "small_live", "small_replay", b.small_frames, 1.0))
             go("reattach", "reattach", reattach)
+            self.stage("  independent client (Node ws + cbor-x)", ["node_big", "node_small"],
+                       lambda: self.node_streams(url))
+
+    def node_streams(self, url: str) -> None:
+        """The issue's independent client: stock `ws` + `cbor-x`, acking each
+        event, against the server and against the bare server (its ceiling: the
+        same client, the same bytes), interleaved run by run."""
+        why = node_client.missing()
+        if why is not None:
+            for key in ("node_big", "node_small"):
+                self.rows[key].error = why
+            self.log(f"    skipped: {why}")
+            return
+        b = self.b
+        for kind, key, amount, scale in (("big", "node_big", b.stream_bytes, 1e6),
+                                         ("small", "node_small", b.small_frames, 1.0)):
+            figures, ceil = [], []
+            for run in range(b.stream_runs):
+                if run:
+                    self.quiet()
+                ceil.append(node_client.stream("bare", self.bare_url(), kind, amount) / scale)
+                self.quiet()
+                figures.append(node_client.stream("bento", url, kind, amount) / scale)
+            self.set_ceiling(f"node_{kind}", f"the same Node client from the bare ws server ({self.rows[key].unit})",
+                             ceil, True)
+            self.rows[key].set(figures)
+            self.log(f"    Node client {kind}: p50 {statistics.median(figures):,.1f}, "
+                     f"from the bare server {statistics.median(ceil):,.1f} {self.rows[key].unit}")
 
     def stage_cold(self) -> None:
         """Cold: no sandbox started ahead of time. With a server that has a warm
@@ -436,6 +470,8 @@ class Bench:
         self.use_ceiling("small_live", "ws_small")
         self.use_ceiling("small_replay", "ws_small")
         self.use_ceiling("reattach", "ws_connect")
+        self.use_ceiling("node_big", "node_big")
+        self.use_ceiling("node_small", "node_small")
         self.use_ceiling("pkgs_cached", "plain_first")
         self.use_ceiling("exchange_rss", "idle_rss")
         self.use_ceiling("exchange_pss", "idle_pss")
@@ -453,6 +489,8 @@ class Bench:
             if lv is not None:
                 r[replay].judge(lambda x, lv=lv: x >= lv)
         r["small_live"].judge(lambda x: x >= 150_000)
+        r["node_big"].judge(lambda x: x >= 500 and r["node_big"].ratio is not None and r["node_big"].ratio >= 0.7)
+        r["node_small"].judge(lambda x: x >= 250_000)
         r["pkgs_cached"].judge(lambda x: r["pkgs_cached"].ratio is not None and r["pkgs_cached"].ratio <= 1.1)
         r["sessions_errors"].judge(lambda x: x == 0)
         r["server_per_session"].judge(lambda x: x <= 50)
