@@ -105,6 +105,9 @@ class SessionOps:
         every = not self.server.keys.required or self.server.keys.is_admin(key)
         out = [self._status(s, True) for s in self.registry.sessions.values()
                if every or s.meta.get("key") == key]
+        if self.server.cluster is not None:
+            # And the sessions of the same key that other nodes run, from Redis.
+            out = await self.server.cluster.remote.list(None if every else key, out, self.server.keys.name)
         await self.send(protocol.reply_ok(req["id"], sessions=out))
 
     async def op_destroy(self, req: dict) -> None:

@@ -13,6 +13,7 @@ never imports this package.
     mirror    one session's output log and snapshot copied into Redis
     remote    requests on a node that does not run the session: attachments
               read from Redis, the rest asked of the running node
+    directory a session's status from Redis, and ``list`` across the nodes
     control   requests between nodes, through each node's control stream
     lost      a dead node's sessions ended lost
 """

@@ -35,14 +35,21 @@ def token(token_hash: str) -> str:
 
 
 def meta(sid: str) -> str:
-    """The session's hash: ``node``, ``created``, ``sandbox``, ``snap`` (the
-    CBOR of its last snapshot) and ``mirrored`` (the last seq in the stream)."""
+    """The session's hash: ``node``, ``created``, ``sandbox``, ``enforced``,
+    ``buffer``, ``key`` (the API key's hash that started it) and ``snap`` (the
+    CBOR of its last mirrored snapshot)."""
     return f"{PREFIX}:{{{sid}}}:meta"
 
 
 def out(sid: str) -> str:
     """The session's output frames; the entry of frame ``seq`` has the id ``<seq>-0``."""
     return f"{PREFIX}:{{{sid}}}:out"
+
+
+def state(sid: str) -> str:
+    """The session's shared state: a stream of one entry, ``<version>-0`` with
+    field ``v`` = the value's CBOR; each new version replaces the one before."""
+    return f"{PREFIX}:{{{sid}}}:state"
 
 
 def entry_id(seq: int) -> str:
@@ -74,3 +81,14 @@ def node_sessions(node_name: str) -> str:
 def reply(rid: str) -> str:
     """The answer to one request between nodes (a list of one item, short-lived)."""
     return f"{PREFIX}:reply:{rid}"
+
+
+def key_sessions(key_hash: str) -> str:
+    """The ids of the sessions started with one API key (by the key's hash; ``-``
+    for sessions started without a key): what ``list`` reads for that key."""
+    return f"{PREFIX}:key:{key_hash or '-'}:sessions"
+
+
+# The API key hashes that have a key_sessions set: what ``list`` reads for an
+# admin key, or on a server without keys (every session).
+LISTED_KEYS = f"{PREFIX}:keys"

@@ -5,9 +5,12 @@ to what the exchange has announced) and adds each frame to the session's
 stream with the id ``<seq>-0``, in batches: one pipeline per batch carries the
 frames and the snapshot that covers them (its ``next_seq`` is what the stream
 holds, never more), and trims the stream below the session's ``first_seq``
-(the owner's ack, or the buffer policy's drops). Frames dropped or acked
-before the mirror reached them are not copied: readers see a gap, as on the
-node itself.
+(the buffer policy's drops, or acked frames trimmed by the history limit).
+Frames dropped or trimmed before the mirror reached them are not copied:
+readers see a gap, as on the node itself. The same pipeline carries a new version of the shared state
+(the session's state stream keeps the latest version only: ``state`` events
+carry the current value, docs/protocol.md §shared state) and the limits in
+force once the exchange has said them.
 
 What the mirror has not copied yet is lost to other nodes if this node dies:
 the mirror runs as far behind as one batch plus one Redis round trip while
@@ -51,6 +54,8 @@ class Mirror:
         self.session = s
         self.published = False
         self.sent: Snapshot | None = None  # the last snapshot written to Redis
+        self.state_sent = 0  # the shared state's version in Redis (read again with ``sent``)
+        self.enforced_sent: dict | None = None  # the limits in force as written to Redis
         self.trimmed_below = 1
         self.frames = 0
         self.behind = 0  # the most frames found waiting at the start of a batch
@@ -113,6 +118,9 @@ class Mirror:
             top = await self.redis.xrevrange(keys.out(s.sid), count=1)
             if top:
                 cursor.seek(keys.seq_of(top[0].identifier) + 1)
+            # Likewise the state: a version is added once (its entry id is the version).
+            top = await self.redis.xrevrange(keys.state(s.sid), count=1)
+            self.state_sent = keys.seq_of(top[0].identifier) if top else 0
         snap = s.snap
         if cursor.next_seq < snap.first_seq:
             cursor.seek(snap.first_seq)
@@ -131,26 +139,42 @@ class Mirror:
                 return False
             self.behind = max(self.behind, snap.next_seq - start)
         covered = snap._replace(next_seq=cursor.next_seq)
-        if not frames and covered == self.sent:
+        state = (s.shared_version, s.shared_value) if s.shared_version > self.state_sent else None
+        enforced = s.enforced if s.enforced != self.enforced_sent else None
+        if not frames and covered == self.sent and state is None and enforced is None:
             await changed.wait()
             return True
         try:
-            await self._write(start, frames, covered)
+            await self._write(start, frames, covered, state, enforced)
         except BaseException:
             cursor.seek(start)  # not written (or not known to be): read it again next time
             raise
         return True
 
-    async def _write(self, start: int, frames: list[memoryview], covered: Snapshot) -> None:
+    async def _write(self, start: int, frames: list[memoryview], covered: Snapshot,
+                     state: tuple[int, bytes] | None, enforced: dict | None) -> None:
         sid = self.session.sid
         out = keys.out(sid)
+        meta: dict[str, bytes] = {"snap": protocol.encode(covered._asdict())}
+        if enforced is not None:
+            meta["enforced"] = protocol.encode(enforced)
         # One transaction: the stream and the snapshot that covers it change together.
         async with self.redis.pipeline(transaction=True) as pipe:
             for i, frame in enumerate(frames):
                 pipe.xadd(out, {"f": bytes(frame)}, identifier=keys.entry_id(start + i))
-            pipe.hset(keys.meta(sid), {"snap": protocol.encode(covered._asdict())})
+            if state is not None:
+                # Only the latest version is kept: a reader behind by several puts
+                # gets the current value once, as a local attachment does.
+                pipe.xadd(keys.state(sid), {"v": state[1]}, identifier=keys.entry_id(state[0]),
+                          trim_strategy=coredis.PureToken.MAXLEN, threshold=1,
+                          trim_operator=coredis.PureToken.EQUAL)
+            pipe.hset(keys.meta(sid), meta)
             if covered.first_seq > self.trimmed_below:
                 pipe.xtrim(out, coredis.PureToken.MINID, covered.first_seq)
         self.frames += len(frames)
         self.sent = covered
+        if state is not None:
+            self.state_sent = state[0]
+        if enforced is not None:
+            self.enforced_sent = enforced
         self.trimmed_below = max(self.trimmed_below, covered.first_seq)

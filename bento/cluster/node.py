@@ -86,9 +86,14 @@ class Cluster:
                 "created": repr(s.created),
                 "sandbox": s.meta["sandbox"],
                 "enforced": protocol.encode(s.enforced),
+                "buffer": protocol.encode(s.meta["buffer"]),
+                "key": s.meta.get("key") or "",
             })
             pipe.hsetnx(keys.meta(s.sid), "snap", protocol.encode(s.snap._asdict()))
             pipe.sadd(keys.node_sessions(self.node), [s.sid])
+            # What `list` reads on any node: the sessions of each API key.
+            pipe.sadd(keys.key_sessions(s.meta.get("key") or ""), [s.sid])
+            pipe.sadd(keys.LISTED_KEYS, [s.meta.get("key") or "-"])
 
     async def forget(self, s: Session) -> None:
         """Remove the directory entries and the stream of a session that was removed."""
@@ -96,8 +101,9 @@ class Cluster:
             # One DEL per slot: on a Redis Cluster a command's keys must share one.
             pipe.delete([keys.token(s.meta["owner_hash"])])
             pipe.delete([keys.token(s.meta["viewer_hash"])])
-            pipe.delete([keys.meta(s.sid), keys.out(s.sid)])
+            pipe.delete([keys.meta(s.sid), keys.out(s.sid), keys.state(s.sid)])
             pipe.srem(keys.node_sessions(self.node), [s.sid])
+            pipe.srem(keys.key_sessions(s.meta.get("key") or ""), [s.sid])
             if s.meta.get("idem"):
                 pipe.delete([keys.idem(s.meta["idem"])])
         self.mirrors.pop(s.sid, None)

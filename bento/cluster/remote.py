@@ -1,7 +1,7 @@
 """Serving a session that another node runs: attachments read its output from
-the session's Redis Stream (XRANGE from the attachment's seq, then XREAD BLOCK
-for what comes next) and the owner's acks go to the running node's control
-stream.
+the session's Redis Stream, and its shared state from its state stream (one
+XREAD of both from the attachment's positions, then XREAD BLOCK for what comes
+next), and the owner's acks go to the running node's control stream.
 
 This node keeps no copy of the session: each attachment holds only its
 position and one batch in flight, like a local attachment's worker reading the
@@ -20,7 +20,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from bento import auth, protocol
-from bento.cluster import keys
+from bento.cluster import directory, keys
 from bento.session_core import Snapshot
 from bento.transport import ConnectionClosed
 
@@ -50,6 +50,7 @@ class RemoteAttachment:
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     ack_sent: int = 0
+    state_sent: int = 0  # the shared state's version this attachment has sent
 
 
 class Remote:
@@ -128,14 +129,15 @@ class Remote:
 
     async def status(self, conn: Connection, req: dict) -> None:
         """``status`` of a session another node runs, as that node last mirrored it."""
-        sid, _mode, meta, snap = await self.find(conn, req["token"])
-        await conn.send(protocol.reply_ok(
-            req["id"], session=sid, state=snap.state, created=float(meta[b"created"]), ended=snap.ended,
-            first_seq=snap.first_seq, next_seq=snap.next_seq, acked_seq=snap.acked_seq,
-            input_seq=snap.input_seq, buffer_bytes=snap.buffer_bytes, attachments=None,
-            exit=snap.exit, waiting=snap.waiting, sandbox=meta[b"sandbox"].decode(),
-            enforced=protocol.decode(meta[b"enforced"]), node=meta[b"node"].decode(),
-        ))
+        sid, _mode, meta, _snap = await self.find(conn, req["token"])
+        await conn.send(protocol.reply_ok(req["id"], **directory.status_of(sid, meta)))
+
+    async def list(self, key_hash: str | None, local: list[dict], key_name: Any) -> list[dict]:
+        """``list`` across the cluster: see bento/cluster/directory.py."""
+        try:
+            return await directory.listing(self.redis, self.cluster.node, key_hash, local, key_name)
+        except RedisError as exc:
+            raise unavailable(exc) from None
 
     async def attach(self, conn: Connection, req: dict) -> None:
         """``attach`` with a token of a session another node runs (or no session at all)."""
@@ -212,10 +214,13 @@ class Remote:
                     pass
 
     async def _pump(self, conn: Connection, att: RemoteAttachment) -> None:
-        out = keys.out(att.sid)
+        out, state = keys.out(att.sid), keys.state(att.sid)
         while True:
-            entries = await self.redis.xrange(out, keys.entry_id(att.next_seq), "+", count=BATCH_FRAMES)
-            if not entries:
+            # One read of both streams: the frames from the attachment's seq on,
+            # and a shared state newer than the version it has sent.
+            after = {out: keys.entry_id(att.next_seq - 1), state: keys.entry_id(att.state_sent)}
+            got = await self.redis.xread(after, count=BATCH_FRAMES)
+            if not got:
                 snap = await self._snapshot(att)
                 if snap is None:
                     await self._last_word(conn, att, "gone", "the session was destroyed")
@@ -223,13 +228,22 @@ class Remote:
                 if att.next_seq < snap.first_seq:
                     await self._gap(conn, att, snap.first_seq, snap)
                     continue
-                got = await self.redis.xread({out: keys.entry_id(att.next_seq - 1)},
-                                             count=BATCH_FRAMES, block=BLOCK_MS)
-                entries = (got or {}).get(out.encode(), ())
-                if not entries:
+                got = await self.redis.xread(after, count=BATCH_FRAMES, block=BLOCK_MS)
+                if not got:
                     continue
+            # A new state goes before the frames read with it, as on the running node.
+            for entry in got.get(state.encode(), ())[-1:]:
+                await self._state(conn, att, entry)
+            entries = got.get(out.encode(), ())
             while entries:  # what one out event could not carry goes in the next, not read again
                 entries = await self._deliver(conn, att, entries)
+
+    async def _state(self, conn: Connection, att: RemoteAttachment, entry: Any) -> None:
+        """A ``state`` event: the shared state's version (the entry's id) and value."""
+        version = keys.seq_of(entry.identifier)
+        value = protocol.decode(entry.field_values[b"v"], require_map=False)
+        await conn.send(protocol.event("state", session=att.sid, version=version, value=value))
+        att.state_sent = version
 
     async def _snapshot(self, att: RemoteAttachment) -> Snapshot | None:
         raw = await self.redis.hget(keys.meta(att.sid), "snap")

@@ -38,16 +38,13 @@ def pair(request):
 
 # Where cluster mode differs by design: test name → why. On the cluster these
 # tests run as strict xfails (they must fail there; passing is an error).
-CLUSTER_DIFFERS = {
-    "test_attach_sends_state_events":
-        "an attachment on another node reads the output stream only: the running node's "
-        "shared-state changes are not relayed as state events (state_get works)",
-    "test_status_reports_the_buffer_limit_and_history":
-        "status on another node is built from the mirrored snapshot, which has no buffer "
-        "limit/policy and no history_bytes",
-    "test_list_shows_the_session_on_every_server":
-        "list answers with the asked node's own sessions only",
-}
+# Nothing differs now; status's node-local field is checked in its test.
+CLUSTER_DIFFERS: dict[str, str] = {}
+
+# Status fields that differ by design when asked on another node: `attachments`
+# counts the asking server's attachments (null there: each node counts its
+# own), and `node` names the node that runs the session.
+NODE_LOCAL = ("attachments", "node")
 
 
 @pytest.fixture(autouse=True)
@@ -213,12 +210,28 @@ async def test_shared_state_compare_and_set_through_the_other(pair):
 
 
 async def test_attach_sends_state_events(pair):
-    r = await start(pair, FOREVER)
-    async with connect(pair[1].url) as c:
+    code = "def main():\n    while True:\n        n = api.recv()\n        api.state.put({'fn': n})\n"
+    r = await start(pair, code)
+    sid = r["session"]
+    async with connect(pair[1].url) as c, connect(pair[1].url) as v:
         await c.ok("state_put", token=r["token"], value={"n": 1}, if_version=0)
         await c.ok("attach", token=r["token"], **{"from": 1})
-        st = await c.event(ev="state", session=r["session"], timeout=2)
+        st = await c.event(ev="state", session=sid, timeout=2)
         assert (st["version"], st["value"]) == (1, {"n": 1})
+        await v.ok("attach", token=r["viewer_token"], **{"from": 1})
+        # Puts by a client and by the function: every attachment sees the
+        # versions rise, each at most once, and ends at the last one's value.
+        for n in range(2, 6):
+            await c.ok("state_put", token=r["token"], value={"n": n})
+        await c.send({"op": "input", "session": sid, "seq": 1, "data": 6})
+        for client in (c, v):
+            seen = []
+            while not seen or seen[-1][0] < 6:
+                st = await client.event(ev="state", session=sid, timeout=5)
+                seen.append((st["version"], st["value"]))
+            versions = [ver for ver, _ in seen]
+            assert versions == sorted(set(versions)) and versions[0] >= 1, seen
+            assert seen[-1] == (6, {"fn": 6}), seen
         await c.ok("destroy", token=r["token"])
 
 
@@ -238,20 +251,56 @@ async def test_ack_through_the_other_keeps_frames_readable(pair):
         await c.ok("destroy", token=r["token"])
 
 
+async def same_status(run, through, token: str, pred) -> tuple[dict, dict]:
+    """The status on the running server and through the other once both satisfy
+    ``pred`` and agree (the other node's is mirrored, a few ms behind), without
+    the reply's id and the node-local fields."""
+    async with connect(run.url) as ca, connect(through.url) as cb:
+        with trio.fail_after(10):
+            while True:
+                here = await wait_status(ca, token, pred)
+                there = await wait_status(cb, token, pred)
+                strip = ("id", *NODE_LOCAL) if run is not through else ("id",)
+                local = {k: v for k, v in here.items() if k not in strip}
+                remote = {k: v for k, v in there.items() if k not in strip}
+                if local == remote:
+                    return here, there
+                await trio.sleep(0.05)
+
+
 async def test_status_reports_the_buffer_limit_and_history(pair):
-    r = await start(pair, FOREVER)
-    async with connect(pair[1].url) as c:
-        st = await c.ok("status", token=r["token"])
-        assert st["buffer"] == {"max_bytes": 64 * 1024 * 1024, "policy": "block"}, st
-        assert "history_bytes" in st
+    run, through = pair
+    code = "def main():\n    for i in range(10):\n        api.send('x' * 100)\n    api.recv()\n"
+    r = await start(pair, code, buffer={"max_bytes": 1 << 20, "policy": "drop_oldest"})
+    sid = r["session"]
+    async with connect(through.url) as c:
+        await c.ok("attach", token=r["token"], **{"from": 1})
+        await c.frames(sid, until_exit=False, count=10)
+        await c.send({"op": "ack", "session": sid, "seq": 4})
+        here, there = await same_status(run, through, r["token"], lambda st: st["acked_seq"] == 4)
+        assert there["buffer"] == {"max_bytes": 1 << 20, "policy": "drop_oldest"}, there
+        assert 0 < there["history_bytes"] < there["buffer_bytes"], there
+        assert set(there) == set(here) | ({"node"} if run is not through else set())
+        if run is not through:
+            assert (here["attachments"], there["attachments"], there["node"]) == (0, None, "a")
         await c.ok("destroy", token=r["token"])
 
 
 async def test_list_shows_the_session_on_every_server(pair):
+    run, through = pair
     r = await start(pair, "def main():\n    return 1\n")
-    async with connect(pair[1].url) as c:
-        assert r["session"] in {s["session"] for s in (await c.ok("list"))["sessions"]}
-        await c.ok("destroy", token=r["token"])
+    await same_status(run, through, r["token"], lambda st: st["state"] == "exited")
+    async with connect(run.url) as ca, connect(through.url) as cb:
+        here = {s["session"]: s for s in (await ca.ok("list"))["sessions"]}[r["session"]]
+        there = {s["session"]: s for s in (await cb.ok("list"))["sessions"]}[r["session"]]
+        for k in NODE_LOCAL if run is not through else ():
+            here.pop(k, None), there.pop(k)
+        assert here == there
+        await cb.ok("destroy", token=r["token"])
+        # Its node takes it out of the directory once removed (milliseconds).
+        with trio.fail_after(5):
+            while r["session"] in {s["session"] for s in (await cb.ok("list"))["sessions"]}:
+                await trio.sleep(0.05)
 
 
 async def test_an_ended_session_stays_readable_after_its_exit_is_acked(pair):

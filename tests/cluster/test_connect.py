@@ -148,6 +148,10 @@ async def cross_node_exactly_once(a: ServerProcess, b: ServerProcess) -> str:
         assert (await cb.event(ev="in_ack", session=sid))["seq"] == 30
         put = await cb.ok("state_put", token=r["token"], value={"k": 1}, if_version=0)
         assert (await cb.ok("state_get", token=r["viewer_token"]))["version"] == put["version"]
+        st = await cb.event(ev="state", session=sid, timeout=5)  # from the session's state stream
+        assert (st["version"], st["value"]) == (put["version"], {"k": 1})
+        listed = {s["session"]: s for s in (await cb.ok("list"))["sessions"]}
+        assert listed[sid]["node"] == "a", listed
         await cb.send({"op": "input", "session": sid, "seq": 31, "eof": True})
         await cb.event(ev="in_ack", session=sid)
         frames = await cb.frames(sid, timeout=30)
