@@ -4,7 +4,10 @@ A mixin of ``bento.server.Connection``: an execute's limits (the server's
 defaults and maxima, refused when nothing here can enforce them), its buffer,
 the session's metadata (a stored function's code found here or on another
 node), admission (bento/gate.py) and the registry's new session, attached
-to this connection when asked.
+to this connection when asked. In a cluster, an execute this node has no room
+for is handed to another node (bento/cluster/placement.py), which builds the
+session's metadata and starts it with the same functions (``session_meta``,
+``start_session``).
 """
 
 from __future__ import annotations
@@ -62,7 +65,11 @@ class ExecuteOps:
         code = await self._code(req)
         meta = session_meta(self.server, req, key, limits, code)
         # Admission comes first (a refusal is cheap); a retry of an execute that started skips it.
-        ticket = None if idem_hash in self.registry.idem else await self._admit(req, key, limits, meta.get("env_name"))
+        ticket = None
+        if idem_hash not in self.registry.idem:
+            ticket = await self._admit(req, key, limits, meta.get("env_name"), code, idem_hash)
+            if ticket is None:
+                return  # another node took it, and this connection has answered
         s, owner, viewer = await start_session(self.server, meta, idem_hash, ticket)
         await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
         if req["attach"]:
@@ -79,14 +86,34 @@ class ExecuteOps:
                 raise protocol.RequestError("not_found", f"no stored function {req['function']!r}")
         return code
 
-    async def _admit(self, req: dict, key: str, limits: dict, env: str | None) -> Ticket:
-        """Admission (bento/gate.py): a ticket, or the error ``busy`` or ``quota``."""
+    async def _admit(self, req: dict, key: str, limits: dict, env: str | None, code: str | None,
+                     idem_hash: str | None) -> Ticket | None:
+        """Admission (bento/gate.py): a ticket, or the error ``busy`` or ``quota``.
+
+        In a cluster, an execute this node has no room for goes to another
+        node first (bento/cluster/placement.py): None when one took it and the
+        reply is sent. Only when none has room does it wait in this node's
+        queue (``queue``) or get ``busy``."""
         gate = self.server.gate
+        cluster = self.server.cluster
 
         async def queued(position: int) -> None:
             await self.send(protocol.event("queued", id=req["id"], position=position))
 
         history = gate.history_bytes(key, list(self.registry.sessions.values()))
+        try:
+            return await gate.enter(key, limits, history, None if cluster else req["queue"], queued, env)
+        except Refused as exc:
+            if cluster is None or exc.code != "busy":
+                raise refusal(exc) from None
+            full = exc
+        handoff = {"req": {k: req[k] for k in EXECUTE_FIELDS if k in req}, "key": key, "limits": limits,
+                   "code": code, "idem": idem_hash}
+        why_not = await cluster.placement.hand_on(self, req, handoff, gate.admission.memory_of(limits))
+        if why_not is None:
+            return None
+        if not req["queue"]:
+            raise protocol.RequestError("busy", f"{full.message}; {why_not}", **full.fields())
         try:
             return await gate.enter(key, limits, history, req["queue"], queued, env)
         except Refused as exc:
@@ -115,6 +142,12 @@ class ExecuteOps:
                         f"({bento_sandbox.unenforceable_reason(k)}): run without it, or ask the "
                         "operator (who may start the server with --allow-unenforced-limits)")
         return limits
+
+
+# The fields of an execute that a node needs to start its session (besides the
+# code, the key and the limits): what one node hands another in a cluster.
+EXECUTE_FIELDS = ("function", "entry", "args", "kwargs", "env", "buffer", "network", "packages", "module",
+                  "files", "tty")
 
 
 def refusal(exc: Refused) -> protocol.RequestError:
@@ -162,8 +195,9 @@ async def start_session(server: Server, meta: dict, idem_hash: str | None, ticke
     """The admitted execute's session (a new one, or the one of ``idem_hash``),
     entered into the cluster's directory before its tokens are returned;
     (session, owner token, viewer token). ``settle``: in a cluster, the
-    idempotency key (claimed by this node) now names this session. Cancelled or failed
-    before the session exists, the ticket is given back."""
+    idempotency key (claimed by this node, or by the node that handed the
+    execute on) now names this session. Cancelled or failed before the
+    session exists, the ticket is given back."""
     registry = server.registry
     try:
         s, owner, viewer = await registry.create(meta, idem_hash)

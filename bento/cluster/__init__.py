@@ -15,4 +15,5 @@ never imports this package.
               read from Redis, the rest asked of the running node
     control   requests between nodes, through each node's control stream
     lost      a dead node's sessions ended lost
+    placement an execute a full node has no room for, run on another live node
 """
