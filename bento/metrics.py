@@ -44,6 +44,10 @@ class Metrics:
         self.start_seconds = Histogram(
             "bento_execute_start_seconds", "Time from an execute's arrival to its function running",
             buckets=START_BUCKETS, registry=r)
+        self.handed_on = Counter("bento_executes_handed_on", "Executes this cluster node was too full for "
+                                 "and another node took, by the node that took it", ["node"], registry=r)
+        self.taken = Counter("bento_executes_taken", "Executes another cluster node handed on that this "
+                             "node started", registry=r)
         self.frames_out = Counter("bento_frames_out", "Frames sent to attachments in out events", registry=r)
         self.inputs = Counter("bento_inputs", "Input frames accepted from owners", registry=r)
         self.gap_frames = Counter(

@@ -77,6 +77,7 @@ ERROR_CODES: frozenset[str] = frozenset(
         "internal",
         "busy",
         "quota",
+        "unavailable",
     }
 )
 STATES: tuple[str, ...] = ("starting", "running", "exited", "failed", "killed", "lost")

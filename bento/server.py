@@ -378,8 +378,10 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Listening] = tri
         server = Server(config, registry, store)
         if config.cluster:
             from bento.cluster.node import run as run_cluster
+            from bento.cluster.placement import Placement
 
             server.cluster = await nursery.start(run_cluster, config, registry)
+            server.cluster.placement = Placement(server.cluster, server)
         server.gate.recover(list(registry.sessions.values()))
         if ssl_context is None:
             listeners = await nursery.start(partial(trio.serve_tcp, server.handle, config.port, host=config.host))

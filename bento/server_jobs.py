@@ -1,8 +1,10 @@
 """What a connection does for real jobs: an execute's packages, files and terminal, and the ops on them.
 
-A mixin of ``bento.server.Connection`` (its ``by_token``, ``send``, ``config``,
-``registry`` and ``server``): the execute fields for packages (bento/envs.py),
-files and a module (bento/files.py) and a terminal; ``resize``; ``file_get``
+The session metadata of an execute's packages (bento/envs.py), files and a
+module (bento/files.py), as functions of the server that runs it (a cluster
+node builds them for an execute another node handed it). A mixin of
+``bento.server.Connection`` (its ``by_token``, ``send``, ``config``,
+``registry`` and ``server``): ``resize``; ``file_get``
 and ``file_put`` on a session's work dir. The work dir is
 ``sessions/<id>/work``, the sandbox's home (a bind), so what the function
 writes there is readable during the run and after it, until the session's
@@ -51,6 +53,36 @@ async def _io(fn: Any, *args: Any) -> Any:
         raise protocol.RequestError("internal", f"file I/O failed: {exc.strerror}") from None
 
 
+def package_fields(server: Server, asked: list[str]) -> dict:
+    """The meta fields of an execute's packages on this server (none: no fields)."""
+    if not asked:
+        return {}
+    try:
+        specs = envs.normalise(asked)
+    except envs.SpecError as exc:
+        raise protocol.RequestError("bad_request", f"packages: {exc}") from None
+    python = os.path.realpath(sys.executable)
+    return {"packages": specs, "env_name": envs.env_hash(specs, python),
+            "envs_dir": os.path.join(server.store.root, "envs"), "uv": server.uv,
+            "max_env_bytes": server.config.max_env_bytes}
+
+
+def file_fields(config: Config, req: dict) -> dict:
+    """The meta fields of an execute's module and files (checked: no path
+    leaves the work dir; the sessions module writes them there)."""
+    out: dict[str, Any] = {}
+    if req.get("module") is not None:
+        if not all(part.isidentifier() for part in req["module"].split(".")):
+            raise protocol.RequestError("bad_request", f"module {req['module']!r} is not a dotted name")
+        out["module"], out["code"] = req["module"], ""
+    if req["files"]:
+        try:
+            out["files"] = files.check_tree(req["files"], config.max_message)
+        except files.FileError as exc:
+            raise protocol.RequestError(exc.code, f"files: {exc}") from None
+    return out
+
+
 class JobOps:
     if TYPE_CHECKING:  # what bento.server.Connection provides
         server: Server
@@ -60,34 +92,6 @@ class JobOps:
         def by_token(self, token: str, owner: bool) -> tuple[Session, str]: ...
 
         async def send(self, data: bytes) -> None: ...
-
-    def _packages(self, asked: list[str]) -> dict:
-        """The meta fields of an execute's packages (none: no fields)."""
-        if not asked:
-            return {}
-        try:
-            specs = envs.normalise(asked)
-        except envs.SpecError as exc:
-            raise protocol.RequestError("bad_request", f"packages: {exc}") from None
-        python = os.path.realpath(sys.executable)
-        return {"packages": specs, "env_name": envs.env_hash(specs, python),
-                "envs_dir": os.path.join(self.server.store.root, "envs"), "uv": self.server.uv,
-                "max_env_bytes": self.config.max_env_bytes}
-
-    def _files(self, req: dict) -> dict:
-        """The meta fields of an execute's module and files (checked: no path
-        leaves the work dir; the sessions module writes them there)."""
-        out: dict[str, Any] = {}
-        if req.get("module") is not None:
-            if not all(part.isidentifier() for part in req["module"].split(".")):
-                raise protocol.RequestError("bad_request", f"module {req['module']!r} is not a dotted name")
-            out["module"], out["code"] = req["module"], ""
-        if req["files"]:
-            try:
-                out["files"] = files.check_tree(req["files"], self.config.max_message)
-            except files.FileError as exc:
-                raise protocol.RequestError(exc.code, f"files: {exc}") from None
-        return out
 
     async def op_resize(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)

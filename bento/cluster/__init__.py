@@ -16,4 +16,5 @@ never imports this package.
     directory a session's status from Redis, and ``list`` across the nodes
     control   requests between nodes, through each node's control stream
     lost      a dead node's sessions ended lost
+    placement an execute a full node has no room for, run on another live node
 """

@@ -1,5 +1,6 @@
 """Requests between nodes: what a node that does not run a session asks of the
-node that does (the owner's acks, input, signal, destroy, shared state).
+node that does (the owner's acks, input, signal, destroy, shared state), and
+executes a full node hands on (bento/cluster/placement.py).
 
 Each node consumes its own control stream (``bento:node:<name>:ctl``) in
 order, one request at a time, and applies each as if one of its own
@@ -116,7 +117,12 @@ class Control:
         s = self.registry.sessions.get(sid)
         answer: dict[str, Any] = {"ok": False, "code": "internal",
                                   "message": f"the session's node took over {ASK_TIMEOUT_S:.0f} s"}
-        if s is None or s.removed:
+        if op == "execute":  # handed on by a full node: no session yet (bento/cluster/placement.py)
+            answer = {"ok": False, "code": "busy", "message": "this node is still starting"}
+            if self.cluster.placement is not None:
+                with trio.move_on_after(ASK_TIMEOUT_S):
+                    answer = await self.cluster.placement.take(request)
+        elif s is None or s.removed:
             answer = {"ok": False, "code": "not_found", "message": "the session is no longer on its node"}
         else:
             with trio.move_on_after(ASK_TIMEOUT_S):

@@ -28,6 +28,7 @@ from bento.cluster.remote import Remote, unavailable
 from bento.config import Config
 
 if TYPE_CHECKING:
+    from bento.cluster.placement import Placement
     from bento.sessions import Registry, Session
 
 log = logging.getLogger("bento.cluster")
@@ -53,6 +54,8 @@ class Cluster:
         self.secret = registry.store.secret  # the cluster's, once run() has read it
         self.remote = Remote(self)
         self.control = Control(self)
+        # Set by the server once it exists: hands on and takes executes, reports capacity.
+        self.placement: Placement | None = None
         # Why the last heartbeat could not be written (None: it was): what /readyz says.
         self.unreachable: str | None = None
 
@@ -174,10 +177,13 @@ class Cluster:
     # -- the node's life -----------------------------------------------------------
 
     async def heartbeat(self) -> None:
-        """Renew this node's heartbeat key; it expires HEARTBEAT_TTL_MS after the last renewal."""
+        """Renew this node's heartbeat key; it expires HEARTBEAT_TTL_MS after the
+        last renewal. It carries the node's capacity figures, which placement
+        reads (as old as HEARTBEAT_S at most)."""
         while True:
             value = protocol.encode({"node": self.node, "at": time.time(), "sessions": len(self.mirrors),
-                                     "instance": self.instance})
+                                     "instance": self.instance,
+                                     "capacity": None if self.placement is None else self.placement.figures()})
             try:
                 await self.redis.set(keys.node(self.node), value, px=HEARTBEAT_TTL_MS)
                 await self.redis.sadd(keys.NODES, [self.node])

@@ -36,7 +36,7 @@ BLOCK_MS = 1_000  # an idle attachment checks this often that its session still 
 
 def unavailable(exc: RedisError) -> protocol.RequestError:
     return protocol.RequestError(
-        "internal", f"this node cannot reach the cluster's Redis ({exc}): try again, or ask another node")
+        "unavailable", f"this node cannot reach the cluster's Redis ({exc}): try again, or ask another node")
 
 
 @dataclass(eq=False)
@@ -199,7 +199,7 @@ class Remote:
             pass
         except RedisError as exc:
             log.warning("session %s: attachment ends, Redis is not reachable: %s", att.sid, exc)
-            await self._last_word(conn, att, "internal", f"this node lost the cluster's Redis ({exc}): "
+            await self._last_word(conn, att, "unavailable", f"this node lost the cluster's Redis ({exc}): "
                                   "attach again from the next seq")
         finally:
             att.done.set()

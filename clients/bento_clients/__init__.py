@@ -34,6 +34,7 @@ EXPORTS: dict[str, tuple[str, str | None]] = {
             "BentoError", "ConnectionLost", "RequestInterrupted", "RequestFailed", "Unauthorized",
             "Forbidden", "NotFound", "Conflict", "Gone", "SessionGone", "InputClosed", "RemoteError",
             "SessionKilled", "SessionFailed", "SessionLost", "TooLarge", "Busy", "QuotaExceeded",
+            "Unavailable",
         )
     },
 }

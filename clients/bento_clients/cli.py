@@ -66,6 +66,7 @@ from bento_clients.errors import (
     QuotaExceeded,
     RequestFailed,
     Unauthorized,
+    Unavailable,
 )
 from bento_clients.terminal import DEFAULT_DETACH_KEYS
 
@@ -273,6 +274,8 @@ def describe_error(exc: BaseException, key_sent: bool) -> str:
     if isinstance(exc, QuotaExceeded):
         when = "" if exc.retry_after is None else f"; allowed again in {exc.retry_after:g} s"
         return f"this API key is over its {exc.quota} quota: {exc.message}{when}"
+    if isinstance(exc, Unavailable):
+        return f"the cluster is unavailable from this node: {exc.message}"
     if isinstance(exc, RequestFailed):
         return f"the server refused: {exc.code}: {exc.message}"
     return one_line(str(exc)) or type(exc).__name__

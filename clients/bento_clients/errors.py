@@ -37,6 +37,7 @@ __all__ = [
     "SessionLost",
     "TooLarge",
     "Unauthorized",
+    "Unavailable",
     "remote_error",
 ]
 
@@ -180,6 +181,14 @@ class QuotaExceeded(RequestFailed):
         self.retry_after = float(after) if isinstance(after, int | float) else None
 
 
+class Unavailable(RequestFailed):
+    """A cluster node cannot reach the cluster's Redis, which this request
+    needs (a session that another node runs, an idempotency key). The node's
+    own sessions keep running. Not retried: try again later (the node
+    reconnects by itself), or ask another node; as an event, the attachment
+    through that node has ended and ``attach`` again resumes it."""
+
+
 _BY_CODE: dict[str, type[RequestFailed]] = {
     "unauthorized": Unauthorized,
     "forbidden": Forbidden,
@@ -189,6 +198,7 @@ _BY_CODE: dict[str, type[RequestFailed]] = {
     "too_large": TooLarge,
     "busy": Busy,
     "quota": QuotaExceeded,
+    "unavailable": Unavailable,
 }
 
 

@@ -18,7 +18,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from bento_clients.attachment import Attachment
-from bento_clients.errors import BentoError, remote_error
+from bento_clients.errors import BentoError, Unavailable, remote_error
 from bento_clients.flow import ReadQueue
 from bento_clients.frames import Exit, Frame
 from bento_clients.inputs import InputJournal, SessionInput
@@ -297,6 +297,13 @@ class Session(SessionRequests):
             self._attachment.recheck(reattach=code == "not_found")
         elif code == "input_gap":
             self._input.refused(error.get("message"), self._client._nursery)
+        elif code == "unavailable":
+            # The cluster node lost its Redis and ended this attachment. Ended
+            # here too, with the reason, rather than re-attached in a loop: the
+            # session runs on, and attaching again (later, or on another node) resumes it.
+            if self._client._sessions.get(self.id) is self:
+                del self._client._sessions[self.id]
+            self._end_with(Unavailable("unavailable", str(error.get("message", "")), "attach"))
         else:
             log.warning("bento: session %s: error from the server: %s", self.id, error)
 

@@ -158,3 +158,14 @@ async def test_unauthorized_says_whether_a_key_was_sent(make_server, monkeypatch
             assert "the API key was refused" in str(caught.value)
         async with bento_clients.connect(srv.url, api_key="right") as c:
             assert await (await c.execute(ECHO_LEN, b"ok")).result() == 2
+
+
+def test_unavailable_is_its_own_error_and_the_cli_says_it_in_words():
+    from bento_clients.cli import describe_error
+    from bento_clients.errors import RequestFailed, Unavailable
+
+    err = RequestFailed.from_reply({"code": "unavailable", "message": "this node cannot reach the cluster's "
+                                    "Redis (refused): try again, or ask another node"}, "status")
+    assert isinstance(err, Unavailable) and err.code == "unavailable"
+    line = describe_error(err, key_sent=False)
+    assert line.startswith("the cluster is unavailable from this node: ") and "ask another node" in line

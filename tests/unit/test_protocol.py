@@ -709,7 +709,7 @@ def test_constants():
     assert p.DEFAULT_MAX_MESSAGE == 16 * 1024 * 1024
     assert p.MAX_DEPTH == 32
     assert p.DEFAULT_MAX_ITEMS == 262_144
-    assert len(p.ERROR_CODES) == 13 and {"input_gap", "busy", "quota"} <= p.ERROR_CODES
+    assert len(p.ERROR_CODES) == 14 and {"input_gap", "busy", "quota", "unavailable"} <= p.ERROR_CODES
     assert p.STATES == ("starting", "running", "exited", "failed", "killed", "lost")
     assert p.ENDED_STATES == set(p.STATES) - {"starting", "running"}
     assert p.SIGNALS == {"INT", "TERM", "KILL"}
