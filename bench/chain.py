@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import cbor2
@@ -383,29 +384,8 @@ async def many_sessions(url: str, server_pid: int, data_dir: str, n: int, sample
     await trio.sleep(1.0)
     base_rss = rss(server_pid)
 
-    made: list[dict] = []
-    next_i = 0
     t_start = now()
-
-    async def starter() -> None:
-        nonlocal next_i
-        async with open_client(url) as c:
-            while next_i < n:
-                next_i += 1
-                try:
-                    r = await c.request("execute", code=CODE_WAIT, attach=False, timeout=60)
-                except trio.TooSlowError:
-                    error("execute timeout")
-                    continue
-                if r.get("ok"):
-                    made.append(r)
-                else:
-                    error(f"execute {r.get('error', {}).get('code')}")
-
-    with trio.fail_after(max(60, n * 0.25)):
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(workers, n)):
-                nursery.start_soon(starter)
+    made = await _start_many(url, n, CODE_WAIT, workers, error)
     res["start_s"] = now() - t_start
     res["start_rate"] = len(made) / res["start_s"]
     log(f"    {len(made)} sessions started in {res['start_s']:.1f} s")
@@ -476,23 +456,106 @@ async def many_sessions(url: str, server_pid: int, data_dir: str, n: int, sample
             error("ended while others ran")
     finally:
         t0 = now()
-        pending = list(made)
-
-        async def destroyer() -> None:
-            async with open_client(url) as c:
-                while pending:
-                    r = pending.pop()
-                    try:
-                        await destroy(c, r["token"])
-                    except Exception:  # noqa: BLE001 - counted
-                        error("destroy")
-
-        with trio.CancelScope(shield=True), trio.move_on_after(max(60, n * 0.2)):
-            async with trio.open_nursery() as nursery:
-                for _ in range(min(workers, max(1, len(made)))):
-                    nursery.start_soon(destroyer)
+        await _destroy_all(url, made, workers, error)
         res["destroy_s"] = now() - t0
         log(f"    destroyed in {res['destroy_s']:.1f} s")
+    return res
+
+
+async def _start_many(url: str, n: int, code: str, workers: int, error: Callable[[str], None]) -> list[dict]:
+    """``n`` executes of ``code`` (not attached) from ``workers`` connections: their replies."""
+    made: list[dict] = []
+    next_i = 0
+
+    async def starter() -> None:
+        nonlocal next_i
+        async with open_client(url) as c:
+            while next_i < n:
+                next_i += 1
+                try:
+                    r = await c.request("execute", code=code, attach=False, timeout=60)
+                except trio.TooSlowError:
+                    error("execute timeout")
+                    continue
+                if r.get("ok"):
+                    made.append(r)
+                else:
+                    error(f"execute {r.get('error', {}).get('code')}")
+
+    with trio.fail_after(max(60, n * 0.25)):
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(workers, n)):
+                nursery.start_soon(starter)
+    return made
+
+
+async def _destroy_all(url: str, made: list[dict], workers: int, error: Callable[[str], None]) -> None:
+    pending = list(made)
+
+    async def destroyer() -> None:
+        async with open_client(url) as c:
+            while pending:
+                r = pending.pop()
+                try:
+                    await destroy(c, r["token"])
+                except Exception:  # noqa: BLE001 - counted
+                    error("destroy")
+
+    with trio.CancelScope(shield=True), trio.move_on_after(max(60, len(made) * 0.2)):
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(workers, max(1, len(made)))):
+                nursery.start_soon(destroyer)
+
+
+async def ended_sessions(url: str, server_pid: int, data_dir: str, n: int, workers: int = 8,
+                         log=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """``n`` sessions whose functions ended and whose output nobody read or
+    acked: what they cost the server (RSS per session) and how many processes
+    are still alive for them once the exchanges had time to hand them over."""
+    res: dict[str, Any] = {"errors": 0, "error_kinds": {}}
+
+    def error(kind: str) -> None:
+        res["errors"] += 1
+        res["error_kinds"][kind] = res["error_kinds"].get(kind, 0) + 1
+
+    async with open_client(url) as c:
+        await first_output_once(c)
+    await trio.sleep(1.0)
+    base_rss = rss(server_pid)
+    made = await _start_many(url, n, CODE_FEW, workers, error)
+    try:
+        ids = {r["session"] for r in made}
+        pids: dict[str, int] = {}
+        with trio.move_on_after(max(30, n * 0.05)):
+            while True:
+                states = _exchange_states(data_dir, ids)
+                for sid in ids - set(pids):
+                    pid = _read_pid(os.path.join(data_dir, "sessions", sid, "exchange.pid"))
+                    if pid:
+                        pids[sid] = pid
+                alive = [pid for pid in pids.values() if psutil.pid_exists(pid)]
+                if states.get("exited", 0) >= len(ids) and not alive:
+                    break
+                await trio.sleep(0.25)
+        res["states"] = states
+        for _ in range(len(ids) - states.get("exited", 0)):
+            error("not exited")
+        await trio.sleep(1.0)
+        alive_rss = 0
+        alive = 0
+        for pid in pids.values():
+            try:
+                alive_rss += psutil.Process(pid).memory_info().rss
+                alive += 1
+            except psutil.NoSuchProcess:
+                pass
+        res.update(n=len(made), processes=alive, processes_rss=alive_rss, server_rss_base=base_rss,
+                   server_rss_after=rss(server_pid))
+        res["server_per_session"] = (res["server_rss_after"] - base_rss) / max(1, len(made))
+        log(f"    {len(made)} ended sessions: {alive} exchange processes alive, server RSS "
+            f"{base_rss / 2**20:.1f} -> {res['server_rss_after'] / 2**20:.1f} MiB")
+    finally:
+        await _destroy_all(url, made, workers, error)
     return res
 
 

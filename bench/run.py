@@ -88,6 +88,8 @@ ROW_SPECS: list[tuple[str, str, str, bool, str]] = [
     ("env_rss", "environment RSS (bwrap+driver)", "MiB", False, "- (reported)"),
     ("env_pss", "environment PSS (bwrap+driver)", "MiB", False, "- (reported)"),
     ("loaded_echo", "echo round trip, N sessions running", "ms", False, "p50 <= 1 ms"),
+    ("ended_server", "server RSS per ended, unread session", "KiB", False, "<= 50 KiB"),
+    ("ended_processes", "processes left for N ended sessions", "count", False, "= 0"),
     ("backlog_rss", "server RSS growth, unread backlog", "MiB", False, "<= 20 MiB"),
     *multinode.ROW_SPECS,
 ]
@@ -445,6 +447,23 @@ class Bench:
         else:
             r["loaded_echo"].error = "echo under load failed"
 
+    def stage_ended(self) -> None:
+        """Sessions that ended with nobody reading: they cost no process, and the
+        server holds little for each (their output is on disk)."""
+        n = self.b.sessions
+        with self.running("bwrap") as srv:
+            assert srv.proc is not None
+            res = trio.run(lambda: chain.ended_sessions(srv.url, srv.proc.pid, srv.data_dir, n, log=self.log))
+        r = self.rows
+        if res["errors"]:
+            raise RuntimeError("ended sessions: " + ", ".join(f"{k}: {v}" for k, v in res["error_kinds"].items()))
+        r["ended_server"].set(res["server_per_session"] / 1024)
+        r["ended_server"].note = (f"server RSS {res['server_rss_base'] / MiB:.1f} -> "
+                                  f"{res['server_rss_after'] / MiB:.1f} MiB with {res['n']} ended sessions")
+        r["ended_processes"].set(float(res["processes"]))
+        if res["processes"]:
+            r["ended_processes"].note = f"their RSS: {res['processes_rss'] / MiB:.1f} MiB"
+
     def stage_backlog(self) -> None:
         with self.running("bwrap") as srv:
             assert srv.proc is not None
@@ -494,10 +513,12 @@ class Bench:
         r["pkgs_cached"].judge(lambda x: r["pkgs_cached"].ratio is not None and r["pkgs_cached"].ratio <= 1.1)
         r["sessions_errors"].judge(lambda x: x == 0)
         r["server_per_session"].judge(lambda x: x <= 50)
+        r["ended_server"].judge(lambda x: x <= 50)
+        r["ended_processes"].judge(lambda x: x == 0)
         r["exchange_rss"].judge(lambda x: x <= 8)
         r["backlog_rss"].judge(lambda x: x <= 20)
         n = self.extra.get("sessions", self.b.sessions)
-        for k in ("sessions_errors", "sessions_rate", "loaded_echo"):
+        for k in ("sessions_errors", "sessions_rate", "loaded_echo", "ended_processes"):
             r[k].name = r[k].name.replace("N ", f"{n:,} ", 1)
         vol = self.b.backlog_bytes
         r["backlog_rss"].name += f" {vol // MiB} MiB" if vol < 1024 * MiB else f" {vol // (1024 * MiB)} GiB"
@@ -585,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.stage(f"{budget.sessions} concurrent sessions",
                     ["sessions_errors", "sessions_rate", "server_per_session", "exchange_rss", "exchange_pss",
                      "env_rss", "env_pss", "loaded_echo"], bench.stage_sessions)
+        bench.stage(f"{budget.sessions} ended sessions", ["ended_server", "ended_processes"], bench.stage_ended)
         bench.stage("unread backlog", ["backlog_rss"], bench.stage_backlog)
         bench.stage("cluster: two nodes on one redis-server", multinode.KEYS, lambda: multinode.stage(bench))
     except KeyboardInterrupt:
