@@ -372,17 +372,9 @@ async def many_sessions(url: str, server_pid: int, data_dir: str, n: int, sample
                         echo_n: int, workers: int = 8, log=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Start ``n`` sessions that wait in api.recv(), measure memory per session,
     echo latency on one more session while they run, then destroy them all."""
-    res: dict[str, Any] = {"n_asked": n, "errors": 0, "error_kinds": {}}
-
-    def error(kind: str) -> None:
-        res["errors"] += 1
-        res["error_kinds"][kind] = res["error_kinds"].get(kind, 0) + 1
-
-    # Warm the server up (imports, first exchange) before the baseline.
-    async with open_client(url) as c:
-        await first_output_once(c)
-    await trio.sleep(1.0)
-    base_rss = rss(server_pid)
+    res: dict[str, Any] = {"n_asked": n}
+    error = _error_counter(res)
+    base_rss = await _warm_baseline(url, server_pid)
 
     t_start = now()
     made = await _start_many(url, n, CODE_WAIT, workers, error)
@@ -462,6 +454,25 @@ async def many_sessions(url: str, server_pid: int, data_dir: str, n: int, sample
     return res
 
 
+def _error_counter(res: dict[str, Any]) -> Callable[[str], None]:
+    """A function that counts errors by kind into ``res`` (errors, error_kinds)."""
+    res.update(errors=0, error_kinds={})
+
+    def error(kind: str) -> None:
+        res["errors"] += 1
+        res["error_kinds"][kind] = res["error_kinds"].get(kind, 0) + 1
+
+    return error
+
+
+async def _warm_baseline(url: str, server_pid: int) -> int:
+    """The server's RSS once it is warmed up (imports, a first exchange) and idle."""
+    async with open_client(url) as c:
+        await first_output_once(c)
+    await trio.sleep(1.0)
+    return rss(server_pid)
+
+
 async def _start_many(url: str, n: int, code: str, workers: int, error: Callable[[str], None]) -> list[dict]:
     """``n`` executes of ``code`` (not attached) from ``workers`` connections: their replies."""
     made: list[dict] = []
@@ -512,16 +523,9 @@ async def ended_sessions(url: str, server_pid: int, data_dir: str, n: int, worke
     """``n`` sessions whose functions ended and whose output nobody read or
     acked: what they cost the server (RSS per session) and how many processes
     are still alive for them once the exchanges had time to hand them over."""
-    res: dict[str, Any] = {"errors": 0, "error_kinds": {}}
-
-    def error(kind: str) -> None:
-        res["errors"] += 1
-        res["error_kinds"][kind] = res["error_kinds"].get(kind, 0) + 1
-
-    async with open_client(url) as c:
-        await first_output_once(c)
-    await trio.sleep(1.0)
-    base_rss = rss(server_pid)
+    res: dict[str, Any] = {}
+    error = _error_counter(res)
+    base_rss = await _warm_baseline(url, server_pid)
     made = await _start_many(url, n, CODE_FEW, workers, error)
     try:
         ids = {r["session"] for r in made}
