@@ -109,6 +109,7 @@ class ServerProcess:
         self.prefix = list(prefix)  # a command the server runs behind (it must exec the server)
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self._out = bytearray()  # what it printed on stdout
         self.log_path = os.path.join(os.path.dirname(data_dir), f"server-{os.path.basename(data_dir)}.log")
 
     @property
@@ -132,16 +133,30 @@ class ServerProcess:
             self.proc.wait(timeout=10)
             self.proc.stdout.close()
             raise
-        # Keep draining stdout so the server never blocks on a full pipe.
-        self._drain = threading.Thread(target=self.proc.stdout.read, daemon=True)
+        # Keep draining stdout so the server never blocks on a full pipe; what it
+        # printed stays readable (printed()).
+        self._drain = threading.Thread(target=self._keep_output, args=(self.proc.stdout.fileno(),), daemon=True)
         self._drain.start()
         return self
+
+    def _keep_output(self, fd: int) -> None:
+        while chunk := os.read(fd, 65536):
+            self._out += chunk
+
+    def printed(self, until: str, timeout: float = 10) -> str:
+        """What the server printed on stdout, once ``until`` is in it (bounded)."""
+        deadline = time.monotonic() + timeout
+        while until.encode() not in self._out:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{until!r} not printed within {timeout} s: {bytes(self._out)!r}")
+            time.sleep(0.02)
+        return self._out.decode(errors="replace")
 
     def _wait_listening(self, fd: int) -> int:
         """The port from the server's "listening on" line; bounded by START_TIMEOUT_S
         (a select, not a bare readline, which would wait forever on a silent server)."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        buf = b""
+        buf = self._out = bytearray()
         while True:
             for line in buf.split(b"\n")[:-1]:  # complete lines only
                 if b"listening on" in line:

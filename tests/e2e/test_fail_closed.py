@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import bento_sandbox
 import pytest
@@ -162,3 +163,38 @@ async def test_cgroupless_server_with_allow_unenforced_says_so(tmp_path):
         assert "per process only" in st["enforced"]["memory_bytes"], st["enforced"]
     finally:
         srv.stop()
+
+
+def _start_lines(srv: ServerProcess) -> str:
+    """What the server printed at start: all of it once it answers a request
+    (the lines are printed before it serves)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=10) as r:
+        assert r.status == 200
+    return srv.printed("bento: default limits:")
+
+
+def test_start_lines_say_the_capacity_and_what_each_limit_is_held_by(tmp_path):
+    srv = ServerProcess(str(tmp_path / "d"), "--max-sessions", "7", "--memory-budget", "3GiB",
+                        "--disk-floor", "100MiB").start()
+    try:
+        out = _start_lines(srv)
+    finally:
+        srv.stop()
+    assert "bento: capacity 7 running functions, memory budget 3072 MiB" in out, out
+    assert "disk floor 100 MiB" in out, out
+    held = next(ln for ln in out.splitlines() if ln.startswith("bento: limits enforced: "))
+    warned = next((ln for ln in out.splitlines() if "limits this machine cannot enforce" in ln), "")
+    # Every limit is either named with what holds it, or named as not enforceable.
+    for key in bento_sandbox.Limits.KEYS:
+        assert f"{key} by " in held or key in warned, (key, held, warned)
+
+
+def test_start_lines_name_the_limits_a_cgroupless_machine_refuses(tmp_path):
+    srv = ServerProcess(str(tmp_path / "d"), prefix=_hidden_cgroups()).start()
+    try:
+        out = _start_lines(srv)
+    finally:
+        srv.stop()
+    warned = next(ln for ln in out.splitlines() if "limits this machine cannot enforce" in ln)
+    assert "pids" in warned and "refused" in warned, warned
+    assert "pids by " not in next(ln for ln in out.splitlines() if ln.startswith("bento: limits enforced: "))
