@@ -29,7 +29,7 @@ import trio
 from bento_driver import wire
 
 import bento
-from bento import protocol, warm
+from bento import pool_sizing, protocol, warm
 
 log = logging.getLogger("bento.sessions")
 
@@ -39,6 +39,8 @@ CALL_TIMEOUT_S = 30.0
 WARM_TIMEOUT_S = warm.UP_TIMEOUT_S + 10.0
 RETRY_FIRST_S = 1.0  # the warm pool's pause after a failure, doubled while failures go on
 RETRY_MAX_S = 30.0
+SIZING_TICK_S = 1.0  # the pool's target is looked at again at least this often (to shrink it)
+TAKE_GRACE_S = 0.05  # after a take, warm starts wait this long (the session's first hops go first)
 
 
 class ExchangeGone(Exception):
@@ -80,6 +82,7 @@ class ExchangeLink:
         self.pending: dict[int, tuple[trio.Event, list[dict]]] = {}
         self.next_rid = 1
         self.closed = False
+        self.home: str | None = None  # a warm exchange's: its sandbox's home until a session takes it
 
     async def send(self, msg: dict) -> None:
         wire.check(wire.TO_EXCHANGE, msg)
@@ -191,34 +194,77 @@ class Exchanges:
         self.warm_wanted = trio.Event()
         # Not for --sandbox-cmd: its command prefix may tie a process to its cwd.
         self.pool_size = config.pool_size if config.sandbox in ("bwrap", "none") else 0
+        maximum = getattr(config, "pool_max", None)
+        self.sizing = pool_sizing.PoolSizing(
+            self.pool_size, pool_sizing.default_maximum(self.pool_size) if maximum is None else maximum)
+        self.parallel = max(1, os.cpu_count() or 1)  # warm starts at once (each is CPU-bound)
+        self.starting = 0  # warm starts under way
+        self.pause = RETRY_FIRST_S  # before the next start, after a failure
+        self.retry_at = 0.0
+        self.failing = False
+        self.taken_at = -1.0
 
     async def pool_keeper(self) -> None:
-        """Keep ``pool_size`` warm exchanges ready (bwrap: the sandbox's home is
-        a directory of its own until a session takes it; none: the driver moves
-        to the session's work dir when it starts; so nothing ties them to a
-        session yet). A warm exchange that fails or is slow is logged with why
-        and another is tried after a pause that doubles while they keep failing:
-        executes start cold meanwhile, and the keeper never ends."""
-        pause = RETRY_FIRST_S
-        while self.pool_size:
-            while len(self.warm) < self.pool_size:
-                try:
-                    link = await self._spawn_warm()
-                except (OSError, RuntimeError, ExchangeGone) as exc:
-                    log.error("warm pool: could not start a warm environment: %s (next try in %g s)",
-                              exc, pause)
-                except Exception:  # a bug here must not end the pool nor the server
-                    log.exception("warm pool: could not start a warm environment (next try in %g s)", pause)
-                else:
-                    self.warm.append(link)
-                    pause = RETRY_FIRST_S
+        """Keep warm exchanges ready, as many as bento/pool_sizing.py says for the
+        recent executes (bwrap: the sandbox's home is a directory of its own until
+        a session takes it; none: the driver moves to the session's work dir when
+        it starts; so nothing ties them to a session yet). Up to one start per
+        core runs at once: one at a time could not keep up with a few executes a
+        second. A warm exchange that fails or is slow is logged with why and the
+        next start waits a pause that doubles while they keep failing (one at a
+        time meanwhile): executes start cold then, and the keeper never ends.
+        Beyond the target (the executes slowed down), the oldest are closed."""
+        async with trio.open_nursery() as starts:
+            while self.pool_size:
+                now = trio.current_time()
+                wanted = self.sizing.target(now)
+                while len(self.warm) > wanted:
+                    self._close_warm(self.warm.pop(0))
+                if now < self.retry_at:
+                    await self._wake_within(self.retry_at - now)
                     continue
-                await trio.sleep(pause)
-                pause = min(2 * pause, RETRY_MAX_S)
-            self.warm_wanted = trio.Event()
+                at_once = 1 if self.failing else self.parallel
+                while len(self.warm) + self.starting < wanted and self.starting < at_once:
+                    self.starting += 1
+                    starts.start_soon(self._start_one)
+                # A take, a start that ended, or the window's slide (for shrinking).
+                await self._wake_within(SIZING_TICK_S)
+                if trio.current_time() - self.taken_at < TAKE_GRACE_S:
+                    # Let the session that just took a warm exchange have the CPU first.
+                    await trio.sleep(TAKE_GRACE_S)
+
+    async def _wake_within(self, seconds: float) -> None:
+        self.warm_wanted = trio.Event()
+        with trio.move_on_after(seconds):
             await self.warm_wanted.wait()
-            # Let the session that just took a warm exchange have the CPU first.
-            await trio.sleep(0.05)
+
+    async def _start_one(self) -> None:
+        began = trio.current_time()
+        try:
+            link = await self._spawn_warm()
+        except Exception as exc:  # a bug here must not end the pool nor the server
+            if isinstance(exc, (OSError, RuntimeError, ExchangeGone)):
+                log.error("warm pool: could not start a warm environment: %s (next try in %g s)",
+                          exc, self.pause)
+            else:
+                log.exception("warm pool: could not start a warm environment (next try in %g s)", self.pause)
+            self.retry_at = trio.current_time() + self.pause
+            self.pause = min(2 * self.pause, RETRY_MAX_S)
+            self.failing = True
+        else:
+            self.warm.append(link)
+            self.sizing.started(trio.current_time() - began)
+            self.pause, self.retry_at, self.failing = RETRY_FIRST_S, 0.0, False
+        finally:
+            self.starting -= 1
+            self.warm_wanted.set()
+
+    def _close_warm(self, link: ExchangeLink) -> None:
+        """A warm exchange no longer wanted: it sees its link end, discards its
+        environment and exits; its home goes with it."""
+        self.nursery.start_soon(link.stream.aclose)
+        if link.home:
+            shutil.rmtree(link.home, ignore_errors=True)
 
     async def _spawn_warm(self) -> ExchangeLink:
         """A warm exchange whose environment is up (bento/warm.py says why up)."""
@@ -261,13 +307,20 @@ class Exchanges:
             shutil.rmtree(workdir, ignore_errors=True)  # (first: a cancelled aclose raises)
             await link.stream.aclose()  # the exchange sees the end and exits, if it still runs
             raise
+        link.home = workdir
         return link
 
     async def assign_warm(self, sdir: str, network: bool) -> tuple[ExchangeLink, dict] | None:
         """Hand a new session to a warm exchange: (link, hello), or None if none fits or is ready."""
-        if (network and self.config.sandbox == "bwrap") or not self.warm:
+        if network and self.config.sandbox == "bwrap":
+            return None
+        if self.pool_size:
+            self.sizing.executed(trio.current_time())  # (also when none is ready: the pool grows)
+            self.warm_wanted.set()
+        if not self.warm:
             return None
         link = self.warm.pop(0)
+        self.taken_at = trio.current_time()
         self.warm_wanted.set()
         try:
             await link.send({"t": "assign", "dir": sdir})
