@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import bento_driver
@@ -30,6 +32,7 @@ from bento_driver import wire
 
 import bento
 from bento import pool_sizing, protocol, warm
+from bento.template_link import Template, TemplateUnavailable
 
 log = logging.getLogger("bento.sessions")
 
@@ -41,6 +44,14 @@ RETRY_FIRST_S = 1.0  # the warm pool's pause after a failure, doubled while fail
 RETRY_MAX_S = 30.0
 SIZING_TICK_S = 1.0  # the pool's target is looked at again at least this often (to shrink it)
 TAKE_GRACE_S = 0.05  # after a take, warm starts wait this long (the session's first hops go first)
+GRACE_RATE = 5.0  # ... unless executes come at least this often a second
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class ExchangeGone(Exception):
@@ -197,12 +208,19 @@ class Exchanges:
         maximum = getattr(config, "pool_max", None)
         self.sizing = pool_sizing.PoolSizing(
             self.pool_size, pool_sizing.default_maximum(self.pool_size) if maximum is None else maximum)
-        self.parallel = max(1, os.cpu_count() or 1)  # warm starts at once (each is CPU-bound)
+        # Warm starts at once. Not one per core: much of a start is waiting (bwrap's
+        # namespaces and mounts, the driver's imports from disk), and at 20
+        # executes/s two at once could not keep up (docs/performance.md).
+        self.parallel = pool_sizing.MAX_PER_CORE * (os.cpu_count() or 1)
         self.starting = 0  # warm starts under way
         self.pause = RETRY_FIRST_S  # before the next start, after a failure
         self.retry_at = 0.0
         self.failing = False
         self.taken_at = -1.0
+        # Warm exchanges are forked from it (bento/exchange_template.py); None: each its own process.
+        self.template: Template | None = (
+            Template([self.python, "-I", "-S", "-c", self.boot], nursery)
+            if self.pool_size and config.pool_template else None)
 
     async def pool_keeper(self) -> None:
         """Keep warm exchanges ready, as many as bento/pool_sizing.py says for the
@@ -229,8 +247,10 @@ class Exchanges:
                     starts.start_soon(self._start_one)
                 # A take, a start that ended, or the window's slide (for shrinking).
                 await self._wake_within(SIZING_TICK_S)
-                if trio.current_time() - self.taken_at < TAKE_GRACE_S:
-                    # Let the session that just took a warm exchange have the CPU first.
+                now = trio.current_time()
+                if now - self.taken_at < TAKE_GRACE_S and pool_sizing.rate(self.sizing.times, now) < GRACE_RATE:
+                    # Let the session that just took a warm exchange have the CPU first
+                    # (not when executes come faster than the pause: the refill would lag).
                     await trio.sleep(TAKE_GRACE_S)
 
     async def _wake_within(self, seconds: float) -> None:
@@ -270,20 +290,11 @@ class Exchanges:
         """A warm exchange whose environment is up (bento/warm.py says why up)."""
         # The sandbox's home until a session takes it (then renamed to the session's work dir).
         workdir = tempfile.mkdtemp(prefix="warm-", dir=self.warm_dir)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = await trio.lowlevel.open_process(
-                [self.python, "-I", "-S", "-c", self.boot, "--warm", str(theirs.fileno())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),), start_new_session=True,
-            )
+            ours, pid, kill = await self._start_warm_process()
         except BaseException:
-            ours.close()
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        finally:
-            theirs.close()
-        self.nursery.start_soon(proc.wait)
         link = ExchangeLink(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
         ready: dict | None = None
         try:
@@ -296,11 +307,11 @@ class Exchanges:
                 ready = await link.receive()
             if waited.cancelled_caught:
                 # Stuck past its own bound for the environment: it will not answer.
-                proc.kill()
-                raise RuntimeError(f"the warm exchange (pid {proc.pid}) did not answer within "
+                kill()
+                raise RuntimeError(f"the warm exchange (pid {pid}) did not answer within "
                                    f"{WARM_TIMEOUT_S:g} s and was killed")
             if ready is None or ready.get("t") != "warm_ready":
-                raise RuntimeError(f"the warm exchange (pid {proc.pid}) ended without answering: {ready!r:.200}")
+                raise RuntimeError(f"the warm exchange (pid {pid}) ended without answering: {ready!r:.200}")
             if ready["error"]:
                 raise RuntimeError(ready["error"])
         except BaseException:
@@ -309,6 +320,35 @@ class Exchanges:
             raise
         link.home = workdir
         return link
+
+    async def _start_warm_process(self) -> tuple[socket.socket, int, Callable[[], None]]:
+        """A new warm exchange, forked from the template (bento/exchange_template.py)
+        or, without one, started as its own process: (the server's end of its
+        link, its pid, what kills it)."""
+        if self.template is not None:
+            try:
+                ours, pid = await self.template.fork_warm()
+            except TemplateUnavailable as exc:
+                log.warning("warm pool: %s; warm exchanges start as their own processes from now on", exc)
+                self.template = None
+            else:
+                # By pid (the template's child, reaped by the kernel): used only for one
+                # that did not answer within WARM_TIMEOUT_S and so most likely still runs.
+                return ours, pid, lambda: _kill(pid)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = await trio.lowlevel.open_process(
+                [self.python, "-I", "-S", "-c", self.boot, "--warm", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.nursery.start_soon(proc.wait)
+        return ours, proc.pid, proc.kill
 
     async def assign_warm(self, sdir: str, network: bool) -> tuple[ExchangeLink, dict] | None:
         """Hand a new session to a warm exchange: (link, hello), or None if none fits or is ready."""
