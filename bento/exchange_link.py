@@ -44,7 +44,6 @@ RETRY_FIRST_S = 1.0  # the warm pool's pause after a failure, doubled while fail
 RETRY_MAX_S = 30.0
 SIZING_TICK_S = 1.0  # the pool's target is looked at again at least this often (to shrink it)
 TAKE_GRACE_S = 0.05  # after a take, warm starts wait this long (the session's first hops go first)
-GRACE_RATE = 5.0  # ... unless executes come at least this often a second
 
 
 def _kill(pid: int) -> None:
@@ -247,10 +246,9 @@ class Exchanges:
                     starts.start_soon(self._start_one)
                 # A take, a start that ended, or the window's slide (for shrinking).
                 await self._wake_within(SIZING_TICK_S)
-                now = trio.current_time()
-                if now - self.taken_at < TAKE_GRACE_S and pool_sizing.rate(self.sizing.times, now) < GRACE_RATE:
+                if trio.current_time() - self.taken_at < TAKE_GRACE_S:
                     # Let the session that just took a warm exchange have the CPU first
-                    # (not when executes come faster than the pause: the refill would lag).
+                    # (the sizing counts this pause as part of a replacement's start).
                     await trio.sleep(TAKE_GRACE_S)
 
     async def _wake_within(self, seconds: float) -> None:
@@ -273,7 +271,8 @@ class Exchanges:
             self.failing = True
         else:
             self.warm.append(link)
-            self.sizing.started(trio.current_time() - began)
+            # From a take to its replacement: this start and the pause before it.
+            self.sizing.started(trio.current_time() - began + TAKE_GRACE_S)
             self.pause, self.retry_at, self.failing = RETRY_FIRST_S, 0.0, False
         finally:
             self.starting -= 1

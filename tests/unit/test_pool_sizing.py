@@ -131,10 +131,11 @@ async def test_the_keeper_grows_with_executes_starts_in_parallel_and_shrinks_whe
                 ex.warm.pop(0)
             ex.warm_wanted.set()
             await trio.sleep(0.125)
-        assert ex.sizing.target(trio.current_time()) == 1 + 2  # 8/s x 0.2 s
+        # 8-9 executes in the last second x (0.2 s start + the pause after a take)
+        assert 1 + 2 <= ex.sizing.target(trio.current_time()) <= 1 + 3
         assert most_at_once == 2
         assert all(found[8:]), found  # once grown, every execute found one ready
-        assert len(ex.warm) + ex.starting == 3
+        assert 1 + 2 <= len(ex.warm) + ex.starting <= 1 + 3  # (the target of the keeper's last look)
         # Idle: back to the floor once the executes left the long window, the extra ones closed.
         await trio.sleep(LONG_S + 2)
         assert len(ex.warm) == 1
