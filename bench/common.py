@@ -274,13 +274,16 @@ class Budget:
 BUDGETS = {
     "full": Budget("full", spawn_runs=30, first_output_runs=30, cold_runs=15, echo_rtts=2000,
                    stream_runs=5, stream_bytes=256 * MiB, small_frames=200_000, reattach_runs=30,
-                   sessions=1000, loaded_echo_rtts=500, memory_sample=100, backlog_bytes=1024 * MiB),
+                   sessions=1000, loaded_echo_rtts=500, memory_sample=100, backlog_bytes=1024 * MiB,
+                   extra={"b2b_rate": 20.0, "b2b_seconds": 60.0}),
     "quick": Budget("quick", spawn_runs=20, first_output_runs=15, cold_runs=8, echo_rtts=500,
                     stream_runs=3, stream_bytes=64 * MiB, small_frames=50_000, reattach_runs=15,
-                    sessions=100, loaded_echo_rtts=200, memory_sample=50, backlog_bytes=128 * MiB),
+                    sessions=100, loaded_echo_rtts=200, memory_sample=50, backlog_bytes=128 * MiB,
+                    extra={"b2b_rate": 20.0, "b2b_seconds": 15.0}),
     "smoke": Budget("smoke", spawn_runs=5, first_output_runs=5, cold_runs=3, echo_rtts=100,
                     stream_runs=2, stream_bytes=8 * MiB, small_frames=10_000, reattach_runs=5,
-                    sessions=20, loaded_echo_rtts=50, memory_sample=20, backlog_bytes=16 * MiB),
+                    sessions=20, loaded_echo_rtts=50, memory_sample=20, backlog_bytes=16 * MiB,
+                    extra={"b2b_rate": 20.0, "b2b_seconds": 2.0}),
 }
 
 

@@ -39,6 +39,7 @@ for p in (HERE, os.path.join(ROOT, "tests"), ROOT):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+import backtoback  # noqa: E402
 import ceilings  # noqa: E402
 import chain  # noqa: E402
 import multinode  # noqa: E402
@@ -69,6 +70,7 @@ MAX_BUFFER = str(2 * 1024 * 1024 * 1024)
 ROW_SPECS: list[tuple[str, str, str, bool, str]] = [
     ("first_bwrap", "execute->first output, bwrap, warm", "ms", False, "p50 <= 5 ms"),
     ("first_bwrap_cold", "execute->first output, bwrap, cold", "ms", False, "- (reported)"),
+    *backtoback.ROW_SPECS,
     ("first_none", "execute->first output, none", "ms", False, "p50 <= 5 ms"),
     ("echo", "echo round trip, whole chain", "ms", False, "p50 <= 1 ms"),
     ("big_live", "stream 64 KiB frames, live", "MB/s", True, ">= 70% of ceiling"),
@@ -497,6 +499,7 @@ class Bench:
         self.use_ceiling("env_rss", "idle_rss")
         self.use_ceiling("env_pss", "idle_pss")
         multinode.set_ceilings(self)
+        backtoback.set_ceilings(self)
 
         r["first_bwrap"].judge(lambda x: x <= 5)
         r["first_none"].judge(lambda x: x <= 5)
@@ -600,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.stage("ceilings: bare trio-websocket", [], bench.stage_bare_ws)
         bench.stage("chain, --sandbox bwrap", ["first_bwrap", "echo", "big_live", "big_replay", "small_live",
                                                "small_replay", "reattach"], bench.stage_bwrap_chain)
+        bench.stage("back-to-back executes, --sandbox bwrap", backtoback.KEYS, lambda: backtoback.stage(bench))
         bench.stage("chain, --sandbox none", ["first_none"], bench.stage_none)
         bench.stage("cold starts", ["first_bwrap_cold"], bench.stage_cold)
         bench.stage("packages", ["pkgs_new", "pkgs_cached"], bench.stage_packages)

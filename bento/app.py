@@ -77,7 +77,13 @@ def server_parser() -> argparse.ArgumentParser:
                         "says so. Without it such limits are refused")
     p.add_argument("--pool", type=int, default=2,
                    help="fresh environments kept started ahead of time for fast executes, never reused "
-                        "(bwrap and none; default 2; 0 = off)")
+                        "(bwrap and none; default 2; 0 = off); more while executes come fast (--pool-max)")
+    p.add_argument("--pool-max", type=int, metavar="N",
+                   help="most warm environments kept while executes come fast (each holds ~11 MiB PSS, "
+                        "~27 MiB RSS; default: 4 per core, at most 1/64 of RAM, at most 32)")
+    p.add_argument("--no-pool-template", dest="pool_template", action="store_false",
+                   help="start each warm exchange as a process of its own instead of forking it from a "
+                        "template process (slower; each sandbox is fresh either way)")
     p.add_argument("--max-sessions", type=int, metavar="N",
                    help="most functions running at once (default: one per 64MiB of RAM)")
     p.add_argument("--memory-budget", type=units.size, metavar="SIZE",
@@ -204,7 +210,8 @@ def build_config(r: Resolved) -> Config:
         idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
-        max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, cluster=args.cluster,
+        max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, pool_max=args.pool_max, pool_template=args.pool_template,
+        cluster=args.cluster,
         max_env_bytes=args.max_env_bytes, max_work_bytes=args.max_work_bytes,
         max_upload_bytes=args.max_upload_bytes,
     )

@@ -79,7 +79,9 @@ class Config:
     out_event_bytes: int = 1024 * 1024
     default_limits: dict[str, float] = field(default_factory=dict)
     max_limits: dict[str, float] = field(default_factory=dict)
-    pool_size: int = 2  # warm environments kept ready (bwrap and none)
+    pool_size: int = 2  # warm environments kept ready at least (bwrap and none)
+    pool_max: int | None = None  # at most, when executes come fast (None: pool_sizing.default_maximum)
+    pool_template: bool = True  # warm exchanges forked from a template process (bento/exchange_template.py)
     max_env_bytes: int = 4 * 1024 * 1024 * 1024  # the packages' environments together (envs/)
     max_upload_bytes: int = 256 * 1024 * 1024  # one file put into a running session (file_put)
     max_work_bytes: int = 1024 * 1024 * 1024  # what a function may leave in its work dir (host disk)
@@ -132,6 +134,7 @@ class Config:
         if self.buffer_policy not in protocol.BUFFER_POLICIES:
             raise ValueError(f"unknown buffer policy {self.buffer_policy!r}")
         for name, value in (("--keep", self.keep_s), ("--history-bytes", self.history_bytes),
-                            ("--max-history-bytes", self.max_history_bytes)):
+                            ("--max-history-bytes", self.max_history_bytes), ("--pool", self.pool_size),
+                            ("--pool-max", self.pool_max)):
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be a number of at least 0, not {value}")

@@ -315,6 +315,10 @@ def _detach_stdio() -> None:
 
 
 def main(argv: list[str]) -> None:
+    if argv[0] == "--template":
+        from bento.exchange_template import serve
+
+        serve(int(argv[1]))  # (never returns: forks warm exchanges until the server goes)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     warm_sock: socket.socket | None = None
     launched: Launched | None = None

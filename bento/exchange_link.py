@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import bento_driver
@@ -29,7 +31,8 @@ import trio
 from bento_driver import wire
 
 import bento
-from bento import protocol, warm
+from bento import pool_sizing, protocol, warm
+from bento.template_link import Template, TemplateUnavailable
 
 log = logging.getLogger("bento.sessions")
 
@@ -39,6 +42,15 @@ CALL_TIMEOUT_S = 30.0
 WARM_TIMEOUT_S = warm.UP_TIMEOUT_S + 10.0
 RETRY_FIRST_S = 1.0  # the warm pool's pause after a failure, doubled while failures go on
 RETRY_MAX_S = 30.0
+SIZING_TICK_S = 1.0  # the pool's target is looked at again at least this often (to shrink it)
+TAKE_GRACE_S = 0.05  # after a take, warm starts wait this long (the session's first hops go first)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class ExchangeGone(Exception):
@@ -80,6 +92,7 @@ class ExchangeLink:
         self.pending: dict[int, tuple[trio.Event, list[dict]]] = {}
         self.next_rid = 1
         self.closed = False
+        self.home: str | None = None  # a warm exchange's: its sandbox's home until a session takes it
 
     async def send(self, msg: dict) -> None:
         wire.check(wire.TO_EXCHANGE, msg)
@@ -191,53 +204,96 @@ class Exchanges:
         self.warm_wanted = trio.Event()
         # Not for --sandbox-cmd: its command prefix may tie a process to its cwd.
         self.pool_size = config.pool_size if config.sandbox in ("bwrap", "none") else 0
+        maximum = getattr(config, "pool_max", None)
+        self.sizing = pool_sizing.PoolSizing(
+            self.pool_size, pool_sizing.default_maximum(self.pool_size) if maximum is None else maximum)
+        # Warm starts at once. Not one per core: much of a start is waiting (bwrap's
+        # namespaces and mounts, the driver's imports from disk), and at 20
+        # executes/s two at once could not keep up (docs/performance.md).
+        self.parallel = pool_sizing.MAX_PER_CORE * (os.cpu_count() or 1)
+        self.starting = 0  # warm starts under way
+        self.pause = RETRY_FIRST_S  # before the next start, after a failure
+        self.retry_at = 0.0
+        self.failing = False
+        self.taken_at = -1.0
+        # Warm exchanges are forked from it (bento/exchange_template.py); None: each its own process.
+        self.template: Template | None = (
+            Template([self.python, "-I", "-S", "-c", self.boot], nursery)
+            if self.pool_size and config.pool_template else None)
 
     async def pool_keeper(self) -> None:
-        """Keep ``pool_size`` warm exchanges ready (bwrap: the sandbox's home is
-        a directory of its own until a session takes it; none: the driver moves
-        to the session's work dir when it starts; so nothing ties them to a
-        session yet). A warm exchange that fails or is slow is logged with why
-        and another is tried after a pause that doubles while they keep failing:
-        executes start cold meanwhile, and the keeper never ends."""
-        pause = RETRY_FIRST_S
-        while self.pool_size:
-            while len(self.warm) < self.pool_size:
-                try:
-                    link = await self._spawn_warm()
-                except (OSError, RuntimeError, ExchangeGone) as exc:
-                    log.error("warm pool: could not start a warm environment: %s (next try in %g s)",
-                              exc, pause)
-                except Exception:  # a bug here must not end the pool nor the server
-                    log.exception("warm pool: could not start a warm environment (next try in %g s)", pause)
-                else:
-                    self.warm.append(link)
-                    pause = RETRY_FIRST_S
+        """Keep warm exchanges ready, as many as bento/pool_sizing.py says for the
+        recent executes (bwrap: the sandbox's home is a directory of its own until
+        a session takes it; none: the driver moves to the session's work dir when
+        it starts; so nothing ties them to a session yet). Up to one start per
+        core runs at once: one at a time could not keep up with a few executes a
+        second. A warm exchange that fails or is slow is logged with why and the
+        next start waits a pause that doubles while they keep failing (one at a
+        time meanwhile): executes start cold then, and the keeper never ends.
+        Beyond the target (the executes slowed down), the oldest are closed."""
+        async with trio.open_nursery() as starts:
+            while self.pool_size:
+                now = trio.current_time()
+                wanted = self.sizing.target(now)
+                while len(self.warm) > wanted:
+                    self._close_warm(self.warm.pop(0))
+                if now < self.retry_at:
+                    await self._wake_within(self.retry_at - now)
                     continue
-                await trio.sleep(pause)
-                pause = min(2 * pause, RETRY_MAX_S)
-            self.warm_wanted = trio.Event()
+                at_once = 1 if self.failing else self.parallel
+                while len(self.warm) + self.starting < wanted and self.starting < at_once:
+                    self.starting += 1
+                    starts.start_soon(self._start_one)
+                # A take, a start that ended, or the window's slide (for shrinking).
+                await self._wake_within(SIZING_TICK_S)
+                if trio.current_time() - self.taken_at < TAKE_GRACE_S:
+                    # Let the session that just took a warm exchange have the CPU first
+                    # (the sizing counts this pause as part of a replacement's start).
+                    await trio.sleep(TAKE_GRACE_S)
+
+    async def _wake_within(self, seconds: float) -> None:
+        self.warm_wanted = trio.Event()
+        with trio.move_on_after(seconds):
             await self.warm_wanted.wait()
-            # Let the session that just took a warm exchange have the CPU first.
-            await trio.sleep(0.05)
+
+    async def _start_one(self) -> None:
+        began = trio.current_time()
+        try:
+            link = await self._spawn_warm()
+        except Exception as exc:  # a bug here must not end the pool nor the server
+            if isinstance(exc, (OSError, RuntimeError, ExchangeGone)):
+                log.error("warm pool: could not start a warm environment: %s (next try in %g s)",
+                          exc, self.pause)
+            else:
+                log.exception("warm pool: could not start a warm environment (next try in %g s)", self.pause)
+            self.retry_at = trio.current_time() + self.pause
+            self.pause = min(2 * self.pause, RETRY_MAX_S)
+            self.failing = True
+        else:
+            self.warm.append(link)
+            # From a take to its replacement: this start and the pause before it.
+            self.sizing.started(trio.current_time() - began + TAKE_GRACE_S)
+            self.pause, self.retry_at, self.failing = RETRY_FIRST_S, 0.0, False
+        finally:
+            self.starting -= 1
+            self.warm_wanted.set()
+
+    def _close_warm(self, link: ExchangeLink) -> None:
+        """A warm exchange no longer wanted: it sees its link end, discards its
+        environment and exits; its home goes with it."""
+        self.nursery.start_soon(link.stream.aclose)
+        if link.home:
+            shutil.rmtree(link.home, ignore_errors=True)
 
     async def _spawn_warm(self) -> ExchangeLink:
         """A warm exchange whose environment is up (bento/warm.py says why up)."""
         # The sandbox's home until a session takes it (then renamed to the session's work dir).
         workdir = tempfile.mkdtemp(prefix="warm-", dir=self.warm_dir)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = await trio.lowlevel.open_process(
-                [self.python, "-I", "-S", "-c", self.boot, "--warm", str(theirs.fileno())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),), start_new_session=True,
-            )
+            ours, pid, kill = await self._start_warm_process()
         except BaseException:
-            ours.close()
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        finally:
-            theirs.close()
-        self.nursery.start_soon(proc.wait)
         link = ExchangeLink(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
         ready: dict | None = None
         try:
@@ -250,24 +306,60 @@ class Exchanges:
                 ready = await link.receive()
             if waited.cancelled_caught:
                 # Stuck past its own bound for the environment: it will not answer.
-                proc.kill()
-                raise RuntimeError(f"the warm exchange (pid {proc.pid}) did not answer within "
+                kill()
+                raise RuntimeError(f"the warm exchange (pid {pid}) did not answer within "
                                    f"{WARM_TIMEOUT_S:g} s and was killed")
             if ready is None or ready.get("t") != "warm_ready":
-                raise RuntimeError(f"the warm exchange (pid {proc.pid}) ended without answering: {ready!r:.200}")
+                raise RuntimeError(f"the warm exchange (pid {pid}) ended without answering: {ready!r:.200}")
             if ready["error"]:
                 raise RuntimeError(ready["error"])
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)  # (first: a cancelled aclose raises)
             await link.stream.aclose()  # the exchange sees the end and exits, if it still runs
             raise
+        link.home = workdir
         return link
+
+    async def _start_warm_process(self) -> tuple[socket.socket, int, Callable[[], None]]:
+        """A new warm exchange, forked from the template (bento/exchange_template.py)
+        or, without one, started as its own process: (the server's end of its
+        link, its pid, what kills it)."""
+        if self.template is not None:
+            try:
+                ours, pid = await self.template.fork_warm()
+            except TemplateUnavailable as exc:
+                log.warning("warm pool: %s; warm exchanges start as their own processes from now on", exc)
+                self.template = None
+            else:
+                # By pid (the template's child, reaped by the kernel): used only for one
+                # that did not answer within WARM_TIMEOUT_S and so most likely still runs.
+                return ours, pid, lambda: _kill(pid)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = await trio.lowlevel.open_process(
+                [self.python, "-I", "-S", "-c", self.boot, "--warm", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.nursery.start_soon(proc.wait)
+        return ours, proc.pid, proc.kill
 
     async def assign_warm(self, sdir: str, network: bool) -> tuple[ExchangeLink, dict] | None:
         """Hand a new session to a warm exchange: (link, hello), or None if none fits or is ready."""
-        if (network and self.config.sandbox == "bwrap") or not self.warm:
+        if network and self.config.sandbox == "bwrap":
+            return None
+        if self.pool_size:
+            self.sizing.executed(trio.current_time())  # (also when none is ready: the pool grows)
+            self.warm_wanted.set()
+        if not self.warm:
             return None
         link = self.warm.pop(0)
+        self.taken_at = trio.current_time()
         self.warm_wanted.set()
         try:
             await link.send({"t": "assign", "dir": sdir})

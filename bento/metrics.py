@@ -113,6 +113,9 @@ class StateCollector(Collector):
                                 "(not yet acknowledged by owners)", value=buffered)
         yield GaugeMetricFamily("bento_warm_pool", "Warm environments ready for executes",
                                 value=len(registry.exchanges.warm))
+        yield GaugeMetricFamily("bento_warm_pool_target", "Warm environments the pool is kept at now "
+                                "(--pool, more while executes come fast, at most --pool-max)",
+                                value=registry.exchanges.sizing.target(trio.current_time()))
         yield GaugeMetricFamily("bento_connections", "Open WebSocket connections",
                                 value=sum(self.server.peers.values()))
         traffic = self.server.traffic

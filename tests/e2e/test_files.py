@@ -224,7 +224,7 @@ async def test_a_function_that_fills_its_work_dir_is_killed(make_server):
 
 
 async def test_unsandboxed_warm_sessions_work_in_their_work_dir(make_server):
-    srv = make_server("--sandbox", "none")
+    srv = make_server("--sandbox", "none", "--pool-max", "2")
     code = "import os\ndef main():\n    open('made.txt', 'w').write('here')\n    return os.getcwd()\n"
     async with conn(srv.url) as c:
         for _ in range(3):  # warm environments, each taken by a session

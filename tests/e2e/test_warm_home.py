@@ -107,7 +107,7 @@ async def test_a_warm_sandbox_taken_the_moment_the_pool_counts_it_keeps_its_home
     # the pool counts it ready is inside that window unless ready means up. With
     # packages (uv installs six from the index, as in test_envs) the start
     # message waits for the build, but the home was renamed at the take already.
-    srv = start_server(tmp_path, wrapper_dir(tmp_path, delay=1.5), "--pool", "1")
+    srv = start_server(tmp_path, wrapper_dir(tmp_path, delay=1.5), "--pool", "1", "--pool-max", "1")
     results = []
     try:
         async with conn(srv.url) as c:

@@ -106,7 +106,8 @@ def test_the_server_closing_the_link_ends_the_wait(env):
 
 
 def exchanges(tmp_path, pool: int = 1) -> Exchanges:
-    config = SimpleNamespace(data_dir=str(tmp_path), sandbox="none", sandbox_cmd=None, pool_size=pool)
+    config = SimpleNamespace(data_dir=str(tmp_path), sandbox="none", sandbox_cmd=None, pool_size=pool,
+                             pool_template=False)
     return Exchanges(config, None)
 
 

@@ -1,0 +1,111 @@
+"""The server's side of the exchange template (bento/exchange_template.py).
+
+``fork_warm`` gives a new warm exchange: the template forks it and hands over
+one end of a fresh socket pair; the server keeps the other, as it does for a
+warm exchange it starts itself. The template is started on first use and again
+after it died; when it cannot be started or does not answer, the caller starts
+the warm exchange as its own process instead (``TemplateUnavailable``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+
+import trio
+
+log = logging.getLogger("bento.sessions")
+
+START_TIMEOUT_S = 10.0  # the template's imports, on a busy machine
+FORK_TIMEOUT_S = 5.0
+
+
+class TemplateUnavailable(Exception):
+    """No template to fork from now (the reason is the message)."""
+
+
+class Template:
+    """One exchange template process, forked from one request at a time."""
+
+    def __init__(self, argv: list[str], nursery: trio.Nursery) -> None:
+        self.argv = argv  # the exchange's boot; "--template FD" is appended
+        self.nursery = nursery
+        self.sock: trio.socket.SocketType | None = None
+        self.proc: trio.Process | None = None
+        self.lock = trio.Lock()
+        self.buf = b""
+
+    async def fork_warm(self) -> tuple[socket.socket, int]:
+        """(the server's end of the new warm exchange's link, its pid)."""
+        async with self.lock:
+            if self.sock is None:
+                await self._start()
+            assert self.sock is not None
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with trio.fail_after(FORK_TIMEOUT_S):
+                    await self.sock.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                      struct.pack("i", theirs.fileno()))])
+                    line = await self._line()
+            except (OSError, trio.TooSlowError, TemplateUnavailable) as exc:
+                ours.close()
+                self._drop()
+                raise TemplateUnavailable(f"the exchange template did not fork: {exc or 'timed out'}") from None
+            finally:
+                theirs.close()
+            return ours, int(line)
+
+    async def _line(self) -> bytes:
+        assert self.sock is not None
+        while b"\n" not in self.buf:
+            chunk = await self.sock.recv(64)
+            if not chunk:
+                raise TemplateUnavailable("it ended")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    async def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = await trio.lowlevel.open_process(
+                [*self.argv, "--template", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), start_new_session=True)
+        except OSError as exc:
+            ours.close()
+            raise TemplateUnavailable(f"cannot start the exchange template: {exc}") from None
+        finally:
+            theirs.close()
+        self.nursery.start_soon(proc.wait)
+        self.proc, self.sock, self.buf = proc, trio.socket.from_stdlib_socket(ours), b""
+        try:
+            with trio.fail_after(START_TIMEOUT_S):
+                line = await self._line()
+            if line != b"ready":
+                raise TemplateUnavailable(f"it said {line[:80]!r}")
+        except (OSError, trio.TooSlowError, TemplateUnavailable) as exc:
+            self._drop()
+            raise TemplateUnavailable(f"the exchange template did not start: {exc or 'timed out'}") from None
+        log.info("warm pool: exchange template started (pid %d)", proc.pid)
+
+    def _drop(self) -> None:
+        """Forget the template (it is killed if it still runs; its children stay)."""
+        if self.sock is not None:
+            self.sock.close()
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.sock = self.proc = None
+
+    def close(self) -> None:
+        """At the server's end: the template sees its socket close and exits."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None

@@ -1,0 +1,79 @@
+"""The exchange template (bento/exchange_template.py, bento/template_link.py):
+warm exchanges forked from one process that imported the exchange, each in a
+session of its own; and when there is no template, the pool says so and starts
+warm exchanges as processes of their own."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import trio
+
+from bento import exchange_link
+from bento.template_link import Template, TemplateUnavailable
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def boot() -> list[str]:
+    path = exchange_link.exchange_sys_path()
+    return [exchange_link.real_python(), "-I", "-S", "-c",
+            f"import sys;sys.path[:0]={path!r};from bento.exchange import main;main(sys.argv[1:])"]
+
+
+async def test_a_forked_warm_exchange_is_the_templates_child_in_a_session_of_its_own():
+    async with trio.open_nursery() as nursery:
+        template = Template(boot(), nursery)
+        ours, pid = await template.fork_warm()
+        ours2, pid2 = await template.fork_warm()
+        assert template.proc is not None and pid != pid2
+        for p in (pid, pid2):
+            assert int(_stat(p)[1]) == template.proc.pid  # forked by the template
+            with trio.fail_after(10):  # then it leaves the template's session
+                while int(_stat(p)[3]) != p:
+                    await trio.sleep(0.01)
+        # The server closing its end ends the warm exchange (it waits for "warm").
+        ours.close()
+        ours2.close()
+        with trio.fail_after(10):
+            while os.path.exists(f"/proc/{pid}") and _stat(pid)[0] != "Z":
+                await trio.sleep(0.01)
+        template.close()
+        with trio.fail_after(10):
+            await template_wait(template)
+
+
+async def template_wait(template: Template) -> None:
+    while True:
+        proc = template.proc
+        if proc is None or proc.returncode is not None:
+            return
+        await trio.sleep(0.01)
+
+
+async def test_a_template_that_does_not_start_is_reported():
+    async with trio.open_nursery() as nursery:
+        template = Template([sys.executable, "-c", "pass"], nursery)
+        with pytest.raises(TemplateUnavailable, match="did not start"):
+            await template.fork_warm()
+
+
+async def test_without_a_template_the_pool_starts_warm_exchanges_itself_and_says_so(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(data_dir=str(tmp_path), sandbox="none", sandbox_cmd=None, pool_size=1,
+                             pool_template=True)
+    async with trio.open_nursery() as nursery:
+        ex = exchange_link.Exchanges(config, nursery)
+        assert ex.template is not None
+        ex.template.argv = [sys.executable, "-c", "pass"]  # a template that never says ready
+        ours, pid, kill = await ex._start_warm_process()
+        assert ex.template is None
+        assert "warm exchanges start as their own processes from now on" in caplog.text
+        assert int(_stat(pid)[1]) == os.getpid()  # the server's own child
+        ours.close()  # it sees the end and exits
