@@ -39,6 +39,10 @@ class Output:
         self.pipes: dict[int, str] = {}  # fd -> "stdout" | "stderr"
         self.tty_fd = -1  # stdout's fd: a terminal's master in a tty session
         self.pipe_poll = select.poll()
+        # The pipes were found empty after the last read from the driver's link:
+        # whatever was printed before a message already read is in the log, so
+        # its api.send needs no poll of the pipes (one syscall per message saved).
+        self.pipes_seen_empty = False
         self.stalled: list[tuple[str, Parts, int]] = []  # frames the disk refused, oldest first
         self.flush_blocked = False  # appended frames wait for the disk
         self.retry_at = 0.0
@@ -188,10 +192,15 @@ class Output:
 
     def drain_pipes(self) -> None:
         """Take what the function already wrote to stdout/stderr, so a message
-        it sends after printing lands after the printed text."""
-        if not self.pipes:
+        it sends after printing lands after the printed text. Pipes seen empty
+        after the link's last read stay so for the messages that read brought:
+        the driver writes a message only after what was printed before it."""
+        if not self.pipes or self.pipes_seen_empty:
             return
-        for fd, _ev in self.pipe_poll.poll(0):
+        ready = self.pipe_poll.poll(0)
+        if not ready:
+            self.pipes_seen_empty = True
+        for fd, _ev in ready:
             for _ in range(16):
                 if fd not in self.pipes or not self.read_pipe(fd):
                     break
