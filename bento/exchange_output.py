@@ -13,7 +13,7 @@ import os
 import select
 import time
 
-from bento import protocol, sessionlog
+from bento import protocol, session_core, sessionlog
 from bento.launch import PIPE_BYTES
 
 TYPE_CHECKING = False  # the exchange does not import typing (it starts per session)
@@ -80,7 +80,13 @@ class Output:
             self.flush()
             self.ex.exit_written(seq)
             return
-        self.ex.apply(self.core.frame(seq, size))
+        actions = self.core.frame(seq, size)
+        if actions is session_core.ANNOUNCE_ONLY and not self.core.full:
+            # The common case, without apply's loop and update_reading: nothing
+            # that decides the reading changed (the buffer was not full before either).
+            self.ex.progress_dirty = True
+        else:
+            self.ex.apply(actions)
 
     def flush(self) -> None:
         """Write the frames appended in this round; a disk that refuses them
