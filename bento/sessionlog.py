@@ -248,9 +248,13 @@ class Writer:
         try:
             i, off = 0, 0  # the next part to write, and how much of it is written
             while i < len(parts):
-                n = os.writev(self.fd, _from(parts[i : i + IOV_MAX], 0, off))
+                batch = _from(parts[i : i + IOV_MAX], 0, off)
+                n = os.writev(self.fd, batch)
                 done += n
-                i, off = _advance(parts, i, off, n)
+                if n == sum(map(len, batch)):
+                    i, off = i + len(batch), 0  # all of it (the usual case: no walk over its parts)
+                else:
+                    i, off = _advance(parts, i, off, n)
         except OSError:
             whole = 0
             while whole < len(ends) and ends[whole] <= done:
