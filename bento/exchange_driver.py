@@ -45,6 +45,8 @@ class DriverSide:
         self.flush()
 
     def on_readable(self, _fd: int) -> None:
+        # New messages: what was printed before them may be in the pipes still.
+        self.ex.output.pipes_seen_empty = False
         if not self.link.feed():
             self.ex.watch_fd(self.link.rfd, 0, None)
         self.messages()

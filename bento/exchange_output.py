@@ -13,7 +13,7 @@ import os
 import select
 import time
 
-from bento import protocol, sessionlog
+from bento import protocol, session_core, sessionlog
 from bento.launch import PIPE_BYTES
 
 TYPE_CHECKING = False  # the exchange does not import typing (it starts per session)
@@ -39,6 +39,10 @@ class Output:
         self.pipes: dict[int, str] = {}  # fd -> "stdout" | "stderr"
         self.tty_fd = -1  # stdout's fd: a terminal's master in a tty session
         self.pipe_poll = select.poll()
+        # The pipes were found empty after the last read from the driver's link:
+        # whatever was printed before a message already read is in the log, so
+        # its api.send needs no poll of the pipes (one syscall per message saved).
+        self.pipes_seen_empty = False
         self.stalled: list[tuple[str, Parts, int]] = []  # frames the disk refused, oldest first
         self.flush_blocked = False  # appended frames wait for the disk
         self.retry_at = 0.0
@@ -76,7 +80,13 @@ class Output:
             self.flush()
             self.ex.exit_written(seq)
             return
-        self.ex.apply(self.core.frame(seq, size))
+        actions = self.core.frame(seq, size)
+        if actions is session_core.ANNOUNCE_ONLY and not self.core.full:
+            # The common case, without apply's loop and update_reading: nothing
+            # that decides the reading changed (the buffer was not full before either).
+            self.ex.progress_dirty = True
+        else:
+            self.ex.apply(actions)
 
     def flush(self) -> None:
         """Write the frames appended in this round; a disk that refuses them
@@ -188,10 +198,15 @@ class Output:
 
     def drain_pipes(self) -> None:
         """Take what the function already wrote to stdout/stderr, so a message
-        it sends after printing lands after the printed text."""
-        if not self.pipes:
+        it sends after printing lands after the printed text. Pipes seen empty
+        after the link's last read stay so for the messages that read brought:
+        the driver writes a message only after what was printed before it."""
+        if not self.pipes or self.pipes_seen_empty:
             return
-        for fd, _ev in self.pipe_poll.poll(0):
+        ready = self.pipe_poll.poll(0)
+        if not ready:
+            self.pipes_seen_empty = True
+        for fd, _ev in ready:
             for _ in range(16):
                 if fd not in self.pipes or not self.read_pipe(fd):
                     break

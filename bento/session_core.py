@@ -99,7 +99,7 @@ class StateChanged(namedtuple("StateChanged", "version value")):
 
 
 NOTHING: tuple = ()
-_ANNOUNCE = (Announce(),)
+ANNOUNCE_ONLY = _ANNOUNCE = (Announce(),)  # the common answer to frame(), which callers may test by identity
 _SAVE_SOON = (Save(False), Announce())
 
 

@@ -67,10 +67,12 @@ class _Link:
     def send_raw(self, body: bytes) -> None:
         data = wire.frame(body)
         with self.send_lock:
-            view = memoryview(data)
-            while view:
-                n = os.write(OUT_FD, view)
-                view = view[n:]
+            n = os.write(OUT_FD, data)
+            if n < len(data):  # cut short (a signal, a large message): the rest, in order
+                view = memoryview(data)[n:]
+                while view:
+                    n = os.write(OUT_FD, view)
+                    view = view[n:]
 
     def _parse(self) -> dict | None:
         body = self.framer.next()
