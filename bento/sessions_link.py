@@ -22,6 +22,12 @@ import trio
 from bento import sessiondisk
 from bento.exchange_link import ExchangeGone, ExchangeLink
 
+# An exchange whose function ended holds its session's directory until its last
+# writes are done, then exits: a request for the session meanwhile waits this
+# long (in BUSY_STEP_S steps) for the directory, not failing at the first try.
+BUSY_WAIT_S = 3.0
+BUSY_STEP_S = 0.05
+
 if TYPE_CHECKING:
     from bento.exchange_link import Exchanges
     from bento.sessions import Session
@@ -105,11 +111,11 @@ class SessionLinks:
     async def _from_disk(self, s: Session) -> bool:
         """Serve an ended session from disk; False if its function has not ended
         (or an exchange holds it). Waits a moment for an exchange that is exiting."""
-        for _ in range(10):
+        for _ in range(int(BUSY_WAIT_S / BUSY_STEP_S)):
             try:
                 ended = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
             except sessiondisk.Busy:
-                await trio.sleep(0.05)
+                await trio.sleep(BUSY_STEP_S)
                 continue
             if ended is None:
                 return False
@@ -127,17 +133,23 @@ class SessionLinks:
         one at a time. Its core stays in memory while someone is attached (an
         owner reading and acking): recovering it reads the whole output log."""
         async with s.disk_lock:
-            try:
-                ended = s.disk
-                if ended is None:
-                    ended = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
+            for _ in range(int(BUSY_WAIT_S / BUSY_STEP_S)):
+                try:
+                    ended = s.disk
                     if ended is None:
-                        raise ExchangeGone("the session's exchange is not reachable right now")
-                    if s.attachments:
-                        s.disk = ended
-                return await trio.to_thread.run_sync(call, ended, *args)
-            except sessiondisk.Busy:
-                raise ExchangeGone("the session's exchange is ending; try again") from None
+                        ended = await trio.to_thread.run_sync(sessiondisk.open_ended, s.dir, s.meta)
+                        if ended is None:
+                            raise ExchangeGone("the session's exchange is not reachable right now")
+                        if s.attachments:
+                            s.disk = ended
+                    return await trio.to_thread.run_sync(call, ended, *args)
+                except sessiondisk.Busy:
+                    # Its exchange is exiting. A core read before may hold a change
+                    # that was not saved: read it again from disk next time.
+                    s.disk = None
+                    await trio.sleep(BUSY_STEP_S)
+            raise ExchangeGone(f"the session's exchange has not let go of it within {BUSY_WAIT_S:g} s; "
+                               "try again")
 
     # -- requests to the exchange ---------------------------------------------
 

@@ -371,3 +371,17 @@ async def test_attach_right_after_a_drop_reports_the_true_positions(server):
             rep = await c.ok("attach", token=r["token"], **{"from": 1})
             assert (rep["next_seq"], rep["input_seq"], rep["state"]) == (31, 30, "running"), rep
             await c.ok("destroy", token=r["token"])
+
+
+async def test_state_put_as_the_function_ends_waits_for_its_exchange_to_let_go(server):
+    """The moment the exit frame is out, the exchange still holds the session's
+    directory for its last writes, then exits: a put or a get then waits for it
+    instead of failing with "try again"."""
+    async with connect(server.url) as c:
+        for i in range(30):
+            r = await c.ok("execute", code="def main():\n    return 1\n")
+            await c.frames(r["session"], timeout=20)  # up to the exit frame
+            put = await c.ok("state_put", token=r["token"], value=i)
+            assert put["version"] == 1, put
+            got = await c.ok("state_get", token=r["viewer_token"])
+            assert (got["version"], got["value"]) == (1, i), got
