@@ -22,8 +22,6 @@ URL.
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
 import re
 import sys
@@ -37,7 +35,7 @@ DEFAULT_MAX_ENV_BYTES = 4 * 1024 * 1024 * 1024
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 _VERSION = r"(?:===|==|!=|<=|>=|~=|<|>)\s*[A-Za-z0-9.*+!_-]+"
-_SPEC = re.compile(rf"({_NAME})\s*(\[\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\])?\s*({_VERSION}(?:\s*,\s*{_VERSION})*)?")
+_SPEC = rf"({_NAME})\s*(\[\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\])?\s*({_VERSION}(?:\s*,\s*{_VERSION})*)?"
 
 
 class SpecError(ValueError):
@@ -54,7 +52,7 @@ def normalise(packages: list[str]) -> list[str]:
     for spec in packages:
         if not isinstance(spec, str) or not 0 < len(spec) <= MAX_SPEC_CHARS:
             raise SpecError(f"a package spec is text of 1 to {MAX_SPEC_CHARS} characters: {spec!r:.80}")
-        m = _SPEC.fullmatch(spec.strip())
+        m = re.fullmatch(_SPEC, spec.strip())
         if m is None:
             raise SpecError(
                 f"{spec!r} is not a package requirement: give a name with optional [extras] and "
@@ -71,6 +69,9 @@ def normalise(packages: list[str]) -> list[str]:
 
 def env_hash(specs: list[str], python: str) -> str:
     """The name of the environment of ``specs`` (normalised) for this interpreter."""
+    import hashlib
+    import json
+
     version = ".".join(map(str, sys.version_info[:2]))
     text = json.dumps({"specs": specs, "python": python, "version": version}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -98,6 +99,8 @@ def use(envs_dir: str, name: str) -> int | None:
 
 def listing(envs_dir: str) -> list[dict]:
     """Every ready environment: name, specs, bytes, last_used (epoch s), in_use."""
+    import json
+
     out = []
     try:
         names = sorted(os.listdir(envs_dir))
@@ -205,8 +208,10 @@ def build(envs_dir: str, name: str, specs: list[str], python: str, uv: str | Non
     _say(f"installing {', '.join(specs)} with {tool}")
     started = time.monotonic()
     if uv:
-        cmd = [uv, "pip", "install", "--no-cache", "--python", python, "--target", os.path.join(tmp, SITE),
-               "--", *specs]
+        # Compiled at install, as pip does: the sandbox mounts the environment
+        # read-only, so a module without its .pyc is compiled at every import.
+        cmd = [uv, "pip", "install", "--no-cache", "--compile-bytecode", "--python", python,
+               "--target", os.path.join(tmp, SITE), "--", *specs]
     else:
         cmd = [python, "-m", "pip", "install", "--no-input", "--no-cache-dir", "--disable-pip-version-check",
                "--target", os.path.join(tmp, SITE), "--", *specs]
@@ -221,6 +226,8 @@ def build(envs_dir: str, name: str, specs: list[str], python: str, uv: str | Non
         shutil.rmtree(tmp, ignore_errors=True)
         _say(f"the packages take {size} bytes, more than this server's --max-env-bytes ({max_bytes})")
         return 1
+    import json
+
     with open(os.path.join(tmp, READY), "w") as f:
         json.dump({"specs": specs, "bytes": size, "python": python, "built": time.time()}, f)
     os.rename(tmp, os.path.join(envs_dir, name))
