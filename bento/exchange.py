@@ -239,6 +239,17 @@ class Exchange(EnvironmentLife):
 
     # -- main loop ----------------------------------------------------------
 
+    def publish(self, now: float) -> None:
+        """Write the frames read so far to the output log and tell the server
+        (``progress``): at the end of each round of events, and before the
+        function's end is handled, so its last output does not wait for that."""
+        output = self.output
+        if output.log.pending and (not output.flush_blocked or now >= output.retry_at):
+            output.flush()
+        if self.progress_dirty and self.control.link is not None:
+            self.progress_dirty = False
+            self.control.send(wire.message(wire.FROM_EXCHANGE, "progress", **self.core.snapshot()))
+
     def work_done(self) -> bool:
         """An ended session needs no process: once its exit frame and state are
         on disk and the server has been told, the server serves it from disk."""
@@ -282,8 +293,7 @@ class Exchange(EnvironmentLife):
             self.check_work(now)
             output.retry_stalled(now)
             self.maybe_finish_drain(now)
-            if output.log.pending and (not output.flush_blocked or now >= output.retry_at):
-                output.flush()
+            self.publish(now)
             if self.state_dirty_at is not None and now >= self.state_dirty_at:
                 self.save()
             if self.control.link is None and now >= self.next_dir_check:
@@ -294,9 +304,6 @@ class Exchange(EnvironmentLife):
                     self.kill_child()
                     self.finished = True
                     continue
-            if self.progress_dirty and self.control.link is not None:
-                self.progress_dirty = False
-                self.control.send(wire.message(wire.FROM_EXCHANGE, "progress", **self.core.snapshot()))
             if self.work_done():
                 break
             link = self.control.link
@@ -392,7 +399,9 @@ def main(argv: list[str]) -> None:
         sys.stdout.write(f"ready {os.getpid()}\n")
         sys.stdout.flush()
         _detach_stdio()
-    ex.save()
+    # Saved in the loop's first round, after the function's first output (if
+    # it is there by then) has gone to the server.
+    ex.state_dirty_at = time.monotonic()
     try:
         ex.run()
     finally:

@@ -85,6 +85,8 @@ class EnvironmentLife:
 
         def update_reading(self) -> None: ...
 
+        def publish(self, now: float) -> None: ...
+
     def kill(self, reason: str, error: dict | None = None) -> None:
         """End the function because of a limit or a violation."""
         if self.kill_reason is None:
@@ -100,6 +102,8 @@ class EnvironmentLife:
 
     def on_child_exit(self, _fd: int) -> None:
         assert self.child is not None
+        # What the function wrote before it ended goes to the server first.
+        self.publish(time.monotonic())
         self.sel.unregister(self.pidfd)
         os.close(self.pidfd)
         self.pidfd = -1
