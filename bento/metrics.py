@@ -68,12 +68,18 @@ class Metrics:
     def executed(self, s: Session, nursery: trio.Nursery) -> None:
         """Count an execute, and time its function's start (from the session's creation)."""
         self.executes.inc()
-        nursery.start_soon(self._watch_start, s)
+        if s.snap.state == State.STARTING.value:
+            nursery.start_soon(self._watch_start, s)
+        else:
+            self._started(s)  # a warm environment's session runs already: no task on the reply's path
 
     async def _watch_start(self, s: Session) -> None:
         with trio.move_on_after(START_WATCH_S):
             while s.snap.state == State.STARTING.value and not s.removed:
                 await s.changed.wait()
+        self._started(s)
+
+    def _started(self, s: Session) -> None:
         latency = time.time() - s.created
         if s.snap.state not in NOT_STARTED and latency < START_WATCH_S:
             self.start_seconds.observe(max(0.0, latency))

@@ -188,3 +188,22 @@ async def test_metrics_move_as_a_session_runs(server):
     last = figures((await aget(server.port, "/metrics"))[2])
     assert last[("bento_token_guesses_failed_total", ())] == after.get(("bento_token_guesses_failed_total", ()), 0) + 1
     assert last[("bento_errors_total", (("code", "not_found"),))] >= 1
+
+
+async def test_the_start_latency_is_observed_for_warm_and_cold_environments(make_server):
+    """A warm environment's session runs when the execute is answered (observed
+    at once); a cold one starts later (observed when it says so)."""
+    code = "def main():\n    return 1\n"
+    for pool in ("2", "0"):
+        srv = make_server("--pool", pool)
+        before = figures((await aget(srv.port, "/metrics"))[2])
+        async with connect(srv.url) as c:
+            for _ in range(2):
+                r = await c.ok("execute", code=code, attach=True)
+                await c.frames(r["session"])
+        key = ("bento_execute_start_seconds_count", ())
+        with trio.fail_after(10):
+            while figures((await aget(srv.port, "/metrics"))[2]).get(key, 0) - before.get(key, 0) < 2:
+                await trio.sleep(0.05)
+        after = figures((await aget(srv.port, "/metrics"))[2])
+        assert after[key] - before.get(key, 0) == 2, pool
