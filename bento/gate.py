@@ -58,10 +58,9 @@ class Gate:
     """Admission for one server: ``enter`` before a session is created, ``bind``
     after, ``release`` if the creation failed."""
 
-    def __init__(self, admission: Admission, data_dir: str, nursery: trio.Nursery) -> None:
+    def __init__(self, admission: Admission, data_dir: str) -> None:
         self.admission = admission
         self.data_dir = data_dir
-        self.nursery = nursery
         self.freed = trio.Event()
         self.tickets: dict[str, Ticket] = {}  # running sessions by id
 
@@ -150,7 +149,8 @@ class Gate:
             self.release(t)
             return
         self.tickets[s.sid] = t
-        self.nursery.start_soon(self._watch, t, s)
+        # A callback, not a task per session: a task would cost every running session ~3 KiB.
+        s.on_end = lambda: self._ended(t, s)
 
     def recover(self, sessions: list[Session]) -> None:
         """At start: count every running session found on disk (admitted as it is)."""
@@ -161,9 +161,7 @@ class Gate:
             self.admission.admit(t)
             self.bind(t, s)
 
-    async def _watch(self, t: Ticket, s: Session) -> None:
-        while not (s.removed or s.snap.has_ended):
-            await s.changed.wait()
+    def _ended(self, t: Ticket, s: Session) -> None:
         self.tickets.pop(s.sid, None)
         self.release(t)
 

@@ -78,7 +78,7 @@ class Server:
         self.traffic = transport.Traffic()
         self.cluster: Any = None  # bento.cluster.node.Cluster with config.cluster
         capacity = config.capacity or machine_capacity(config.data_dir, config.default_limits.get("memory_bytes"))
-        self.gate = Gate(Admission(capacity, config.quotas), config.data_dir, registry.nursery)
+        self.gate = Gate(Admission(capacity, config.quotas), config.data_dir)
         self.metrics = Metrics(self)
         self.routes = http.Routes(keys=self.keys, guesses=self.guesses, metrics=self.metrics.render,
                                   ready=Readiness(config, self.cluster_unreachable).why_not)

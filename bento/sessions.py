@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -64,6 +65,8 @@ class Session:
         self.shared_value = protocol.encode(None)
         self.attachments: set[Attachment] = set()
         self.changed = trio.Event()
+        # Called once, when it has ended or is removed: gives back its admission (bento/gate.py).
+        self.on_end: Callable[[], None] | None = None
         self.link: ExchangeLink | None = None
         self.removed = False
         self.ack_sent = 0
@@ -101,6 +104,9 @@ class Session:
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+        if self.on_end is not None and (self.removed or self.snap.has_ended):
+            on_end, self.on_end = self.on_end, None
+            on_end()
 
     def status(self) -> dict:
         snap = self.snap
