@@ -128,8 +128,9 @@ class Snapshot(namedtuple("Snapshot", "state next_seq first_seq acked_seq input_
 
     @classmethod
     def from_map(cls, msg: dict) -> Snapshot:
-        # An exchange of wire version 6 (and a snapshot it mirrored) has no ``waiting``.
-        return cls._make([*(msg[k] for k in cls._fields[:-1]), msg.get("waiting")])
+        # No ``waiting`` from an exchange of wire version 6; texts shared by all sessions (_TEXT).
+        state, waiting = msg["state"], msg.get("waiting")
+        return cls._make([_TEXT.get(state, state), *(msg[k] for k in cls._fields[1:-1]), _TEXT.get(waiting, waiting)])
 
     @property
     def has_ended(self) -> bool:
@@ -144,6 +145,7 @@ class Snapshot(namedtuple("Snapshot", "state next_seq first_seq acked_seq input_
 _ENDED_TEXT = frozenset(s.value for s in ENDED)
 NEW = Snapshot(State.STARTING.value, 1, 1, 0, 0, 0, 0, None, None, None, 0, None)
 WAITS = (None, "recv", "stdin")  # what a function can be blocked on: nothing, api.recv(), stdin
+_TEXT: dict[object, str] = {text: text for text in [*(s.value for s in State), *WAITS] if text is not None}
 
 
 def judge_input(last: int, seq: int, running: bool) -> str | Refused:

@@ -91,7 +91,7 @@ class Session:
             events.emit("session.state", session=self.sid, state=self.snap.state, was=before,
                         **events.exit_fields(self.snap.exit))
         if "enforced" in msg:
-            self.enforced = msg["enforced"]
+            self.enforced = _one_copy(msg["enforced"])
         if "shared_version" in msg:
             self.set_shared(msg["shared_version"], msg["shared_value"])
         self.notify()
@@ -281,3 +281,22 @@ class Registry(SessionLinks, Upkeep):
                 att.why = "the viewer token was revoked by the session's owner"
                 att.cancel.cancel()
                 s.attachments.discard(att)
+
+
+# Sessions of one server report the same few enforcement maps: each distinct
+# one is kept once (a decoded copy per session cost ~1 KiB of every session).
+_ENFORCED: dict[tuple, dict[str, str]] = {}
+_ENFORCED_MAX = 64
+
+
+def _one_copy(enforced: dict[str, str]) -> dict[str, str]:
+    try:
+        key = tuple(sorted(enforced.items()))
+        shared = _ENFORCED.get(key)
+    except TypeError:  # not the map of texts the wire promises: kept as it is
+        return enforced
+    if shared is not None:
+        return shared
+    if len(_ENFORCED) < _ENFORCED_MAX:
+        _ENFORCED[key] = enforced
+    return enforced
