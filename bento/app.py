@@ -82,8 +82,9 @@ def server_parser() -> argparse.ArgumentParser:
                    help="most warm environments kept while executes come fast (each holds ~11 MiB PSS, "
                         "~27 MiB RSS; default: 4 per core, at most 1/64 of RAM, at most 32)")
     p.add_argument("--no-pool-template", dest="pool_template", action="store_false",
-                   help="start each warm exchange as a process of its own instead of forking it from a "
-                        "template process (slower; each sandbox is fresh either way)")
+                   help="start each warm exchange as a process of its own, also while executes come fast, "
+                        "instead of forking it from a template process (more CPU under load; each sandbox is "
+                        "fresh either way)")
     p.add_argument("--max-sessions", type=int, metavar="N",
                    help="most functions running at once (default: one per 64MiB of RAM)")
     p.add_argument("--memory-budget", type=units.size, metavar="SIZE",

@@ -44,6 +44,11 @@ RETRY_FIRST_S = 1.0  # the warm pool's pause after a failure, doubled while fail
 RETRY_MAX_S = 30.0
 SIZING_TICK_S = 1.0  # the pool's target is looked at again at least this often (to shrink it)
 TAKE_GRACE_S = 0.05  # after a take, warm starts wait this long (the session's first hops go first)
+# Executes a second from which warm exchanges are forked from the template: a
+# fork costs ~1 ms of CPU where a process of its own costs ~30, but a forked
+# exchange's session reaches its first output ~1-1.5 ms later (not located:
+# docs/performance.md). Below this rate the CPU is there to spare.
+TEMPLATE_RATE = 8.0
 
 
 def _kill(pid: int) -> None:
@@ -231,6 +236,9 @@ class Exchanges:
         next start waits a pause that doubles while they keep failing (one at a
         time meanwhile): executes start cold then, and the keeper never ends.
         Beyond the target (the executes slowed down), the oldest are closed."""
+        if self.template is not None:
+            # Ready before executes come fast (its start is the exchange's imports, ~50 ms).
+            self.nursery.start_soon(self._start_template)
         async with trio.open_nursery() as starts:
             while self.pool_size:
                 now = trio.current_time()
@@ -250,6 +258,19 @@ class Exchanges:
                     # Let the session that just took a warm exchange have the CPU first
                     # (the sizing counts this pause as part of a replacement's start).
                     await trio.sleep(TAKE_GRACE_S)
+
+    async def _start_template(self) -> None:
+        template = self.template
+        if template is None:
+            return
+        try:
+            await template.start()
+        except TemplateUnavailable as exc:
+            self._no_template(exc)
+
+    def _no_template(self, exc: TemplateUnavailable) -> None:
+        log.warning("warm pool: %s; warm exchanges start as their own processes from now on", exc)
+        self.template = None
 
     async def _wake_within(self, seconds: float) -> None:
         self.warm_wanted = trio.Event()
@@ -323,13 +344,13 @@ class Exchanges:
     async def _start_warm_process(self) -> tuple[socket.socket, int, Callable[[], None]]:
         """A new warm exchange, forked from the template (bento/exchange_template.py)
         or, without one, started as its own process: (the server's end of its
-        link, its pid, what kills it)."""
-        if self.template is not None:
+        link, its pid, what kills it). From the template only while executes
+        come fast (TEMPLATE_RATE)."""
+        if self.template is not None and self.sizing.rate(trio.current_time()) >= TEMPLATE_RATE:
             try:
                 ours, pid = await self.template.fork_warm()
             except TemplateUnavailable as exc:
-                log.warning("warm pool: %s; warm exchanges start as their own processes from now on", exc)
-                self.template = None
+                self._no_template(exc)
             else:
                 # By pid (the template's child, reaped by the kernel): used only for one
                 # that did not answer within WARM_TIMEOUT_S and so most likely still runs.

@@ -81,3 +81,6 @@ class PoolSizing:
 
     def target(self, now: float) -> int:
         return target(self.times, now, self.floor, self.maximum, self.refill_s)
+
+    def rate(self, now: float) -> float:
+        return rate(self.times, now)

@@ -39,6 +39,12 @@ class Template:
         self.lock = trio.Lock()
         self.buf = b""
 
+    async def start(self) -> None:
+        """Start the template now if it is not running (else its first fork does)."""
+        async with self.lock:
+            if self.sock is None:
+                await self._start()
+
     async def fork_warm(self) -> tuple[socket.socket, int]:
         """(the server's end of the new warm exchange's link, its pid)."""
         async with self.lock:

@@ -72,8 +72,32 @@ async def test_without_a_template_the_pool_starts_warm_exchanges_itself_and_says
         ex = exchange_link.Exchanges(config, nursery)
         assert ex.template is not None
         ex.template.argv = [sys.executable, "-c", "pass"]  # a template that never says ready
+        for _ in range(int(exchange_link.TEMPLATE_RATE) + 1):  # executes come fast: the template is asked
+            ex.sizing.executed(trio.current_time())
         ours, pid, kill = await ex._start_warm_process()
         assert ex.template is None
         assert "warm exchanges start as their own processes from now on" in caplog.text
         assert int(_stat(pid)[1]) == os.getpid()  # the server's own child
         ours.close()  # it sees the end and exits
+
+
+async def test_the_template_forks_warm_exchanges_only_while_executes_come_fast(tmp_path):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(data_dir=str(tmp_path), sandbox="none", sandbox_cmd=None, pool_size=1,
+                             pool_template=True)
+    async with trio.open_nursery() as nursery:
+        ex = exchange_link.Exchanges(config, nursery)
+        assert ex.template is not None
+        ours, pid, _kill = await ex._start_warm_process()  # no executes yet
+        assert ex.template.proc is None  # not even started
+        assert int(_stat(pid)[1]) == os.getpid()
+        ours.close()
+        for _ in range(int(exchange_link.TEMPLATE_RATE) + 1):
+            ex.sizing.executed(trio.current_time())
+        ours, pid, _kill = await ex._start_warm_process()
+        assert ex.template.proc is not None and int(_stat(pid)[1]) == ex.template.proc.pid
+        ours.close()
+        ex.template.close()
+        with trio.fail_after(10):
+            await template_wait(ex.template)
