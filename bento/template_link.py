@@ -42,14 +42,12 @@ class Template:
     async def start(self) -> None:
         """Start the template now if it is not running (else its first fork does)."""
         async with self.lock:
-            if self.sock is None:
-                await self._start()
+            await self._start()
 
     async def fork_warm(self) -> tuple[socket.socket, int]:
         """(the server's end of the new warm exchange's link, its pid)."""
         async with self.lock:
-            if self.sock is None:
-                await self._start()
+            await self._start()
             assert self.sock is not None
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -76,6 +74,9 @@ class Template:
         return line
 
     async def _start(self) -> None:
+        """Start the template unless it runs (the caller holds ``lock``)."""
+        if self.sock is not None:
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = await trio.lowlevel.open_process(

@@ -63,11 +63,15 @@ async def test_a_template_that_does_not_start_is_reported():
             await template.fork_warm()
 
 
-async def test_without_a_template_the_pool_starts_warm_exchanges_itself_and_says_so(tmp_path, caplog):
+def _config(tmp_path):  # what Exchanges reads of the server's configuration
     from types import SimpleNamespace
 
-    config = SimpleNamespace(data_dir=str(tmp_path), sandbox="none", sandbox_cmd=None, pool_size=1,
-                             pool_template=True)
+    return SimpleNamespace(data_dir=str(tmp_path), sandbox="none", sandbox_cmd=None, pool_size=1,
+                           pool_template=True)
+
+
+async def test_without_a_template_the_pool_starts_warm_exchanges_itself_and_says_so(tmp_path, caplog):
+    config = _config(tmp_path)
     async with trio.open_nursery() as nursery:
         ex = exchange_link.Exchanges(config, nursery)
         assert ex.template is not None
@@ -82,10 +86,7 @@ async def test_without_a_template_the_pool_starts_warm_exchanges_itself_and_says
 
 
 async def test_the_template_forks_warm_exchanges_only_while_executes_come_fast(tmp_path):
-    from types import SimpleNamespace
-
-    config = SimpleNamespace(data_dir=str(tmp_path), sandbox="none", sandbox_cmd=None, pool_size=1,
-                             pool_template=True)
+    config = _config(tmp_path)
     async with trio.open_nursery() as nursery:
         ex = exchange_link.Exchanges(config, nursery)
         assert ex.template is not None
