@@ -48,7 +48,7 @@ class InputOps:
             r = self._input_after_end(s, req["seq"])
         else:
             try:
-                r = await self.registry.call(s, msg)
+                r = await self.registry.input(s, msg)
             except ExchangeGone:
                 if not s.snap.has_ended:
                     raise

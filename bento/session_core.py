@@ -339,11 +339,11 @@ class SessionCore:
         return judge_input(self.input_seq, seq, self.accepts_work)
 
     def input_recorded(self, seq: int) -> tuple:
-        """Input ``seq`` is in the input log: it is accepted."""
+        """Input ``seq`` is in the input log: accepted (its reply tells the server)."""
         if seq != self.input_seq + 1:
             raise LocalError(f"input {seq} recorded after {self.input_seq}")
         self.input_seq = seq
-        return _ANNOUNCE
+        return NOTHING
 
     # -- shared state --------------------------------------------------------------
 

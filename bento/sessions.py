@@ -96,6 +96,13 @@ class Session:
             self.set_shared(msg["shared_version"], msg["shared_value"])
         self.notify()
 
+    def input_accepted(self, seq: int) -> None:
+        """The exchange accepted input up to ``seq`` (its reply says so; it
+        announces no progress for input)."""
+        if seq > self.snap.input_seq:
+            self.snap = self.snap._replace(input_seq=seq)
+            self.notify()
+
     def set_shared(self, version: int, value: bytes) -> None:
         if version >= self.shared_version:
             self.shared_version, self.shared_value = version, value

@@ -159,6 +159,13 @@ class SessionLinks:
             raise ExchangeGone("the session's exchange is not reachable right now")
         return await link.call(msg)
 
+    async def input(self, s: Session, msg: dict) -> dict:
+        """An ``input`` to the exchange; its reply moves the session's ``input_seq``."""
+        r = await self.call(s, msg)
+        if r["ok"]:
+            s.input_accepted(r["input_seq"])
+        return r
+
     async def sync(self, s: Session) -> None:
         """Bring ``s.snap`` up to the exchange's positions now (the exchange
         announces them in rounds; a reply must not trail what was acknowledged).

@@ -166,7 +166,7 @@ class Control:
         msg = {"t": "input", **{k: request[k] for k in ("seq", "eof", "data") if k in request}}
         if not s.on_disk:
             try:
-                return await self.registry.call(s, msg)
+                return await self.registry.input(s, msg)
             except ExchangeGone:
                 if not s.snap.has_ended:
                     raise

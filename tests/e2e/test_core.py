@@ -98,6 +98,21 @@ async def test_input_echo_exactly_once_with_duplicates(server):
     assert frames[-1][2]["result"] == [10, 20, 30]
 
 
+async def test_status_has_the_input_seq_as_soon_as_the_input_is_acked(server):
+    """An accepted input moves the session's input_seq at once, though the
+    function prints nothing (the exchange's reply carries it)."""
+    code = "def main():\n    while True:\n        api.recv()\n"
+    async with connect(server.url) as c:
+        r = await c.ok("execute", code=code)
+        sid = r["session"]
+        for seq in (1, 2, 3):
+            await c.send({"op": "input", "session": sid, "seq": seq, "data": seq})
+            await c.event(ev="in_ack", session=sid, seq=seq)
+            st = await c.ok("status", token=r["token"])
+            assert st["input_seq"] == seq, st
+        await c.ok("destroy", token=r["token"])
+
+
 async def test_input_before_function_reads_and_after_end(server):
     async with connect(server.url) as c:
         r = await c.ok("execute", code="import time\ndef main():\n    time.sleep(0.3)\n    return api.recv()\n")
