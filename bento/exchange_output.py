@@ -9,12 +9,11 @@ exchange: no trio, never a blocking read, never trust what the pipes carry.
 
 from __future__ import annotations
 
-import os
 import select
 import time
 
 from bento import protocol, session_core, sessionlog
-from bento.launch import PIPE_BYTES
+from bento.launch import PIPE_BYTES, read_available
 
 TYPE_CHECKING = False  # the exchange does not import typing (it starts per session)
 if TYPE_CHECKING:
@@ -172,7 +171,7 @@ class Output:
         never more than the buffer has room for, but one frame at least."""
         want = min(PIPE_BYTES, max(self.read_size, self.core.room))
         try:
-            chunk = os.read(fd, want)
+            chunk = read_available(fd, want)
         except BlockingIOError:
             return False
         except OSError:

@@ -9,6 +9,7 @@ it is given one. It must never block on the driver: its pipes are non-blocking.
 
 from __future__ import annotations
 
+import array
 import fcntl
 import os
 import struct
@@ -30,6 +31,19 @@ SANDBOX_ENVS = "/opt/bento/envs"  # the environments of executes' packages, insi
 loads = protocol.decode_internal
 
 
+_AVAILABLE = array.array("i", [0])
+
+
+def read_available(fd: int, most: int) -> bytes:
+    """What the pipe or socket ``fd`` holds now, up to ``most`` bytes (b"" at its
+    end; BlockingIOError when it holds nothing). The kernel says how much is
+    there first (FIONREAD): ``os.read(fd, most)`` allocates ``most`` bytes, and
+    from 128 KiB up that is an mmap, an mremap and an munmap per read, ~8 us
+    for a 100-byte message here (15-25 us after a pause) against ~0.5."""
+    fcntl.ioctl(fd, termios.FIONREAD, _AVAILABLE)
+    return os.read(fd, min(most, _AVAILABLE[0]) or 4096)
+
+
 def close_quietly(fd: int) -> None:
     try:
         os.close(fd)
@@ -49,7 +63,7 @@ class Link:
     def feed(self) -> bool:
         """Read what is there; False at EOF."""
         try:
-            chunk = os.read(self.rfd, READ_SIZE * 4)
+            chunk = read_available(self.rfd, READ_SIZE * 4)
         except BlockingIOError:
             return True
         except OSError:

@@ -376,7 +376,10 @@ class Cursor:
             raise FileNotFoundError(f"seq {self.next_seq} is not on disk")
         total = 0
         while self.next_seq < limit and total < max_bytes and len(out) < max_count:
+            # No more than the file holds: a buffer of 128 KiB or more is an mmap
+            # and munmap per read (~10 us, and more in a threaded process).
             want = min(READ_CHUNK, max_bytes - total) + HEAD.size
+            want = min(want, max(os.fstat(self._fd).st_size - self._offset, HEAD.size))
             buf = os.pread(self._fd, want, self._offset)
             if len(buf) < HEAD.size:
                 if not self._next_segment():
