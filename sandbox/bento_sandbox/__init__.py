@@ -26,7 +26,8 @@ a limit it cannot hold unless told that per-process rlimits are accepted.
 
 The package's modules: ``limits`` (the limits and what holds them),
 ``cgroups``, ``environment`` (a started environment; the ``none`` and
-``cmd`` backends) and ``bwrap``.
+``cmd`` backends), ``bwrap``, and ``spawn`` (fork and exec without
+``subprocess``, which would add ~1.4 MiB to every exchange).
 """
 
 from __future__ import annotations

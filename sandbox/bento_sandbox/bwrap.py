@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Mapping
 
@@ -101,6 +100,8 @@ def default_backend() -> str:
     bwrap = which("bwrap")
     if bwrap is None:
         return "none"
+    import subprocess  # (here: the exchange imports this module, and subprocess is ~1.4 MiB)
+
     try:
         r = subprocess.run(
             [bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL",

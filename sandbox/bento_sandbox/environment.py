@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Mapping
 
@@ -21,6 +20,7 @@ from bento_sandbox.limits import (
     Unenforceable,
     driver_rlimits,
 )
+from bento_sandbox.spawn import Process, spawn
 
 
 class SandboxUnavailable(Exception):
@@ -47,7 +47,7 @@ def _set_pdeathsig() -> None:
 class Environment:
     """A started environment: its top process, its process group, its cgroups."""
 
-    def __init__(self, process: subprocess.Popen, cgroups: Cgroups | None,
+    def __init__(self, process: Process, cgroups: Cgroups | None,
                  enforced: dict[str, str], signal_exit_codes: bool) -> None:
         self.process = process
         self.pid = process.pid
@@ -126,19 +126,17 @@ class _Backend:
 
     def _start(self, argv: list[str], *, name: str, cwd: str, env: Mapping[str, str],
                pass_fds: tuple[int, ...], stdin: int, stdout: int,
-               stderr: int) -> tuple[subprocess.Popen, Cgroups]:
+               stderr: int) -> tuple[Process, Cgroups]:
         """Start ``argv`` in its own session and in fresh cgroups named ``name``."""
         cgroups = Cgroups(name, detect_cgroups())
 
-        def preexec() -> None:
+        def setup() -> None:
             cgroups.enter()
             _set_pdeathsig()
 
         try:
-            proc = subprocess.Popen(
-                argv, cwd=cwd, env=dict(env), stdin=stdin, stdout=stdout, stderr=stderr,
-                pass_fds=pass_fds, start_new_session=True, preexec_fn=preexec,
-            )
+            proc = spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                         pass_fds=pass_fds, setup=setup)
         except BaseException:
             cgroups.remove()
             raise
