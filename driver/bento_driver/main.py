@@ -21,10 +21,13 @@ import termios
 import threading
 import traceback
 import types
-from typing import Any
 
 from bento_driver import cbor, wire
 from bento_driver.waits import GRACE_S, Waits, watch_stdin
+
+TYPE_CHECKING = False  # typing costs every environment ~0.6 MiB and 2 ms at its start
+if TYPE_CHECKING:
+    from typing import Any
 
 IN_FD = 3
 OUT_FD = 4
