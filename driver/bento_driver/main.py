@@ -10,7 +10,6 @@ from __future__ import annotations
 import builtins
 import fcntl
 import importlib
-import linecache
 import math
 import os
 import queue
@@ -19,7 +18,6 @@ import signal
 import sys
 import termios
 import threading
-import traceback
 import types
 
 from bento_driver import cbor, wire
@@ -27,6 +25,8 @@ from bento_driver.waits import GRACE_S, Waits, watch_stdin
 
 TYPE_CHECKING = False  # typing costs every environment ~0.6 MiB and 2 ms at its start
 if TYPE_CHECKING:
+    import traceback
+    from collections.abc import Callable
     from typing import Any
 
 IN_FD = 3
@@ -263,12 +263,63 @@ FUNCTION_FILE = "<function>"
 
 
 def _load_source(code: str) -> None:
-    linecache.cache[FUNCTION_FILE] = (len(code), None, code.splitlines(keepends=True), FUNCTION_FILE)
+    """Put the function's source in linecache's cache, where tracebacks find it:
+    once linecache is imported (by traceback, here or in the function).
+    Imported up front, it would cost every environment ~7 ms (tokenize, re)."""
+    entry = (len(code), None, code.splitlines(keepends=True), FUNCTION_FILE)
+
+    def put(linecache: types.ModuleType) -> None:
+        linecache.cache[FUNCTION_FILE] = entry
+
+    if "linecache" in sys.modules:
+        put(sys.modules["linecache"])
+    else:
+        sys.meta_path.insert(0, _WhenImported("linecache", put))
+
+
+class _WhenImported:
+    """A meta path finder: right after the first import of ``name`` (by
+    whichever finder holds it), ``then(module)``; then it leaves."""
+
+    def __init__(self, name: str, then: Callable[[types.ModuleType], None]) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _ThenLoader(spec.loader, self.then)
+                return spec
+        return None
+
+
+class _ThenLoader:
+    """``loader``, and ``then(module)`` once it has run the module."""
+
+    def __init__(self, loader: Any, then: Callable[[types.ModuleType], None]) -> None:
+        self.loader, self.then = loader, then
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.loader.exec_module(module)
+        self.then(module)
+
+    def __getattr__(self, attr: str) -> Any:  # get_source, is_package, ...: the real loader's
+        return getattr(self.loader, attr)
 
 
 def _without_driver(te: traceback.TracebackException) -> None:
     """Drop this module's frames from ``te`` and every exception chained to it:
     the user's traceback starts at the user's code, as it would locally."""
+    import traceback
+
     seen: set[int] = set()
     todo = [te]
     while todo:
@@ -282,6 +333,8 @@ def _without_driver(te: traceback.TracebackException) -> None:
 
 
 def _error(exc: BaseException) -> dict:
+    import traceback  # (here: most functions never fail)
+
     te = traceback.TracebackException.from_exception(exc)
     _without_driver(te)
     return {

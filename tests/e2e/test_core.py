@@ -47,6 +47,22 @@ async def test_falsy_results_survive(server):
             assert frames[-1][2]["result"] == value and frames[-1][2]["state"] == "exited"
 
 
+async def test_a_traceback_the_function_formats_shows_its_source(server):
+    """The driver imports neither linecache nor traceback up front; the
+    function's source still reaches linecache when the function imports them."""
+    code = ("import traceback\n"
+            "def main():\n"
+            "    try:\n"
+            "        1 / 0\n"
+            "    except ZeroDivisionError:\n"
+            "        return traceback.format_exc()\n")
+    async with connect(server.url) as c:
+        r = await c.ok("execute", code=code)
+        ex = (await c.frames(r["session"]))[-1][2]
+        assert ex["state"] == "exited", ex
+        assert 'File "<function>", line 4, in main\n    1 / 0\n' in ex["result"], ex["result"]
+
+
 async def test_exception_and_bad_code(server):
     async with connect(server.url) as c:
         r = await c.ok("execute", code="def main():\n    raise KeyError('nope')\n")
@@ -54,6 +70,7 @@ async def test_exception_and_bad_code(server):
         assert ex["state"] == "exited" and ex["code"] == 1
         assert ex["error"]["type"] == "KeyError" and "nope" in ex["error"]["message"]
         assert "Traceback" in ex["error"]["traceback"]
+        assert "    raise KeyError('nope')" in ex["error"]["traceback"], ex["error"]["traceback"]
 
         r = await c.ok("execute", code="def main(:\n")
         ex = (await c.frames(r["session"]))[-1][2]
