@@ -38,10 +38,10 @@ def read_available(fd: int, most: int) -> bytes:
     """What the pipe or socket ``fd`` holds now, up to ``most`` bytes (b"" at its
     end; BlockingIOError when it holds nothing). The kernel says how much is
     there first (FIONREAD): ``os.read(fd, most)`` allocates ``most`` bytes, and
-    from 128 KiB up that is an mmap, an mremap and an munmap per read, ~8 us
-    for a 100-byte message here (15-25 us after a pause) against ~0.5."""
+    from 128 KiB up that is an mmap, an mremap and an munmap per read
+    (docs/performance.md, 2026-12-06)."""
     fcntl.ioctl(fd, termios.FIONREAD, _AVAILABLE)
-    return os.read(fd, min(most, _AVAILABLE[0]) or 4096)
+    return os.read(fd, min(most, _AVAILABLE[0] or 4096))
 
 
 def close_quietly(fd: int) -> None:

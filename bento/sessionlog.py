@@ -377,7 +377,7 @@ class Cursor:
         total = 0
         while self.next_seq < limit and total < max_bytes and len(out) < max_count:
             # No more than the file holds: a buffer of 128 KiB or more is an mmap
-            # and munmap per read (~10 us, and more in a threaded process).
+            # and an munmap per read (as in launch.read_available).
             want = min(READ_CHUNK, max_bytes - total) + HEAD.size
             want = min(want, max(os.fstat(self._fd).st_size - self._offset, HEAD.size))
             buf = os.pread(self._fd, want, self._offset)
