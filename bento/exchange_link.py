@@ -269,7 +269,7 @@ class Exchanges:
             self._no_template(exc)
 
     def _no_template(self, exc: TemplateUnavailable) -> None:
-        log.warning("warm pool: %s; warm exchanges start as their own processes from now on", exc)
+        log.warning("warm pool: %s; exchanges start as their own processes from now on", exc)
         self.template = None
 
     async def _wake_within(self, seconds: float) -> None:
@@ -392,35 +392,53 @@ class Exchanges:
 
     async def spawn(self, sdir: str, adopt: bool) -> None:
         """Start an exchange for ``sdir`` and wait until it listens (or another one holds it)."""
-        argv = [self.python, "-I", "-S", "-c", self.boot, sdir] + (["--adopt"] if adopt else [])
+        args = [sdir] + (["--adopt"] if adopt else [])
         errlog = os.open(os.path.join(sdir, "exchange.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            proc = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
-                start_new_session=True,
-            )
+            said, kill = await self._start_exchange(args, errlog)
         finally:
             os.close(errlog)
-        assert proc.stdout is not None
         line = b""
         try:
             with trio.fail_after(SPAWN_TIMEOUT_S):
                 while not line.endswith(b"\n"):
-                    chunk = await proc.stdout.receive_some(256)
+                    chunk = await said.receive_some(256)
                     if not chunk:
                         break
                     line += chunk
         except trio.TooSlowError:
-            proc.kill()
+            kill()
             raise RuntimeError("the exchange did not start in time") from None
         finally:
-            await proc.stdout.aclose()
-        # The exchange runs until its session ends; reap it whenever that is.
-        self.nursery.start_soon(proc.wait)
+            await said.aclose()
         if not line.startswith(b"ready"):
             if line.startswith(b"busy"):
                 return  # another exchange holds the session: connect to that one
             raise RuntimeError(f"the exchange failed to start: {line.decode(errors='replace').strip()!r}")
+
+    async def _start_exchange(self, args: list[str], errlog: int) -> tuple[trio.abc.ReceiveStream, Callable[[], None]]:
+        """A session's exchange, forked from the template when there is one (a
+        burst of executes that drained the pool, the adoptions after a restart:
+        each would pay a Python start and the exchange's imports) or started as
+        its own process: (its stdout, what kills it)."""
+        if self.template is not None:
+            r, w = os.pipe()
+            try:
+                pid = await self.template.fork_exchange(args, w, errlog)
+            except TemplateUnavailable as exc:
+                os.close(r)
+                self._no_template(exc)
+            else:
+                return trio.lowlevel.FdStream(r), lambda: _kill(pid)  # (reaped by the kernel)
+            finally:
+                os.close(w)
+        proc = await trio.lowlevel.open_process(
+            [self.python, "-I", "-S", "-c", self.boot, *args], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=errlog, start_new_session=True)
+        # The exchange runs until its session ends; reap it whenever that is.
+        self.nursery.start_soon(proc.wait)
+        assert proc.stdout is not None
+        return proc.stdout, proc.kill
 
     async def connect(self, sdir: str) -> tuple[ExchangeLink, dict]:
         """Connect to the exchange of ``sdir``: (link, its hello)."""

@@ -2,9 +2,11 @@
 
 ``fork_warm`` gives a new warm exchange: the template forks it and hands over
 one end of a fresh socket pair; the server keeps the other, as it does for a
-warm exchange it starts itself. The template is started on first use and again
-after it died; when it cannot be started or does not answer, the caller starts
-the warm exchange as its own process instead (``TemplateUnavailable``).
+warm exchange it starts itself. ``fork_exchange`` gives a session's exchange
+(as ``Exchanges.spawn`` would start one), its stdout and stderr the fds given.
+The template is started on first use and again after it died; when it cannot
+be started or does not answer, the caller starts the exchange as its own
+process instead (``TemplateUnavailable``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import struct
 import subprocess
 
 import trio
+
+from bento.exchange_template import MAX_REQUEST
 
 log = logging.getLogger("bento.sessions")
 
@@ -46,22 +50,39 @@ class Template:
 
     async def fork_warm(self) -> tuple[socket.socket, int]:
         """(the server's end of the new warm exchange's link, its pid)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = await self._fork(b"w", [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return ours, pid
+
+    async def fork_exchange(self, args: list[str], stdout: int, stderr: int) -> int:
+        """The pid of a new exchange run with ``args`` (the fds stay the caller's to close)."""
+        request = b"x" + "\0".join(args).encode("utf-8", "surrogateescape")
+        if len(request) > MAX_REQUEST:
+            raise TemplateUnavailable(f"a request of {len(request)} bytes is longer than it reads")
+        return await self._fork(request, [stdout, stderr])
+
+    async def _fork(self, request: bytes, fds: list[int]) -> int:
         async with self.lock:
             await self._start()
             assert self.sock is not None
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 with trio.fail_after(FORK_TIMEOUT_S):
-                    await self.sock.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                      struct.pack("i", theirs.fileno()))])
+                    await self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                         struct.pack(f"{len(fds)}i", *fds))])
                     line = await self._line()
-            except (OSError, trio.TooSlowError, TemplateUnavailable) as exc:
-                ours.close()
+                pid = int(line)
+            except (OSError, ValueError, trio.TooSlowError, TemplateUnavailable) as exc:
                 self._drop()
                 raise TemplateUnavailable(f"the exchange template did not fork: {exc or 'timed out'}") from None
-            finally:
-                theirs.close()
-            return ours, int(line)
+            if pid <= 0:
+                raise TemplateUnavailable(f"the exchange template refused the request {request[:1]!r}")
+            return pid
 
     async def _line(self) -> bytes:
         assert self.sock is not None

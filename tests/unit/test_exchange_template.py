@@ -48,6 +48,38 @@ async def test_a_forked_warm_exchange_is_the_templates_child_in_a_session_of_its
             await template_wait(template)
 
 
+async def test_a_sessions_exchange_forked_from_the_template_writes_to_the_fds_given(tmp_path):
+    # A directory that is no session: the forked exchange says why on the
+    # stderr it was given (the session's exchange.log), and its stdout (where a
+    # good one says "ready") ends without a word.
+    missing = str(tmp_path / "no-such-session")
+    errlog = tmp_path / "exchange.log"
+    r, w = os.pipe()
+    err = os.open(errlog, os.O_WRONLY | os.O_CREAT, 0o600)
+    async with trio.open_nursery() as nursery:
+        template = Template(boot(), nursery)
+        try:
+            pid = await template.fork_exchange([missing], w, err)
+        finally:
+            os.close(w)
+            os.close(err)
+        assert template.proc is not None and pid > 0
+        with trio.fail_after(10):
+            said = await trio.to_thread.run_sync(os.read, r, 100)
+        os.close(r)
+        assert said == b""
+        assert missing in errlog.read_text()
+        # A request that is none is refused, and the template goes on forking.
+        with pytest.raises(TemplateUnavailable, match="refused"):
+            await template._fork(b"x", [0])
+        ours, pid2 = await template.fork_warm()
+        assert int(_stat(pid2)[1]) == template.proc.pid
+        ours.close()
+        template.close()
+        with trio.fail_after(10):
+            await template_wait(template)
+
+
 async def template_wait(template: Template) -> None:
     while True:
         proc = template.proc
@@ -80,7 +112,7 @@ async def test_without_a_template_the_pool_starts_warm_exchanges_itself_and_says
             ex.sizing.executed(trio.current_time())
         ours, pid, kill = await ex._start_warm_process()
         assert ex.template is None
-        assert "warm exchanges start as their own processes from now on" in caplog.text
+        assert "exchanges start as their own processes from now on" in caplog.text
         assert int(_stat(pid)[1]) == os.getpid()  # the server's own child
         ours.close()  # it sees the end and exits
 
