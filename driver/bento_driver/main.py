@@ -7,27 +7,35 @@ the exchange treats a malformed message as the function's fault.
 
 from __future__ import annotations
 
+import _queue
+import _thread
 import builtins
 import fcntl
-import importlib
 import math
 import os
-import queue
 import resource
-import signal
 import sys
 import termios
-import threading
-import types
 
 from bento_driver import cbor, wire
 from bento_driver.waits import GRACE_S, Waits, watch_stdin
 
+# The driver starts in every environment and waits there for as long as its
+# function runs: it imports the C modules (_thread, _queue, _signal) rather
+# than threading, queue and signal, which bring enum, functools and
+# collections: ~1 MiB of private memory per environment and ~9 ms of its
+# start (docs/performance.md).
 TYPE_CHECKING = False  # typing costs every environment ~0.6 MiB and 2 ms at its start
 if TYPE_CHECKING:
+    import signal as _signal  # (the C module has no stubs; signal is a wrapper of it)
     import traceback
     from collections.abc import Callable
+    from types import ModuleType
     from typing import Any
+else:
+    import _signal
+
+    ModuleType = type(sys)  # (types is one more module to import)
 
 IN_FD = 3
 OUT_FD = 4
@@ -54,14 +62,17 @@ class _Link:
         # The exchange's messages are bounded by the session's max_message, which
         # arrives with the start message: until then, the exchange is trusted.
         self.framer = wire.Framer(1 << 31)
-        self.inputs: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
-        self.replies: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
-        self.send_lock = threading.Lock()
+        self.inputs: _queue.SimpleQueue[dict | None] = _queue.SimpleQueue()
+        self.replies: _queue.SimpleQueue[dict | None] = _queue.SimpleQueue()
+        self.send_lock = _thread.allocate_lock()
         # The main thread reads the start message itself (no thread hand-off on
-        # the way to the function's first line) and sets this when its set-up is
-        # done: only then does the reader thread read, so a signal that comes
-        # right after the start message interrupts the function, not the set-up.
-        self.go = threading.Event()
+        # the way to the function's first line) and releases this when its
+        # set-up is done: only then does the reader thread read, so a signal that
+        # comes right after the start message interrupts the function, not the
+        # set-up.
+        self.go = _thread.allocate_lock()
+        self.go.acquire()
+        self.main_ident = _thread.get_ident()
 
     def send(self, msg: dict) -> None:
         wire.check(wire.FROM_DRIVER, msg)
@@ -96,12 +107,10 @@ class _Link:
             self.framer.feed(chunk)
 
     def start_reader(self) -> None:
-        threading.Thread(target=self._reader, name="bento-link", daemon=True).start()
+        _thread.start_new_thread(self._reader, ())  # (a daemon: the process ends without it)
 
     def _reader(self) -> None:
-        main_ident = threading.main_thread().ident
-        assert main_ident is not None
-        self.go.wait()
+        self.go.acquire()
         while True:
             msg = self._parse()
             if msg is None:
@@ -119,7 +128,7 @@ class _Link:
             if t in ("in", "eof"):
                 self.inputs.put(msg)
             elif t == "signal":
-                signal.pthread_kill(main_ident, SIGNALS[msg["sig"]])
+                _signal.pthread_kill(self.main_ident, SIGNALS[msg["sig"]])
             else:
                 self.replies.put(msg)
 
@@ -131,7 +140,7 @@ class _Link:
         return msg
 
 
-SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}
+SIGNALS = {"INT": _signal.SIGINT, "TERM": _signal.SIGTERM}
 
 def _check(value: Any, depth: int, budget: list[int]) -> None:
     """Raise TypeError/ValueError unless ``value`` is a plain protocol value."""
@@ -231,7 +240,7 @@ class Api:
         left = None if timeout is None else max(0.0, timeout)
         try:
             msg = inputs.get(timeout=GRACE_S if left is None else min(left, GRACE_S))
-        except queue.Empty:
+        except _queue.Empty:
             if left is not None and left <= GRACE_S:
                 raise TimeoutError("no input within the timeout") from None
             msg = self._wait(None if left is None else left - GRACE_S)
@@ -246,7 +255,7 @@ class Api:
         self._waits.enter("recv")
         try:
             return self._link.inputs.get(timeout=left)
-        except queue.Empty:
+        except _queue.Empty:
             raise TimeoutError("no input within the timeout") from None
         finally:
             self._waits.leave("recv")
@@ -268,7 +277,7 @@ def _load_source(code: str) -> None:
     Imported up front, it would cost every environment ~7 ms (tokenize, re)."""
     entry = (len(code), None, code.splitlines(keepends=True), FUNCTION_FILE)
 
-    def put(linecache: types.ModuleType) -> None:
+    def put(linecache: ModuleType) -> None:
         linecache.cache[FUNCTION_FILE] = entry
 
     if "linecache" in sys.modules:
@@ -281,7 +290,7 @@ class _WhenImported:
     """A meta path finder: right after the first import of ``name`` (by
     whichever finder holds it), ``then(module)``; then it leaves."""
 
-    def __init__(self, name: str, then: Callable[[types.ModuleType], None]) -> None:
+    def __init__(self, name: str, then: Callable[[ModuleType], None]) -> None:
         self.name, self.then = name, then
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
@@ -301,13 +310,13 @@ class _WhenImported:
 class _ThenLoader:
     """``loader``, and ``then(module)`` once it has run the module."""
 
-    def __init__(self, loader: Any, then: Callable[[types.ModuleType], None]) -> None:
+    def __init__(self, loader: Any, then: Callable[[ModuleType], None]) -> None:
         self.loader, self.then = loader, then
 
     def create_module(self, spec: Any) -> Any:
         return self.loader.create_module(spec)
 
-    def exec_module(self, module: types.ModuleType) -> None:
+    def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
         self.then(module)
 
@@ -364,9 +373,9 @@ def main() -> None:
     # server was started: one started with them ignored (a background job of a
     # script ignores INT) passes that on to every process it starts, and Python
     # then installs no KeyboardInterrupt, so a "signal" request did nothing.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # nor blocked
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGINT, _signal.SIGTERM})  # nor blocked
     # Line-buffered: a print() is one stdout frame, and every api call flushes
     # first, so a prompt without a newline shows before the function waits.
     for stream in (sys.stdout, sys.stderr):
@@ -414,15 +423,17 @@ def main() -> None:
 
             site.addsitedir(packages)
     entry_name = start["entry"]
-    link.go.set()
+    link.go.release()
     try:
         if start.get("module"):
             # A project sent as files: a real import (``__file__``, relative
             # imports); ``api`` is a builtin, so every module of it sees it.
             builtins.api = api  # type: ignore[attr-defined]
+            import importlib  # (only here: most sessions send code, not a project)
+
             module = importlib.import_module(start["module"])
         else:
-            module = types.ModuleType("__bento__")
+            module = ModuleType("__bento__")
             module.__dict__["api"] = api
             sys.modules["__bento__"] = module
             _load_source(start["code"])

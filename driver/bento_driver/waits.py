@@ -11,11 +11,11 @@ no progress because it waits for input. Only a wait that outlasts
 
 from __future__ import annotations
 
+import _thread
 import io
 import os
 import select
 import sys
-import threading
 
 TYPE_CHECKING = False  # typing costs every environment ~0.6 MiB and 2 ms at its start
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class Waits:
 
     def __init__(self, link: Any) -> None:
         self.link = link
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self.counts = {"recv": 0, "stdin": 0}  # threads blocked in each, at once
         self.told: str | None = None
 
