@@ -26,3 +26,17 @@ def test_the_driver_starts_without_the_heavy_stdlib_modules():
     assert "bento_driver.main" in out
     assert [m for m in NOT_AT_START if m in out] == []
 
+
+def test_the_server_writes_the_drivers_bytecode_that_a_sandbox_could_not(tmp_path):
+    # Inside bwrap the driver's package is read-only: what is not compiled
+    # beforehand is compiled by every environment at its start.
+    from bento.exchange_link import compile_driver
+
+    package = tmp_path / "bento_driver"
+    package.mkdir()
+    for source in (DRIVER / "bento_driver").glob("*.py"):
+        (package / source.name).write_bytes(source.read_bytes())
+    assert compile_driver(str(package))
+    cached = {p.name.split(".")[0] for p in (package / "__pycache__").glob("*.pyc")}
+    assert cached == {p.stem for p in package.glob("*.py")}
+    assert "main" in cached and "waits" in cached
