@@ -260,56 +260,63 @@ class Exchange(EnvironmentLife):
                 and self.pidfd < 0)
 
     def run(self) -> None:
+        done = False
+        while not (done or self.finished):
+            done = self.step()
+
+    def step(self, wait: bool = True) -> bool:
+        """One round of events (waiting for one unless ``wait`` is False), then
+        the bookkeeping; True once the work is done (``work_done``)."""
         output = self.output
-        while not self.finished:
-            now = time.monotonic()
-            # No timer, no wake-up: an idle exchange sleeps until something
-            # happens (a thousand idle sessions must not cost the server's echo).
-            timeout: float | None = None
-            if self.control.link is None:
-                timeout = max(0.0, self.next_dir_check - now)
-            running = self.child is not None and self.exiting is None and self.drain_deadline is None
-            cpu_check = self.next_cpu_check if self.limits.cpu_s is not None and running else None
-            work_check = self.work_watch.next_check if self.work_watch is not None and running else None
-            retry = output.retry_at if output.held_back else None
-            for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry,
-                             work_check):
-                if deadline is not None:
-                    left = max(0.0, deadline - now)
-                    timeout = left if timeout is None else min(timeout, left)
-            for key, _mask in self.sel.select(timeout):
-                key.data(key.fileobj)
-                if self.finished:
-                    break
-            for fd in self.to_close:
-                close_quietly(fd)
-            self.to_close.clear()
-            now = time.monotonic()
-            if self.wall_deadline is not None and now >= self.wall_deadline:
-                self.wall_deadline = None
-                if self.exiting is None and self.drain_deadline is None:
-                    self.kill("wall_s")
-            self.check_cpu(now)
-            self.check_work(now)
-            output.retry_stalled(now)
-            self.maybe_finish_drain(now)
-            self.publish(now)
-            if self.state_dirty_at is not None and now >= self.state_dirty_at:
-                self.save()
-            if self.control.link is None and now >= self.next_dir_check:
-                self.next_dir_check = now + DIR_CHECK_SECONDS
-                if sessiondisk.dir_deleted(self.dir):
-                    # Deleted under us: no server can ever reach this session again.
-                    self.disk_trouble("the session directory is gone; ending")
-                    self.kill_child()
-                    self.finished = True
-                    continue
-            if self.work_done():
+        now = time.monotonic()
+        # No timer, no wake-up: an idle exchange sleeps until something
+        # happens (a thousand idle sessions must not cost the server's echo).
+        timeout: float | None = None
+        if self.control.link is None:
+            timeout = max(0.0, self.next_dir_check - now)
+        running = self.child is not None and self.exiting is None and self.drain_deadline is None
+        cpu_check = self.next_cpu_check if self.limits.cpu_s is not None and running else None
+        work_check = self.work_watch.next_check if self.work_watch is not None and running else None
+        retry = output.retry_at if output.held_back else None
+        for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry,
+                         work_check):
+            if deadline is not None:
+                left = max(0.0, deadline - now)
+                timeout = left if timeout is None else min(timeout, left)
+        for key, _mask in self.sel.select(timeout if wait else 0.0):
+            key.data(key.fileobj)
+            if self.finished:
                 break
-            link = self.control.link
-            if link is not None:
-                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.outbuf else 0)
-                self.watch_fd(link.rfd, events, self.control.on_io)
+        for fd in self.to_close:
+            close_quietly(fd)
+        self.to_close.clear()
+        now = time.monotonic()
+        if self.wall_deadline is not None and now >= self.wall_deadline:
+            self.wall_deadline = None
+            if self.exiting is None and self.drain_deadline is None:
+                self.kill("wall_s")
+        self.check_cpu(now)
+        self.check_work(now)
+        output.retry_stalled(now)
+        self.maybe_finish_drain(now)
+        self.publish(now)
+        if self.state_dirty_at is not None and now >= self.state_dirty_at:
+            self.save()
+        if self.control.link is None and now >= self.next_dir_check:
+            self.next_dir_check = now + DIR_CHECK_SECONDS
+            if sessiondisk.dir_deleted(self.dir):
+                # Deleted under us: no server can ever reach this session again.
+                self.disk_trouble("the session directory is gone; ending")
+                self.kill_child()
+                self.finished = True
+                return False
+        if self.work_done():
+            return True
+        link = self.control.link
+        if link is not None:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.outbuf else 0)
+            self.watch_fd(link.rfd, events, self.control.on_io)
+        return False
 
 
 def _detach_stdio() -> None:
@@ -387,12 +394,12 @@ def main(argv: list[str]) -> None:
     elif launched is not None:
         launched.discard()
     if warm_sock is not None:
-        # The server waits for this hello to answer the execute: say it now, and
-        # bind the socket (for a later server) afterwards.
+        # The server waits for this hello to answer the execute: say it now.
+        # Then the function's first output, if it is there already (the server
+        # waits for that next), and only then the socket for a later server.
         ex.control.use(warm_sock)
-        sock = ex.control.listen()
-    else:
-        sock = ex.control.listen()  # the server connects as soon as it reads "ready"
+        ex.step(wait=False)
+    sock = ex.control.listen()  # (a cold exchange's server connects as soon as it reads "ready")
     with open(os.path.join(sdir, "exchange.pid"), "w") as f:
         f.write(f"{os.getpid()}\n")
     if warm_sock is None:
