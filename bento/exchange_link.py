@@ -444,6 +444,9 @@ class Exchanges:
             except TemplateUnavailable as exc:
                 os.close(r)
                 self._no_template(exc)
+            except ValueError as exc:
+                os.close(r)
+                log.warning("session %s: %s; its exchange starts as its own process", args[0], exc)
             else:
                 return trio.lowlevel.FdStream(r), lambda: _kill(pid)  # (reaped by the kernel)
             finally:

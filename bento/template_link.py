@@ -61,10 +61,11 @@ class Template:
         return ours, pid
 
     async def fork_exchange(self, args: list[str], stdout: int, stderr: int) -> int:
-        """The pid of a new exchange run with ``args`` (the fds stay the caller's to close)."""
+        """The pid of a new exchange run with ``args`` (the fds stay the caller's
+        to close); ValueError if they are too long to ask for."""
         request = b"x" + "\0".join(args).encode("utf-8", "surrogateescape")
-        if len(request) > MAX_REQUEST:
-            raise TemplateUnavailable(f"a request of {len(request)} bytes is longer than it reads")
+        if len(request) > MAX_REQUEST:  # (a path is at most 4096 bytes: not met in practice)
+            raise ValueError(f"a request of {len(request)} bytes is longer than the template reads")
         return await self._fork(request, [stdout, stderr])
 
     async def _fork(self, request: bytes, fds: list[int]) -> int:

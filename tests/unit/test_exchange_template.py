@@ -69,9 +69,12 @@ async def test_a_sessions_exchange_forked_from_the_template_writes_to_the_fds_gi
         os.close(r)
         assert said == b""
         assert missing in errlog.read_text()
-        # A request that is none is refused, and the template goes on forking.
+        # A request that is none is refused, and the template goes on forking;
+        # one too long to ask for is not sent.
         with pytest.raises(TemplateUnavailable, match="refused"):
             await template._fork(b"x", [0])
+        with pytest.raises(ValueError, match="longer than the template reads"):
+            await template.fork_exchange(["d" * 9000], 1, 2)
         ours, pid2 = await template.fork_warm()
         assert int(_stat(pid2)[1]) == template.proc.pid
         ours.close()
