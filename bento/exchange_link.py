@@ -87,6 +87,17 @@ def real_python() -> str:
     return os.path.realpath(sys.executable)
 
 
+def _last_line(path: str) -> str:
+    """The last line of an exchange's log, to say why it did not start."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError as exc:
+        return f"its log {path} cannot be read: {exc.strerror}"
+    return f"{lines[-1][:300]} (in {path})" if lines else f"its log {path} is empty"
+
+
 def compile_driver(package: str) -> bool:
     """Write the bytecode of the driver's package (``package``, a directory)
     next to its source; False if some could not be written. A sandbox binds
@@ -409,16 +420,17 @@ class Exchanges:
     async def spawn(self, sdir: str, adopt: bool) -> None:
         """Start an exchange for ``sdir`` and wait until it listens (or another one holds it)."""
         args = [sdir] + (["--adopt"] if adopt else [])
-        errlog = os.open(os.path.join(sdir, "exchange.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        errlog_path = os.path.join(sdir, "exchange.log")
+        errlog = os.open(errlog_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            said, kill = await self._start_exchange(args, errlog)
+            stdout, kill = await self._start_exchange(args, errlog)
         finally:
             os.close(errlog)
         line = b""
         try:
             with trio.fail_after(SPAWN_TIMEOUT_S):
                 while not line.endswith(b"\n"):
-                    chunk = await said.receive_some(256)
+                    chunk = await stdout.receive_some(256)
                     if not chunk:
                         break
                     line += chunk
@@ -426,11 +438,12 @@ class Exchanges:
             kill()
             raise RuntimeError("the exchange did not start in time") from None
         finally:
-            await said.aclose()
+            await stdout.aclose()
         if not line.startswith(b"ready"):
             if line.startswith(b"busy"):
                 return  # another exchange holds the session: connect to that one
-            raise RuntimeError(f"the exchange failed to start: {line.decode(errors='replace').strip()!r}")
+            said = line.decode(errors="replace").strip() or "it ended without a word"
+            raise RuntimeError(f"the session's exchange did not start ({said}): {_last_line(errlog_path)}")
 
     async def _start_exchange(self, args: list[str], errlog: int) -> tuple[trio.abc.ReceiveStream, Callable[[], None]]:
         """A session's exchange, forked from the template when there is one (a

@@ -137,3 +137,23 @@ async def test_the_template_forks_warm_exchanges_only_while_executes_come_fast(t
         ex.template.close()
         with trio.fail_after(10):
             await template_wait(ex.template)
+
+
+@pytest.mark.parametrize("template", [True, False])
+async def test_an_exchange_that_does_not_start_says_why_from_its_log(tmp_path, template):
+    # A session dir without its metadata: the exchange (forked or its own
+    # process) fails, writes why in exchange.log, and the error quotes it.
+    config = _config(tmp_path)
+    config.pool_template = template
+    sdir = tmp_path / "sessions" / "s_1"
+    sdir.mkdir(parents=True)
+    async with trio.open_nursery() as nursery:
+        ex = exchange_link.Exchanges(config, nursery)
+        with pytest.raises(RuntimeError) as caught:
+            await ex.spawn(str(sdir), adopt=False)
+        log = (sdir / "exchange.log").read_text()
+        last = log.strip().splitlines()[-1]
+        assert "did not start" in str(caught.value) and last[:100] in str(caught.value)
+        assert str(sdir / "exchange.log") in str(caught.value)
+        if ex.template is not None:
+            ex.template.close()
