@@ -454,12 +454,14 @@ class Exchanges:
             r, w = os.pipe()
             try:
                 pid = await self.template.fork_exchange(args, w, errlog)
-            except TemplateUnavailable as exc:
+            except BaseException as exc:  # (cancelled too: the read end is ours to close)
                 os.close(r)
-                self._no_template(exc)
-            except ValueError as exc:
-                os.close(r)
-                log.warning("session %s: %s; its exchange starts as its own process", args[0], exc)
+                if isinstance(exc, TemplateUnavailable):
+                    self._no_template(exc)
+                elif isinstance(exc, ValueError):
+                    log.warning("session %s: %s; its exchange starts as its own process", args[0], exc)
+                else:
+                    raise
             else:
                 return trio.lowlevel.FdStream(r), lambda: _kill(pid)  # (reaped by the kernel)
             finally:

@@ -73,7 +73,10 @@ class Template:
             await self._start()
             assert self.sock is not None
             try:
-                with trio.fail_after(FORK_TIMEOUT_S):
+                # A request is answered within milliseconds, and an answer left
+                # unread would be taken for the next request's: not cancelled
+                # halfway (bounded by its own timeout).
+                with trio.CancelScope(shield=True), trio.fail_after(FORK_TIMEOUT_S):
                     await self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                          struct.pack(f"{len(fds)}i", *fds))])
                     line = await self._line()
@@ -117,8 +120,10 @@ class Template:
                 line = await self._line()
             if line != b"ready":
                 raise TemplateUnavailable(f"it said {line[:80]!r}")
-        except (OSError, trio.TooSlowError, TemplateUnavailable) as exc:
+        except BaseException as exc:  # (cancelled too: a half-started template is not kept)
             self._drop()
+            if not isinstance(exc, (OSError, trio.TooSlowError, TemplateUnavailable)):
+                raise
             raise TemplateUnavailable(f"the exchange template did not start: {exc or 'timed out'}") from None
         log.info("warm pool: exchange template started (pid %d)", proc.pid)
 

@@ -105,6 +105,19 @@ def _config(tmp_path):  # what Exchanges reads of the server's configuration
                            pool_template=True)
 
 
+def _session(tmp_path):  # a server's configuration, and a session dir in its data dir
+    sdir = tmp_path / "sessions" / "s_1"
+    sdir.mkdir(parents=True)
+    return _config(tmp_path), sdir
+
+
+def _faked(config, nursery, code: str):  # the server's exchanges, with a template that runs ``code``
+    ex = exchange_link.Exchanges(config, nursery)
+    assert ex.template is not None
+    ex.template.argv = [sys.executable, "-c", code]
+    return ex, ex.template
+
+
 async def test_without_a_template_the_pool_starts_warm_exchanges_itself_and_says_so(tmp_path, caplog):
     config = _config(tmp_path)
     async with trio.open_nursery() as nursery:
@@ -143,10 +156,8 @@ async def test_the_template_forks_warm_exchanges_only_while_executes_come_fast(t
 async def test_an_exchange_that_does_not_start_says_why_from_its_log(tmp_path, template):
     # A session dir without its metadata: the exchange (forked or its own
     # process) fails, writes why in exchange.log, and the error quotes it.
-    config = _config(tmp_path)
+    config, sdir = _session(tmp_path)
     config.pool_template = template
-    sdir = tmp_path / "sessions" / "s_1"
-    sdir.mkdir(parents=True)
     async with trio.open_nursery() as nursery:
         ex = exchange_link.Exchanges(config, nursery)
         with pytest.raises(RuntimeError) as caught:
@@ -157,3 +168,55 @@ async def test_an_exchange_that_does_not_start_says_why_from_its_log(tmp_path, t
         assert str(sdir / "exchange.log") in str(caught.value)
         if ex.template is not None:
             ex.template.close()
+
+
+async def test_a_cold_spawn_cancelled_while_the_template_starts_leaves_no_fd_nor_a_half_template(tmp_path):
+    # A template that never says ready: the spawn is cancelled while it waits.
+    config, sdir = _session(tmp_path)
+    async with trio.open_nursery() as nursery:
+        ex, template = _faked(config, nursery, "import time; time.sleep(30)")
+        before = sorted(os.listdir("/proc/self/fd"))
+        with trio.move_on_after(0.5) as waited:
+            await ex.spawn(str(sdir), adopt=False)
+        assert waited.cancelled_caught
+        with trio.move_on_after(5):  # (the killed template's pidfd goes once it is reaped)
+            while sorted(os.listdir("/proc/self/fd")) != before:
+                await trio.sleep(0.01)
+        assert sorted(os.listdir("/proc/self/fd")) == before
+        # Not kept half-started (its socket would be taken for a ready one); the
+        # next request starts a template afresh.
+        assert template.sock is None and template.proc is None
+        assert ex.template is template
+
+
+SLOW_TEMPLATE = """
+import os, socket, sys, time
+sock = socket.socket(fileno=int(sys.argv[-1]))
+sock.sendall(b"ready\\n")
+n = 1000
+while True:
+    msg, fds, _, _ = socket.recv_fds(sock, 8192, 2)
+    if not msg:
+        break
+    for fd in fds:
+        os.close(fd)
+    time.sleep(0.3)
+    sock.sendall(f"{n}\\n".encode())
+    n += 1
+"""
+
+
+async def test_a_request_cancelled_while_the_template_answers_does_not_shift_the_next_answer(tmp_path):
+    # Each answer is a pid: an answer left unread would be taken for the next
+    # request's, so a request is seen through to its answer.
+    config, sdir = _session(tmp_path)
+    async with trio.open_nursery() as nursery:
+        ex, template = _faked(config, nursery, SLOW_TEMPLATE)
+        await template.start()
+        with trio.move_on_after(0.1) as waited:
+            await ex.spawn(str(sdir), adopt=False)
+        assert waited.cancelled_caught
+        ours, pid = await template.fork_warm()
+        ours.close()
+        assert pid == 1001
+        template._drop()
