@@ -47,6 +47,20 @@ async def test_falsy_results_survive(server):
             assert frames[-1][2]["result"] == value and frames[-1][2]["state"] == "exited"
 
 
+async def test_the_function_and_its_threads_run_as_a_batch_job(server):
+    # SCHED_BATCH: woken, the function does not preempt its exchange (docs/api.md).
+    code = ("import os, threading\n"
+            "def main():\n"
+            "    seen = []\n"
+            "    t = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))\n"
+            "    t.start(); t.join()\n"
+            "    return [os.sched_getscheduler(0) == os.SCHED_BATCH, seen == [os.SCHED_BATCH]]\n")
+    async with connect(server.url) as c:
+        r = await c.ok("execute", code=code)
+        frames = await c.frames(r["session"])
+    assert frames[-1][2]["result"] == [True, True], frames[-1]
+
+
 async def test_a_traceback_the_function_formats_shows_its_source(server):
     """The driver imports neither linecache nor traceback up front; the
     function's source still reaches linecache when the function imports them."""
