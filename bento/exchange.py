@@ -393,6 +393,10 @@ def main(argv: list[str]) -> None:
         ex.start(launched, pre)
     elif launched is not None:
         launched.discard()
+    # Written before the session is answered for: once an execute has its
+    # reply, the session's exchange.pid names its exchange.
+    with open(os.path.join(sdir, "exchange.pid"), "w") as f:
+        f.write(f"{os.getpid()}\n")
     if warm_sock is not None:
         # The server waits for this hello to answer the execute: say it now.
         # Then the function's first output, if it is there already (the server
@@ -400,8 +404,6 @@ def main(argv: list[str]) -> None:
         ex.control.use(warm_sock)
         ex.step(wait=False)
     sock = ex.control.listen()  # (a cold exchange's server connects as soon as it reads "ready")
-    with open(os.path.join(sdir, "exchange.pid"), "w") as f:
-        f.write(f"{os.getpid()}\n")
     if warm_sock is None:
         sys.stdout.write(f"ready {os.getpid()}\n")
         sys.stdout.flush()
