@@ -275,6 +275,11 @@ class Client:
                 if count is not None and len(got) >= count:
                     return got
 
+    async def exit_of(self, code: str) -> dict:
+        """Execute ``code`` (attached) and return its exit frame's data."""
+        r = await self.ok("execute", code=code)
+        return (await self.frames(r["session"]))[-1][2]
+
     async def close(self) -> None:
         await self.ws.aclose()
 

@@ -56,9 +56,8 @@ async def test_the_function_and_its_threads_run_as_a_batch_job(server):
             "    t.start(); t.join()\n"
             "    return [os.sched_getscheduler(0) == os.SCHED_BATCH, seen == [os.SCHED_BATCH]]\n")
     async with connect(server.url) as c:
-        r = await c.ok("execute", code=code)
-        frames = await c.frames(r["session"])
-    assert frames[-1][2]["result"] == [True, True], frames[-1]
+        ex = await c.exit_of(code)
+    assert ex["result"] == [True, True], ex
 
 
 async def test_a_traceback_the_function_formats_shows_its_source(server):
@@ -71,8 +70,7 @@ async def test_a_traceback_the_function_formats_shows_its_source(server):
             "    except ZeroDivisionError:\n"
             "        return traceback.format_exc()\n")
     async with connect(server.url) as c:
-        r = await c.ok("execute", code=code)
-        ex = (await c.frames(r["session"]))[-1][2]
+        ex = await c.exit_of(code)
         assert ex["state"] == "exited", ex
         assert 'File "<function>", line 4, in main\n    1 / 0\n' in ex["result"], ex["result"]
 
