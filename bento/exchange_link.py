@@ -102,8 +102,8 @@ def compile_driver(package: str) -> bool:
     """Write the bytecode of the driver's package (``package``, a directory)
     next to its source; False if some could not be written. A sandbox binds
     the package read-only and the exchange imports only part of it, so without
-    this each environment compiles the rest at its start, every time (~6-10 ms
-    of CPU and ~1 MiB of memory each: docs/performance.md)."""
+    this each environment compiles the rest at its start, every time
+    (docs/performance.md)."""
     import compileall  # (once, at the server's start)
 
     return bool(compileall.compile_dir(package, maxlevels=0, quiet=2))

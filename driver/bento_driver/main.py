@@ -23,8 +23,7 @@ from bento_driver.waits import GRACE_S, Waits, watch_stdin
 # The driver starts in every environment and waits there for as long as its
 # function runs: it imports the C modules (_thread, _queue, _signal) rather
 # than threading, queue and signal, which bring enum, functools and
-# collections: ~1 MiB of private memory per environment and ~9 ms of its
-# start (docs/performance.md).
+# collections into every environment (docs/performance.md).
 TYPE_CHECKING = False  # typing costs every environment ~0.6 MiB and 2 ms at its start
 if TYPE_CHECKING:
     import signal as _signal  # (the C module has no stubs; signal is a wrapper of it)
@@ -371,8 +370,8 @@ def _warm_up() -> None:
 def main() -> None:
     # The function runs as a batch job (SCHED_BATCH, inherited by its threads and
     # children): woken, it does not preempt the process that woke it, its
-    # exchange, which goes on to tell the server (first output -6 to -11% on
-    # an isolated execute: docs/performance.md); the CPU is shared as before.
+    # exchange, which goes on to tell the server (docs/performance.md); the
+    # CPU is shared as before.
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except OSError:
