@@ -384,18 +384,24 @@ class Exchanges:
                 return ours, pid, lambda: _kill(pid)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = await trio.lowlevel.open_process(
-                [self.python, "-I", "-S", "-c", self.boot, "--warm", str(theirs.fileno())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),), start_new_session=True,
-            )
+            proc = await self._own_process(["--warm", str(theirs.fileno())], subprocess.DEVNULL,
+                                           subprocess.DEVNULL, (theirs.fileno(),))
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        self.nursery.start_soon(proc.wait)
         return ours, proc.pid, proc.kill
+
+    async def _own_process(self, args: list[str], stdout: int, stderr: int,
+                           pass_fds: tuple[int, ...] = ()) -> trio.Process:
+        """An exchange as a process of its own (a Python start and its imports),
+        reaped whenever it ends (it runs until its session ends)."""
+        proc = await trio.lowlevel.open_process(
+            [self.python, "-I", "-S", "-c", self.boot, *args], stdin=subprocess.DEVNULL,
+            stdout=stdout, stderr=stderr, pass_fds=pass_fds, start_new_session=True)
+        self.nursery.start_soon(proc.wait)
+        return proc
 
     async def assign_warm(self, sdir: str, network: bool) -> tuple[ExchangeLink, dict] | None:
         """Hand a new session to a warm exchange: (link, hello), or None if none fits or is ready."""
@@ -466,11 +472,7 @@ class Exchanges:
                 return trio.lowlevel.FdStream(r), lambda: _kill(pid)  # (reaped by the kernel)
             finally:
                 os.close(w)
-        proc = await trio.lowlevel.open_process(
-            [self.python, "-I", "-S", "-c", self.boot, *args], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=errlog, start_new_session=True)
-        # The exchange runs until its session ends; reap it whenever that is.
-        self.nursery.start_soon(proc.wait)
+        proc = await self._own_process(args, subprocess.PIPE, errlog)
         assert proc.stdout is not None
         return proc.stdout, proc.kill
 
