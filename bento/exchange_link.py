@@ -32,6 +32,7 @@ from bento_driver import wire
 
 import bento
 from bento import pool_sizing, protocol, warm
+from bento.quick import QuickWriter
 from bento.template_link import Template, TemplateUnavailable
 
 log = logging.getLogger("bento.sessions")
@@ -116,6 +117,7 @@ class ExchangeLink:
         self.stream = stream
         self.framer = wire.Framer(1 << 31)
         self.send_lock = trio.Lock()
+        self.quick = QuickWriter(stream.socket, self.send_lock) if isinstance(stream, trio.SocketStream) else None
         self.pending: dict[int, tuple[trio.Event, list[dict]]] = {}
         self.next_rid = 1
         self.closed = False
@@ -124,11 +126,17 @@ class ExchangeLink:
     async def send(self, msg: dict) -> None:
         wire.check(wire.TO_EXCHANGE, msg)
         data = wire.frame(protocol.encode(msg))
-        async with self.send_lock:
+        try:
+            sent = None if self.quick is None else self.quick.write_now((data,))
+            if sent is None:  # (the lock is held from here on either way)
+                await self.send_lock.acquire()
             try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ExchangeGone(str(exc)) from None
+                if (sent or 0) < len(data):
+                    await self.stream.send_all(memoryview(data)[sent or 0 :])
+            finally:
+                self.send_lock.release()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ExchangeGone(str(exc)) from None
 
     async def call(self, msg: dict) -> dict:
         if self.closed:

@@ -38,6 +38,8 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError
 
+from bento.quick import QuickWriter
+
 # One read from the stream: large, so a 16 MiB message takes 256 reads, not thousands.
 RECEIVE_SIZE = 64 * 1024
 # Pieces per sendmsg (the kernel's IOV_MAX is 1024); more are joined first.
@@ -48,6 +50,15 @@ CONTROL_TIMEOUT_S = 5.0
 CLOSE_WAIT_S = 2.0
 
 BINARY_FIN = 0x82  # FIN + opcode 2 (binary)
+
+
+def _after(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
+    """What is left of ``parts`` once their first ``n`` bytes are written."""
+    for i, part in enumerate(parts):
+        if n < len(part):
+            return [memoryview(part)[n:], *parts[i + 1 :]]
+        n -= len(part)
+    return []
 
 
 class ConnectionClosed(Exception):
@@ -134,6 +145,7 @@ class WebSocket:
         # A plain socket takes the pieces of a message in one sendmsg; a TLS
         # stream needs them joined (it encrypts into its own buffer anyway).
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._quick = None if self._socket is None else QuickWriter(self._socket, self._send_lock)
         self._reading = False
         self._closed: ConnectionClosed | None = None
         self._peer_closed = trio.Event()  # the peer's close frame arrived, or the stream ended
@@ -231,8 +243,24 @@ class WebSocket:
             raise self._closed or ConnectionClosed(1006, "closing")
         if size is None:
             size = sum(len(p) for p in pieces)
-        async with self._send_lock:
-            await self._write([frame_header(size), *pieces])
+        parts = [frame_header(size), *pieces]
+        sent = None
+        if self._quick is not None and not self._stream_closed and len(parts) <= MAX_PIECES:
+            try:
+                sent = self._quick.write_now(parts)
+            except OSError:
+                await self._broken()
+                raise self._closed or ConnectionClosed(1006) from None
+        if sent is None:
+            async with self._send_lock:
+                await self._write(parts)
+            return
+        try:
+            self.traffic.sent += sent
+            if sent < size + len(parts[0]):
+                await self._write(_after(parts, sent), started=sent > 0)
+        finally:
+            self._send_lock.release()
 
     async def _control(self, data: bytes) -> None:
         """Write a control frame (wsproto's bytes), within CONTROL_TIMEOUT_S or
@@ -246,11 +274,11 @@ class WebSocket:
         if scope.cancelled_caught:
             await self._close_stream()
 
-    async def _write(self, parts: list[bytes | memoryview]) -> None:
-        """Write ``parts`` in order, as one write where the stream allows it."""
+    async def _write(self, parts: list[bytes | memoryview], started: bool = False) -> None:
+        """Write ``parts`` in order, as one write where the stream allows it
+        (``started``: part of the frame is written already)."""
         if self._stream_closed:
             raise self._closed or ConnectionClosed(1006)
-        started = False
         try:
             if self._socket is None:
                 started = True

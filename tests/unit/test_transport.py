@@ -21,7 +21,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as FrameConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
 
-from bento import http, transport
+from bento import http, quick, transport
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 65537, 1 << 20, 3 * (1 << 20) + 7]
 
@@ -198,3 +198,30 @@ async def test_an_upgrade_that_is_not_a_get_or_lacks_its_key_is_refused():
         with pytest.raises(transport.HandshakeRefused) as info:
             await transport.accept(stream, request, b"", max_message=100, traffic=transport.Traffic())
         assert 400 <= info.value.status < 500
+
+
+async def test_a_send_the_socket_takes_at_once_does_not_pass_the_scheduler():
+    async with pair() as (ws, client):
+        for i in range(quick.RUN_MAX):
+            with trio.testing.assert_no_checkpoints():
+                await ws.send_binary([b"m%d" % i])
+        # A run of quick sends ends with one through the scheduler: others get their turn.
+        with trio.testing.assert_checkpoints():
+            await ws.send_binary([b"last"])
+        for i in range(quick.RUN_MAX):
+            assert await client.get_message() == b"m%d" % i
+        assert await client.get_message() == b"last"
+        await ws.aclose()
+
+
+async def test_concurrent_senders_keep_every_message_whole():
+    # Big messages are cut short by the socket: their rest goes under the lock
+    # while small ones from other tasks wait for it.
+    messages = [os.urandom(n) for n in (5 << 20, 7, 3 << 20, 1, 65537, 200, 2 << 20)]
+    async with pair() as (ws, client):
+        async with trio.open_nursery() as nursery:
+            for data in messages:
+                nursery.start_soon(ws.send_binary, pieces_of(data, 5), len(data))
+            got = [await client.get_message() for _ in messages]
+        assert sorted(got) == sorted(messages)
+        await ws.aclose()
