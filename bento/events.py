@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 log = logging.getLogger("bento.events")
@@ -25,12 +28,46 @@ _MAX_REFUSERS = 10_000
 _refused: dict[tuple[str, str], tuple[float, int]] = {}
 
 
+class _Held:
+    """The lines a task holds back (``held``): (level, text, extra), in order.
+    Tasks it starts meanwhile inherit this; once closed it holds nothing more."""
+
+    __slots__ = ("lines", "open")
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, str, dict]] = []
+        self.open = True
+
+
+_held: ContextVar[_Held | None] = ContextVar("bento_events_held", default=None)
+
+
 def emit(event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event with its fields (text: ``event k=v ...``; JSON: keys of the object)."""
     if not log.isEnabledFor(level):
         return
     text = " ".join([event] + [f"{k}={_text(v)}" for k, v in fields.items()])
+    held = _held.get()
+    if held is not None and held.open:
+        held.lines.append((level, text, {"event": event, "fields": fields}))
+        return
     log.log(level, "%s", text, extra={"event": event, "fields": fields})
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Hold back the current task's lines until the block ends, then write
+    them in order (also when it raises): for a request whose answer should
+    not wait for its log lines, as an execute's reply does not."""
+    held = _Held()
+    token = _held.set(held)
+    try:
+        yield
+    finally:
+        _held.reset(token)
+        held.open = False
+        for level, text, extra in held.lines:
+            log.log(level, "%s", text, extra=extra)
 
 
 def refused(what: str, peer: str, **fields: Any) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import bento_sandbox
 import trio
 
-from bento import auth, protocol
+from bento import auth, events, protocol
 from bento.admission import Refused, Ticket
 from bento.gate import audit
 from bento.server_jobs import file_fields, package_fields
@@ -70,8 +70,9 @@ class ExecuteOps:
             ticket = await self._admit(req, key, limits, meta.get("env_name"), code, idem_hash)
             if ticket is None:
                 return  # another node took it, and this connection has answered
-        s, owner, viewer = await start_session(self.server, meta, idem_hash, ticket)
-        await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
+        with events.held():  # the reply first: the first output waits for it
+            s, owner, viewer = await start_session(self.server, meta, idem_hash, ticket)
+            await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
         if req["attach"]:
             self.attach(s, "rw", 1)
 

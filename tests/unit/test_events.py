@@ -50,3 +50,38 @@ def test_refused_is_throttled_per_class_and_peer(lines, monkeypatch):
     now[0] += events.REFUSED_EVERY_S
     events.refused("bad_key", "10.0.0.1")
     assert lines[-1].getMessage() == "refused what=bad_key peer=10.0.0.1 more_since_last=49"
+
+
+def test_held_lines_are_written_in_order_when_the_block_ends(lines):
+    with events.held():
+        events.emit("session.created", session="s_1")
+        events.emit("session.state", session="s_1", state="running")
+        assert lines == []  # nothing written yet
+    events.emit("session.ended", session="s_1")
+    assert [r.getMessage().split()[0] for r in lines] == ["session.created", "session.state", "session.ended"]
+    assert lines[0].event == "session.created" and lines[0].fields == {"session": "s_1"}
+
+
+def test_held_lines_are_written_when_the_block_raises(lines):
+    with pytest.raises(RuntimeError), events.held():
+        events.emit("session.created", session="s_2")
+        raise RuntimeError("the execute failed")
+    assert [r.getMessage() for r in lines] == ["session.created session=s_2"]
+
+
+async def test_a_task_started_while_held_writes_at_once_after_the_block(lines):
+    import trio
+
+    async def reader(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+        events.emit("reader.started")
+        task_status.started()
+        await trio.sleep(0.01)
+        events.emit("reader.later")  # the block has ended: not held, not lost
+
+    async with trio.open_nursery() as nursery:
+        with events.held():
+            events.emit("held.line")
+            await nursery.start(reader)
+            assert lines == []
+        assert [r.getMessage() for r in lines] == ["held.line", "reader.started"]
+    assert [r.getMessage() for r in lines] == ["held.line", "reader.started", "reader.later"]
