@@ -66,7 +66,8 @@ def held() -> Iterator[None]:
     finally:
         _held.reset(token)
         held.open = False
-        for level, text, extra in held.lines:
+        lines, held.lines = held.lines, []  # (tasks started inside keep the object)
+        for level, text, extra in lines:
             log.log(level, "%s", text, extra=extra)
 
 
