@@ -297,7 +297,10 @@ class Chaos:
             st = await self.request(c, s, a, None, "status", token=a.token)
             start = self.rng.randint(1, st["next_seq"])
         elif final:
-            start = a.last + 1
+            # A viewer may have read the exit frame in a life cut after the
+            # owner's final EOF: its final life reads that frame again.
+            start = a.last if a.exit_seen else a.last + 1
+            a.exit_seen = False
         else:
             start = self.choose_from(a)
         view = View(start)
