@@ -104,6 +104,7 @@ class Exchange(EnvironmentLife):
         self.driver: DriverSide | None = None
         self.stdin: Stdin | None = None
         self.build: exchange_build.EnvBuild | None = None  # the session's packages, before its function starts
+        self.env_lock: int | None = None  # the shared lock on its packages' environment while the function runs
         self.work_watch: WorkDirWatch | None = None  # the bound on what it leaves on disk
         self.reading = False
         self.control = Control(self)
@@ -356,7 +357,7 @@ def main(argv: list[str]) -> None:
         os._exit(3)
     work = os.path.join(sdir, "work")  # the environment's: a path other processes can use
     sdir = sessiondisk.pin_dir(sdir)
-    pre = meta = None
+    pre = meta = env_lock = None
     if launched is not None and launched.error is None:
         # A pre-started environment and a brand-new session: the function
         # starts first, and runs while this exchange sets itself up.
@@ -367,20 +368,28 @@ def main(argv: list[str]) -> None:
         os.rename(launched.workdir, work)
         # Unsandboxed, the driver moves there by its new name (cwd and HOME).
         cwd = None if meta["sandbox"] == "bwrap" else work
+        if meta.get("packages"):
+            # The start message waits until the packages are ready: here at
+            # once when their environment is (its shared lock is taken now).
+            from bento import envs
+
+            env_lock = envs.use(meta["envs_dir"], meta["env_name"])
         try:
-            # (With packages, the start message waits until they are ready.)
-            pre = None if meta.get("packages") else prestart(launched, meta, cwd)
+            pre = None if meta.get("packages") and env_lock is None else prestart(launched, meta, cwd)
         except bento_sandbox.Unenforceable as exc:
             launched.discard()
             launched = Launched(None, error=str(exc))
+            if env_lock is not None:
+                os.close(env_lock)
+                env_lock = None
     ex = Exchange(sdir, adopt, meta)
     if adopt:
         ex.adopt_lost()
-    if (not adopt and ex.core.exit is None and ex.meta.get("packages")
+    ex.env_lock = env_lock
+    if (not adopt and ex.core.exit is None and ex.meta.get("packages") and pre is None
             and (launched is None or launched.error is None)):
         os.makedirs(work, exist_ok=True)
-        # Imported here: the builder (hashlib, json, re) would add ~4 MiB to
-        # every exchange, and most sessions have no packages.
+        # Imported here: most sessions have no packages, or a ready environment.
         from bento.exchange_build import EnvBuild
 
         ex.build = EnvBuild(ex, launched)

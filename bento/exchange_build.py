@@ -41,13 +41,13 @@ class EnvBuild:
         meta = ex.meta
         self.envs_dir: str = meta["envs_dir"]
         self.name: str = meta["env_name"]
-        self.lock_fd: int | None = None  # the shared lock on the ready environment
         self.proc: subprocess.Popen | None = None
         self.fd = -1
 
     def begin(self) -> None:
-        self.lock_fd = envs.use(self.envs_dir, self.name)
-        if self.lock_fd is not None:
+        ex = self.ex
+        ex.env_lock = envs.use(self.envs_dir, self.name)
+        if ex.env_lock is not None:
             self.start_function()
             return
         import subprocess  # only to build: a cached environment's session goes without it (~3 ms)
@@ -87,8 +87,8 @@ class EnvBuild:
         rc = self.proc.wait()  # it closed its output: it is exiting
         self.proc = None
         if rc == 0:
-            self.lock_fd = envs.use(self.envs_dir, self.name)
-        if self.lock_fd is None:
+            self.ex.env_lock = envs.use(self.envs_dir, self.name)
+        if self.ex.env_lock is None:
             tail = self.ex.output.stderr_tail.decode("utf-8", "replace").strip()
             self.fail(tail or f"the installer ended with code {rc}")
             return
@@ -121,12 +121,6 @@ class EnvBuild:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-    def release(self) -> None:
-        """The function has ended: let go of the environment's lock."""
-        if self.lock_fd is not None:
-            close_quietly(self.lock_fd)
-            self.lock_fd = None
 
     @property
     def building(self) -> bool:

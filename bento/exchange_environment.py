@@ -74,6 +74,7 @@ class EnvironmentLife:
         driver: DriverSide | None
         stdin: Stdin | None
         build: exchange_build.EnvBuild | None
+        env_lock: int | None
         work_watch: WorkDirWatch | None
         reading: bool
 
@@ -116,8 +117,9 @@ class EnvironmentLife:
         self.wall_deadline = None  # the function is over: no timer may wake this loop
         # Whatever the function left behind dies with it, and its pid may be reused.
         self.child.release()
-        if self.build is not None:
-            self.build.release()  # its environment may be evicted from now on
+        if self.env_lock is not None:
+            os.close(self.env_lock)  # its environment may be evicted from now on
+            self.env_lock = None
         unlink(os.path.join(self.dir, "env.pid"))
         self.core.function_ended()
         self.drain_deadline = time.monotonic() + DRAIN_SECONDS

@@ -79,6 +79,34 @@ async def test_packages_importable_built_once_for_two_concurrent_executes(server
     assert [e["specs"] for e in listed] == [["six"]]
 
 
+WAITS = "def main():\n    import six\n    print(six.__name__, flush=True)\n    return api.recv()\n"
+
+
+@pytest.mark.deadline(300)
+async def test_a_function_on_a_ready_environment_holds_it_until_it_ends(server):
+    """With its environment ready, a warm session's function starts before its
+    exchange has set itself up; the environment stays locked (never evicted)
+    while the function runs, and is let go when it ends."""
+    from bento import envs
+
+    envs_dir = os.path.join(server.data_dir, "envs")
+    built = await run(server.url, args=[["six"]], packages=["six"])
+    assert built[-1][2]["result"]["found"] == {"six": True}
+    async with conn(server.url) as c:
+        r = await c.ok("execute", code=WAITS, packages=["six"])
+        first = await c.frames(r["session"], until_exit=False, count=1)
+        assert first[0][1:] == ["stdout", b"six\n"], first
+        assert [e["in_use"] for e in envs.listing(envs_dir)] == [True]
+        await c.send({"op": "input", "session": r["session"], "seq": 1, "data": 7})
+        end = await c.frames(r["session"])
+        assert end[-1][2]["state"] == "exited" and end[-1][2]["result"] == 7, end[-1]
+    for _ in range(100):
+        if [e["in_use"] for e in envs.listing(envs_dir)] == [False]:
+            break
+        await trio.sleep(0.05)
+    assert [e["in_use"] for e in envs.listing(envs_dir)] == [False]
+
+
 @pytest.mark.deadline(300)
 async def test_a_failed_build_ends_the_session_failed_with_the_installers_message(server):
     frames = await run(server.url, packages=["bento-no-such-package-at-all-20261204"])
