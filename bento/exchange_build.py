@@ -2,17 +2,18 @@
 
 An execute with ``packages`` (bento/envs.py) may take a warm environment:
 every sandbox sees the environments directory (read-only), and the start
-message names the session's. If the environment is ready, the function
-starts at once; otherwise the exchange
-runs the installer (``bento.envs.main``, outside the sandbox) as a child,
-turns what it prints into the session's stderr frames, and starts the
-function when it succeeded, or ends the session ``failed`` (``BuildError``,
-with the installer's last lines) when it did not. The session holds a shared
-lock on its environment until its function ends, so eviction never removes
-it under a running function. Runs in the exchange: no trio, no
+message names the session's. A warm environment whose packages are ready
+never comes here: bento/exchange.py sends its start at once, as for an
+execute without packages. Otherwise, if the environment is ready the
+function starts at once; if not, the exchange runs the installer
+(``bento.envs.main``, outside the sandbox) as a child, turns what it prints
+into the session's stderr frames, and starts the function when it
+succeeded, or ends the session ``failed`` (``BuildError``, with the
+installer's last lines) when it did not. The exchange holds a shared lock on
+the environment (``env_lock``) until the function ends, so eviction never
+removes it under a running function. Runs in the exchange: no trio, no
 blocking read.
 """
-
 from __future__ import annotations
 
 import os

@@ -16,6 +16,8 @@ import pytest
 import trio
 from helpers import conn, data_of
 
+from bento import envs
+
 IMPORTS = '''
 def main(names):
     import importlib, sys
@@ -84,11 +86,9 @@ WAITS = "def main():\n    import six\n    print(six.__name__, flush=True)\n    r
 
 @pytest.mark.deadline(300)
 async def test_a_function_on_a_ready_environment_holds_it_until_it_ends(server):
-    """With its environment ready, a warm session's function starts before its
-    exchange has set itself up; the environment stays locked (never evicted)
-    while the function runs, and is let go when it ends."""
-    from bento import envs
-
+    """A function on a ready environment (the server's pool makes it a warm
+    one, whose start goes out before its exchange sets itself up) keeps the
+    environment locked (never evicted) while it runs; it is let go at the end."""
     envs_dir = os.path.join(server.data_dir, "envs")
     built = await run(server.url, args=[["six"]], packages=["six"])
     assert built[-1][2]["result"]["found"] == {"six": True}
