@@ -28,18 +28,31 @@ _MAX_REFUSERS = 10_000
 _refused: dict[tuple[str, str], tuple[float, int]] = {}
 
 
-class _Held:
+class Held:
     """The lines a task holds back (``held``): (level, text, extra), in order.
-    Tasks it starts meanwhile inherit this; once closed it holds nothing more."""
+    Tasks it starts meanwhile inherit this; once released it holds nothing more."""
 
-    __slots__ = ("lines", "open")
+    __slots__ = ("lines", "open", "handed_on")
 
     def __init__(self) -> None:
         self.lines: list[tuple[int, str, dict]] = []
         self.open = True
+        self.handed_on = False
+
+    def hand_on(self) -> Held:
+        """The block's end leaves these lines to whoever calls ``release``."""
+        self.handed_on = True
+        return self
+
+    def release(self) -> None:
+        """Write the lines held so far, in order; from now on nothing is held."""
+        self.open = False
+        lines, self.lines = self.lines, []  # (tasks started inside keep the object)
+        for level, text, extra in lines:
+            log.log(level, "%s", text, extra=extra)
 
 
-_held: ContextVar[_Held | None] = ContextVar("bento_events_held", default=None)
+_held: ContextVar[Held | None] = ContextVar("bento_events_held", default=None)
 
 
 def emit(event: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -55,20 +68,20 @@ def emit(event: str, level: int = logging.INFO, **fields: Any) -> None:
 
 
 @contextmanager
-def held() -> Iterator[None]:
+def held() -> Iterator[Held]:
     """Hold back the current task's lines until the block ends, then write
     them in order (also when it raises): for a request whose answer should
-    not wait for its log lines, as an execute's reply does not."""
-    held = _Held()
+    not wait for its log lines, as an execute's reply does not. A block that
+    hands them on (``Held.hand_on``) leaves their writing to the receiver:
+    an execute's attachment writes them after its first output."""
+    held = Held()
     token = _held.set(held)
     try:
-        yield
+        yield held
     finally:
         _held.reset(token)
-        held.open = False
-        lines, held.lines = held.lines, []  # (tasks started inside keep the object)
-        for level, text, extra in lines:
-            log.log(level, "%s", text, extra=extra)
+        if not held.handed_on:
+            held.release()
 
 
 def refused(what: str, peer: str, **fields: Any) -> None:

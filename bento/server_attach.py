@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from bento import protocol, sessionlog
+from bento import events, protocol, sessionlog
 from bento.gate import audit
 from bento.sessions import Attachment, Session
 from bento.transport import ConnectionClosed
@@ -72,7 +72,9 @@ class AttachOps:
         ))
         self.attach(s, mode, start)
 
-    def attach(self, s: Session, mode: str, start: int) -> None:
+    def attach(self, s: Session, mode: str, start: int, lines: events.Held | None = None) -> None:
+        """Attach this connection to ``s`` from ``start``; ``lines``: an
+        execute's log lines, which its worker writes after the first output."""
         old = self.attachments.pop(s.sid, None)
         if old is not None:
             self._drop(old)
@@ -81,6 +83,8 @@ class AttachOps:
         self.attachments[s.sid] = att
         s.attachments.add(att)
         self.nursery.start_soon(self.worker, att)
+        if lines is not None:
+            att.lines = lines.hand_on()
 
     async def _drop_and_wait(self, att: Attachment) -> None:
         self._drop(att)
@@ -137,6 +141,7 @@ class AttachOps:
             pass
         finally:
             cursor.close()
+            att.write_lines()
             try:
                 if att.ended and not self.dead and self.attachments.get(s.sid) is att:
                     self.attachments.pop(s.sid, None)
@@ -186,5 +191,7 @@ class AttachOps:
                     await self.send(protocol.out_event_parts(s.sid, frames))
                     self.server.metrics.frames_out.inc(len(frames))
                     att.next_seq = cursor.next_seq
+                    att.write_lines()
                 continue
+            att.write_lines()
             await changed.wait()

@@ -37,7 +37,7 @@ class ExecuteOps:
 
         def need_key(self) -> str: ...
 
-        def attach(self, s: Session, mode: str, start: int) -> None: ...
+        def attach(self, s: Session, mode: str, start: int, lines: events.Held | None = None) -> None: ...
 
         async def send(self, data: bytes) -> None: ...
 
@@ -70,11 +70,12 @@ class ExecuteOps:
             ticket = await self._admit(req, key, limits, meta.get("env_name"), code, idem_hash)
             if ticket is None:
                 return  # another node took it, and this connection has answered
-        with events.held():  # the reply first: the first output waits for it
+        # The log lines after the reply and, when attached, after the first output.
+        with events.held() as lines:
             s, owner, viewer = await start_session(self.server, meta, idem_hash, ticket)
             await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))
-        if req["attach"]:
-            self.attach(s, "rw", 1)
+            if req["attach"]:
+                self.attach(s, "rw", 1, lines)
 
     async def _code(self, req: dict) -> str | None:
         """The execute's code: inline, or a stored function's (found here or on another node)."""

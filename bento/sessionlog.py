@@ -344,10 +344,11 @@ class Cursor:
         except FileNotFoundError:
             return False
         offset = 0
-        for seq, _payload, rec_end in scan_file(path):
-            if seq >= self.next_seq:
-                break
-            offset = rec_end
+        if start < self.next_seq:  # (a segment starts with its first record)
+            for seq, _payload, rec_end in scan_file(path):
+                if seq >= self.next_seq:
+                    break
+                offset = rec_end
         self._fd, self._seg_start, self._offset = fd, start, offset
         self._positioned = True
         return True

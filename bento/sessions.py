@@ -47,6 +47,13 @@ class Attachment:
     ended: bool = False
     why: str = ""  # why it was cut off while its session goes on (a revoked viewer token)
     done: trio.Event = field(default_factory=trio.Event)  # its worker has finished
+    lines: events.Held | None = None  # an execute's log lines, written after its first output
+
+    def write_lines(self) -> None:
+        """Write the execute's log lines this attachment carries (once)."""
+        if self.lines is not None:
+            lines, self.lines = self.lines, None
+            lines.release()
 
 
 class Session:

@@ -179,6 +179,8 @@ async def test_json_log_has_every_session_event_and_no_token(make_server, tmp_pa
     assert {"server.started", "session.created", "session.state", "session.ended", "refused",
             "server.stopped"} <= names, seen
     assert ("session.state", "exited", None, None) in seen, seen
+    # Both executes' lines: the attached one's are written after its first output.
+    assert sum(e[0] == "session.created" for e in seen) == 2, seen
     assert ("refused", None, None, "bad_key") in seen and ("refused", None, None, "too_large") in seen, seen
     assert any(e[0] == "session.ended" and e[2] == "destroyed by owner" for e in seen), seen
     text = srv.read_log()

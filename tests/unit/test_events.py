@@ -85,3 +85,14 @@ async def test_a_task_started_while_held_writes_at_once_after_the_block(lines):
             assert lines == []
         assert [r.getMessage() for r in lines] == ["held.line", "reader.started"]
     assert [r.getMessage() for r in lines] == ["held.line", "reader.started", "reader.later"]
+
+
+def test_handed_on_lines_wait_for_their_release_and_are_written_once(lines):
+    with events.held() as held:
+        events.emit("session.created", session="s_3")
+        handed = held.hand_on()
+    assert lines == []  # the block's end left them to the receiver
+    events.emit("session.state", session="s_3", state="exited")  # not held: written at once
+    handed.release()
+    handed.release()
+    assert [r.getMessage().split()[0] for r in lines] == ["session.state", "session.created"]
