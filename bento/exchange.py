@@ -234,8 +234,9 @@ class Exchange(EnvironmentLife):
         driver.flush()
         self.stdin.pump()
         # The function runs from here on; the bookkeeping below is off its path.
-        with open(os.path.join(self.dir, "env.pid"), "w") as f:
-            f.write(f"{child.pgid}\n")
+        if not launched.env_pid_written:
+            with open(os.path.join(self.dir, "env.pid"), "w") as f:
+                f.write(f"{child.pgid}\n")
         self.apply(self.core.started())
 
     # -- main loop ----------------------------------------------------------
@@ -343,18 +344,18 @@ def main(argv: list[str]) -> None:
         got = wait_for_session(warm_sock)
         if got is None:
             os._exit(0)
-        launched, sdir = got
+        # Its directory, prepared while it waited, renamed into place: the lock,
+        # exchange.pid and env.pid are there, and the work dir is the home.
+        launched, sdir, lock_fd = got
         adopt = False
     else:
         sdir = argv[0]
         adopt = "--adopt" in argv[1:]
-    lock_fd = sessiondisk.take_lock(sdir)
-    if lock_fd < 0:
-        if launched is not None:
-            launched.discard()
-        sys.stdout.write("busy\n")
-        sys.stdout.flush()
-        os._exit(3)
+        lock_fd = sessiondisk.take_lock(sdir)
+        if lock_fd < 0:
+            sys.stdout.write("busy\n")
+            sys.stdout.flush()
+            os._exit(3)
     work = os.path.join(sdir, "work")  # the environment's: a path other processes can use
     sdir = sessiondisk.pin_dir(sdir)
     pre = meta = env_lock = None
@@ -362,11 +363,8 @@ def main(argv: list[str]) -> None:
         # A pre-started environment and a brand-new session: the function
         # starts first, and runs while this exchange sets itself up.
         meta = read_meta(sdir)
-        # The environment was started in a directory of its own: it becomes the
-        # session's work dir, where clients read and write its files (a
-        # sandbox's home is a bind of it, which follows the rename).
-        os.rename(launched.workdir, work)
-        # Unsandboxed, the driver moves there by its new name (cwd and HOME).
+        # Unsandboxed, the driver moves to its home by its new name (cwd and
+        # HOME); a sandbox's home is a bind, which followed the rename.
         cwd = None if meta["sandbox"] == "bwrap" else work
         if meta.get("packages"):
             # The start message waits until the packages are ready: here at
@@ -402,11 +400,12 @@ def main(argv: list[str]) -> None:
         ex.start(launched, pre)
     elif launched is not None:
         launched.discard()
-    # Written before the session is answered for: once an execute has its
-    # reply, the session's exchange.pid names its exchange.
-    with open(os.path.join(sdir, "exchange.pid"), "w") as f:
-        f.write(f"{os.getpid()}\n")
-    if warm_sock is not None:
+    if warm_sock is None:
+        # Written before the session is answered for: once an execute has its
+        # reply, the session's exchange.pid names its exchange (a warm one's is).
+        with open(os.path.join(sdir, "exchange.pid"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    else:
         # The server waits for this hello to answer the execute: say it now.
         # Then the function's first output, if it is there already (the server
         # waits for that next), and only then the socket for a later server.

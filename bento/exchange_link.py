@@ -45,10 +45,9 @@ RETRY_FIRST_S = 1.0  # the warm pool's pause after a failure, doubled while fail
 RETRY_MAX_S = 30.0
 SIZING_TICK_S = 1.0  # the pool's target is looked at again at least this often (to shrink it)
 TAKE_GRACE_S = 0.05  # after a take, warm starts wait this long (the session's first hops go first)
-# Executes a second from which warm exchanges are forked from the template: a
-# fork costs ~1 ms of CPU where a process of its own costs ~30, but a forked
-# exchange's session reaches its first output ~1-1.5 ms later (not located:
-# docs/performance.md). Below this rate the CPU is there to spare.
+# Executes a second from which warm exchanges are forked from the template: a fork
+# costs far less CPU than a process of its own, but its session's first output
+# comes later (docs/performance.md); below this rate the CPU is there to spare.
 TEMPLATE_RATE = 8.0
 
 
@@ -121,7 +120,7 @@ class ExchangeLink:
         self.pending: dict[int, tuple[trio.Event, list[dict]]] = {}
         self.next_rid = 1
         self.closed = False
-        self.home: str | None = None  # a warm exchange's: its sandbox's home until a session takes it
+        self.home: str | None = None  # a warm exchange's directory until a session takes it
 
     async def send(self, msg: dict) -> None:
         wire.check(wire.TO_EXCHANGE, msg)
@@ -247,9 +246,8 @@ class Exchanges:
         maximum = getattr(config, "pool_max", None)
         self.sizing = pool_sizing.PoolSizing(
             self.pool_size, pool_sizing.default_maximum(self.pool_size) if maximum is None else maximum)
-        # Warm starts at once. Not one per core: much of a start is waiting (bwrap's
-        # namespaces and mounts, the driver's imports from disk), and at 20
-        # executes/s two at once could not keep up (docs/performance.md).
+        # Warm starts at once. Not one per core: much of a start is waiting (bwrap's namespaces
+        # and mounts, the driver's imports from disk: docs/performance.md).
         self.parallel = pool_sizing.MAX_PER_CORE * (os.cpu_count() or 1)
         self.starting = 0  # warm starts under way
         self.pause = RETRY_FIRST_S  # before the next start, after a failure
@@ -279,7 +277,7 @@ class Exchanges:
                 now = trio.current_time()
                 wanted = self.sizing.target(now)
                 while len(self.warm) > wanted:
-                    self._close_warm(self.warm.pop(0))
+                    self.close_warm(self.warm.pop(0))
                 if now < self.retry_at:
                     await self._wake_within(self.retry_at - now)
                     continue
@@ -295,11 +293,9 @@ class Exchanges:
                     await trio.sleep(TAKE_GRACE_S)
 
     async def _start_template(self) -> None:
-        template = self.template
-        if template is None:
-            return
         try:
-            await template.start()
+            if self.template is not None:
+                await self.template.start()
         except TemplateUnavailable as exc:
             self._no_template(exc)
 
@@ -334,21 +330,22 @@ class Exchanges:
             self.starting -= 1
             self.warm_wanted.set()
 
-    def _close_warm(self, link: ExchangeLink) -> None:
-        """A warm exchange no longer wanted: it sees its link end, discards its
-        environment and exits; its home goes with it."""
+    def close_warm(self, link: ExchangeLink) -> None:
+        """A warm exchange not wanted (or taken for a session that could not be made): it sees
+        its link end, discards its environment and exits; its directory goes too, if still its."""
         self.nursery.start_soon(link.stream.aclose)
         if link.home:
             shutil.rmtree(link.home, ignore_errors=True)
 
     async def _spawn_warm(self) -> ExchangeLink:
         """A warm exchange whose environment is up (bento/warm.py says why up)."""
-        # The sandbox's home until a session takes it (then renamed to the session's work dir).
-        workdir = tempfile.mkdtemp(prefix="warm-", dir=self.warm_dir)
+        # Prepared by the exchange as a session's (its ``work`` is the home); a session renames it.
+        home = tempfile.mkdtemp(prefix="warm-", dir=self.warm_dir)
         try:
+            os.mkdir(os.path.join(home, "work"), 0o755)
             ours, pid, kill = await self._start_warm_process()
         except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(home, ignore_errors=True)
             raise
         link = ExchangeLink(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
         ready: dict | None = None
@@ -356,7 +353,7 @@ class Exchanges:
             await link.send({
                 "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,
                 "python": self.python, "driver_path": self.driver_path, "network": False,
-                "envs_dir": self.envs_dir, "workdir": workdir,
+                "envs_dir": self.envs_dir, "dir": home,
             })
             with trio.move_on_after(WARM_TIMEOUT_S) as waited:
                 ready = await link.receive()
@@ -370,10 +367,10 @@ class Exchanges:
             if ready["error"]:
                 raise RuntimeError(ready["error"])
         except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)  # (first: a cancelled aclose raises)
+            shutil.rmtree(home, ignore_errors=True)  # (first: a cancelled aclose raises)
             await link.stream.aclose()  # the exchange sees the end and exits, if it still runs
             raise
-        link.home = workdir
+        link.home = home
         return link
 
     async def _start_warm_process(self) -> tuple[socket.socket, int, Callable[[], None]]:
@@ -411,8 +408,9 @@ class Exchanges:
         self.nursery.start_soon(proc.wait)
         return proc
 
-    async def assign_warm(self, sdir: str, network: bool) -> tuple[ExchangeLink, dict] | None:
-        """Hand a new session to a warm exchange: (link, hello), or None if none fits or is ready."""
+    def take_warm(self, network: bool) -> ExchangeLink | None:
+        """A warm exchange out of the pool for a new session (its directory, ``link.home``,
+        becomes the session's: ``Store.create_session``), or None if none fits or is ready."""
         if network and self.config.sandbox == "bwrap":
             return None
         if self.pool_size:
@@ -420,13 +418,15 @@ class Exchanges:
             self.warm_wanted.set()
         if not self.warm:
             return None
-        link = self.warm.pop(0)
         self.taken_at = trio.current_time()
-        self.warm_wanted.set()
+        return self.warm.pop(0)
+
+    async def assign_warm(self, link: ExchangeLink, sdir: str) -> dict | None:
+        """Hand the session in ``sdir`` to its warm exchange: its hello, or None (gone, too slow)."""
         try:
             await link.send({"t": "assign", "dir": sdir})
             with trio.fail_after(SPAWN_TIMEOUT_S):
-                return link, await link.hello()
+                return await link.hello()
         except (ExchangeGone, trio.TooSlowError):
             await link.stream.aclose()
             return None

@@ -102,7 +102,7 @@ class Launched:
         self.env, self.error = env, error
         self.out_r, self.err_r, self.to_w, self.from_r = out_r, err_r, to_w, from_r
         self.in_w = in_w
-        self.workdir = ""  # the host directory that is the environment's home and cwd
+        self.env_pid_written = False  # a warm exchange wrote env.pid while it waited (bento/warm.py)
         self.up = False  # its driver said ``up`` (a warm environment waits for that: bento/warm.py)
         self.early = b""  # what the driver sent after its ``up``, read before the session's link
 
@@ -206,9 +206,7 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
         close_quietly(fd)
     for fd in (in_w, out_r, err_r, to_w, from_r):
         os.set_blocking(fd, False)
-    launched = Launched(env, out_r, err_r, to_w, from_r, in_w=in_w)
-    launched.workdir = workdir
-    return launched
+    return Launched(env, out_r, err_r, to_w, from_r, in_w=in_w)
 
 
 def set_window(fd: int, rows: int, cols: int) -> None:

@@ -193,6 +193,34 @@ def take_lock(sdir: str) -> int:
     return lock_fd
 
 
+# The empty file a prepared directory holds for the server's meta.cbor.
+META_PREPARED = "meta.cbor.new"
+
+
+def prepare_dir(home: str) -> int:
+    """Make, before any session wants it, what a warm exchange's directory
+    needs to become a session's (bento/warm.py): its lock (taken: the fd is
+    returned), ``exchange.pid``, the first output segment, and the file the
+    server writes the session's metadata into. The server renames the
+    directory into ``sessions/`` when it assigns it; making files is the
+    slow part of that on a disk file system, renaming is not."""
+    lock_fd = take_lock(home)
+    if lock_fd < 0:
+        raise OSError(errno.EBUSY, f"another process holds {home}")
+    try:
+        for name, text in (("exchange.pid", f"{os.getpid()}\n"), (sessionlog.segment_name("out", 1), ""),
+                           (META_PREPARED, "")):
+            fd = os.open(os.path.join(home, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return lock_fd
+
+
 class Ended:
     """An ended session as the server holds it while someone reads it: its core
     (recovered from the files once: that reads the whole output log) and what

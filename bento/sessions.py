@@ -222,25 +222,29 @@ class Registry(SessionLinks, Upkeep):
             "driver_path": self.exchanges.driver_path,
         }
         tree = meta.pop("files", None)  # written into the work dir, not the meta file
+        # A session with files or a terminal starts cold: those are set at the spawn.
+        link = None if meta.get("tty") or tree else self.exchanges.take_warm(meta["network"])
         try:
-            sdir = self.store.create_session(sid, meta)
+            sdir = self.store.create_session(sid, meta, link.home if link is not None else None)
             if tree:
                 os.mkdir(os.path.join(sdir, "work"), 0o755)
                 await trio.to_thread.run_sync(files.write_tree, os.path.join(sdir, "work"), tree)
         except (OSError, files.FileError) as exc:
             log.error("session %s: cannot be created: %s", sid, exc)
+            if link is not None:
+                self.exchanges.close_warm(link)
             shutil.rmtree(self.store.session_dir(sid), ignore_errors=True)
             why = getattr(exc, "strerror", None) or exc
             raise protocol.RequestError("internal", f"cannot create the session: {why}") from None
         s = Session(sid, sdir, meta)
         s.check_log = False
         try:
-            # A session with files or a terminal starts cold: those are set at the spawn.
-            cold = s.meta.get("tty") or tree
-            warm = None if cold else await self.exchanges.assign_warm(
-                sdir, s.meta["network"])
-            if warm is not None:
-                self._linked(s, *warm)
+            hello = None
+            if link is not None:
+                link.home = None  # the session's now
+                hello = await self.exchanges.assign_warm(link, sdir)
+            if link is not None and hello is not None:
+                self._linked(s, link, hello)
             else:
                 await self.exchanges.spawn(sdir, adopt=False)
                 await self._connect(s)

@@ -10,6 +10,7 @@ Layout under the data dir:
         state.cbor              the exchange's saved state
         out.<seq>, in.<seq>     output and input log segments (see sessionlog)
         ctl.sock, lock, exchange.pid, env.pid, exchange.log, work/
+    warm/<name>/                a warm exchange's directory, prepared as a session's (bento/warm.py)
 
 Every file is written atomically (write, then rename); files read back after a
 crash are treated as untrusted and a bad one costs only its own session.
@@ -25,7 +26,8 @@ import secrets
 import shutil
 
 from bento import protocol
-from bento.sessionlog import write_atomic
+from bento.sessiondisk import META_PREPARED
+from bento.sessionlog import write_atomic, write_prepared
 
 
 class DataDirBusy(Exception):
@@ -100,11 +102,20 @@ class Store:
     def session_dir(self, sid: str) -> str:
         return os.path.join(self.sessions, sid)
 
-    def create_session(self, sid: str, meta: dict) -> str:
+    def create_session(self, sid: str, meta: dict, prepared: str | None = None) -> str:
+        """The new session's directory with its meta.cbor. ``prepared``: a warm
+        exchange's directory (``sessiondisk.prepare_dir``), renamed into place."""
         sdir = self.session_dir(sid)
-        os.mkdir(sdir, 0o700)
+        if prepared is None:
+            os.mkdir(sdir, 0o700)
+        else:
+            os.rename(prepared, sdir)
         try:
-            write_atomic(os.path.join(sdir, "meta.cbor"), protocol.encode(meta))
+            data = protocol.encode(meta)
+            if prepared is None:
+                write_atomic(os.path.join(sdir, "meta.cbor"), data)
+            else:
+                write_prepared(os.path.join(sdir, META_PREPARED), os.path.join(sdir, "meta.cbor"), data)
         except OSError:
             shutil.rmtree(sdir, ignore_errors=True)
             raise

@@ -1,16 +1,17 @@
 """A warm exchange: its environment is started before any session exists.
 
 The server keeps a pool of these (``--pool``). Over the socket pair it was
-started with, a warm exchange gets ``warm`` (how to launch), launches, waits
-until the environment is up (its driver's ``up``) and answers ``warm_ready``,
-then waits for ``assign`` (the session's directory); from there on it is an
-ordinary exchange. It must never import trio.
+started with, a warm exchange gets ``warm`` (how to launch, and its
+directory), prepares the directory as a session's, launches, waits until the
+environment is up (its driver's ``up``) and answers ``warm_ready``, then waits
+for ``assign`` (the session's directory: its own, renamed by the server);
+from there on it is an ordinary exchange. It must never import trio.
 
-Up, not just launched: a sandbox's home is a directory that a session renames
-to its work dir when it takes the environment, and bwrap turns the home's fd
-into a path early and mounts that path late. A rename in between leaves the
-sandbox without its home and it dies before the function runs. Once the
-driver runs, every mount is done and the name no longer matters.
+Up, not just launched: the sandbox's home is the directory's ``work``, which a
+session renames along with it when it takes the environment, and bwrap turns
+the home's fd into a path early and mounts that path late. A rename in
+between leaves the sandbox without its home and it dies before the function
+runs. Once the driver runs, every mount is done and the name no longer matters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 
 from bento_driver import wire
 
-from bento import protocol
+from bento import protocol, sessiondisk
 from bento.launch import READ_SIZE, Launched, Link, launch, loads
 
 UP_TIMEOUT_S = 10.0  # an environment not up by then is discarded (the pool tries again later)
@@ -30,10 +31,12 @@ UP_MAX_BYTES = 4096  # the driver's ``up`` is a few bytes: more is a broken driv
 STDERR_TAIL = 1000  # of an environment that died before it came up, for the server's log
 
 
-def wait_for_session(sock: socket.socket) -> tuple[Launched, str] | None:
-    """Start an environment now, then wait for the server to assign a session:
-    (the environment, the session's directory), or None if the server gave up
-    or the environment never came up."""
+def wait_for_session(sock: socket.socket) -> tuple[Launched, str, int] | None:
+    """Prepare the directory the server gave (``sessiondisk.prepare_dir``; the
+    environment's home is its ``work``), start an environment now, then wait
+    for the server to assign a session: (the environment, the session's
+    directory: the same one, renamed by the server, the lock fd), or None if
+    the server gave up or the environment never came up."""
     link = Link(sock.fileno(), sock.fileno(), 1 << 20)
     os.set_blocking(sock.fileno(), True)
 
@@ -50,12 +53,26 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str] | None:
     cfg = receive()
     if cfg is None or cfg.get("t") != "warm":
         return None
-    launched = launch(cfg, f"warm-{os.getpid()}", cfg["workdir"])
+    try:
+        lock_fd = sessiondisk.prepare_dir(cfg["dir"])
+    except OSError as exc:
+        lock_fd, launched = -1, Launched(None, error=f"cannot prepare {cfg['dir']}: {exc}")
+    else:
+        launched = launch(cfg, f"warm-{os.getpid()}", os.path.join(cfg["dir"], "work"))
     error = launched.error
     if error is None:
         error = wait_up(launched, sock.fileno(), UP_TIMEOUT_S)
         if error is not None:
             launched.discard()
+    if error is None:
+        assert launched.env is not None
+        try:
+            with open(os.path.join(cfg["dir"], "env.pid"), "w") as f:
+                f.write(f"{launched.env.pgid}\n")
+            launched.env_pid_written = True
+        except OSError as exc:
+            launched.discard()
+            error = f"cannot write env.pid: {exc}"
     link.queue(protocol.encode(wire.message(wire.FROM_EXCHANGE, "warm_ready", pid=os.getpid(),
                                             error=error)))
     link.flush()
@@ -68,7 +85,7 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str] | None:
     if link.framer.pending:
         raise RuntimeError("the server sent more than one message before the session was set up")
     os.set_blocking(sock.fileno(), False)
-    return launched, assign["dir"]
+    return launched, assign["dir"], lock_fd
 
 
 def wait_up(launched: Launched, server_fd: int, timeout: float) -> str | None:

@@ -122,7 +122,7 @@ async def test_the_keeper_grows_with_executes_starts_in_parallel_and_shrinks_whe
         nursery.start_soon(ex.pool_keeper)
         await trio.sleep(2)
         assert len(ex.warm) == 1 and most_at_once == 1  # the floor, one start
-        # 8 executes a second for 4 s, each taking one (as assign_warm does).
+        # 8 executes a second for 4 s, each taking one (as take_warm does).
         found = []
         for _ in range(32):
             ex.sizing.executed(trio.current_time())

@@ -1,9 +1,12 @@
 """An ended session read back from disk: from its saved frame sizes when they
-agree with the log, from a scan of the log otherwise."""
+agree with the log, from a scan of the log otherwise. A warm exchange's
+directory, prepared as a session's."""
 
 from __future__ import annotations
 
 import os
+
+import pytest
 
 from bento import protocol, session_core, sessiondisk, sessionlog
 
@@ -89,3 +92,30 @@ def test_logs_changed_since_the_exchange_left_are_scanned(tmp_path):
     assert os.path.getsize(last) == sessiondisk._log_end(sdir, "out")[1]
     with open(os.path.join(sdir, "exchange.log")) as f:
         assert "torn record of 3 bytes" in f.read()
+
+
+def test_a_prepared_directory_becomes_a_session_with_nothing_left_to_create(tmp_path):
+    from bento.store import Store
+
+    store = Store(str(tmp_path / "data"))
+    home = tmp_path / "data" / "warm-1"
+    (home / "work").mkdir(parents=True)
+    lock_fd = sessiondisk.prepare_dir(str(home))
+    try:
+        assert sessiondisk.take_lock(str(home)) == -1  # held by the warm exchange from now on
+        assert (home / "exchange.pid").read_text() == f"{os.getpid()}\n"
+        sdir = store.create_session("s_prepared", {"code": "x"}, prepared=str(home))
+        assert not home.exists()
+        names = sorted(os.listdir(sdir))
+        assert names == ["exchange.pid", "lock", "meta.cbor", sessionlog.segment_name("out", 1), "work"], names
+        assert store.read_cbor("s_prepared", "meta.cbor") == {"code": "x"}
+        assert sessiondisk.take_lock(sdir) == -1  # the lock moved with the directory
+        out = sessionlog.Writer(sdir, "out")  # the empty first segment is the log's start
+        assert out.next_seq == 1 and out.torn_bytes == 0
+        out.close()
+    finally:
+        os.close(lock_fd)
+    # Prepared twice (a directory of a previous run): refused, nothing overwritten.
+    with pytest.raises(FileExistsError):
+        sessiondisk.prepare_dir(sdir)
+    assert sessionlog.Writer(sdir, "out").next_seq == 1 and store.read_cbor("s_prepared", "meta.cbor") == {"code": "x"}
