@@ -61,7 +61,7 @@ def package_fields(server: Server, asked: list[str]) -> dict:
         specs = envs.normalise(asked)
     except envs.SpecError as exc:
         raise protocol.RequestError("bad_request", f"packages: {exc}") from None
-    python = os.path.realpath(sys.executable)
+    python = server.registry.exchanges.python  # (the environments' interpreter: a real path)
     return {"packages": specs, "env_name": envs.env_hash(specs, python),
             "envs_dir": os.path.join(server.store.root, "envs"), "uv": server.uv,
             "max_env_bytes": server.config.max_env_bytes}
