@@ -112,12 +112,14 @@ class Exchange(EnvironmentLife):
         self.state_dirty_at: float | None = None
         self.finished = False
         self.remove = False  # delete the session directory on the way out
+        self.prepared: set[str] = set()  # files whose empty copies its warm directory holds
 
     # -- persistence ------------------------------------------------------
 
     def save(self) -> None:
         try:
-            sessiondisk.save(self.dir, self.core, {"enforced": self.enforced, "sandbox": self.meta["sandbox"]})
+            sessiondisk.save(self.dir, self.core, {"enforced": self.enforced, "sandbox": self.meta["sandbox"]},
+                             self.prepared)
             self.state_dirty_at = None
         except OSError as exc:
             self.disk_trouble(f"cannot save the session state: {exc}")
@@ -381,6 +383,8 @@ def main(argv: list[str]) -> None:
                 os.close(env_lock)
                 env_lock = None
     ex = Exchange(sdir, adopt, meta)
+    if warm_sock is not None:
+        ex.prepared = {sessiondisk.STATE_FILE, sessiondisk.SIZES_FILE}
     if adopt:
         ex.adopt_lost()
     ex.env_lock = env_lock

@@ -45,17 +45,30 @@ def load_saved(sdir: str) -> dict:
     return saved
 
 
-def save(sdir: str, core: session_core.SessionCore, extra: dict) -> None:
+def save(sdir: str, core: session_core.SessionCore, extra: dict, prepared: set[str] | None = None) -> None:
     """Write the core's saved state (and ``extra``: what the exchange adds)
-    atomically; at the session's end, its frame sizes once (:data:`SIZES_FILE`)."""
+    atomically; at the session's end, its frame sizes once (:data:`SIZES_FILE`).
+    ``prepared``: the files still waiting in ``prepare_dir``'s empty copies."""
     if core.exit is not None and not os.path.exists(os.path.join(sdir, SIZES_FILE)):
         sizes = array.array("q", core.sizes)
         if sys.byteorder == "big":
             sizes.byteswap()
-        sessionlog.write_atomic(os.path.join(sdir, SIZES_FILE), struct.pack("<q", core.size_base) + sizes.tobytes())
+        write_file(sdir, SIZES_FILE, struct.pack("<q", core.size_base) + sizes.tobytes(), prepared)
     if core.exit_seq is not None and core.durable_next > core.exit_seq and LOG_END not in extra:
         extra = {**extra, LOG_END: [*_log_end(sdir, "out"), *_log_end(sdir, "in"), core.input_seq]}
-    sessionlog.write_atomic(os.path.join(sdir, STATE_FILE), protocol.encode({**core.saved(), **extra}))
+    write_file(sdir, STATE_FILE, protocol.encode({**core.saved(), **extra}), prepared)
+
+
+def write_file(sdir: str, name: str, data: bytes, prepared: set[str] | None = None) -> None:
+    """Write ``name`` atomically: into its empty copy made ahead of time
+    (``name`` + :data:`PREPARED`, by ``prepare_dir``) while ``prepared`` lists it
+    (once), else through a new temporary file."""
+    path = os.path.join(sdir, name)
+    if prepared is not None and name in prepared:
+        prepared.discard(name)
+        sessionlog.write_prepared(path + PREPARED, path, data)
+    else:
+        sessionlog.write_atomic(path, data)
 
 
 def _log_end(sdir: str, prefix: str) -> tuple[int, int]:
@@ -193,15 +206,17 @@ def take_lock(sdir: str) -> int:
     return lock_fd
 
 
-# The empty file a prepared directory holds for the server's meta.cbor.
-META_PREPARED = "meta.cbor.new"
+# The suffix of the empty files a prepared directory holds for the files its
+# session writes first: the server's meta.cbor, the exchange's first save.
+PREPARED = ".new"
+PREPARED_FILES = ("meta.cbor", STATE_FILE, SIZES_FILE)
 
 
 def prepare_dir(home: str) -> int:
     """Make, before any session wants it, what a warm exchange's directory
     needs to become a session's (bento/warm.py): its lock (taken: the fd is
-    returned), ``exchange.pid``, the first output segment, and the file the
-    server writes the session's metadata into. The server renames the
+    returned), ``exchange.pid``, the first output segment, and empty copies of
+    the files written first (:data:`PREPARED_FILES`). The server renames the
     directory into ``sessions/`` when it assigns it; making files is the
     slow part of that on a disk file system, renaming is not."""
     lock_fd = take_lock(home)
@@ -209,7 +224,7 @@ def prepare_dir(home: str) -> int:
         raise OSError(errno.EBUSY, f"another process holds {home}")
     try:
         for name, text in (("exchange.pid", f"{os.getpid()}\n"), (sessionlog.segment_name("out", 1), ""),
-                           (META_PREPARED, "")):
+                           *((f + PREPARED, "") for f in PREPARED_FILES)):
             fd = os.open(os.path.join(home, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.write(fd, text.encode())

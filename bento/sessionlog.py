@@ -344,6 +344,14 @@ class Cursor:
     def _position(self) -> bool:
         """Open the segment holding ``next_seq`` and find its offset."""
         self.close()
+        if self.next_seq == 1:  # while the first segment is there, it starts with record 1
+            try:
+                self._fd = os.open(os.path.join(self.dirpath, segment_name(self.prefix, 1)), os.O_RDONLY)
+            except FileNotFoundError:
+                pass  # trimmed: the oldest segment left is found below
+            else:
+                self._seg_start, self._offset, self._positioned = 1, 0, True
+                return True
         segs = list_segments(self.dirpath, self.prefix)
         chosen = None
         for start, path in segs:

@@ -10,6 +10,7 @@ Layout under the data dir:
         state.cbor              the exchange's saved state
         out.<seq>, in.<seq>     output and input log segments (see sessionlog)
         ctl.sock, lock, exchange.pid, env.pid, exchange.log, work/
+        <name>.new              empty copies a warm exchange made of files written later (sessiondisk.prepare_dir)
     warm/<name>/                a warm exchange's directory, prepared as a session's (bento/warm.py)
 
 Every file is written atomically (write, then rename); files read back after a
@@ -26,8 +27,8 @@ import secrets
 import shutil
 
 from bento import protocol
-from bento.sessiondisk import META_PREPARED
-from bento.sessionlog import write_atomic, write_prepared
+from bento.sessiondisk import write_file
+from bento.sessionlog import write_atomic
 
 
 class DataDirBusy(Exception):
@@ -111,11 +112,7 @@ class Store:
         else:
             os.rename(prepared, sdir)
         try:
-            data = protocol.encode(meta)
-            if prepared is None:
-                write_atomic(os.path.join(sdir, "meta.cbor"), data)
-            else:
-                write_prepared(os.path.join(sdir, META_PREPARED), os.path.join(sdir, "meta.cbor"), data)
+            write_file(sdir, "meta.cbor", protocol.encode(meta), None if prepared is None else {"meta.cbor"})
         except OSError:
             shutil.rmtree(sdir, ignore_errors=True)
             raise

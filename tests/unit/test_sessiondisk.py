@@ -107,12 +107,21 @@ def test_a_prepared_directory_becomes_a_session_with_nothing_left_to_create(tmp_
         sdir = store.create_session("s_prepared", {"code": "x"}, prepared=str(home))
         assert not home.exists()
         names = sorted(os.listdir(sdir))
-        assert names == ["exchange.pid", "lock", "meta.cbor", sessionlog.segment_name("out", 1), "work"], names
+        assert names == ["exchange.pid", "lock", "meta.cbor", sessionlog.segment_name("out", 1), "sizes.bin.new",
+                         "state.cbor.new", "work"], names
         assert store.read_cbor("s_prepared", "meta.cbor") == {"code": "x"}
         assert sessiondisk.take_lock(sdir) == -1  # the lock moved with the directory
         out = sessionlog.Writer(sdir, "out")  # the empty first segment is the log's start
         assert out.next_seq == 1 and out.torn_bytes == 0
         out.close()
+        # The exchange's first saves go into the empty copies, later ones through new files.
+        core = session_core.SessionCore(META["buffer"]["max_bytes"], META["buffer"]["policy"])
+        prepared = {sessiondisk.STATE_FILE, sessiondisk.SIZES_FILE}
+        for _ in range(2):
+            sessiondisk.save(sdir, core, {"sandbox": "none"}, prepared)
+        assert prepared == {sessiondisk.SIZES_FILE}  # (written at the end only)
+        assert sessiondisk.load_saved(sdir)["sandbox"] == "none"
+        assert "state.cbor.new" not in os.listdir(sdir)
     finally:
         os.close(lock_fd)
     # Prepared twice (a directory of a previous run): refused, nothing overwritten.
