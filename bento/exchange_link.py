@@ -20,18 +20,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import bento_driver
-import bento_sandbox
 import trio
 from bento_driver import wire
 
-import bento
 from bento import pool_sizing, protocol, warm
+from bento.exchange_paths import compile_driver, driver_sys_path, exchange_sys_path, real_python
 from bento.quick import QuickWriter
 from bento.template_link import Template, TemplateUnavailable
 
@@ -62,31 +60,6 @@ class ExchangeGone(Exception):
     """The session's exchange is not reachable (it died or the session ended)."""
 
 
-def _parents(*modules: Any) -> list[str]:
-    dirs: list[str] = []
-    for mod in modules:
-        d = os.path.dirname(os.path.dirname(os.path.abspath(mod.__file__ or "")))
-        if d not in dirs:
-            dirs.append(d)
-    return dirs
-
-
-def exchange_sys_path() -> list[str]:
-    """Where the exchange finds bento, the sandbox backends and the driver's wire (it runs with -I -S)."""
-    return _parents(bento, bento_sandbox, bento_driver)
-
-
-def driver_sys_path() -> list[str]:
-    """Where the driver (stdlib and its own codec) is found. bwrap binds only
-    the driver's package from there (bento/launch.py), so nothing else of the
-    host's packages is importable in the sandbox (never the data dir)."""
-    return _parents(bento_driver)
-
-
-def real_python() -> str:
-    return os.path.realpath(sys.executable)
-
-
 def _last_line(path: str) -> str:
     """The last line of an exchange's log, to say why it did not start."""
     try:
@@ -96,17 +69,6 @@ def _last_line(path: str) -> str:
     except OSError as exc:
         return f"its log {path} cannot be read: {exc.strerror}"
     return f"{lines[-1][:300]} (in {path})" if lines else f"its log {path} is empty"
-
-
-def compile_driver(package: str) -> bool:
-    """Write the bytecode of the driver's package (``package``, a directory)
-    next to its source; False if some could not be written. A sandbox binds
-    the package read-only and the exchange imports only part of it, so without
-    this each environment compiles the rest at its start, every time
-    (docs/performance.md)."""
-    import compileall  # (once, at the server's start)
-
-    return bool(compileall.compile_dir(package, maxlevels=0, quiet=2))
 
 
 class ExchangeLink:

@@ -30,7 +30,7 @@ def test_the_driver_starts_without_the_heavy_stdlib_modules():
 def test_the_server_writes_the_drivers_bytecode_that_a_sandbox_could_not(tmp_path):
     # Inside bwrap the driver's package is read-only: what is not compiled
     # beforehand is compiled by every environment at its start.
-    from bento.exchange_link import compile_driver
+    from bento.exchange_paths import compile_driver
 
     package = tmp_path / "bento_driver"
     package.mkdir()

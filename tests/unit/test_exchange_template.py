@@ -11,7 +11,7 @@ import sys
 import pytest
 import trio
 
-from bento import exchange_link
+from bento import exchange_link, exchange_paths
 from bento.template_link import Template, TemplateUnavailable
 
 
@@ -21,8 +21,8 @@ def _stat(pid: int) -> list[str]:
 
 
 def boot() -> list[str]:
-    path = exchange_link.exchange_sys_path()
-    return [exchange_link.real_python(), "-I", "-S", "-c",
+    path = exchange_paths.exchange_sys_path()
+    return [exchange_paths.real_python(), "-I", "-S", "-c",
             f"import sys;sys.path[:0]={path!r};from bento.exchange import main;main(sys.argv[1:])"]
 
 
