@@ -73,7 +73,8 @@ def held() -> Iterator[Held]:
     them in order (also when it raises): for a request whose answer should
     not wait for its log lines, as an execute's reply does not. A block that
     hands them on (``Held.hand_on``) leaves their writing to the receiver:
-    an execute's attachment writes them after its first output."""
+    an execute's attachment writes them after its first out event (or
+    before its first wait)."""
     held = Held()
     token = _held.set(held)
     try:

@@ -236,9 +236,10 @@ class Exchange(EnvironmentLife):
         driver.flush()
         self.stdin.pump()
         # The function runs from here on; the bookkeeping below is off its path.
-        if not launched.env_pid_written:
+        if launched.pid_file is None:
             with open(os.path.join(self.dir, "env.pid"), "w") as f:
                 f.write(f"{child.pgid}\n")
+        launched.pid_file = None  # (removed at the environment's end: on_child_exit)
         self.apply(self.core.started())
 
     # -- main loop ----------------------------------------------------------
@@ -360,6 +361,8 @@ def main(argv: list[str]) -> None:
             os._exit(3)
     work = os.path.join(sdir, "work")  # the environment's: a path other processes can use
     sdir = sessiondisk.pin_dir(sdir)
+    if launched is not None and launched.pid_file is not None:
+        launched.pid_file = os.path.join(sdir, "env.pid")  # (its warm directory, renamed)
     pre = meta = env_lock = None
     if launched is not None and launched.error is None:
         # A pre-started environment and a brand-new session: the function

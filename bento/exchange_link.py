@@ -83,6 +83,7 @@ class ExchangeLink:
         self.next_rid = 1
         self.closed = False
         self.home: str | None = None  # a warm exchange's directory until a session takes it
+        self.kill: Callable[[], None] | None = None  # a warm exchange's process, if it will not answer
 
     async def send(self, msg: dict) -> None:
         wire.check(wire.TO_EXCHANGE, msg)
@@ -332,7 +333,7 @@ class Exchanges:
             shutil.rmtree(home, ignore_errors=True)  # (first: a cancelled aclose raises)
             await link.stream.aclose()  # the exchange sees the end and exits, if it still runs
             raise
-        link.home = home
+        link.home, link.kill = home, kill
         return link
 
     async def _start_warm_process(self) -> tuple[socket.socket, int, Callable[[], None]]:
@@ -390,6 +391,8 @@ class Exchanges:
             with trio.fail_after(SPAWN_TIMEOUT_S):
                 return await link.hello()
         except (ExchangeGone, trio.TooSlowError):
+            if link.kill is not None:
+                link.kill()  # (a slow one must not go on with the session: it holds its lock)
             await link.stream.aclose()
             return None
 

@@ -102,7 +102,7 @@ class Launched:
         self.env, self.error = env, error
         self.out_r, self.err_r, self.to_w, self.from_r = out_r, err_r, to_w, from_r
         self.in_w = in_w
-        self.env_pid_written = False  # a warm exchange wrote env.pid while it waited (bento/warm.py)
+        self.pid_file: str | None = None  # its env.pid, written while a warm exchange waited (bento/warm.py)
         self.up = False  # its driver said ``up`` (a warm environment waits for that: bento/warm.py)
         self.early = b""  # what the driver sent after its ``up``, read before the session's link
 
@@ -113,6 +113,12 @@ class Launched:
                 os.waitpid(self.env.pid, 0)
             except ChildProcessError:
                 pass
+        if self.pid_file is not None:  # it names a process group that is gone
+            try:
+                os.unlink(self.pid_file)
+            except FileNotFoundError:
+                pass
+            self.pid_file = None
         for fd in (self.out_r, self.err_r, self.to_w, self.from_r, self.in_w):
             if fd >= 0:
                 close_quietly(fd)

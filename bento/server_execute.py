@@ -70,7 +70,8 @@ class ExecuteOps:
             ticket = await self._admit(req, key, limits, meta.get("env_name"), code, idem_hash)
             if ticket is None:
                 return  # another node took it, and this connection has answered
-        # The log lines after the reply and, when attached, after the first output.
+        # The log lines after the reply and, when attached, after the attachment's
+        # first out event (or before its first wait, when there is no output yet).
         with events.held() as lines:
             s, owner, viewer = await start_session(self.server, meta, idem_hash, ticket)
             await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))

@@ -47,7 +47,7 @@ class Attachment:
     ended: bool = False
     why: str = ""  # why it was cut off while its session goes on (a revoked viewer token)
     done: trio.Event = field(default_factory=trio.Event)  # its worker has finished
-    lines: events.Held | None = None  # an execute's log lines, written after its first output
+    lines: events.Held | None = None  # an execute's log lines: after its first out event or wait
 
     def write_lines(self) -> None:
         """Write the execute's log lines this attachment carries (once)."""
@@ -225,14 +225,21 @@ class Registry(SessionLinks, Upkeep):
         # A session with files or a terminal starts cold: those are set at the spawn.
         link = None if meta.get("tty") or tree else self.exchanges.take_warm(meta["network"])
         try:
-            sdir = self.store.create_session(sid, meta, link.home if link is not None else None)
+            try:
+                sdir = self.store.create_session(sid, meta, link.home if link is not None else None)
+            except OSError as exc:
+                if link is None:
+                    raise
+                # (e.g. sessions/ on another file system than warm/: the rename fails)
+                log.warning("session %s: cannot take a warm exchange's directory, starting cold: %s", sid, exc)
+                self.exchanges.close_warm(link)
+                link = None
+                sdir = self.store.create_session(sid, meta)
             if tree:
                 os.mkdir(os.path.join(sdir, "work"), 0o755)
                 await trio.to_thread.run_sync(files.write_tree, os.path.join(sdir, "work"), tree)
         except (OSError, files.FileError) as exc:
             log.error("session %s: cannot be created: %s", sid, exc)
-            if link is not None:
-                self.exchanges.close_warm(link)
             shutil.rmtree(self.store.session_dir(sid), ignore_errors=True)
             why = getattr(exc, "strerror", None) or exc
             raise protocol.RequestError("internal", f"cannot create the session: {why}") from None
@@ -267,6 +274,10 @@ class Registry(SessionLinks, Upkeep):
             sdir = self.store.session_dir(sid)
             try:
                 meta = self.store.read_cbor(sid, "meta.cbor")
+                if meta is None and self.store.drop_unanswered(sid):
+                    log.info("session %s: removed: its execute was never answered (the server stopped "
+                             "before its meta.cbor was written)", sid)
+                    continue
                 if meta is None or meta.get("session") != sid:
                     raise ValueError("missing or foreign meta.cbor")
                 s = Session(sid, sdir, meta)

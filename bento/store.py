@@ -27,7 +27,7 @@ import secrets
 import shutil
 
 from bento import protocol
-from bento.sessiondisk import write_file
+from bento.sessiondisk import PREPARED, take_lock, write_file
 from bento.sessionlog import write_atomic
 
 
@@ -117,6 +117,24 @@ class Store:
             shutil.rmtree(sdir, ignore_errors=True)
             raise
         return sdir
+
+    def drop_unanswered(self, sid: str) -> bool:
+        """Remove ``sid``'s directory if it is a warm exchange's that an execute
+        took but whose meta.cbor was never written (its empty copy is still
+        there: the server stopped in between, so no execute was answered for
+        it), and no exchange holds it; True if it was removed."""
+        sdir = self.session_dir(sid)
+        if (os.path.exists(os.path.join(sdir, "meta.cbor"))
+                or not os.path.exists(os.path.join(sdir, "meta.cbor" + PREPARED))):
+            return False
+        lock_fd = take_lock(sdir)
+        if lock_fd < 0:
+            return False
+        try:
+            shutil.rmtree(sdir)
+        finally:
+            os.close(lock_fd)
+        return True
 
     def session_ids(self) -> list[str]:
         return sorted(n for n in os.listdir(self.sessions) if n.startswith("s_"))

@@ -69,7 +69,7 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str, int] | None:
         try:
             with open(os.path.join(cfg["dir"], "env.pid"), "w") as f:
                 f.write(f"{launched.env.pgid}\n")
-            launched.env_pid_written = True
+            launched.pid_file = os.path.join(cfg["dir"], "env.pid")  # (until the server renames the dir)
         except OSError as exc:
             launched.discard()
             error = f"cannot write env.pid: {exc}"

@@ -128,3 +128,22 @@ def test_a_prepared_directory_becomes_a_session_with_nothing_left_to_create(tmp_
     with pytest.raises(FileExistsError):
         sessiondisk.prepare_dir(sdir)
     assert sessionlog.Writer(sdir, "out").next_seq == 1 and store.read_cbor("s_prepared", "meta.cbor") == {"code": "x"}
+
+
+def test_a_prepared_directory_whose_meta_was_never_written_is_removed_at_start(tmp_path):
+    from bento.store import Store
+
+    store = Store(str(tmp_path / "data"))
+    home = tmp_path / "data" / "warm-2"
+    (home / "work").mkdir(parents=True)
+    lock_fd = sessiondisk.prepare_dir(str(home))
+    os.rename(home, store.session_dir("s_unanswered"))  # taken; the server stopped before its meta
+    assert not store.drop_unanswered("s_unanswered")  # its exchange still holds it
+    os.close(lock_fd)
+    assert store.drop_unanswered("s_unanswered")
+    assert "s_unanswered" not in store.session_ids()
+    # A session with its meta, or a directory that was never prepared, is not touched.
+    store.create_session("s_answered", {"code": "x"})
+    os.mkdir(store.session_dir("s_unknown"))
+    assert not store.drop_unanswered("s_answered") and not store.drop_unanswered("s_unknown")
+    assert store.session_ids() == ["s_answered", "s_unknown"]

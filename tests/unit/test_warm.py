@@ -165,3 +165,14 @@ def test_the_warm_timeout_outlasts_the_exchanges_own(tmp_path):
     from bento import warm
 
     assert exchange_link.WARM_TIMEOUT_S > warm.UP_TIMEOUT_S
+
+
+def test_a_discarded_warm_environment_takes_its_env_pid_with_it(env, tmp_path):
+    # A warm exchange writes env.pid before any session; an environment it then
+    # discards (a limit no cgroup holds, a packages build that failed) must not
+    # leave the file naming a process group that is gone.
+    pid_file = tmp_path / "env.pid"
+    pid_file.write_text(f"{env.launched.env.pgid}\n")
+    env.launched.pid_file = str(pid_file)
+    env.launched.discard()
+    assert not pid_file.exists() and env.launched.pid_file is None
