@@ -64,11 +64,11 @@ def write_file(sdir: str, name: str, data: bytes, prepared: set[str] | None = No
     (``name`` + :data:`PREPARED`, by ``prepare_dir``) while ``prepared`` lists it
     (once), else through a new temporary file."""
     path = os.path.join(sdir, name)
+    ready = None
     if prepared is not None and name in prepared:
         prepared.discard(name)
-        sessionlog.write_prepared(path + PREPARED, path, data)
-    else:
-        sessionlog.write_atomic(path, data)
+        ready = path + PREPARED
+    sessionlog.write_atomic(path, data, prepared=ready)
 
 
 def _log_end(sdir: str, prefix: str) -> tuple[int, int]:

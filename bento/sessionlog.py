@@ -30,24 +30,17 @@ READ_CHUNK = 1024 * 1024
 IOV_MAX = 1024  # Linux's limit on the buffers of one writev
 
 
-def write_prepared(prepared: str, path: str, data: bytes) -> None:
-    """``write_atomic`` into a file made ahead of time (``prepared``, empty):
-    no file is created now. Renamed to ``path`` once written whole."""
-    fd = os.open(prepared, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    os.replace(prepared, path)
-
-
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+def write_atomic(path: str, data: bytes, mode: int = 0o600, prepared: str | None = None) -> None:
     """Replace ``path`` with ``data`` all at once: a crash leaves the old file or
-    the new one, never a mix (write to a temporary name, then rename)."""
-    tmp = f"{path}.tmp.{os.urandom(4).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    the new one, never a mix (write to a temporary name, then rename).
+    ``prepared``: an empty file made ahead of time to be that temporary (no
+    file is made now; bento/sessiondisk.py prepare_dir)."""
+    if prepared is None:
+        tmp = f"{path}.tmp.{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    else:
+        tmp = prepared
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
     try:
         view = memoryview(data)
         while view:

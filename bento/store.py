@@ -27,7 +27,7 @@ import secrets
 import shutil
 
 from bento import protocol
-from bento.sessiondisk import PREPARED, take_lock, write_file
+from bento.sessiondisk import PREPARED, take_lock
 from bento.sessionlog import write_atomic
 
 
@@ -112,7 +112,8 @@ class Store:
         else:
             os.rename(prepared, sdir)
         try:
-            write_file(sdir, "meta.cbor", protocol.encode(meta), None if prepared is None else {"meta.cbor"})
+            meta_path = os.path.join(sdir, "meta.cbor")
+            write_atomic(meta_path, protocol.encode(meta), prepared=None if prepared is None else meta_path + PREPARED)
         except OSError:
             shutil.rmtree(sdir, ignore_errors=True)
             raise
