@@ -298,7 +298,17 @@ class Exchanges:
         its link end, discards its environment and exits; its directory goes too, if still its."""
         self.nursery.start_soon(link.stream.aclose)
         if link.home:
-            shutil.rmtree(link.home, ignore_errors=True)
+            self.discard_dir(link.home)
+
+    def discard_dir(self, path: str) -> None:
+        """Remove a directory a warm exchange had (gone by the next start, if a
+        process still writes in it: moved into warm/ first)."""
+        aside = os.path.join(self.warm_dir, f"discarded-{os.urandom(6).hex()}")
+        try:
+            os.rename(path, aside)
+        except OSError:
+            aside = path
+        shutil.rmtree(aside, ignore_errors=True)
 
     async def _spawn_warm(self) -> ExchangeLink:
         """A warm exchange whose environment is up (bento/warm.py says why up)."""

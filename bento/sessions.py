@@ -250,6 +250,11 @@ class Registry(SessionLinks, Upkeep):
             if link is not None:
                 link.home = None  # the session's now
                 hello = await self.exchanges.assign_warm(link, sdir)
+                if hello is None:
+                    # The warm exchange (killed now) may have begun the function: what it
+                    # left is not this session's. A fresh directory for the cold start.
+                    self.exchanges.discard_dir(sdir)
+                    self.store.create_session(sid, meta)
             if link is not None and hello is not None:
                 self._linked(s, link, hello)
             else:

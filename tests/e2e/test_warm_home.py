@@ -1,8 +1,8 @@
 """End-to-end: a warm environment is handed out only once its sandbox is up.
 
 A warm bwrap sandbox gets its home as an fd of a directory under
-``DATA_DIR/warm``; when a session takes the environment, that directory is
-renamed to the session's work dir. bwrap turns the fd into a path early and
+``DATA_DIR/warm`` (the ``work`` of its exchange's directory); when a session
+takes the environment, that directory is renamed into ``sessions/``. bwrap turns the fd into a path early and
 mounts by that path later, so a rename in between leaves the sandbox without
 its home and it dies before the function runs. The pool must therefore count
 an environment as ready only after its driver said ``up`` (all mounts done).
@@ -153,3 +153,27 @@ async def test_a_warm_sandbox_that_never_comes_up_is_logged_and_retried_slowly(t
     assert "Traceback" not in log, log[-3000:]
     # Nothing of a failed warm environment is left behind.
     assert len(os.listdir(tmp_path / "data" / "warm")) <= 2
+
+
+async def test_a_warm_exchange_that_died_before_its_assign_leaves_nothing_in_the_cold_session(tmp_path):
+    import psutil
+
+    srv = ServerProcess(str(tmp_path / "data"), "--sandbox", "none", "--pool", "1", "--log-level", "INFO").start()
+    try:
+        await warm_ready(srv.port)
+        assert srv.proc is not None
+        warm = [p for p in psutil.Process(srv.proc.pid).children() if "--warm" in p.cmdline()]
+        assert len(warm) == 1, [p.cmdline() for p in psutil.Process(srv.proc.pid).children()]
+        warm[0].kill()
+        warm[0].wait(10)
+        results = await run_all(srv.url, 1)
+        sessions = os.listdir(tmp_path / "data" / "sessions")
+        left = [sorted(os.listdir(tmp_path / "data" / "sessions" / sid)) for sid in sessions]
+        log = srv.read_log()
+    finally:
+        srv.stop()
+    (ex, mark), = results
+    assert ex["state"] == "exited" and mark == b"0", (ex, log[-3000:])
+    # The cold start got a directory of its own: none of the warm one's empty copies.
+    assert len(left) == 1 and not [n for n in left[0] if n.endswith(".new")], left
+    assert "Traceback" not in log, log[-3000:]
