@@ -85,6 +85,10 @@ def server_parser() -> argparse.ArgumentParser:
                    help="start each warm exchange as a process of its own, also while executes come fast, "
                         "instead of forking it from a template process (more CPU under load; each sandbox is "
                         "fresh either way)")
+    p.add_argument("--no-sandbox-template", dest="sandbox_template", action="store_false",
+                   help="start each warm environment as a bwrap of its own instead of forking it from the "
+                        "sandbox template (more CPU and memory per environment; each gets a fresh sandbox "
+                        "either way)")
     p.add_argument("--max-sessions", type=int, metavar="N",
                    help="most functions running at once (default: one per 64MiB of RAM)")
     p.add_argument("--memory-budget", type=units.size, metavar="SIZE",
@@ -212,6 +216,7 @@ def build_config(r: Resolved) -> Config:
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
         max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, pool_max=args.pool_max, pool_template=args.pool_template,
+        sandbox_template=args.sandbox_template,
         cluster=args.cluster,
         max_env_bytes=args.max_env_bytes, max_work_bytes=args.max_work_bytes,
         max_upload_bytes=args.max_upload_bytes,

@@ -111,9 +111,7 @@ class EnvironmentLife:
         # Read the environment's accounts while they exist: before the reap
         # (for /proc/<pid>) and before its cgroups go.
         self.facts = (self.child.oom_killed(), self.child.cpu_seconds() or 0.0)
-        _pid, status = os.waitpid(self.child.pid, 0)
-        self.child.process.returncode = os.waitstatus_to_exitcode(status)
-        self.child_status = status
+        self.child_status = self.child.process.reap()
         self.wall_deadline = None  # the function is over: no timer may wake this loop
         # Whatever the function left behind dies with it, and its pid may be reused.
         self.child.release()

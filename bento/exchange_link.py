@@ -31,6 +31,7 @@ from bento_driver import wire
 from bento import pool_sizing, protocol, warm
 from bento.exchange_paths import compile_driver, driver_sys_path, exchange_sys_path, real_python
 from bento.quick import QuickWriter
+from bento.sandbox_template import SandboxTemplate
 from bento.template_link import Template, TemplateUnavailable
 
 log = logging.getLogger("bento.sessions")
@@ -221,6 +222,10 @@ class Exchanges:
         self.template: Template | None = (
             Template([self.python, "-I", "-S", "-c", self.boot], nursery)
             if self.pool_size and config.pool_template else None)
+        # Environments are forked from it (driver/bento_driver/template.py); else a bwrap each.
+        self.sandbox_template: SandboxTemplate | None = (
+            SandboxTemplate(config.data_dir, self.envs_dir, self.python)
+            if config.sandbox == "bwrap" and config.sandbox_template else None)
 
     async def pool_keeper(self) -> None:
         """Keep warm exchanges ready, as many as bento/pool_sizing.py says for the
@@ -235,6 +240,9 @@ class Exchanges:
         if self.template is not None:
             # Ready before executes come fast (its start is the exchange's imports, ~50 ms).
             self.nursery.start_soon(self._start_template)
+        if self.sandbox_template is not None:
+            self.nursery.start_soon(self.sandbox_template.run)
+            await self.sandbox_template.settled.wait()  # (tens of ms: else the first ones start bwraps)
         async with trio.open_nursery() as starts:
             while self.pool_size:
                 now = trio.current_time()
@@ -322,11 +330,12 @@ class Exchanges:
             raise
         link = ExchangeLink(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
         ready: dict | None = None
+        fork = self.sandbox_template.path if self.sandbox_template is not None else None
         try:
             await link.send({
                 "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,
                 "python": self.python, "driver_path": self.driver_path, "network": False,
-                "envs_dir": self.envs_dir, "dir": home,
+                "envs_dir": self.envs_dir, "dir": home, **({"fork": fork} if fork else {}),
             })
             with trio.move_on_after(WARM_TIMEOUT_S) as waited:
                 ready = await link.receive()

@@ -13,11 +13,13 @@ import array
 import fcntl
 import os
 import struct
+import sys
 import termios
 import time
 
 import bento_sandbox
 from bento_driver import wire
+from bento_sandbox import forked
 
 from bento import protocol
 
@@ -196,14 +198,18 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
         "from bento_driver.main import main;main()"
     )
     try:
-        backend = bento_sandbox.get_backend(cfg["sandbox"], cfg.get("sandbox_cmd"))
-        env = backend.spawn(
-            [cfg["python"], "-I", "-S", "-c", boot],
-            name=name, workdir=workdir,
-            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
-            network=cfg["network"], pass_fds=(child_in, child_out),
-            stdin=in_r, stdout=out_w, stderr=err_w, bind=binds,
-        )
+        env = None
+        home = forked.home_of(workdir)
+        if cfg.get("fork") and home and cfg["sandbox"] == "bwrap" and not cfg["network"] and not cfg.get("tty"):
+            # Forked by the sandbox template: a sandbox of its own all the same.
+            try:
+                env = forked.spawn(cfg["fork"], name=name, home=home, tmp_bytes=bento_sandbox.DEFAULT_TMP_BYTES,
+                                   shm_bytes=bento_sandbox.SHM_BYTES, std=(in_r, out_w, err_w),
+                                   driver_fds=(child_in, child_out))
+            except bento_sandbox.SandboxUnavailable as exc:  # (it ended with its server, say)
+                print(f"exchange: {exc}; this environment is a bwrap of its own", file=sys.stderr, flush=True)
+        if env is None:
+            env = _spawn(cfg, name, workdir, boot, (in_r, out_w, err_w), (child_in, child_out), binds)
     except (OSError, bento_sandbox.SandboxUnavailable) as exc:
         for fd in (in_r, in_w, out_r, out_w, err_r, err_w, to_w, from_r, child_in, child_out):
             close_quietly(fd)
@@ -213,6 +219,18 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
     for fd in (in_w, out_r, err_r, to_w, from_r):
         os.set_blocking(fd, False)
     return Launched(env, out_r, err_r, to_w, from_r, in_w=in_w)
+
+
+def _spawn(cfg: dict, name: str, workdir: str, boot: str, std: tuple[int, int, int],
+           driver_fds: tuple[int, int], binds: list) -> bento_sandbox.Environment:
+    backend = bento_sandbox.get_backend(cfg["sandbox"], cfg.get("sandbox_cmd"))
+    return backend.spawn(
+        [cfg["python"], "-I", "-S", "-c", boot],
+        name=name, workdir=workdir,
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+        network=cfg["network"], pass_fds=driver_fds,
+        stdin=std[0], stdout=std[1], stderr=std[2], bind=binds,
+    )
 
 
 def set_window(fd: int, rows: int, cols: int) -> None:

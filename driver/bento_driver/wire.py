@@ -68,7 +68,7 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "wait": ("on", ""),
         },
         TO_EXCHANGE: {
-            "warm": ("sandbox sandbox_cmd python driver_path network dir", "envs_dir"),
+            "warm": ("sandbox sandbox_cmd python driver_path network dir", "envs_dir fork"),
             "assign": ("dir", ""),
             "input": ("rid seq", "data eof stdin"),  # stdin: data is bytes for fd 0, not a value
             "ack": ("seq", ""),

@@ -11,6 +11,8 @@ from bento_sandbox.environment import Environment, SandboxUnavailable, _Backend,
 HOME = "/home/bento"
 DEFAULT_TMP_BYTES = 64 * 1024 * 1024
 SHM_BYTES = 16 * 1024 * 1024
+HOMES = "/opt/bento/homes"  # the sandbox template's: the data dir's warm/ and sessions/
+TEMPLATE_UNSHARE = ["--unshare-ipc", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
 
 
 class BwrapBackend(_Backend):
@@ -23,15 +25,26 @@ class BwrapBackend(_Backend):
         self.tmp_bytes = tmp_bytes
 
     def command(self, argv: list[str], *, env: Mapping[str, str], network: bool,
-                bind: list[str | tuple[int, str]], tmp_bytes: int, home_fd: int) -> list[str]:
+                bind: list[str | tuple[int, str]], tmp_bytes: int, home_fd: int,
+                template: dict[str, int] | None = None) -> list[str]:
         """bwrap's command line; ``home_fd``: an fd of the host directory bound
         read-write at HOME; a ``(fd, where)`` item of ``bind`` is bound read-only
-        there (fds, so no command line names the data dir)."""
+        there (fds, so no command line names the data dir).
+
+        ``template``: the sandbox template's (driver/bento_driver/template.py),
+        whose forks make their own namespaces: no home of its own (``home_fd``
+        is not used), the directories that hold every session's home (their
+        name -> an fd of each) bound read-write under HOMES; nested user namespaces are allowed
+        (the forks forbid them for themselves); the host's /proc is bound (a
+        fork can mount its own /proc only where a whole one is visible: bwrap's
+        has read-only parts); no pid namespace of its own, so that the forks'
+        outlive it."""
         assert self.bwrap is not None
         cmd = [
             self.bwrap,
-            "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
-            "--disable-userns",
+            *(TEMPLATE_UNSHARE if template is not None else ["--unshare-all"]),
+            "--unshare-user", "--uid", "65534", "--gid", "65534",
+            *([] if template is not None else ["--disable-userns"]),
             # As root, bwrap without this is no sandbox: code could remount binds writable.
             "--cap-drop", "ALL",
             "--die-with-parent", "--new-session",
@@ -39,10 +52,11 @@ class BwrapBackend(_Backend):
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
             "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
-            "--proc", "/proc", "--dev", "/dev",
+            *(["--bind", "/proc", "/proc"] if template is not None else ["--proc", "/proc"]), "--dev", "/dev",
             "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
             "--size", str(tmp_bytes), "--tmpfs", "/tmp",
-            "--bind-fd", str(home_fd), HOME,
+            *(["--dir", HOME, *[a for name, fd in template.items() for a in ("--bind-fd", str(fd), f"{HOMES}/{name}")]]
+              if template is not None else ["--bind-fd", str(home_fd), HOME]),
             "--chdir", HOME,
         ]
         if network:

@@ -163,6 +163,11 @@ class Cgroups:
         for path in self.dirs.values():
             _write(os.path.join(path, "cgroup.procs"), "0")
 
+    def add(self, pid: int) -> None:
+        """Move the process ``pid`` in (a forked environment's pid 1, before it forks the driver)."""
+        for path in self.dirs.values():
+            _write(os.path.join(path, "cgroup.procs"), str(pid))
+
     def cpu_seconds(self) -> float | None:
         path = self.dirs.get("cpuacct")
         if path is None:

@@ -99,13 +99,7 @@ class Environment:
             used = self.cgroups.cpu_seconds()
             if used is not None:
                 return used
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            return None
-        # fields[11:15] are utime, stime, cutime, cstime in clock ticks.
-        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        return self.process.cpu_seconds()
 
     def oom_killed(self) -> bool:
         return self.cgroups.oom_killed() if self.cgroups is not None else False

@@ -38,6 +38,22 @@ class Process:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
+    def reap(self) -> int:
+        """Wait for it to end: its wait status (``os.waitpid``'s)."""
+        _pid, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return status
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time of it and of the children it has waited for (readable until it is reaped)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            return None
+        # fields[11:15] are utime, stime, cutime, cstime in clock ticks.
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
     def wait(self, timeout: float | None = None) -> int:
         """The exit code; TimeoutError if the child still runs after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout

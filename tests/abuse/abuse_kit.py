@@ -283,6 +283,27 @@ class Abuse:
     def url(self) -> str:
         return self.server.url
 
+    async def warm_ready(self) -> None:
+        """Until a warm environment is up (its env.pid written): the attack's execute takes it."""
+        warm = os.path.join(self.server.data_dir, "warm")
+        with trio.fail_after(20):
+            while not any(os.path.exists(os.path.join(warm, d, "env.pid")) for d in os.listdir(warm)):
+                await trio.sleep(0.02)
+
+    def check_forked(self, sdir: str) -> None:
+        """The session's environment is one the sandbox template forked (its pid 1 is a fork
+        of the template's interpreter, not bwrap), where it can still be seen."""
+        try:
+            with open(os.path.join(sdir, "env.pid")) as f:
+                pid = int(f.read().split()[0])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            return  # it ended already: nothing to tell
+        if not cmdline:
+            return  # a zombie: it ended already
+        assert b"bento_driver.template" in cmdline, f"not a forked environment: {cmdline[:200]!r}"
+
     def host_path(self, path: str) -> str:
         """Register a host path an attack will try to create (removed if it appears)."""
         self.host_paths.append(path)
@@ -316,11 +337,15 @@ class Abuse:
                 # the connection: see test_detach_while_a_flood_streams).
                 try:
                     async with open_client(self.url) as c:
+                        if self.backend == "forked":
+                            await self.warm_ready()
                         t0 = time.monotonic()
                         rep = await c.ok("execute", code=prelude(self.tag) + code, args=args or [],
                                          limits=limits or {}, attach=after_start is not None)
                         sid = rep["session"]
                         self.attack_session_dir = self.session_dir(sid)
+                        if self.backend == "forked":
+                            self.check_forked(self.attack_session_dir)
                         if after_start is not None:
                             await after_start(c, rep)
                             frames = await c.frames(sid, timeout=timeout)
@@ -431,7 +456,8 @@ def sample_every(interval: float, name: str, fn: Callable[[], Any], in_thread: b
 
 def backends(none: str = "pass", reason: str = "", bwrap_bug: str | None = None,
              server_bug: str | None = None) -> pytest.MarkDecorator:
-    """Parametrize a test over both backends.
+    """Parametrize a test over the backends: bwrap (a bwrap per environment),
+    forked (bwrap's sandbox template forks the environment) and none.
 
     ``none`` says what the unsandboxed backend does with the attack: ``pass`` (the
     exchange or rlimits contain it there too), ``xfail`` (it needs a real sandbox: a
@@ -463,5 +489,6 @@ def backends(none: str = "pass", reason: str = "", bwrap_bug: str | None = None,
         raise ValueError(none)
     return pytest.mark.parametrize("backend", [
         pytest.param("bwrap", marks=bwrap_marks, id="bwrap"),
+        pytest.param("forked", marks=bwrap_marks, id="forked"),
         pytest.param("none", marks=none_marks, id="none"),
     ], indirect=True)

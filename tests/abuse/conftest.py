@@ -25,7 +25,11 @@ def abuse(backend, make_server):
 
     Requested after ``make_server``, so this finaliser runs while the server still
     lives: what it finds is what the server failed to clean up."""
-    ab = Abuse(make_server("--sandbox", backend), backend)
+    # bwrap: each environment a bwrap of its own; forked: forked by the sandbox template
+    # (driver/bento_driver/template.py), which makes the sandbox itself.
+    options = {"bwrap": ["--sandbox", "bwrap", "--no-sandbox-template"], "forked": ["--sandbox", "bwrap"],
+               "none": ["--sandbox", "none"]}[backend]
+    ab = Abuse(make_server(*options), backend)
     yield ab
     left = ab.cleanup()
     if left:

@@ -73,9 +73,11 @@ def wrapper_dir(tmp_path, delay: float, never_up: bool = False) -> str:
 
 
 def start_server(tmp_path, bindir: str, *extra: str) -> ServerProcess:
+    """A server whose every environment is a bwrap of its own (this wrapper): not
+    forked by the sandbox template, which mounts its homes itself."""
     path = f"PATH={bindir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
-    return ServerProcess(str(tmp_path / "data"), "--sandbox", "bwrap", "--log-level", "INFO", *extra,
-                         prefix=("env", path)).start()
+    return ServerProcess(str(tmp_path / "data"), "--sandbox", "bwrap", "--no-sandbox-template", "--log-level",
+                         "INFO", *extra, prefix=("env", path)).start()
 
 
 async def run_all(url: str, n: int) -> list[tuple[dict, bytes]]:

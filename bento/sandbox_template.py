@@ -1,0 +1,116 @@
+"""The server's side of the sandbox template (driver/bento_driver/template.py).
+
+The pool starts it with the server when the sandbox is bwrap. Once it said
+``ready`` (a fork of its own got its sandbox, checked from inside), each warm
+exchange is told where it listens (the ``warm`` message's ``fork``), and so is
+the exchange of a session that starts cold (its metadata's ``fork``); each
+gets its environment forked from it (bento_sandbox.forked). Sessions with
+network or a terminal start their own bwrap as before. When it cannot start here, or ends, the server says why once and
+every environment starts its own bwrap from then on: slower and bigger, as
+safe. Environments it forked do not depend on it after their fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+
+import bento_driver
+import trio
+from bento_sandbox import DEFAULT_TMP_BYTES, forked
+
+log = logging.getLogger("bento.sessions")
+
+START_TIMEOUT_S = 10.0  # bwrap, the interpreter, the driver's imports and one probe fork
+SOCKET_NAME = "sandbox.sock"
+PROBE = ".probe"  # the probe fork's warm directory (mkdtemp names never start with a dot)
+HOMES = ("warm", "sessions")  # the data dir's directories that hold sessions' homes
+
+
+class SandboxTemplate:
+    """One sandbox template process; ``path`` is where it listens once it is ready."""
+
+    def __init__(self, data_dir: str, envs_dir: str, python: str) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        self.sock_path = os.path.join(self.data_dir, SOCKET_NAME)
+        self.envs_dir, self.python = envs_dir, python
+        self.path: str | None = None
+        self.proc: trio.Process | None = None
+        self.settled = trio.Event()  # it said ready, or it will not be used
+
+    async def run(self) -> None:
+        """Start it, then watch it until it ends (the server's nursery runs this)."""
+        try:
+            await self._start()
+        except (OSError, RuntimeError, trio.TooSlowError) as exc:
+            log.warning("sandbox template: not used (%s); each environment starts its own bwrap",
+                        str(exc) or "it did not start in time")
+            self.stop()
+            return
+        finally:
+            self.settled.set()
+        assert self.proc is not None
+        log.info("sandbox template started (pid %d): environments are forked from it", self.proc.pid)
+        assert self.proc.stdout is not None
+        async for chunk in self.proc.stdout:  # (it says nothing once ready: what it says is a fault)
+            log.warning("sandbox template: %s", chunk.decode("utf-8", "replace").strip()[:1000])
+        code = await self.proc.wait()
+        if self.path is not None:
+            log.warning("sandbox template ended (exit code %s); each environment starts its own bwrap "
+                        "from now on", code)
+            self.path = None
+
+    def stop(self) -> None:
+        self.path = None
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def _start(self) -> None:
+        os.makedirs(os.path.join(self.data_dir, "warm", PROBE, "work"), exist_ok=True)
+        listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds: list[int] = []
+        try:
+            _bind(listen, self.sock_path)
+            listen.listen(128)
+            fds = [os.open(os.path.join(self.data_dir, d), os.O_PATH | os.O_DIRECTORY) for d in HOMES]
+            fds += [os.open(os.path.dirname(os.path.abspath(bento_driver.__file__ or "")), os.O_PATH),
+                    os.open(self.envs_dir, os.O_PATH | os.O_DIRECTORY)]
+            argv = forked.template_argv(
+                self.python, listen_fd=listen.fileno(), homes=dict(zip(HOMES, fds, strict=False)),
+                probe=f"warm/{PROBE}", tmp_bytes=DEFAULT_TMP_BYTES,
+                bind=[(fds[-2], f"{forked.SANDBOX_LIB}/bento_driver"), (fds[-1], "/opt/bento/envs")])
+            self.proc = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                pass_fds=(listen.fileno(), *fds), start_new_session=True)
+        finally:
+            listen.close()  # (the template's copy listens)
+            for fd in fds:
+                os.close(fd)
+        assert self.proc.stdout is not None
+        line = b""
+        with trio.fail_after(START_TIMEOUT_S):
+            while not line.endswith(b"\n"):
+                chunk = await self.proc.stdout.receive_some(4096)
+                if not chunk:
+                    break
+                line += chunk
+        text = line.decode("utf-8", "replace").strip()
+        if text != "ready":
+            raise RuntimeError(text or f"it ended before it was ready (exit code {await self.proc.wait()})")
+        self.path = self.sock_path
+
+
+def _bind(sock: socket.socket, path: str) -> None:
+    """Bind at ``path`` (a stale one of a previous run removed) by a short path."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    dir_fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+    try:
+        sock.bind(f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}")
+    finally:
+        os.close(dir_fd)
+    os.chmod(path, 0o600)

@@ -1,0 +1,155 @@
+"""Environments forked by the sandbox template (driver/bento_driver/template.py):
+the exchange's side of one, and the template's own sandbox.
+
+The template forks; the environment's pid 1 (``C2`` there) tells its pid over
+the exchange's connection (SO_PASSCRED: the kernel gives it in the exchange's
+pid namespace), the exchange puts it in the session's cgroups and says go,
+and at the end pid 1 reports the driver's exit code and CPU time. Its
+process is not the exchange's child: no ``waitpid``; the connection says
+how it ended, and its end of file without a report means it was killed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+from bento_sandbox.cgroups import Cgroups, detect_cgroups
+from bento_sandbox.environment import Environment, SandboxUnavailable
+from bento_sandbox.spawn import Process
+
+CONNECT_TIMEOUT_S = 5.0  # the template forks one at a time, each in about a millisecond
+REPORT_TIMEOUT_S = 2.0  # pid 1 reports before it exits: this is only for a broken one
+_UCRED = struct.Struct("3i")
+SANDBOX_LIB = "/opt/bento/lib"  # the driver's package inside (bento/launch.py binds it there)
+
+
+class ForkedProcess(Process):
+    """Pid 1 of a forked environment, watched over its connection."""
+
+    def __init__(self, pid: int, conn: socket.socket) -> None:
+        super().__init__(pid)
+        self.conn = conn
+        self.buf = b""
+        self.cpu: float | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._read(block=False)
+        return self.returncode
+
+    def reap(self) -> int:
+        """Its wait status (as ``os.waitpid`` gives), once it ended."""
+        if self.returncode is None:
+            self._read(block=True)
+        code = -9 if self.returncode is None else self.returncode
+        return (-code) & 0x7F if code < 0 else (code & 0xFF) << 8
+
+    def cpu_seconds(self) -> float | None:
+        self.poll()
+        if self.cpu is not None:
+            return self.cpu
+        return super().cpu_seconds()  # (its own and its reaped children's, while it runs)
+
+    def _read(self, *, block: bool) -> None:
+        self.conn.settimeout(REPORT_TIMEOUT_S if block else 0.0)
+        while True:
+            try:
+                chunk = self.conn.recv(256)
+            except (BlockingIOError, TimeoutError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.returncode = -9  # no report: it was killed (SIGKILL is all that does that)
+                self.conn.close()
+                return
+            self.buf += chunk
+            if b"\n" in self.buf:
+                line = self.buf.partition(b"\n")[0].split()
+                if line[:1] == [b"x"] and len(line) == 3:
+                    self.returncode, self.cpu = int(line[1]), float(line[2])
+                else:
+                    self.returncode = -9
+                self.conn.close()
+                return
+
+
+def home_of(workdir: str) -> str | None:
+    """How the template names the session directory whose ``work`` is
+    ``workdir`` (``warm/<name>`` or ``sessions/<id>``), or None: not one it sees."""
+    workdir = os.path.normpath(workdir)
+    sdir = os.path.dirname(workdir)
+    kind, name = os.path.basename(os.path.dirname(sdir)), os.path.basename(sdir)
+    if os.path.basename(workdir) != "work" or kind not in ("warm", "sessions"):
+        return None
+    return f"{kind}/{name}"
+
+
+def spawn(sock_path: str, *, name: str, home: str, tmp_bytes: int, shm_bytes: int,
+          std: tuple[int, int, int], driver_fds: tuple[int, int]) -> Environment:
+    """A new environment forked by the template listening at ``sock_path``, its
+    home the ``work`` of ``home`` (``home_of``); ``name`` names its cgroups.
+    Raises SandboxUnavailable when the template cannot give one (the caller
+    starts its own bwrap instead)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cgroups: Cgroups | None = None
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        conn.settimeout(CONNECT_TIMEOUT_S)
+        _connect(conn, sock_path)
+        request = f"{home}\0{tmp_bytes}\0{shm_bytes}".encode()
+        socket.send_fds(conn, [request], [*std, *driver_fds])
+        said, ancillary, _flags, _addr = conn.recvmsg(256, socket.CMSG_SPACE(_UCRED.size))
+        pid = _sender_pid(ancillary)
+        if said != b"p" or pid is None:
+            why = said.decode("utf-8", "replace").strip().removeprefix("e ") or "it closed the connection"
+            raise SandboxUnavailable(f"the sandbox template did not fork: {why}")
+        cgroups = Cgroups(name, detect_cgroups())
+        cgroups.add(pid)
+        conn.sendall(b"g")
+    except OSError as exc:
+        conn.close()
+        if cgroups is not None:
+            cgroups.remove()
+        raise SandboxUnavailable(f"the sandbox template did not fork: {exc}") from None
+    except BaseException:
+        conn.close()
+        if cgroups is not None:
+            cgroups.remove()
+        raise
+    enforced = {"tmp_bytes": f"tmpfs of {tmp_bytes} bytes for /tmp", "network": "none (own network namespace)"}
+    return Environment(ForkedProcess(pid, conn), cgroups, enforced, signal_exit_codes=True)
+
+
+def _connect(conn: socket.socket, path: str) -> None:
+    """Connect by a short path: a unix socket's path is limited to 107 bytes."""
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        conn.connect(f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}")
+    finally:
+        os.close(dir_fd)
+
+
+def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= _UCRED.size:
+            pid, _uid, _gid = _UCRED.unpack_from(data)
+            return pid
+    return None
+
+
+
+def template_argv(python: str, *, listen_fd: int, homes: dict[str, int], probe: str,
+                  bind: list[str | tuple[int, str]], tmp_bytes: int) -> list[str]:
+    """The sandbox template's command: bwrap (``BwrapBackend.command``'s
+    ``template``) around the interpreter that runs ``template.serve``; its
+    sys.path is the driver's package as the sandbox sees it (in ``bind``)."""
+    from bento_sandbox.bwrap import HOME, BwrapBackend
+
+    boot = (f"import sys;sys.path[:0]=[{SANDBOX_LIB!r}];"
+            f"from bento_driver.template import serve;serve({listen_fd},{probe!r})")
+    return BwrapBackend().command([python, "-I", "-S", "-c", boot],
+                                  env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": HOME},
+                                  network=False, bind=bind, tmp_bytes=tmp_bytes, home_fd=-1, template=homes)

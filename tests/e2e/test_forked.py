@@ -1,0 +1,178 @@
+"""End-to-end: warm environments forked by the sandbox template
+(driver/bento_driver/template.py), each in a sandbox of its own.
+
+The abuse suite runs every attack on a forked environment too (its ``forked``
+backend); these are what is particular to forking: two at once see nothing of
+each other, exit codes and signals come back through pid 1's report, a
+forked function outlives a server killed with SIGKILL (the template dies
+with the server; its forks do not), and a template that cannot run here is
+said once and replaced by a bwrap per environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import trio
+from helpers import ServerProcess, conn
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
+
+LOOK = """
+import os, socket, time
+def main(mark, wait):
+    open(os.path.join(os.environ["HOME"], mark), "w").write(mark)
+    open(os.path.join("/tmp", mark), "w").write(mark)
+    time.sleep(wait)  # (the other one runs meanwhile)
+    with socket.socket() as s:  # loopback is up, as under bwrap
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+    caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith(("CapEff", "CapBnd"))]
+    import ctypes
+    nested = ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0  # CLONE_NEWUSER
+    return {"home": sorted(os.listdir(os.environ["HOME"])), "tmp": sorted(os.listdir("/tmp")),
+            "homes": sorted(os.listdir("/opt/bento/homes")), "host": socket.gethostname(),
+            "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()), "pid": os.getpid(),
+            "caps": caps, "nested_userns": nested, "uid": os.getuid()}
+"""
+
+
+async def warm_forked(srv: ServerProcess, count: int, timeout: float = 20) -> None:
+    """Until ``count`` warm environments are up; each was forked by the template."""
+    warm = os.path.join(srv.data_dir, "warm")
+    with trio.fail_after(timeout):
+        while True:
+            pids = []
+            for d in os.listdir(warm):
+                try:
+                    with open(os.path.join(warm, d, "env.pid")) as f:
+                        pids.append(int(f.read().split()[0]))
+                except (OSError, ValueError, IndexError):
+                    pass
+            if len(pids) >= count:
+                break
+            await trio.sleep(0.02)
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert b"bento_driver.template" in f.read()
+
+
+async def test_two_forked_environments_at_once_see_nothing_of_each_other(make_server):
+    srv = make_server("--pool", "2")
+    await warm_forked(srv, 2)
+    async with conn(srv.url) as c:
+        a = await c.ok("execute", code=LOOK, args=["a", 1.0])
+        b = await c.ok("execute", code=LOOK, args=["b", 0.5])
+        got = {}
+        for mark, r in (("a", a), ("b", b)):
+            ex = (await c.frames(r["session"], timeout=30))[-1][2]
+            assert ex["state"] == "exited", ex
+            got[mark] = ex["result"]
+    for mark in "ab":
+        seen = got[mark]
+        assert seen["home"] == [mark] and seen["tmp"] == [mark], seen
+        assert seen["homes"] == [], seen  # every warm home, covered
+        assert seen["pids"] == [1, 2] and seen["pid"] == 2, seen
+        assert seen["host"] == "bento" and seen["uid"] == 65534, seen
+        assert all(int(c, 16) == 0 for c in seen["caps"]) and not seen["nested_userns"], seen
+
+
+async def test_exit_codes_and_signals_of_a_forked_function(make_server):
+    srv = make_server("--pool", "2")
+    async with conn(srv.url) as c:
+        cases = [("import sys\ndef main():\n    sys.exit(3)\n", ("exited", 3, None)),
+                 ("import os, signal\ndef main():\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+                  ("killed", None, "KILL")),
+                 ("def main():\n    return 4\n", ("exited", 0, None))]
+        for code, (state, exit_code, sig) in cases:
+            await warm_forked(srv, 1)
+            ex = await c.exit_of(code)
+            assert (ex["state"], ex["code"], ex["signal"]) == (state, exit_code, sig), ex
+        # A signal from the client: TERM ends it, and it is told as TERM.
+        await warm_forked(srv, 1)
+        r = await c.ok("execute", code="import time\ndef main():\n    print('up')\n    time.sleep(60)\n")
+        await c.frames(r["session"], until_exit=False, count=1)
+        await c.ok("signal", token=r["token"], signal="TERM")
+        ex = (await c.frames(r["session"]))[-1][2]
+        assert ex["state"] == "killed" and ex["signal"] == "TERM", ex
+
+
+async def test_a_forked_function_outlives_a_server_killed_with_sigkill(make_server, tmp_path):
+    data = str(tmp_path / "data")
+    old = make_server("--pool", "1", data_dir=data)
+    await warm_forked(old, 1)
+    code = ("import time\ndef main():\n    print('before')\n    time.sleep(3)\n    print('after')\n"
+            "    return 9\n")
+    async with conn(old.url) as c:
+        r = await c.ok("execute", code=code)
+        frames = await c.frames(r["session"], until_exit=False, count=1)
+    assert frames[0][2] == b"before\n", frames
+    old.kill()  # SIGKILL: the template (bwrap --die-with-parent) goes with it; its forks stay
+    new = make_server("--pool", "1", data_dir=data)
+    async with conn(new.url) as c:
+        await c.ok("attach", token=r["token"], **{"from": 1})
+        frames = await c.frames(r["session"], timeout=30)
+    outs = [f[2] for f in frames if f[1] == "stdout"]
+    assert b"".join(outs) == b"before\nafter\n", frames
+    assert frames[-1][2]["state"] == "exited" and frames[-1][2]["result"] == 9, frames[-1]
+
+
+def failing_template_bwrap(tmp_path) -> str:
+    """A bwrap first on PATH that fails the sandbox template's start, and runs the real one otherwise."""
+    real = shutil.which("bwrap")
+    d = tmp_path / "bin"
+    d.mkdir()
+    script = d / "bwrap"
+    script.write_text(f"""#!/bin/sh
+case "$*" in *bento_driver.template*) echo "bwrap: test: no template here" >&2; exit 1 ;; esac
+exec {real} "$@"
+""")
+    script.chmod(0o755)
+    return str(d)
+
+
+async def test_a_template_that_cannot_start_is_said_once_and_bwrap_does_the_work(tmp_path):
+    path = f"PATH={failing_template_bwrap(tmp_path)}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
+    srv = ServerProcess(str(tmp_path / "data"), "--log-level", "INFO", "--pool", "2",
+                        prefix=("env", path)).start()
+    try:
+        async with conn(srv.url) as c:
+            for _ in range(3):
+                ex = await c.exit_of("import os\ndef main():\n    return os.path.exists('/opt/bento/homes')\n")
+                assert ex["state"] == "exited" and ex["result"] is False, ex
+        log = srv.read_log()
+    finally:
+        srv.stop()
+    said = [line for line in log.splitlines() if "sandbox template" in line]
+    assert len(said) == 1 and "not used" in said[0] and "no template here" in said[0], said
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+
+
+async def test_a_forked_environment_dies_with_its_exchange(make_server):
+    import signal
+
+    srv = make_server("--pool", "1")
+    await warm_forked(srv, 1)
+    async with conn(srv.url) as c:
+        r = await c.ok("execute", code="import time\ndef main():\n    print('up')\n    time.sleep(60)\n")
+        await c.frames(r["session"], until_exit=False, count=1)
+    sdir = os.path.join(srv.data_dir, "sessions", r["session"])
+    with open(os.path.join(sdir, "env.pid")) as f:
+        pid1 = int(f.read().split()[0])
+    with open(f"/proc/{pid1}/task/{pid1}/children") as f:
+        driver = int(f.read().split()[0])
+    with open(os.path.join(sdir, "exchange.pid")) as f:
+        os.kill(int(f.read().split()[0]), signal.SIGKILL)
+    with trio.fail_after(10):
+        while _state(driver) not in (None, "Z") or _state(pid1) not in (None, "Z"):
+            await trio.sleep(0.02)
