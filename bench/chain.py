@@ -179,7 +179,7 @@ async def echo_rtts(url: str, n: int, warmup: int = 20) -> list[float]:
 
 
 class CpuProbe:
-    """CPU used per role (server, exchange, environment = bwrap + driver,
+    """CPU used per role (server, exchange, environment = the sandbox's processes + driver,
     client) between two points of a stream run: when a quarter and when three
     quarters of the volume have arrived, so every process is still alive and
     start-up and tear-down are left out. Shares are of one core."""

@@ -79,7 +79,7 @@ def server_parser() -> argparse.ArgumentParser:
                    help="fresh environments kept started ahead of time for fast executes, never reused "
                         "(bwrap and none; default 2; 0 = off); more while executes come fast (--pool-max)")
     p.add_argument("--pool-max", type=int, metavar="N",
-                   help="most warm environments kept while executes come fast (each holds ~11 MiB PSS, "
+                   help="most warm environments kept while executes come fast (each holds ~5 MiB PSS, "
                         "~27 MiB RSS; default: 4 per core, at most 1/64 of RAM, at most 32)")
     p.add_argument("--no-pool-template", dest="pool_template", action="store_false",
                    help="start each warm exchange as a process of its own, also while executes come fast, "
