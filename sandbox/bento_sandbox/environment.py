@@ -107,6 +107,7 @@ class Environment:
     def release(self) -> None:
         """After the environment ended: kill stragglers, remove its cgroups."""
         self.kill()
+        self.process.close()
         if self.cgroups is not None:
             for _ in range(100):
                 if self.cgroups.empty():

@@ -22,6 +22,7 @@ from bento_sandbox.spawn import Process
 CONNECT_TIMEOUT_S = 5.0  # the template forks one at a time, each in about a millisecond
 REPORT_TIMEOUT_S = 2.0  # pid 1 reports before it exits: this is only for a broken one
 _UCRED = struct.Struct("3i")
+FAILED = 71  # pid 1's exit code when it could not make the sandbox (bento_driver.template._fail)
 SANDBOX_LIB = "/opt/bento/lib"  # the driver's package inside (bento/launch.py binds it there)
 
 
@@ -45,6 +46,9 @@ class ForkedProcess(Process):
             self._read(block=True)
         code = -9 if self.returncode is None else self.returncode
         return (-code) & 0x7F if code < 0 else (code & 0xFF) << 8
+
+    def close(self) -> None:
+        self.conn.close()  # (pid 1 kills the driver if it still runs)
 
     def cpu_seconds(self) -> float | None:
         self.poll()
@@ -70,8 +74,8 @@ class ForkedProcess(Process):
                 line = self.buf.partition(b"\n")[0].split()
                 if line[:1] == [b"x"] and len(line) == 3:
                     self.returncode, self.cpu = int(line[1]), float(line[2])
-                else:
-                    self.returncode = -9
+                else:  # "e ...": it could not make the sandbox (and said why on its stderr too)
+                    self.returncode = FAILED
                 self.conn.close()
                 return
 

@@ -54,6 +54,9 @@ class Process:
         # fields[11:15] are utime, stime, cutime, cstime in clock ticks.
         return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
+    def close(self) -> None:
+        """Let go of what watches it (nothing here: a child is reaped by ``reap``)."""
+
     def wait(self, timeout: float | None = None) -> int:
         """The exit code; TimeoutError if the child still runs after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -13,6 +13,7 @@ import urllib.request
 
 import bento_sandbox
 import pytest
+from bento_sandbox.spawn import Process
 from helpers import ROOT, ServerProcess, connect
 
 RETURN_ONE = "def main():\n    return 1\n"
@@ -79,7 +80,7 @@ async def test_data_dir_lock_goes_with_a_killed_server(tmp_path):
 def test_environment_refuses_a_limit_no_cgroup_holds():
     proc = subprocess.Popen(["true"])
     proc.wait()
-    env = bento_sandbox.Environment(proc, None, {}, signal_exit_codes=False)
+    env = bento_sandbox.Environment(Process(proc.pid), None, {}, signal_exit_codes=False)
     with pytest.raises(bento_sandbox.Unenforceable) as err:
         env.apply(bento_sandbox.Limits(pids=10, memory_bytes=1 << 29, wall_s=5))
     assert err.value.names == ["memory_bytes", "pids"], err.value

@@ -13,6 +13,7 @@ import bento_sandbox
 import pytest
 import trio
 from bento_driver import wire
+from bento_sandbox.spawn import Process
 
 from bento import exchange_link, protocol
 from bento.exchange_link import ExchangeGone, Exchanges
@@ -29,7 +30,7 @@ def env():
     for fd in (from_r, err_r, to_w):
         os.set_blocking(fd, False)
     proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    launched = Launched(bento_sandbox.Environment(proc, None, {}, signal_exit_codes=False),
+    launched = Launched(bento_sandbox.Environment(Process(proc.pid), None, {}, signal_exit_codes=False),
                         err_r=err_r, to_w=to_w, from_r=from_r)
     server, ours = socket.socketpair()
     fake = SimpleNamespace(launched=launched, from_w=from_w, err_w=err_w, server=server, ours=ours)
