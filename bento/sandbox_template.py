@@ -5,9 +5,11 @@ The pool starts it with the server when the sandbox is bwrap. Once it said
 exchange is told where it listens (the ``warm`` message's ``fork``), and so is
 the exchange of a session that starts cold (its metadata's ``fork``); each
 gets its environment forked from it (bento_sandbox.forked). Sessions with
-network or a terminal start their own bwrap as before. When it cannot start here, or ends, the server says why once and
-every environment starts its own bwrap from then on: slower and bigger, as
-safe. Environments it forked do not depend on it after their fork.
+network or a terminal start their own bwrap as before. When it cannot start
+here, the server says why once and every environment starts its own bwrap
+from then on: slower and bigger, as safe. When it ends later, the same holds
+until it is started again, after a pause that doubles while it keeps ending.
+Environments it forked do not depend on it after their fork.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bento_sandbox import DEFAULT_TMP_BYTES, forked
 log = logging.getLogger("bento.sessions")
 
 START_TIMEOUT_S = 10.0  # bwrap, the interpreter, the driver's imports and one probe fork
+RESTART_FIRST_S, RESTART_MAX_S = 1.0, 60.0  # after it ended: doubled while it keeps ending within a minute
 SOCKET_NAME = "sandbox.sock"
 PROBE = ".probe"  # the probe fork's warm directory (mkdtemp names never start with a dot)
 HOMES = ("warm", "sessions")  # the data dir's directories that hold sessions' homes
@@ -41,26 +44,34 @@ class SandboxTemplate:
         self.settled = trio.Event()  # it said ready, or it will not be used
 
     async def run(self) -> None:
-        """Start it, then watch it until it ends (the server's nursery runs this)."""
-        try:
-            await self._start()
-        except (OSError, RuntimeError, trio.TooSlowError) as exc:
-            log.warning("sandbox template: not used (%s); each environment starts its own bwrap",
-                        str(exc) or "it did not start in time")
-            self.stop()
-            return
-        finally:
-            self.settled.set()
-        assert self.proc is not None
-        log.info("sandbox template started (pid %d): environments are forked from it", self.proc.pid)
-        assert self.proc.stdout is not None
-        async for chunk in self.proc.stdout:  # (it says nothing once ready: what it says is a fault)
-            log.warning("sandbox template: %s", chunk.decode("utf-8", "replace").strip()[:1000])
-        code = await self.proc.wait()
-        if self.path is not None:
-            log.warning("sandbox template ended (exit code %s); each environment starts its own bwrap "
-                        "from now on", code)
+        """Start it, watch it, and start it again after a pause if it ends (the
+        server's nursery runs this). One that cannot start is not tried again:
+        this machine does not allow what it needs, or it is broken."""
+        pause = RESTART_FIRST_S
+        while True:
+            try:
+                await self._start()
+            except (OSError, RuntimeError, trio.TooSlowError) as exc:
+                log.warning("sandbox template: not used (%s); each environment starts its own bwrap",
+                            str(exc) or "it did not start in time")
+                self.stop()
+                return
+            finally:
+                self.settled.set()
+            assert self.proc is not None and self.proc.stdout is not None
+            log.info("sandbox template started (pid %d): environments are forked from it", self.proc.pid)
+            began = trio.current_time()
+            async for chunk in self.proc.stdout:  # (it says nothing once ready: what it says is a fault)
+                log.warning("sandbox template: %s", chunk.decode("utf-8", "replace").strip()[:1000])
+            code = await self.proc.wait()
             self.path = None
+            # Environments it forked go on; new ones are a bwrap each until it is back.
+            if trio.current_time() - began > RESTART_MAX_S:
+                pause = RESTART_FIRST_S
+            log.warning("sandbox template ended (exit code %s); environments start their own bwrap until "
+                        "it is started again in %g s", code, pause)
+            await trio.sleep(pause)
+            pause = min(2 * pause, RESTART_MAX_S)
 
     def stop(self) -> None:
         self.path = None

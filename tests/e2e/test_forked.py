@@ -176,3 +176,26 @@ async def test_a_forked_environment_dies_with_its_exchange(make_server):
     with trio.fail_after(10):
         while _state(driver) not in (None, "Z") or _state(pid1) not in (None, "Z"):
             await trio.sleep(0.02)
+
+
+async def test_a_template_that_ends_is_started_again_and_forks_again(make_server):
+    import signal
+
+    srv = make_server("--log-level", "INFO", "--pool", "1")
+    await warm_forked(srv, 1)
+    with trio.fail_after(10):
+        while "sandbox template started (pid" not in srv.read_log():
+            await trio.sleep(0.05)
+    first = int(srv.read_log().split("sandbox template started (pid ")[1].split(")")[0])
+    os.kill(first, signal.SIGKILL)
+    with trio.fail_after(20):
+        while srv.read_log().count("sandbox template started (pid") < 2:
+            await trio.sleep(0.05)
+    log = srv.read_log()
+    assert "sandbox template ended (exit code" in log and "started again in 1 s" in log, log[-2000:]
+    async with conn(srv.url) as c:
+        for _ in range(2):  # whatever the pool held meanwhile, then one forked again
+            await warm_forked(srv, 1)
+            ex = await c.exit_of("import os\ndef main():\n    return os.path.exists('/opt/bento/homes')\n")
+            assert ex["state"] == "exited", ex
+    assert ex["result"] is True, ex
