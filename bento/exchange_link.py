@@ -218,10 +218,10 @@ class Exchanges:
         self.retry_at = 0.0
         self.failing = False
         self.taken_at = -1.0
-        # Warm exchanges are forked from it (bento/exchange_template.py); None: each its own process.
+        # Exchanges are forked from it (bento/exchange_template.py), warm or not (with no
+        # pool too: a cold start's exchange); None: each its own process.
         self.template: Template | None = (
-            Template([self.python, "-I", "-S", "-c", self.boot], nursery)
-            if self.pool_size and config.pool_template else None)
+            Template([self.python, "-I", "-S", "-c", self.boot], nursery) if config.pool_template else None)
         # Environments are forked from it (driver/bento_driver/template.py); else a bwrap each.
         self.sandbox_template: SandboxTemplate | None = (
             SandboxTemplate(config.data_dir, self.envs_dir, self.python)
