@@ -226,7 +226,7 @@ class Exchange(EnvironmentLife):
             self.work_watch = WorkDirWatch(os.path.join(self.dir, "work"), self.meta["work_bytes"])
         self.output.watch(launched.out_r, launched.err_r)
         self.output.tty_fd = launched.out_r
-        self.pidfd = os.pidfd_open(child.pid)
+        self.pidfd = child.process.open_pidfd()
         self.sel.register(self.pidfd, selectors.EVENT_READ, self.on_child_exit)
         if self.limits.wall_s is not None:
             self.wall_deadline = started_at + self.limits.wall_s

@@ -58,12 +58,15 @@ class SandboxTemplate:
                 return
             finally:
                 self.settled.set()
-            assert self.proc is not None and self.proc.stdout is not None
+            assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
             log.info("sandbox template started (pid %d): environments are forked from it", self.proc.pid)
             began = trio.current_time()
-            async for chunk in self.proc.stdout:  # (it says nothing once ready: what it says is a fault)
-                log.warning("sandbox template: %s", chunk.decode("utf-8", "replace").strip()[:1000])
-            code = await self.proc.wait()
+            async with trio.open_nursery() as watch:
+                watch.start_soon(self._relay, self.proc.stdout)
+                code = await self.proc.wait()  # (bwrap's: it ends with the template)
+                watch.cancel_scope.cancel()
+            for pipe in (self.proc.stdin, self.proc.stdout):  # (a template whose bwrap was killed sees
+                await pipe.aclose()  # its stdin close, and ends)
             self.path = None
             # Environments it forked go on; new ones are a bwrap each until it is back.
             if trio.current_time() - began > RESTART_MAX_S:
@@ -72,6 +75,11 @@ class SandboxTemplate:
                         "it is started again in %g s", code, pause)
             await trio.sleep(pause)
             pause = min(2 * pause, RESTART_MAX_S)
+
+    @staticmethod
+    async def _relay(stdout: trio.abc.ReceiveStream) -> None:
+        async for chunk in stdout:  # (it says nothing once ready: what it says is a fault)
+            log.warning("sandbox template: %s", chunk.decode("utf-8", "replace").strip()[:1000])
 
     def stop(self) -> None:
         self.path = None
@@ -93,7 +101,7 @@ class SandboxTemplate:
                 probe=f"warm/{PROBE}", tmp_bytes=DEFAULT_TMP_BYTES,
                 bind=[(fds[-2], f"{forked.SANDBOX_LIB}/bento_driver"), (fds[-1], "/opt/bento/envs")])
             self.proc = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 pass_fds=(listen.fileno(), *fds), start_new_session=True)
         finally:
             listen.close()  # (the template's copy listens)

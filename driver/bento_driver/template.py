@@ -54,6 +54,7 @@ import ctypes
 import fcntl
 import gc
 import os
+import select
 import socket
 import struct
 import sys
@@ -70,14 +71,15 @@ HOME = "/home/bento"
 HOMES = "/opt/bento/homes"  # the data dir's warm/ and sessions/: read-write here, covered in each fork
 MAX_REQUEST = 512
 GO_TIMEOUT_S = 10.0
-ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": HOME}
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": HOME, "PWD": HOME}  # (bwrap's)
 
 _NEWNS, _NEWCGROUP, _NEWUTS, _NEWIPC = 0x20000, 0x02000000, 0x04000000, 0x08000000
 _NEWUSER, _NEWPID, _NEWNET = 0x10000000, 0x20000000, 0x40000000
 _RDONLY, _NOSUID, _NODEV, _NOEXEC, _REMOUNT, _BIND, _REC, _PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
-_PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS, _PR_SET_PDEATHSIG = 24, 38, 1
+_PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS, _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 24, 38, 1, 4
 _CAP_VERSION_3 = 0x20080522
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP, _IFF_RUNNING = 0x8913, 0x8914, 0x1, 0x40
+_PTRACE_SEIZE = 0x4206
 
 _libc = ctypes.CDLL(None, use_errno=True)
 for _name in ("mount", "unshare", "prctl", "capset", "sethostname"):
@@ -109,7 +111,7 @@ def _write(path: str, text: str) -> None:
 def serve(listen_fd: int, probe: str) -> None:
     """Check that a fork gets its sandbox here (one with the warm directory
     ``probe``), say ``ready`` (or why not, and end), then fork an environment
-    for each connection until the listening socket goes."""
+    for each connection until the server goes (its end of our stdin closes)."""
     listen = socket.socket(fileno=listen_fd)
     problem = _probe(probe)
     print("ready" if problem is None else f"unavailable: {problem}", flush=True)
@@ -120,7 +122,12 @@ def serve(listen_fd: int, probe: str) -> None:
     driver_module.warm_up()  # the compiler's first-use set-up, shared by every fork
     gc.collect()
     gc.freeze()  # what the imports made stays shared with the forks
+    poller = select.poll()
+    poller.register(listen.fileno(), select.POLLIN)
+    poller.register(0, select.POLLIN)  # the server holds the other end of our stdin
     while True:
+        if any(fd == 0 for fd, _events in poller.poll()):
+            os._exit(0)  # the server is gone: the environments forked so far stay
         try:
             conn, _addr = listen.accept()
         except OSError:
@@ -194,6 +201,8 @@ def _verify() -> None:
         wrong.append(f"capabilities left: {caps}")
     if os.getpid() != 2 or sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) != [1, 2]:
         wrong.append("other processes are visible")
+    if _libc.ptrace(_PTRACE_SEIZE, 1, 0, 0) == 0:
+        wrong.append("pid 1 can be traced")
     if wrong:
         os.write(2, ("; ".join(wrong) + "\n").encode())
     os._exit(1 if wrong else 0)
@@ -233,22 +242,30 @@ def _c1(conn: socket.socket, request: tuple[str, int, int], fds: list[int], prob
 def _c2(conn: socket.socket, request: tuple[str, int, int], fds: list[int], probe: bool) -> None:
     """pid 1 of the environment: its sandbox, the driver, its status. Never returns."""
     try:
-        os.setsid()  # its own process group: the exchange kills it by that
+        os.setsid()
         conn.settimeout(GO_TIMEOUT_S)
         conn.sendall(b"p")
         if conn.recv(1) != b"g":
             os._exit(1)  # the exchange gave up on this environment
+        # Not dumpable: the function (same uid, same user namespace) can neither
+        # ptrace this process nor take its connection to the exchange (pidfd_getfd).
+        # Before the fork, so that there is no moment when it could; the driver
+        # makes itself dumpable again (debuggers, /proc/self).
+        _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
         driver = os.fork()
         if driver == 0:
             _c3(conn, request, fds, probe)
+        # A signal from inside the namespace reaches pid 1 only if it has a handler:
+        # none left (Python's for SIGINT would end the environment).
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
         for fd in set(fds):
             os.close(fd)
         # No capabilities left (it never execs: its bounding set does not matter).
         _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         _check(_libc.capset(_CAP_HEADER, _NO_CAPS), "capset")
+        _reap(conn, driver)
     except BaseException as exc:  # noqa: BLE001 - told to the exchange, then out
         _fail(conn, exc, fds[2])
-    _reap(conn, driver)
 
 
 def _mounts(name: str, tmp_bytes: int, shm_bytes: int) -> None:
@@ -257,8 +274,8 @@ def _mounts(name: str, tmp_bytes: int, shm_bytes: int) -> None:
     _mount(f"{HOMES}/{name}/work", HOME, None, _BIND | _REC)
     _mount(HOME, HOME, None, _REMOUNT | _BIND | _NOSUID | _NODEV)
     _mount("tmpfs", HOMES, "tmpfs", _RDONLY | _NOSUID | _NODEV | _NOEXEC, "size=4k,mode=0555")
-    _mount("tmpfs", "/tmp", "tmpfs", _NOSUID | _NODEV, f"size={tmp_bytes},mode=1777")
-    _mount("tmpfs", "/dev/shm", "tmpfs", _NOSUID | _NODEV, f"size={shm_bytes},mode=1777")
+    _mount("tmpfs", "/tmp", "tmpfs", _NOSUID | _NODEV, f"size={tmp_bytes},mode=0755")
+    _mount("tmpfs", "/dev/shm", "tmpfs", _NOSUID | _NODEV, f"size={shm_bytes},mode=0755")
     _mount("devpts", "/dev/pts", "devpts", _NOSUID | _NOEXEC, "newinstance,ptmxmode=0666,mode=620")
     _check(_libc.sethostname(b"bento", 5), "sethostname")
 
@@ -301,6 +318,7 @@ def _c3(conn: socket.socket, request: tuple[str, int, int], fds: list[int], prob
     are its own, and pid 1 keeps everything C1 wrote before it exited.)"""
     try:
         conn.close()
+        _check(_libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
         os.setsid()
         _mounts(*request)
         _loopback_up()
@@ -362,11 +380,15 @@ def _reap(conn: socket.socket, driver: int) -> None:
 
 
 def _fail(conn: socket.socket, exc: BaseException, stderr: int = -1) -> None:
-    """Say why on the connection (and on the environment's stderr), then exit."""
+    """Say why on the connection and on the environment's stderr (where still
+    open), then exit."""
     why = f"e the sandbox template could not make this environment: {type(exc).__name__}: {exc}\n"
     try:
-        if stderr >= 0:
-            os.write(stderr, why[2:].encode("utf-8", "replace"))
         conn.sendall(why.encode("utf-8", "replace"))
-    finally:
-        os._exit(71)
+    except OSError:
+        pass  # the exchange is gone
+    try:
+        os.write(stderr, why[2:].encode("utf-8", "replace"))
+    except OSError:
+        pass  # (closed: the driver runs, or ran)
+    os._exit(71)

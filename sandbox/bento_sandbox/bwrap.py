@@ -47,7 +47,10 @@ class BwrapBackend(_Backend):
             *([] if template is not None else ["--disable-userns"]),
             # As root, bwrap without this is no sandbox: code could remount binds writable.
             "--cap-drop", "ALL",
-            "--die-with-parent", "--new-session",
+            # (The template instead ends when the server's end of its stdin closes: a
+            # parent-death signal follows the thread that started it, and trio starts
+            # processes from worker threads that end when idle.)
+            *([] if template is not None else ["--die-with-parent"]), "--new-session",
             "--hostname", "bento",
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",

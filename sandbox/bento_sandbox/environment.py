@@ -87,10 +87,7 @@ class Environment:
         """SIGKILL to every process of the environment."""
         if self.cgroups is not None:
             self.cgroups.kill()
-        try:
-            os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self.process.kill_group()
 
     def cpu_seconds(self) -> float | None:
         """CPU time used: the whole cgroup where there is one, else the top

@@ -12,6 +12,7 @@ how it ended, and its end of file without a report means it was killed.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 
@@ -27,13 +28,28 @@ SANDBOX_LIB = "/opt/bento/lib"  # the driver's package inside (bento/launch.py b
 
 
 class ForkedProcess(Process):
-    """Pid 1 of a forked environment, watched over its connection."""
+    """Pid 1 of a forked environment, watched over its connection and named by
+    a pidfd taken while it waited for its go: it is nobody's child here, so
+    once it ends its pid may be another process's at once."""
 
-    def __init__(self, pid: int, conn: socket.socket) -> None:
+    def __init__(self, pid: int, conn: socket.socket, pidfd: int) -> None:
         super().__init__(pid)
         self.conn = conn
+        self.pidfd = pidfd
         self.buf = b""
         self.cpu: float | None = None
+
+    def open_pidfd(self) -> int:
+        return os.dup(self.pidfd)
+
+    def kill_group(self) -> None:
+        """SIGKILL to pid 1: the kernel kills the rest of its pid namespace."""
+        if self.pidfd < 0:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -49,6 +65,9 @@ class ForkedProcess(Process):
 
     def close(self) -> None:
         self.conn.close()  # (pid 1 kills the driver if it still runs)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
     def cpu_seconds(self) -> float | None:
         self.poll()
@@ -72,9 +91,11 @@ class ForkedProcess(Process):
             self.buf += chunk
             if b"\n" in self.buf:
                 line = self.buf.partition(b"\n")[0].split()
-                if line[:1] == [b"x"] and len(line) == 3:
+                try:
+                    if line[:1] != [b"x"] or len(line) != 3:
+                        raise ValueError(line[:1])
                     self.returncode, self.cpu = int(line[1]), float(line[2])
-                else:  # "e ...": it could not make the sandbox (and said why on its stderr too)
+                except ValueError:  # "e ...": it could not make the sandbox (said on its stderr too)
                     self.returncode = FAILED
                 self.conn.close()
                 return
@@ -99,6 +120,7 @@ def spawn(sock_path: str, *, name: str, home: str, tmp_bytes: int, shm_bytes: in
     starts its own bwrap instead)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     cgroups: Cgroups | None = None
+    pidfd = -1
     try:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         conn.settimeout(CONNECT_TIMEOUT_S)
@@ -110,21 +132,25 @@ def spawn(sock_path: str, *, name: str, home: str, tmp_bytes: int, shm_bytes: in
         if said != b"p" or pid is None:
             why = said.decode("utf-8", "replace").strip().removeprefix("e ") or "it closed the connection"
             raise SandboxUnavailable(f"the sandbox template did not fork: {why}")
+        pidfd = os.pidfd_open(pid)  # (it waits for our go: this is that process)
         cgroups = Cgroups(name, detect_cgroups())
         cgroups.add(pid)
         conn.sendall(b"g")
-    except OSError as exc:
-        conn.close()
+    except BaseException as exc:
+        conn.close()  # (pid 1, waiting for its go, exits)
+        if pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # (now: its cgroups can go)
+            except ProcessLookupError:
+                pass
+            os.close(pidfd)
         if cgroups is not None:
             cgroups.remove()
-        raise SandboxUnavailable(f"the sandbox template did not fork: {exc}") from None
-    except BaseException:
-        conn.close()
-        if cgroups is not None:
-            cgroups.remove()
+        if isinstance(exc, OSError):
+            raise SandboxUnavailable(f"the sandbox template did not fork: {exc}") from None
         raise
     enforced = {"tmp_bytes": f"tmpfs of {tmp_bytes} bytes for /tmp", "network": "none (own network namespace)"}
-    return Environment(ForkedProcess(pid, conn), cgroups, enforced, signal_exit_codes=True)
+    return Environment(ForkedProcess(pid, conn, pidfd), cgroups, enforced, signal_exit_codes=True)
 
 
 def _connect(conn: socket.socket, path: str) -> None:

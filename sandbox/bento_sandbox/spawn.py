@@ -57,6 +57,17 @@ class Process:
     def close(self) -> None:
         """Let go of what watches it (nothing here: a child is reaped by ``reap``)."""
 
+    def open_pidfd(self) -> int:
+        """A new pidfd of it (readable once it ended); the caller closes it."""
+        return os.pidfd_open(self.pid)
+
+    def kill_group(self) -> None:
+        """SIGKILL to its process group (it leads one: ``spawn`` makes it a session)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     def wait(self, timeout: float | None = None) -> int:
         """The exit code; TimeoutError if the child still runs after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout

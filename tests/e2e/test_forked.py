@@ -33,6 +33,7 @@ def main(mark, wait):
     import ctypes
     nested = ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0  # CLONE_NEWUSER
     return {"home": sorted(os.listdir(os.environ["HOME"])), "tmp": sorted(os.listdir("/tmp")),
+            "pwd": os.environ.get("PWD"), "tmp_mode": oct(os.stat("/tmp").st_mode & 0o7777),
             "homes": sorted(os.listdir("/opt/bento/homes")), "host": socket.gethostname(),
             "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()), "pid": os.getpid(),
             "caps": caps, "nested_userns": nested, "uid": os.getuid()}
@@ -76,6 +77,7 @@ async def test_two_forked_environments_at_once_see_nothing_of_each_other(make_se
         assert seen["homes"] == [], seen  # every warm home, covered
         assert seen["pids"] == [1, 2] and seen["pid"] == 2, seen
         assert seen["host"] == "bento" and seen["uid"] == 65534, seen
+        assert seen["pwd"] == "/home/bento" and seen["tmp_mode"] == "0o755", seen  # (as bwrap's)
         assert all(int(c, 16) == 0 for c in seen["caps"]) and not seen["nested_userns"], seen
 
 
@@ -109,7 +111,7 @@ async def test_a_forked_function_outlives_a_server_killed_with_sigkill(make_serv
         r = await c.ok("execute", code=code)
         frames = await c.frames(r["session"], until_exit=False, count=1)
     assert frames[0][2] == b"before\n", frames
-    old.kill()  # SIGKILL: the template (bwrap --die-with-parent) goes with it; its forks stay
+    old.kill()  # SIGKILL: the template goes with it (its stdin closes); its forks stay
     new = make_server("--pool", "1", data_dir=data)
     async with conn(new.url) as c:
         await c.ok("attach", token=r["token"], **{"from": 1})
@@ -199,3 +201,39 @@ async def test_a_template_that_ends_is_started_again_and_forks_again(make_server
             ex = await c.exit_of("import os\ndef main():\n    return os.path.exists('/opt/bento/homes')\n")
             assert ex["state"] == "exited", ex
     assert ex["result"] is True, ex
+
+
+PID1 = """
+import ctypes, os, signal, time
+def main():
+    libc = ctypes.CDLL(None, use_errno=True)
+    traced = libc.ptrace(0x4206, 1, 0, 0) == 0  # PTRACE_SEIZE
+    pidfd = os.pidfd_open(1)
+    got = libc.syscall(438, pidfd, 3, 0)  # pidfd_getfd: pid 1's connection to the exchange
+    os.kill(1, signal.SIGINT)  # (pid 1 has no handler for it: nothing happens)
+    time.sleep(0.3)
+    return {"traced": traced, "took_fd": got >= 0}
+"""
+
+
+async def test_the_function_cannot_trace_signal_or_rob_its_pid_1(make_server):
+    # Pid 1 holds the connection that reports the exit: the function must not reach it.
+    srv = make_server("--pool", "1")
+    await warm_forked(srv, 1)
+    async with conn(srv.url) as c:
+        ex = await c.exit_of(PID1)
+    assert ex["state"] == "exited" and ex["result"] == {"traced": False, "took_fd": False}, ex
+
+
+@pytest.mark.deadline(90)
+async def test_the_template_outlives_an_idle_server_minute_of_worker_threads(make_server):
+    # trio starts processes from worker threads that end after 10 s idle: a
+    # parent-death signal tied to one would end the template then.
+    srv = make_server("--log-level", "INFO", "--pool", "1")
+    await warm_forked(srv, 1)
+    await trio.sleep(12)
+    log = srv.read_log()
+    assert log.count("sandbox template started") == 1 and "sandbox template ended" not in log, log[-2000:]
+    async with conn(srv.url) as c:
+        ex = await c.exit_of("import os\ndef main():\n    return os.path.exists('/opt/bento/homes')\n")
+    assert ex["state"] == "exited" and ex["result"] is True, ex
