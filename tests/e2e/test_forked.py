@@ -226,7 +226,7 @@ async def test_the_function_cannot_trace_signal_or_rob_its_pid_1(make_server):
 
 
 @pytest.mark.deadline(90)
-async def test_the_template_outlives_an_idle_server_minute_of_worker_threads(make_server):
+async def test_the_template_outlives_the_worker_thread_that_started_it(make_server):
     # trio starts processes from worker threads that end after 10 s idle: a
     # parent-death signal tied to one would end the template then.
     srv = make_server("--log-level", "INFO", "--pool", "1")
