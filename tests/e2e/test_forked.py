@@ -17,6 +17,7 @@ import shutil
 import pytest
 import trio
 from helpers import ServerProcess, conn
+from test_http import aget, figures
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
 
@@ -145,8 +146,10 @@ async def test_a_template_that_cannot_start_is_said_once_and_bwrap_does_the_work
                 ex = await c.exit_of("import os\ndef main():\n    return os.path.exists('/opt/bento/homes')\n")
                 assert ex["state"] == "exited" and ex["result"] is False, ex
         log = srv.read_log()
+        _, _, body = await aget(srv.port, "/metrics")
     finally:
         srv.stop()
+    assert figures(body)[("bento_sandbox_template_up", ())] == 0
     said = [line for line in log.splitlines() if "sandbox template" in line]
     assert len(said) == 1 and "not used" in said[0] and "no template here" in said[0], said
 
@@ -195,6 +198,8 @@ async def test_a_template_that_ends_is_started_again_and_forks_again(make_server
             await trio.sleep(0.05)
     log = srv.read_log()
     assert "sandbox template ended (exit code" in log and "started again in 1 s" in log, log[-2000:]
+    _, _, body = await aget(srv.port, "/metrics")
+    assert figures(body)[("bento_sandbox_template_up", ())] == 1
     async with conn(srv.url) as c:
         for _ in range(2):  # whatever the pool held meanwhile, then one forked again
             await warm_forked(srv, 1)
