@@ -1,5 +1,6 @@
 """The sandbox template: one process, inside a bwrap sandbox of its own, that
-has imported the driver and forks each warm environment from there.
+has imported the driver and forks each environment from there (warm ones,
+and cold starts').
 
 An environment started as bwrap + ``python -I -S`` pays the interpreter's
 start and the driver's imports every time, and each driver keeps its own
@@ -23,7 +24,8 @@ The processes of one environment::
                            gone: says its pid to the exchange, waits for its
                            "go" (the exchange has put it in the session's
                            cgroups), forks C3, then reaps until the driver
-                           ends and reports its status
+                           ends and reports its status (not dumpable, no
+                           signal handlers: the function cannot reach it)
                        C3: makes the mounts, then runs the driver (pid 2, as
                            under bwrap's init)
 
@@ -44,8 +46,9 @@ namespace)::
     C2 -> exchange        "x <code> <cpu s>"  (the driver ended; code 128+n: signal n)
     C2 -> exchange        "e <why>"           (it could not make the sandbox)
 
-Every fork carries what this process imported: the driver's modules and
-ctypes (for the system calls Python 3.11's os module lacks), nothing else.
+Every fork carries what this process imported: the driver's modules,
+ctypes (for the system calls Python 3.11's os module lacks) and socket. The
+template itself ends when the server's end of its stdin closes.
 """
 
 from __future__ import annotations
