@@ -112,7 +112,7 @@ class Launched:
         if self.env is not None:
             self.env.release()
             try:
-                os.waitpid(self.env.pid, 0)
+                self.env.process.reap()
             except ChildProcessError:
                 pass
         if self.pid_file is not None:  # it names a process group that is gone

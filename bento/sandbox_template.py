@@ -54,7 +54,7 @@ class SandboxTemplate:
             except (OSError, RuntimeError, trio.TooSlowError) as exc:
                 log.warning("sandbox template: not used (%s); each environment starts its own bwrap",
                             str(exc) or "it did not start in time")
-                self.stop()
+                await self._stop()
                 return
             finally:
                 self.settled.set()
@@ -65,9 +65,7 @@ class SandboxTemplate:
                 watch.start_soon(self._relay, self.proc.stdout)
                 code = await self.proc.wait()  # (bwrap's: it ends with the template)
                 watch.cancel_scope.cancel()
-            for pipe in (self.proc.stdin, self.proc.stdout):  # (a template whose bwrap was killed sees
-                await pipe.aclose()  # its stdin close, and ends)
-            self.path = None
+            await self._stop()  # (a template whose bwrap was killed sees its stdin close, and ends)
             # Environments it forked go on; new ones are a bwrap each until it is back.
             if trio.current_time() - began > RESTART_MAX_S:
                 pause = RESTART_FIRST_S
@@ -81,10 +79,18 @@ class SandboxTemplate:
         async for chunk in stdout:  # (it says nothing once ready: what it says is a fault)
             log.warning("sandbox template: %s", chunk.decode("utf-8", "replace").strip()[:1000])
 
-    def stop(self) -> None:
+    async def _stop(self) -> None:
+        """No more forks from it: its bwrap killed, and its stdin closed (the
+        template itself has no pid namespace to die with: that ends it)."""
         self.path = None
-        if self.proc is not None and self.proc.returncode is None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
             self.proc.kill()
+            await self.proc.wait()  # (reaped; SIGKILL cannot be ignored)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                await pipe.aclose()
 
     async def _start(self) -> None:
         os.makedirs(os.path.join(self.data_dir, "warm", PROBE, "work"), exist_ok=True)

@@ -57,6 +57,7 @@ import ctypes
 import fcntl
 import gc
 import os
+import resource
 import select
 import socket
 import struct
@@ -255,12 +256,13 @@ def _c2(conn: socket.socket, request: tuple[str, int, int], fds: list[int], prob
         # Before the fork, so that there is no moment when it could; the driver
         # makes itself dumpable again (debuggers, /proc/self).
         _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
+        # A signal from inside the namespace reaches pid 1 only if it has a handler:
+        # none left but SIGIO's (Python's for SIGINT would end the environment).
+        # (Before the fork: the driver sets its own.)
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
         driver = os.fork()
         if driver == 0:
             _c3(conn, request, fds, probe)
-        # A signal from inside the namespace reaches pid 1 only if it has a handler:
-        # none left (Python's for SIGINT would end the environment).
-        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
         for fd in set(fds):
             os.close(fd)
         # No capabilities left (it never execs: its bounding set does not matter).
@@ -370,11 +372,12 @@ def _reap(conn: socket.socket, driver: int) -> None:
     on_io(0, None)  # (gone before O_ASYNC was set: no SIGIO for that)
     while True:
         try:
-            pid, status, usage = os.wait4(-1, 0)  # (SIGIO runs on_io, then the wait goes on)
+            pid, status = os.waitpid(-1, 0)  # (SIGIO runs on_io, then the wait goes on)
         except ChildProcessError:
             os._exit(70)
         if pid == driver:
             code = (128 + os.WTERMSIG(status)) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # (the driver's and every orphan's reaped here)
             try:
                 conn.sendall(f"x {code} {usage.ru_utime + usage.ru_stime:.6f}\n".encode())
             except OSError:

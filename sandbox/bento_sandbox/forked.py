@@ -70,12 +70,15 @@ class ForkedProcess(Process):
             self.pidfd = -1
 
     def cpu_seconds(self) -> float | None:
-        self.poll()
-        if self.cpu is not None:
-            return self.cpu
+        if self.poll() is not None:
+            return self.cpu  # (None: it was killed before it could say)
         return super().cpu_seconds()  # (its own and its reaped children's, while it runs)
 
     def _read(self, *, block: bool) -> None:
+        if self.conn.fileno() < 0:  # (closed: released, or read to its end)
+            if self.returncode is None:
+                self.returncode = -9
+            return
         self.conn.settimeout(REPORT_TIMEOUT_S if block else 0.0)
         while True:
             try:

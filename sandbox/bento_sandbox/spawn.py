@@ -62,7 +62,10 @@ class Process:
         return os.pidfd_open(self.pid)
 
     def kill_group(self) -> None:
-        """SIGKILL to its process group (it leads one: ``spawn`` makes it a session)."""
+        """SIGKILL to its process group (it leads one: ``spawn`` makes it a session),
+        unless it was reaped: its pid may be another process's by then."""
+        if self.returncode is not None:
+            return
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
