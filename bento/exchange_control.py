@@ -14,6 +14,7 @@ import selectors
 import socket
 
 from bento_driver import wire
+from bento_sandbox.unix import short_path
 
 from bento import protocol
 from bento.launch import Link, loads, set_window
@@ -49,12 +50,8 @@ class Control:
         ex = self.ex
         unlink(os.path.join(ex.dir, "ctl.sock"))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        dfd = os.open(ex.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            # /proc/self/fd/N keeps the path short whatever the data dir is.
-            sock.bind(f"/proc/self/fd/{dfd}/ctl.sock")
-        finally:
-            os.close(dfd)
+        with short_path(os.path.join(ex.dir, "ctl.sock")) as path:
+            sock.bind(path)
         sock.listen(4)
         sock.setblocking(False)
         ex.sel.register(sock, selectors.EVENT_READ, self.on_accept)

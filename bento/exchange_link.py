@@ -27,6 +27,7 @@ from typing import Any
 import bento_driver
 import trio
 from bento_driver import wire
+from bento_sandbox.unix import short_path
 
 from bento import pool_sizing, protocol, warm
 from bento.exchange_paths import compile_driver, driver_sys_path, exchange_sys_path, real_python
@@ -470,14 +471,12 @@ class Exchanges:
 
     async def connect(self, sdir: str) -> tuple[ExchangeLink, dict]:
         """Connect to the exchange of ``sdir``: (link, its hello)."""
-        dfd = os.open(sdir, os.O_RDONLY | os.O_DIRECTORY)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         try:
-            await sock.connect(f"/proc/self/fd/{dfd}/ctl.sock")
+            with short_path(os.path.join(sdir, "ctl.sock")) as path:
+                await sock.connect(path)
         except OSError:
             sock.close()
             raise
-        finally:
-            os.close(dfd)
         link = ExchangeLink(trio.SocketStream(sock))
         return link, await link.hello()

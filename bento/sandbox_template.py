@@ -22,6 +22,7 @@ import subprocess
 import bento_driver
 import trio
 from bento_sandbox import DEFAULT_TMP_BYTES, forked
+from bento_sandbox.unix import short_path
 
 log = logging.getLogger("bento.sessions")
 
@@ -128,14 +129,11 @@ class SandboxTemplate:
 
 
 def _bind(sock: socket.socket, path: str) -> None:
-    """Bind at ``path`` (a stale one of a previous run removed) by a short path."""
+    """Bind at ``path`` (a stale one of a previous run removed)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    dir_fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
-    try:
-        sock.bind(f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}")
-    finally:
-        os.close(dir_fd)
+    with short_path(path) as short:
+        sock.bind(short)
     os.chmod(path, 0o600)

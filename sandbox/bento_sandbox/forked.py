@@ -19,6 +19,7 @@ import struct
 from bento_sandbox.cgroups import Cgroups, detect_cgroups
 from bento_sandbox.environment import Environment, SandboxUnavailable
 from bento_sandbox.spawn import Process
+from bento_sandbox.unix import short_path
 
 CONNECT_TIMEOUT_S = 5.0  # the template forks one at a time, each in about a millisecond
 REPORT_TIMEOUT_S = 2.0  # pid 1 reports before it exits: this is only for a broken one
@@ -127,7 +128,8 @@ def spawn(sock_path: str, *, name: str, home: str, tmp_bytes: int, shm_bytes: in
     try:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         conn.settimeout(CONNECT_TIMEOUT_S)
-        _connect(conn, sock_path)
+        with short_path(sock_path) as path:
+            conn.connect(path)
         request = f"{home}\0{tmp_bytes}\0{shm_bytes}".encode()
         socket.send_fds(conn, [request], [*std, *driver_fds])
         said, ancillary, _flags, _addr = conn.recvmsg(256, socket.CMSG_SPACE(_UCRED.size))
@@ -154,15 +156,6 @@ def spawn(sock_path: str, *, name: str, home: str, tmp_bytes: int, shm_bytes: in
         raise
     enforced = {"tmp_bytes": f"tmpfs of {tmp_bytes} bytes for /tmp", "network": "none (own network namespace)"}
     return Environment(ForkedProcess(pid, conn, pidfd), cgroups, enforced, signal_exit_codes=True)
-
-
-def _connect(conn: socket.socket, path: str) -> None:
-    """Connect by a short path: a unix socket's path is limited to 107 bytes."""
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY)
-    try:
-        conn.connect(f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}")
-    finally:
-        os.close(dir_fd)
 
 
 def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
