@@ -34,32 +34,38 @@ class BwrapBackend(_Backend):
         ``template``: the sandbox template's (driver/bento_driver/template.py),
         whose forks make their own namespaces: no home of its own (``home_fd``
         is not used), the directories that hold every session's home (their
-        name -> an fd of each) bound read-write under HOMES; nested user namespaces are allowed
-        (the forks forbid them for themselves); the host's /proc is bound (a
-        fork can mount its own /proc only where a whole one is visible: bwrap's
-        has read-only parts); no pid namespace of its own, so that the forks'
-        outlive it."""
+        name -> an fd of each) bound read-write under HOMES; nested user
+        namespaces are allowed (the forks forbid them for themselves); the
+        host's /proc is bound (a fork can mount its own /proc only where a whole
+        one is visible: bwrap's has read-only parts); no pid namespace of its
+        own, so that the forks outlive it."""
         assert self.bwrap is not None
+        if template is None:
+            # A session's: every namespace, no nested user namespaces, gone with its exchange.
+            own = ["--unshare-all", "--disable-userns", "--die-with-parent"]
+            proc = ["--proc", "/proc"]
+            homes = ["--bind-fd", str(home_fd), HOME]
+        else:
+            # (The template ends when the server's end of its stdin closes instead of
+            # --die-with-parent: a parent-death signal follows the thread that started
+            # it, and trio starts processes from worker threads that end when idle.)
+            own = TEMPLATE_UNSHARE
+            proc = ["--bind", "/proc", "/proc"]
+            homes = ["--dir", HOME]
+            for name, fd in template.items():
+                homes += ["--bind-fd", str(fd), f"{HOMES}/{name}"]
         cmd = [
-            self.bwrap,
-            *(TEMPLATE_UNSHARE if template is not None else ["--unshare-all"]),
-            "--unshare-user", "--uid", "65534", "--gid", "65534",
-            *([] if template is not None else ["--disable-userns"]),
+            self.bwrap, *own, "--unshare-user", "--uid", "65534", "--gid", "65534",
             # As root, bwrap without this is no sandbox: code could remount binds writable.
-            "--cap-drop", "ALL",
-            # (The template instead ends when the server's end of its stdin closes: a
-            # parent-death signal follows the thread that started it, and trio starts
-            # processes from worker threads that end when idle.)
-            *([] if template is not None else ["--die-with-parent"]), "--new-session",
+            "--cap-drop", "ALL", "--new-session",
             "--hostname", "bento",
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
             "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
-            *(["--bind", "/proc", "/proc"] if template is not None else ["--proc", "/proc"]), "--dev", "/dev",
+            *proc, "--dev", "/dev",
             "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
             "--size", str(tmp_bytes), "--tmpfs", "/tmp",
-            *(["--dir", HOME, *[a for name, fd in template.items() for a in ("--bind-fd", str(fd), f"{HOMES}/{name}")]]
-              if template is not None else ["--bind-fd", str(home_fd), HOME]),
+            *homes,
             "--chdir", HOME,
         ]
         if network:
