@@ -224,9 +224,8 @@ class Exchanges:
         self.template: Template | None = (
             Template([self.python, "-I", "-S", "-c", self.boot], nursery) if config.pool_template else None)
         # Environments are forked from it (driver/bento_driver/template.py); else a bwrap each.
-        self.sandbox_template: SandboxTemplate | None = (
-            SandboxTemplate(config.data_dir, self.envs_dir, self.python)
-            if config.sandbox == "bwrap" and config.sandbox_template else None)
+        self.sandbox_template = SandboxTemplate(config.data_dir, self.envs_dir, self.python,
+                                                on=config.sandbox == "bwrap" and config.sandbox_template)
 
     async def pool_keeper(self) -> None:
         """Keep warm exchanges ready, as many as bento/pool_sizing.py says for the
@@ -241,7 +240,7 @@ class Exchanges:
         if self.template is not None:
             # Ready before executes come fast (its start is the exchange's imports, ~50 ms).
             self.nursery.start_soon(self._start_template)
-        if self.sandbox_template is not None:
+        if self.sandbox_template.on:
             self.nursery.start_soon(self.sandbox_template.run)
             await self.sandbox_template.settled.wait()  # (tens of ms: else the first ones start bwraps)
         async with trio.open_nursery() as starts:
@@ -331,7 +330,7 @@ class Exchanges:
             raise
         link = ExchangeLink(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
         ready: dict | None = None
-        fork = self.sandbox_template.path if self.sandbox_template is not None else None
+        fork = self.sandbox_template.path
         try:
             await link.send({
                 "t": "warm", "sandbox": self.config.sandbox, "sandbox_cmd": self.config.sandbox_cmd,

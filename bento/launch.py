@@ -200,8 +200,9 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
     try:
         env = None
         home = forked.home_of(workdir)
+        # Forked by the sandbox template (a sandbox of its own all the same), where it
+        # can be: the template has no network to share and starts no terminal.
         if cfg.get("fork") and home and cfg["sandbox"] == "bwrap" and not cfg["network"] and not cfg.get("tty"):
-            # Forked by the sandbox template: a sandbox of its own all the same.
             try:
                 env = forked.spawn(cfg["fork"], name=name, home=home, tmp_bytes=bento_sandbox.DEFAULT_TMP_BYTES,
                                    shm_bytes=bento_sandbox.SHM_BYTES, std=(in_r, out_w, err_w),

@@ -122,10 +122,9 @@ class StateCollector(Collector):
         yield GaugeMetricFamily("bento_warm_pool_target", "Warm environments the pool is kept at now "
                                 "(--pool, more while executes come fast, at most --pool-max)",
                                 value=registry.exchanges.sizing.target(trio.current_time()))
-        template = registry.exchanges.sandbox_template
         yield GaugeMetricFamily("bento_sandbox_template_up", "1 while the sandbox template forks environments; "
                                 "0: each environment is a bwrap of its own (not used here, off, or restarting)",
-                                value=1 if template is not None and template.path else 0)
+                                value=1 if registry.exchanges.sandbox_template.path else 0)
         yield GaugeMetricFamily("bento_connections", "Open WebSocket connections",
                                 value=sum(self.server.peers.values()))
         traffic = self.server.traffic

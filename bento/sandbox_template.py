@@ -34,9 +34,11 @@ HOMES = ("warm", "sessions")  # the data dir's directories that hold sessions' h
 
 
 class SandboxTemplate:
-    """One sandbox template process; ``path`` is where it listens once it is ready."""
+    """One sandbox template process; ``path`` is where it listens while it
+    forks environments (None: not ready, not usable here, or not ``on``)."""
 
-    def __init__(self, data_dir: str, envs_dir: str, python: str) -> None:
+    def __init__(self, data_dir: str, envs_dir: str, python: str, *, on: bool) -> None:
+        self.on = on  # (bwrap, and not --no-sandbox-template)
         self.data_dir = os.path.abspath(data_dir)
         self.sock_path = os.path.join(self.data_dir, SOCKET_NAME)
         self.envs_dir, self.python = envs_dir, python

@@ -224,9 +224,9 @@ class Registry(SessionLinks, Upkeep):
         tree = meta.pop("files", None)  # written into the work dir, not the meta file
         # A session with files or a terminal starts cold: those are set at the spawn.
         link = None if meta.get("tty") or tree else self.exchanges.take_warm(meta["network"])
-        fork = self.exchanges.sandbox_template.path if self.exchanges.sandbox_template else None
-        if link is None and fork and not meta["network"] and not meta.get("tty"):
-            meta["fork"] = fork  # a cold start's environment, forked by the sandbox template too
+        if link is None and self.exchanges.sandbox_template.path:
+            # A cold start's environment is forked too, where it can be (bento/launch.py says).
+            meta["fork"] = self.exchanges.sandbox_template.path
         try:
             try:
                 sdir = self.store.create_session(sid, meta, link.home if link is not None else None)

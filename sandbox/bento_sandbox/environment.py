@@ -50,8 +50,7 @@ class Environment:
     def __init__(self, process: Process, cgroups: Cgroups | None,
                  enforced: dict[str, str], signal_exit_codes: bool) -> None:
         self.process = process
-        self.pid = process.pid
-        self.pgid = process.pid
+        self.pgid = process.pid  # (env.pid names it: a process group that ends with the environment)
         self.cgroups = cgroups
         self.enforced = enforced  # what the environment holds whatever the limits (network, /tmp)
         # bwrap reports a child killed by signal n as exit code 128 + n.
