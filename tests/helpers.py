@@ -89,6 +89,22 @@ def read_proc(pid: int, name: str, timeout: float = 2.0) -> bytes | None:
     return box[0] if not t.is_alive() else None
 
 
+def read_pid(path: str) -> int | None:
+    """The pid a pid file names, or None (missing, empty, not a number)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def warm_pids(data_dir: str, name: str) -> list[int]:
+    """The pids the warm directories' ``name`` files name (exchange.pid: written
+    when a warm exchange prepared its directory; env.pid: once its environment is up)."""
+    warm = os.path.join(data_dir, "warm")
+    return [pid for d in os.listdir(warm) if (pid := read_pid(os.path.join(warm, d, name))) is not None]
+
+
 def end_process(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to a child still running and reap it; SIGKILL after 10 s."""
     if proc.poll() is None:

@@ -41,6 +41,9 @@ from helpers import (
     data_of,
     proc_entry,
     proc_table,
+    read_pid,
+    read_proc,
+    warm_pids,
 )
 
 from bento import protocol
@@ -113,14 +116,6 @@ def rss_of(pid: int) -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, IndexError, ValueError):
         return 0
-
-
-def read_pid(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 @asynccontextmanager
@@ -285,23 +280,17 @@ class Abuse:
 
     async def warm_ready(self) -> None:
         """Until a warm environment is up (its env.pid written): the attack's execute takes it."""
-        warm = os.path.join(self.server.data_dir, "warm")
         with trio.fail_after(20):
-            while not any(os.path.exists(os.path.join(warm, d, "env.pid")) for d in os.listdir(warm)):
+            while not warm_pids(self.server.data_dir, "env.pid"):
                 await trio.sleep(0.02)
 
     def check_forked(self, sdir: str) -> None:
         """The session's environment is one the sandbox template forked (its pid 1 is a fork
         of the template's interpreter, not bwrap), where it can still be seen."""
-        try:
-            with open(os.path.join(sdir, "env.pid")) as f:
-                pid = int(f.read().split()[0])
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, ValueError, IndexError):
-            return  # it ended already: nothing to tell
+        pid = read_pid(os.path.join(sdir, "env.pid"))
+        cmdline = None if pid is None else read_proc(pid, "cmdline")
         if not cmdline:
-            return  # a zombie: it ended already
+            return  # it ended already (gone, or a zombie): nothing to tell
         assert b"bento_driver.template" in cmdline, f"not a forked environment: {cmdline[:200]!r}"
 
     def host_path(self, path: str) -> str:

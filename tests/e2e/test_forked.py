@@ -16,7 +16,7 @@ import shutil
 
 import pytest
 import trio
-from helpers import ServerProcess, conn
+from helpers import ServerProcess, conn, proc_entry, read_pid, read_proc, warm_pids
 from test_http import aget, figures
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
@@ -43,22 +43,11 @@ def main(mark, wait):
 
 async def warm_forked(srv: ServerProcess, count: int, timeout: float = 20) -> None:
     """Until ``count`` warm environments are up; each was forked by the template."""
-    warm = os.path.join(srv.data_dir, "warm")
     with trio.fail_after(timeout):
-        while True:
-            pids = []
-            for d in os.listdir(warm):
-                try:
-                    with open(os.path.join(warm, d, "env.pid")) as f:
-                        pids.append(int(f.read().split()[0]))
-                except (OSError, ValueError, IndexError):
-                    pass
-            if len(pids) >= count:
-                break
+        while len(pids := warm_pids(srv.data_dir, "env.pid")) < count:
             await trio.sleep(0.02)
     for pid in pids:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            assert b"bento_driver.template" in f.read()
+        assert b"bento_driver.template" in (read_proc(pid, "cmdline") or b""), pid
 
 
 async def test_two_forked_environments_at_once_see_nothing_of_each_other(make_server):
@@ -154,15 +143,6 @@ async def test_a_template_that_cannot_start_is_said_once_and_bwrap_does_the_work
     assert len(said) == 1 and "not used" in said[0] and "no template here" in said[0], said
 
 
-def _state(pid: int) -> str | None:
-    """A process's state letter, or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except OSError:
-        return None
-
-
 async def test_a_forked_environment_dies_with_its_exchange(make_server):
     import signal
 
@@ -172,14 +152,13 @@ async def test_a_forked_environment_dies_with_its_exchange(make_server):
         r = await c.ok("execute", code="import time\ndef main():\n    print('up')\n    time.sleep(60)\n")
         await c.frames(r["session"], until_exit=False, count=1)
     sdir = os.path.join(srv.data_dir, "sessions", r["session"])
-    with open(os.path.join(sdir, "env.pid")) as f:
-        pid1 = int(f.read().split()[0])
+    pid1, exchange = read_pid(os.path.join(sdir, "env.pid")), read_pid(os.path.join(sdir, "exchange.pid"))
+    assert pid1 is not None and exchange is not None
     with open(f"/proc/{pid1}/task/{pid1}/children") as f:
         driver = int(f.read().split()[0])
-    with open(os.path.join(sdir, "exchange.pid")) as f:
-        os.kill(int(f.read().split()[0]), signal.SIGKILL)
+    os.kill(exchange, signal.SIGKILL)
     with trio.fail_after(10):
-        while _state(driver) not in (None, "Z") or _state(pid1) not in (None, "Z"):
+        while any((e := proc_entry(pid)) is not None and e.state != "Z" for pid in (driver, pid1)):
             await trio.sleep(0.02)
 
 

@@ -15,39 +15,18 @@ import tempfile
 import time
 
 import pytest
-from helpers import ServerProcess, conn
+from helpers import ServerProcess, conn, proc_entry, warm_pids
 from test_warm_home import warm_ready
 
 CODE = "import os\ndef main():\n    print('ran')\n    return sorted(os.listdir('.'))\n"
 
 
-def warm_exchange_pids(data_dir: str) -> list[int]:
-    """The pids of the warm exchanges whose directory is prepared (exchange.pid written)."""
-    warm = os.path.join(data_dir, "warm")
-    pids = []
-    for name in os.listdir(warm):
-        try:
-            with open(os.path.join(warm, name, "exchange.pid")) as f:
-                pids.append(int(f.read().split()[0]))
-        except (OSError, ValueError, IndexError):
-            pass
-    return pids
-
-
 async def until_warm(srv: ServerProcess) -> list[int]:
     """Until the pool counts a warm environment as ready: its exchange's pid."""
     await warm_ready(srv.port)
-    pids = warm_exchange_pids(srv.data_dir)
+    pids = warm_pids(srv.data_dir, "exchange.pid")
     assert len(pids) == 1, pids
     return pids
-
-
-def state_of(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return "gone"
 
 
 async def run_one(url: str) -> tuple[dict, bytes]:
@@ -92,12 +71,12 @@ async def test_a_warm_exchange_that_does_not_answer_its_assign_is_killed_and_the
         began = time.monotonic()
         ex, out = await run_one(srv.url)
         took = time.monotonic() - began
-        state = state_of(stopped)
+        entry = proc_entry(stopped)
         log = srv.read_log()
     finally:
         srv.stop()
     assert ex["state"] == "exited" and out == b"ran\n", (ex, out)
     assert ex["result"] == [], ex
     assert took >= 5, took  # it waited for the warm one's answer first (bounded)
-    assert state in ("gone", "Z"), state  # killed, not left stopped with the session's lock
+    assert entry is None or entry.state == "Z", entry  # killed, not left stopped with the session's lock
     assert "Traceback" not in log, log[-2000:]
