@@ -138,7 +138,7 @@ def serve(listen_fd: int, probe: str) -> None:
             os._exit(0)
         fds: list[int] = []
         try:
-            conn.settimeout(2.0)  # an exchange that connects and says nothing does not stop the others
+            conn.settimeout(2.0)  # (one at a time: one that connects and says nothing holds the rest 2 s)
             msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 5)
             request = _request(msg, fds)
             if request is None:
