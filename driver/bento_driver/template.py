@@ -62,6 +62,7 @@ import select
 import socket
 import struct
 import sys
+import time
 
 from bento_driver import main as driver_module
 
@@ -74,6 +75,8 @@ else:
 HOME = "/home/bento"
 HOMES = "/opt/bento/homes"  # the data dir's warm/ and sessions/: read-write here, covered in each fork
 MAX_REQUEST = 512
+REQUEST_TIMEOUT_S = 2.0  # a connection that has not sent its request by then is closed
+MAX_ASKING = 64  # connections waiting to send their request at once
 GO_TIMEOUT_S = 10.0
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": HOME, "PWD": HOME}  # (bwrap's)
 
@@ -126,32 +129,59 @@ def serve(listen_fd: int, probe: str) -> None:
     driver_module.warm_up()  # the compiler's first-use set-up, shared by every fork
     gc.collect()
     gc.freeze()  # what the imports made stays shared with the forks
+    listen.setblocking(False)
     poller = select.poll()
     poller.register(listen.fileno(), select.POLLIN)
     poller.register(0, select.POLLIN)  # the server holds the other end of our stdin
+    asking: dict[int, tuple[socket.socket, float]] = {}  # accepted, request not read yet: (conn, deadline)
     while True:
-        if any(fd == 0 for fd, _events in poller.poll()):
-            os._exit(0)  # the server is gone: the environments forked so far stay
-        try:
-            conn, _addr = listen.accept()
-        except OSError:
-            os._exit(0)
-        fds: list[int] = []
-        try:
-            conn.settimeout(2.0)  # (one at a time: one that connects and says nothing holds the rest 2 s)
-            msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 5)
-            request = _request(msg, fds)
-            if request is None:
-                conn.sendall(b"e not a request\n")
-            elif os.fork() == 0:
-                listen.close()
-                _c1(conn, request, fds)
-        except OSError:
-            pass  # that exchange is gone or broke the wire: it says so in its own log
-        finally:
-            conn.close()
-            for fd in fds:
-                os.close(fd)
+        wait = None if not asking else max(0.0, min(d for _c, d in asking.values()) - time.monotonic())
+        for fd, _events in poller.poll(None if wait is None else wait * 1000 + 1):
+            if fd == 0:
+                os._exit(0)  # the server is gone: the environments forked so far stay
+            if fd != listen.fileno():
+                conn, _deadline = asking.pop(fd)
+                poller.unregister(fd)
+                _answer(conn, [listen] + [c for c, _d in asking.values()])
+                continue
+            try:
+                conn, _addr = listen.accept()
+            except BlockingIOError:
+                continue
+            except OSError:
+                os._exit(0)
+            if len(asking) >= MAX_ASKING:  # (only the server's exchanges can connect: a bug, not an attack)
+                oldest = min(asking, key=lambda k: asking[k][1])
+                asking.pop(oldest)[0].close()
+                poller.unregister(oldest)
+            asking[conn.fileno()] = (conn, time.monotonic() + REQUEST_TIMEOUT_S)
+            poller.register(conn.fileno(), select.POLLIN)
+        now = time.monotonic()
+        for fd in [fd for fd, (_c, deadline) in asking.items() if deadline <= now]:
+            poller.unregister(fd)
+            asking.pop(fd)[0].close()
+
+
+def _answer(conn: socket.socket, others: list[socket.socket]) -> None:
+    """Read a connection's request (it is there: the poll said so) and fork its
+    environment, which closes ``others`` (this process's other sockets)."""
+    fds: list[int] = []
+    try:
+        conn.settimeout(REQUEST_TIMEOUT_S)
+        msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 5)
+        request = _request(msg, fds)
+        if request is None:
+            conn.sendall(b"e not a request\n")
+        elif os.fork() == 0:
+            for other in others:
+                other.close()
+            _c1(conn, request, fds)
+    except OSError:
+        pass  # that exchange is gone or broke the wire: it says so in its own log
+    finally:
+        conn.close()
+        for fd in fds:
+            os.close(fd)
 
 
 def _probe(name: str) -> str | None:

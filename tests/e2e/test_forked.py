@@ -221,3 +221,27 @@ async def test_the_template_outlives_the_worker_thread_that_started_it(make_serv
     async with conn(srv.url) as c:
         ex = await c.exit_of("import os\ndef main():\n    return os.path.exists('/opt/bento/homes')\n")
     assert ex["state"] == "exited" and ex["result"] is True, ex
+
+
+async def test_a_connection_that_sends_no_request_holds_up_no_fork(make_server):
+    # The template reads each connection's request when it comes: one that
+    # says nothing waits alone, and is closed after REQUEST_TIMEOUT_S.
+    import socket
+
+    from bento_sandbox.unix import short_path
+
+    srv = make_server("--log-level", "INFO", "--pool", "0")  # (each execute's environment: forked now)
+    with trio.fail_after(10):
+        while "sandbox template started (pid" not in srv.read_log():
+            await trio.sleep(0.05)
+    with socket.socket(socket.AF_UNIX) as silent:
+        with short_path(os.path.join(srv.data_dir, "sandbox.sock")) as path:
+            silent.connect(path)  # (accepted before the execute's: the queue is in order)
+        async with conn(srv.url) as c:
+            ex = await c.exit_of("import os\ndef main():\n    return os.path.exists('/opt/bento/homes')\n")
+        assert ex["state"] == "exited" and ex["result"] is True, ex  # forked, not a bwrap
+        silent.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            silent.recv(1)  # still open: the fork did not wait for it to time out
+        silent.settimeout(10)
+        assert silent.recv(1) == b""  # and then closed
