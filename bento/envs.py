@@ -45,7 +45,7 @@ def normalise(packages: list[str]) -> list[str]:
     """The canonical form of a ``packages`` list: each spec's name lower-cased with
     runs of ``-_.`` as ``-``, no spaces, sorted, without duplicates. Raises
     SpecError for anything but ``name[extras] <version clauses>``."""
-    import re  # (here: the exchange of a session with packages imports this module)
+    import re  # (here: every exchange imports this module)
 
     if len(packages) > MAX_SPECS:
         raise SpecError(f"at most {MAX_SPECS} packages, not {len(packages)}")

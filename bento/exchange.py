@@ -38,7 +38,9 @@ import time
 import bento_sandbox
 from bento_driver import wire
 
-from bento import session_core, sessiondisk, sessionlog
+# envs: imported with the rest, before any session: imported when a warm
+# exchange's session has packages, it would delay that function's start.
+from bento import envs, session_core, sessiondisk, sessionlog
 from bento.exchange_control import Control, unlink
 from bento.exchange_driver import DriverSide
 from bento.exchange_environment import EnvironmentLife
@@ -374,8 +376,6 @@ def main(argv: list[str]) -> None:
         if meta.get("packages"):
             # The start message waits until the packages are ready: here at
             # once when their environment is (its shared lock is taken now).
-            from bento import envs
-
             env_lock = envs.use(meta["envs_dir"], meta["env_name"])
         try:
             pre = None if meta.get("packages") and env_lock is None else prestart(launched, meta, cwd)
