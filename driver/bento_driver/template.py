@@ -130,58 +130,89 @@ def serve(listen_fd: int, probe: str) -> None:
     gc.collect()
     gc.freeze()  # what the imports made stays shared with the forks
     listen.setblocking(False)
-    poller = select.poll()
-    poller.register(listen.fileno(), select.POLLIN)
-    poller.register(0, select.POLLIN)  # the server holds the other end of our stdin
-    asking: dict[int, tuple[socket.socket, float]] = {}  # accepted, request not read yet: (conn, deadline)
+    conns = _Connections(listen)
     while True:
-        wait = None if not asking else max(0.0, min(d for _c, d in asking.values()) - time.monotonic())
-        for fd, _events in poller.poll(None if wait is None else wait * 1000 + 1):
+        for fd in conns.ready():
             if fd == 0:
                 os._exit(0)  # the server is gone: the environments forked so far stay
-            if fd != listen.fileno():
-                conn, _deadline = asking.pop(fd)
-                poller.unregister(fd)
-                _answer(conn, [listen] + [c for c, _d in asking.values()])
-                continue
-            try:
-                conn, _addr = listen.accept()
-            except BlockingIOError:
-                continue
-            except OSError:
-                os._exit(0)
-            if len(asking) >= MAX_ASKING:  # (only the server's exchanges can connect: a bug, not an attack)
-                oldest = min(asking, key=lambda k: asking[k][1])
-                asking.pop(oldest)[0].close()
-                poller.unregister(oldest)
-            asking[conn.fileno()] = (conn, time.monotonic() + REQUEST_TIMEOUT_S)
-            poller.register(conn.fileno(), select.POLLIN)
+            elif fd == listen.fileno():
+                conns.accept()
+            else:
+                conns.answer(fd)
+        conns.expire()
+
+
+class _Connections:
+    """The template's sockets: the listening one, and each connection it
+    accepted until its request has come (then its environment is forked) or
+    its time is up. The server holds the other end of our stdin (fd 0)."""
+
+    def __init__(self, listen: socket.socket) -> None:
+        self.listen = listen
+        self.poller = select.poll()
+        self.poller.register(listen.fileno(), select.POLLIN)
+        self.poller.register(0, select.POLLIN)
+        self.asking: dict[int, tuple[socket.socket, float]] = {}  # fd: (connection, deadline)
+
+    def ready(self) -> list[int]:
+        wait = None
+        if self.asking:
+            wait = max(0.0, min(d for _c, d in self.asking.values()) - time.monotonic()) * 1000 + 1
+        return [fd for fd, _events in self.poller.poll(wait)]
+
+    def accept(self) -> None:
+        try:
+            conn, _addr = self.listen.accept()
+        except BlockingIOError:
+            return
+        except OSError:
+            os._exit(0)  # the listening socket broke: the server starts another template
+        conn.setblocking(False)
+        if len(self.asking) >= MAX_ASKING:  # (only the server's exchanges connect: a bug, not an attack)
+            self._drop(min(self.asking, key=lambda fd: self.asking[fd][1]))
+        self.asking[conn.fileno()] = (conn, time.monotonic() + REQUEST_TIMEOUT_S)
+        self.poller.register(conn.fileno(), select.POLLIN)
+
+    def answer(self, fd: int) -> None:
+        """Read the request on ``fd`` and fork its environment (a bad request is told so)."""
+        entry = self.asking.get(fd)
+        if entry is None:
+            return  # dropped earlier in this round
+        conn = entry[0]
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 5)
+        except BlockingIOError:
+            return  # not there after all (its fd number was another's a moment ago): it waits on
+        except OSError:
+            self._drop(fd)  # that exchange is gone: it says so in its own log
+            return
+        self.poller.unregister(fd)
+        del self.asking[fd]
+        try:
+            request = _request(msg, fds)
+            conn.settimeout(REQUEST_TIMEOUT_S)
+            if request is None:
+                conn.sendall(b"e not a request\n")
+            elif os.fork() == 0:
+                self.listen.close()
+                for other, _deadline in self.asking.values():
+                    other.close()
+                _c1(conn, request, fds)
+        except OSError:
+            pass  # that exchange is gone or broke the wire: it says so in its own log
+        finally:
+            conn.close()
+            for one in fds:
+                os.close(one)
+
+    def expire(self) -> None:
         now = time.monotonic()
-        for fd in [fd for fd, (_c, deadline) in asking.items() if deadline <= now]:
-            poller.unregister(fd)
-            asking.pop(fd)[0].close()
+        for fd in [fd for fd, (_c, deadline) in self.asking.items() if deadline <= now]:
+            self._drop(fd)
 
-
-def _answer(conn: socket.socket, others: list[socket.socket]) -> None:
-    """Read a connection's request (it is there: the poll said so) and fork its
-    environment, which closes ``others`` (this process's other sockets)."""
-    fds: list[int] = []
-    try:
-        conn.settimeout(REQUEST_TIMEOUT_S)
-        msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 5)
-        request = _request(msg, fds)
-        if request is None:
-            conn.sendall(b"e not a request\n")
-        elif os.fork() == 0:
-            for other in others:
-                other.close()
-            _c1(conn, request, fds)
-    except OSError:
-        pass  # that exchange is gone or broke the wire: it says so in its own log
-    finally:
-        conn.close()
-        for fd in fds:
-            os.close(fd)
+    def _drop(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        self.asking.pop(fd)[0].close()
 
 
 def _probe(name: str) -> str | None:
