@@ -132,13 +132,14 @@ def serve(listen_fd: int, probe: str) -> None:
     listen.setblocking(False)
     conns = _Connections(listen)
     while True:
-        for fd in conns.ready():
-            if fd == 0:
-                os._exit(0)  # the server is gone: the environments forked so far stay
-            elif fd == listen.fileno():
-                conns.accept()
-            else:
+        ready = conns.ready()
+        if 0 in ready:
+            os._exit(0)  # the server is gone: the environments forked so far stay
+        for fd in ready:
+            if fd != listen.fileno():
                 conns.answer(fd)
+        if listen.fileno() in ready:  # (after the answers: one that came is never dropped for room)
+            conns.accept()
         conns.expire()
 
 
@@ -194,10 +195,13 @@ class _Connections:
             if request is None:
                 conn.sendall(b"e not a request\n")
             elif os.fork() == 0:
-                self.listen.close()
-                for other, _deadline in self.asking.values():
-                    other.close()
-                _c1(conn, request, fds)
+                try:
+                    self.listen.close()
+                    for other, _deadline in self.asking.values():
+                        other.close()
+                    _c1(conn, request, fds)
+                finally:
+                    os._exit(70)  # (never back into this loop as a second template)
         except OSError:
             pass  # that exchange is gone or broke the wire: it says so in its own log
         finally:

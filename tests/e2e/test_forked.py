@@ -228,19 +228,21 @@ async def test_the_template_outlives_the_worker_thread_that_started_it(make_serv
 async def _template_socket(srv: ServerProcess, count: int) -> list:
     """``count`` connections to the server's sandbox template that send nothing
     (each accepted in order), once the template has started."""
+    with trio.fail_after(10):
+        while "sandbox template started (pid" not in srv.read_log():
+            await trio.sleep(0.05)
+    return [_template_connection(srv) for _ in range(count)]
+
+
+def _template_connection(srv: ServerProcess):  # type: ignore[no-untyped-def]
     import socket
 
     from bento_sandbox.unix import short_path
 
-    with trio.fail_after(10):
-        while "sandbox template started (pid" not in srv.read_log():
-            await trio.sleep(0.05)
-    socks = []
+    sock = socket.socket(socket.AF_UNIX)
     with short_path(os.path.join(srv.data_dir, "sandbox.sock")) as path:
-        for _ in range(count):
-            socks.append(socket.socket(socket.AF_UNIX))
-            socks[-1].connect(path)
-    return socks
+        sock.connect(path)
+    return sock
 
 
 def _still_open(sock) -> bool:  # type: ignore[no-untyped-def]
@@ -276,6 +278,35 @@ async def test_at_most_64_connections_wait_for_their_request(make_server):
         assert ex["state"] == "exited" and ex["result"] is True, ex
         assert not _still_open(socks[0])  # the oldest made room for the execute's connection
         assert all(_still_open(s) for s in socks[1:])
+    finally:
+        for s in socks:
+            s.close()
+
+
+async def test_a_request_that_came_is_answered_even_at_the_cap(make_server):
+    # At 64 waiting, a new connection closes the oldest: never one whose
+    # request came in the same round (the template answers before it accepts).
+    import signal
+
+    from bento_driver.template import MAX_ASKING
+
+    srv = make_server("--log-level", "INFO", "--pool", "0")  # (nothing else talks to the template)
+    socks = await _template_socket(srv, MAX_ASKING)  # socks[0]: the oldest
+    bwrap = int(srv.read_log().split("sandbox template started (pid ")[1].split(")")[0])
+    with open(f"/proc/{bwrap}/task/{bwrap}/children") as f:
+        template = int(f.read().split()[0])
+    try:
+        with trio.fail_after(5):  # until it has accepted them all
+            while len(os.listdir(f"/proc/{template}/fd")) < MAX_ASKING + 4:
+                await trio.sleep(0.01)
+        os.kill(template, signal.SIGSTOP)  # (so that the request and the next connection come in one round)
+        try:
+            socks[0].sendall(b"not a request")
+            socks.append(_template_connection(srv))
+        finally:
+            os.kill(template, signal.SIGCONT)
+        socks[0].settimeout(5)
+        assert socks[0].recv(100) == b"e not a request\n"
     finally:
         for s in socks:
             s.close()
