@@ -89,6 +89,10 @@ def server_parser() -> argparse.ArgumentParser:
                    help="start each warm environment as a bwrap of its own instead of forking it from the "
                         "sandbox template (more CPU and memory per environment; each gets a fresh sandbox "
                         "either way)")
+    p.add_argument("--sandbox-template-renew", type=units.duration, default=3600.0, metavar="DURATION",
+                   help="start a new sandbox template this often, so that the environments forked from one "
+                        "share its hash secret and address layout for that long at most; 0: never "
+                        "(default 1h)")
     p.add_argument("--max-sessions", type=int, metavar="N",
                    help="most functions running at once (default: one per 64MiB of RAM)")
     p.add_argument("--memory-budget", type=units.size, metavar="SIZE",
@@ -216,7 +220,7 @@ def build_config(r: Resolved) -> Config:
         buffer_bytes=args.buffer_bytes, buffer_policy=args.buffer_policy, node=args.node,
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
         max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, pool_max=args.pool_max, pool_template=args.pool_template,
-        sandbox_template=args.sandbox_template,
+        sandbox_template=args.sandbox_template, sandbox_template_renew_s=args.sandbox_template_renew,
         cluster=args.cluster,
         max_env_bytes=args.max_env_bytes, max_work_bytes=args.max_work_bytes,
         max_upload_bytes=args.max_upload_bytes,

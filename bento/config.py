@@ -83,6 +83,7 @@ class Config:
     pool_max: int | None = None  # at most, when executes come fast (None: pool_sizing.default_maximum)
     pool_template: bool = True  # warm exchanges forked from a template process (bento/exchange_template.py)
     sandbox_template: bool = True  # warm bwrap environments forked from one (driver/bento_driver/template.py)
+    sandbox_template_renew_s: float = 3600.0  # a new one this often (0: never; bento/sandbox_template.py)
     max_env_bytes: int = 4 * 1024 * 1024 * 1024  # the packages' environments together (envs/)
     max_upload_bytes: int = 256 * 1024 * 1024  # one file put into a running session (file_put)
     max_work_bytes: int = 1024 * 1024 * 1024  # what a function may leave in its work dir (host disk)

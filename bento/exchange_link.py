@@ -225,7 +225,8 @@ class Exchanges:
             Template([self.python, "-I", "-S", "-c", self.boot], nursery) if config.pool_template else None)
         # Environments are forked from it (driver/bento_driver/template.py); else a bwrap each.
         self.sandbox_template = SandboxTemplate(config.data_dir, self.envs_dir, self.python,
-                                                on=config.sandbox == "bwrap" and config.sandbox_template)
+                                                on=config.sandbox == "bwrap" and config.sandbox_template,
+                                                renew_s=config.sandbox_template_renew_s)
 
     async def pool_keeper(self) -> None:
         """Keep warm exchanges ready, as many as bento/pool_sizing.py says for the

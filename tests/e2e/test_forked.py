@@ -292,9 +292,7 @@ async def test_a_request_that_came_is_answered_even_at_the_cap(make_server):
 
     srv = make_server("--log-level", "INFO", "--pool", "0")  # (nothing else talks to the template)
     socks = await _template_socket(srv, MAX_ASKING)  # socks[0]: the oldest
-    bwrap = int(srv.read_log().split("sandbox template started (pid ")[1].split(")")[0])
-    with open(f"/proc/{bwrap}/task/{bwrap}/children") as f:
-        template = int(f.read().split()[0])
+    template = _template_pid(srv)
     try:
         with trio.fail_after(5):  # until it has accepted them all
             while len(os.listdir(f"/proc/{template}/fd")) < MAX_ASKING + 4:
@@ -310,3 +308,38 @@ async def test_a_request_that_came_is_answered_even_at_the_cap(make_server):
     finally:
         for s in socks:
             s.close()
+
+
+@pytest.mark.deadline(60)
+async def test_the_template_is_renewed_and_forks_go_on_meanwhile(make_server):
+    # A new interpreter every --sandbox-template-renew: its forks share a new
+    # hash secret. The old one keeps what came to it; no fork falls back to bwrap.
+    srv = make_server("--log-level", "INFO", "--pool", "0", "--sandbox-template-renew", "1s")
+    await _template_socket(srv, 0)  # (started)
+    first = _template_pid(srv)
+    secrets = set()
+    async with conn(srv.url) as c:
+        with trio.fail_after(40):
+            while srv.read_log().count("sandbox template renewed") < 2:
+                ex = await c.exit_of("import os\ndef main():\n    return [os.path.exists('/opt/bento/homes'), "
+                                     "hash('bento')]\n")
+                assert ex["state"] == "exited" and ex["result"][0] is True, ex  # forked, every one
+                secrets.add(ex["result"][1])
+                await trio.sleep(0.1)
+            ex = await c.exit_of(FORKED)
+    assert ex["result"] is True, ex
+    log = srv.read_log()
+    assert "sandbox template ended" not in log and "did not start" not in log, log[-2000:]
+    assert len(secrets) >= 2, secrets  # (forks of different templates)
+    _, _, body = await aget(srv.port, "/metrics")
+    assert figures(body)[("bento_sandbox_template_up", ())] == 1
+    with trio.fail_after(10):  # the first one was retired: it ends
+        while (e := proc_entry(first)) is not None and e.state != "Z":
+            await trio.sleep(0.1)
+
+
+def _template_pid(srv: ServerProcess) -> int:
+    """The running template's own pid (the child of its bwrap, which the log names)."""
+    bwrap = int(srv.read_log().split("sandbox template started (pid ")[1].split(")")[0])
+    with open(f"/proc/{bwrap}/task/{bwrap}/children") as f:
+        return int(f.read().split()[0])

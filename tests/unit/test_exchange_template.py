@@ -102,7 +102,7 @@ def _config(tmp_path):  # what Exchanges reads of the server's configuration
     from types import SimpleNamespace
 
     return SimpleNamespace(data_dir=str(tmp_path), sandbox="none", sandbox_cmd=None, pool_size=1,
-                           pool_template=True)
+                           pool_template=True, sandbox_template_renew_s=3600.0)
 
 
 def _session(tmp_path):  # a server's configuration, and a session dir in its data dir

@@ -85,7 +85,7 @@ def test_the_default_maximum_fits_the_machine():
 
 def exchanges(tmp_path, pool: int, pool_max: int) -> Exchanges:
     config = SimpleNamespace(data_dir=str(tmp_path), sandbox="none", sandbox_cmd=None, pool_size=pool,
-                             pool_max=pool_max, pool_template=False)
+                             pool_max=pool_max, pool_template=False, sandbox_template_renew_s=3600.0)
     return Exchanges(config, None)
 
 

@@ -108,7 +108,7 @@ def test_the_server_closing_the_link_ends_the_wait(env):
 
 def exchanges(tmp_path, pool: int = 1) -> Exchanges:
     config = SimpleNamespace(data_dir=str(tmp_path), sandbox="none", sandbox_cmd=None, pool_size=pool,
-                             pool_template=False)
+                             pool_template=False, sandbox_template_renew_s=3600.0)
     return Exchanges(config, None)
 
 
