@@ -223,10 +223,11 @@ class Registry(SessionLinks, Upkeep):
         }
         tree = meta.pop("files", None)  # written into the work dir, not the meta file
         # A session with files or a terminal starts cold: those are set at the spawn.
-        link = None if meta.get("tty") or tree else self.exchanges.take_warm(meta["network"])
-        if link is None and self.exchanges.sandbox_template.path:
-            # A cold start's environment is forked too, where it can be (bento/launch.py says).
+        if self.exchanges.sandbox_template.path:
+            # A cold start's environment is forked too, where it can be (bento/launch.py
+            # says): also one that follows a warm exchange that failed (below).
             meta["fork"] = self.exchanges.sandbox_template.path
+        link = None if meta.get("tty") or tree else self.exchanges.take_warm(meta["network"])
         try:
             try:
                 sdir = self.store.create_session(sid, meta, link.home if link is not None else None)

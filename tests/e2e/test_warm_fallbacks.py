@@ -10,6 +10,7 @@ it holds the directory's lock).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -52,8 +53,6 @@ async def test_a_warm_directory_that_cannot_be_renamed_gives_a_cold_session(tmp_
         log = srv.read_log()
     finally:
         srv.stop()
-        import shutil
-
         shutil.rmtree(elsewhere, ignore_errors=True)
     assert ex["state"] == "exited" and out == b"ran\n", (ex, out)
     assert ex["result"] == [], ex  # a fresh work dir: nothing of the warm one's
@@ -80,3 +79,15 @@ async def test_a_warm_exchange_that_does_not_answer_its_assign_is_killed_and_the
     assert took >= 5, took  # it waited for the warm one's answer first (bounded)
     assert entry is None or entry.state == "Z", entry  # killed, not left stopped with the session's lock
     assert "Traceback" not in log, log[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
+async def test_the_cold_start_after_a_warm_exchange_failed_is_forked_too(tmp_path):
+    srv = ServerProcess(str(tmp_path / "data"), "--sandbox", "bwrap", "--pool", "1", "--log-level", "INFO").start()
+    try:
+        os.kill((await until_warm(srv))[0], signal.SIGSTOP)
+        async with conn(srv.url) as c:  # (True only in an environment forked by the sandbox template)
+            ex = await c.exit_of("import os\ndef main():\n    return os.path.exists('/opt/bento/homes')\n")
+    finally:
+        srv.stop()
+    assert ex["state"] == "exited" and ex["result"] is True, ex
