@@ -78,6 +78,7 @@ MAX_REQUEST = 512
 REQUEST_TIMEOUT_S = 2.0  # a connection that has not sent its request by then is closed
 MAX_ASKING = 64  # connections waiting to send their request at once
 GO_TIMEOUT_S = 10.0
+FAILED = 71  # pid 1's exit code when it could not make the sandbox (bento_sandbox.forked.FAILED)
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": HOME, "PWD": HOME}  # (bwrap's)
 
 _NEWNS, _NEWCGROUP, _NEWUTS, _NEWIPC = 0x20000, 0x02000000, 0x04000000, 0x08000000
@@ -330,9 +331,7 @@ def _c2(conn: socket.socket, request: tuple[str, int, int], fds: list[int], prob
             _c3(conn, request, fds, probe)
         for fd in set(fds):
             os.close(fd)
-        # No capabilities left (it never execs: its bounding set does not matter).
-        _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        _check(_libc.capset(_CAP_HEADER, _NO_CAPS), "capset")
+        _no_privileges()  # (it never execs: its bounding set does not matter)
         _reap(conn, driver)
     except BaseException as exc:  # noqa: BLE001 - told to the exchange, then out
         _fail(conn, exc, fds[2])
@@ -378,6 +377,11 @@ def _proc() -> None:
 def _drop_privileges() -> None:
     for cap in range(64):
         _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # (EINVAL past the last one the kernel knows)
+    _no_privileges()
+
+
+def _no_privileges() -> None:
+    """No capabilities, and none to gain."""
     _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     _check(_libc.capset(_CAP_HEADER, _NO_CAPS), "capset")
 
@@ -462,4 +466,4 @@ def _fail(conn: socket.socket, exc: BaseException, stderr: int = -1) -> None:
         os.write(stderr, why[2:].encode("utf-8", "replace"))
     except OSError:
         pass  # (closed: the driver runs, or ran)
-    os._exit(71)
+    os._exit(FAILED)

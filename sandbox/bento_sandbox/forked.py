@@ -24,7 +24,7 @@ from bento_sandbox.unix import short_path
 CONNECT_TIMEOUT_S = 5.0  # the template forks one at a time, each in about a millisecond
 REPORT_TIMEOUT_S = 2.0  # pid 1 reports before it exits: this is only for a broken one
 _UCRED = struct.Struct("3i")
-FAILED = 71  # pid 1's exit code when it could not make the sandbox (bento_driver.template._fail)
+FAILED = 71  # pid 1's exit code when it could not make the sandbox (bento_driver.template.FAILED)
 SANDBOX_LIB = "/opt/bento/lib"  # the driver's package inside (bento/launch.py binds it there)
 
 
@@ -45,12 +45,8 @@ class ForkedProcess(Process):
 
     def kill_group(self) -> None:
         """SIGKILL to pid 1: the kernel kills the rest of its pid namespace."""
-        if self.pidfd < 0:
-            return
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if self.pidfd >= 0:
+            _kill(self.pidfd)
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -144,10 +140,7 @@ def spawn(sock_path: str, *, name: str, home: str, tmp_bytes: int, shm_bytes: in
     except BaseException as exc:
         conn.close()  # (pid 1, waiting for its go, exits)
         if pidfd >= 0:
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # (now: its cgroups can go)
-            except ProcessLookupError:
-                pass
+            _kill(pidfd)  # (now: its cgroups can go)
             os.close(pidfd)
         if cgroups is not None:
             cgroups.remove()
@@ -158,13 +151,19 @@ def spawn(sock_path: str, *, name: str, home: str, tmp_bytes: int, shm_bytes: in
     return Environment(ForkedProcess(pid, conn, pidfd), cgroups, enforced, signal_exit_codes=True)
 
 
+def _kill(pidfd: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # (it ended already)
+
+
 def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= _UCRED.size:
             pid, _uid, _gid = _UCRED.unpack_from(data)
             return pid
     return None
-
 
 
 def template_argv(python: str, *, listen_fd: int, homes: dict[str, int], probe: str,

@@ -34,3 +34,11 @@ def test_an_exchange_names_only_homes_the_template_sees():
     assert home_of("/d/sessions/s_1/work/") == "sessions/s_1"
     assert home_of("/d/sessions/s_1/other") is None
     assert home_of("/d/elsewhere/s_1/work") is None
+
+
+def test_the_template_and_the_exchange_agree_on_the_failed_exit_code():
+    # (the two packages cannot import each other: each names it)
+    from bento_driver import template
+    from bento_sandbox import forked
+
+    assert template.FAILED == forked.FAILED
