@@ -17,6 +17,7 @@ import time
 
 import pytest
 from helpers import ServerProcess, conn, proc_entry, warm_pids
+from test_forked import FORKED
 from test_warm_home import warm_ready
 
 CODE = "import os\ndef main():\n    print('ran')\n    return sorted(os.listdir('.'))\n"
@@ -86,8 +87,8 @@ async def test_the_cold_start_after_a_warm_exchange_failed_is_forked_too(tmp_pat
     srv = ServerProcess(str(tmp_path / "data"), "--sandbox", "bwrap", "--pool", "1", "--log-level", "INFO").start()
     try:
         os.kill((await until_warm(srv))[0], signal.SIGSTOP)
-        async with conn(srv.url) as c:  # (True only in an environment forked by the sandbox template)
-            ex = await c.exit_of("import os\ndef main():\n    return os.path.exists('/opt/bento/homes')\n")
+        async with conn(srv.url) as c:
+            ex = await c.exit_of(FORKED)
     finally:
         srv.stop()
     assert ex["state"] == "exited" and ex["result"] is True, ex
