@@ -68,6 +68,9 @@ if TYPE_CHECKING:
 
 DIR_CHECK_SECONDS = 5.0
 STATE_FLUSH_SECONDS = 0.1
+# A warm exchange's first rounds after its hello, before it binds its socket:
+# far shorter than any server's restart.
+FIRST_OUTPUT_WAIT_S = 0.05
 
 
 class Exchange(EnvironmentLife):
@@ -414,10 +417,14 @@ def main(argv: list[str]) -> None:
             f.write(f"{os.getpid()}\n")
     else:
         # The server waits for this hello to answer the execute: say it now.
-        # Then the function's first output, if it is there already (the server
-        # waits for that next), and only then the socket for a later server.
+        # Then the function's first output (the server waits for that next):
+        # the socket for a later server and the first save wait for it, or
+        # for FIRST_OUTPUT_WAIT_S if the function says nothing.
         ex.control.use(warm_sock)
-        ex.step(wait=False)
+        until = time.monotonic() + FIRST_OUTPUT_WAIT_S
+        ex.state_dirty_at = until  # (bounds each round's wait)
+        while ex.output.log.next_seq == 1 and not ex.finished and time.monotonic() < until:
+            ex.step()
     sock = ex.control.listen()  # (a cold exchange's server connects as soon as it reads "ready")
     if warm_sock is None:
         sys.stdout.write(f"ready {os.getpid()}\n")

@@ -113,6 +113,26 @@ async def test_a_forked_function_outlives_a_server_killed_with_sigkill(make_serv
     assert frames[-1][2]["state"] == "exited" and frames[-1][2]["result"] == 9, frames[-1]
 
 
+async def test_a_silent_warm_function_is_reached_by_the_next_server(make_server, tmp_path):
+    """A warm exchange binds the socket for a later server after the function's
+    first output, or a moment later when there is none: a server killed right
+    after answering the execute of a function that prints nothing leaves a
+    session the next server reaches while it runs."""
+    data = str(tmp_path / "data")
+    old = make_server("--pool", "1", data_dir=data)
+    await warm_forked(old, 1)
+    async with conn(old.url) as c:
+        r = await c.ok("execute", code="import time\ndef main():\n    time.sleep(60)\n")
+    old.kill()
+    new = make_server("--pool", "1", data_dir=data)
+    async with conn(new.url) as c:
+        await c.ok("attach", token=r["token"], **{"from": 1})
+        await c.ok("signal", token=r["token"], signal="TERM")
+        frames = await c.frames(r["session"], timeout=15)
+    assert [f[1] for f in frames] == ["exit"], frames
+    assert frames[-1][2]["state"] == "killed" and frames[-1][2]["signal"] == "TERM", frames[-1]
+
+
 def failing_template_bwrap(tmp_path) -> str:
     """A bwrap first on PATH that fails the sandbox template's start, and runs the real one otherwise."""
     real = shutil.which("bwrap")
