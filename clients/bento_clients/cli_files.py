@@ -41,6 +41,8 @@ def run_source(args: argparse.Namespace) -> tuple[str | None, str | None, dict[s
                 raise UsageError(f"{args.file} is a directory: say what to run with -m pkg.module[:entry]")
             files.update(pack(args.file, args.exclude))
         elif args.module:
+            if not os.path.exists(args.file):
+                raise UsageError(f"cannot read {args.file}: no such directory (-m runs a module of a directory)")
             raise UsageError("-m runs a module of a directory: give the directory, not a file")
         else:
             try:
@@ -65,21 +67,26 @@ def run_source(args: argparse.Namespace) -> tuple[str | None, str | None, dict[s
     return code, module, files, fn_args
 
 
-def _remote(spec: str) -> tuple[str, str] | None:
-    """(token or session id, path) for ``TOKEN:path``; None for a local path."""
+def _remote(spec: str, settings: Settings) -> tuple[str, str] | None:
+    """(the session's token, id or name, path) for ``SESSION:path``; None for a
+    local path (a name this machine knows counts unless a local file has the whole
+    spec as its path)."""
     head, sep, path = spec.partition(":")
-    if sep and head.startswith(("bto_", "btv_", "s_")):
-        if not path:
-            raise UsageError(f"{spec!r}: give the file's path after the ':'")
-        return head, path
-    return None
+    if not sep:
+        return None
+    if not head.startswith(("bto_", "btv_", "s_")) and (os.path.exists(spec) or settings.state.named(head) is None):
+        return None
+    if not path:
+        raise UsageError(f"{spec!r}: give the file's path after the ':'")
+    return head, path
 
 
 async def cmd_cp(settings: Settings, args: argparse.Namespace) -> int:
-    src, dst = _remote(args.src), _remote(args.dst)
+    src, dst = _remote(args.src, settings), _remote(args.dst, settings)
     if (src is None) == (dst is None):
         raise UsageError("bento cp copies between this machine and a session: one of SRC and DST is "
-                         "TOKEN:path (bto_..., btv_... or a session id), the other a local path")
+                         "SESSION:path (a token, or the id or name of a session this machine knows), "
+                         "the other a local path")
     remote = src or dst
     assert remote is not None
     entry = known_entry(settings, remote[0])

@@ -166,6 +166,8 @@ def test_cli_project_dir_file_args_and_cp(server, tmp_path):
     assert r.returncode == 1 and b"no file 'big.log'" in r.stderr
     r = _cli(["cp", f"{token}:pkg/__pycache__/junk.pyc", str(tmp_path / "x")], env)
     assert r.returncode == 1
+    r = _cli(["run", str(tmp_path / "nodir"), "-m", "pkg.job"], env)
+    assert r.returncode == 2 and b"no such directory" in r.stderr, r.stderr
     # A symlink out of the tree is refused before anything is sent.
     (project / "leak").symlink_to("/etc/passwd")
     r = _cli(["run", str(project), "-m", "pkg.job:run", "[1]", "1"], env)
@@ -176,11 +178,16 @@ def test_cli_cp_uploads_into_a_running_session(server, tmp_path):
     job = tmp_path / "wait.py"
     job.write_text("def main():\n    name = api.recv()\n    return open(name, 'rb').read().hex()\n")
     env = {**os.environ, "BENTO_SERVER": server.url, "BENTO_CLIENT_STATE": str(tmp_path / "state.json")}
-    token = json.loads(_cli(["run", str(job), "-d", "--json"], env).stdout)["token"]
+    token = json.loads(_cli(["run", str(job), "-d", "--json", "--name", "box"], env).stdout)["token"]
     blob = tmp_path / "blob.bin"
     blob.write_bytes(os.urandom(2_500_000))  # three pieces
     r = _cli(["cp", str(blob), f"{token}:in/blob.bin"], env)
     assert r.returncode == 0, r.stderr
+    # The session's name stands for its token here too, both ways.
+    r = _cli(["cp", "box:in/blob.bin", str(tmp_path / "back.bin")], env)
+    assert r.returncode == 0 and (tmp_path / "back.bin").read_bytes() == blob.read_bytes(), r.stderr
+    r = _cli(["cp", str(blob), "nobox:in/x.bin"], env)  # no session has that name: both sides are local
+    assert r.returncode == 2 and b"SESSION:path" in r.stderr, r.stderr
     assert _cli(["send", token, '"in/blob.bin"'], env).returncode == 0
     logs = _cli(["logs", "-f", token], env)
     assert json.loads(logs.stdout) == blob.read_bytes().hex()
