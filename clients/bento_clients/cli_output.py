@@ -74,15 +74,18 @@ def localized_error(data: dict[str, Any], file: str | None) -> dict[str, Any] | 
 
 def traceback_hint(data: dict[str, Any], file: str | None = None) -> str:
     """The line after an exception's summary: where it was raised (the innermost
-    frame of the remote traceback) and how to see the whole traceback."""
+    frame of the remote traceback that is not the interpreter's own, such as
+    ``<frozen importlib._bootstrap>``), or where a killed function was, and how
+    to see the whole traceback."""
     err = localized_error(data, file)
     if not err or not err.get("traceback"):
         return ""
-    frames = list(_FRAME_LINE.finditer(str(err["traceback"])))
+    frames = [f for f in _FRAME_LINE.finditer(str(err["traceback"])) if not f["file"].startswith("<frozen ")]
     where = ""
     if frames:
         last = frames[-1]
-        where = f"raised at {last['file']}, line {last['line']}" + (f", in {last['name']}" if last["name"] else "")
+        verb = "stopped at" if data.get("state") == "killed" else "raised at"
+        where = f"{verb} {last['file']}, line {last['line']}" + (f", in {last['name']}" if last["name"] else "")
         where += "; "
     return f"bento: {where}--traceback shows the whole traceback\n"
 
@@ -287,6 +290,6 @@ def status_lines(st: dict[str, Any], entry: dict[str, Any] | None = None) -> str
         rows.append(("exit", f"code {exit_code(ex)}" + (f", result {json.dumps(to_json(ex.get('result')))}"
                                                          if ex.get("result") is not None else "")))
         if ex.get("error"):
-            rows.append(("error", exit_message(ex, file=entry.get("file")).strip()))
+            rows.append(("error", exit_message(ex, file=entry.get("file")).strip().removeprefix("bento: ")))
     return "\n".join(f"{k:<9} {v}" for k, v in rows if v is not None)
 

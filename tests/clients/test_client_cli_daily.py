@@ -18,7 +18,7 @@ import time
 import pexpect
 import pytest
 from bento_clients import cli
-from bento_clients.cli_output import buffer_line, exit_message, traceback_hint
+from bento_clients.cli_output import buffer_line, exit_message, status_lines, traceback_hint
 from bento_clients.state import NameTaken, StateFile
 from client_helpers import CLI, ROOT, cli_env, run_cli, state_sessions, write_file
 from helpers import conn
@@ -384,3 +384,23 @@ def test_traceback_hint_and_file_name():
     assert exit_message(syntax) == (
         "bento: the function could not start: SyntaxError: invalid syntax (<function>, line 3)\n")
     assert traceback_hint(syntax, "job.py") == "bento: raised at job.py, line 3; --traceback shows the whole traceback\n"
+
+
+def test_the_hint_skips_the_interpreters_frames_and_says_where_a_killed_function_was():
+    tb = ('Traceback (most recent call last):\n  File "<function>", line 4, in main\n    import nosuch\n'
+          '  File "<frozen importlib._bootstrap>", line 1140, in _find_and_load_unlocked\n'
+          "ModuleNotFoundError: No module named 'nosuch'\n")
+    missing = {"state": "exited", "error": {"type": "ModuleNotFoundError", "message": "No module named 'nosuch'",
+                                            "traceback": tb}}
+    assert traceback_hint(missing, "job.py") == (
+        "bento: raised at job.py, line 4, in main; --traceback shows the whole traceback\n")
+    only_frozen = {**missing, "error": {**missing["error"], "traceback": tb.replace(
+        '  File "<function>", line 4, in main\n    import nosuch\n', "")}}
+    assert traceback_hint(only_frozen) == "bento: --traceback shows the whole traceback\n"
+    interrupted = {"state": "killed", "signal": "INT", "error": {
+        "type": "KeyboardInterrupt", "message": "",
+        "traceback": 'Traceback (most recent call last):\n  File "<function>", line 5, in main\nKeyboardInterrupt\n'}}
+    assert exit_message(interrupted) + traceback_hint(interrupted, "job.py") == (
+        "bento: killed by signal INT\nbento: stopped at job.py, line 5, in main; --traceback shows the whole traceback\n")
+    assert "error     killed by signal INT" in status_lines({"state": "killed", "exit": interrupted}).splitlines()
+
