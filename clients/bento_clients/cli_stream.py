@@ -23,7 +23,7 @@ from bento_clients import sdk
 from bento_clients.cli_output import exit_code, render, say
 from bento_clients.cli_settings import CLIENT_NAME, Settings
 from bento_clients.errors import BentoError, InputClosed, SessionGone
-from bento_clients.frames import Exit, Frame
+from bento_clients.frames import Exit, Frame, Stderr, Stdout
 from bento_clients.terminal import KeyReader, ResumeFilter, Sinks, parse_detach_keys, raw_mode
 
 __all__ = ["connect", "follow", "with_client"]
@@ -119,7 +119,13 @@ async def _stream(st: _Stream) -> int | None:
             batch = batch_bytes = 0
             try:
                 async for frame in s.output():
+                    # A terminal session's screen has no output processing (-t):
+                    # the function's bytes are what it needs, this CLI's own lines
+                    # (values, notes, the end) need their carriage returns.
+                    own_lines = st.tty and not isinstance(frame, Stdout | Stderr)
                     for sink, data in render(frame, st.settings.json, st.traceback, st.file):
+                        if own_lines:
+                            data = data.replace(b"\n", b"\r\n")
                         if st.resume is not None:
                             data = st.resume.filter(sink, data)
                         if data:
@@ -149,6 +155,9 @@ async def _stream(st: _Stream) -> int | None:
             st.detached = True
             nursery.cancel_scope.cancel()
 
+        def note(text: str) -> None:
+            say(text + "\r" * st.tty)  # (-t: the terminal adds no carriage return)
+
         interrupts: list[float] = []
 
         async def interrupt() -> None:
@@ -160,9 +169,9 @@ async def _stream(st: _Stream) -> int | None:
             try:
                 await s.signal("INT")
                 if sys.stderr.isatty():
-                    say(f"bento: sent INT to the function ({st.settings.detach_keys} detaches)")
+                    note(f"bento: sent INT to the function ({st.settings.detach_keys} detaches)")
             except BentoError as exc:
-                say(f"bento: could not send INT: {exc}")
+                note(f"bento: could not send INT: {exc}")
 
         async def signals_in() -> None:
             with trio.open_signal_receiver(signals.SIGINT, signals.SIGTERM, signals.SIGHUP,
@@ -221,7 +230,7 @@ async def _stream(st: _Stream) -> int | None:
             # A terminal's viewer is told at once: a raw terminal echoes nothing.
             told_read_only = st.tty and not st.send_input
             if told_read_only:
-                say(f"bento: read-only (viewer): your keys go nowhere; {st.settings.detach_keys} detaches\r")
+                note(f"bento: read-only (viewer): your keys go nowhere; {st.settings.detach_keys} detaches")
             while True:
                 data = await trio.to_thread.run_sync(os.read, 0, 1024, abandon_on_cancel=True)
                 if not data:
