@@ -103,6 +103,10 @@ async def _stream(st: _Stream) -> int | None:
     """Print frames until the exit frame (returns its exit code), ``stop_at``, or a
     detach (returns None). Reads stdin meanwhile (input, keys) as ``st`` says."""
     sinks = Sinks()
+    # A terminal session's screen has no output processing (-t): the function's
+    # bytes are what it needs; this CLI's own lines (values, notes, the end)
+    # need their carriage returns on the sinks that are that terminal.
+    crlf = {name for name, fd in sinks.fds.items() if st.tty and st.keys and os.isatty(fd)}
     s = st.session
     if st.record:
         s.auto_ack = False  # acknowledged only once recorded in the state file
@@ -119,12 +123,9 @@ async def _stream(st: _Stream) -> int | None:
             batch = batch_bytes = 0
             try:
                 async for frame in s.output():
-                    # A terminal session's screen has no output processing (-t):
-                    # the function's bytes are what it needs, this CLI's own lines
-                    # (values, notes, the end) need their carriage returns.
-                    own_lines = st.tty and not isinstance(frame, Stdout | Stderr)
+                    own_lines = bool(crlf) and not isinstance(frame, Stdout | Stderr)
                     for sink, data in render(frame, st.settings.json, st.traceback, st.file):
-                        if own_lines:
+                        if own_lines and sink in crlf:
                             data = data.replace(b"\n", b"\r\n")
                         if st.resume is not None:
                             data = st.resume.filter(sink, data)
@@ -156,7 +157,7 @@ async def _stream(st: _Stream) -> int | None:
             nursery.cancel_scope.cancel()
 
         def note(text: str) -> None:
-            say(text + "\r" * st.tty)  # (-t: the terminal adds no carriage return)
+            say(text + "\r" * ("stderr" in crlf))
 
         interrupts: list[float] = []
 

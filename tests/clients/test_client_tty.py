@@ -67,6 +67,29 @@ def test_run_t_prompt_backspace_progress_bar_and_resize(cli):
     assert child.exitstatus == 0
 
 
+def test_run_t_into_a_file_writes_plain_newlines(cli):
+    """The carriage returns are for the raw terminal: a stdout redirected to a
+    file gets the result line as it would without -t."""
+    import shlex
+
+    from client_helpers import CLI
+
+    env, tmp = cli
+    job = write_file(tmp, "ask.py", "def main():\n    return input('name? ')\n")
+    out = f"{tmp}/out.txt"
+    child = pexpect.spawn("/bin/sh", ["-c", f"{shlex.join([*CLI, 'run', '-t', job])} > {shlex.quote(out)}"],
+                          env=env, timeout=30, dimensions=(24, 80))
+    try:
+        child.send(b"ann\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    with open(out, "rb") as f:
+        written = f.read()
+    assert written.endswith(b'"ann"\n') and not written.endswith(b'\r\n'), written
+
+
 def test_attach_t_detach_keys_and_a_viewer_told_its_keys_go_nowhere(cli):
     env, tmp = cli
     job = write_file(tmp, "ask.py", "def main():\n    return input('name? ')\n")
