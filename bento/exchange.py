@@ -274,9 +274,10 @@ class Exchange(EnvironmentLife):
         while not (done or self.finished):
             done = self.step()
 
-    def step(self, wait: bool = True) -> bool:
-        """One round of events (waiting for one unless ``wait`` is False), then
-        the bookkeeping; True once the work is done (``work_done``)."""
+    def step(self, wait: bool = True, until: float | None = None) -> bool:
+        """One round of events (waiting for one unless ``wait`` is False, and
+        not past ``until``), then the bookkeeping; True once the work is done
+        (``work_done``)."""
         output = self.output
         now = time.monotonic()
         # No timer, no wake-up: an idle exchange sleeps until something
@@ -289,7 +290,7 @@ class Exchange(EnvironmentLife):
         work_check = self.work_watch.next_check if self.work_watch is not None and running else None
         retry = output.retry_at if output.held_back else None
         for deadline in (self.wall_deadline, self.drain_deadline, self.state_dirty_at, cpu_check, retry,
-                         work_check):
+                         work_check, until):
             if deadline is not None:
                 left = max(0.0, deadline - now)
                 timeout = left if timeout is None else min(timeout, left)
@@ -422,9 +423,8 @@ def main(argv: list[str]) -> None:
         # for FIRST_OUTPUT_WAIT_S if the function says nothing.
         ex.control.use(warm_sock)
         until = time.monotonic() + FIRST_OUTPUT_WAIT_S
-        ex.state_dirty_at = until  # (bounds each round's wait)
         while ex.output.log.next_seq == 1 and not ex.finished and time.monotonic() < until:
-            ex.step()
+            ex.step(until=until)
     sock = ex.control.listen()  # (a cold exchange's server connects as soon as it reads "ready")
     if warm_sock is None:
         sys.stdout.write(f"ready {os.getpid()}\n")

@@ -133,6 +133,20 @@ async def test_a_silent_warm_function_is_reached_by_the_next_server(make_server,
     assert frames[-1][2]["state"] == "killed" and frames[-1][2]["signal"] == "TERM", frames[-1]
 
 
+async def test_a_warm_exchange_binds_its_socket_soon_whatever_its_function_does_first(make_server):
+    """The first rounds after the hello end at their own deadline: a shared
+    state put (saved at once) does not leave them waiting for the next event."""
+    srv = make_server("--pool", "1")
+    await warm_forked(srv, 1)
+    async with conn(srv.url) as c:
+        r = await c.ok("execute", code="import time\ndef main():\n    api.state.put(1)\n    time.sleep(30)\n")
+        ctl = os.path.join(srv.data_dir, "sessions", r["session"], "ctl.sock")
+        with trio.fail_after(0.8):  # (rounds that waited for an event: the 1 s work-dir check, or the end)
+            while not os.path.exists(ctl):
+                await trio.sleep(0.01)
+        await c.ok("destroy", token=r["token"])
+
+
 def failing_template_bwrap(tmp_path) -> str:
     """A bwrap first on PATH that fails the sandbox template's start, and runs the real one otherwise."""
     real = shutil.which("bwrap")
