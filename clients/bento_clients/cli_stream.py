@@ -123,7 +123,7 @@ async def _stream(st: _Stream) -> int | None:
             batch = batch_bytes = 0
             try:
                 async for frame in s.output():
-                    own_lines = bool(crlf) and not isinstance(frame, Stdout | Stderr)
+                    own_lines = bool(crlf) and (st.settings.json or not isinstance(frame, Stdout | Stderr))
                     for sink, data in render(frame, st.settings.json, st.traceback, st.file):
                         if own_lines and sink in crlf:
                             data = data.replace(b"\n", b"\r\n")

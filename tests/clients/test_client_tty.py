@@ -90,6 +90,21 @@ def test_run_t_into_a_file_writes_plain_newlines(cli):
     assert written.endswith(b'"ann"\n') and not written.endswith(b'\r\n'), written
 
 
+def test_run_t_json_lines_all_end_with_crlf(cli):
+    env, tmp = cli
+    job = write_file(tmp, "ask.py", "def main():\n    return input('name? ')\n")
+    child = _spawn(env, ["run", "-t", "--json", job])
+    try:
+        child.expect(re.escape('"bmFtZT8g"'))  # "name? ", base64
+        child.send(b"ann\r")
+        child.expect(pexpect.EOF)
+        shown = child.before
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert b'"ch": "exit"' in shown and b"}\n" not in shown.replace(b"}\r\n", b""), shown
+
+
 def test_attach_t_detach_keys_and_a_viewer_told_its_keys_go_nowhere(cli):
     env, tmp = cli
     job = write_file(tmp, "ask.py", "def main():\n    return input('name? ')\n")
