@@ -209,12 +209,6 @@ def _bool(v: Any) -> bool:
     return v
 
 
-def _true(v: Any) -> bool:
-    if v is not True:
-        raise _BadField("must be true")
-    return v
-
-
 def _array(v: Any) -> list[Any]:
     if type(v) is not list:
         raise _BadField("must be an array")
@@ -413,7 +407,7 @@ _OPS: dict[
     "ack": (False, {"session": (_text_field, _REQUIRED), "seq": (_uint, _REQUIRED)}, None),
     "input": (
         False,
-        {"session": (_text_field, _REQUIRED), "seq": (_positive, _REQUIRED), "eof": (_true, False),
+        {"session": (_text_field, _REQUIRED), "seq": (_positive, _REQUIRED), "eof": (_bool, False),
          "stdin": (_bool, False)},
         _one_of_data_eof,
     ),

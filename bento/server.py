@@ -137,7 +137,7 @@ class Server:
         conn, request, trailing = got
         at_v1 = request.target.split(b"?", 1)[0] == b"/v1"
         if not transport.is_upgrade(request):
-            if at_v1:
+            if at_v1 and request.method in (b"GET", b"HEAD"):
                 answer = http.text(426, "Bento speaks WebSocket at /v1: connect with a WebSocket client",
                                    ("upgrade", "websocket"))
             else:

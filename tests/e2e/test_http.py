@@ -130,6 +130,8 @@ async def test_refusals(server):
     assert status == 405 and headers["allow"] == "GET, HEAD"
     status, headers, body = await aget(server.port, "/v1")  # no upgrade
     assert status == 426 and b"WebSocket" in body
+    status, headers, body = await aget(server.port, "/v1", method="POST")  # as docs/protocol.md says
+    assert status == 405 and headers["allow"] == "GET, HEAD"
     # Malformed: 400 and the connection closes (raw() reads until it does).
     response = await raw(server.port, b"GARBAGE\r\n\r\n")
     assert status_of(response) == 400 and b"bad request" in response

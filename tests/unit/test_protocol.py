@@ -871,6 +871,10 @@ HAPPY = [
          "stdin": False},
     ),
     (
+        {"op": "input", "session": "s", "seq": 2, "data": 7, "eof": False},  # false: as if absent
+        {"op": "input", "id": None, "session": "s", "seq": 2, "data": 7, "eof": False, "stdin": False},
+    ),
+    (
         {"op": "input", "session": "s", "seq": 3, "eof": True},
         {"op": "input", "id": None, "session": "s", "seq": 3, "data": None, "eof": True,
          "stdin": False},
