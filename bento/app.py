@@ -164,7 +164,10 @@ def resolve(argv: list[str]) -> Resolved:
     parser.set_defaults(**file.defaults)
     args = parser.parse_args(argv)
     keys = list(args.api_key)
-    keys += [k.strip() for k in os.environ.get("BENTO_API_KEYS", "").split(",") if k.strip()]
+    from_env = os.environ.get("BENTO_API_KEYS")
+    if from_env is not None:
+        # Set but blank ("$KEYS" unset), or an empty item: refused like a blank --api-key.
+        keys += [k.strip() for k in from_env.split(",")]
     for path in args.api_key_file:
         found = settings.read_key_file(path)
         if not found:

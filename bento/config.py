@@ -118,13 +118,14 @@ class Config:
         blank = [k for k in self.api_keys if not k.strip()]
         if blank:
             raise ValueError(
-                "an API key is empty or blank (an unset $KEY in --api-key \"$KEY\"?): "
-                "an empty key is no key; give a real key, or leave --api-key out"
+                "an API key is empty or blank (an unset $KEY in --api-key \"$KEY\" or "
+                "BENTO_API_KEYS=\"$KEY\"?): an empty key is no key; give a real key, or leave "
+                "--api-key out and BENTO_API_KEYS unset"
             )
         if not self.loopback and not self.keys.required and not self.insecure:
             raise ValueError(
                 f"refusing to listen on {self.host} without API keys: "
-                "give --api-key (or BENTO_API_KEYS), or --insecure if you really mean it"
+                "give --api-key-file (or --api-key, BENTO_API_KEYS), or --insecure if you really mean it"
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")

@@ -36,6 +36,15 @@ def test_blank_api_key_refuses_to_start(tmp_path, key):
     assert "empty or blank" in r.stderr and "listening" not in r.stdout, r.stderr
 
 
+@pytest.mark.parametrize("value", ["", " ", "k1,", "k1, ,k2"])
+def test_a_blank_bento_api_keys_refuses_to_start(tmp_path, value):
+    """BENTO_API_KEYS="$KEYS" with KEYS unset was taken as no keys at all."""
+    r = subprocess.run([sys.executable, "-m", "bento.app", "server", "--port", "0", "--data-dir",
+                        str(tmp_path / "d")], capture_output=True, text=True, timeout=30, cwd=ROOT,
+                       env={**os.environ, "BENTO_API_KEYS": value})
+    assert r.returncode == 2 and "empty or blank" in r.stderr and "BENTO_API_KEYS" in r.stderr, r.stderr
+
+
 def test_blank_api_key_next_to_a_real_one_refuses_too(tmp_path):
     r = start_server("--api-key", "s3cret", "--api-key", "", "--data-dir", str(tmp_path / "d"))
     assert r.returncode == 2 and "empty or blank" in r.stderr, r.stderr
