@@ -54,6 +54,11 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str, int] | None:
     if cfg is None or cfg.get("t") != "warm":
         return None
     try:
+        # Its own errors go to the session's exchange.log from here on, as a
+        # cold exchange's do (the directory becomes the session's).
+        log_fd = os.open(os.path.join(cfg["dir"], "exchange.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
         lock_fd = sessiondisk.prepare_dir(cfg["dir"])
     except OSError as exc:
         lock_fd, launched = -1, Launched(None, error=f"cannot prepare {cfg['dir']}: {exc}")

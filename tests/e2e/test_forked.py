@@ -147,6 +147,52 @@ async def test_a_warm_exchange_binds_its_socket_soon_whatever_its_function_does_
         await c.ok("destroy", token=r["token"])
 
 
+async def test_a_warm_exchange_writes_its_errors_to_the_sessions_exchange_log(make_server):
+    """docs/operations.md: a session's exchange.log holds its exchange's own
+    errors. A warm exchange's went nowhere (its stderr was /dev/null)."""
+    srv = make_server("--pool", "1")
+    await warm_forked(srv, 1)
+    async with conn(srv.url) as c:
+        r = await c.ok("execute", code="import time\ndef main():\n    time.sleep(30)\n")
+        sdir = os.path.join(srv.data_dir, "sessions", r["session"])
+        with trio.fail_after(10):
+            while not os.path.exists(os.path.join(sdir, "ctl.sock")):
+                await trio.sleep(0.01)
+        # Not a server: the exchange drops this connection and says why. (The
+        # server it replaced may connect again first and replace it unread: tried again.)
+        log = os.path.join(sdir, "exchange.log")
+        for _ in range(20):
+            sock = _control_connection(sdir)
+            sock.sendall(b"\xff" * 64)
+            with trio.move_on_after(0.5):
+                while "broke the wire" not in _text(log):
+                    await trio.sleep(0.02)
+            sock.close()
+            if "broke the wire" in _text(log):
+                break
+        assert "broke the wire" in _text(log), _text(log)
+        await c.ok("destroy", token=r["token"])
+
+
+def _text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def _control_connection(sdir: str):  # type: ignore[no-untyped-def]
+    import socket
+
+    from bento_sandbox.unix import short_path
+
+    sock = socket.socket(socket.AF_UNIX)
+    with short_path(os.path.join(sdir, "ctl.sock")) as path:
+        sock.connect(path)
+    return sock
+
+
 def failing_template_bwrap(tmp_path) -> str:
     """A bwrap first on PATH that fails the sandbox template's start, and runs the real one otherwise."""
     real = shutil.which("bwrap")
