@@ -56,8 +56,10 @@ class Cluster:
         self.control = Control(self)
         # Set by the server once it exists: hands on and takes executes, reports capacity.
         self.placement: Placement | None = None
-        # Why the last heartbeat could not be written (None: it was): what /readyz says.
-        self.unreachable: str | None = None
+        # Why the last heartbeat could not be written (None: it was), and when one
+        # last was: what /readyz says (a Redis that hangs raises nothing).
+        self.beat_error: str | None = None
+        self.beat_at = trio.current_time()
 
     # -- this node's sessions ----------------------------------------------------
 
@@ -187,11 +189,22 @@ class Cluster:
             try:
                 await self.redis.set(keys.node(self.node), value, px=HEARTBEAT_TTL_MS)
                 await self.redis.sadd(keys.NODES, [self.node])
-                self.unreachable = None
+                self.beat_error, self.beat_at = None, trio.current_time()
             except RedisError as exc:
                 log.warning("cannot renew this node's heartbeat: %s", exc)
-                self.unreachable = f"the cluster's Redis does not answer: {exc}"
+                self.beat_error = f"the cluster's Redis does not answer: {exc}"
             await trio.sleep(HEARTBEAT_S)
+
+    @property
+    def unreachable(self) -> str | None:
+        """Why the cluster's store is out of reach for this node (None: it is not)."""
+        if self.beat_error is not None:
+            return self.beat_error
+        silent = trio.current_time() - self.beat_at
+        if silent > HEARTBEAT_TTL_MS / 1000 / 2:
+            return (f"the cluster's Redis has not taken this node's heartbeat for {silent:.0f} s "
+                    f"(it answers nothing; the heartbeat expires after {HEARTBEAT_TTL_MS // 1000} s)")
+        return None
 
 
 def instance(config: Config) -> str:

@@ -425,6 +425,28 @@ async def test_redis_restart_loses_no_session(durable_redis, tmp_path):
         reader.stop()
 
 
+async def test_a_redis_that_hangs_makes_the_node_unready(durable_redis, tmp_path):
+    """A stopped (SIGSTOP) Redis raises nothing: the heartbeat's write just
+    waits. /readyz goes by when one last reached Redis."""
+    node = ServerProcess(str(tmp_path / "hang"), "--cluster", durable_redis.url, "--node", "h").start()
+    assert durable_redis.proc is not None
+    try:
+        assert (await trio.to_thread.run_sync(readyz, node.port))[0] == 200
+        durable_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            with trio.fail_after(20):
+                while (got := await trio.to_thread.run_sync(readyz, node.port))[0] != 503:
+                    await trio.sleep(0.5)
+            assert "heartbeat" in got[1] and "Redis" in got[1], got
+        finally:
+            durable_redis.proc.send_signal(signal.SIGCONT)
+        with trio.fail_after(20):
+            while (await trio.to_thread.run_sync(readyz, node.port))[0] != 200:
+                await trio.sleep(0.5)
+    finally:
+        node.stop()
+
+
 def readyz(port: int) -> tuple[int, str]:
     """GET /readyz: (status, body)."""
     try:
