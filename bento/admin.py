@@ -55,7 +55,9 @@ class SessionOps:
         s, mode = found
         key = s.meta.get("key")
         if key and self.config.revoke_sessions and not self.server.keys.known(key):
-            raise protocol.RequestError("unauthorized", "the API key that started this session was revoked")
+            raise protocol.RequestError("unauthorized", "the API key that started this session was revoked: its "
+                                        "tokens no longer work (an admin key can still reach it by id)",
+                                        revoked=True)
         if owner and mode != "rw":
             raise protocol.RequestError("forbidden", "this needs the owner token, not a viewer token")
         return s, mode

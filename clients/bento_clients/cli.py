@@ -267,7 +267,7 @@ def describe_error(exc: BaseException, key_sent: bool) -> str:
     if isinstance(exc, Forbidden):
         return "this needs the owner token (bto_...), not a viewer token"
     if isinstance(exc, Unauthorized):
-        return unauthorized_message(key_sent)
+        return exc.message if exc.details.get("revoked") is True else unauthorized_message(key_sent)
     if isinstance(exc, Busy):
         when = "" if exc.retry_after is None else f"; try again in {exc.retry_after:g} s, or run with --wait"
         return f"the server is full ({exc.limit}): {exc.message}{when}"

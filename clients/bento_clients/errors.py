@@ -100,8 +100,14 @@ class Unauthorized(RequestFailed):
     key_sent: bool | None = None
 
     @classmethod
-    def for_key(cls, op: str, key_sent: bool) -> Unauthorized:
-        """The error for a refused request, saying what the client sent."""
+    def for_key(cls, op: str, key_sent: bool, refused: RequestFailed | None = None) -> Unauthorized:
+        """The error for a refused request, saying what the client sent; or, for
+        a token whose session's key was revoked (``refused`` says so), the
+        server's own words: this client's key has nothing to do with it."""
+        if refused is not None and refused.details.get("revoked") is True:
+            err = cls("unauthorized", refused.message, op, revoked=True)
+            err.key_sent = key_sent
+            return err
         if key_sent:
             text = "the API key was refused by the server (check api_key= or BENTO_API_KEY)"
         else:

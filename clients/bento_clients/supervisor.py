@@ -199,7 +199,7 @@ class Supervisor:
                 return reply
             err = RequestFailed.from_reply(reply.get("error"), op)
             if isinstance(err, Unauthorized):
-                raise Unauthorized.for_key(op, key_sent=bool(self.api_key))
+                raise Unauthorized.for_key(op, key_sent=bool(self.api_key), refused=err)
             if done_if_gone and repeated and isinstance(err, NotFound):
                 return {"ok": True}
             raise err

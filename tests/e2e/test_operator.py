@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 
 import trio
 from helpers import ROOT, ServerProcess, conn, wait_exit, wait_status
@@ -109,7 +110,13 @@ async def test_removing_a_key_and_sighup_revokes_it_and_its_sessions(make_server
         # Bob's open connection, his key and his session's tokens are all cut off.
         assert await err(bob, "list") == "unauthorized"
         assert await err(bob, "status", token=mine["token"]) == "unauthorized"
-        assert await err(carol, "status", token=mine["viewer_token"]) == "unauthorized"
+        refused = (await carol.request("status", token=mine["viewer_token"]))["error"]
+        assert refused["code"] == "unauthorized" and refused.get("revoked") is True, refused
+        # The CLI says the session's key was revoked, not that carol's was refused.
+        cli = subprocess.run([sys.executable, "-m", "bento.app", "status", mine["viewer_token"], "--server", srv.url,
+                              "--api-key", "k-carol", "--state-file", str(tmp_path / "state.json")],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
+        assert cli.returncode != 0 and "started this session was revoked" in cli.stderr, cli.stderr
         assert (await carol.ok("status", token=theirs["token"]))["state"] in ("starting", "running")
     async with conn(srv.url, auth="k-bob") as bob:
         assert await err(bob, "execute", code=WAITS) == "unauthorized"
