@@ -20,10 +20,13 @@ from bento.config import default_data_dir
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bento env", description="The environments of executes' packages.")
     p.add_argument("--data-dir", default=default_data_dir(), help="the server's data dir")
+    # --data-dir before or after the command (SUPPRESS: the command's only when given).
+    data_dir = argparse.ArgumentParser(add_help=False)
+    data_dir.add_argument("--data-dir", default=argparse.SUPPRESS, help="the server's data dir")
     sub = p.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("ls", help="list the environments, least recently used first")
+    ls = sub.add_parser("ls", parents=[data_dir], help="list the environments, least recently used first")
     ls.add_argument("--json", action="store_true", help="one JSON array")
-    rm = sub.add_parser("rm", help="remove environments (not one a running session uses)")
+    rm = sub.add_parser("rm", parents=[data_dir], help="remove environments (not one a running session uses)")
     rm.add_argument("names", nargs="+", metavar="NAME", help="an environment's name (from ls)")
     return p
 

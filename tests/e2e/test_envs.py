@@ -140,7 +140,10 @@ async def test_least_recently_used_environment_goes_over_the_cap(make_server):
     listed = json.loads(subprocess.run(BENTO + ["env", "--data-dir", srv.data_dir, "ls", "--json"],
                                        capture_output=True, check=True).stdout)
     assert [e["specs"] for e in listed] == [["idna"]]
-    rm = subprocess.run(BENTO + ["env", "--data-dir", srv.data_dir, "rm", listed[0]["name"]],
+    # As docs/operations.md writes it: the data dir after the command.
+    after = subprocess.run(BENTO + ["env", "ls", "--data-dir", srv.data_dir, "--json"], capture_output=True)
+    assert after.returncode == 0 and json.loads(after.stdout) == listed, after.stderr
+    rm = subprocess.run(BENTO + ["env", "rm", listed[0]["name"], "--data-dir", srv.data_dir],
                         capture_output=True)
     assert rm.returncode == 0, rm.stderr
     assert not os.path.exists(os.path.join(envs_dir, listed[0]["name"]))
