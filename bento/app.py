@@ -25,7 +25,7 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="PATH",
                    help="a TOML file with these options by name, and named API keys (docs/operations.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--port", type=units.count(0, 65535), default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--data-dir", default=default_data_dir(), help="where sessions and functions live")
     p.add_argument("--sandbox", default="auto", choices=["auto", "bwrap", "none", "cmd"],
                    help="environment backend (default auto: bwrap when it works here, else none)")
@@ -75,10 +75,10 @@ def server_parser() -> argparse.ArgumentParser:
                    help="accept limits this machine cannot hold for a whole environment (no "
                         "cgroup for them): they get a per-process rlimit or nothing, and status "
                         "says so. Without it such limits are refused")
-    p.add_argument("--pool", type=int, default=2,
+    p.add_argument("--pool", type=units.count(0), default=2,
                    help="fresh environments kept started ahead of time for fast executes, never reused "
                         "(bwrap and none; default 2; 0 = off); more while executes come fast (--pool-max)")
-    p.add_argument("--pool-max", type=int, metavar="N",
+    p.add_argument("--pool-max", type=units.count(0), metavar="N",
                    help="most warm environments kept while executes come fast (each holds ~5 MiB PSS, "
                         "~27 MiB RSS; default: 4 per core, at most 1/64 of RAM, at most 32)")
     p.add_argument("--no-pool-template", dest="pool_template", action="store_false",
@@ -93,7 +93,7 @@ def server_parser() -> argparse.ArgumentParser:
                    help="start a new sandbox template this often, so that the environments forked from one "
                         "share its hash secret and address layout for that long at most; 0: never "
                         "(default 1h)")
-    p.add_argument("--max-sessions", type=int, metavar="N",
+    p.add_argument("--max-sessions", type=units.count(1), metavar="N",
                    help="most functions running at once (default: one per 64MiB of RAM)")
     p.add_argument("--memory-budget", type=units.size, metavar="SIZE",
                    help="the running functions' memory limits may add up to this, e.g. 16G (default 3/4 "
@@ -101,16 +101,16 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-floor", type=units.size, metavar="SIZE",
                    help="refuse new executes while the data dir has less free space, e.g. 1G (default "
                         "5%% of its file system, at most 1GiB); running functions keep writing")
-    p.add_argument("--max-queued", type=int, default=1024, metavar="N",
+    p.add_argument("--max-queued", type=units.count(0), default=1024, metavar="N",
                    help="most executes waiting for capacity at once (\"queue\": seconds; default 1024)")
-    p.add_argument("--quota-sessions", type=int, metavar="N",
+    p.add_argument("--quota-sessions", type=units.count(0), metavar="N",
                    help="most functions one API key runs at once (default: no quota)")
     p.add_argument("--quota-executes-per-minute", type=float, metavar="RATE",
                    help="executes one API key may start per minute, with a burst of as many (default: no quota)")
     p.add_argument("--quota-history-bytes", type=units.size, metavar="SIZE",
                    help="output one API key's sessions may retain (unacknowledged plus history) before "
                         "its executes are refused (default: no quota)")
-    p.add_argument("--quota-environments", type=int, metavar="N",
+    p.add_argument("--quota-environments", type=units.count(0), metavar="N",
                    help="package environments one API key's executes may have built (those that exist "
                         "now); an execute with new packages over it is refused (default: no quota)")
     p.add_argument("--max-env-bytes", type=units.size, default=4 * 1024 * 1024 * 1024,
@@ -208,8 +208,8 @@ def build_config(r: Resolved) -> Config:
     args = r.args
     keep = args.keep
     if args.ttl is not None:
-        print("bento server: --ttl is deprecated: it is --keep (an ended session's keep period)",
-              file=sys.stderr)
+        print("bento server: --ttl (ttl in a config file) is deprecated: it is --keep (keep), an ended "
+              "session's keep period", file=sys.stderr)
         if keep is None:
             keep = args.ttl
     return Config(
@@ -307,10 +307,6 @@ def run_server(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"bento server: {exc}", file=sys.stderr)
         return 2
-    for option, value, least in (("--max-sessions", args.max_sessions, 1), ("--max-queued", args.max_queued, 0)):
-        if value is not None and not value >= least:
-            print(f"bento server: {option} must be at least {least}", file=sys.stderr)
-            return 2
     if config.cluster:
         try:
             from bento.cluster.node import cannot_start

@@ -98,7 +98,8 @@ def _option_value(action: argparse.Action, value: Any, where: str) -> Any:
     try:
         converted = action.type(value) if callable(action.type) else value
     except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{where}: {exc}") from None
+        what = {int: "a whole number", float: "a number"}.get(action.type)  # type: ignore[call-overload]
+        raise SettingsError(f"{where}: must be {what}, not {value!r}" if what else f"{where}: {exc}") from None
     if action.choices is not None and converted not in action.choices:
         raise SettingsError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
     return converted

@@ -7,8 +7,10 @@ shows what would be accepted.
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
+from collections.abc import Callable
 
 from bento import protocol
 
@@ -58,6 +60,30 @@ def duration(value: str | int | float) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"bad duration {value!r}: a non-negative number of seconds")
     return value
+
+
+class BadCount(argparse.ArgumentTypeError, ValueError):
+    """A whole number out of its option's range (argparse shows this message as it is)."""
+
+
+def count(least: int, most: int | None = None) -> Callable[[str | int], int]:
+    """An option's type: a whole number from ``least`` to ``most`` (the same check
+    for the command line and the config file)."""
+
+    def check(value: str | int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise BadCount(f"must be a whole number, not {value!r}")
+        try:
+            n = int(value)
+        except ValueError:
+            raise BadCount(f"must be a whole number, not {value!r}") from None
+        if n < least or (most is not None and n > most):
+            raise BadCount(f"must be at least {least}" + ("" if most is None else f" and at most {most}")
+                             + f", not {n}")
+        return n
+
+    check.__name__ = f"whole number >= {least}"  # (argparse names the type so in its message)
+    return check
 
 
 def limit_value(key: str, value: str | int | float) -> int | float:

@@ -11,7 +11,7 @@ import sys
 import time
 
 import trio
-from helpers import connect
+from helpers import ROOT, connect
 
 WAIT_INPUT = "def main():\n    print('up', flush=True)\n    return api.recv()\n"
 QUICK = "def main():\n    return 1\n"
@@ -119,7 +119,7 @@ FLOOD = """
 import json, os, sys, time
 os.nice(19)
 import trio
-from helpers import connect
+from helpers import ROOT, connect
 
 async def main(url, seconds):
     async with connect(url, auth="alice") as c:
@@ -387,4 +387,8 @@ def test_a_quota_that_cannot_work_refuses_to_start(tmp_path):
         os.rename(config, tmp_path / f"c{n}.toml")
         line = refused("--data-dir", data, "--config", str(tmp_path / f"c{n}.toml"))
         assert name in line and message in line, (text, line)
-    assert "--quota-environments must be at least 0" in refused("--data-dir", data, "--quota-environments", "-1")
+    # On the command line, argparse refuses it (its usage, then the line).
+    r = subprocess.run([sys.executable, "-m", "bento.app", "server", "--port", "0", "--data-dir", data,
+                        "--quota-environments", "-1"], capture_output=True, text=True, timeout=30, cwd=ROOT,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "--quota-environments: must be at least 0, not -1" in r.stderr, r.stderr

@@ -127,7 +127,10 @@ def test_config_file_mistakes_name_the_setting_and_the_file(tmp_path):
     data = str(tmp_path / "d")
     cases = [
         ("max_mesage = 5\n", "max_mesage", "unknown setting"),
-        ("port = \"high\"\n", "port", "invalid literal"),
+        ("port = \"high\"\n", "port", "must be a whole number, not 'high'"),
+        ("pool = \"x\"\n", "pool", "must be a whole number, not 'x'"),
+        ("max_sessions = 0\n", "max_sessions", "must be at least 1, not 0"),
+        ("quota_sessions = -3\n", "quota_sessions", "must be at least 0, not -3"),
         ("insecure = 1\n", "insecure", "true or false"),
         ("buffer_policy = \"sometimes\"\n", "buffer_policy", "not one of"),
         ("max_limit = \"512MiB\"\n", "max_limit", "must be a table"),
