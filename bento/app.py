@@ -300,7 +300,12 @@ def run_server(argv: list[str]) -> int:
                     return 2
     config.max_limits = {k: v for k, v in maxima.items() if v is not None}
     merged: dict[str, float | None] = {**config.default_limits, **given}
-    config.default_limits = {k: v for k, v in merged.items() if v is not None}
+    # What an execute that asks for nothing gets: never above a maximum, and
+    # a limit with a maximum is always set (as ServerExecute._limits does).
+    defaults = {k: v for k, v in merged.items() if v is not None}
+    for k, top in config.max_limits.items():
+        defaults[k] = min(defaults.get(k, top), top)
+    config.default_limits = defaults
     unheld = [k for k in unheld if k not in given]
     try:
         config.quotas = quotas_of(resolved)
@@ -412,7 +417,7 @@ def say_started(config: Config, port: int, unheld: list[str]) -> None:
               "as this user", flush=True)
     held = "; ".join(f"{k} by {how}" for k, how in sorted(config.enforceable.items()))
     print(f"bento: limits enforced: {held}", flush=True)
-    defaults = ", ".join(f"{k}={v:g}" for k, v in sorted(config.default_limits.items()))
+    defaults = ", ".join(f"{k}={units.limit_text(k, v)}" for k, v in sorted(config.default_limits.items()))
     print(f"bento: default limits: {defaults or 'none'}", flush=True)
     missing = sorted(set(bento_sandbox.Limits.KEYS) - set(config.enforceable))
     if missing:

@@ -86,6 +86,22 @@ def count(least: int, most: int | None = None) -> Callable[[str | int], int]:
     return check
 
 
+def limit_text(key: str, value: float) -> str:
+    """Limit ``key``'s value as people write it: ``24h``, ``1GiB``, ``256``
+    (exact: the largest unit that divides it)."""
+    if key in DURATION_LIMITS:
+        for unit in ("d", "h", "m", "s"):
+            if value >= _DURATION_UNITS[unit] and (value / _DURATION_UNITS[unit]).is_integer():
+                return f"{value / _DURATION_UNITS[unit]:g}{unit}"
+        return f"{value:g}s"
+    if key == "pids":
+        return f"{value:g}"
+    for unit in ("t", "g", "m", "k"):
+        if value >= _SIZE_UNITS[unit] and value % _SIZE_UNITS[unit] == 0:
+            return f"{int(value) // _SIZE_UNITS[unit]}{unit.upper()}iB"
+    return f"{int(value)}B"
+
+
 def limit_value(key: str, value: str | int | float) -> int | float:
     """The protocol value of limit ``key`` (a ``protocol.LIMIT_KEYS`` name) given as
     text or a number: durations for ``wall_s``/``cpu_s``, a whole number for

@@ -199,6 +199,19 @@ def test_start_lines_say_the_capacity_and_what_each_limit_is_held_by(tmp_path):
         assert f"{key} by " in held or key in warned, (key, held, warned)
 
 
+def test_the_default_limits_line_says_what_an_execute_gets(tmp_path):
+    """A maximum below a built-in default lowers that default (as an execute
+    sees it), and the capacity counts it; values are written with units."""
+    srv = ServerProcess(str(tmp_path / "d"), "--max-limit", "memory_bytes=512MiB").start()
+    try:
+        out = _start_lines(srv)
+    finally:
+        srv.stop()
+    line = next(ln for ln in out.splitlines() if ln.startswith("bento: default limits: "))
+    assert "memory_bytes=512MiB" in line and "wall_s=1d" in line and "cpu_s=4h" in line, line
+    assert "a function without a memory limit counts 512 MiB" in out, out
+
+
 def test_start_lines_name_the_limits_a_cgroupless_machine_refuses(tmp_path):
     srv = ServerProcess(str(tmp_path / "d"), prefix=_hidden_cgroups()).start()
     try:
