@@ -65,7 +65,7 @@ class Environment:
         by_cgroup = self.cgroups.apply(limits) if self.cgroups is not None else {}
         missing = [k for k in CGROUP_LIMITS if getattr(limits, k) is not None and k not in by_cgroup]
         if strict and missing:
-            raise Unenforceable(missing)
+            raise Unenforceable(missing, self.cgroups.refused if self.cgroups is not None else None)
         rlimits = driver_rlimits(limits, memory="memory_bytes" not in by_cgroup)
         enforced = dict(self.enforced)
         if "cpu_s" in missing:

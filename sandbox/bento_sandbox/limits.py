@@ -17,11 +17,12 @@ from bento_sandbox.cgroups import detect_cgroups
 class Unenforceable(Exception):
     """A limit was asked for that nothing here holds for the whole environment."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], why: Mapping[str, str] | None = None) -> None:
         self.names = names
+        why = why or {}
         super().__init__(
             f"cannot enforce {', '.join(names)} for the whole environment here "
-            f"({', '.join(_WHY_NOT.get(n, n) for n in names)})"
+            f"({', '.join(why.get(n) or _WHY_NOT.get(n, n) for n in names)})"
         )
 
 

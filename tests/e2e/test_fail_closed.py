@@ -221,3 +221,16 @@ def test_start_lines_name_the_limits_a_cgroupless_machine_refuses(tmp_path):
     warned = next(ln for ln in out.splitlines() if "limits this machine cannot enforce" in ln)
     assert "pids" in warned and "refused" in warned, warned
     assert "pids by " not in next(ln for ln in out.splitlines() if ln.startswith("bento: limits enforced: "))
+
+
+async def test_a_memory_limit_below_what_the_environment_uses_says_why(make_server):
+    """The cgroup refuses a limit under the environment's present use (EBUSY):
+    said as that, not as a machine without a memory cgroup."""
+    if "memory_bytes" not in bento_sandbox.enforcement():
+        pytest.skip("no writable memory cgroup here")
+    srv = make_server()
+    async with connect(srv.url) as c:
+        r = await c.ok("execute", code=RETURN_ONE, limits={"memory_bytes": 64 * 1024})
+        ex = (await c.frames(r["session"]))[-1][2]
+    assert ex["state"] == "failed", ex
+    assert "refused 65536 bytes" in ex["error"]["message"] and "no writable" not in ex["error"]["message"], ex
