@@ -277,8 +277,8 @@ class Admission:
     def enqueue(self, t: Ticket) -> int:
         """Put ``t`` in the queue; its position (1 = next). Busy when the queue is full."""
         if len(self.waiting) >= self.capacity.max_queued:
-            raise Refused("busy", "queue", f"{len(self.waiting)} executes already wait, the queue's "
-                          "maximum", BUSY_RETRY_S)
+            raise Refused("busy", "queue", f"its queue is full: {len(self.waiting)} executes already wait "
+                          f"(--max-queued {self.capacity.max_queued})", BUSY_RETRY_S)
         t.round = max(self.serving, self.last_round.get(t.key, 0)) + 1
         self.last_round[t.key] = t.round
         self.waiting.append(t)

@@ -115,7 +115,7 @@ class Gate:
             adm.leave(t)
             adm.refund(key)
             self._pump()
-            raise Refused("busy", busy.limit, f"waited {queue_s:g} s in the queue and the server is "
+            raise Refused("busy", busy.limit, f"waited {queue_s:.1f} s in the queue and the server is "
                           f"still full ({busy.message})", busy.retry_after)
         return t
 

@@ -259,9 +259,9 @@ def _leaf(group: BaseExceptionGroup) -> BaseException:
     return next((e for e in found if not isinstance(e, trio.Cancelled)), found[0])
 
 
-def describe_error(exc: BaseException, key_sent: bool) -> str:
+def describe_error(exc: BaseException, key_sent: bool, waited: bool = False) -> str:
     """One line for an error the user can do something about (``key_sent``:
-    whether this command gave the server an API key)."""
+    whether this command gave the server an API key; ``waited``: it ran with --wait)."""
     if isinstance(exc, NotFound):
         return "no session has this token (a wrong token, or the session ended and was cleaned up)"
     if isinstance(exc, Forbidden):
@@ -269,7 +269,8 @@ def describe_error(exc: BaseException, key_sent: bool) -> str:
     if isinstance(exc, Unauthorized):
         return exc.message if exc.details.get("revoked") is True else unauthorized_message(key_sent)
     if isinstance(exc, Busy):
-        when = "" if exc.retry_after is None else f"; try again in {exc.retry_after:g} s, or run with --wait"
+        later = "with a longer --wait" if waited else "or run with --wait"
+        when = "" if exc.retry_after is None else f"; try again in {exc.retry_after:g} s, {later}"
         return f"the server is full ({exc.limit}): {exc.message}{when}"
     if isinstance(exc, QuotaExceeded):
         when = "" if exc.retry_after is None else f"; allowed again in {exc.retry_after:g} s"
@@ -301,6 +302,7 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     failure = EXIT_BENTO if command in STREAMING else 1
     settings: Settings | None = None
+    args: Any = None
     try:
         try:
             args = parsers[command].parse_intermixed_args(rest)
@@ -324,7 +326,8 @@ def main(argv: list[str]) -> int:
         _quiet_stdout()
         return EXIT_PIPE
     except (BentoError, OSError) as exc:
-        say(f"bento: {describe_error(exc, key_sent=settings is not None and settings.api_key is not None)}")
+        key_sent = settings is not None and settings.api_key is not None
+        say(f"bento: {describe_error(exc, key_sent, waited=bool(getattr(args, 'wait', False)))}")
         return failure
     finally:
         for warning in settings.state.warnings if settings is not None else ():

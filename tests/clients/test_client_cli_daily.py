@@ -404,3 +404,12 @@ def test_the_hint_skips_the_interpreters_frames_and_says_where_a_killed_function
         "bento: killed by signal INT\nbento: stopped at job.py, line 5, in main; --traceback shows the whole traceback\n")
     assert "error     killed by signal INT" in status_lines({"state": "killed", "exit": interrupted}).splitlines()
 
+
+
+def test_a_full_server_suggests_a_longer_wait_to_a_run_that_waited():
+    from bento_clients.errors import Busy
+
+    full = Busy("busy", "waited 8.0 s in the queue and the server is still full", "execute", busy="sessions",
+                retry_after=1)
+    assert cli.describe_error(full, False).endswith("try again in 1 s, or run with --wait")
+    assert cli.describe_error(full, False, waited=True).endswith("try again in 1 s, with a longer --wait")

@@ -215,6 +215,7 @@ def test_queue_waits_for_the_disk_and_is_bounded():
     adm.enqueue(adm.ticket("k", MiB))
     r = refused(adm.enqueue, adm.ticket("k", MiB))
     assert (r.code, r.limit) == ("busy", "queue")
+    assert "queue is full" in r.message and "--max-queued 2" in r.message, r.message
     adm.release(next(iter(adm.running)))
     assert adm.next_admitted(GiB - 1) is None
     assert adm.next_admitted(DISK) is t
