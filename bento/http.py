@@ -29,7 +29,7 @@ from http import HTTPStatus
 import h11
 import trio
 
-from bento import auth
+from bento import auth, events
 
 MAX_HEAD_BYTES = 16 * 1024
 RECEIVE_SIZE = 16 * 1024
@@ -173,11 +173,13 @@ class Routes:
     def _metrics(self, request: h11.Request, peer: str) -> Answer:
         if self.keys.required:
             if not self.guesses.allowed(peer):
+                events.refused("rate_limit", peer, path="/metrics")
                 return text(429, "too many wrong keys from this host; slow down", ("retry-after", "5"))
             presented = bearer(request)
             if presented is None or self.keys.check(presented) is None:
                 if presented is not None:
                     self.guesses.failed(peer)
+                    events.refused("bad_key", peer, path="/metrics")
                 return text(401, "this server needs an API key: Authorization: Bearer <key>",
                             ("www-authenticate", 'Bearer realm="bento"'))
         return Answer(200, self.metrics(), "text/plain; version=0.0.4; charset=utf-8",

@@ -148,8 +148,12 @@ async def test_metrics_need_the_api_key_when_the_server_has_keys(make_server):
     srv = make_server("--api-key", KEY)
     status, headers, body = await aget(srv.port, "/metrics")
     assert status == 401 and headers["www-authenticate"].startswith("Bearer")
-    status, _, _ = await aget(srv.port, "/metrics", headers={"Authorization": "Bearer wrong"})
+    status, _, _ = await aget(srv.port, "/metrics", headers={"Authorization": "Bearer not-the-key-7f3a"})
     assert status == 401
+    with trio.fail_after(10):  # as docs/operations.md says: refused requests are logged by class
+        while "what=bad_key" not in srv.read_log():
+            await trio.sleep(0.05)
+    assert "path=/metrics" in srv.read_log() and "not-the-key-7f3a" not in srv.read_log()
     status, headers, body = await aget(srv.port, "/metrics", headers={"Authorization": f"Bearer {KEY}"})
     assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
     assert ("bento_connections", ()) in figures(body)
