@@ -463,7 +463,7 @@ async def test_ttl_is_a_deprecated_name_of_keep(make_server):
     async with connect(srv.url) as c:
         r = await c.ok("execute", code="def main():\n    return 1\n", attach=False)
         await wait_not_found(c, r["token"], timeout=6)
-    assert "--ttl is deprecated" in srv.read_log()
+    assert "--ttl (ttl in a config file) is deprecated" in srv.read_log()
 
 
 async def test_exit_acked_stays_for_the_keep_period_attached_or_not(make_server):
