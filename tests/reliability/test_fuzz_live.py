@@ -56,7 +56,7 @@ SPEC: dict[str, dict[str, str]] = {
     "attach": {"token": "text", "from": "pos?"},
     "detach": {"session": "text"},
     "ack": {"session": "text", "seq": "uint"},
-    "input": {"session": "text", "seq": "pos", "data": "any?", "eof": "true?"},
+    "input": {"session": "text", "seq": "pos", "data": "any?", "eof": "bool?"},
     "signal": {"token": "text", "signal": "signal"},
     "status": {"token": "text"},
     "destroy": {"token": "text"},
@@ -85,8 +85,6 @@ def _kind_ok(kind: str, v: Any) -> bool:
         return type(v) is str
     if kind == "bool":
         return type(v) is bool
-    if kind == "true":
-        return v is True
     if kind == "array":
         return type(v) is list
     if kind == "kwargs":
@@ -142,7 +140,7 @@ def spec_accepts(msg: dict) -> bool:
             return False
     if op == "execute" and (("function" in msg) == ("code" in msg)):
         return False
-    if op == "input" and (("data" in msg) == ("eof" in msg)):
+    if op == "input" and (("data" in msg) == (msg.get("eof") is True)):  # (eof false: as if absent)
         return False
     return True
 
@@ -279,7 +277,7 @@ class Gen:
         if name in ("network", "attach"):
             return rng.random() < 0.5
         if name == "eof":
-            return True
+            return self.rng.random() < 0.8
         if name == "signal":
             return rng.choice(("INT", "TERM", "KILL", "HUP", "int", ""))
         return self.value()
@@ -409,7 +407,6 @@ PLAUSIBLE: dict[str, st.SearchStrategy] = {
     "pos": st.integers(min_value=-1, max_value=5),
     "text": st.text(max_size=10),
     "bool": st.booleans(),
-    "true": st.booleans(),
     "array": st.lists(values, max_size=3),
     "kwargs": st.dictionaries(st.text(max_size=5), values, max_size=3),
     "env": st.dictionaries(st.text(max_size=5), st.text(max_size=5) | st.integers(0, 9), max_size=3),
