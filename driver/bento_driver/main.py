@@ -140,6 +140,7 @@ class _Link:
 
 
 SIGNALS = {"INT": _signal.SIGINT, "TERM": _signal.SIGTERM}
+MAX_TIMEOUT_S = 10 * 365 * 86400.0  # api.recv's timeout: longer is the same as none
 
 def _check(value: Any, depth: int, budget: list[int]) -> None:
     """Raise TypeError/ValueError unless ``value`` is a plain protocol value."""
@@ -195,6 +196,8 @@ class _State:
         return r["version"], cbor.decode_internal(r["value"])
 
     def put(self, value: Any, if_version: int | None = None) -> int:
+        if if_version is not None and (type(if_version) is not int or if_version < 0):
+            raise TypeError(f"if_version must be a version (an int >= 0) or None, not {if_version!r}")
         data = self._encode(value)
         self._link.send({"t": "put", "v": data, "if": if_version})
         r = self._link.reply()
@@ -234,6 +237,8 @@ class Api:
             raise EOFError("input is closed")
         if timeout is not None and (not isinstance(timeout, (int, float)) or math.isnan(timeout)):
             raise TypeError("timeout must be a number or None")
+        if timeout is not None and timeout > MAX_TIMEOUT_S:
+            timeout = None  # (longer than any session's life: the queue's wait would overflow)
         _flush()
         inputs = self._link.inputs
         left = None if timeout is None else max(0.0, timeout)
@@ -466,6 +471,12 @@ def main() -> None:
         report.update(kind="interrupted", error=_error(exc), code=1)
     except SystemExit as exc:
         status = exc.code
+        if status is not None and not isinstance(status, int):
+            # As Python does at exit: sys.exit("why") prints "why" to stderr, code 1.
+            try:
+                sys.stderr.write(f"{status}\n")
+            except Exception:  # noqa: BLE001 - the function may have closed or replaced stderr
+                pass
         report.update(kind="sysexit", code=status if isinstance(status, int) else (0 if status is None else 1))
     except BaseException as exc:  # noqa: BLE001 - the function's exception is its result
         report.update(code=1, error=_error(exc))

@@ -280,6 +280,14 @@ async def test_sys_exit_and_os_exit_codes(server):
         _r, _f, ex = await run_to_exit(c, "import os\ndef main():\n    print('bye')\n    os._exit(4)\n")
         assert ex["state"] == "exited" and ex["code"] == 4 and ex["signal"] is None, ex
         assert ex["result"] is None
+        # sys.exit("why"): code 1 and "why" on stderr, as Python does.
+        _r, frames, ex = await run_to_exit(c, "import sys\ndef main():\n    sys.exit('no input file')\n")
+        assert ex["state"] == "exited" and ex["code"] == 1, ex
+        assert b"".join(f[2] for f in frames if f[1] == "stderr") == b"no input file\n", frames
+        # A bad if_version is the function's own TypeError, not a broken protocol.
+        _r, frames, ex = await run_to_exit(c, "def main():\n    try:\n        api.state.put(1, if_version='x')\n"
+                                              "    except TypeError as exc:\n        return str(exc)\n")
+        assert ex["state"] == "exited" and "if_version" in ex["result"], ex
 
 
 def _sleepers(mark: str) -> list[int]:
