@@ -317,7 +317,7 @@ class Client(TokenRequests):
     def _register(self, s: Session, link: Link, reply: dict[str, Any]) -> None:
         old = self._sessions.get(s.id)
         if old is not None and old is not s:
-            old._detached = True
+            old._detached = old._replaced = True
             old._link = None
             old._changed.notify()
         self._sessions[s.id] = s

@@ -185,6 +185,8 @@ class QuotaExceeded(RequestFailed):
         self.quota = str(details.get("quota", ""))
         after = details.get("retry_after")
         self.retry_after = float(after) if isinstance(after, int | float) else None
+        if self.retry_after is not None:
+            self.args = (f"{self.args[0]} (allowed again in {self.retry_after:.1f} s)",)
 
 
 class Unavailable(RequestFailed):

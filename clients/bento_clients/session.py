@@ -86,6 +86,7 @@ class Session(SessionRequests):
         self._exit: Exit | None = None
         self._end: BentoError | None = None
         self._detached = False
+        self._replaced = False  # attached again on this client: the newer Session has it
         self._link: Link | None = None
         self._changed = Changed()
         self._consumer: weakref.ref[_Output] | None = None
@@ -157,11 +158,23 @@ class Session(SessionRequests):
         when the next one is asked for: a crash while handling a frame never
         loses it. Raises ``SessionGone`` if the session is destroyed first,
         ``ConnectionLost`` if the client gives up."""
-        if not self.attached and not len(self._flow) and self._exit is None and self._end is None:
-            raise BentoError(f"session {self.id} is not attached (use client.attach(token))")
+        self._check_attached()
         it = _Output(self)
         self._consumer = weakref.ref(it)
         return it
+
+    def _check_attached(self) -> None:
+        """Output or a result can come: attached, or holding what it needs."""
+        if not self.attached and not len(self._flow) and self._exit is None and self._end is None:
+            if self._replaced:
+                raise self._detached_error()
+            raise BentoError(f"session {self.id} is not attached (use client.attach(token))")
+
+    def _detached_error(self) -> BentoError:
+        if self._replaced:
+            return BentoError(f"session {self.id} was attached again on this client, which holds one "
+                              "attachment per session: use the Session that attach returned last")
+        return BentoError(f"session {self.id} was detached before it ended")
 
     async def _next_frame(self) -> Frame | None:
         while True:
@@ -186,7 +199,9 @@ class Session(SessionRequests):
         Raises ``RemoteError`` (an exception or non-zero exit code), one of its
         subclasses ``SessionKilled`` / ``SessionFailed`` / ``SessionLost``,
         ``SessionGone`` or ``ConnectionLost``. If no ``output()`` iterator is in
-        use, the frames not read yet are read and dropped on the way."""
+        use, the frames not read yet are read and dropped on the way. A session
+        started with ``attach=False`` is not attached: ``client.attach(token)``."""
+        self._check_attached()
         while True:
             consumer = self._consumer() if self._consumer is not None else None
             if consumer is not None:
@@ -195,7 +210,7 @@ class Session(SessionRequests):
                 if self._end is not None:
                     raise self._end
                 if self._detached:
-                    raise BentoError(f"session {self.id} was detached before it ended")
+                    raise self._detached_error()
                 self._client._sup.check_lost()
                 await self._changed.wait()
                 continue
@@ -208,7 +223,7 @@ class Session(SessionRequests):
             frame = await self._next_frame()
             if frame is None:
                 if self._exit is None:
-                    raise BentoError(f"session {self.id} was detached before it ended")
+                    raise self._detached_error()
                 await self._send_ack()
                 break
             await self._send_ack()  # dropped, as the user asked for the result only

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from bento import protocol
-from bento_clients.errors import BentoError, TooLarge
+from bento_clients.errors import Forbidden, TooLarge
 from bento_clients.frames import EOF, Stdin
 
 if TYPE_CHECKING:
@@ -106,5 +106,5 @@ class SessionRequests:
 
     def _owner_token(self) -> str:
         if self.token is None:
-            raise BentoError("this needs the owner token; the session was attached with a viewer token")
+            raise Forbidden("forbidden", "this needs the owner token; the session was attached with a viewer token")
         return self.token

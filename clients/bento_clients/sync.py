@@ -163,6 +163,37 @@ class SyncClient:
         """``sdk.Client.state_put``."""
         return self._call(self.client.state_put, token, value, if_version)
 
+    def share(self, token: str, viewer: str) -> str | None:
+        """``sdk.Client.share``."""
+        return self._call(self.client.share, token, viewer)
+
+    def download(self, token: str, path: str) -> bytes:
+        """``sdk.Client.download``."""
+        return self._call(self.client.download, token, path)
+
+    def upload(self, token: str, path: str, data: bytes) -> None:
+        """``sdk.Client.upload``."""
+        self._call(self.client.upload, token, path, data)
+
+    @property
+    def connected(self) -> bool:
+        """``sdk.Client.connected``."""
+        return self.client.connected
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        """``sdk.Client.server_info``."""
+        return self.client.server_info
+
+    @property
+    def on_queued(self) -> Callable[[int], None] | None:
+        """``sdk.Client.on_queued`` (called in the client's own thread)."""
+        return self.client.on_queued
+
+    @on_queued.setter
+    def on_queued(self, hook: Callable[[int], None] | None) -> None:
+        self.client.on_queued = hook
+
     def list(self) -> list[dict[str, Any]]:
         """``sdk.Client.list``."""
         return self._call(self.client.list)
@@ -275,6 +306,18 @@ class SyncSession:
     def resize(self, rows: int, cols: int) -> None:
         """A terminal session's new window size."""
         self._client._call(self._session.resize, rows, cols)
+
+    @property
+    def auto_ack(self) -> bool:
+        return self._session.auto_ack
+
+    @property
+    def queued(self) -> int:
+        return self._session.queued
+
+    def ack(self, seq: int) -> None:
+        """``sdk.Session.ack``: frames up to ``seq`` are safely handled (with ``auto_ack`` False)."""
+        self._client._call(self._session.ack, seq)
 
     def download(self, path: str) -> bytes:
         """A file of the session's work dir."""

@@ -133,6 +133,8 @@ async def test_attach_by_token_from_seq_and_viewer(server):
             token, viewer = s.token, s.viewer_token
             with pytest.raises(bento_clients.BentoError, match="not attached"):
                 s.output()
+            with pytest.raises(bento_clients.BentoError, match="not attached"):
+                await s.result()  # (it waited forever)
         async with bento_clients.connect(server.url) as c2:
             with trio.fail_after(10):
                 while (await c2.status(viewer))["next_seq"] < 11:
@@ -147,10 +149,12 @@ async def test_attach_by_token_from_seq_and_viewer(server):
             assert got == list(range(3, 10))
             with pytest.raises(bento_clients.InputClosed):
                 await v.send(1)
-            with pytest.raises(bento_clients.BentoError, match="owner"):
+            with pytest.raises(bento_clients.Forbidden, match="owner"):
                 await v.signal("TERM")
             o = await c2.attach(token)
             assert o.mode == "rw" and o.attach_info["next_seq"] == 11
+            with pytest.raises(bento_clients.BentoError, match="attached again on this client"):
+                await v.result()
             await o.send("done")
             assert await o.result() == "done"
             with pytest.raises(bento_clients.NotFound):

@@ -56,6 +56,28 @@ def test_blocking_facade_from_plain_code(server):
         c.status(s.token)
 
 
+def test_blocking_facade_has_the_async_sdks_names(server):
+    """docs/sdk.md: the same names as the async SDK (files, share, acks)."""
+    with bento_clients.sync.connect(server.url, call_timeout=30) as c:
+        assert c.connected and c.server_info["max_message"] > 0 and c.on_queued is None
+        s = c.execute("import time\ndef main():\n    time.sleep(30)\n")
+        c.upload(s.token, "in.txt", b"hello")
+        assert c.download(s.viewer_token, "in.txt") == b"hello"
+        viewer = c.share(s.token, "rotate")
+        assert viewer and viewer != s.viewer_token
+        c.destroy(s.token)
+        t = c.execute("def main():\n    print('a')\n    print('b')\n", attach=False)
+        look = c.attach(t.token, auto_ack=False)
+        assert look.auto_ack is False
+        frames = list(look.output(timeout=20))
+        assert look.queued == 0
+        look.ack(frames[-1].seq)
+        deadline = time.monotonic() + 10  # (an ack has no reply: status shows it a moment later)
+        while c.status(t.token)["acked_seq"] != frames[-1].seq:
+            assert time.monotonic() < deadline, c.status(t.token)
+            time.sleep(0.02)
+
+
 def test_blocking_facade_inside_threads_shared_and_not(server):
     before = set(threading.enumerate())
     results: dict[str, object] = {}
