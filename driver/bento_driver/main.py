@@ -465,7 +465,7 @@ def main() -> None:
         except (TypeError, ValueError) as exc:
             report.update(
                 code=1,
-                error={"type": "ResultNotEncodable", "message": str(exc), "traceback": ""},
+                error={"type": "ResultNotEncodable", "message": f"the return value: {exc}", "traceback": ""},
             )
     except KeyboardInterrupt as exc:
         report.update(kind="interrupted", error=_error(exc), code=1)

@@ -96,6 +96,7 @@ async def test_exception_and_bad_code(server):
         ex = (await c.frames(r["session"]))[-1][2]
         assert ex["state"] == "exited" and ex["code"] == 1
         assert ex["error"]["type"] == "ResultNotEncodable"
+        assert ex["error"]["message"] == "the return value: cannot send a value of type object", ex
 
 
 async def test_stored_function_is_content_addressed(server):
