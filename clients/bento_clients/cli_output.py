@@ -13,6 +13,7 @@ import logging
 import re
 import signal as signals
 import sys
+import termios
 import time
 from typing import Any
 
@@ -169,9 +170,7 @@ class _Notices(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self.show:
             msg = record.getMessage()
-            sys.stderr.write(msg if msg.startswith("bento:") else f"bento: {msg}")
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            say(msg if msg.startswith("bento:") else f"bento: {msg}")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -188,8 +187,17 @@ def unauthorized_message(key_sent: bool) -> str:
 
 
 def say(text: str) -> None:
-    sys.stderr.write(text.rstrip("\n") + "\n")
+    """A line on stderr; ended with "\r\n" while stderr is a terminal without
+    output processing (the raw mode of ``run -t``), where "\n" only moves down."""
+    sys.stderr.write(text.rstrip("\n") + ("\r\n" if _raw(sys.stderr) else "\n"))
     sys.stderr.flush()
+
+
+def _raw(stream: Any) -> bool:
+    try:
+        return stream.isatty() and not termios.tcgetattr(stream.fileno())[1] & termios.OPOST
+    except (OSError, ValueError, termios.error):
+        return False
 
 
 class QueueLine:

@@ -156,9 +156,6 @@ async def _stream(st: _Stream) -> int | None:
             st.detached = True
             nursery.cancel_scope.cancel()
 
-        def note(text: str) -> None:
-            say(text + "\r" * ("stderr" in crlf))
-
         interrupts: list[float] = []
 
         async def interrupt() -> None:
@@ -170,9 +167,9 @@ async def _stream(st: _Stream) -> int | None:
             try:
                 await s.signal("INT")
                 if sys.stderr.isatty():
-                    note(f"bento: sent INT to the function ({st.settings.detach_keys} detaches)")
+                    say(f"bento: sent INT to the function ({st.settings.detach_keys} detaches)")
             except BentoError as exc:
-                note(f"bento: could not send INT: {exc}")
+                say(f"bento: could not send INT: {exc}")
 
         async def signals_in() -> None:
             with trio.open_signal_receiver(signals.SIGINT, signals.SIGTERM, signals.SIGHUP,
@@ -231,7 +228,7 @@ async def _stream(st: _Stream) -> int | None:
             # A terminal's viewer is told at once: a raw terminal echoes nothing.
             told_read_only = st.tty and not st.send_input
             if told_read_only:
-                note(f"bento: read-only (viewer): your keys go nowhere; {st.settings.detach_keys} detaches")
+                say(f"bento: read-only (viewer): your keys go nowhere; {st.settings.detach_keys} detaches")
             while True:
                 data = await trio.to_thread.run_sync(os.read, 0, 1024, abandon_on_cancel=True)
                 if not data:

@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 import time
 
 import pexpect
@@ -413,3 +414,26 @@ def test_a_full_server_suggests_a_longer_wait_to_a_run_that_waited():
                 retry_after=1)
     assert cli.describe_error(full, False).endswith("try again in 1 s, or run with --wait")
     assert cli.describe_error(full, False, waited=True).endswith("try again in 1 s, with a longer --wait")
+
+
+def test_say_ends_its_line_with_a_carriage_return_on_a_raw_terminal(monkeypatch):
+    """run -t turns output processing off: a notice (an SDK reconnect, say) then
+    needs its \r, and gets none on a terminal that adds it itself."""
+    import termios
+
+    from bento_clients import cli_output
+
+    master, slave = os.openpty()
+    try:
+        with open(slave, "w", closefd=False) as stream:
+            monkeypatch.setattr(sys, "stderr", stream)
+            cli_output.say("bento: cooked")
+            attrs = termios.tcgetattr(slave)
+            attrs[1] &= ~termios.OPOST
+            termios.tcsetattr(slave, termios.TCSANOW, attrs)
+            cli_output.say("bento: raw")
+        got = os.read(master, 1024)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert got == b"bento: cooked\r\nbento: raw\r\n", got  # (the first one's \r is the terminal's)
