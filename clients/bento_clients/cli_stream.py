@@ -107,6 +107,11 @@ async def _stream(st: _Stream) -> int | None:
     # bytes are what it needs; this CLI's own lines (values, notes, the end)
     # need their carriage returns on the sinks that are that terminal.
     crlf = {name for name, fd in sinks.fds.items() if st.tty and st.keys and os.isatty(fd)}
+    # The terminal stdout is (and stderr, when it is the same one): this CLI's
+    # own lines start on a line of their own there, though the function's text
+    # may end mid-line (a prompt answered from a pipe: `name? "done"`). Not
+    # while local keys are echoed (that moves the cursor unseen here).
+    screen = set() if st.keys and not st.tty else _screen(sinks)
     s = st.session
     if st.record:
         s.auto_ack = False  # acknowledged only once recorded in the state file
@@ -121,12 +126,17 @@ async def _stream(st: _Stream) -> int | None:
             # yet when the loop stops is recorded on the way out.
             unrecorded: Frame | None = None
             batch = batch_bytes = 0
+            mid_line = False  # the last byte on the screen was not a newline
             try:
                 async for frame in s.output():
-                    own_lines = bool(crlf) and (st.settings.json or not isinstance(frame, Stdout | Stderr))
+                    own = st.settings.json or not isinstance(frame, Stdout | Stderr)
                     for sink, data in render(frame, st.settings.json, st.traceback, st.file):
-                        if own_lines and sink in crlf:
+                        if own and mid_line and sink in screen and data:
+                            data = b"\n" + data
+                        if own and sink in crlf:
                             data = data.replace(b"\n", b"\r\n")
+                        if sink in screen and data:
+                            mid_line = not data.endswith(b"\n")
                         if st.resume is not None:
                             data = st.resume.filter(sink, data)
                         if data:
@@ -264,6 +274,19 @@ async def _stream(st: _Stream) -> int | None:
         elif st.send_input:
             nursery.start_soon(lines_in)
     return None if st.detached else st.code
+
+
+def _screen(sinks: Sinks) -> set[str]:
+    """The sinks that are the terminal stdout is (none when stdout is not one)."""
+    try:
+        out = os.fstat(sinks.fds["stdout"])
+        if not os.isatty(sinks.fds["stdout"]):
+            return set()
+        err = os.fstat(sinks.fds["stderr"])
+    except OSError:
+        return set()
+    same = os.isatty(sinks.fds["stderr"]) and err.st_rdev == out.st_rdev
+    return {"stdout", "stderr"} if same else {"stdout"}
 
 
 def window() -> tuple[int, int]:

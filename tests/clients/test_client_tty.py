@@ -90,6 +90,24 @@ def test_run_t_into_a_file_writes_plain_newlines(cli):
     assert written.endswith(b'"ann"\n') and not written.endswith(b'\r\n'), written
 
 
+def test_the_result_starts_its_own_line_after_a_prompt_answered_from_a_pipe(cli):
+    import shlex
+
+    from client_helpers import CLI
+
+    env, tmp = cli
+    job = write_file(tmp, "ask.py", "def main():\n    return 'done, ' + input('name? ')\n")
+    child = pexpect.spawn("/bin/sh", ["-c", f"echo Ada | {shlex.join([*CLI, 'run', job])}"],
+                          env=env, timeout=30, dimensions=(24, 80))
+    try:
+        child.expect(pexpect.EOF)
+        shown = child.before
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert shown.endswith(b'name? \r\n"done, Ada"\r\n'), shown  # (was: name? "done, Ada")
+
+
 def test_run_t_json_lines_all_end_with_crlf(cli):
     env, tmp = cli
     job = write_file(tmp, "ask.py", "def main():\n    return input('name? ')\n")
