@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -131,7 +132,8 @@ class Config:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.cluster and not self.cluster.startswith(("redis://", "rediss://", "redis+cluster://",
                                                          "rediss+cluster://")):
-            raise ValueError(f"--cluster {self.cluster!r}: expected redis://HOST:PORT/DB, "
+            shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", self.cluster)  # (its password is not shown)
+            raise ValueError(f"--cluster {shown!r}: expected redis://HOST:PORT/DB, "
                              "rediss://HOST:PORT/DB?ca=FILE or redis+cluster://HOST:PORT,HOST:PORT "
                              "(docs/cluster.md)")
         if self.buffer_policy not in protocol.BUFFER_POLICIES:
