@@ -189,6 +189,9 @@ class Cluster:
             try:
                 await self.redis.set(keys.node(self.node), value, px=HEARTBEAT_TTL_MS)
                 await self.redis.sadd(keys.NODES, [self.node])
+                # Put back after a Redis that lost its data (restarted without
+                # persistence): a node started after that must not make its own.
+                await self.redis.set(keys.SECRET, self.secret, condition=coredis.PureToken.NX)
                 self.beat_error, self.beat_at = None, trio.current_time()
             except RedisError as exc:
                 log.warning("cannot renew this node's heartbeat: %s", exc)

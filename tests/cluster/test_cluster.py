@@ -381,6 +381,13 @@ def test_node_without_its_redis_refuses_to_start(tmp_path):
     )
     assert p.returncode == 2
     assert f"cannot reach Redis at redis://127.0.0.1:{port}/0".encode() in p.stderr
+    # A URL of no known scheme is refused without showing its password.
+    p = subprocess.run(
+        [sys.executable, "-m", "bento.app", "server", "--port", "0", "--data-dir", str(tmp_path / "d"),
+         "--cluster", "redix://u:s3cret@127.0.0.1:1/0"],
+        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert p.returncode == 2 and b"redix://u:***@127.0.0.1:1/0" in p.stderr and b"s3cret" not in p.stderr, p.stderr
 
 
 def test_node_name_in_use_elsewhere_is_refused(nodes, redis_server, tmp_path):
@@ -445,6 +452,54 @@ async def test_a_redis_that_hangs_makes_the_node_unready(durable_redis, tmp_path
                 await trio.sleep(0.5)
     finally:
         node.stop()
+
+
+async def test_the_cluster_secret_comes_back_after_redis_lost_its_data(tmp_path):
+    """A Redis restarted without persistence forgets the cluster's secret; the
+    running node puts it back with its next heartbeat, so a node started later
+    derives the same tokens."""
+    from conftest import RedisProcess, need_redis_server
+
+    need_redis_server()
+    (tmp_path / "r").mkdir()
+    redis = RedisProcess(str(tmp_path / "r")).start()
+    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis.url, "--node", "s").start()
+    try:
+        before = await trio.to_thread.run_sync(_redis_get, redis.port, b"bento:secret")
+        assert before is not None and len(before) == 32
+        await trio.to_thread.run_sync(_redis_command, redis.port, b"SET", b"test:marker", b"1")
+        redis.stop()
+        redis.start()  # (the same port, nothing kept)
+        assert await trio.to_thread.run_sync(_redis_get, redis.port, b"test:marker") is None
+        with trio.fail_after(15):
+            while (now := await trio.to_thread.run_sync(_redis_get, redis.port, b"bento:secret")) is None:
+                await trio.sleep(0.2)
+        assert now == before
+    finally:
+        node.stop()
+        redis.stop()
+
+
+def _redis_get(port: int, key: bytes) -> bytes | None:
+    """GET over a bare RESP connection (the test's own look, not the server's client)."""
+    got = _redis_command(port, b"GET", key)
+    head, _, rest = got.partition(b"\r\n")
+    return None if head == b"$-1" else rest[: int(head[1:])]
+
+
+def _redis_command(port: int, *words: bytes) -> bytes:
+    """One command's raw answer (a simple or bulk string)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words))
+        got = b""
+        for _ in range(100):
+            got += sock.recv(4096)
+            head, sep, rest = got.partition(b"\r\n")
+            if sep and (not head.startswith(b"$") or head == b"$-1" or len(rest) >= int(head[1:]) + 2):
+                break
+    return got
 
 
 def readyz(port: int) -> tuple[int, str]:
