@@ -10,6 +10,7 @@ from page_helpers import (
     assert_no_page_errors,
     assert_seqs_once,
     open_page,
+    origin,
     send_input,
     seqs,
     start,
@@ -101,6 +102,11 @@ def test_ansi_colours_and_carriage_return_progress_bar(context, server):
     assert plain["default"]
     green = page.evaluate("() => window.bentoPage.colorOf('green bold')")
     assert green["palette"] and green["fg"] == 2 and green["bold"]
+    # Destroyed: the state badge says so (it said "running" or the last state).
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click("#destroy")
+    page.wait_for_selector("#notice:has-text('Session destroyed')")
+    assert page.inner_text("#state-badge") == "destroyed"
     assert_no_page_errors(page)
 
 
@@ -214,7 +220,19 @@ def test_bad_token_shows_a_clear_message(context, server):
     malformed = open_page(context, server, "hello-world")
     malformed.wait_for_selector("#notice:not([hidden])")
     assert "not a Bento token" in malformed.inner_text("#notice")
-    assert_no_page_errors(page, malformed)
+    cut = open_page(context, server, unknown[:-5])  # a link copied short: never sent to the server
+    cut.wait_for_selector("#notice:not([hidden])")
+    assert "not a Bento token" in cut.inner_text("#notice")
+    assert_no_page_errors(page, malformed, cut)
+
+
+def test_a_pages_own_link_pasted_in_the_token_box_opens_it(context, server):
+    token, _ = start(server, "def main():\n    print('pasted')\n")
+    page = open_page(context, server)
+    page.fill("#token-input", f"{origin(server)}/#t={token}")
+    page.press("#token-input", "Enter")
+    wait_terminal(page, "pasted")
+    assert_no_page_errors(page)
 
 
 FLOOD = """

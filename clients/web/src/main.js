@@ -158,9 +158,12 @@ function wireRun() {
 function wireTokenForm() {
   $('token-form').addEventListener('submit', (ev) => {
     ev.preventDefault();
-    const token = $('token-input').value.trim();
+    const text = $('token-input').value.trim();
     $('token-input').value = '';
-    if (token) window.location.hash = `t=${token}`;
+    // A page's own link (a Share link) works as well as its token.
+    const link = text.match(/#(t=.*)$/);
+    if (link) window.location.hash = link[1];
+    else if (text) window.location.hash = `t=${text}`;
   });
 }
 

@@ -169,10 +169,17 @@ export class View {
     ];
     this.$('status').replaceChildren(...rows.flatMap(([k, v, id]) => [
       el('dt', {}, k), el('dd', id ? { id } : {}, String(v ?? '–'))]));
-    // An exit frame this page never got (trimmed before it attached) still has its status.
-    if (st.exit && this.exitData === null) this._exit(st.exit);
-    this.$('state-badge').textContent = String(st.state);
-    this.$('state-badge').className = `badge state-${st.state}`;
+    // An exit frame this page will never get (trimmed before it attached: the
+    // last frame, next_seq - 1, is below first_seq) still has its status; one
+    // still on its way comes as a frame.
+    if (st.exit && this.exitData === null && st.first_seq > st.next_seq - 1) this._exit(st.exit);
+    this.ended(String(st.state));
+  }
+
+  /** The session's state badge: from a status, or `destroyed` / `gone` when it is no more. */
+  ended(state) {
+    this.$('state-badge').textContent = state;
+    this.$('state-badge').className = `badge state-${state}`;
   }
 
   sharedState(version, value) {

@@ -20,7 +20,7 @@ const BACKOFF_MAX_MS = 10000;
 const POLL_RUNNING_MS = 1000;
 const POLL_ENDED_MS = 5000;
 
-export const TOKEN_SHAPE = /^bt[ov]_[A-Za-z0-9_-]{8,200}$/;
+export const TOKEN_SHAPE = /^bt[ov]_[A-Za-z0-9_-]{43}$/;
 
 /** What an error code means to the person looking at the page. */
 export function explain(err) {
@@ -233,6 +233,7 @@ export class SessionFollower {
     if (err.code === 'not_found' && (this.session !== null || this.tracker.held > 0)) {
       text = 'The server no longer has this session: it was destroyed, or it ended and '
         + 'expired. What the page shows is the copy this browser kept.';
+      this.view.ended('gone');
       if (this.view.exitData !== null) kind = 'info';
     } else if (err.code === 'bad_request' && this.tracker.held > 0) {
       text = `The server has fewer frames than this browser already showed (up to seq ${this.tracker.held}): `
@@ -373,6 +374,7 @@ export class SessionFollower {
       await this.store.forget();
       this.stop();
       this.view.notice('fatal', 'Session destroyed: its function was killed and its output deleted.');
+      this.view.ended('destroyed');
     }
     return reply;
   }
