@@ -84,6 +84,16 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture
+def volatile_redis(tmp_path):
+    """A redis-server of its own for one test that keeps nothing across a restart."""
+    need_redis_server()
+    (tmp_path / "volatile").mkdir()
+    r = RedisProcess(str(tmp_path / "volatile")).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
 def durable_redis(tmp_path):
     """A redis-server of its own for one test, with appendonly on."""
     need_redis_server()

@@ -454,15 +454,11 @@ async def test_a_redis_that_hangs_makes_the_node_unready(durable_redis, tmp_path
         node.stop()
 
 
-async def test_the_cluster_secret_comes_back_after_redis_lost_its_data(tmp_path):
+async def test_the_cluster_secret_comes_back_after_redis_lost_its_data(volatile_redis, tmp_path):
     """A Redis restarted without persistence forgets the cluster's secret; the
     running node puts it back with its next heartbeat, so a node started later
     derives the same tokens."""
-    from conftest import RedisProcess, need_redis_server
-
-    need_redis_server()
-    (tmp_path / "r").mkdir()
-    redis = RedisProcess(str(tmp_path / "r")).start()
+    redis = volatile_redis
     node = ServerProcess(str(tmp_path / "n"), "--cluster", redis.url, "--node", "s").start()
     try:
         before = await trio.to_thread.run_sync(_redis_get, redis.port, b"bento:secret")
@@ -477,7 +473,6 @@ async def test_the_cluster_secret_comes_back_after_redis_lost_its_data(tmp_path)
         assert now == before
     finally:
         node.stop()
-        redis.stop()
 
 
 def _redis_get(port: int, key: bytes) -> bytes | None:
