@@ -311,7 +311,10 @@ class Session(SessionRequests):
                 self._input.gone = True
             self._attachment.recheck(reattach=code == "not_found")
         elif code == "input_gap":
-            self._input.refused(error.get("message"), self._client._nursery)
+            # After the function's end the server takes no new input (`gone`, which
+            # comes first), so a later seq "skips" the refused one: nothing to send again.
+            if not (self._input.gone or self._exit is not None):
+                self._input.refused(error.get("message"), self._client._nursery)
         elif code == "unavailable":
             # The cluster node lost its Redis and ended this attachment. Ended
             # here too, with the reason, rather than re-attached in a loop: the

@@ -432,7 +432,11 @@ def test_say_ends_its_line_with_a_carriage_return_on_a_raw_terminal(monkeypatch)
             attrs[1] &= ~termios.OPOST
             termios.tcsetattr(slave, termios.TCSANOW, attrs)
             cli_output.say("bento: raw")
-        got = os.read(master, 1024)
+        got = b""
+        for _ in range(50):  # (a pty read may return one line at a time)
+            got += os.read(master, 1024)
+            if got.endswith(b"raw\r\n"):
+                break
     finally:
         os.close(master)
         os.close(slave)
