@@ -50,6 +50,9 @@ class InputOps:
             try:
                 r = await self.registry.input(s, msg)
             except ExchangeGone:
+                # An exchange that has just ended the function exits: its last
+                # announcement may still be on its way in.
+                await self.registry.settle(s)
                 if not s.snap.has_ended:
                     raise
                 r = self._input_after_end(s, req["seq"])

@@ -166,6 +166,14 @@ class SessionLinks:
             s.input_accepted(r["input_seq"])
         return r
 
+    async def settle(self, s: Session, timeout: float = 1.0) -> None:
+        """After a request found the exchange gone: until what it said last (the
+        function's end, say) is read, which happens when its link's reader ends."""
+        link = s.link
+        with trio.move_on_after(timeout):
+            while link is not None and s.link is link and not s.snap.has_ended:
+                await trio.sleep(0.01)
+
     async def sync(self, s: Session) -> None:
         """Bring ``s.snap`` up to the exchange's positions now (the exchange
         announces them in rounds; a reply must not trail what was acknowledged).
