@@ -83,7 +83,7 @@ class ExchangeLink:
         self.quick = QuickWriter(stream.socket, self.send_lock) if isinstance(stream, trio.SocketStream) else None
         self.pending: dict[int, tuple[trio.Event, list[dict]]] = {}
         self.next_rid = 1
-        self.closed = False
+        self.ended = trio.Event()  # its reader took its last message (fail_pending)
         self.home: str | None = None  # a warm exchange's directory until a session takes it
         self.kill: Callable[[], None] | None = None  # a warm exchange's process, if it will not answer
 
@@ -103,7 +103,7 @@ class ExchangeLink:
             raise ExchangeGone(str(exc)) from None
 
     async def call(self, msg: dict) -> dict:
-        if self.closed:
+        if self.ended.is_set():
             raise ExchangeGone("the exchange is gone")
         rid = self.next_rid
         self.next_rid += 1
@@ -155,7 +155,7 @@ class ExchangeLink:
         return True
 
     def fail_pending(self) -> None:
-        self.closed = True
+        self.ended.set()
         for done, _slot in self.pending.values():
             done.set()
         self.pending.clear()

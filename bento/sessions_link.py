@@ -169,10 +169,9 @@ class SessionLinks:
     async def settle(self, s: Session, timeout: float = 1.0) -> None:
         """After a request found the exchange gone: until what it said last (the
         function's end, say) is read, which happens when its link's reader ends."""
-        link = s.link
-        with trio.move_on_after(timeout):
-            while link is not None and s.link is link and not s.snap.has_ended:
-                await trio.sleep(0.01)
+        if s.link is not None:
+            with trio.move_on_after(timeout):
+                await s.link.ended.wait()
 
     async def sync(self, s: Session) -> None:
         """Bring ``s.snap`` up to the exchange's positions now (the exchange
