@@ -130,7 +130,6 @@ class Cgroups:
 
     def __init__(self, name: str, features: dict[str, str]) -> None:
         self.dirs: dict[str, str] = {}
-        self.refused: dict[str, str] = {}  # limit -> why its cgroup refused it (apply)
         for feature, base in features.items():
             path = os.path.join(base, name)
             try:
@@ -141,27 +140,28 @@ class Cgroups:
                 continue
             self.dirs[feature] = path
 
-    def apply(self, limits: Limits) -> dict[str, str]:
-        """Set the limits the cgroups can hold; returns limit -> what enforces it."""
+    def apply(self, limits: Limits) -> tuple[dict[str, str], dict[str, str]]:
+        """Set the limits the cgroups can hold: (limit -> what enforces it, limit ->
+        why its cgroup refused the value)."""
         enforced: dict[str, str] = {}
-        self.refused = {}
+        refused: dict[str, str] = {}
         if "memory" in self.dirs and limits.memory_bytes is not None:
             try:
                 _write(os.path.join(self.dirs["memory"], "memory.limit_in_bytes"), str(limits.memory_bytes))
                 enforced["memory_bytes"] = "cgroup memory (OOM kill)"
             except OSError as exc:
                 busy = " (the environment already uses more than that)" if exc.errno == errno.EBUSY else ""
-                self.refused["memory_bytes"] = (f"its memory cgroup refused {limits.memory_bytes} bytes: "
+                refused["memory_bytes"] = (f"its memory cgroup refused {limits.memory_bytes} bytes: "
                                                 f"{exc.strerror}{busy}")
         if "pids" in self.dirs and limits.pids is not None:
             try:
                 _write(os.path.join(self.dirs["pids"], "pids.max"), str(limits.pids))
                 enforced["pids"] = "cgroup pids"
             except OSError as exc:
-                self.refused["pids"] = f"its pids cgroup refused {limits.pids}: {exc.strerror}"
+                refused["pids"] = f"its pids cgroup refused {limits.pids}: {exc.strerror}"
         if "cpuacct" in self.dirs and limits.cpu_s is not None:
             enforced["cpu_s"] = "cgroup cpuacct (whole environment) + RLIMIT_CPU backstop"
-        return enforced
+        return enforced, refused
 
     def enter(self) -> None:
         """Move the calling process in (runs in the child between fork and exec)."""

@@ -62,10 +62,10 @@ class Environment:
         must set on itself). ``strict``: a limit that no cgroup holds for the
         whole environment raises ``Unenforceable`` (the caller kills the
         environment); otherwise it gets only the per-process rlimit, and says so."""
-        by_cgroup = self.cgroups.apply(limits) if self.cgroups is not None else {}
+        by_cgroup, refused = self.cgroups.apply(limits) if self.cgroups is not None else ({}, {})
         missing = [k for k in CGROUP_LIMITS if getattr(limits, k) is not None and k not in by_cgroup]
         if strict and missing:
-            raise Unenforceable(missing, self.cgroups.refused if self.cgroups is not None else None)
+            raise Unenforceable(missing, refused)
         rlimits = driver_rlimits(limits, memory="memory_bytes" not in by_cgroup)
         enforced = dict(self.enforced)
         if "cpu_s" in missing:
