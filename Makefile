@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODE_BENCH := bench/node/node_modules/.package-lock.json
+JUPYTER_BENCH := bench/jupyter/.venv/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8765
 ARGS ?=
@@ -20,7 +21,7 @@ run: $(STAMP)
 	@echo "bento server $(strip $(RUN_ADDR) $(ARGS))"
 	@exec $(PY) -m bento.app server $(strip $(RUN_ADDR) $(ARGS))
 
-test: $(STAMP) $(NODE_BENCH)
+test: $(STAMP) $(NODE_BENCH) $(JUPYTER_BENCH)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 install: $(STAMP)
@@ -77,7 +78,7 @@ web:
 
 # Benchmarks print one table (figure, ceiling measured in the same run, ratio,
 # target). ARGS=--quick for a one-minute version. Not part of `make test`.
-bench: $(STAMP) $(NODE_BENCH)
+bench: $(STAMP) $(NODE_BENCH) $(JUPYTER_BENCH)
 	$(PY) bench/run.py $(ARGS)
 
 # The bench's independent client (bench/node: stock ws + cbor-x), installed when
@@ -88,6 +89,15 @@ $(NODE_BENCH): bench/node/package-lock.json
 	    || echo "make: npm ci in bench/node failed: the bench's Node client rows will say so" >&2; \
 	fi
 
+# The bench's Jupyter ceilings (a warm kernel, and the kernel gateway), in a venv
+# of their own; without it (no PyPI) the bench's Jupyter rows say why they have no figure.
+$(JUPYTER_BENCH): bench/jupyter/requirements.txt
+	@{ test -x bench/jupyter/.venv/bin/python || $(PYTHON) -m venv bench/jupyter/.venv; } \
+	  && bench/jupyter/.venv/bin/python -m pip install -q -r bench/jupyter/requirements.txt \
+	    >bench/jupyter/install.log 2>&1 \
+	  && touch $@ \
+	  || echo "make: installing bench/jupyter/requirements.txt failed (bench/jupyter/install.log): the bench's Jupyter rows will say so" >&2
+
 # The long fuzz run (>= 100,000 cases against the decoder and a live server).
 fuzz: $(STAMP)
 	$(PY) tests/reliability/fuzz_long.py $(ARGS)
@@ -97,4 +107,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy bento driver/bento_driver sandbox/bento_sandbox clients/bento_clients
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) bench/jupyter/.venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache

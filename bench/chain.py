@@ -7,6 +7,7 @@ it made (the caller stops the server, which ends whatever is left)."""
 from __future__ import annotations
 
 import os
+import random
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -112,6 +113,29 @@ async def first_output(url: str, runs: int, warmup: int = 2, pause: float = 0.05
                 out.append(dt)
             await trio.sleep(pause)  # let the previous session's teardown finish
     return out
+
+
+async def first_output_against(url: str, others: list, runs: int,  # type: ignore[type-arg]
+                               pause: float) -> tuple[list[float], list[list[float]]]:
+    """Seconds to the first output, interleaved with ``others`` (objects with a
+    blocking ``once()`` that returns the same figure for another system): each
+    round one execute here and one ``once()`` each, in a random order, ``pause``
+    after each, so the machine's drift hits all alike. (ours, [theirs...])."""
+    ours: list[float] = []
+    theirs: list[list[float]] = [[] for _ in others]
+    async with open_client(url) as c:
+        await first_output_once(c)
+        await trio.sleep(pause)
+        for _ in range(runs):
+            order = list(range(len(others) + 1))
+            random.shuffle(order)
+            for i in order:
+                if i == len(others):
+                    ours.append(await first_output_once(c))
+                else:
+                    theirs[i].append(await trio.to_thread.run_sync(others[i].once))
+                await trio.sleep(pause)
+    return ours, theirs
 
 
 async def packages_first_output(url: str, spec: list[str], runs: int,

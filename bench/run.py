@@ -43,6 +43,7 @@ for p in (HERE, os.path.join(ROOT, "tests"), ROOT):
 import backtoback  # noqa: E402
 import ceilings  # noqa: E402
 import chain  # noqa: E402
+import jupyter_ceiling  # noqa: E402
 import multinode  # noqa: E402
 import node_client  # noqa: E402
 import psutil  # noqa: E402
@@ -70,6 +71,8 @@ MAX_BUFFER = str(2 * 1024 * 1024 * 1024)
 # key, name, unit, higher_is_better, target (judged on p50 in Bench.finish; "-": reported only)
 ROW_SPECS: list[tuple[str, str, str, bool, str]] = [
     ("first_bwrap", "execute->first output, bwrap, warm", "ms", False, "p50 <= 5 ms"),
+    ("first_jupyter", "execute->first output vs warm Jupyter kernel", "ms", False, "p50 <= 2 ms, < 1x ceiling"),
+    ("first_gateway", "execute->first output vs Jupyter kernel gateway", "ms", False, "< 1x ceiling"),
     ("first_bwrap_cold", "execute->first output, bwrap, cold", "ms", False, "- (reported)"),
     *backtoback.ROW_SPECS,
     ("first_none", "execute->first output, none", "ms", False, "p50 <= 5 ms"),
@@ -335,6 +338,8 @@ class Bench:
                 self.log(f"    reattach p50 {statistics.median(xs):.2f} ms")
 
             go("first_bwrap", "first output (bwrap)", first)
+            self.stage("  first output vs warm Jupyter", ["first_jupyter", "first_gateway"],
+                       lambda: self.against_jupyter(url))
             go("echo", "echo", echo)
             self.stage("  stream 64 KiB", ["big_live", "big_replay"],
                        lambda: streams("big", "big_live", "big_replay", b.stream_bytes, 1e6))
@@ -343,6 +348,38 @@ class Bench:
             go("reattach", "reattach", reattach)
             self.stage("  independent client (Node ws + cbor-x)", ["node_big", "node_small"],
                        lambda: self.node_streams(url))
+
+    def against_jupyter(self, url: str) -> None:
+        """The issue's comparison: the warm first output against a warm Jupyter
+        kernel (stock jupyter_client over ZMQ: no sandbox, nothing kept) and the
+        same kernel behind the Jupyter kernel gateway (a stock WebSocket
+        client), each ``print('x')``, interleaved execute by execute."""
+        why = jupyter_ceiling.missing()
+        if why is not None:
+            for key in ("first_jupyter", "first_gateway"):
+                self.rows[key].error = why
+            self.log(f"    skipped: {why}")
+            return
+        b = self.b
+        others: list[jupyter_ceiling.Jupyter] = []
+        try:
+            for mode in ("kernel", "gateway"):
+                others.append(jupyter_ceiling.Jupyter(mode))
+            self.quiet()
+            ours, (kernel, gateway) = trio.run(chain.first_output_against, url, others, 2 * b.first_output_runs,
+                                               b.first_output_pause)
+        finally:
+            for o in others:
+                o.close()
+        ours = [x * MS for x in ours]
+        for key, name, theirs in (("first_jupyter", "warm Jupyter kernel, jupyter_client over ZMQ (ms)", kernel),
+                                  ("first_gateway", "warm Jupyter kernel gateway, websocket-client (ms)", gateway)):
+            self.set_ceiling(key, name, [x * MS for x in theirs])
+            self.rows[key].set(ours)
+        self.rows["first_jupyter"].note = ("interleaved with the kernel and the gateway, one execute of print('x') "
+                                           f"each every ~{b.first_output_pause * MS:.0f} ms")
+        self.log(f"    first output p50 {statistics.median(ours):.2f} ms; Jupyter kernel "
+                 f"{statistics.median(kernel) * MS:.2f} ms, kernel gateway {statistics.median(gateway) * MS:.2f} ms")
 
     def node_streams(self, url: str) -> None:
         """The issue's independent client: stock `ws` + `cbor-x`, acking each
@@ -484,6 +521,8 @@ class Bench:
         r = self.rows
         self.use_ceiling("first_bwrap", "spawn_bwrap")
         self.use_ceiling("first_bwrap_cold", "spawn_bwrap")
+        self.use_ceiling("first_jupyter", "first_jupyter")
+        self.use_ceiling("first_gateway", "first_gateway")
         self.use_ceiling("first_none", "spawn_python")
         self.use_ceiling("echo", "ws_rtt")
         self.use_ceiling("loaded_echo", "ws_rtt")
@@ -504,6 +543,9 @@ class Bench:
 
         r["first_bwrap"].judge(lambda x: x <= 5)
         r["first_none"].judge(lambda x: x <= 5)
+        r["first_jupyter"].judge(lambda x: x <= 2 and r["first_jupyter"].ratio is not None
+                                 and r["first_jupyter"].ratio < 1)
+        r["first_gateway"].judge(lambda x: r["first_gateway"].ratio is not None and r["first_gateway"].ratio < 1)
         r["echo"].judge(lambda x: x <= 1)
         r["loaded_echo"].judge(lambda x: x <= 1)
         r["big_live"].judge(lambda x: r["big_live"].ratio is not None and r["big_live"].ratio >= 0.7)
