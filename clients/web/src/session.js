@@ -186,6 +186,9 @@ export class SessionFollower {
       const st = await conn.request('status', { token: this.token });
       this.view.status(st);
       if (st.exit) this.ended = true;
+      // The server's input seq: a viewer gets no in_ack, and an owner learns of
+      // input another owner page sent.
+      this._inputAccepted(st.input_seq);
       // An ack lost with an earlier connection: the store has more than the server knows.
       if (this._acks() && Number.isSafeInteger(st.acked_seq) && st.acked_seq < this.stored) {
         conn.send({ op: 'ack', session: this.session, seq: this.stored });
