@@ -272,7 +272,7 @@ def test_without_indexeddb_the_page_says_so_and_does_not_acknowledge(context, se
     send_input(page, "go")
     wait_exit(page)
     assert not page.evaluate("() => window.bentoPage.persistent()")
-    assert "refused its storage" in page.inner_text("#notice")
+    assert "does not let this page store" in page.inner_text("#notice")
     wait_js(page, "() => { const s = window.bentoPage.status(); return s && s.state === 'exited'; }")
     # Nothing is acknowledged: a reload reads it all again from the server.
     assert status(server, token)["acked_seq"] == 0

@@ -8,7 +8,8 @@
 import '@xterm/xterm/css/xterm.css';
 import './app.css';
 
-import { showNotice, View } from './render.js';
+import { Notices } from './notices.js';
+import { View } from './render.js';
 import { explain, SessionFollower, TOKEN_SHAPE } from './session.js';
 import { openStore } from './store.js';
 import { Connection, serverUrl } from './wire.js';
@@ -19,9 +20,8 @@ function fragment() {
   return new URLSearchParams(window.location.hash.slice(1));
 }
 
-function notice(kind, text) {
-  showNotice($('notice'), kind, text);
-}
+// A confirmation of an action stays this long, then goes by itself.
+const CONFIRM_MS = 6000;
 
 /** A fresh idempotency key for `execute`: a Run whose reply was lost, clicked
  * again with the same form, gets the same session back instead of a second one. */
@@ -47,10 +47,10 @@ function setControls(mode, ended) {
   $('controls-why').hidden = !why;
 }
 
-async function follow(token, viewerToken) {
+async function follow(token, viewerToken, notices) {
   $('intro').hidden = true;
   $('session').hidden = false;
-  const view = new View(document.body);
+  const view = new View(document.body, notices);
   const store = await openStore(token);
   const follower = new SessionFollower(token, store, view, window.location);
   let mode = token.startsWith('btv_') ? 'ro' : null;
@@ -72,7 +72,11 @@ async function follow(token, viewerToken) {
 }
 
 function wireControls(follower, view) {
-  const act = (promise, done) => promise.then(done, (err) => view.notice('error', explain(err)));
+  // An action's error shows under its topic until the next one of its kind succeeds.
+  const act = (topic, promise, done) => promise.then((value) => {
+    view.clearNotice(topic);
+    done(value);
+  }, (err) => view.notice(topic, 'error', explain(err)));
   $('input-form').addEventListener('submit', (ev) => {
     ev.preventDefault();
     const text = $('input-line').value;
@@ -81,21 +85,25 @@ function wireControls(follower, view) {
       try {
         data = JSON.parse(text);
       } catch (err) {
-        view.notice('error', `Not JSON: ${err.message}. Untick JSON to send the line as text.`);
+        view.notice('input-line', 'error', `Not JSON: ${err.message}. Untick JSON to send the line as text.`);
         return;
       }
     }
-    act(follower.input({ data }), () => { $('input-line').value = ''; });
+    act('input-line', follower.input({ data }), () => { $('input-line').value = ''; });
   });
-  $('eof').addEventListener('click', () => act(follower.input({ eof: true }), () => {}));
+  // An error about the line's text goes once that text is edited.
+  for (const id of ['input-line', 'input-json']) {
+    $(id).addEventListener('input', () => view.clearNotice('input-line'));
+  }
+  $('eof').addEventListener('click', () => act('input-line', follower.input({ eof: true }), () => {}));
   for (const button of $('controls').querySelectorAll('[data-signal]')) {
     const { signal } = button.dataset;
-    button.addEventListener('click', () => act(follower.request('signal', { signal }),
-      () => view.notice('info', `Sent ${signal}.`)));
+    button.addEventListener('click', () => act('control', follower.request('signal', { signal }),
+      () => view.notice('control', 'info', `Sent ${signal}.`, { forMs: CONFIRM_MS })));
   }
   $('destroy').addEventListener('click', () => {
     if (!window.confirm('Destroy this session? Its function is killed and its output deleted.')) return;
-    act(follower.request('destroy'), () => setControls('destroyed', true));
+    act('control', follower.request('destroy'), () => setControls('destroyed', true));
   });
 }
 
@@ -113,7 +121,7 @@ function hook(view, follower) {
     exit: () => view.exitData,
     status: () => view.lastStatus,
     sharedState: () => view.state,
-    notice: () => view.noticeText,
+    notice: () => view.notices.text(),
     input: () => ({ ...view.inputFigures }),
     persistent: () => follower.store.persistent,
   });
@@ -168,6 +176,8 @@ function wireTokenForm() {
 }
 
 function main() {
+  const notices = new Notices($('notice'));
+  const notice = (kind, text) => notices.set('page', kind, text);
   wireTokenForm();
   wireRun();
   // A new fragment is a new session: start again from a clean page.
@@ -180,7 +190,7 @@ function main() {
       + '(viewer), followed by 43 letters, digits, - or _. Check that the link was copied whole.');
     return;
   }
-  follow(token, params.get('v')).catch((err) => notice('fatal', `The page failed: ${err.message}`));
+  follow(token, params.get('v'), notices).catch((err) => notice('fatal', `The page failed: ${err.message}`));
 }
 
 main();

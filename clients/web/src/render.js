@@ -47,16 +47,19 @@ function timeText(epoch) {
   return typeof epoch === 'number' ? new Date(epoch * 1000).toISOString().replace('T', ' ').slice(0, 19) : '–';
 }
 
-/** Puts `text` in the notice box `box` (kind: fatal, error, warn, info; '' hides it). */
-export function showNotice(box, kind, text) {
-  box.textContent = text;
-  box.className = `notice notice-${kind}`;
-  box.hidden = !text;
-}
+/** What a page without storage cannot do, and what to do about it. */
+const NO_STORAGE = 'This browser does not let this page store anything (site data is blocked for '
+  + 'this server, or this is a private window). The page works, but it keeps the output only '
+  + 'while this tab is open: a reload reads it all again from the server, an owner page does '
+  + 'not acknowledge output (the server keeps it for the next reader), and input the server '
+  + 'has not yet accepted is lost if the tab closes. To keep them, allow this site to store '
+  + 'data (the browser\'s site settings: cookies and site data) and reload.';
 
 export class View {
-  constructor(root) {
+  /** `notices` is the page's Notices (notices.js). */
+  constructor(root, notices) {
     this.root = root;
+    this.notices = notices;
     this.$ = (id) => root.querySelector(`#${id}`);
     this.terminal = new Terminal({
       convertEol: true, disableStdin: true, scrollback: 10000, fontSize: 13,
@@ -78,7 +81,6 @@ export class View {
     this.state = null;
     this.mode = null;
     this.connState = 'idle';
-    this.noticeText = '';
     this.inputFigures = { accepted: 0, pending: 0 };
   }
 
@@ -125,6 +127,7 @@ export class View {
 
   _exit(data) {
     this.exitData = data;
+    this.notices.clear('control'); // the exit says what a signal did
     this.root.dispatchEvent(new CustomEvent('bento-exit', { detail: data }));
     const box = this.$('exit');
     box.replaceChildren();
@@ -150,11 +153,8 @@ export class View {
     this.mode = info.mode;
     this.$('session-id').textContent = info.session;
     this.$('mode').textContent = info.mode === 'rw' ? 'owner (read-write)' : 'viewer (read-only)';
-    if (this.noticeKind !== 'fatal') this.notice('', '');
-    if (!info.persistent) {
-      this.notice('warn', `${info.why || 'no storage in this browser'}: a reload re-reads the `
-        + 'output from the server, and an owner page does not acknowledge it.');
-    }
+    this.notices.clear('connection');
+    if (!info.persistent) this.notice('storage', 'warn', NO_STORAGE);
     this.root.dispatchEvent(new CustomEvent('bento-attached', { detail: info }));
   }
 
@@ -209,10 +209,19 @@ export class View {
     }
   }
 
-  notice(kind, text) {
-    this.noticeKind = kind;
-    this.noticeText = text;
-    showNotice(this.$('notice'), kind, text);
+  /** A notice under `topic` (notices.js): it replaces that topic's last one. */
+  notice(topic, kind, text, options) {
+    this.notices.set(topic, kind, text, options);
+  }
+
+  clearNotice(topic) {
+    this.notices.clear(topic);
+  }
+
+  /** The page stopped: this notice replaces every other. */
+  stopNotice(kind, text) {
+    this.notices.clearAll();
+    this.notices.set('session', kind, text);
   }
 
   // -- the test hook (window.bentoPage) reads these --------------------------

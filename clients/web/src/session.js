@@ -22,6 +22,9 @@ const POLL_ENDED_MS = 5000;
 
 export const TOKEN_SHAPE = /^bt[ov]_[A-Za-z0-9_-]{43}$/;
 
+// The error events that refuse an input (docs/protocol.md, input).
+const INPUT_REFUSALS = ['input_gap', 'limit', 'bad_request'];
+
 /** What an error code means to the person looking at the page. */
 export function explain(err) {
   if (!(err instanceof ServerError)) return err.message;
@@ -156,7 +159,7 @@ export class SessionFollower {
       if (err instanceof ServerError && ['not_found', 'bad_request', 'unauthorized'].includes(err.code)) {
         this._fatal(err);
       } else if (err instanceof ServerError) {
-        this.view.notice('error', explain(err));
+        this.view.notice('connection', 'error', explain(err));
       }
       conn.close(explain(err));
     }
@@ -168,7 +171,7 @@ export class SessionFollower {
     this.session = reply.session;
     this.mode = reply.mode;
     this.view.attached({ session: reply.session, mode: reply.mode, state: reply.state,
-      persistent: this.store.persistent, why: this.store.why });
+      persistent: this.store.persistent });
     this._setState('attached');
     this._inputAccepted(reply.input_seq);
     this.view.input(this.accepted, this.pending.size);
@@ -185,6 +188,7 @@ export class SessionFollower {
     try {
       const st = await conn.request('status', { token: this.token });
       this.view.status(st);
+      this.view.clearNotice('connection'); // the server answers again
       if (st.exit) this.ended = true;
       // The server's input seq: a viewer gets no in_ack, and an owner learns of
       // input another owner page sent.
@@ -200,7 +204,7 @@ export class SessionFollower {
         conn.close(explain(err));
         return;
       }
-      this.view.notice('error', explain(err));
+      this.view.notice('connection', 'error', explain(err));
     } finally {
       this.polling = false;
     }
@@ -242,13 +246,13 @@ export class SessionFollower {
       text = `The server has fewer frames than this browser already showed (up to seq ${this.tracker.held}): `
         + `its data was reset, or this is another server. (${err.message})`;
     }
-    this.view.notice(kind, text);
+    this.view.stopNotice(kind, text);
     this._setState('stopped', text);
   }
 
   _event(conn, msg) {
     if (conn !== this.conn || msg.session !== this.session) {
-      if (msg.ev === 'error') this.view.notice('error', explain(asError(msg.error)));
+      if (msg.ev === 'error') this.view.notice('connection', 'error', explain(asError(msg.error)));
       return;
     }
     switch (msg.ev) {
@@ -271,7 +275,10 @@ export class SessionFollower {
         if (err.code === 'gone' && this.pending.size > 0) {
           this._dropInput(`${this.pending.size} input(s) not delivered: the function had ended`);
         } else {
-          this.view.notice('error', explain(err));
+          // An input's refusal lasts until an input is accepted; any other, until
+          // the server answers a status again.
+          const topic = INPUT_REFUSALS.includes(err.code) ? 'input' : 'connection';
+          this.view.notice(topic, 'error', explain(err));
         }
         if (err.code === 'gone') this._pollSoon();
         break;
@@ -292,7 +299,7 @@ export class SessionFollower {
         }
       }
     } catch (err) {
-      this.view.notice('error', err.message);
+      this.view.notice('connection', 'error', err.message);
       conn.close(err.message);
       return;
     }
@@ -303,7 +310,7 @@ export class SessionFollower {
         await this.store.addFrames(shown);
       } catch (err) {
         this.storeError = String(err?.message || err);
-        this.view.notice('error', `this browser could not store frames (${this.storeError}): `
+        this.view.notice('store', 'error', `this browser could not store frames (${this.storeError}): `
           + 'they are not acknowledged, and a reload shows them again from the server');
         return;
       }
@@ -340,14 +347,15 @@ export class SessionFollower {
     this.accepted = seq;
     for (const s of [...this.pending.keys()]) if (s <= seq) this.pending.delete(s);
     this.view.input(this.accepted, this.pending.size);
-    this.store.inputAccepted(seq).catch((err) => this.view.notice('error', String(err)));
+    this.view.clearNotice('input');
+    this.store.inputAccepted(seq).catch((err) => this.view.notice('store', 'error', String(err)));
   }
 
   _dropInput(why) {
     this.pending.clear();
     this.view.input(this.accepted, 0);
-    this.view.notice('error', why);
-    this.store.dropInput().catch((err) => this.view.notice('error', String(err)));
+    this.view.notice('input', 'error', why);
+    this.store.dropInput().catch((err) => this.view.notice('store', 'error', String(err)));
   }
 
   /** Sends an input value (or `{eof: true}`) exactly once; resolves with its seq. */
@@ -376,7 +384,7 @@ export class SessionFollower {
     if (op === 'destroy') {
       await this.store.forget();
       this.stop();
-      this.view.notice('fatal', 'Session destroyed: its function was killed and its output deleted.');
+      this.view.stopNotice('fatal', 'Session destroyed: its function was killed and its output deleted.');
       this.view.ended('destroyed');
     }
     return reply;

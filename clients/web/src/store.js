@@ -235,8 +235,9 @@ export async function openStore(token) {
   try {
     return await SessionStore.open(token);
   } catch (err) {
-    const store = new MemoryStore(token);
-    store.why = `this browser refused its storage (${err?.message || err})`;
-    return store;
+    // The page says in plain words what this costs (render.js); the browser's
+    // own words are for whoever debugs it.
+    console.warn('bento: IndexedDB refused, keeping this session in memory:', err);
+    return new MemoryStore(token);
   }
 }
