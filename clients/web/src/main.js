@@ -11,6 +11,7 @@ import './app.css';
 import { Notices } from './notices.js';
 import { View } from './render.js';
 import { explain, SessionFollower, TOKEN_SHAPE } from './session.js';
+import { Signals } from './signals.js';
 import { openStore } from './store.js';
 import { Connection, serverUrl } from './wire.js';
 
@@ -19,9 +20,6 @@ const $ = (id) => document.getElementById(id);
 function fragment() {
   return new URLSearchParams(window.location.hash.slice(1));
 }
-
-// A confirmation of an action stays this long, then goes by itself.
-const CONFIRM_MS = 6000;
 
 /** A fresh idempotency key for `execute`: a Run whose reply was lost, clicked
  * again with the same form, gets the same session back instead of a second one. */
@@ -53,12 +51,14 @@ async function follow(token, viewerToken, notices) {
   const view = new View(document.body, notices);
   const store = await openStore(token);
   const follower = new SessionFollower(token, store, view, window.location);
+  const signals = new Signals(follower, view, explain);
   let mode = token.startsWith('btv_') ? 'ro' : null;
   setControls(mode, false);
   document.body.addEventListener('bento-exit', () => setControls(mode, true));
   document.body.addEventListener('bento-attached', (ev) => {
     mode = ev.detail.mode;
     setControls(mode, view.exitData !== null);
+    signals.attached(ev.detail.state);
     if (mode === 'rw' && viewerToken && TOKEN_SHAPE.test(viewerToken)) {
       const url = new URL(window.location.href);
       url.hash = `t=${viewerToken}`;
@@ -66,17 +66,17 @@ async function follow(token, viewerToken, notices) {
       $('share').hidden = false;
     }
   });
-  wireControls(follower, view);
+  wireControls(follower, view, signals);
   window.bentoPage = hook(view, follower);
   await follower.start();
 }
 
-function wireControls(follower, view) {
+function wireControls(follower, view, signals) {
   // An action's error shows under its topic until the next one of its kind succeeds.
-  const act = (topic, promise, done) => promise.then((value) => {
+  const act = (topic, promise, done, failed = '') => promise.then((value) => {
     view.clearNotice(topic);
     done(value);
-  }, (err) => view.notice(topic, 'error', explain(err)));
+  }, (err) => view.notice(topic, 'error', `${failed}${explain(err)}`));
   $('input-form').addEventListener('submit', (ev) => {
     ev.preventDefault();
     const text = $('input-line').value;
@@ -98,12 +98,12 @@ function wireControls(follower, view) {
   $('eof').addEventListener('click', () => act('input-line', follower.input({ eof: true }), () => {}));
   for (const button of $('controls').querySelectorAll('[data-signal]')) {
     const { signal } = button.dataset;
-    button.addEventListener('click', () => act('control', follower.request('signal', { signal }),
-      () => view.notice('control', 'info', `Sent ${signal}.`, { forMs: CONFIRM_MS })));
+    button.addEventListener('click', () => signals.click(signal));
   }
+  $('signals-cancel').addEventListener('click', () => signals.cancel());
   $('destroy').addEventListener('click', () => {
     if (!window.confirm('Destroy this session? Its function is killed and its output deleted.')) return;
-    act('control', follower.request('destroy'), () => setControls('destroyed', true));
+    act('control', follower.request('destroy'), () => setControls('destroyed', true), 'Not destroyed: ');
   });
 }
 

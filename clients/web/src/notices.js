@@ -9,7 +9,8 @@
 // it replaces every other notice), 'connection', 'storage' (no IndexedDB),
 // 'store' (a write that failed), 'input' (the server refused an input),
 // 'input-line' (what is typed in the input line), 'control' (signals,
-// destroy).
+// destroy: the exit clears it), 'signals' (a signal that waited for the
+// connection and was not sent), 'network' (offline, reconnecting, back).
 
 const SEVERITY = ['info', 'warn', 'error', 'fatal'];
 

@@ -195,11 +195,20 @@ export class View {
       : `server has input up to seq ${accepted}`;
   }
 
+  /** The signals clicked while disconnected, waiting for the connection (signals.js). */
+  signalsWaiting(names) {
+    this.$('signals-queued-text').textContent = `${names.join(', ')} ${names.length > 1 ? 'wait' : 'waits'} `
+      + 'for the connection: sent once the page reconnects, unless the function has ended by then.';
+    this.$('signals-queued').hidden = names.length === 0;
+  }
+
   connection(state, detail) {
     this.connState = state;
     const badge = this.$('conn');
     // A stopped page says why in its notice; the badge keeps to one short line.
-    badge.textContent = detail && state !== 'stopped' ? `${state}: ${detail}` : state;
+    // A waiting page's detail says all: why, and when it tries again.
+    if (state === 'waiting') badge.textContent = detail;
+    else badge.textContent = detail && state !== 'stopped' ? `${state}: ${detail}` : state;
     badge.title = detail;
     badge.className = `badge conn-${state}`;
     if (state === 'stopped' && this.mode === null && this.lastSeq === 0) {

@@ -13,10 +13,9 @@
 //   page whose store is memory only never acknowledges.
 // The DOM is not touched here: `view` (render.js) gets what to show.
 
+import { Retry } from './retry.js';
 import { Connection, ConnectionLost, ServerError, serverUrl } from './wire.js';
 
-const BACKOFF_MS = [250, 500, 1000, 2000, 4000, 8000];
-const BACKOFF_MAX_MS = 10000;
 const POLL_RUNNING_MS = 1000;
 const POLL_ENDED_MS = 5000;
 
@@ -98,7 +97,8 @@ export class SessionFollower {
     this.pending = new Map();
     this.conn = null;
     this.state = 'idle';
-    this.attempt = 0;
+    this.retry = new Retry({ connect: () => this._connect(), show: (st, detail) => this._setState(st, detail),
+      view });
     this.stopped = false;
     this.ended = false;
     this.stateVersion = -1;
@@ -131,6 +131,7 @@ export class SessionFollower {
   stop() {
     this.stopped = true;
     clearTimeout(this.timer);
+    this.retry.stop();
     window.removeEventListener('online', this.onOnline);
     document.removeEventListener('visibilitychange', this.onOnline);
     if (this.conn) this.conn.close();
@@ -145,6 +146,7 @@ export class SessionFollower {
   async _connect() {
     if (this.stopped) return;
     clearTimeout(this.timer);
+    this.retry.trying();
     this._setState('connecting');
     const conn = new Connection(this.url, {
       onEvent: (msg) => this._event(conn, msg),
@@ -167,12 +169,13 @@ export class SessionFollower {
 
   _attached(conn, reply) {
     if (conn !== this.conn) return;
-    this.attempt = 0;
+    this.retry.attached();
     this.session = reply.session;
     this.mode = reply.mode;
+    // Attached before the view says so: what listens may send requests at once.
+    this._setState('attached');
     this.view.attached({ session: reply.session, mode: reply.mode, state: reply.state,
       persistent: this.store.persistent });
-    this._setState('attached');
     this._inputAccepted(reply.input_seq);
     this.view.input(this.accepted, this.pending.size);
     for (const [seq, item] of [...this.pending].sort((a, b) => a[0] - b[0])) {
@@ -189,6 +192,7 @@ export class SessionFollower {
       const st = await conn.request('status', { token: this.token });
       this.view.status(st);
       this.view.clearNotice('connection'); // the server answers again
+      this.retry.answered();
       if (st.exit) this.ended = true;
       // The server's input seq: a viewer gets no in_ack, and an owner learns of
       // input another owner page sent.
@@ -216,11 +220,7 @@ export class SessionFollower {
   _closed(conn, reason) {
     if (conn !== this.conn || this.stopped) return;
     clearTimeout(this.timer);
-    const delay = Math.min(BACKOFF_MS[this.attempt] ?? BACKOFF_MAX_MS, BACKOFF_MAX_MS);
-    const jittered = Math.round(delay * (0.75 + Math.random() * 0.5));
-    this.attempt += 1;
-    this._setState('waiting', `${reason}; trying again in ${(jittered / 1000).toFixed(1)} s`);
-    this.timer = setTimeout(() => this._connect(), jittered);
+    this.retry.schedule(reason);
   }
 
   /** The browser is back online or the tab is visible again: reconnect at once if
@@ -228,13 +228,14 @@ export class SessionFollower {
    * meanwhile (no reply) instead of trusting it until the next poll times out. */
   _reconnectNow() {
     if (document.hidden) return;
-    if (this.state === 'waiting') this._connect();
+    if (this.state === 'waiting') this.retry.soon();
     else if (this.state === 'attached') this._pollSoon();
   }
 
   _fatal(err) {
     this.stopped = true;
     clearTimeout(this.timer);
+    this.retry.stop();
     let text = explain(err);
     let kind = 'fatal';
     if (err.code === 'not_found' && (this.session !== null || this.tracker.held > 0)) {
@@ -379,7 +380,10 @@ export class SessionFollower {
 
   /** Sends `signal`, `destroy` or `state_get`-like requests with this page's token. */
   async request(op, fields = {}) {
-    if (this.state !== 'attached') throw new ConnectionLost('not connected: try again in a moment');
+    if (this.state !== 'attached') {
+      throw new ConnectionLost('the page is not connected to the server; it reconnects by itself, '
+        + 'and this works again once it has');
+    }
     const reply = await this.conn.request(op, { token: this.token, ...fields });
     if (op === 'destroy') {
       await this.store.forget();
