@@ -8,6 +8,7 @@
 import '@xterm/xterm/css/xterm.css';
 import './app.css';
 
+import { TerminalKeys } from './keys.js';
 import { Notices } from './notices.js';
 import { View } from './render.js';
 import { explain, SessionFollower, TOKEN_SHAPE } from './session.js';
@@ -52,6 +53,8 @@ async function follow(token, viewerToken, notices) {
   const store = await openStore(token);
   const follower = new SessionFollower(token, store, view, window.location);
   const signals = new Signals(follower, view, explain);
+  const keys = new TerminalKeys(follower, view, $('terminal-why'));
+  follower.onStatus = (st) => keys.status(st);
   let mode = token.startsWith('btv_') ? 'ro' : null;
   setControls(mode, false);
   document.body.addEventListener('bento-exit', () => setControls(mode, true));
@@ -67,7 +70,7 @@ async function follow(token, viewerToken, notices) {
     }
   });
   wireControls(follower, view, signals);
-  window.bentoPage = hook(view, follower);
+  window.bentoPage = hook(view, follower, keys);
   await follower.start();
 }
 
@@ -107,7 +110,7 @@ function wireControls(follower, view, signals) {
   });
 }
 
-function hook(view, follower) {
+function hook(view, follower, keys) {
   return Object.freeze({
     connection: () => follower.state,
     mode: () => view.mode,
@@ -124,6 +127,7 @@ function hook(view, follower) {
     notice: () => view.notices.text(),
     input: () => ({ ...view.inputFigures }),
     persistent: () => follower.store.persistent,
+    tty: () => ({ known: keys.tty, rows: view.terminal.rows, cols: view.terminal.cols, sent: keys.sent }),
   });
 }
 

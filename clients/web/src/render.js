@@ -61,6 +61,7 @@ export class View {
     this.root = root;
     this.notices = notices;
     this.$ = (id) => root.querySelector(`#${id}`);
+    // Keys stay off until keys.js knows they go somewhere (an owner's terminal session).
     this.terminal = new Terminal({
       convertEol: true, disableStdin: true, scrollback: 10000, fontSize: 13,
       fontFamily: 'ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace',

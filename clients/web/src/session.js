@@ -109,6 +109,7 @@ export class SessionFollower {
     this.storeError = null;
     this.stored = 0;
     this.onOnline = () => this._reconnectNow();
+    this.onStatus = () => {}; // each status the server answers, for whoever wants it
   }
 
   /** Shows what the store holds, then connects. */
@@ -191,6 +192,7 @@ export class SessionFollower {
     try {
       const st = await conn.request('status', { token: this.token });
       this.view.status(st);
+      this.onStatus(st);
       this.view.clearNotice('connection'); // the server answers again
       this.retry.answered();
       if (st.exit) this.ended = true;
@@ -359,7 +361,8 @@ export class SessionFollower {
     this.store.dropInput().catch((err) => this.view.notice('store', 'error', String(err)));
   }
 
-  /** Sends an input value (or `{eof: true}`) exactly once; resolves with its seq. */
+  /** Sends an input value (or `{eof: true}`; `stdin: true` for the function's stdin)
+   * exactly once; resolves with its seq. */
   async input(item) {
     if (this.mode !== 'rw') throw new Error('a viewer token cannot send input');
     if (this.session === null) throw new Error('not attached yet');
@@ -373,6 +376,7 @@ export class SessionFollower {
   _sendInput(seq, item) {
     if (seq <= this.accepted) return;
     const msg = { op: 'input', session: this.session, seq };
+    if (item.stdin) msg.stdin = true;
     if (item.eof) msg.eof = true;
     else msg.data = item.data;
     this.conn.send(msg);
