@@ -150,6 +150,14 @@ def encode_frame(seq: int, ch: str, data_cbor: bytes) -> bytes:
     return b"".join((b"\x83", encode_head(0, seq), chb, data_cbor))
 
 
+def is_exit_frame(frame: bytes | memoryview) -> bool:
+    """Whether an encoded frame (``encode_frame``) is an exit frame: its channel,
+    read after the seq's head, without decoding the rest."""
+    info = frame[1] & 0x1F
+    at = 2 + (0 if info < 24 else (1 << (info - 24)))
+    return frame[at : at + 5] == _CHANNELS["exit"]
+
+
 def gap_frame(from_seq: int, to_seq: int, reason: str) -> bytes:
     """A ``gap`` frame with seq ``to_seq`` standing in for frames from_seq..to_seq."""
     return encode_frame(to_seq, "gap", encode({"from": from_seq, "to": to_seq, "reason": reason}))

@@ -306,10 +306,12 @@ class Connection(SessionOps, JobOps, ExecuteOps, AttachOps, InputOps):
 
     async def dispatch(self, req: dict) -> None:
         op = req["op"]
-        if (self.server.cluster is not None and op in TOKEN_OPS and "token" in req
-                and self.registry.by_token(req["token"]) is None):
-            await self.server.cluster.remote.serve(self, req)  # another node runs it
-            return
+        if self.server.cluster is not None and op in TOKEN_OPS and "token" in req:
+            found = self.registry.by_token(req["token"])
+            if found is None or (op == "attach" and found[0].verdict is not None):
+                # Another node runs it, or the cluster ended it while this node was away.
+                await self.server.cluster.remote.serve(self, req)
+                return
         handler = getattr(self, f"op_{op}")
         if op == "execute" and req["queue"]:
             # It may wait in the queue: the connection's other requests must not wait with it.

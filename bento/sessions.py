@@ -67,6 +67,10 @@ class Session:
         self.meta = meta
         self.created: float = meta["created"]
         self.snap: Snapshot = session_core.NEW
+        # Cluster mode: the end the cluster gave it while this node was out of
+        # reach (bento/cluster/lost.py). It stands: status says it, and attach
+        # reads the cluster's copy (bento/cluster/mirror.py).
+        self.verdict: Snapshot | None = None
         self.enforced: dict[str, str] = {}
         self.shared_version = 0
         self.shared_value = protocol.encode(None)
@@ -123,7 +127,7 @@ class Session:
             on_end()
 
     def status(self) -> dict:
-        snap = self.snap
+        snap = self.verdict or self.snap
         return {
             "session": self.sid,
             "state": snap.state,
@@ -145,9 +149,9 @@ class Session:
 
     def life_over(self, keep: float) -> bool:
         """The end is in epoch seconds (it survives restarts)."""
-        ended = self.snap.ended
-        since_end = 0.0 if ended is None else time.time() - ended
-        return session_core.life_over(self.snap, bool(self.attachments), since_end, keep)
+        snap = self.verdict or self.snap
+        since_end = 0.0 if snap.ended is None else time.time() - snap.ended
+        return session_core.life_over(snap, bool(self.attachments), since_end, keep)
 
 
 class Registry(SessionLinks, Upkeep):

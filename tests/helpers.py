@@ -116,6 +116,18 @@ def end_process(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
             proc.wait(timeout=10)
 
 
+# A function that sends 0, 1, 2, ... every 50 ms until it is stopped.
+TICKS = '''
+import time
+def main():
+    i = 0
+    while True:
+        api.send(i)
+        i += 1
+        time.sleep(0.05)
+'''
+
+
 class ServerProcess:
     """``bento server`` as a child process, on a free port, stopped by pid."""
 

@@ -18,19 +18,28 @@ from bento.cluster import keys
 from bento.session_core import Snapshot
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from bento.cluster.connect import Client
 
 # The metadata a status is made of, in this order (HMGET).
-FIELDS = ("node", "created", "sandbox", "enforced", "buffer", "key", "snap")
+FIELDS = ("node", "created", "sandbox", "enforced", "buffer", "key", "snap", "lost")
+
+
+def snapshot_of(meta: Mapping[bytes, bytes | None]) -> Snapshot:
+    """The session's snapshot from its metadata hash: the cluster's end when it
+    gave one (``lost``, bento/cluster/lost.py), which stands whatever its node
+    wrote after it; else what its node last mirrored."""
+    raw = meta.get(b"lost") or meta[b"snap"]
+    assert raw is not None
+    return Snapshot.from_map(protocol.decode(raw))
 
 
 def status_of(sid: str, meta: dict[bytes, bytes]) -> dict:
     """The ``status`` of a session from its metadata hash in Redis: the same
     fields as the running node's own status (docs/protocol.md §status), plus
     ``node``; ``attachments`` is null, as each node counts only its own."""
-    snap = Snapshot.from_map(protocol.decode(meta[b"snap"]))
+    snap = snapshot_of(meta)
     return {
         "session": sid,
         "state": snap.state,

@@ -30,10 +30,12 @@ log = logging.getLogger("bento.cluster.lost")
 SWEEP_S = 2.0
 
 # KEYS: meta, out. ARGV: the snapshot read, the snapshot after, the exit frame's id, the frame.
+# The end goes into ``lost`` too: it stands for every reader (directory.snapshot_of)
+# even if the node comes back and writes one more batch before it learns of it.
 END_IF_UNCHANGED = """
 if redis.call('HGET', KEYS[1], 'snap') ~= ARGV[1] then return 0 end
 redis.call('XADD', KEYS[2], ARGV[3], 'f', ARGV[4])
-redis.call('HSET', KEYS[1], 'snap', ARGV[2])
+redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'lost', ARGV[2])
 return 1
 """
 

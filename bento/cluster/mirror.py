@@ -31,6 +31,7 @@ from coredis.exceptions import RedisError, ResponseError
 
 from bento import protocol, sessionlog
 from bento.cluster import keys
+from bento.exchange_link import ExchangeGone
 from bento.session_core import Snapshot
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ BATCH_BYTES = 1024 * 1024
 BATCH_FRAMES = 512
 MAX_REFUSED = 2  # writes refused in a row before the mirror gives up
 TRIMMED_WAIT_S = 0.05  # frames trimmed under the mirror: the next snapshot says how far
+
+
+class Ended(Exception):
+    """The cluster ended the session (its node was taken for dead): nothing more is written."""
 
 
 class Mirror:
@@ -63,6 +68,14 @@ class Mirror:
     async def publish(self) -> None:
         await self.cluster.enter(self.session)
         self.published = True
+        # A session found at this node's start may have been ended by the
+        # cluster while the node was away: that is known before it is served.
+        await self.check_verdict()
+
+    async def check_verdict(self) -> None:
+        """Take the cluster's end of this session if it gave one (see ``_take_verdict``)."""
+        if self.session.verdict is None and await self.redis.hexists(keys.meta(self.session.sid), "lost"):
+            await self._take_verdict()
 
     async def run(self) -> None:
         s = self.session
@@ -70,17 +83,20 @@ class Mirror:
         backoff = 0.1
         refused = 0
         try:
-            while True:
+            while s.verdict is None:
                 try:
                     if not await self._round(cursor):
                         break
                     backoff, refused = 0.1, 0
+                except Ended:
+                    await self._take_verdict()
+                    break
                 except ResponseError as exc:
                     refused += 1
-                    if refused > MAX_REFUSED or await self._declared_lost():
-                        log.error("session %s: Redis refused the mirror's write (%s): the cluster "
-                                  "declared this node lost, or the session's keys were changed by "
-                                  "hand; its output is no longer mirrored", s.sid, exc)
+                    if refused > MAX_REFUSED:
+                        log.error("session %s: Redis refused the mirror's write %d times (%s): were "
+                                  "the session's keys changed by hand? Its output is no longer "
+                                  "mirrored", s.sid, refused, exc)
                         break
                     # A batch that landed although its connection broke before the answer:
                     # carry on after the stream's last frame.
@@ -95,14 +111,31 @@ class Mirror:
         finally:
             cursor.close()
         log.info("session %s: mirrored %d frames, at most %d behind", s.sid, self.frames, self.behind)
+        if s.verdict is not None:
+            # Its keys in Redis are the session now: kept until it is removed here.
+            while not s.removed:
+                await s.changed.wait()
+            await self.cluster.forget(s)
 
-    async def _declared_lost(self) -> bool:
-        """Whether the cluster ended this session as lost (the node was taken for dead)."""
-        raw = await self.redis.hget(keys.meta(self.session.sid), "snap")
+    async def _take_verdict(self) -> None:
+        """The cluster ended this session while this node was out of reach
+        (bento/cluster/lost.py): that end stands here too. The node serves the
+        session from Redis as every other node does, and stops its function if
+        it still runs (every other node calls it lost)."""
+        s = self.session
+        raw = await self.redis.hget(keys.meta(s.sid), "lost")
         if raw is None:
-            return True  # its keys are gone: nothing to mirror into
-        exit_data = protocol.decode(raw)["exit"]
-        return isinstance(exit_data, dict) and (exit_data.get("error") or {}).get("type") == "NodeLost"
+            return  # removed meanwhile
+        s.verdict = Snapshot.from_map(protocol.decode(raw))
+        log.warning("session %s: the cluster ended it lost while this node was out of reach (at seq %s); "
+                    "it is served from the cluster's copy%s", s.sid, s.verdict.exit_seq,
+                    "" if s.snap.has_ended else ", and its function is stopped")
+        s.notify()
+        if not s.snap.has_ended and s.link is not None:
+            try:
+                await self.cluster.registry.call(s, {"t": "signal", "signal": "KILL"})
+            except ExchangeGone:
+                pass  # it ended meanwhile: nothing left to stop
 
     async def _round(self, cursor: sessionlog.Cursor) -> bool:
         """One batch into Redis, or a wait for news; False once the session is gone."""
@@ -159,7 +192,7 @@ class Mirror:
         if enforced is not None:
             meta["enforced"] = protocol.encode(enforced)
         # One transaction: the stream and the snapshot that covers it change together.
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=True, raise_on_error=False) as pipe:
             for i, frame in enumerate(frames):
                 pipe.xadd(out, {"f": bytes(frame)}, identifier=keys.entry_id(start + i))
             if state is not None:
@@ -171,6 +204,16 @@ class Mirror:
             pipe.hset(keys.meta(sid), meta)
             if covered.first_seq > self.trimmed_below:
                 pipe.xtrim(out, coredis.PureToken.MINID, covered.first_seq)
+            # Whether the cluster ended the session meanwhile (bento/cluster/lost.py).
+            # Then what this batch wrote is past the end that readers keep to (the
+            # ``lost`` snapshot, and nothing after the exit frame), and it is the last.
+            pipe.hexists(keys.meta(sid), "lost")
+        results = pipe.results or ()
+        if results and results[-1] is True:
+            raise Ended
+        refused = next((r for r in results if isinstance(r, Exception)), None)
+        if refused is not None:
+            raise refused
         self.frames += len(frames)
         self.sent = covered
         if state is not None:

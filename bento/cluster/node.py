@@ -186,6 +186,9 @@ class Cluster:
             value = protocol.encode({"node": self.node, "at": time.time(), "sessions": len(self.mirrors),
                                      "instance": self.instance,
                                      "capacity": None if self.placement is None else self.placement.figures()})
+            # Out of reach long enough for the heartbeat to lapse: the cluster may
+            # have ended this node's sessions meanwhile (lost.py).
+            lapsed = self.beat_error is not None or trio.current_time() - self.beat_at > HEARTBEAT_TTL_MS / 2000
             try:
                 await self.redis.set(keys.node(self.node), value, px=HEARTBEAT_TTL_MS)
                 await self.redis.sadd(keys.NODES, [self.node])
@@ -193,6 +196,9 @@ class Cluster:
                 # persistence): a node started after that must not make its own.
                 await self.redis.set(keys.SECRET, self.secret, condition=coredis.PureToken.NX)
                 self.beat_error, self.beat_at = None, trio.current_time()
+                if lapsed:
+                    for mirror in list(self.mirrors.values()):
+                        await mirror.check_verdict()
             except RedisError as exc:
                 log.warning("cannot renew this node's heartbeat: %s", exc)
                 self.beat_error = f"the cluster's Redis does not answer: {exc}"

@@ -51,6 +51,7 @@ class RemoteAttachment:
     done: trio.Event = field(default_factory=trio.Event)
     ack_sent: int = 0
     state_sent: int = 0  # the shared state's version this attachment has sent
+    ended: bool = False  # it has sent the exit frame: the last one it ever sends
 
 
 class Remote:
@@ -72,7 +73,7 @@ class Remote:
         if b"snap" not in meta:  # no such token, or destroyed between the two reads
             conn.by_token(token, owner=False)
             raise protocol.RequestError("not_found", "no session has this token")
-        return sid, mode, meta, Snapshot.from_map(protocol.decode(meta[b"snap"]))
+        return sid, mode, meta, directory.snapshot_of(meta)
 
     async def serve(self, conn: Connection, req: dict) -> None:
         """A request with a token (attach, status, signal, destroy, state_get,
@@ -246,8 +247,8 @@ class Remote:
         att.state_sent = version
 
     async def _snapshot(self, att: RemoteAttachment) -> Snapshot | None:
-        raw = await self.redis.hget(keys.meta(att.sid), "snap")
-        return None if raw is None else Snapshot.from_map(protocol.decode(raw))
+        snap, lost = await self.redis.hmget(keys.meta(att.sid), ["snap", "lost"])
+        return None if snap is None else directory.snapshot_of({b"snap": snap, b"lost": lost})
 
     async def _gap(self, conn: Connection, att: RemoteAttachment, upto: int, snap: Snapshot) -> None:
         """Frames from ``att.next_seq`` to ``upto - 1`` are no longer in the stream."""
@@ -267,6 +268,11 @@ class Remote:
             seq = keys.seq_of(entry.identifier)
             if seq < expect:
                 continue
+            if att.ended:
+                # Past the exit frame: what a node the cluster took for dead wrote
+                # after the cluster ended its session (bento/cluster/mirror.py).
+                expect = seq + 1
+                continue
             frame = entry.field_values[b"f"]
             if frames and size + len(frame) > conn.out_budget:
                 rest = entries[i:]
@@ -278,7 +284,8 @@ class Remote:
             frames.append(frame)
             size += len(frame)
             expect = seq + 1
+            att.ended = protocol.is_exit_frame(frame)
         if frames:
             await conn.send(protocol.out_event_parts(att.sid, frames))
-            att.next_seq = expect
+        att.next_seq = expect
         return rest

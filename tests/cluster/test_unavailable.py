@@ -12,17 +12,7 @@ import time
 import bento_clients
 import pytest
 import trio
-from helpers import ServerProcess, connect, wait_status
-
-TICKS = '''
-import time
-def main():
-    i = 0
-    while True:
-        api.send(i)
-        i += 1
-        time.sleep(0.05)
-'''
+from helpers import TICKS, ServerProcess, connect, wait_status
 
 PROMPT_S = 5.0  # an answer that needs Redis, with Redis down, comes within this
 
