@@ -68,7 +68,7 @@ class AttachOps:
             await self._drop_and_wait(old)
         await self.send(protocol.reply_ok(
             req["id"], session=s.sid, mode=mode, state=snap.state, first_seq=snap.first_seq,
-            next_seq=snap.next_seq, input_seq=snap.input_seq,
+            next_seq=snap.next_seq, input_seq=snap.input_seq, tty=bool(s.meta.get("tty")),
         ))
         self.attach(s, mode, start)
 

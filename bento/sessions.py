@@ -144,6 +144,7 @@ class Session:
             "exit": snap.exit,
             "waiting": snap.waiting,
             "sandbox": self.meta["sandbox"],
+            "tty": bool(self.meta.get("tty")),
             "enforced": self.enforced,
         }
 

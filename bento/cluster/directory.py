@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from bento.cluster.connect import Client
 
 # The metadata a status is made of, in this order (HMGET).
-FIELDS = ("node", "created", "sandbox", "enforced", "buffer", "key", "snap", "lost")
+FIELDS = ("node", "created", "sandbox", "tty", "enforced", "buffer", "key", "snap", "lost")
 
 
 def snapshot_of(meta: Mapping[bytes, bytes | None]) -> Snapshot:
@@ -56,6 +56,7 @@ def status_of(sid: str, meta: dict[bytes, bytes]) -> dict:
         "exit": snap.exit,
         "waiting": snap.waiting,
         "sandbox": meta[b"sandbox"].decode(),
+        "tty": meta.get(b"tty") == b"1",
         "enforced": protocol.decode(meta[b"enforced"]),
         "node": meta[b"node"].decode(),
     }

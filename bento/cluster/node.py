@@ -90,6 +90,7 @@ class Cluster:
                 "node": self.node,
                 "created": repr(s.created),
                 "sandbox": s.meta["sandbox"],
+                "tty": "1" if s.meta.get("tty") else "0",
                 "enforced": protocol.encode(s.enforced),
                 "buffer": protocol.encode(s.meta["buffer"]),
                 "key": s.meta.get("key") or "",

@@ -150,7 +150,7 @@ class Remote:
         await self.detach(conn, sid)
         await conn.send(protocol.reply_ok(
             req["id"], session=sid, mode=mode, state=snap.state, first_seq=snap.first_seq,
-            next_seq=snap.next_seq, input_seq=snap.input_seq,
+            next_seq=snap.next_seq, input_seq=snap.input_seq, tty=meta.get(b"tty") == b"1",
         ))
         self._start(conn, RemoteAttachment(sid, node, mode, start))
 

@@ -316,3 +316,16 @@ async def test_an_ended_session_stays_readable_after_its_exit_is_acked(pair):
     async with connect(pair[1].url) as v:
         await v.ok("attach", token=r["viewer_token"], **{"from": 1})
         assert await v.frames(r["session"]) == frames
+
+
+async def test_status_and_attach_say_whether_it_runs_in_a_terminal(pair):
+    """A client learns from ``status`` and the attach reply whether to show a
+    terminal (and send keys as stdin), on whichever server it asks."""
+    plain = await start(pair, FOREVER)
+    term = await start(pair, FOREVER, tty={"rows": 24, "cols": 80})
+    async with connect(pair[1].url) as c:
+        for r, tty in ((plain, False), (term, True)):
+            st = await wait_status(c, r["viewer_token"], lambda st: st["state"] == "running")
+            assert st["tty"] is tty
+            assert (await c.ok("attach", token=r["viewer_token"], **{"from": 1}))["tty"] is tty
+            await c.ok("destroy", token=r["token"])
