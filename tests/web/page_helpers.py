@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+import cbor2
 from bento_clients import sync
 from bento_clients.errors import NotFound
 from helpers import ServerProcess
@@ -139,3 +140,39 @@ def wait_gone(server: ServerProcess, token: str, timeout_s: float = 15) -> None:
 def status(server: ServerProcess, token: str) -> dict[str, Any]:
     with sync.connect(server.url, call_timeout=20) as client:
         return client.status(token)
+
+
+class WireTap:
+    """Every WebSocket the pages of ``context`` open goes through here (Playwright's
+    ``route_web_socket``): each request a page sends is recorded (its CBOR map),
+    and requests whose op is in ``hold`` wait until ``release`` sends them on.
+    The server's messages reach the page untouched."""
+
+    def __init__(self, context: Any, hold: tuple[str, ...] = ()) -> None:
+        self.sent: list[dict] = []
+        self.hold = set(hold)
+        self.held: list[tuple[Any, bytes]] = []
+        context.route_web_socket("**/v1", self._route)
+
+    def _route(self, ws: Any) -> None:
+        server = ws.connect_to_server()
+
+        def from_page(message: str | bytes) -> None:
+            msg = cbor2.loads(message) if isinstance(message, bytes) else {}
+            self.sent.append(msg)
+            if msg.get("op") in self.hold:
+                self.held.append((server, message))
+            else:
+                server.send(message)
+
+        ws.on_message(from_page)
+
+    def ops(self) -> list[str]:
+        return [m["op"] for m in self.sent if "op" in m]
+
+    def release(self) -> None:
+        """Sends what was held, in order, and holds nothing more."""
+        self.hold.clear()
+        for server, message in self.held:
+            server.send(message)
+        self.held.clear()

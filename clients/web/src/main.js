@@ -62,6 +62,7 @@ async function follow(token, viewerToken, notices) {
     mode = ev.detail.mode;
     setControls(mode, view.exitData !== null);
     signals.attached(ev.detail.state);
+    keys.attached(ev.detail);
     if (mode === 'rw' && viewerToken && TOKEN_SHAPE.test(viewerToken)) {
       const url = new URL(window.location.href);
       url.hash = `t=${viewerToken}`;

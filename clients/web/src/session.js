@@ -176,7 +176,7 @@ export class SessionFollower {
     // Attached before the view says so: what listens may send requests at once.
     this._setState('attached');
     this.view.attached({ session: reply.session, mode: reply.mode, state: reply.state,
-      persistent: this.store.persistent });
+      tty: reply.tty === true, persistent: this.store.persistent });
     this._inputAccepted(reply.input_seq);
     this.view.input(this.accepted, this.pending.size);
     for (const [seq, item] of [...this.pending].sort((a, b) => a[0] - b[0])) {
