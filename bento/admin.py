@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 from bento import auth, events, protocol
 from bento.gate import audit
-from bento.sessions import Session
+from bento.sessions import REPLACED, Session
 
 if TYPE_CHECKING:
+    from bento.cluster.node import Cluster
     from bento.config import Config
     from bento.server import Server
     from bento.sessions import Registry
@@ -48,6 +49,8 @@ class SessionOps:
             events.refused("rate_limit", self.peer)
             raise protocol.RequestError("limit", "too many failed token guesses; slow down")
         found = self.registry.by_token(token)
+        if found is None and self.registry.retired(token):
+            raise protocol.RequestError("not_found", REPLACED, replaced=True)
         if found is None:
             self.server.guesses.failed(self.peer)
             self.server.metrics.guesses_failed.inc()
@@ -126,9 +129,21 @@ class SessionOps:
         """Rotate (a new viewer token) or revoke (none) the session's viewer token."""
         s, _ = self.by_token(req["token"], owner=True)
         audit(f"share.{req['viewer']}", self.key, s.sid)
-        viewer = auth.new_tokens()[1] if req["viewer"] == "rotate" else None
-        try:
-            await self.registry.replace_viewer(s, auth.token_hash(viewer) if viewer else "")
-        except OSError as exc:
-            raise protocol.RequestError("internal", f"cannot save the session's tokens: {exc.strerror}") from None
+        viewer = await share(self.registry, self.server.cluster, s, req["viewer"])
         await self.send(protocol.reply_ok(req["id"], viewer_token=viewer))
+
+
+async def share(registry: Registry, cluster: Cluster | None, s: Session, action: str) -> str | None:
+    """``share``: a new viewer token for ``s`` ("rotate"; returned) or none
+    ("revoke"). The old one stops working here at once, and on every node of
+    a cluster once its Redis has the change (``unavailable`` if it could not
+    take it now: the node writes it when Redis answers again)."""
+    viewer = auth.new_tokens()[1] if action == "rotate" else None
+    old = s.meta["viewer_hash"]
+    try:
+        await registry.replace_viewer(s, auth.token_hash(viewer) if viewer else "")
+    except OSError as exc:
+        raise protocol.RequestError("internal", f"cannot save the session's tokens: {exc.strerror}") from None
+    if cluster is not None:
+        await cluster.share(s, old)
+    return viewer

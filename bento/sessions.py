@@ -34,6 +34,14 @@ log = logging.getLogger("bento.sessions")
 
 __all__ = ["Attachment", "ExchangeGone", "Registry", "Session"]
 
+RETIRED_MAX = 16  # viewer tokens that ``share`` replaced, remembered per session
+
+# What a viewer is told whose token ``share`` replaced or revoked: asking with
+# it, and (REVOKED_VIEWER) on an attachment made with it.
+REPLACED = ("this viewer token was replaced or revoked by the session's owner (share): "
+            "ask them for the current link")
+REVOKED_VIEWER = "the viewer token was revoked by the session's owner"
+
 
 @dataclass(eq=False)
 class Attachment:
@@ -164,6 +172,7 @@ class Registry(SessionLinks, Upkeep):
         self.nursery = nursery
         self.sessions: dict[str, Session] = {}
         self.tokens: dict[str, tuple[Session, str]] = {}
+        self.replaced: dict[str, Session] = {}  # viewer token hashes that ``share`` retired
         self.idem: dict[str, Session] = {}
         self.idem_locks: dict[str, trio.Lock] = {}
         self.exchanges = Exchanges(config, nursery)
@@ -176,11 +185,18 @@ class Registry(SessionLinks, Upkeep):
             return None
         return found
 
+    def retired(self, token: str) -> bool:
+        """Whether ``token`` is a viewer token that ``share`` took from a session here."""
+        s = self.replaced.get(auth.token_hash(token))
+        return s is not None and not s.removed
+
     def _index(self, s: Session) -> None:
         self.sessions[s.sid] = s
         self.tokens[s.meta["owner_hash"]] = (s, "rw")
         if s.meta["viewer_hash"]:  # empty once revoked
             self.tokens[s.meta["viewer_hash"]] = (s, "ro")
+        for h in s.meta.get("retired_viewers", ()):
+            self.replaced[h] = s
         if s.meta.get("idem"):
             self.idem[s.meta["idem"]] = s
 
@@ -189,6 +205,8 @@ class Registry(SessionLinks, Upkeep):
         self.sessions.pop(s.sid, None)
         self.tokens.pop(s.meta["owner_hash"], None)
         self.tokens.pop(s.meta["viewer_hash"], None)
+        for h in s.meta.get("retired_viewers", ()):
+            self.replaced.pop(h, None)
         if s.meta.get("idem"):
             self.idem.pop(s.meta["idem"], None)
 
@@ -311,17 +329,28 @@ class Registry(SessionLinks, Upkeep):
         stops working at once, viewers attached with it are cut off, and
         meta.cbor keeps the change across restarts (written first: OSError
         leaves everything as it was)."""
-        meta = {**s.meta, "viewer_hash": viewer_hash}
+        old = s.meta["viewer_hash"]
+        retired = list(s.meta.get("retired_viewers", ()))
+        if old:
+            # Remembered (the last few) so that a viewer who uses one is told why it
+            # no longer works, rather than that no such session exists.
+            retired = (retired + [old])[-RETIRED_MAX:]
+        meta = {**s.meta, "viewer_hash": viewer_hash, "retired_viewers": retired}
         path = os.path.join(s.dir, "meta.cbor")
         await trio.to_thread.run_sync(write_atomic, path, protocol.encode(meta))
-        self.tokens.pop(s.meta["viewer_hash"], None)
+        self.tokens.pop(old, None)
+        for h in s.meta.get("retired_viewers", ()):
+            self.replaced.pop(h, None)
         s.meta = meta
-        if viewer_hash and not s.removed:
-            self.tokens[viewer_hash] = (s, "ro")
+        if not s.removed:
+            if viewer_hash:
+                self.tokens[viewer_hash] = (s, "ro")
+            for h in retired:
+                self.replaced[h] = s
         for att in list(s.attachments):
             if att.mode == "ro":
                 att.ended = True
-                att.why = "the viewer token was revoked by the session's owner"
+                att.why = REVOKED_VIEWER
                 att.cancel.cancel()
                 s.attachments.discard(att)
 

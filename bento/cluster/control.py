@@ -27,6 +27,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from bento import protocol, session_core
+from bento.admin import share
 from bento.cluster import keys
 from bento.exchange_link import ExchangeGone
 
@@ -147,6 +148,8 @@ class Control:
             if op == "destroy":
                 await self.registry.end(s)
                 return {"ok": True}
+            if op == "share":
+                return {"ok": True, "viewer_token": await share(self.registry, self.cluster, s, request["viewer"])}
             if op == "state_get":
                 return {"ok": True, "version": s.shared_version, "value": s.shared_value}
             if op == "state_put":
@@ -160,6 +163,8 @@ class Control:
                 return {"ok": True, "version": version}
         except ExchangeGone as exc:
             return {"ok": False, "code": "internal", "message": str(exc)}
+        except protocol.RequestError as exc:
+            return {"ok": False, "code": exc.code, "message": exc.message}
         return {"ok": False, "code": "bad_request", "message": f"unknown request {op!r} between nodes"}
 
     async def _input(self, s: Session, request: dict) -> dict:

@@ -85,7 +85,10 @@ class Cluster:
         stream holds, and the mirror moves it on."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.token(s.meta["owner_hash"]), f"rw {s.sid}")
-            pipe.set(keys.token(s.meta["viewer_hash"]), f"ro {s.sid}")
+            if s.meta["viewer_hash"]:  # (empty once revoked)
+                pipe.set(keys.token(s.meta["viewer_hash"]), f"ro {s.sid}")
+            for retired in s.meta.get("retired_viewers", ()):
+                pipe.set(keys.token(retired), f"retired {s.sid}")
             pipe.hset(keys.meta(s.sid), {
                 "node": self.node,
                 "created": repr(s.created),
@@ -105,14 +108,35 @@ class Cluster:
         """Remove the directory entries and the stream of a session that was removed."""
         async with self.redis.pipeline(transaction=False) as pipe:
             # One DEL per slot: on a Redis Cluster a command's keys must share one.
-            pipe.delete([keys.token(s.meta["owner_hash"])])
-            pipe.delete([keys.token(s.meta["viewer_hash"])])
+            for token_hash in (s.meta["owner_hash"], s.meta["viewer_hash"], *s.meta.get("retired_viewers", ())):
+                if token_hash:
+                    pipe.delete([keys.token(token_hash)])
             pipe.delete([keys.meta(s.sid), keys.out(s.sid), keys.state(s.sid)])
             pipe.srem(keys.node_sessions(self.node), [s.sid])
             pipe.srem(keys.key_sessions(s.meta.get("key") or ""), [s.sid])
             if s.meta.get("idem"):
                 pipe.delete([keys.idem(s.meta["idem"])])
         self.mirrors.pop(s.sid, None)
+
+    async def share(self, s: Session, old_hash: str) -> None:
+        """Tell every node that ``share`` gave ``s`` a new viewer token (or none)
+        and took ``old_hash``'s away. If Redis does not take it now, the
+        session's mirror enters all its tokens again once Redis answers."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if old_hash:
+                    pipe.set(keys.token(old_hash), f"retired {s.sid}")
+                if s.meta["viewer_hash"]:
+                    pipe.set(keys.token(s.meta["viewer_hash"]), f"ro {s.sid}")
+        except RedisError as exc:
+            mirror = self.mirrors.get(s.sid)
+            if mirror is not None:
+                mirror.published = False
+                s.notify()
+            raise protocol.RequestError(
+                "unavailable", f"the viewer token was changed on this node, but the cluster's Redis did "
+                f"not take it ({exc}); this node writes it once Redis answers, and until then the old "
+                "viewer token may still work through other nodes") from None
 
     # -- idempotency keys across nodes ------------------------------------------------
 

@@ -21,7 +21,9 @@ from coredis.exceptions import RedisError
 
 from bento import auth, protocol
 from bento.cluster import directory, keys
+from bento.gate import audit
 from bento.session_core import Snapshot
+from bento.sessions import REPLACED, REVOKED_VIEWER
 from bento.transport import ConnectionClosed
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ log = logging.getLogger("bento.cluster.remote")
 
 BATCH_FRAMES = 512
 BLOCK_MS = 1_000  # an idle attachment checks this often that its session still exists
+TOKEN_CHECK_S = 1.0  # a viewer's attachment checks this often that its token still works
 
 
 def unavailable(exc: RedisError) -> protocol.RequestError:
@@ -51,6 +54,8 @@ class RemoteAttachment:
     done: trio.Event = field(default_factory=trio.Event)
     ack_sent: int = 0
     state_sent: int = 0  # the shared state's version this attachment has sent
+    token_hash: str = ""  # the token it was made with: a viewer's is checked every TOKEN_CHECK_S
+    token_checked: float = 0.0
     ended: bool = False  # it has sent the exit frame: the last one it ever sends
 
 
@@ -64,12 +69,15 @@ class Remote:
         ``not_found`` (counted as a failed guess) when there is none."""
         try:
             entry = await self.redis.get(keys.token(auth.token_hash(token)))
-            meta = {}
+            meta: dict[bytes, bytes] = {}
+            mode = ""
             if entry is not None:
                 mode, _, sid = entry.decode().partition(" ")
                 meta = await self.redis.hgetall(keys.meta(sid))
         except RedisError as exc:
             raise unavailable(exc) from None
+        if mode == "retired" and b"snap" in meta:
+            raise protocol.RequestError("not_found", REPLACED, replaced=True)
         if b"snap" not in meta:  # no such token, or destroyed between the two reads
             conn.by_token(token, owner=False)
             raise protocol.RequestError("not_found", "no session has this token")
@@ -91,12 +99,17 @@ class Remote:
         request: dict[str, Any] = {"op": op}
         if op == "signal":
             request["signal"] = req["signal"]
+        elif op == "share":
+            audit(f"share.{req['viewer']}", conn.key, sid)
+            request["viewer"] = req["viewer"]
         elif op == "state_put":
             request.update(value=protocol.encode(req["value"]), if_version=req["if_version"])
         r = await self._ask(meta[b"node"].decode(), sid, request)
         if op == "state_get":
             await conn.send(protocol.reply_ok(req["id"], version=r["version"],
                                               value=protocol.decode(r["value"], require_map=False)))
+        elif op == "share":
+            await conn.send(protocol.reply_ok(req["id"], viewer_token=r["viewer_token"]))
         else:
             await conn.send(protocol.reply_ok(req["id"], **({"version": r["version"]} if "version" in r else {})))
 
@@ -152,7 +165,8 @@ class Remote:
             req["id"], session=sid, mode=mode, state=snap.state, first_seq=snap.first_seq,
             next_seq=snap.next_seq, input_seq=snap.input_seq, tty=meta.get(b"tty") == b"1",
         ))
-        self._start(conn, RemoteAttachment(sid, node, mode, start))
+        self._start(conn, RemoteAttachment(sid, node, mode, start, token_hash=auth.token_hash(req["token"]),
+                                           token_checked=trio.current_time()))
 
     def _start(self, conn: Connection, att: RemoteAttachment) -> None:
         conn.remote[att.sid] = att
@@ -217,6 +231,13 @@ class Remote:
     async def _pump(self, conn: Connection, att: RemoteAttachment) -> None:
         out, state = keys.out(att.sid), keys.state(att.sid)
         while True:
+            if att.mode == "ro" and trio.current_time() - att.token_checked >= TOKEN_CHECK_S:
+                # A viewer token that ``share`` took away on the session's node.
+                att.token_checked = trio.current_time()
+                token_entry = await self.redis.get(keys.token(att.token_hash))
+                if token_entry is not None and token_entry.startswith(b"retired "):
+                    await self._last_word(conn, att, "forbidden", REVOKED_VIEWER)
+                    return
             # One read of both streams: the frames from the attachment's seq on,
             # and a shared state newer than the version it has sent.
             after = {out: keys.entry_id(att.next_seq - 1), state: keys.entry_id(att.state_sent)}

@@ -329,3 +329,32 @@ async def test_status_and_attach_say_whether_it_runs_in_a_terminal(pair):
             assert st["tty"] is tty
             assert (await c.ok("attach", token=r["viewer_token"], **{"from": 1}))["tty"] is tty
             await c.ok("destroy", token=r["token"])
+
+
+async def test_share_takes_the_old_viewer_token_away_on_every_server(pair):
+    """A viewer token that ``share`` replaced or revoked works nowhere: not on
+    the server that runs the session, not through any other; whoever uses it is
+    told it was replaced, and a viewer attached with it is cut off. The owner
+    may share through either server."""
+    r = await start(pair, FOREVER)
+    run, through = pair
+    async with connect(through.url) as owner, connect(through.url) as watcher:
+        await wait_status(owner, r["viewer_token"], lambda st: st["state"] == "running")
+        await watcher.ok("attach", token=r["viewer_token"], **{"from": 1})
+        new = (await owner.ok("share", token=r["token"], viewer="rotate"))["viewer_token"]
+        cut = await watcher.event(ev="error", session=r["session"])
+        assert cut["error"]["code"] == "forbidden" and "revoked" in cut["error"]["message"]
+        for url in {run.url, through.url}:
+            async with connect(url) as v:
+                for op in ("attach", "status"):
+                    err = (await v.request(op, token=r["viewer_token"]))["error"]
+                    assert err["code"] == "not_found" and err.get("replaced") is True, (url, op, err)
+                    assert "replaced or revoked by the session's owner" in err["message"]
+                await wait_status(v, new, lambda st: st["state"] == "running")
+        await owner.ok("share", token=r["token"], viewer="revoke")
+        for url in {run.url, through.url}:
+            async with connect(url) as v:
+                err = (await v.request("status", token=new))["error"]
+                assert err["code"] == "not_found" and err.get("replaced") is True, (url, err)
+                assert (await v.request("status", token="btv_" + "x" * 43))["error"].get("replaced") is None
+        await owner.ok("destroy", token=r["token"])
