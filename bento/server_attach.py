@@ -78,6 +78,12 @@ class AttachOps:
         old = self.attachments.pop(s.sid, None)
         if old is not None:
             self._drop(old)
+        if s.verdict is not None:
+            # The cluster's end stands for it (bento/cluster/mirror.py): read from there.
+            self.server.cluster.remote.follow(self, s, mode, start)
+            if lines is not None:
+                lines.release()
+            return
         assert self.nursery is not None
         att = Attachment(session=s, mode=mode, next_seq=start, cancel=trio.CancelScope())
         self.attachments[s.sid] = att
@@ -145,19 +151,36 @@ class AttachOps:
             try:
                 if att.ended and not self.dead and self.attachments.get(s.sid) is att:
                     self.attachments.pop(s.sid, None)
-                    code, why = ("forbidden", att.why) if att.why else ("gone", "the session was destroyed")
-                    with trio.CancelScope(shield=True), trio.move_on_after(1):
-                        try:
-                            await self.send(protocol.error_event(s.sid, code, why))
-                        except ConnectionClosed:
-                            pass
+                    await self._ended(att, s)
             finally:
                 att.done.set()
+
+    async def _ended(self, att: Attachment, s: Session) -> None:
+        """An attachment its session ended: its last word, or (the cluster ended
+        the session while this node was out of reach) on from the cluster's copy."""
+        verdict = s.verdict
+        if verdict is not None and not s.removed and att.next_seq <= (verdict.exit_seq or 0):
+            self.server.cluster.remote.follow(self, s, att.mode, att.next_seq)
+            return
+        if verdict is not None and not s.removed:
+            code, why = "internal", (
+                f"the cluster ended this session lost at seq {verdict.exit_seq} while this node was out "
+                "of reach of the others; this attachment had read past it, and what it read after that "
+                f"is not part of the session: attach again (from {verdict.exit_seq} at most) to read its end")
+        elif att.why:
+            code, why = "forbidden", att.why
+        else:
+            code, why = "gone", "the session was destroyed"
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await self.send(protocol.error_event(s.sid, code, why))
+            except ConnectionClosed:
+                pass
 
     async def _pump(self, att: Attachment, s: Session, cursor: sessionlog.Cursor) -> None:
         while True:
             changed = s.changed
-            if s.removed:
+            if s.removed or s.verdict is not None:
                 att.ended = True
                 return
             if s.shared_version > att.state_version_sent:

@@ -15,6 +15,12 @@ def node(name: str) -> str:
     return f"{PREFIX}:node:{name}"
 
 
+def node_ended(name: str) -> str:
+    """A counter another node increments each time it ends sessions of node
+    ``name`` (taken for dead): the node reads it with its heartbeat."""
+    return f"{PREFIX}:node:{name}:ended"
+
+
 SECRET = f"{PREFIX}:secret"  # 32 random bytes: derives the tokens of idempotent executes
 
 
@@ -30,14 +36,16 @@ def function(fid: str) -> str:
 
 
 def token(token_hash: str) -> str:
-    """A token hash → ``<mode> <sid>`` (mode ``rw`` for the owner, ``ro`` for a viewer)."""
+    """A token hash → ``<mode> <sid>`` (mode ``rw`` for the owner, ``ro`` for a
+    viewer, ``retired`` for a viewer token that ``share`` took away)."""
     return f"{PREFIX}:token:{token_hash}"
 
 
 def meta(sid: str) -> str:
     """The session's hash: ``node``, ``created``, ``sandbox``, ``enforced``,
-    ``buffer``, ``key`` (the API key's hash that started it) and ``snap`` (the
-    CBOR of its last mirrored snapshot)."""
+    ``buffer``, ``key`` (the API key's hash that started it), ``tty``, ``snap``
+    (the CBOR of its last mirrored snapshot) and ``lost`` (the end the cluster
+    gave it when its node was taken for dead: it stands over ``snap``)."""
     return f"{PREFIX}:{{{sid}}}:meta"
 
 

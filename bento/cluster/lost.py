@@ -33,6 +33,7 @@ SWEEP_S = 2.0
 # The end goes into ``lost`` too: it stands for every reader (directory.snapshot_of)
 # even if the node comes back and writes one more batch before it learns of it.
 END_IF_UNCHANGED = """
+if redis.call('HEXISTS', KEYS[1], 'lost') == 1 then return 1 end
 if redis.call('HGET', KEYS[1], 'snap') ~= ARGV[1] then return 0 end
 redis.call('XADD', KEYS[2], ARGV[3], 'f', ARGV[4])
 redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'lost', ARGV[2])
@@ -87,8 +88,9 @@ async def sweep(cluster: Cluster) -> None:
 
 
 async def end_lost(cluster: Cluster, node: str, sid: str) -> bool:
-    """End ``sid`` lost unless it has ended (or is gone); False if its snapshot
-    changed under the script (its node is writing after all)."""
+    """End ``sid`` lost unless it has ended (or is gone, or the cluster ended it
+    before: its end stands, whatever its node wrote since); False if its
+    snapshot changed under the script (its node is writing after all)."""
     redis = cluster.redis
     raw = await redis.hget(keys.meta(sid), "snap")
     if raw is None:
@@ -102,4 +104,7 @@ async def end_lost(cluster: Cluster, node: str, sid: str) -> bool:
     after = snap._replace(state="lost", next_seq=seq + 1, ended=time.time(), exit=data, exit_seq=seq)
     done = await redis.eval(END_IF_UNCHANGED, keys=[keys.meta(sid), keys.out(sid)],
                             args=[raw, protocol.encode(after._asdict()), keys.entry_id(seq), frame])
+    if done == 1:
+        # Told to the node, should it be back: its heartbeat reads this.
+        await redis.incr(keys.node_ended(node))
     return done == 1

@@ -66,31 +66,31 @@ class Mirror:
         self.behind = 0  # the most frames found waiting at the start of a batch
 
     async def publish(self) -> None:
-        await self.cluster.enter(self.session)
+        lost = await self.cluster.enter(self.session)
         self.published = True
         # A session found at this node's start may have been ended by the
         # cluster while the node was away: that is known before it is served.
-        await self.check_verdict()
-
-    async def check_verdict(self) -> None:
-        """Take the cluster's end of this session if it gave one (see ``_take_verdict``)."""
-        if self.session.verdict is None and await self.redis.hexists(keys.meta(self.session.sid), "lost"):
-            await self._take_verdict()
+        if lost:
+            await self.take_verdict()
 
     async def run(self) -> None:
         s = self.session
         cursor = sessionlog.Cursor(s.dir, "out", 1)
         backoff = 0.1
         refused = 0
+        ended = False  # the cluster ended it: take its end, write nothing more
         try:
             while s.verdict is None:
                 try:
+                    if ended:
+                        if not await self.take_verdict():
+                            break  # its keys are gone
+                        continue
                     if not await self._round(cursor):
                         break
                     backoff, refused = 0.1, 0
                 except Ended:
-                    await self._take_verdict()
-                    break
+                    ended = True
                 except ResponseError as exc:
                     refused += 1
                     if refused > MAX_REFUSED:
@@ -115,17 +115,29 @@ class Mirror:
             # Its keys in Redis are the session now: kept until it is removed here.
             while not s.removed:
                 await s.changed.wait()
-            await self.cluster.forget(s)
+            backoff = 0.1
+            while True:
+                try:
+                    await self.cluster.forget(s)
+                    return
+                except RedisError as exc:
+                    log.warning("session %s: cannot remove its keys from Redis: %s (again in %.1f s)",
+                                s.sid, exc, backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
 
-    async def _take_verdict(self) -> None:
+    async def take_verdict(self) -> bool:
         """The cluster ended this session while this node was out of reach
         (bento/cluster/lost.py): that end stands here too. The node serves the
-        session from Redis as every other node does, and stops its function if
-        it still runs (every other node calls it lost)."""
+        session from Redis as every other node does (its attachments here go
+        on from there, bento/server_attach.py), and stops its function if it
+        still runs (every other node calls it lost). False if its keys are gone."""
         s = self.session
+        if s.verdict is not None:
+            return True
         raw = await self.redis.hget(keys.meta(s.sid), "lost")
         if raw is None:
-            return  # removed meanwhile
+            return False
         s.verdict = Snapshot.from_map(protocol.decode(raw))
         log.warning("session %s: the cluster ended it lost while this node was out of reach (at seq %s); "
                     "it is served from the cluster's copy%s", s.sid, s.verdict.exit_seq,
@@ -136,6 +148,7 @@ class Mirror:
                 await self.cluster.registry.call(s, {"t": "signal", "signal": "KILL"})
             except ExchangeGone:
                 pass  # it ended meanwhile: nothing left to stop
+        return True
 
     async def _round(self, cursor: sessionlog.Cursor) -> bool:
         """One batch into Redis, or a wait for news; False once the session is gone."""
@@ -186,12 +199,34 @@ class Mirror:
 
     async def _write(self, start: int, frames: list[memoryview], covered: Snapshot,
                      state: tuple[int, bytes] | None, enforced: dict | None) -> None:
-        sid = self.session.sid
-        out = keys.out(sid)
         meta: dict[str, bytes] = {"snap": protocol.encode(covered._asdict())}
         if enforced is not None:
             meta["enforced"] = protocol.encode(enforced)
-        # One transaction: the stream and the snapshot that covers it change together.
+        try:
+            results = await self._transaction(start, frames, covered, state, meta)
+        except ValueError as exc:
+            # coredis on a Redis Cluster: a refused command's reply it cannot decode
+            # (an XADD at an id the stream has: a batch that landed, or the cluster's end).
+            raise ResponseError(f"refused: {exc}") from exc
+        if results and results[-1] is True:
+            raise Ended
+        refused = next((r for r in results if isinstance(r, Exception)), None)
+        if refused is not None:
+            raise refused
+        self.frames += len(frames)
+        self.sent = covered
+        if state is not None:
+            self.state_sent = state[0]
+        if enforced is not None:
+            self.enforced_sent = enforced
+        self.trimmed_below = max(self.trimmed_below, covered.first_seq)
+
+    async def _transaction(self, start: int, frames: list[memoryview], covered: Snapshot,
+                           state: tuple[int, bytes] | None, meta: dict[str, bytes]) -> tuple:
+        """One transaction: the stream and the snapshot that covers it change
+        together. Its replies in order (a refused command's as its exception)."""
+        sid = self.session.sid
+        out = keys.out(sid)
         async with self.redis.pipeline(transaction=True, raise_on_error=False) as pipe:
             for i, frame in enumerate(frames):
                 pipe.xadd(out, {"f": bytes(frame)}, identifier=keys.entry_id(start + i))
@@ -208,16 +243,4 @@ class Mirror:
             # Then what this batch wrote is past the end that readers keep to (the
             # ``lost`` snapshot, and nothing after the exit frame), and it is the last.
             pipe.hexists(keys.meta(sid), "lost")
-        results = pipe.results or ()
-        if results and results[-1] is True:
-            raise Ended
-        refused = next((r for r in results if isinstance(r, Exception)), None)
-        if refused is not None:
-            raise refused
-        self.frames += len(frames)
-        self.sent = covered
-        if state is not None:
-            self.state_sent = state[0]
-        if enforced is not None:
-            self.enforced_sent = enforced
-        self.trimmed_below = max(self.trimmed_below, covered.first_seq)
+        return pipe.results or ()

@@ -60,6 +60,10 @@ class Cluster:
         # last was: what /readyz says (a Redis that hangs raises nothing).
         self.beat_error: str | None = None
         self.beat_at = trio.current_time()
+        # The other nodes' count of this node's sessions they ended (keys.node_ended)
+        # as last seen; anything else at the first heartbeat, which then checks.
+        self.ended_seen: bytes | None = b"?"
+        self.checking = False
 
     # -- this node's sessions ----------------------------------------------------
 
@@ -79,10 +83,11 @@ class Cluster:
             log.warning("session %s: not yet in the cluster's directory (%s); its mirror retries", s.sid, exc)
         self.nursery.start_soon(mirror.run)
 
-    async def enter(self, s: Session) -> None:
+    async def enter(self, s: Session) -> bool:
         """Write the directory entries of ``s``: its token hashes and its metadata.
         A snapshot already there (this node restarted) stays: it says what the
-        stream holds, and the mirror moves it on."""
+        stream holds, and the mirror moves it on. True if the cluster ended the
+        session while this node was away (``lost``: mirror.take_verdict)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.token(s.meta["owner_hash"]), f"rw {s.sid}")
             if s.meta["viewer_hash"]:  # (empty once revoked)
@@ -103,6 +108,8 @@ class Cluster:
             # What `list` reads on any node: the sessions of each API key.
             pipe.sadd(keys.key_sessions(s.meta.get("key") or ""), [s.sid])
             pipe.sadd(keys.LISTED_KEYS, [s.meta.get("key") or "-"])
+            lost = pipe.hexists(keys.meta(s.sid), "lost")
+        return bool(await lost)
 
     async def forget(self, s: Session) -> None:
         """Remove the directory entries and the stream of a session that was removed."""
@@ -215,19 +222,41 @@ class Cluster:
             # have ended this node's sessions meanwhile (lost.py).
             lapsed = self.beat_error is not None or trio.current_time() - self.beat_at > HEARTBEAT_TTL_MS / 2000
             try:
-                await self.redis.set(keys.node(self.node), value, px=HEARTBEAT_TTL_MS)
-                await self.redis.sadd(keys.NODES, [self.node])
-                # Put back after a Redis that lost its data (restarted without
-                # persistence): a node started after that must not make its own.
-                await self.redis.set(keys.SECRET, self.secret, condition=coredis.PureToken.NX)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(keys.node(self.node), value, px=HEARTBEAT_TTL_MS)
+                    pipe.sadd(keys.NODES, [self.node])
+                    # Put back after a Redis that lost its data (restarted without
+                    # persistence): a node started after that must not make its own.
+                    pipe.set(keys.SECRET, self.secret, condition=coredis.PureToken.NX)
+                    # Moves when another node has ended sessions of this one.
+                    ended = pipe.get(keys.node_ended(self.node))
+                ended_count = await ended
                 self.beat_error, self.beat_at = None, trio.current_time()
-                if lapsed:
-                    for mirror in list(self.mirrors.values()):
-                        await mirror.check_verdict()
+                if (lapsed or ended_count != self.ended_seen) and not self.checking:
+                    self.ended_seen = ended_count
+                    self.checking = True
+                    self.nursery.start_soon(self.check_verdicts)
             except RedisError as exc:
                 log.warning("cannot renew this node's heartbeat: %s", exc)
                 self.beat_error = f"the cluster's Redis does not answer: {exc}"
             await trio.sleep(HEARTBEAT_S)
+
+    async def check_verdicts(self) -> None:
+        """Take the cluster's end of each session it ended while this node was
+        out of reach (one round trip for all; beside the heartbeat, which must
+        not wait for the functions it stops)."""
+        try:
+            mirrors = [m for m in self.mirrors.values() if m.session.verdict is None]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                replies = [pipe.hexists(keys.meta(m.session.sid), "lost") for m in mirrors]
+            for mirror, reply in zip(mirrors, replies, strict=True):
+                if await reply:
+                    await mirror.take_verdict()
+        except RedisError as exc:
+            self.ended_seen = b"?"  # (the next heartbeat checks again)
+            log.warning("cannot check for sessions the cluster ended: %s", exc)
+        finally:
+            self.checking = False
 
     @property
     def unreachable(self) -> str | None:

@@ -29,6 +29,7 @@ from bento.transport import ConnectionClosed
 if TYPE_CHECKING:
     from bento.cluster.node import Cluster
     from bento.server import Connection
+    from bento.sessions import Session
 
 log = logging.getLogger("bento.cluster.remote")
 
@@ -165,7 +166,19 @@ class Remote:
             req["id"], session=sid, mode=mode, state=snap.state, first_seq=snap.first_seq,
             next_seq=snap.next_seq, input_seq=snap.input_seq, tty=meta.get(b"tty") == b"1",
         ))
-        self._start(conn, RemoteAttachment(sid, node, mode, start, token_hash=auth.token_hash(req["token"]),
+        # From past the exit frame, nothing is to come (the stream may hold what a
+        # node the cluster took for dead wrote after its end: never delivered).
+        ended = snap.has_ended and snap.exit_seq is not None and start > snap.exit_seq
+        self._start(conn, RemoteAttachment(sid, node, mode, start, ended=ended,
+                                           token_hash=auth.token_hash(req["token"]),
+                                           token_checked=trio.current_time()))
+
+    def follow(self, conn: Connection, s: Session, mode: str, start: int) -> None:
+        """Attach ``conn`` to a session of this node that the cluster ended while
+        the node was out of reach (``Session.verdict``): from Redis, as any other
+        node serves it, so that it reads the same end."""
+        token_hash = s.meta["owner_hash"] if mode == "rw" else s.meta["viewer_hash"]
+        self._start(conn, RemoteAttachment(s.sid, self.cluster.node, mode, start, token_hash=token_hash,
                                            token_checked=trio.current_time()))
 
     def _start(self, conn: Connection, att: RemoteAttachment) -> None:

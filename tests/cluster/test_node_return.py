@@ -13,6 +13,10 @@ import pytest
 import trio
 from helpers import TICKS, ServerProcess, connect, wait_status
 
+from bento import protocol
+from bento.cluster import connect as redis_connect
+from bento.cluster import keys, lost
+
 FEW_THEN_WAIT = '''
 import time
 def main(n):
@@ -22,6 +26,13 @@ def main(n):
 '''
 
 LOST_WITHIN_S = 20  # the heartbeat's expiry (10 s) plus a sweep, with room
+
+IDLE = '''
+import time
+def main():
+    api.send("ready")
+    time.sleep(600)
+'''
 
 
 def alive(pid: int) -> bool:
@@ -133,6 +144,208 @@ async def test_a_node_that_was_frozen_past_the_verdict_takes_it(redis_server, tm
         assert [f[2] for f in seen[:-1]] == list(range(end_seq - 1))
         await trio.sleep(1)
         assert await same_on_both([node.url, other.url], r["token"]) == seen
+    finally:
+        node.stop()
+        other.stop()
+
+
+async def freeze_past_verdict(node: ServerProcess, other: ServerProcess, r: dict) -> dict:
+    """SIGSTOP the node's server until the other node ends the session lost,
+    then SIGCONT; the session's status then, from the other node."""
+    async with connect(other.url) as co:
+        await co.ok("attach", token=r["viewer_token"], **{"from": 1})
+        await co.frames(r["session"], until_exit=False, count=5, timeout=30)
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGSTOP)
+        try:
+            return await wait_status(co, r["token"], lambda st: st["state"] == "lost", timeout=LOST_WITHIN_S)
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+
+
+async def test_nothing_past_the_exit_for_a_reader_from_next_seq(redis_server, tmp_path):
+    """The woken node's last batch lands in the stream past the exit frame; a
+    reader that attaches at next_seq (past the exit) gets none of it, on either node."""
+    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis_server.url, "--node", "next-n").start()
+    other = ServerProcess(str(tmp_path / "o"), "--cluster", redis_server.url, "--node", "next-o").start()
+    try:
+        async with connect(node.url) as c:
+            r = await c.ok("execute", code=TICKS, attach=False)
+        st = await freeze_past_verdict(node, other, r)
+        async with connect(node.url) as c:
+            await wait_status(c, r["token"], lambda st: st["state"] == "lost", timeout=15)
+        for url in (other.url, node.url):
+            async with connect(url) as c:
+                await c.ok("attach", token=r["viewer_token"], **{"from": st["next_seq"]})
+                with trio.move_on_after(2):
+                    got = await c.frames(r["session"], until_exit=False, count=1)
+                    raise AssertionError(f"{url}: frames after the exit frame: {got}")
+    finally:
+        node.stop()
+        other.stop()
+
+
+async def test_a_reader_attached_to_the_node_itself_ends_at_the_clusters_end(redis_server, tmp_path):
+    """A client attached to the node before it froze: it goes on from the
+    cluster's copy to the cluster's exit frame, or, when it had read past that
+    end before the node learned of it, is told so (internal) and attaches again."""
+    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis_server.url, "--node", "local-n").start()
+    other = ServerProcess(str(tmp_path / "o"), "--cluster", redis_server.url, "--node", "local-o").start()
+    try:
+        async with connect(node.url) as local:
+            r = await local.ok("execute", code=TICKS, attach=True)
+            st = await freeze_past_verdict(node, other, r)
+            end_seq = st["next_seq"] - 1
+            seen: list[list] = []
+            with trio.fail_after(20):
+                while not (seen and seen[-1][1] == "exit"):
+                    ev = await local.event(session=r["session"])
+                    if ev["ev"] == "error":
+                        assert ev["error"]["code"] == "internal" and f"seq {end_seq}" in ev["error"]["message"]
+                        assert seen and seen[-1][0] >= end_seq, (seen[-3:], ev)
+                        await local.ok("attach", token=r["token"], **{"from": end_seq})
+                        seen = seen[: end_seq - 1]
+                    elif ev["ev"] == "out":
+                        seen += ev["frames"]
+        assert seen[-1] == [end_seq, "exit", st["exit"]], (seen[-1], st["exit"])
+        assert [f[0] for f in seen] == list(range(1, end_seq + 1))
+    finally:
+        node.stop()
+        other.stop()
+
+
+async def test_an_idempotent_retry_on_the_node_reads_the_clusters_end(redis_server, tmp_path):
+    """A client cut off with the node retries its execute (same idempotency key)
+    once the node answers again: it reads the cluster's end, not what the node ran past it."""
+    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis_server.url, "--node", "idem-n").start()
+    other = ServerProcess(str(tmp_path / "o"), "--cluster", redis_server.url, "--node", "idem-o").start()
+    try:
+        async with connect(node.url) as c:
+            r = await c.ok("execute", code=TICKS, attach=False, idempotency_key="job-1")
+        st = await freeze_past_verdict(node, other, r)
+        async with connect(node.url) as c:
+            await wait_status(c, r["token"], lambda st: st["state"] == "lost", timeout=15)
+            again = await c.ok("execute", code=TICKS, attach=True, idempotency_key="job-1")
+            assert again["session"] == r["session"]
+            seen = await c.frames(r["session"], timeout=30)
+        assert seen[-1] == [st["next_seq"] - 1, "exit", st["exit"]]
+    finally:
+        node.stop()
+        other.stop()
+
+
+class _Sweeper:
+    """What lost.end_lost needs of a cluster: its Redis client."""
+
+    def __init__(self, redis) -> None:
+        self.redis = redis
+
+
+async def test_a_second_death_does_not_move_the_end(redis_server, tmp_path):
+    """Frozen past the verdict, the node's last batch overwrote 'snap'; restarted,
+    it enters the session into its set again; dead once more, its session keeps
+    the first end: one exit frame, the same 'lost'."""
+    args = ("--cluster", redis_server.url, "--node", "twice-n")
+    node = ServerProcess(str(tmp_path / "n"), *args).start()
+    other = ServerProcess(str(tmp_path / "o"), "--cluster", redis_server.url, "--node", "twice-o").start()
+    redis = coredis.Redis.from_url(redis_server.url, decode_responses=False)
+    try:
+        async with redis:
+            async with connect(node.url) as c:
+                r = await c.ok("execute", code=TICKS, attach=False)
+            await freeze_past_verdict(node, other, r)
+            async with connect(node.url) as c:
+                await wait_status(c, r["token"], lambda st: st["state"] == "lost", timeout=15)
+            meta = keys.meta(r["session"])
+            first = await redis.hget(meta, "lost")
+            # (What this test is about: the node's last batch overwrote 'snap'.)
+            assert protocol.decode(await redis.hget(meta, "snap"))["state"] == "running"
+            node.stop()
+            node = ServerProcess(str(tmp_path / "n"), *args).start()
+            async with connect(node.url) as c:
+                await wait_status(c, r["token"], lambda st: st["state"] == "lost", timeout=15)
+            node.kill(signal.SIGKILL)
+            deadline = time.monotonic() + LOST_WITHIN_S  # past the expiry and a sweep
+            while await redis.hget(meta, "lost") == first and time.monotonic() < deadline:
+                await trio.sleep(0.5)
+            exits = [e.identifier for e in await redis.xrange(keys.out(r["session"]))
+                     if protocol.is_exit_frame(e.field_values[b"f"])]
+            assert await redis.hget(meta, "lost") == first and len(exits) == 1, exits
+    finally:
+        node.stop()
+        other.stop()
+
+
+async def test_an_idle_session_ended_after_the_node_came_back(redis_server, tmp_path):
+    """The sweeper ends a node's sessions one by one; the node may be back, and
+    done with its own check, before one of them is ended. The counter the
+    sweeper moves tells it at its next heartbeat, though the session writes nothing."""
+    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis_server.url, "--node", "idle-n").start()
+    redis = redis_connect.client(redis_server.url)
+    try:
+        async with redis:
+            async with connect(node.url) as c:
+                r = await c.ok("execute", code=IDLE, attach=True)
+                await c.frames(r["session"], until_exit=False, count=1)
+            pids = node.exchange_pids()
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGSTOP)
+            await trio.sleep(11)  # its heartbeat (10 s) expires; no other node sweeps
+            node.proc.send_signal(signal.SIGCONT)
+            with trio.fail_after(10):
+                while not await redis.exists([keys.node("idle-n")]):
+                    await trio.sleep(0.1)
+            await trio.sleep(1)  # its own check after the lapse has run: nothing ended yet
+            assert await lost.end_lost(_Sweeper(redis), "idle-n", r["session"])  # the sweeper, late
+            async with connect(node.url) as c:
+                await wait_status(c, r["token"], lambda st: st["state"] == "lost", timeout=8)
+            deadline = time.monotonic() + 10
+            while any(alive(p) for p in pids):
+                assert time.monotonic() < deadline, "the function still runs"
+                await trio.sleep(0.1)
+    finally:
+        node.stop()
+
+
+async def test_removal_while_redis_is_down_keeps_the_node_up(volatile_redis, tmp_path):
+    """A session the cluster ended, destroyed on its node while Redis is down:
+    the node stays up, and removes the session's keys once Redis is back."""
+    node = ServerProcess(str(tmp_path / "n"), "--cluster", volatile_redis.url, "--node", "down-n").start()
+    redis = redis_connect.client(volatile_redis.url)
+    try:
+        async with redis:
+            async with connect(node.url) as c:
+                r = await c.ok("execute", code=IDLE, attach=False)
+                await wait_status(c, r["token"], lambda st: st["state"] == "running")
+                assert await lost.end_lost(_Sweeper(redis), "down-n", r["session"])
+                await wait_status(c, r["token"], lambda st: st["state"] == "lost", timeout=8)
+        volatile_redis.stop()
+        async with connect(node.url) as c:
+            await c.ok("destroy", token=r["token"])
+        await trio.sleep(3)  # the mirror's removal of the keys fails meanwhile, and is retried
+        assert node.proc is not None and node.proc.poll() is None, node.read_log()[-2000:]
+        assert "cannot remove its keys from Redis" in node.read_log()
+        assert not os.path.exists(os.path.join(node.data_dir, "sessions", r["session"]))
+    finally:
+        node.stop()
+
+
+async def test_a_node_frozen_past_the_verdict_on_a_redis_cluster(redis_cluster, tmp_path):
+    """The frozen node on a Redis Cluster (3 masters): its first write after
+    waking is refused there too, and it takes the cluster's end."""
+    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis_cluster.url, "--node", "rc-n").start()
+    other = ServerProcess(str(tmp_path / "o"), "--cluster", redis_cluster.url, "--node", "rc-o").start()
+    try:
+        async with connect(node.url) as c:
+            r = await c.ok("execute", code=TICKS, attach=False)
+        pids = node.exchange_pids()
+        await freeze_past_verdict(node, other, r)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids):
+            assert time.monotonic() < deadline, "the function still runs"
+            await trio.sleep(0.1)
+        assert node.proc is not None and node.proc.poll() is None, node.read_log()[-2000:]
+        await same_on_both([node.url, other.url], r["token"])
     finally:
         node.stop()
         other.stop()
