@@ -43,6 +43,21 @@ def alive(pid: int) -> bool:
     return True
 
 
+def on(url: str, node: str) -> tuple[str, ...]:
+    """A server's arguments for node ``node`` of the cluster on the Redis at ``url``."""
+    return ("--cluster", url, "--node", node)
+
+
+def two_nodes(tmp_path, url: str, name: str) -> tuple[ServerProcess, ServerProcess]:
+    """The node a test stops (``<name>-n``, data in tmp_path/n) and another (``<name>-o``)."""
+    node = ServerProcess(str(tmp_path / "n"), *on(url, f"{name}-n")).start()
+    try:
+        return node, ServerProcess(str(tmp_path / "o"), *on(url, f"{name}-o")).start()
+    except BaseException:
+        node.stop()
+        raise
+
+
 async def start_elsewhere(runs_url: str, reader, n: int) -> dict:
     async with connect(runs_url) as c:
         r = await c.ok("execute", code=FEW_THEN_WAIT, args=[n], attach=False)
@@ -78,9 +93,7 @@ async def test_a_node_back_after_the_verdict_takes_it(redis_server, tmp_path, ma
     there too, and the node ends the function rather than run on what every
     other node calls lost."""
     name = "back-machine" if machine else "back-server"
-    args = ("--cluster", redis_server.url, "--node", name)
-    node = ServerProcess(str(tmp_path / name), *args).start()
-    other = ServerProcess(str(tmp_path / "other"), "--cluster", redis_server.url, "--node", f"o-{name}").start()
+    node, other = two_nodes(tmp_path, redis_server.url, name)
     try:
         async with connect(other.url) as co:
             r = await start_elsewhere(node.url, co, 20)
@@ -94,7 +107,7 @@ async def test_a_node_back_after_the_verdict_takes_it(redis_server, tmp_path, ma
             await wait_status(co, r["token"], lambda st: st["state"] == "lost", timeout=LOST_WITHIN_S)
         if not machine:
             assert any(alive(p) for p in pids), "the exchange should have outlived its server"
-        node = ServerProcess(str(tmp_path / name), *args).start()
+        node = ServerProcess(str(tmp_path / "n"), *on(redis_server.url, f"{name}-n")).start()
         seen = await same_on_both([node.url, other.url], r["token"])
         assert [f[2] for f in seen[:-1]] == list(range(20))
         deadline = time.monotonic() + 10
@@ -117,8 +130,7 @@ async def test_a_node_that_was_frozen_past_the_verdict_takes_it(redis_server, tm
     printing; the cluster ends the session lost; the server wakes up with output
     Redis never had. The cluster's end stands there too, and nothing of what the
     node ran after it reaches a reader."""
-    node = ServerProcess(str(tmp_path / "frozen"), "--cluster", redis_server.url, "--node", "frozen").start()
-    other = ServerProcess(str(tmp_path / "other"), "--cluster", redis_server.url, "--node", "o-frozen").start()
+    node, other = two_nodes(tmp_path, redis_server.url, "frozen")
     try:
         async with connect(node.url) as c:
             r = await c.ok("execute", code=TICKS, attach=False)
@@ -166,8 +178,7 @@ async def freeze_past_verdict(node: ServerProcess, other: ServerProcess, r: dict
 async def test_nothing_past_the_exit_for_a_reader_from_next_seq(redis_server, tmp_path):
     """The woken node's last batch lands in the stream past the exit frame; a
     reader that attaches at next_seq (past the exit) gets none of it, on either node."""
-    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis_server.url, "--node", "next-n").start()
-    other = ServerProcess(str(tmp_path / "o"), "--cluster", redis_server.url, "--node", "next-o").start()
+    node, other = two_nodes(tmp_path, redis_server.url, "next")
     try:
         async with connect(node.url) as c:
             r = await c.ok("execute", code=TICKS, attach=False)
@@ -189,8 +200,7 @@ async def test_a_reader_attached_to_the_node_itself_ends_at_the_clusters_end(red
     """A client attached to the node before it froze: it goes on from the
     cluster's copy to the cluster's exit frame, or, when it had read past that
     end before the node learned of it, is told so (internal) and attaches again."""
-    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis_server.url, "--node", "local-n").start()
-    other = ServerProcess(str(tmp_path / "o"), "--cluster", redis_server.url, "--node", "local-o").start()
+    node, other = two_nodes(tmp_path, redis_server.url, "local")
     try:
         async with connect(node.url) as local:
             r = await local.ok("execute", code=TICKS, attach=True)
@@ -217,8 +227,7 @@ async def test_a_reader_attached_to_the_node_itself_ends_at_the_clusters_end(red
 async def test_an_idempotent_retry_on_the_node_reads_the_clusters_end(redis_server, tmp_path):
     """A client cut off with the node retries its execute (same idempotency key)
     once the node answers again: it reads the cluster's end, not what the node ran past it."""
-    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis_server.url, "--node", "idem-n").start()
-    other = ServerProcess(str(tmp_path / "o"), "--cluster", redis_server.url, "--node", "idem-o").start()
+    node, other = two_nodes(tmp_path, redis_server.url, "idem")
     try:
         async with connect(node.url) as c:
             r = await c.ok("execute", code=TICKS, attach=False, idempotency_key="job-1")
@@ -245,9 +254,7 @@ async def test_a_second_death_does_not_move_the_end(redis_server, tmp_path):
     """Frozen past the verdict, the node's last batch overwrote 'snap'; restarted,
     it enters the session into its set again; dead once more, its session keeps
     the first end: one exit frame, the same 'lost'."""
-    args = ("--cluster", redis_server.url, "--node", "twice-n")
-    node = ServerProcess(str(tmp_path / "n"), *args).start()
-    other = ServerProcess(str(tmp_path / "o"), "--cluster", redis_server.url, "--node", "twice-o").start()
+    node, other = two_nodes(tmp_path, redis_server.url, "twice")
     redis = coredis.Redis.from_url(redis_server.url, decode_responses=False)
     try:
         async with redis:
@@ -261,7 +268,7 @@ async def test_a_second_death_does_not_move_the_end(redis_server, tmp_path):
             # (What this test is about: the node's last batch overwrote 'snap'.)
             assert protocol.decode(await redis.hget(meta, "snap"))["state"] == "running"
             node.stop()
-            node = ServerProcess(str(tmp_path / "n"), *args).start()
+            node = ServerProcess(str(tmp_path / "n"), *on(redis_server.url, "twice-n")).start()
             async with connect(node.url) as c:
                 await wait_status(c, r["token"], lambda st: st["state"] == "lost", timeout=15)
             node.kill(signal.SIGKILL)
@@ -280,7 +287,7 @@ async def test_an_idle_session_ended_after_the_node_came_back(redis_server, tmp_
     """The sweeper ends a node's sessions one by one; the node may be back, and
     done with its own check, before one of them is ended. The counter the
     sweeper moves tells it at its next heartbeat, though the session writes nothing."""
-    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis_server.url, "--node", "idle-n").start()
+    node = ServerProcess(str(tmp_path / "n"), *on(redis_server.url, "idle-n")).start()
     redis = redis_connect.client(redis_server.url)
     try:
         async with redis:
@@ -310,7 +317,7 @@ async def test_an_idle_session_ended_after_the_node_came_back(redis_server, tmp_
 async def test_removal_while_redis_is_down_keeps_the_node_up(volatile_redis, tmp_path):
     """A session the cluster ended, destroyed on its node while Redis is down:
     the node stays up, and removes the session's keys once Redis is back."""
-    node = ServerProcess(str(tmp_path / "n"), "--cluster", volatile_redis.url, "--node", "down-n").start()
+    node = ServerProcess(str(tmp_path / "n"), *on(volatile_redis.url, "down-n")).start()
     redis = redis_connect.client(volatile_redis.url)
     try:
         async with redis:
@@ -333,8 +340,7 @@ async def test_removal_while_redis_is_down_keeps_the_node_up(volatile_redis, tmp
 async def test_a_node_frozen_past_the_verdict_on_a_redis_cluster(redis_cluster, tmp_path):
     """The frozen node on a Redis Cluster (3 masters): its first write after
     waking is refused there too, and it takes the cluster's end."""
-    node = ServerProcess(str(tmp_path / "n"), "--cluster", redis_cluster.url, "--node", "rc-n").start()
-    other = ServerProcess(str(tmp_path / "o"), "--cluster", redis_cluster.url, "--node", "rc-o").start()
+    node, other = two_nodes(tmp_path, redis_cluster.url, "rc")
     try:
         async with connect(node.url) as c:
             r = await c.ok("execute", code=TICKS, attach=False)
