@@ -263,6 +263,8 @@ def describe_error(exc: BaseException, key_sent: bool, waited: bool = False) -> 
     """One line for an error the user can do something about (``key_sent``:
     whether this command gave the server an API key; ``waited``: it ran with --wait)."""
     if isinstance(exc, NotFound):
+        if exc.details.get("replaced") is True:
+            return exc.message  # a viewer token its owner replaced: the server says so
         return "no session has this token (a wrong token, or the session ended and was cleaned up)"
     if isinstance(exc, Forbidden):
         return "this needs the owner token (bto_...), not a viewer token"

@@ -206,7 +206,9 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     async def go(client: Any) -> int:
         try:
             st = await client.status(token)
-        except NotFound:
+        except NotFound as exc:
+            if exc.details.get("replaced") is True:
+                raise  # the session is there; this viewer token no longer reaches it
             if entry is not None and settings.server_for(entry) == entry.get("server"):
                 # Its own server has forgotten it: ls will not spend a look-up on it again.
                 settings.state.update_session(entry["session"], cleaned=True)

@@ -169,3 +169,15 @@ def test_unavailable_is_its_own_error_and_the_cli_says_it_in_words():
     assert isinstance(err, Unavailable) and err.code == "unavailable"
     line = describe_error(err, key_sent=False)
     assert line.startswith("the cluster is unavailable from this node: ") and "ask another node" in line
+
+
+def test_a_replaced_viewer_token_is_said_in_words_not_as_no_such_session():
+    from bento_clients.cli import describe_error
+    from bento_clients.errors import NotFound, RequestFailed
+
+    said = ("this viewer token was replaced or revoked by the session's owner (share): "
+            "ask them for the current link")
+    err = RequestFailed.from_reply({"code": "not_found", "message": said, "replaced": True}, "attach")
+    assert isinstance(err, NotFound) and describe_error(err, key_sent=False) == said
+    plain = RequestFailed.from_reply({"code": "not_found", "message": "no session has this token"}, "attach")
+    assert describe_error(plain, key_sent=False).startswith("no session has this token (a wrong token")
