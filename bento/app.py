@@ -127,6 +127,10 @@ def server_parser() -> argparse.ArgumentParser:
                    help="run as a node of a cluster on this Redis (redis://HOST:PORT/DB, "
                         "rediss://HOST:PORT/DB?ca=FILE, redis+cluster://HOST:PORT,HOST:PORT): any node "
                         "serves any token (docs/cluster.md)")
+    p.add_argument("--node-timeout", type=units.duration, default=10.0, metavar="DURATION",
+                   help="cluster mode: how long this node's heartbeat outlives its last renewal (it "
+                        "renews every fifth of it); a node silent this long is taken for dead and its "
+                        "running sessions end lost (default 10s, 1s to 1h)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="least important log lines written to stderr (default INFO: session events)")
@@ -224,7 +228,7 @@ def build_config(r: Resolved) -> Config:
         handshake_timeout_s=args.handshake_timeout, max_message=args.max_message,
         max_buffer_bytes=args.max_buffer_bytes, pool_size=args.pool, pool_max=args.pool_max, pool_template=args.pool_template,
         sandbox_template=args.sandbox_template, sandbox_template_renew_s=args.sandbox_template_renew,
-        cluster=args.cluster,
+        cluster=args.cluster, node_timeout_s=args.node_timeout,
         max_env_bytes=args.max_env_bytes, max_work_bytes=args.max_work_bytes,
         max_upload_bytes=args.max_upload_bytes,
     )

@@ -95,6 +95,8 @@ class Config:
     # redis://HOST:PORT/DB (or rediss://, redis+cluster://): run as one node of a cluster
     # on that Redis (bento/cluster/connect.py has the URL forms).
     cluster: str | None = None
+    # Cluster mode: how long a node's heartbeat outlives its last renewal (bento/cluster/node.py).
+    node_timeout_s: float = 10.0
 
     # Admission (bento/admission.py): None derives the capacity from the machine at start.
     capacity: Capacity | None = None
@@ -136,6 +138,8 @@ class Config:
             raise ValueError(f"--cluster {shown!r}: expected redis://HOST:PORT/DB, "
                              "rediss://HOST:PORT/DB?ca=FILE or redis+cluster://HOST:PORT,HOST:PORT "
                              "(docs/cluster.md)")
+        if not 1 <= self.node_timeout_s <= 3600:
+            raise ValueError(f"--node-timeout must be from 1s to 1h, not {self.node_timeout_s:g}s")
         if self.buffer_policy not in protocol.BUFFER_POLICIES:
             raise ValueError(f"unknown buffer policy {self.buffer_policy!r}")
         for name, value in (("--keep", self.keep_s), ("--history-bytes", self.history_bytes),

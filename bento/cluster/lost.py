@@ -51,7 +51,8 @@ def node_lost_exit(node: str) -> dict:
 
 
 async def watch(cluster: Cluster, ttl_s: float) -> None:
-    """Every SWEEP_S: end the sessions of nodes whose heartbeat expired.
+    """Every SWEEP_S (a fifth of ``ttl_s`` if less): end the sessions of the
+    nodes whose heartbeat expired.
 
     A missing heartbeat proves a node dead only where it could have been
     renewed: not while this node itself cannot reach Redis, nor within
@@ -59,7 +60,7 @@ async def watch(cluster: Cluster, ttl_s: float) -> None:
     restart every heartbeat has expired, as the nodes could not renew them)."""
     trouble_at = time.monotonic()  # this node's start counts as trouble too
     while True:
-        await trio.sleep(SWEEP_S)
+        await trio.sleep(min(SWEEP_S, ttl_s / 5))
         try:
             uptime = int(str((await cluster.redis.info("server"))["uptime_in_seconds"]))
             if time.monotonic() - trouble_at >= ttl_s and uptime >= ttl_s:

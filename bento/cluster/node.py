@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bento.cluster")
 
-HEARTBEAT_S = 2.0
-HEARTBEAT_TTL_MS = 10_000  # a node silent this long is taken as gone
+BEATS_PER_TIMEOUT = 5  # heartbeats within one --node-timeout (every 2 s at the default 10 s)
 CLAIM_WAIT_S = 10.0
 CLAIM_POLL_S = 0.05
 REACH_TIMEOUT_S = 5.0
@@ -46,6 +45,7 @@ class Cluster:
     def __init__(self, config: Config, redis: connect.Client, registry: Registry,
                  nursery: trio.Nursery) -> None:
         self.node = config.node
+        self.timeout_s = config.node_timeout_s  # a node silent this long is taken for dead
         self.instance = instance(config)
         self.redis = redis
         self.registry = registry
@@ -211,19 +211,19 @@ class Cluster:
     # -- the node's life -----------------------------------------------------------
 
     async def heartbeat(self) -> None:
-        """Renew this node's heartbeat key; it expires HEARTBEAT_TTL_MS after the
-        last renewal. It carries the node's capacity figures, which placement
-        reads (as old as HEARTBEAT_S at most)."""
+        """Renew this node's heartbeat key every fifth of ``timeout_s``; it
+        expires ``timeout_s`` after the last renewal. It carries the node's
+        capacity figures, which placement reads (as old as one beat at most)."""
         while True:
             value = protocol.encode({"node": self.node, "at": time.time(), "sessions": len(self.mirrors),
                                      "instance": self.instance,
                                      "capacity": None if self.placement is None else self.placement.figures()})
             # Out of reach long enough for the heartbeat to lapse: the cluster may
             # have ended this node's sessions meanwhile (lost.py).
-            lapsed = self.beat_error is not None or trio.current_time() - self.beat_at > HEARTBEAT_TTL_MS / 2000
+            lapsed = self.beat_error is not None or trio.current_time() - self.beat_at > self.timeout_s / 2
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.set(keys.node(self.node), value, px=HEARTBEAT_TTL_MS)
+                    pipe.set(keys.node(self.node), value, px=int(self.timeout_s * 1000))
                     pipe.sadd(keys.NODES, [self.node])
                     # Put back after a Redis that lost its data (restarted without
                     # persistence): a node started after that must not make its own.
@@ -239,7 +239,7 @@ class Cluster:
             except RedisError as exc:
                 log.warning("cannot renew this node's heartbeat: %s", exc)
                 self.beat_error = f"the cluster's Redis does not answer: {exc}"
-            await trio.sleep(HEARTBEAT_S)
+            await trio.sleep(self.timeout_s / BEATS_PER_TIMEOUT)
 
     async def check_verdicts(self) -> None:
         """Take the cluster's end of each session it ended while this node was
@@ -264,9 +264,9 @@ class Cluster:
         if self.beat_error is not None:
             return self.beat_error
         silent = trio.current_time() - self.beat_at
-        if silent > HEARTBEAT_TTL_MS / 1000 / 2:
+        if silent > self.timeout_s / 2:
             return (f"the cluster's Redis has not taken this node's heartbeat for {silent:.0f} s "
-                    f"(it answers nothing; the heartbeat expires after {HEARTBEAT_TTL_MS // 1000} s)")
+                    f"(it answers nothing; the heartbeat expires after {self.timeout_s:g} s)")
         return None
 
 
@@ -334,5 +334,5 @@ async def run(config: Config, registry: Registry, *,
                 await cluster.publish(s)
             nursery.start_soon(cluster.heartbeat)
             nursery.start_soon(cluster.control.serve)
-            nursery.start_soon(lost.watch, cluster, HEARTBEAT_TTL_MS / 1000)
+            nursery.start_soon(lost.watch, cluster, config.node_timeout_s)
             task_status.started(cluster)

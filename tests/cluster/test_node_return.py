@@ -25,7 +25,8 @@ def main(n):
     time.sleep(600)
 '''
 
-LOST_WITHIN_S = 20  # the heartbeat's expiry (10 s) plus a sweep, with room
+NODE_TIMEOUT_S = 4  # --node-timeout: the heartbeat's expiry (10 s by default)
+LOST_WITHIN_S = 10  # that expiry, plus a sweep, with room: the default timeout could not make it
 
 IDLE = '''
 import time
@@ -45,7 +46,7 @@ def alive(pid: int) -> bool:
 
 def on(url: str, node: str) -> tuple[str, ...]:
     """A server's arguments for node ``node`` of the cluster on the Redis at ``url``."""
-    return ("--cluster", url, "--node", node)
+    return ("--cluster", url, "--node", node, "--node-timeout", f"{NODE_TIMEOUT_S}s")
 
 
 def two_nodes(tmp_path, url: str, name: str) -> tuple[ServerProcess, ServerProcess]:
@@ -297,7 +298,7 @@ async def test_an_idle_session_ended_after_the_node_came_back(redis_server, tmp_
             pids = node.exchange_pids()
             assert node.proc is not None
             node.proc.send_signal(signal.SIGSTOP)
-            await trio.sleep(11)  # its heartbeat (10 s) expires; no other node sweeps
+            await trio.sleep(NODE_TIMEOUT_S + 1)  # its heartbeat expires; no other node sweeps
             node.proc.send_signal(signal.SIGCONT)
             with trio.fail_after(10):
                 while not await redis.exists([keys.node("idle-n")]):

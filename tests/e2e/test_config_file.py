@@ -55,6 +55,12 @@ def test_bad_size_names_the_option_and_the_examples(tmp_path):
     assert "memory_bytes" in line and "bad size" in line and "512MiB" in line, line
 
 
+def test_a_node_timeout_out_of_range_is_refused(tmp_path):
+    for bad in ("500ms", "2h"):
+        line = refused("--data-dir", str(tmp_path / "d"), "--node-timeout", bad)
+        assert "--node-timeout must be from 1s to 1h" in line, line
+
+
 # -- TLS ---------------------------------------------------------------------------------
 
 
