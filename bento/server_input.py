@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from bento import protocol, session_core
-from bento.sessions import Attachment, ExchangeGone, Session
+from bento.sessions import FROZEN_STATE, Attachment, ExchangeGone, Session
 
 if TYPE_CHECKING:
     from bento.server import Server
@@ -77,6 +77,8 @@ class InputOps:
 
     async def op_state_put(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)
+        if s.verdict is not None:
+            raise protocol.RequestError("gone", FROZEN_STATE)
         value = protocol.encode(req["value"])
         if len(value) > MAX_STATE_BYTES:
             raise protocol.RequestError("too_large", f"shared state is at most {MAX_STATE_BYTES} bytes encoded")

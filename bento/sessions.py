@@ -42,6 +42,11 @@ REPLACED = ("this viewer token was replaced or revoked by the session's owner (s
             "ask them for the current link")
 REVOKED_VIEWER = "the viewer token was revoked by the session's owner"
 
+# A shared state put to a session the cluster ended (Session.verdict): every
+# other node keeps the state the cluster has, so this node takes none either.
+FROZEN_STATE = ("the cluster ended this session lost while its node was out of reach: its shared "
+                "state stays as the cluster has it")
+
 
 @dataclass(eq=False)
 class Attachment:

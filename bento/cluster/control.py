@@ -30,6 +30,7 @@ from bento import protocol, session_core
 from bento.admin import share
 from bento.cluster import keys
 from bento.exchange_link import ExchangeGone
+from bento.sessions import FROZEN_STATE
 
 if TYPE_CHECKING:
     from bento.cluster.node import Cluster
@@ -153,6 +154,8 @@ class Control:
             if op == "state_get":
                 return {"ok": True, "version": s.shared_version, "value": s.shared_value}
             if op == "state_put":
+                if s.verdict is not None:
+                    return {"ok": False, "code": "gone", "message": FROZEN_STATE}
                 if len(request["value"]) > MAX_STATE_BYTES:
                     return {"ok": False, "code": "too_large",
                             "message": f"shared state is at most {MAX_STATE_BYTES} bytes encoded"}

@@ -356,3 +356,25 @@ async def test_a_node_frozen_past_the_verdict_on_a_redis_cluster(redis_cluster, 
     finally:
         node.stop()
         other.stop()
+
+
+async def test_the_shared_state_stays_as_the_cluster_has_it(redis_server, tmp_path):
+    """After the cluster's end no node takes a state_put (its mirror writes
+    nothing more, so the other nodes would never see it): ``gone``, on both."""
+    node, other = two_nodes(tmp_path, redis_server.url, "state")
+    redis = redis_connect.client(redis_server.url)
+    try:
+        async with redis, connect(node.url) as c:
+            r = await c.ok("execute", code=IDLE, attach=False)
+            await wait_status(c, r["token"], lambda st: st["state"] == "running")
+            await c.ok("state_put", token=r["token"], value="before")
+            assert await lost.end_lost(_Sweeper(redis), "state-n", r["session"])  # as a sweeper would
+            await wait_status(c, r["token"], lambda st: st["state"] == "lost", timeout=8)
+            for url in (node.url, other.url):
+                async with connect(url) as c2:
+                    err = (await c2.request("state_put", token=r["token"], value="after"))["error"]
+                    assert err["code"] == "gone" and "shared state stays" in err["message"], (url, err)
+                    assert (await c2.ok("state_get", token=r["token"]))["value"] == "before"
+    finally:
+        node.stop()
+        other.stop()
