@@ -90,8 +90,9 @@ class Upkeep:
         """Remove the session: kill its function, delete its buffers, forget its tokens."""
         if s.removed:
             return
-        acked = s.snap.exit_seq is not None and s.snap.acked_seq >= s.snap.exit_seq
-        events.emit("session.ended", session=s.sid, state=s.snap.state, why=reason or ("exit_acked" if acked else "keep"))
+        snap = s.verdict or s.snap  # (the cluster's end, when it gave one: status says that too)
+        acked = snap.exit_seq is not None and snap.acked_seq >= snap.exit_seq
+        events.emit("session.ended", session=s.sid, state=snap.state, why=reason or ("exit_acked" if acked else "keep"))
         self._unindex(s)
         for att in list(s.attachments):
             att.ended = True
