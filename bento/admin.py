@@ -141,9 +141,11 @@ async def share(registry: Registry, cluster: Cluster | None, s: Session, action:
     viewer = auth.new_tokens()[1] if action == "rotate" else None
     old = s.meta["viewer_hash"]
     try:
-        await registry.replace_viewer(s, auth.token_hash(viewer) if viewer else "")
+        forgotten = await registry.replace_viewer(s, auth.token_hash(viewer) if viewer else "")
     except OSError as exc:
         raise protocol.RequestError("internal", f"cannot save the session's tokens: {exc.strerror}") from None
+    if s.removed:
+        raise protocol.RequestError("not_found", "the session was destroyed meanwhile")
     if cluster is not None:
-        await cluster.share(s, old)
+        await cluster.share(s, old, forgotten, viewer)
     return viewer

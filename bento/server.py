@@ -308,7 +308,9 @@ class Connection(SessionOps, JobOps, ExecuteOps, AttachOps, InputOps):
         op = req["op"]
         if self.server.cluster is not None and op in TOKEN_OPS and "token" in req:
             found = self.registry.by_token(req["token"])
-            if found is None or (op == "attach" and found[0].verdict is not None):
+            # (A viewer token share took from a session here is answered here, whatever Redis holds.)
+            if (found is None and not self.registry.retired(req["token"])) or (
+                    op == "attach" and found is not None and found[0].verdict is not None):
                 # Another node runs it, or the cluster ended it while this node was away.
                 await self.server.cluster.remote.serve(self, req)
                 return

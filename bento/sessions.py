@@ -329,17 +329,19 @@ class Registry(SessionLinks, Upkeep):
             self._index(s)
             events.emit("session.recovered", session=sid, state=s.snap.state, **events.exit_fields(s.snap.exit))
 
-    async def replace_viewer(self, s: Session, viewer_hash: str) -> None:
+    async def replace_viewer(self, s: Session, viewer_hash: str) -> list[str]:
         """Give ``s`` a new viewer token (by its hash; '' for none). The old one
         stops working at once, viewers attached with it are cut off, and
         meta.cbor keeps the change across restarts (written first: OSError
-        leaves everything as it was)."""
+        leaves everything as it was). Returns the retired hashes it forgot
+        (beyond the last RETIRED_MAX)."""
         old = s.meta["viewer_hash"]
         retired = list(s.meta.get("retired_viewers", ()))
         if old:
             # Remembered (the last few) so that a viewer who uses one is told why it
             # no longer works, rather than that no such session exists.
-            retired = (retired + [old])[-RETIRED_MAX:]
+            retired = retired + [old]
+        forgotten, retired = retired[:-RETIRED_MAX], retired[-RETIRED_MAX:]
         meta = {**s.meta, "viewer_hash": viewer_hash, "retired_viewers": retired}
         path = os.path.join(s.dir, "meta.cbor")
         await trio.to_thread.run_sync(write_atomic, path, protocol.encode(meta))
@@ -358,6 +360,7 @@ class Registry(SessionLinks, Upkeep):
                 att.why = REVOKED_VIEWER
                 att.cancel.cancel()
                 s.attachments.discard(att)
+        return forgotten
 
 
 # Sessions of one server report the same few enforcement maps: each distinct

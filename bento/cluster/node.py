@@ -125,25 +125,41 @@ class Cluster:
                 pipe.delete([keys.idem(s.meta["idem"])])
         self.mirrors.pop(s.sid, None)
 
-    async def share(self, s: Session, old_hash: str) -> None:
-        """Tell every node that ``share`` gave ``s`` a new viewer token (or none)
-        and took ``old_hash``'s away. If Redis does not take it now, the
-        session's mirror enters all its tokens again once Redis answers."""
+    async def share(self, s: Session, old_hash: str, forgotten: list[str], viewer: str | None) -> None:
+        """Tell every node that ``share`` gave ``s`` a new viewer token (or none),
+        took ``old_hash``'s away and forgot the ``forgotten`` ones. If Redis does
+        not take it now, this node writes it again every second until it does
+        (``unavailable``, carrying the new ``viewer_token``)."""
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if old_hash:
-                    pipe.set(keys.token(old_hash), f"retired {s.sid}")
-                if s.meta["viewer_hash"]:
-                    pipe.set(keys.token(s.meta["viewer_hash"]), f"ro {s.sid}")
+            await self._write_viewers(s, old_hash, forgotten)
         except RedisError as exc:
-            mirror = self.mirrors.get(s.sid)
-            if mirror is not None:
-                mirror.published = False
-                s.notify()
+            self.nursery.start_soon(self._write_viewers_later, s, old_hash, forgotten)
             raise protocol.RequestError(
-                "unavailable", f"the viewer token was changed on this node, but the cluster's Redis did "
-                f"not take it ({exc}); this node writes it once Redis answers, and until then the old "
-                "viewer token may still work through other nodes") from None
+                "unavailable", f"the viewer token was replaced on this node (the new one is this error's "
+                f"viewer_token) but the cluster's Redis did not take it ({exc}): until this node reaches "
+                "Redis again (it retries every second), other nodes still accept the old viewer token",
+                viewer_token=viewer) from None
+
+    async def _write_viewers(self, s: Session, old_hash: str, forgotten: list[str]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if old_hash:
+                pipe.set(keys.token(old_hash), f"retired {s.sid}")
+            if s.meta["viewer_hash"]:
+                pipe.set(keys.token(s.meta["viewer_hash"]), f"ro {s.sid}")
+            for token_hash in forgotten:  # (one DEL each: they may be in different slots)
+                pipe.delete([keys.token(token_hash)])
+        if s.removed:
+            # Destroyed while this was written: its keys went before these came.
+            await self.forget(s)
+
+    async def _write_viewers_later(self, s: Session, old_hash: str, forgotten: list[str]) -> None:
+        while not s.removed:
+            await trio.sleep(1.0)
+            try:
+                await self._write_viewers(s, old_hash, forgotten)
+                return
+            except RedisError:
+                pass  # (the heartbeat logs that Redis is out of reach)
 
     # -- idempotency keys across nodes ------------------------------------------------
 

@@ -79,6 +79,11 @@ class Remote:
             raise unavailable(exc) from None
         if mode == "retired" and b"snap" in meta:
             raise protocol.RequestError("not_found", REPLACED, replaced=True)
+        s = self.cluster.registry.sessions.get(sid) if entry is not None else None
+        if s is not None and not s.removed and self.cluster.registry.by_token(token) is None:
+            # This node runs it and does not know the token, whatever Redis says
+            # (a viewer token that share took away while Redis was out of reach).
+            conn.by_token(token, owner=False)
         if b"snap" not in meta:  # no such token, or destroyed between the two reads
             conn.by_token(token, owner=False)
             raise protocol.RequestError("not_found", "no session has this token")

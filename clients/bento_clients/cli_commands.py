@@ -17,7 +17,7 @@ from bento_clients.cli_output import QueueLine, exit_code, say, show, show_json,
 from bento_clients.cli_settings import Settings, UsageError, known_entry, parse_json_arg, token_of
 from bento_clients.cli_stream import follow, window, with_client
 from bento_clients.convert import from_json, parse_buffer, parse_limits
-from bento_clients.errors import Forbidden, Gone, NotFound
+from bento_clients.errors import Forbidden, Gone, NotFound, RequestFailed
 from bento_clients.state import NameTaken, check_name, key_id
 from bento_clients.terminal import ResumeFilter, Sinks
 
@@ -239,7 +239,14 @@ async def _new_viewer(settings: Settings, args: argparse.Namespace) -> int:
     token = token_of(entry, args.token, owner=True)
 
     async def go(client: Any) -> int:
-        viewer = await client.share(token, "rotate" if args.rotate else "revoke")
+        try:
+            viewer = await client.share(token, "rotate" if args.rotate else "revoke")
+        except RequestFailed as exc:
+            if exc.code != "unavailable" or "viewer_token" not in exc.details:
+                raise
+            # Replaced all the same (a cluster whose Redis is out of reach): keep the new one.
+            viewer = exc.details["viewer_token"]
+            say(f"bento: warning: {exc.message}")
         if entry is not None:
             settings.state.update_session(entry["session"], durable=True, viewer_token=viewer)
         if settings.json:

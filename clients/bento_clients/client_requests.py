@@ -42,7 +42,10 @@ class TokenRequests:
         """Replace the session's viewer token (owner token): ``viewer="rotate"``
         returns a new one, ``"revoke"`` leaves none (returns None). Either way the
         old one stops working and viewers attached with it are cut off. Not
-        retried after a drop (a repeat would rotate twice)."""
+        retried after a drop (a repeat would rotate twice). In a cluster whose
+        Redis is out of reach it raises ``RequestFailed`` with code
+        ``unavailable`` although the token was replaced: the new one is in its
+        ``details["viewer_token"]``."""
         r = await self._sup.call("share", {"token": token, "viewer": viewer}, retry=False)
         return r.get("viewer_token")
 
