@@ -52,7 +52,8 @@ log = logging.getLogger("bento.server")
 
 MIN_SEND_RATE = 64 * 1024  # bytes/s a client must at least take to keep its connection
 MIN_OUT_BUDGET = 64 * 1024
-TOKEN_OPS = ("attach", "signal", "status", "destroy", "state_get", "state_put", "share")
+TOKEN_OPS = ("attach", "signal", "status", "destroy", "state_get", "state_put", "share", "resize", "file_get",
+             "file_put")
 
 
 class Closing(Exception):

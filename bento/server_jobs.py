@@ -95,29 +95,45 @@ class JobOps:
 
     async def op_resize(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)
-        if s.snap.has_ended:
-            raise protocol.RequestError("gone", "the function has ended")
-        r = await self.registry.call(s, {"t": "resize", "rows": req["rows"], "cols": req["cols"]})
-        if not r["ok"]:
-            raise protocol.RequestError(r["code"], r["message"])
-        await self.send(protocol.reply_ok(req["id"]))
+        await self.send(protocol.reply_ok(req["id"], **await resize(self.registry, s, req)))
 
     async def op_file_get(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=False)
-        parts = _path(req)
-        size = min(req["length"], files.CHUNK)
-        data, total = await _io(files.read_file, os.path.join(s.dir, "work"), parts, req["offset"], size)
-        await self.send(protocol.reply_ok(req["id"], data=data, size=total))
+        await self.send(protocol.reply_ok(req["id"], **await file_get(s, req)))
 
     async def op_file_put(self, req: dict) -> None:
         s, _ = self.by_token(req["token"], owner=True)
-        parts = _path(req)
-        if s.snap.has_ended:
-            raise protocol.RequestError("gone", "the function has ended: files go into a running session")
-        cap = self.config.max_upload_bytes
-        if req["offset"] + len(req["data"]) > cap:
-            raise protocol.RequestError("too_large", f"an uploaded file is at most {cap} bytes on this server")
-        size = await _io(files.write_file, os.path.join(s.dir, "work"), parts, req["offset"], req["data"],
-                         req["offset"] == 0)
-        events.emit("session.file_put", session=s.sid, offset=req["offset"], bytes=len(req["data"]), size=size)
-        await self.send(protocol.reply_ok(req["id"], size=size))
+        await self.send(protocol.reply_ok(req["id"], **await file_put(self.config, s, req)))
+
+
+# The three ops on a session of this server, whoever asked (one of its own
+# connections, or another cluster node for its client: bento/cluster/control.py);
+# each returns its reply's fields or raises the request's error.
+
+async def resize(registry: Registry, s: Session, req: dict) -> dict:
+    if s.snap.has_ended:
+        raise protocol.RequestError("gone", "the function has ended")
+    r = await registry.call(s, {"t": "resize", "rows": req["rows"], "cols": req["cols"]})
+    if not r["ok"]:
+        raise protocol.RequestError(r["code"], r["message"])
+    return {}
+
+
+async def file_get(s: Session, req: dict) -> dict:
+    parts = _path(req)
+    size = min(req["length"], files.CHUNK)
+    data, total = await _io(files.read_file, os.path.join(s.dir, "work"), parts, req["offset"], size)
+    return {"data": data, "size": total}
+
+
+async def file_put(config: Config, s: Session, req: dict) -> dict:
+    parts = _path(req)
+    if s.snap.has_ended:
+        raise protocol.RequestError("gone", "the function has ended: files go into a running session")
+    cap = config.max_upload_bytes
+    if req["offset"] + len(req["data"]) > cap:
+        raise protocol.RequestError("too_large", f"an uploaded file is at most {cap} bytes on this server")
+    size = await _io(files.write_file, os.path.join(s.dir, "work"), parts, req["offset"], req["data"],
+                     req["offset"] == 0)
+    events.emit("session.file_put", session=s.sid, offset=req["offset"], bytes=len(req["data"]), size=size)
+    return {"size": size}

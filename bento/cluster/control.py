@@ -1,5 +1,6 @@
 """Requests between nodes: what a node that does not run a session asks of the
-node that does (the owner's acks, input, signal, destroy, shared state), and
+node that does (the owner's acks, input, signal, destroy, shared state, share,
+files and the terminal's size), and
 executes a full node hands on (bento/cluster/placement.py).
 
 Each node consumes its own control stream (``bento:node:<name>:ctl``) in
@@ -26,7 +27,7 @@ import coredis
 import trio
 from coredis.exceptions import RedisError
 
-from bento import protocol, session_core
+from bento import protocol, server_jobs, session_core
 from bento.admin import share
 from bento.cluster import keys
 from bento.exchange_link import ExchangeGone
@@ -153,6 +154,12 @@ class Control:
                 return {"ok": True, "viewer_token": await share(self.registry, self.cluster, s, request["viewer"])}
             if op == "state_get":
                 return {"ok": True, "version": s.shared_version, "value": s.shared_value}
+            if op == "resize":
+                return {"ok": True, **await server_jobs.resize(self.registry, s, request)}
+            if op == "file_get":
+                return {"ok": True, **await server_jobs.file_get(s, request)}
+            if op == "file_put":
+                return {"ok": True, **await server_jobs.file_put(self.cluster.config, s, request)}
             if op == "state_put":
                 if s.verdict is not None:
                     return {"ok": False, "code": "gone", "message": FROZEN_STATE}

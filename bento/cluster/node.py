@@ -44,6 +44,7 @@ class Cluster:
 
     def __init__(self, config: Config, redis: connect.Client, registry: Registry,
                  nursery: trio.Nursery) -> None:
+        self.config = config
         self.node = config.node
         self.timeout_s = config.node_timeout_s  # a node silent this long is taken for dead
         self.instance = instance(config)

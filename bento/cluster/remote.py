@@ -36,6 +36,13 @@ log = logging.getLogger("bento.cluster.remote")
 BATCH_FRAMES = 512
 BLOCK_MS = 1_000  # an idle attachment checks this often that its session still exists
 TOKEN_CHECK_S = 1.0  # a viewer's attachment checks this often that its token still works
+# What a request carries to the running node (beyond its op), and which ops a viewer may use.
+CARRIED = {"signal": ("signal",), "share": ("viewer",), "state_put": ("if_version",),
+           "resize": ("rows", "cols"), "file_get": ("path", "offset", "length"),
+           "file_put": ("path", "offset", "data")}
+VIEWER_OPS = ("state_get", "file_get")
+REPLIED = {"state_get": ("version", "value"), "state_put": ("version",), "share": ("viewer_token",),
+           "file_get": ("data", "size"), "file_put": ("size",)}  # the fields of the answer relayed
 
 
 def unavailable(exc: RedisError) -> protocol.RequestError:
@@ -90,8 +97,8 @@ class Remote:
         return sid, mode, meta, directory.snapshot_of(meta)
 
     async def serve(self, conn: Connection, req: dict) -> None:
-        """A request with a token (attach, status, signal, destroy, state_get,
-        state_put) for a session this node does not run."""
+        """A request with a token (TOKEN_OPS in bento/server.py) for a session
+        this node does not run."""
         op = req["op"]
         if op == "attach":
             await self.attach(conn, req)
@@ -100,24 +107,18 @@ class Remote:
             await self.status(conn, req)
             return
         sid, mode, meta, _snap = await self.find(conn, req["token"])
-        if op != "state_get" and mode != "rw":
+        if op not in VIEWER_OPS and mode != "rw":
             raise protocol.RequestError("forbidden", "this needs the owner token, not a viewer token")
-        request: dict[str, Any] = {"op": op}
-        if op == "signal":
-            request["signal"] = req["signal"]
-        elif op == "share":
+        request: dict[str, Any] = {"op": op, **{k: req[k] for k in CARRIED.get(op, ())}}
+        if op == "share":
             audit(f"share.{req['viewer']}", conn.key, sid)
-            request["viewer"] = req["viewer"]
         elif op == "state_put":
-            request.update(value=protocol.encode(req["value"]), if_version=req["if_version"])
+            request["value"] = protocol.encode(req["value"])
         r = await self._ask(meta[b"node"].decode(), sid, request)
+        reply = {k: r[k] for k in REPLIED.get(op, ())}
         if op == "state_get":
-            await conn.send(protocol.reply_ok(req["id"], version=r["version"],
-                                              value=protocol.decode(r["value"], require_map=False)))
-        elif op == "share":
-            await conn.send(protocol.reply_ok(req["id"], viewer_token=r["viewer_token"]))
-        else:
-            await conn.send(protocol.reply_ok(req["id"], **({"version": r["version"]} if "version" in r else {})))
+            reply["value"] = protocol.decode(r["value"], require_map=False)
+        await conn.send(protocol.reply_ok(req["id"], **reply))
 
     async def input(self, conn: Connection, req: dict) -> bool:
         """``input`` over a remote attachment (False if there is none): carried to

@@ -358,3 +358,47 @@ async def test_share_takes_the_old_viewer_token_away_on_every_server(pair):
                 assert err["code"] == "not_found" and err.get("replaced") is True, (url, err)
                 assert (await v.request("status", token="btv_" + "x" * 43))["error"].get("replaced") is None
         await owner.ok("destroy", token=r["token"])
+
+
+TERMINAL_FILES = r'''
+import os, signal, time
+def main():
+    sizes = []
+    signal.signal(signal.SIGWINCH, lambda *a: sizes.append(list(os.get_terminal_size())))
+    deadline = time.monotonic() + 20
+    while not (sizes and os.path.exists("in/done")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open("in/data.bin", "rb") as f:
+        data = f.read()
+    with open("out.bin", "wb") as f:
+        f.write(data[::-1])
+    return {"size": sizes[0], "read": len(data)}
+'''
+
+
+async def test_files_and_the_terminal_size_on_every_server(pair):
+    """``file_put``, ``file_get`` and ``resize`` through whichever server the
+    client reaches: a file put in pieces arrives byte-exact, the function's
+    file comes back, a viewer may read but not write, and after the end a put
+    or a resize is ``gone``."""
+    r = await start(pair, TERMINAL_FILES, tty={"rows": 24, "cols": 80})
+    data = bytes(range(256)) * 5000  # 1.25 MB: two pieces
+    async with connect(pair[1].url) as c:
+        await wait_status(c, r["token"], lambda st: st["state"] == "running")
+        for offset in (0, 1 << 20):
+            put = await c.ok("file_put", token=r["token"], path="in/data.bin", offset=offset,
+                             data=data[offset:offset + (1 << 20)])
+            assert put["size"] == min(len(data), offset + (1 << 20)), put
+        denied = (await c.request("file_put", token=r["viewer_token"], path="x", data=b"x"))["error"]
+        assert denied["code"] == "forbidden", denied
+        assert (await c.request("resize", token=r["viewer_token"], rows=1, cols=1))["error"]["code"] == "forbidden"
+        await c.ok("resize", token=r["token"], rows=40, cols=132)
+        await c.ok("file_put", token=r["token"], path="in/done", data=b"")
+        st = await wait_status(c, r["token"], lambda st: st["state"] != "running", timeout=20)
+        assert st["exit"]["result"] == {"size": [132, 40], "read": len(data)}, st
+        got = await c.ok("file_get", token=r["viewer_token"], path="out.bin", offset=1000, length=10)
+        assert got == {"id": got["id"], "ok": True, "data": data[::-1][1000:1010], "size": len(data)}, got
+        missing = (await c.request("file_get", token=r["token"], path="nope.txt"))["error"]
+        assert missing["code"] == "not_found", missing
+        for op, fields in (("file_put", {"path": "late", "data": b"x"}), ("resize", {"rows": 2, "cols": 2})):
+            assert (await c.request(op, token=r["token"], **fields))["error"]["code"] == "gone", op
