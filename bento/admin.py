@@ -26,6 +26,14 @@ if TYPE_CHECKING:
     from bento.sessions import Registry
 
 
+def check_key(server: Server, config: Config, key_hash: str | None) -> None:
+    """Refuse a session's token when the API key that started it (``key_hash``)
+    was revoked since, unless ``revoke_sessions`` is off."""
+    if key_hash and config.revoke_sessions and not server.keys.known(key_hash):
+        raise protocol.RequestError("unauthorized", "the API key that started this session was revoked: its "
+                                    "tokens no longer work (an admin key can still reach it by id)", revoked=True)
+
+
 class SessionOps:
     """signal, status, list, destroy and share, and how a request finds its session."""
 
@@ -56,11 +64,7 @@ class SessionOps:
             self.server.metrics.guesses_failed.inc()
             raise protocol.RequestError("not_found", "no session has this token")
         s, mode = found
-        key = s.meta.get("key")
-        if key and self.config.revoke_sessions and not self.server.keys.known(key):
-            raise protocol.RequestError("unauthorized", "the API key that started this session was revoked: its "
-                                        "tokens no longer work (an admin key can still reach it by id)",
-                                        revoked=True)
+        check_key(self.server, self.config, s.meta.get("key"))
         if owner and mode != "rw":
             raise protocol.RequestError("forbidden", "this needs the owner token, not a viewer token")
         return s, mode

@@ -20,6 +20,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from bento import auth, protocol
+from bento.admin import check_key
 from bento.cluster import directory, keys
 from bento.gate import audit
 from bento.session_core import Snapshot
@@ -94,6 +95,7 @@ class Remote:
         if b"snap" not in meta:  # no such token, or destroyed between the two reads
             conn.by_token(token, owner=False)
             raise protocol.RequestError("not_found", "no session has this token")
+        check_key(conn.server, conn.config, meta.get(b"key", b"").decode())
         return sid, mode, meta, directory.snapshot_of(meta)
 
     async def serve(self, conn: Connection, req: dict) -> None:
