@@ -44,7 +44,11 @@ WARM_TIMEOUT_S = warm.UP_TIMEOUT_S + 10.0
 RETRY_FIRST_S = 1.0  # the warm pool's pause after a failure, doubled while failures go on
 RETRY_MAX_S = 30.0
 SIZING_TICK_S = 1.0  # the pool's target is looked at again at least this often (to shrink it)
-TAKE_GRACE_S = 0.05  # after a take, warm starts wait this long (the session's first hops go first)
+# After a take, warm starts wait until the session's first output has reached the
+# server (its exchange's first message after the hello) and OUT_ROOM_S more for
+# the out event to reach the client: at most TAKE_GRACE_S in all.
+TAKE_GRACE_S = 0.05
+OUT_ROOM_S = 0.003
 # Executes a second from which warm exchanges are forked from the template: a fork
 # costs far less CPU than a process of its own, but its session's first output
 # comes later (docs/performance.md); below this rate the CPU is there to spare.
@@ -86,6 +90,7 @@ class ExchangeLink:
         self.ended = trio.Event()  # its reader took its last message (fail_pending)
         self.home: str | None = None  # a warm exchange's directory until a session takes it
         self.kill: Callable[[], None] | None = None  # a warm exchange's process, if it will not answer
+        self.taken: trio.Event | None = None  # a warm one taken: set at its first message after the hello
 
     async def send(self, msg: dict) -> None:
         wire.check(wire.TO_EXCHANGE, msg)
@@ -219,6 +224,8 @@ class Exchanges:
         self.retry_at = 0.0
         self.failing = False
         self.taken_at = -1.0
+        self.first_hops = trio.Event()  # set when the latest taken one's first output is in
+        self.first_hops.set()
         # Exchanges are forked from it (bento/exchange_template.py), warm or not (with no
         # pool too: a cold start's exchange); None: each its own process.
         self.template: Template | None = (
@@ -259,10 +266,11 @@ class Exchanges:
                     starts.start_soon(self._start_one)
                 # A take, a start that ended, or the window's slide (for shrinking).
                 await self._wake_within(SIZING_TICK_S)
-                if trio.current_time() - self.taken_at < TAKE_GRACE_S:
-                    # Let the session that just took a warm exchange have the CPU first
-                    # (the sizing counts this pause as part of a replacement's start).
-                    await trio.sleep(TAKE_GRACE_S)
+                # Let the session that just took a warm exchange have the CPU first
+                # (the sizing counts TAKE_GRACE_S as part of a replacement's start).
+                with trio.move_on_at(self.taken_at + TAKE_GRACE_S):
+                    await self.first_hops.wait()
+                    await trio.sleep(OUT_ROOM_S)
 
     async def _start_template(self) -> None:
         try:
@@ -402,7 +410,9 @@ class Exchanges:
         if not self.warm:
             return None
         self.taken_at = trio.current_time()
-        return self.warm.pop(0)
+        link = self.warm.pop(0)
+        link.taken = self.first_hops = trio.Event()
+        return link
 
     async def assign_warm(self, link: ExchangeLink, sdir: str) -> dict | None:
         """Hand the session in ``sdir`` to its warm exchange: its hello, or None (gone, too slow)."""

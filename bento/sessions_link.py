@@ -56,6 +56,9 @@ class SessionLinks:
                 msg = await link.receive()
                 if msg is None:
                     break
+                if link.taken is not None:  # its first output: the warm pool may refill now
+                    link.taken.set()
+                    link.taken = None
                 if not link.deliver(msg):  # (a reply goes to its caller)
                     if msg.get("t") == "state":
                         s.set_shared(msg["version"], msg["value"])
