@@ -361,18 +361,18 @@ async def test_share_takes_the_old_viewer_token_away_on_every_server(pair):
 
 
 TERMINAL_FILES = r'''
-import os, signal, time
+import os, time
 def main():
-    sizes = []
-    signal.signal(signal.SIGWINCH, lambda *a: sizes.append(list(os.get_terminal_size())))
     deadline = time.monotonic() + 20
-    while not (sizes and os.path.exists("in/done")) and time.monotonic() < deadline:
+    while not (os.path.exists("in/done") and tuple(os.get_terminal_size()) != (80, 24)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no done file or no resize: {tuple(os.get_terminal_size())}")
         time.sleep(0.01)
     with open("in/data.bin", "rb") as f:
         data = f.read()
     with open("out.bin", "wb") as f:
         f.write(data[::-1])
-    return {"size": sizes[0], "read": len(data)}
+    return {"size": list(os.get_terminal_size()), "read": len(data)}
 '''
 
 
