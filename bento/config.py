@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import bento_sandbox
 
 from bento import auth, protocol, session_core
 from bento.admission import QUOTA_NAMES, Capacity, Quota, Quotas
@@ -147,3 +150,28 @@ class Config:
                             ("--pool-max", self.pool_max)):
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be a number of at least 0, not {value}")
+
+
+def session_limits(config: Config, asked: dict) -> dict:
+    """A session's limits: what it asked for, the server's defaults for the
+    rest, and never above the server's maxima (a limit with a maximum is
+    always set). RequestError ``bad_request`` for a limit it may not have."""
+    limits = dict(config.default_limits)
+    for k, v in asked.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise protocol.RequestError("bad_request", f"limit {k} must be finite")
+        top = config.max_limits.get(k)
+        if top is not None and v > top:
+            raise protocol.RequestError("bad_request", f"limit {k} is at most {top} on this server")
+        limits[k] = v
+    for k, top in config.max_limits.items():
+        limits[k] = min(limits.get(k, top), top)
+    if not config.allow_unenforced_limits:
+        for k in limits:
+            if k not in config.enforceable:
+                raise protocol.RequestError(
+                    "bad_request",
+                    f"limit {k} cannot be enforced on this server "
+                    f"({bento_sandbox.unenforceable_reason(k)}): run without it, or ask the "
+                    "operator (who may start the server with --allow-unenforced-limits)")
+    return limits

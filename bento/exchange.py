@@ -49,6 +49,7 @@ from bento.exchange_stdin import Stdin
 from bento.exchange_workdir import WorkDirWatch
 from bento.launch import (
     READ_SIZE,
+    START_FIFO,
     VALUE_ROOM,
     Launched,
     close_quietly,
@@ -425,6 +426,7 @@ def main(argv: list[str]) -> None:
         until = time.monotonic() + FIRST_OUTPUT_WAIT_S
         while ex.output.log.next_seq == 1 and not ex.finished and time.monotonic() < until:
             ex.step(until=until)
+        unlink(os.path.join(sdir, START_FIFO))  # (the driver has it open: no one else needs it)
     sock = ex.control.listen()  # (a cold exchange's server connects as soon as it reads "ready")
     if warm_sock is None:
         sys.stdout.write(f"ready {os.getpid()}\n")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import array
 import fcntl
 import os
+import select
+import stat
 import struct
 import sys
 import termios
@@ -23,6 +25,7 @@ from bento_sandbox import forked
 
 from bento import protocol
 
+START_FIFO = "start.fifo"  # a warm environment's driver reads its start from it: the server may write it
 PIPE_BYTES = 1 << 20
 READ_SIZE = 1 << 16
 VALUE_ROOM = 1024  # an out event carries one frame at least: room for its envelope
@@ -107,6 +110,9 @@ class Launched:
         self.pid_file: str | None = None  # its env.pid, written while a warm exchange waited (bento/warm.py)
         self.up = False  # its driver said ``up`` (a warm environment waits for that: bento/warm.py)
         self.early = b""  # what the driver sent after its ``up``, read before the session's link
+        # A warm environment's limits, put on while it waited: (limits, enforced, rlimits).
+        self.preapplied: tuple[dict, dict, dict] | None = None
+        self.start_sent = False  # the server sent the driver its start (bento/warm.py)
 
     def discard(self) -> None:
         if self.env is not None:
@@ -140,27 +146,68 @@ def prestart(launched: Launched, meta: dict, cwd: str | None) -> Prestarted:
     """Apply the session's limits to its environment, then send the driver its
     start message: from here on the function runs. (For a pre-started
     environment this comes before the exchange sets itself up, which then
-    happens while the function starts.)"""
+    happens while the function starts.) A warm environment may have the
+    limits on already, and its start sent by the server (``send_start``)."""
     assert launched.env is not None
-    # Raises bento_sandbox.Unenforceable: the server checked the limits against
-    # what this machine holds, but a session's own cgroup can still fail here.
-    enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(meta["limits"]),
-                                           strict=not meta.get("allow_unenforced", False))
+    strict = not meta.get("allow_unenforced", False)
+    pre = launched.preapplied
+    if pre is not None and pre[0] == meta["limits"]:
+        enforced, rlimits = pre[1], pre[2]
+    elif launched.start_sent:
+        # The server started the function under the warm limits: never under others.
+        raise bento_sandbox.Unenforceable(["limits"], {
+            "limits": "the server started the function under the warm limits, not the session's (a bug)"})
+    else:
+        # Raises bento_sandbox.Unenforceable: the server checked the limits against
+        # what this machine holds, but a session's own cgroup can still fail here.
+        enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(meta["limits"]), strict=strict)
     driver = Link(launched.from_r, launched.to_w, meta["max_message"] + 4096)
     driver.framer.feed(launched.early)
+    if not launched.start_sent:
+        driver.queue(start_message(meta, cwd, rlimits))
+        driver.flush()  # what the pipe does not take now goes when the loop runs
+    return driver, enforced, time.monotonic()
+
+
+def start_message(meta: dict, cwd: str | None, rlimits: dict) -> bytes:
+    """The driver's start message for the session of ``meta`` (encoded, unframed)."""
     module = {"module": meta["module"]} if meta.get("module") else {}
     if meta.get("tty"):
         module["tty"] = True
     site = site_for(meta)
     if site:
         module["site"] = site
-    driver.queue(protocol.encode(wire.message(
+    return protocol.encode(wire.message(
         wire.TO_DRIVER, "start", code=meta["code"], entry=meta["entry"], args=meta["args"],
         kwargs=meta["kwargs"], env=meta["env"], cwd=cwd, rlimits=rlimits,
         max_value=meta["max_message"] - VALUE_ROOM, max_depth=protocol.MAX_DEPTH - 4,
-        max_items=protocol.DEFAULT_MAX_ITEMS, **module)))
-    driver.flush()  # what the pipe does not take now goes when the loop runs
-    return driver, enforced, time.monotonic()
+        max_items=protocol.DEFAULT_MAX_ITEMS, **module))
+
+
+def send_start(sdir: str, meta: dict, limits: dict | None, rlimits: dict | None) -> bool:
+    """For the server: send the driver of the warm environment now in ``sdir``
+    its start message, when that environment has the session's limits on
+    already (``limits``, ``rlimits``: as its warm_ready said) and the message
+    fits one atomic pipe write. The driver wakes while the exchange does, not
+    after it. False: nothing was written (the exchange sends it, as for any)."""
+    if rlimits is None or meta["limits"] != limits or meta.get("packages") or meta.get("tty"):
+        return False
+    cwd = None if meta["sandbox"] == "bwrap" else os.path.join(sdir, "work")
+    data = wire.frame(start_message(meta, cwd, rlimits))
+    if len(data) > select.PIPE_BUF:
+        return False  # (a longer write could be split: the exchange sends it)
+    try:
+        fd = os.open(os.path.join(sdir, START_FIFO), os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return False  # ENXIO: no driver reads it any more (the exchange finds out)
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        return os.write(fd, data) == len(data)  # all or nothing, at most PIPE_BUF bytes
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def launch(cfg: dict, name: str, workdir: str) -> Launched:
@@ -180,7 +227,13 @@ def launch(cfg: dict, name: str, workdir: str) -> Launched:
         set_window(out_r, cfg["tty"]["rows"], cfg["tty"]["cols"])
         in_r, out_w, in_w = slave, os.dup(slave), os.dup(out_r)
         os.dup2(slave, err_w)
-    to_r, to_w = os.pipe()  # exchange -> driver (driver's fd 3)
+    if cfg.get("start_fifo"):
+        # A warm one's (made by bento/warm.py): a FIFO, which the server can open by its name.
+        to_r = os.open(cfg["start_fifo"], os.O_RDONLY | os.O_NONBLOCK)
+        to_w = os.open(cfg["start_fifo"], os.O_WRONLY)
+        os.set_blocking(to_r, True)
+    else:
+        to_r, to_w = os.pipe()  # exchange -> driver (driver's fd 3)
     from_r, from_w = os.pipe()  # driver -> exchange (driver's fd 4)
     for fd in (out_r, err_r, from_r):
         # A bigger pipe: a function writing fast blocks (and wakes us) less often.

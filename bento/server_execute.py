@@ -12,14 +12,13 @@ session's metadata and starts it with the same functions (``session_meta``,
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
-import bento_sandbox
 import trio
 
 from bento import auth, events, protocol
 from bento.admission import Refused, Ticket
+from bento.config import session_limits
 from bento.gate import audit
 from bento.server_jobs import file_fields, package_fields
 
@@ -123,28 +122,7 @@ class ExecuteOps:
             raise refusal(exc) from None
 
     def _limits(self, asked: dict) -> dict:
-        """The session's limits: what it asked for, the server's defaults for
-        the rest, and never above the server's maxima (a limit with a maximum
-        is always set)."""
-        limits = dict(self.config.default_limits)
-        for k, v in asked.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                raise protocol.RequestError("bad_request", f"limit {k} must be finite")
-            top = self.config.max_limits.get(k)
-            if top is not None and v > top:
-                raise protocol.RequestError("bad_request", f"limit {k} is at most {top} on this server")
-            limits[k] = v
-        for k, top in self.config.max_limits.items():
-            limits[k] = min(limits.get(k, top), top)
-        if not self.config.allow_unenforced_limits:
-            for k in limits:
-                if k not in self.config.enforceable:
-                    raise protocol.RequestError(
-                        "bad_request",
-                        f"limit {k} cannot be enforced on this server "
-                        f"({bento_sandbox.unenforceable_reason(k)}): run without it, or ask the "
-                        "operator (who may start the server with --allow-unenforced-limits)")
-        return limits
+        return session_limits(self.config, asked)
 
 
 # The fields of an execute that a node needs to start its session (besides the

@@ -23,7 +23,9 @@ import trio
 
 from bento import auth, events, files, protocol, session_core, sessiondisk
 from bento.config import Config
-from bento.exchange_link import ExchangeGone, ExchangeLink, Exchanges
+from bento.exchange_link import ExchangeGone, ExchangeLink
+from bento.exchanges import Exchanges
+from bento.launch import send_start
 from bento.session_core import Snapshot, State
 from bento.sessionlog import write_atomic
 from bento.sessions_link import SessionLinks
@@ -281,7 +283,9 @@ class Registry(SessionLinks, Upkeep):
             hello = None
             if link is not None:
                 link.home = None  # the session's now
-                hello = await self.exchanges.assign_warm(link, sdir)
+                # The function may start now, while its exchange wakes (bento/launch.py).
+                started = send_start(sdir, meta, link.limits, link.rlimits)
+                hello = await self.exchanges.assign_warm(link, sdir, started)
                 if hello is None:
                     # The warm exchange (killed now) may have begun the function: what it
                     # left is not this session's. A fresh directory for the cold start.

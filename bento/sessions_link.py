@@ -29,7 +29,7 @@ BUSY_WAIT_S = 3.0
 BUSY_STEP_S = 0.05
 
 if TYPE_CHECKING:
-    from bento.exchange_link import Exchanges
+    from bento.exchanges import Exchanges
     from bento.sessions import Session
 
 log = logging.getLogger("bento.sessions")

@@ -7,6 +7,12 @@ environment is up (its driver's ``up``) and answers ``warm_ready``, then waits
 for ``assign`` (the session's directory: its own, renamed by the server);
 from there on it is an ordinary exchange. It must never import trio.
 
+With ``limits`` in ``warm`` (those of a session that asks for none), it puts
+them on the environment once it is up, and its driver reads its start from a
+FIFO in the directory: for a session with those limits the server writes the
+start there itself before the ``assign`` (``started``), and the function
+starts while this exchange wakes.
+
 Up, not just launched: the sandbox's home is the directory's ``work``, which a
 session renames along with it when it takes the environment, and bwrap turns
 the home's fd into a path early and mounts that path late. A rename in
@@ -21,10 +27,11 @@ import select
 import socket
 import time
 
+import bento_sandbox
 from bento_driver import wire
 
 from bento import protocol, sessiondisk
-from bento.launch import READ_SIZE, Launched, Link, launch, loads
+from bento.launch import READ_SIZE, START_FIFO, Launched, Link, launch, loads
 
 UP_TIMEOUT_S = 10.0  # an environment not up by then is discarded (the pool tries again later)
 UP_MAX_BYTES = 4096  # the driver's ``up`` is a few bytes: more is a broken driver
@@ -60,6 +67,9 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str, int] | None:
         os.dup2(log_fd, 2)
         os.close(log_fd)
         lock_fd = sessiondisk.prepare_dir(cfg["dir"])
+        if cfg.get("limits") is not None:
+            cfg["start_fifo"] = os.path.join(cfg["dir"], START_FIFO)
+            os.mkfifo(cfg["start_fifo"], 0o600)
     except OSError as exc:
         lock_fd, launched = -1, Launched(None, error=f"cannot prepare {cfg['dir']}: {exc}")
     else:
@@ -69,6 +79,17 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str, int] | None:
         error = wait_up(launched, sock.fileno(), UP_TIMEOUT_S)
         if error is not None:
             launched.discard()
+    rlimits = None
+    if error is None and cfg.get("limits") is not None:
+        assert launched.env is not None
+        try:
+            # The limits of a session that asks for none: then such a session's start
+            # can go to the driver as soon as the server has it (bento/launch.py).
+            enforced, rlimits = launched.env.apply(bento_sandbox.Limits.from_map(cfg["limits"]),
+                                                   strict=not cfg.get("allow_unenforced", False))
+            launched.preapplied = (cfg["limits"], enforced, rlimits)
+        except bento_sandbox.Unenforceable:
+            pass  # (the session's own start says why, if it asks for these limits)
     if error is None:
         assert launched.env is not None
         try:
@@ -79,7 +100,7 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str, int] | None:
             launched.discard()
             error = f"cannot write env.pid: {exc}"
     link.queue(protocol.encode(wire.message(wire.FROM_EXCHANGE, "warm_ready", pid=os.getpid(),
-                                            error=error)))
+                                            error=error, **({"rlimits": rlimits} if rlimits is not None else {}))))
     link.flush()
     if error is not None:
         return None  # nothing was handed out: the server logs why and starts another
@@ -89,6 +110,7 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str, int] | None:
         return None
     if link.framer.pending:
         raise RuntimeError("the server sent more than one message before the session was set up")
+    launched.start_sent = bool(assign.get("started"))
     os.set_blocking(sock.fileno(), False)
     return launched, assign["dir"], lock_fd
 

@@ -68,8 +68,11 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "wait": ("on", ""),
         },
         TO_EXCHANGE: {
-            "warm": ("sandbox sandbox_cmd python driver_path network dir", "envs_dir fork"),
-            "assign": ("dir", ""),
+            # limits: put them on the environment once it is up (and allow_unenforced:
+            # may a limit be per process only); then the server may send the driver
+            # its start itself, through the directory's start.fifo (bento/launch.py)
+            "warm": ("sandbox sandbox_cmd python driver_path network dir", "envs_dir fork limits allow_unenforced"),
+            "assign": ("dir", "started"),  # started: the server sent the driver its start
             "input": ("rid seq", "data eof stdin"),  # stdin: data is bytes for fd 0, not a value
             "ack": ("seq", ""),
             "sync": ("rid", ""),  # positions now: replied with the snapshot's fields
@@ -83,7 +86,7 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             "resize": ("rid rows cols", ""),  # the terminal's window size (tty sessions)
         },
         FROM_EXCHANGE: {
-            "warm_ready": ("pid error", ""),
+            "warm_ready": ("pid error", "rlimits"),  # rlimits: the warm limits are on (the driver's part)
             "hello": (f"wire pid enforced shared_version shared_value {_SNAPSHOT}", _SNAPSHOT_NEW),
             "progress": (_SNAPSHOT, _SNAPSHOT_NEW),
             "state": ("version value", ""),  # the shared state changed

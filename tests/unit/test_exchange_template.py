@@ -11,7 +11,7 @@ import sys
 import pytest
 import trio
 
-from bento import exchange_link, exchange_paths
+from bento import exchange_paths, exchanges
 from bento.template_link import Template, TemplateUnavailable
 
 
@@ -112,7 +112,7 @@ def _session(tmp_path):  # a server's configuration, and a session dir in its da
 
 
 def _faked(config, nursery, code: str):  # the server's exchanges, with a template that runs ``code``
-    ex = exchange_link.Exchanges(config, nursery)
+    ex = exchanges.Exchanges(config, nursery)
     assert ex.template is not None
     ex.template.argv = [sys.executable, "-c", code]
     return ex, ex.template
@@ -121,10 +121,10 @@ def _faked(config, nursery, code: str):  # the server's exchanges, with a templa
 async def test_without_a_template_the_pool_starts_warm_exchanges_itself_and_says_so(tmp_path, caplog):
     config = _config(tmp_path)
     async with trio.open_nursery() as nursery:
-        ex = exchange_link.Exchanges(config, nursery)
+        ex = exchanges.Exchanges(config, nursery)
         assert ex.template is not None
         ex.template.argv = [sys.executable, "-c", "pass"]  # a template that never says ready
-        for _ in range(int(exchange_link.TEMPLATE_RATE) + 1):  # executes come fast: the template is asked
+        for _ in range(int(exchanges.TEMPLATE_RATE) + 1):  # executes come fast: the template is asked
             ex.sizing.executed(trio.current_time())
         ours, pid, kill = await ex._start_warm_process()
         assert ex.template is None
@@ -136,13 +136,13 @@ async def test_without_a_template_the_pool_starts_warm_exchanges_itself_and_says
 async def test_the_template_forks_warm_exchanges_only_while_executes_come_fast(tmp_path):
     config = _config(tmp_path)
     async with trio.open_nursery() as nursery:
-        ex = exchange_link.Exchanges(config, nursery)
+        ex = exchanges.Exchanges(config, nursery)
         assert ex.template is not None
         ours, pid, _kill = await ex._start_warm_process()  # no executes yet
         assert ex.template.proc is None  # not even started
         assert int(_stat(pid)[1]) == os.getpid()
         ours.close()
-        for _ in range(int(exchange_link.TEMPLATE_RATE) + 1):
+        for _ in range(int(exchanges.TEMPLATE_RATE) + 1):
             ex.sizing.executed(trio.current_time())
         ours, pid, _kill = await ex._start_warm_process()
         assert ex.template.proc is not None and int(_stat(pid)[1]) == ex.template.proc.pid
@@ -159,7 +159,7 @@ async def test_an_exchange_that_does_not_start_says_why_from_its_log(tmp_path, t
     config, sdir = _session(tmp_path)
     config.pool_template = template
     async with trio.open_nursery() as nursery:
-        ex = exchange_link.Exchanges(config, nursery)
+        ex = exchanges.Exchanges(config, nursery)
         with pytest.raises(RuntimeError) as caught:
             await ex.spawn(str(sdir), adopt=False)
         log = (sdir / "exchange.log").read_text()

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from bento import pool_sizing
-from bento.exchange_link import Exchanges
+from bento.exchanges import Exchanges
 from bento.pool_sizing import LONG_S, SHORT_S, PoolSizing, default_maximum, rate, target
 
 

@@ -15,8 +15,9 @@ import trio
 from bento_driver import wire
 from bento_sandbox.spawn import Process
 
-from bento import exchange_link, protocol
-from bento.exchange_link import ExchangeGone, Exchanges
+from bento import protocol, warm_pool
+from bento.exchange_link import ExchangeGone
+from bento.exchanges import Exchanges
 from bento.launch import Launched, prestart
 from bento.warm import wait_up
 
@@ -165,7 +166,7 @@ async def test_after_a_success_the_pause_starts_small_again(tmp_path, autojump_c
 def test_the_warm_timeout_outlasts_the_exchanges_own(tmp_path):
     from bento import warm
 
-    assert exchange_link.WARM_TIMEOUT_S > warm.UP_TIMEOUT_S
+    assert warm_pool.WARM_TIMEOUT_S > warm.UP_TIMEOUT_S
 
 
 def test_a_discarded_warm_environment_takes_its_env_pid_with_it(env, tmp_path):

@@ -1,0 +1,84 @@
+"""A warm environment's function starts while its exchange wakes: when the
+session's limits are those the environment put on while it waited (a session
+that asks for none), the server sends the driver its start itself
+(bento/launch.py, send_start). Seen from outside: with the warm exchange
+stopped (SIGSTOP), such a function still starts; a session that asks for
+other limits does not start before its exchange has put them on, and each
+function runs under its own session's limits."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+
+import pytest
+import trio
+from helpers import ServerProcess, conn, wait_exit
+
+MARK = '''
+import resource
+def main():
+    open("started", "w").close()
+    return list(resource.getrlimit(resource.RLIMIT_FSIZE))
+'''
+WARM_FSIZE = 1_000_000  # the server's default file_bytes: what a warm environment puts on
+
+
+def warm_exchanges(data: str) -> list[int]:
+    """The pids of the warm exchanges whose environment is up (env.pid written)."""
+    pids = []
+    for d in glob.glob(os.path.join(data, "warm", "warm-*")):
+        try:
+            with open(os.path.join(d, "exchange.pid")) as f:
+                pid = int(f.read())
+            if os.path.exists(os.path.join(d, "env.pid")):
+                pids.append(pid)
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def started(data: str) -> bool:
+    return bool(glob.glob(os.path.join(data, "sessions", "s_*", "work", "started")))
+
+
+async def one_stopped_warm(data: str) -> int:
+    """Wait for the pool's one warm exchange, and stop it (SIGSTOP)."""
+    with trio.fail_after(20):
+        while len(warm_exchanges(data)) != 1:
+            await trio.sleep(0.05)
+    [pid] = warm_exchanges(data)
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+@pytest.mark.parametrize("sandbox", ["none", pytest.param("bwrap", marks=pytest.mark.skipif(
+    shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"))])
+async def test_the_function_starts_before_its_warm_exchange_wakes_only_under_its_own_limits(tmp_path, sandbox):
+    data = str(tmp_path / "data")
+    srv = ServerProcess(data, "--sandbox", sandbox, "--pool", "1", "--pool-max", "1",
+                        "--default-limit", f"file_bytes={WARM_FSIZE}").start()
+    try:
+        async with conn(srv.url) as c:
+            for limits, fsize, early in (({}, WARM_FSIZE, True), ({"file_bytes": 5000}, 5000, False)):
+                pid = await one_stopped_warm(data)
+                replies: list[dict] = []
+
+                async def execute(limits: dict = limits, replies: list = replies) -> None:
+                    replies.append(await c.ok("execute", code=MARK, limits=limits, attach=False))
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(execute)
+                    with trio.move_on_after(10 if early else 1.5):
+                        while not started(data):
+                            await trio.sleep(0.02)
+                    assert started(data) is early, (limits, "did the function start while its exchange was stopped?")
+                    assert not replies  # (the reply waits for the exchange's hello)
+                    os.kill(pid, signal.SIGCONT)
+                st = await wait_exit(c, replies[0]["token"])
+                assert st["exit"]["result"] == [fsize, fsize], st
+                await c.ok("destroy", token=replies[0]["token"])
+    finally:
+        srv.stop()
