@@ -189,11 +189,16 @@ def send_start(sdir: str, meta: dict, limits: dict | None, rlimits: dict | None)
     its start message, when that environment has the session's limits on
     already (``limits``, ``rlimits``: as its warm_ready said) and the message
     fits one atomic pipe write. The driver wakes while the exchange does, not
-    after it. False: nothing was written (the exchange sends it, as for any)."""
-    if rlimits is None or meta["limits"] != limits or meta.get("packages") or meta.get("tty"):
+    after it. False: nothing was written (the exchange sends it, as for any).
+
+    bwrap only: should the exchange then fail before its hello, the session
+    starts cold, and only a sandbox makes the first start invisible (it dies
+    with its exchange, has no network, and its home is discarded); unsandboxed,
+    the function would have run twice on the host."""
+    if (meta["sandbox"] != "bwrap" or rlimits is None or meta["limits"] != limits or meta.get("packages")
+            or meta.get("tty")):
         return False
-    cwd = None if meta["sandbox"] == "bwrap" else os.path.join(sdir, "work")
-    data = wire.frame(start_message(meta, cwd, rlimits))
+    data = wire.frame(start_message(meta, None, rlimits))
     if len(data) > select.PIPE_BUF:
         return False  # (a longer write could be split: the exchange sends it)
     try:

@@ -287,8 +287,10 @@ class Registry(SessionLinks, Upkeep):
                 started = send_start(sdir, meta, link.limits, link.rlimits)
                 hello = await self.exchanges.assign_warm(link, sdir, started)
                 if hello is None:
-                    # The warm exchange (killed now) may have begun the function: what it
-                    # left is not this session's. A fresh directory for the cold start.
+                    # The warm exchange (killed now) may have begun the function, or the server
+                    # did (``started``): that environment dies with its exchange, had no network
+                    # and its home goes with the directory, so nothing it did is this session's
+                    # (send_start is bwrap's only). A fresh directory for the cold start.
                     self.exchanges.discard_dir(sdir)
                     self.store.create_session(sid, meta)
             if link is not None and hello is not None:

@@ -108,8 +108,12 @@ class WarmPool:
                     await trio.sleep(OUT_ROOM_S)
 
     def warm_limits(self) -> dict | None:
-        """What a warm environment puts on before its session comes: the limits of
-        a session that asks for none (None: such a session is refused anyway)."""
+        """What a warm environment puts on before its session comes, so that the
+        server may send its start (bento/launch.py, send_start: bwrap only): the
+        limits of a session that asks for none. None: nothing (not bwrap, or
+        such a session is refused anyway)."""
+        if self.config.sandbox != "bwrap":
+            return None
         try:
             return session_limits(self.config, {})
         except protocol.RequestError:

@@ -57,12 +57,13 @@ async def one_stopped_warm(data: str) -> int:
 @pytest.mark.parametrize("sandbox", ["none", pytest.param("bwrap", marks=pytest.mark.skipif(
     shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"))])
 async def test_the_function_starts_before_its_warm_exchange_wakes_only_under_its_own_limits(tmp_path, sandbox):
+    # Unsandboxed, never: should the exchange then fail, the cold start would run it twice on the host.
     data = str(tmp_path / "data")
     srv = ServerProcess(data, "--sandbox", sandbox, "--pool", "1", "--pool-max", "1",
                         "--default-limit", f"file_bytes={WARM_FSIZE}").start()
     try:
         async with conn(srv.url) as c:
-            for limits, fsize, early in (({}, WARM_FSIZE, True), ({"file_bytes": 5000}, 5000, False)):
+            for limits, fsize, early in (({}, WARM_FSIZE, sandbox == "bwrap"), ({"file_bytes": 5000}, 5000, False)):
                 pid = await one_stopped_warm(data)
                 replies: list[dict] = []
 
@@ -80,5 +81,72 @@ async def test_the_function_starts_before_its_warm_exchange_wakes_only_under_its
                 st = await wait_exit(c, replies[0]["token"])
                 assert st["exit"]["result"] == [fsize, fsize], st
                 await c.ok("destroy", token=replies[0]["token"])
+    finally:
+        srv.stop()
+
+
+RUNS = '''
+def main():
+    with open("runs.txt", "a") as f:
+        f.write("ran\\n")
+    with open("runs.txt") as f:
+        return f.read()
+'''
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
+async def test_a_start_whose_warm_exchange_dies_is_not_seen_twice(tmp_path):
+    """The server sent the start, then the warm exchange died before its hello:
+    the session starts cold, and it sees one run of its function (the first
+    environment died with its exchange and took its home along)."""
+    data = str(tmp_path / "data")
+    srv = ServerProcess(data, "--sandbox", "bwrap", "--pool", "1", "--pool-max", "1").start()
+    try:
+        async with conn(srv.url) as c:
+            pid = await one_stopped_warm(data)
+            replies: list[dict] = []
+
+            async def execute() -> None:
+                replies.append(await c.ok("execute", code=RUNS, attach=False))
+
+            async with trio.open_nursery() as n:
+                n.start_soon(execute)
+                with trio.fail_after(10):
+                    while not glob.glob(os.path.join(data, "sessions", "s_*", "work", "runs.txt")):
+                        await trio.sleep(0.02)
+                os.kill(pid, signal.SIGKILL)
+            st = await wait_exit(c, replies[0]["token"])
+            assert st["exit"]["result"] == "ran\n", st
+    finally:
+        srv.stop()
+
+
+COUNTS = '''
+def main(path):
+    with open(path, "a") as f:
+        f.write("ran\\n")
+'''
+
+
+async def test_unsandboxed_a_warm_exchange_that_dies_leaves_one_run_on_the_host(tmp_path):
+    """Without a sandbox nothing hides a run: the warm exchange stops, then dies,
+    and the session starts cold; the function has run once on the host."""
+    data = str(tmp_path / "data")
+    ran = tmp_path / "ran.txt"
+    srv = ServerProcess(data, "--sandbox", "none", "--pool", "1", "--pool-max", "1").start()
+    try:
+        async with conn(srv.url) as c:
+            pid = await one_stopped_warm(data)
+            replies: list[dict] = []
+
+            async def execute() -> None:
+                replies.append(await c.ok("execute", code=COUNTS, args=[str(ran)], attach=False))
+
+            async with trio.open_nursery() as n:
+                n.start_soon(execute)
+                await trio.sleep(0.5)  # (the server has sent its assign by now)
+                os.kill(pid, signal.SIGKILL)
+            await wait_exit(c, replies[0]["token"])
+        assert ran.read_text() == "ran\n"
     finally:
         srv.stop()
