@@ -305,7 +305,7 @@ def run_server(argv: list[str]) -> int:
     config.max_limits = {k: v for k, v in maxima.items() if v is not None}
     merged: dict[str, float | None] = {**config.default_limits, **given}
     # What an execute that asks for nothing gets: never above a maximum, and
-    # a limit with a maximum is always set (as ServerExecute._limits does).
+    # a limit with a maximum is always set (as config.session_limits does).
     defaults = {k: v for k, v in merged.items() if v is not None}
     for k, top in config.max_limits.items():
         defaults[k] = min(defaults.get(k, top), top)

@@ -52,7 +52,7 @@ class ExecuteOps:
 
     async def op_execute(self, req: dict) -> None:
         key = self.need_key()
-        limits = self._limits(req["limits"])
+        limits = session_limits(self.config, req["limits"])
         idem = req.get("idempotency_key")
         idem_hash = auth.idem_hash(key, idem) if idem else None
         cluster = self.server.cluster
@@ -120,9 +120,6 @@ class ExecuteOps:
             return await gate.enter(key, limits, history, req["queue"], queued, env)
         except Refused as exc:
             raise refusal(exc) from None
-
-    def _limits(self, asked: dict) -> dict:
-        return session_limits(self.config, asked)
 
 
 # The fields of an execute that a node needs to start its session (besides the
