@@ -54,6 +54,22 @@ async def one_stopped_warm(data: str) -> int:
     return pid
 
 
+async def execute_killing_the_warm_exchange(c, data: str, begun, **fields) -> dict:
+    """Execute with the pool's warm exchange stopped; once ``begun()`` returns,
+    kill that exchange (SIGKILL); the session's status at its exit."""
+    pid = await one_stopped_warm(data)
+    replies: list[dict] = []
+
+    async def execute() -> None:
+        replies.append(await c.ok("execute", attach=False, **fields))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(execute)
+        await begun()
+        os.kill(pid, signal.SIGKILL)
+    return await wait_exit(c, replies[0]["token"])
+
+
 @pytest.mark.parametrize("sandbox", ["none", pytest.param("bwrap", marks=pytest.mark.skipif(
     shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"))])
 async def test_the_function_starts_before_its_warm_exchange_wakes_only_under_its_own_limits(tmp_path, sandbox):
@@ -103,19 +119,13 @@ async def test_a_start_whose_warm_exchange_dies_is_not_seen_twice(tmp_path):
     srv = ServerProcess(data, "--sandbox", "bwrap", "--pool", "1", "--pool-max", "1").start()
     try:
         async with conn(srv.url) as c:
-            pid = await one_stopped_warm(data)
-            replies: list[dict] = []
 
-            async def execute() -> None:
-                replies.append(await c.ok("execute", code=RUNS, attach=False))
-
-            async with trio.open_nursery() as n:
-                n.start_soon(execute)
+            async def begun() -> None:
                 with trio.fail_after(10):
                     while not glob.glob(os.path.join(data, "sessions", "s_*", "work", "runs.txt")):
                         await trio.sleep(0.02)
-                os.kill(pid, signal.SIGKILL)
-            st = await wait_exit(c, replies[0]["token"])
+
+            st = await execute_killing_the_warm_exchange(c, data, begun, code=RUNS)
             assert st["exit"]["result"] == "ran\n", st
     finally:
         srv.stop()
@@ -136,17 +146,8 @@ async def test_unsandboxed_a_warm_exchange_that_dies_leaves_one_run_on_the_host(
     srv = ServerProcess(data, "--sandbox", "none", "--pool", "1", "--pool-max", "1").start()
     try:
         async with conn(srv.url) as c:
-            pid = await one_stopped_warm(data)
-            replies: list[dict] = []
-
-            async def execute() -> None:
-                replies.append(await c.ok("execute", code=COUNTS, args=[str(ran)], attach=False))
-
-            async with trio.open_nursery() as n:
-                n.start_soon(execute)
-                await trio.sleep(0.5)  # (the server has sent its assign by now)
-                os.kill(pid, signal.SIGKILL)
-            await wait_exit(c, replies[0]["token"])
+            # (By then the server has sent its assign.)
+            await execute_killing_the_warm_exchange(c, data, lambda: trio.sleep(0.5), code=COUNTS, args=[str(ran)])
         assert ran.read_text() == "ran\n"
     finally:
         srv.stop()
