@@ -4,7 +4,9 @@ waits for the connection and goes only if the function still runs."""
 
 from __future__ import annotations
 
+import os
 import re
+import time
 
 from helpers import ServerProcess
 from page_helpers import assert_no_page_errors, open_page, start, wait_exit, wait_js, wait_terminal
@@ -21,13 +23,16 @@ def main():
         return "interrupted"
 """
 
-SHORT = """
-import time
+# Ends when the test creates ``go`` in its home: the test decides when, not a sleep
+# that a loaded machine can outrun before the page has seen the server go.
+ON_CUE = """
+import os, time
 
 def main():
     print("ready")
-    time.sleep(1)
-    return "slept"
+    while not os.path.exists("go"):
+        time.sleep(0.02)
+    return "ended on cue"
 """
 
 ATTACHED = "() => window.bentoPage && window.bentoPage.connection() === 'attached'"
@@ -118,17 +123,25 @@ def test_a_signal_clicked_while_disconnected_goes_once_reconnected(context, tmp_
 def test_a_signal_queued_is_not_sent_once_the_function_has_ended(context, tmp_path):
     srv = ServerProcess(str(tmp_path / "data")).start()
     try:
-        token, _ = start(srv, SHORT)
+        token, _ = start(srv, ON_CUE)
         page = open_page(context, srv, token)
         wait_terminal(page, "ready")
+        (sid,) = os.listdir(os.path.join(srv.data_dir, "sessions"))
+        sdir = os.path.join(srv.data_dir, "sessions", sid)
         srv.kill()
         wait_js(page, WAITING)
         page.click("button[data-signal=TERM]")
         assert "TERM waits for the connection" in page.inner_text("#signals-queued")
-        page.wait_for_timeout(2500)  # the function returns meanwhile
+        # The function returns while no server runs (its exchange removes env.pid
+        # when the environment has ended).
+        open(os.path.join(sdir, "work", "go"), "w").close()
+        deadline = time.monotonic() + 20
+        while os.path.exists(os.path.join(sdir, "env.pid")):
+            assert time.monotonic() < deadline, "the function did not end on its cue"
+            time.sleep(0.05)
         srv.start(port=srv.port)
         exit_data = wait_exit(page)
-        assert (exit_data["state"], exit_data["result"]) == ("exited", "slept")
+        assert (exit_data["state"], exit_data["result"]) == ("exited", "ended on cue")
         wait_js(page, "() => window.bentoPage.notice().includes('TERM not sent')")
         assert page.is_hidden("#signals-queued")
         assert_no_page_errors(page, console_errors=True)
