@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from helpers import ServerProcess  # noqa: E402
 
-pytest_plugins = ["deadlines"]
+pytest_plugins = ["deadlines", "alone"]
 
 
 @pytest.fixture(scope="module")

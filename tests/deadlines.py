@@ -7,7 +7,8 @@
   synchronous call (setup, teardown and sync tests included), and the run as a
   whole. When a test outlives its deadline by ``GRACE_S``, or the run outlives
   ``RUN_DEADLINE_S``, it prints every thread's stack, stops every live server by
-  pid (with their exchanges and environments) and ends pytest with exit code 3.
+  pid (with their exchanges and environments) and ends pytest with exit code 3
+  (under xdist, that worker: xdist reports its test as crashed and the run fails).
 
 The deadline of a test is ``TEST_DEADLINE_S`` unless it is marked
 ``@pytest.mark.deadline(seconds)``. Both figures can be set from the environment

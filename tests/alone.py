@@ -1,0 +1,69 @@
+"""Tests that measure the whole machine run alone: a plugin (loaded by conftest.py).
+
+``make test`` runs the suite in two pytest-xdist workers. A test marked
+``@pytest.mark.alone`` reads something every process shares (the host's
+available memory), so no other test may run beside it. Each test takes a lock
+on a file that all workers of one run share: shared for an ordinary test,
+exclusive for an ``alone`` one. A turnstile lock taken first keeps a waiting
+``alone`` test from being starved by a worker that takes its next shared lock
+the moment it lets go of the last.
+
+The lock is taken before the test's deadline starts (bento's ``deadlines``
+plugin, which wraps this hook from outside): the longest wait is the other
+worker's current test, which its own deadline bounds. A worker that dies
+lets go of its locks with its process. Without xdist this does nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+
+import pytest
+
+_lock_fd = -1
+_turnstile_fd = -1
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _lock_fd, _turnstile_fd
+    config.addinivalue_line("markers", "alone: no other test runs beside this one (xdist)")
+    run = getattr(config, "workerinput", {}).get("testrunuid")
+    if run is None:
+        return  # not an xdist worker: one test at a time anyway
+    base = os.path.join(tempfile.gettempdir(), f"bento-tests-{run}")
+    _lock_fd = os.open(base + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    _turnstile_fd = os.open(base + ".turnstile", os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _lock_fd, _turnstile_fd
+    for fd in (_lock_fd, _turnstile_fd):
+        if fd >= 0:
+            os.close(fd)
+    _lock_fd = _turnstile_fd = -1
+    run = getattr(config, "workerinput", {}).get("testrunuid")
+    if run is not None:
+        for suffix in (".lock", ".turnstile"):
+            try:
+                os.unlink(os.path.join(tempfile.gettempdir(), f"bento-tests-{run}{suffix}"))
+            except FileNotFoundError:
+                pass  # the other worker removed it first
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    if _lock_fd < 0:
+        yield
+        return
+    alone = item.get_closest_marker("alone") is not None
+    fcntl.flock(_turnstile_fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(_lock_fd, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+    finally:
+        fcntl.flock(_turnstile_fd, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        fcntl.flock(_lock_fd, fcntl.LOCK_UN)
