@@ -143,7 +143,6 @@ async def share(registry: Registry, cluster: Cluster | None, s: Session, action:
     a cluster once its Redis has the change (``unavailable`` if it could not
     take it now: the node writes it when Redis answers again)."""
     viewer = auth.new_tokens()[1] if action == "rotate" else None
-    old = s.meta["viewer_hash"]
     try:
         forgotten = await registry.replace_viewer(s, auth.token_hash(viewer) if viewer else "")
     except OSError as exc:
@@ -151,5 +150,5 @@ async def share(registry: Registry, cluster: Cluster | None, s: Session, action:
     if s.removed:
         raise protocol.RequestError("not_found", "the session was destroyed meanwhile")
     if cluster is not None:
-        await cluster.share(s, old, forgotten, viewer)
+        await cluster.share(s, forgotten, viewer)
     return viewer

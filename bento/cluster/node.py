@@ -52,6 +52,11 @@ class Cluster:
         self.registry = registry
         self.nursery = nursery
         self.mirrors: dict[str, Mirror] = {}
+        # ``share``'s writes, one at a time (so Redis gets them in the order they were
+        # made), and per session the viewer token hashes it forgot that Redis has
+        # not yet deleted: present while a write of that session is owed.
+        self.viewers_lock = trio.Lock()
+        self.unwritten_viewers: dict[str, set[str]] = {}
         self.secret = registry.store.secret  # the cluster's, once run() has read it
         self.remote = Remote(self)
         self.control = Control(self)
@@ -114,9 +119,11 @@ class Cluster:
 
     async def forget(self, s: Session) -> None:
         """Remove the directory entries and the stream of a session that was removed."""
+        forgotten = self.unwritten_viewers.get(s.sid, set())
         async with self.redis.pipeline(transaction=False) as pipe:
             # One DEL per slot: on a Redis Cluster a command's keys must share one.
-            for token_hash in (s.meta["owner_hash"], s.meta["viewer_hash"], *s.meta.get("retired_viewers", ())):
+            for token_hash in (s.meta["owner_hash"], s.meta["viewer_hash"], *s.meta.get("retired_viewers", ()),
+                               *forgotten):
                 if token_hash:
                     pipe.delete([keys.token(token_hash)])
             pipe.delete([keys.meta(s.sid), keys.out(s.sid), keys.state(s.sid)])
@@ -125,39 +132,55 @@ class Cluster:
             if s.meta.get("idem"):
                 pipe.delete([keys.idem(s.meta["idem"])])
         self.mirrors.pop(s.sid, None)
+        self.unwritten_viewers.pop(s.sid, None)
 
-    async def share(self, s: Session, old_hash: str, forgotten: list[str], viewer: str | None) -> None:
+    async def share(self, s: Session, forgotten: list[str], viewer: str | None) -> None:
         """Tell every node that ``share`` gave ``s`` a new viewer token (or none),
-        took ``old_hash``'s away and forgot the ``forgotten`` ones. If Redis does
-        not take it now, this node writes it again every second until it does
-        (``unavailable``, carrying the new ``viewer_token``)."""
+        retired the old one and forgot the ``forgotten`` ones. If Redis does not
+        take it now, this node writes the session's viewer tokens as they are
+        then every second until it does (``unavailable``, carrying the new
+        ``viewer_token``): one such loop per session, so that no write of an
+        earlier share brings back a token a later one forgot."""
+        owed = s.sid in self.unwritten_viewers
+        self.unwritten_viewers.setdefault(s.sid, set()).update(forgotten)
         try:
-            await self._write_viewers(s, old_hash, forgotten)
+            await self._write_viewers(s)
         except RedisError as exc:
-            self.nursery.start_soon(self._write_viewers_later, s, old_hash, forgotten)
+            if not owed:
+                self.nursery.start_soon(self._write_viewers_later, s)
             raise protocol.RequestError(
                 "unavailable", f"the viewer token was replaced on this node (the new one is this error's "
                 f"viewer_token) but the cluster's Redis did not take it ({exc}): until this node reaches "
                 "Redis again (it retries every second), other nodes still accept the old viewer token",
                 viewer_token=viewer) from None
 
-    async def _write_viewers(self, s: Session, old_hash: str, forgotten: list[str]) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if old_hash:
-                pipe.set(keys.token(old_hash), f"retired {s.sid}")
-            if s.meta["viewer_hash"]:
-                pipe.set(keys.token(s.meta["viewer_hash"]), f"ro {s.sid}")
-            for token_hash in forgotten:  # (one DEL each: they may be in different slots)
-                pipe.delete([keys.token(token_hash)])
+    async def _write_viewers(self, s: Session) -> None:
+        """Write the viewer tokens of ``s`` as they are now (the current one,
+        the retired ones) and delete the forgotten ones still owed."""
+        async with self.viewers_lock:
+            owed = self.unwritten_viewers.get(s.sid, set())
+            deleted = set(owed)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for token_hash in s.meta.get("retired_viewers", ()):
+                    pipe.set(keys.token(token_hash), f"retired {s.sid}")
+                if s.meta["viewer_hash"]:
+                    pipe.set(keys.token(s.meta["viewer_hash"]), f"ro {s.sid}")
+                for token_hash in deleted:  # (one DEL each: they may be in different slots)
+                    pipe.delete([keys.token(token_hash)])
+            owed -= deleted
+            if not owed:
+                self.unwritten_viewers.pop(s.sid, None)
         if s.removed:
             # Destroyed while this was written: its keys went before these came.
             await self.forget(s)
 
-    async def _write_viewers_later(self, s: Session, old_hash: str, forgotten: list[str]) -> None:
-        while not s.removed:
+    async def _write_viewers_later(self, s: Session) -> None:
+        while not s.removed and s.sid in self.unwritten_viewers:
             await trio.sleep(1.0)
+            if s.removed or s.sid not in self.unwritten_viewers:
+                return  # (a later share wrote them)
             try:
-                await self._write_viewers(s, old_hash, forgotten)
+                await self._write_viewers(s)
                 return
             except RedisError:
                 pass  # (the heartbeat logs that Redis is out of reach)

@@ -106,3 +106,30 @@ async def test_share_racing_destroy_leaves_no_token_in_redis(nodes, redis_server
     with trio.fail_after(5):
         while any(token_keys_of(redis_server.port, sid) for sid in sids):
             await trio.sleep(0.1)
+
+
+async def test_shares_while_redis_is_down_leave_no_forgotten_token_behind(durable_redis, tmp_path):
+    """16 shares while Redis is out of reach, then two once it is back, before the
+    node's next retry: the two forget the oldest viewer tokens, and no retry of
+    an earlier share may write those back (each would stay in Redis, ``retired``,
+    until the session goes)."""
+    a = ServerProcess(str(tmp_path / "a"), "--cluster", durable_redis.url, "--node", "sa").start()
+    try:
+        async with connect(a.url) as c:
+            r = await c.ok("execute", code=FOREVER, attach=False)
+            durable_redis.stop()
+            for _ in range(16):
+                err = (await c.request("share", token=r["token"], viewer="rotate"))["error"]
+                assert err["code"] == "unavailable", err
+            durable_redis.start()
+            for _ in range(2):
+                await c.ok("share", token=r["token"], viewer="rotate")
+            await trio.sleep(2.5)  # the node's retries (every second) are done by now
+            keys = token_keys_of(durable_redis.port, r["session"])
+            assert len(keys) == 2 + 16, keys  # owner, viewer, the last 16 retired
+            await c.ok("destroy", token=r["token"])
+        with trio.fail_after(5):
+            while token_keys_of(durable_redis.port, r["session"]):
+                await trio.sleep(0.1)
+    finally:
+        a.stop()
