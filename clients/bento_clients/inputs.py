@@ -103,9 +103,21 @@ class SessionInput:
         return seq
 
     async def wait_acked(self) -> None:
+        """Wait until the server has accepted every input in the log. If the
+        function ends first, ask the server which it accepted (its ``in_ack``
+        may come after the exit: the server sends the two on different paths,
+        and the input may be what ended it, an eof): InputClosed only for
+        inputs it did not."""
         while len(self.log):
+            s = self._session
+            if self.gone and s._end is None and self.failed is None and s.mode == "rw":
+                self.acked((await s.status()).get("input_seq"))
+                if len(self.log):
+                    raise InputClosed(f"session {s.id} has ended: it took {self.log.accepted} input(s); "
+                                      f"the {len(self.log)} after it were not delivered")
+                return
             self.check(new=False)
-            await self._session._changed.wait()
+            await s._changed.wait()
 
     async def flush(self) -> int:
         """Send, in seq order, every pending input not yet sent on this link;

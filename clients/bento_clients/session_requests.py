@@ -67,7 +67,7 @@ class SessionRequests:
 
     async def wait_input_acked(self) -> None:
         """Wait until the server has accepted every input sent so far. Raises
-        ``InputClosed`` if the function ends first."""
+        ``InputClosed`` if the function ended before it accepted them all."""
         await self._input.wait_acked()
 
     # -- requests by the session's token ---------------------------------------------

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import stat
+from types import SimpleNamespace
 
 import pytest
 from bento_clients import cli
@@ -20,6 +21,7 @@ from bento_clients.convert import (
 )
 from bento_clients.errors import (
     Conflict,
+    InputClosed,
     NotFound,
     RemoteError,
     RequestFailed,
@@ -29,6 +31,7 @@ from bento_clients.errors import (
     remote_error,
 )
 from bento_clients.frames import EOF, Exit, Gap, Msg, Stderr, Stdout, frame_from_wire
+from bento_clients.inputs import SessionInput
 from bento_clients.positions import InputLog, OutputTracker
 from bento_clients.state import StateFile
 from bento_clients.terminal import KeyReader, ResumeFilter, Sinks, parse_detach_keys
@@ -313,3 +316,25 @@ def test_frames_and_remote_errors():
     assert isinstance(RequestFailed.from_reply({"code": "not_found", "message": "m"}), NotFound)
     c = RequestFailed.from_reply({"code": "conflict", "message": "m", "version": 4})
     assert isinstance(c, Conflict) and c.version == 4
+
+
+async def test_an_input_acked_after_the_exit_counts_as_accepted():
+    """The exit may reach the client before the in_ack of the input that ended the
+    function (an eof): wait_acked asks the server (status) instead of failing."""
+    answers = []
+
+    async def status():
+        return {"input_seq": answers.pop(0)}
+
+    session = SimpleNamespace(id="s_1", mode="rw", _end=None, _detached=False, _link=None, status=status)
+    inputs = SessionInput(session, None, 16)
+    inputs.log.add("a")
+    inputs.log.add(EOF)
+    inputs.gone = True  # the exit frame came; no in_ack yet
+    answers.append(2)
+    await inputs.wait_acked()
+    assert len(inputs) == 0 and inputs.log.accepted == 2
+    inputs.log.add("late")
+    answers.append(2)  # this one the server never took
+    with pytest.raises(InputClosed, match="took 2 input"):
+        await inputs.wait_acked()
