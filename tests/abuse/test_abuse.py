@@ -39,6 +39,10 @@ from abuse_kit import (
     tagged_processes,
 )
 
+# Every attack checks that the server's echo stays within 3x of its baseline, and
+# the memory bombs read the host's available memory: no other test runs beside them.
+pytestmark = pytest.mark.alone
+
 # -- network --------------------------------------------------------------------------
 
 CONNECT = '''
@@ -556,7 +560,6 @@ def _memory_contained(out: Outcome, available_before: int) -> None:
     assert max(out.watched["rss"]) <= MEMORY_LIMIT + 16 * MiB, max(out.watched["rss"])
 
 
-@pytest.mark.alone  # it reads the host's available memory: no other test may use it meanwhile
 @backends(none="skip", reason="a memory bomb is not run unsandboxed")
 async def test_memory_bomb(abuse):
     before = psutil.virtual_memory().available
@@ -567,7 +570,6 @@ async def test_memory_bomb(abuse):
     assert out.enforced.get("memory_bytes"), out.status
 
 
-@pytest.mark.alone  # it reads the host's available memory: no other test may use it meanwhile
 @backends(none="skip", reason="a memory bomb is not run unsandboxed")
 async def test_memory_bomb_exit_names_the_limit(abuse):
     before = psutil.virtual_memory().available

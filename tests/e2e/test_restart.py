@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field
 
 import psutil
+import pytest
 import trio
 from helpers import assert_contiguous, connect, data_of, wait_exit, wait_status
 from trio_websocket import ConnectionClosed
@@ -151,6 +152,7 @@ class Track:
         return f"s{self.n}-in{seq}"
 
 
+@pytest.mark.alone  # 100 sessions started at once: each execute has 15 s, not shared with another test
 async def test_server_kill9_while_streaming_loses_and_repeats_nothing(make_server):
     # 100 sessions (the figure), each streaming long enough to be
     # running when the last one is ready and the server is killed.
