@@ -40,8 +40,8 @@ from bento_driver import wire
 
 # envs: imported with the rest, before any session: imported when a warm
 # exchange's session has packages, it would delay that function's start.
-from bento import envs, session_core, sessiondisk, sessionlog
-from bento.exchange_control import Control, unlink
+from bento import envs, protocol, session_core, sessiondisk, sessionlog
+from bento.exchange_control import Control, hello, unlink
 from bento.exchange_driver import DriverSide
 from bento.exchange_environment import EnvironmentLife
 from bento.exchange_output import RETRY_SECONDS, Output
@@ -331,6 +331,25 @@ class Exchange(EnvironmentLife):
         return False
 
 
+def early_hello(sock: socket.socket, meta: dict, enforced: dict) -> dict | None:
+    """Send the server a started fresh session's hello before this exchange sets
+    itself up (opens the logs: about half a millisecond), so that the server
+    answers the execute meanwhile; the hello sent, or None if the server could
+    not take it (the later ``Control.use`` then says hello, and meets the same
+    error as any send to a server that went)."""
+    core = sessiondisk.fresh_core(meta)
+    core.started()
+    msg = hello(enforced, core)
+    sock.setblocking(True)  # (a few hundred bytes on an idle socket: no wait)
+    try:
+        sock.sendall(wire.frame(protocol.encode(msg)))
+    except OSError:
+        return None
+    finally:
+        sock.setblocking(False)
+    return msg
+
+
 def _detach_stdio() -> None:
     """Let go of the server's pipes: a process that outlives the server must
     not hold anything the server's parent waits on."""
@@ -390,6 +409,9 @@ def main(argv: list[str]) -> None:
             if env_lock is not None:
                 os.close(env_lock)
                 env_lock = None
+    said = None
+    if warm_sock is not None and pre is not None and meta is not None:
+        said = early_hello(warm_sock, meta, pre[1])
     ex = Exchange(sdir, adopt, meta)
     if warm_sock is not None:
         ex.prepared = {sessiondisk.STATE_FILE, sessiondisk.SIZES_FILE}
@@ -418,11 +440,11 @@ def main(argv: list[str]) -> None:
         with open(os.path.join(sdir, "exchange.pid"), "w") as f:
             f.write(f"{os.getpid()}\n")
     else:
-        # The server waits for this hello to answer the execute: say it now.
-        # Then the function's first output (the server waits for that next):
-        # the socket for a later server and the first save wait for it, or
-        # for FIRST_OUTPUT_WAIT_S if the function says nothing.
-        ex.control.use(warm_sock)
+        # The server waits for the hello to answer the execute: said by now, or
+        # said here. Then the function's first output (the server waits for that
+        # next): the socket for a later server and the first save wait for it,
+        # or for FIRST_OUTPUT_WAIT_S if the function says nothing.
+        ex.control.use(warm_sock, said)
         until = time.monotonic() + FIRST_OUTPUT_WAIT_S
         while ex.output.log.next_seq == 1 and not ex.finished and time.monotonic() < until:
             ex.step(until=until)

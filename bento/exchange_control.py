@@ -16,7 +16,7 @@ import socket
 from bento_driver import wire
 from bento_sandbox.unix import short_path
 
-from bento import protocol
+from bento import protocol, session_core
 from bento.launch import Link, loads, set_window
 from bento.session_core import DUPLICATE, Refused
 
@@ -65,19 +65,20 @@ class Control:
             return
         self.use(conn)
 
-    def use(self, conn: socket.socket) -> None:
-        """Serve this connection; one server at a time: a new one replaces the old one."""
+    def use(self, conn: socket.socket, said: dict | None = None) -> None:
+        """Serve this connection; one server at a time: a new one replaces the old one.
+        ``said``: the hello this exchange sent on it already (``hello``, before it
+        set itself up); a progress follows if the session is not as it said."""
         ex = self.ex
         self.drop()
         conn.setblocking(False)
         self.conn = conn
         self.link = Link(conn.fileno(), conn.fileno(), 2 * ex.max_message + 4096)
         ex.sel.register(conn, selectors.EVENT_READ, self.on_io)
-        core = ex.core
-        self.send(wire.message(
-            wire.FROM_EXCHANGE, "hello", wire=wire.VERSION, pid=os.getpid(), enforced=ex.enforced,
-            shared_version=core.shared_version, shared_value=core.shared_value, **core.snapshot()))
-        ex.progress_dirty = False
+        msg = hello(ex.enforced, ex.core)
+        if said is None:
+            self.send(msg)
+        ex.progress_dirty = said is not None and said != msg
 
     def drop(self) -> None:
         if self.conn is not None:
@@ -211,3 +212,9 @@ class Control:
         if ex.stdin is not None:
             ex.stdin.pump()
         self.reply(rid, ok=True, input_seq=seq)
+
+
+def hello(enforced: dict, core: session_core.SessionCore) -> dict:
+    """The first message to a server: the session's positions and state as they are."""
+    return wire.message(wire.FROM_EXCHANGE, "hello", wire=wire.VERSION, pid=os.getpid(), enforced=enforced,
+                        shared_version=core.shared_version, shared_value=core.shared_value, **core.snapshot())

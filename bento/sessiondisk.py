@@ -146,6 +146,15 @@ def recover(out: sessionlog.Writer, saved: dict, meta: dict, input_seq: int) -> 
                                     size_base=base, sizes=sizes, input_seq=input_seq, history_max=history)
 
 
+def fresh_core(meta: dict) -> session_core.SessionCore:
+    """The core of a session whose directory is new: what :func:`recover` makes of
+    an empty output log and no saved state (a warm exchange's hello is this,
+    once started, before it has opened the logs: bento/exchange.py)."""
+    return session_core.SessionCore(meta["buffer"]["max_bytes"], meta["buffer"]["policy"], saved={},
+                                    size_base=1, sizes=array.array("q"), input_seq=0,
+                                    history_max=meta.get("history_bytes", session_core.DEFAULT_HISTORY_BYTES))
+
+
 def data_len(payload: bytes) -> int:
     """Length of a frame's encoded ``data`` inside its encoded ``[seq, ch, data]``."""
     pos = 1

@@ -178,3 +178,32 @@ def test_a_discarded_warm_environment_takes_its_env_pid_with_it(env, tmp_path):
     env.launched.pid_file = str(pid_file)
     env.launched.discard()
     assert not pid_file.exists() and env.launched.pid_file is None
+
+
+def test_the_early_hello_is_the_hello_of_the_session_once_set_up(tmp_path):
+    """A warm exchange tells the server its started session's hello before it
+    opens the logs (bento/exchange.py ``early_hello``); once set up it must be
+    the same hello, or the exchange would owe the server a progress."""
+    from bento import sessiondisk
+    from bento.exchange import Exchange, early_hello
+    from bento.exchange_control import hello
+
+    home = str(tmp_path / "warm")
+    os.mkdir(home)
+    lock = sessiondisk.prepare_dir(home)
+    meta = {"session": "s1", "limits": {}, "max_message": 1 << 20, "sandbox": "bwrap",
+            "buffer": {"max_bytes": 1 << 20, "policy": "block"}, "history_bytes": 1 << 30}
+    enforced = {"memory_bytes": "cgroup"}
+    server, ours = socket.socketpair()
+    with server, ours:
+        said = early_hello(ours, meta, enforced)
+        assert said is not None
+        link = wire.Framer(1 << 16)
+        link.feed(server.recv(1 << 16))
+        assert protocol.decode_internal(link.next()) == said
+        ex = Exchange(sessiondisk.pin_dir(home), False, meta)
+        ex.enforced = enforced
+        ex.apply(ex.core.started())
+        assert hello(ex.enforced, ex.core) == said
+        assert said["state"] == "running" and said["next_seq"] == 1, said
+    os.close(lock)
