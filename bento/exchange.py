@@ -75,7 +75,8 @@ FIRST_OUTPUT_WAIT_S = 0.05
 
 
 class Exchange(EnvironmentLife):
-    def __init__(self, sdir: str, adopt: bool, meta: dict | None = None) -> None:
+    def __init__(self, sdir: str, adopt: bool, meta: dict | None = None,
+                 logs: tuple[sessionlog.Writer, sessionlog.Writer, dict] | None = None) -> None:
         self.dir = sdir
         self.adopt = adopt
         self.meta: dict[str, Any] = meta if meta is not None else read_meta(sdir)
@@ -83,12 +84,11 @@ class Exchange(EnvironmentLife):
         self.max_message: int = self.meta["max_message"]
         self.max_value = self.max_message - VALUE_ROOM
         self.sel = selectors.DefaultSelector()
-        out = sessionlog.Writer(sdir, "out", buffered=True)
-        self.inlog = sessionlog.Writer(sdir, "in")
+        # (``logs``: a warm exchange opened them while it waited: bento/warm.py)
+        out, self.inlog, saved = logs if logs is not None else sessiondisk.open_logs(sdir)
         for log in (out, self.inlog):
             if log.torn_bytes:
                 self.disk_trouble(f"cut a torn record of {log.torn_bytes} bytes off the {log.prefix} log")
-        saved = sessiondisk.load_saved(sdir)
         self.core = sessiondisk.recover(out, saved, self.meta, self.inlog.next_seq - 1)
         self.enforced: dict[str, str] = saved.get("enforced", {})
         # A stdout/stderr frame's data fits an out event with room to spare.
@@ -374,11 +374,14 @@ def main(argv: list[str]) -> None:
         if got is None:
             os._exit(0)
         # Its directory, prepared while it waited, renamed into place: the lock,
-        # exchange.pid and env.pid are there, and the work dir is the home.
-        launched, sdir, lock_fd = got
+        # exchange.pid and env.pid are there, and the work dir is the home. It
+        # holds the directory by an fd (``pinned``) and its logs open since then.
+        launched, sdir, lock_fd = got.launched, got.dir, got.lock_fd
+        pinned, logs = got.pinned, got.logs
         adopt = False
     else:
         sdir = argv[0]
+        pinned, logs = None, None
         adopt = "--adopt" in argv[1:]
         lock_fd = sessiondisk.take_lock(sdir)
         if lock_fd < 0:
@@ -386,7 +389,7 @@ def main(argv: list[str]) -> None:
             sys.stdout.flush()
             os._exit(3)
     work = os.path.join(sdir, "work")  # the environment's: a path other processes can use
-    sdir = sessiondisk.pin_dir(sdir)
+    sdir = pinned if pinned is not None else sessiondisk.pin_dir(sdir)
     if launched is not None and launched.pid_file is not None:
         launched.pid_file = os.path.join(sdir, "env.pid")  # (its warm directory, renamed)
     pre = meta = env_lock = None
@@ -412,7 +415,7 @@ def main(argv: list[str]) -> None:
     said = None
     if warm_sock is not None and pre is not None and meta is not None:
         said = early_hello(warm_sock, meta, pre[1])
-    ex = Exchange(sdir, adopt, meta)
+    ex = Exchange(sdir, adopt, meta, logs)
     if warm_sock is not None:
         ex.prepared = {sessiondisk.STATE_FILE, sessiondisk.SIZES_FILE}
     if adopt:

@@ -146,6 +146,12 @@ def recover(out: sessionlog.Writer, saved: dict, meta: dict, input_seq: int) -> 
                                     size_base=base, sizes=sizes, input_seq=input_seq, history_max=history)
 
 
+def open_logs(sdir: str) -> tuple[sessionlog.Writer, sessionlog.Writer, dict]:
+    """What an exchange opens of its session's directory: the output log
+    (buffered), the input log and the saved state (:func:`load_saved`)."""
+    return sessionlog.Writer(sdir, "out", buffered=True), sessionlog.Writer(sdir, "in"), load_saved(sdir)
+
+
 def fresh_core(meta: dict) -> session_core.SessionCore:
     """The core of a session whose directory is new: what :func:`recover` makes of
     an empty output log and no saved state (a warm exchange's hello is this,

@@ -3,7 +3,9 @@
 The server keeps a pool of these (``--pool``). Over the socket pair it was
 started with, a warm exchange gets ``warm`` (how to launch, and its
 directory), prepares the directory as a session's, launches, waits until the
-environment is up (its driver's ``up``) and answers ``warm_ready``, then waits
+environment is up (its driver's ``up``), holds the directory by an fd and
+opens its logs (so the rename does not matter to it, and the session's
+exchange need not open them), answers ``warm_ready``, then waits
 for ``assign`` (the session's directory: its own, renamed by the server);
 from there on it is an ordinary exchange. It must never import trio.
 
@@ -30,7 +32,7 @@ import time
 import bento_sandbox
 from bento_driver import wire
 
-from bento import protocol, sessiondisk
+from bento import protocol, sessiondisk, sessionlog
 from bento.launch import READ_SIZE, START_FIFO, Launched, Link, launch, loads
 
 UP_TIMEOUT_S = 10.0  # an environment not up by then is discarded (the pool tries again later)
@@ -38,11 +40,22 @@ UP_MAX_BYTES = 4096  # the driver's ``up`` is a few bytes: more is a broken driv
 STDERR_TAIL = 1000  # of an environment that died before it came up, for the server's log
 
 
-def wait_for_session(sock: socket.socket) -> tuple[Launched, str, int] | None:
+class Assigned:
+    """What a warm exchange has when the server assigns it a session."""
+
+    def __init__(self, launched: Launched, sdir: str, lock_fd: int, pinned: str,
+                 logs: tuple[sessionlog.Writer, sessionlog.Writer, dict] | None) -> None:
+        self.launched = launched  # the environment
+        self.dir = sdir  # the session's directory: the warm one, renamed by the server
+        self.lock_fd = lock_fd
+        self.pinned = pinned  # that directory as this process holds it (``sessiondisk.pin_dir``)
+        self.logs = logs  # ``sessiondisk.open_logs`` of it
+
+
+def wait_for_session(sock: socket.socket) -> Assigned | None:
     """Prepare the directory the server gave (``sessiondisk.prepare_dir``; the
-    environment's home is its ``work``), start an environment now, then wait
-    for the server to assign a session: (the environment, the session's
-    directory: the same one, renamed by the server, the lock fd), or None if
+    environment's home is its ``work``), start an environment now, open the
+    directory's logs, then wait for the server to assign a session; None if
     the server gave up or the environment never came up."""
     link = Link(sock.fileno(), sock.fileno(), 1 << 20)
     os.set_blocking(sock.fileno(), True)
@@ -90,15 +103,20 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str, int] | None:
             launched.preapplied = (cfg["limits"], enforced, rlimits)
         except bento_sandbox.Unenforceable:
             pass  # (the session's own start says why, if it asks for these limits)
+    pinned, logs = "", None
     if error is None:
         assert launched.env is not None
         try:
             with open(os.path.join(cfg["dir"], "env.pid"), "w") as f:
                 f.write(f"{launched.env.pgid}\n")
             launched.pid_file = os.path.join(cfg["dir"], "env.pid")  # (until the server renames the dir)
+            # Held by an fd, the directory keeps its path here across the rename, and
+            # its logs are open before the session needs them.
+            pinned = sessiondisk.pin_dir(cfg["dir"])
+            logs = sessiondisk.open_logs(pinned)
         except OSError as exc:
             launched.discard()
-            error = f"cannot write env.pid: {exc}"
+            error = f"cannot open the directory's files: {exc}"
     link.queue(protocol.encode(wire.message(wire.FROM_EXCHANGE, "warm_ready", pid=os.getpid(),
                                             error=error, **({"rlimits": rlimits} if rlimits is not None else {}))))
     link.flush()
@@ -112,7 +130,7 @@ def wait_for_session(sock: socket.socket) -> tuple[Launched, str, int] | None:
         raise RuntimeError("the server sent more than one message before the session was set up")
     launched.start_sent = bool(assign.get("started"))
     os.set_blocking(sock.fileno(), False)
-    return launched, assign["dir"], lock_fd
+    return Assigned(launched, assign["dir"], lock_fd, pinned, logs)
 
 
 def wait_up(launched: Launched, server_fd: int, timeout: float) -> str | None:

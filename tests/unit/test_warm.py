@@ -207,3 +207,23 @@ def test_the_early_hello_is_the_hello_of_the_session_once_set_up(tmp_path):
         assert hello(ex.enforced, ex.core) == said
         assert said["state"] == "running" and said["next_seq"] == 1, said
     os.close(lock)
+
+
+def test_logs_opened_while_warm_write_into_the_renamed_directory(tmp_path):
+    """A warm exchange opens its directory's logs before the server renames the
+    directory into sessions/ (bento/warm.py): they must still write there."""
+    from bento import sessiondisk, sessionlog
+
+    home, renamed = str(tmp_path / "warm"), str(tmp_path / "s_1")
+    os.mkdir(home)
+    lock = sessiondisk.prepare_dir(home)
+    pinned = sessiondisk.pin_dir(home)
+    out, inlog, saved = sessiondisk.open_logs(pinned)
+    assert saved == {} and out.next_seq == 1 and inlog.next_seq == 1
+    os.rename(home, renamed)
+    out.append(1, protocol.encode([1, "stdout", b"x"]))
+    out.flush()
+    inlog.append(1, protocol.encode([1, "a"]))
+    assert [seq for seq, _ in sessionlog.Writer(renamed, "out").records()] == [1]
+    assert [seq for seq, _ in sessionlog.Writer(renamed, "in").records()] == [1]
+    os.close(lock)
