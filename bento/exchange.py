@@ -333,8 +333,8 @@ class Exchange(EnvironmentLife):
 
 def early_hello(sock: socket.socket, meta: dict, enforced: dict) -> dict | None:
     """Send the server a started fresh session's hello before this exchange sets
-    itself up (opens the logs: about half a millisecond), so that the server
-    answers the execute meanwhile; the hello sent, or None if the server could
+    itself up (its ``Exchange``, its control link), so that the server answers
+    the execute meanwhile; the hello sent, or None if the server could
     not take it (the later ``Control.use`` then says hello, and meets the same
     error as any send to a server that went)."""
     core = sessiondisk.fresh_core(meta)
