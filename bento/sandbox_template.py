@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 
@@ -191,9 +192,17 @@ async def _relay(stdout: trio.abc.ReceiveStream) -> None:
 
 async def _stop(proc: trio.Process) -> None:
     """No more forks from it: its bwrap killed, and its stdin closed (the
-    template itself has no pid namespace to die with: that ends it)."""
+    template itself has no pid namespace to die with: that ends it).
+
+    The whole process group: stopped while it starts, bwrap may have a child
+    still setting up the sandbox (not yet in a session of its own), which waits
+    for bwrap's word for ever once bwrap is gone (seen after a server was
+    stopped at its start)."""
     if proc.returncode is None:
-        proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # (its own group: start_new_session)
+        except ProcessLookupError:
+            pass  # (gone meanwhile; wait() reaps it)
         await proc.wait()  # (reaped; SIGKILL cannot be ignored)
     for pipe in (proc.stdin, proc.stdout):
         if pipe is not None:
