@@ -121,13 +121,9 @@ def recover(out: sessionlog.Writer, saved: dict, meta: dict, input_seq: int) -> 
     """The core as it was: the saved state, then what the output log says (an
     exit frame on disk counts even if the saved state missed it). An ended
     session's sizes come from :data:`SIZES_FILE` when it agrees with the log."""
-    buffer = meta["buffer"]
-    history = meta.get("history_bytes", session_core.DEFAULT_HISTORY_BYTES)
     known = saved_sizes(out.dirpath, saved, out.next_seq)
     if known is not None:
-        base, sizes = known
-        return session_core.SessionCore(buffer["max_bytes"], buffer["policy"], saved=saved,
-                                        size_base=base, sizes=sizes, input_seq=input_seq, history_max=history)
+        return _core(meta, saved, *known, input_seq)
     sizes = array.array("q")
     base = out.next_seq
     last: tuple[int, bytes] | None = None
@@ -142,8 +138,14 @@ def recover(out: sessionlog.Writer, saved: dict, meta: dict, input_seq: int) -> 
             saved = {**saved, "exit": data, "exit_seq": last[0], "state": data["state"],
                      "ended": saved.get("ended") or time.time()}
             sizes[-1] = 0
-    return session_core.SessionCore(buffer["max_bytes"], buffer["policy"], saved=saved,
-                                    size_base=base, sizes=sizes, input_seq=input_seq, history_max=history)
+    return _core(meta, saved, base, sizes, input_seq)
+
+
+def _core(meta: dict, saved: dict, base: int, sizes: array.array, input_seq: int) -> session_core.SessionCore:
+    buffer = meta["buffer"]
+    return session_core.SessionCore(buffer["max_bytes"], buffer["policy"], saved=saved, size_base=base, sizes=sizes,
+                                    input_seq=input_seq,
+                                    history_max=meta.get("history_bytes", session_core.DEFAULT_HISTORY_BYTES))
 
 
 def open_logs(sdir: str) -> tuple[sessionlog.Writer, sessionlog.Writer, dict]:
@@ -156,9 +158,7 @@ def fresh_core(meta: dict) -> session_core.SessionCore:
     """The core of a session whose directory is new: what :func:`recover` makes of
     an empty output log and no saved state (a warm exchange's hello is this,
     once started, before it has opened the logs: bento/exchange.py)."""
-    return session_core.SessionCore(meta["buffer"]["max_bytes"], meta["buffer"]["policy"], saved={},
-                                    size_base=1, sizes=array.array("q"), input_seq=0,
-                                    history_max=meta.get("history_bytes", session_core.DEFAULT_HISTORY_BYTES))
+    return _core(meta, {}, 1, array.array("q"), 0)
 
 
 def data_len(payload: bytes) -> int:
