@@ -175,10 +175,10 @@ class Cluster:
             await self.forget(s)
 
     async def _write_viewers_later(self, s: Session) -> None:
-        while not s.removed and s.sid in self.unwritten_viewers:
+        while True:
             await trio.sleep(1.0)
             if s.removed or s.sid not in self.unwritten_viewers:
-                return  # (a later share wrote them)
+                return  # (gone, or a later share wrote them)
             try:
                 await self._write_viewers(s)
                 return
