@@ -24,17 +24,18 @@ import pytest
 
 _lock_fd = -1
 _turnstile_fd = -1
+_paths: tuple[str, str] | None = None  # (lock, turnstile) of this run, in an xdist worker
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _lock_fd, _turnstile_fd
+    global _lock_fd, _turnstile_fd, _paths
     config.addinivalue_line("markers", "alone: no other test runs beside this one (xdist)")
     run = getattr(config, "workerinput", {}).get("testrunuid")
     if run is None:
         return  # not an xdist worker: one test at a time anyway
     base = os.path.join(tempfile.gettempdir(), f"bento-tests-{run}")
-    _lock_fd = os.open(base + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    _turnstile_fd = os.open(base + ".turnstile", os.O_RDWR | os.O_CREAT, 0o600)
+    _paths = (base + ".lock", base + ".turnstile")
+    _lock_fd, _turnstile_fd = (os.open(path, os.O_RDWR | os.O_CREAT, 0o600) for path in _paths)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -43,13 +44,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         if fd >= 0:
             os.close(fd)
     _lock_fd = _turnstile_fd = -1
-    run = getattr(config, "workerinput", {}).get("testrunuid")
-    if run is not None:
-        for suffix in (".lock", ".turnstile"):
-            try:
-                os.unlink(os.path.join(tempfile.gettempdir(), f"bento-tests-{run}{suffix}"))
-            except FileNotFoundError:
-                pass  # the other worker removed it first
+    for path in _paths or ():
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # the other worker removed it first
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
