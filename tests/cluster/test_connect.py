@@ -174,14 +174,21 @@ async def test_on_a_redis_cluster_a_session_run_on_a_is_read_and_fed_on_b(cluste
     async with connect(a.url) as ca:
         r = await ca.ok("execute", code="def main():\n    api.send(1)\n", attach=False)
         await wait_status(ca, r["token"], lambda st: st["state"] == "exited")
-    # Every key of the session sits in one slot, on one master.
-    holders = {}
-    for server in redis_cluster.servers:
-        redis = coredis.Redis(host="127.0.0.1", port=server.port, decode_responses=False)
-        async with redis:
-            found = [k async for k in redis.scan_iter(match=f"*{r['session']}*")]
-            if found:
-                holders[server.port] = {await redis.cluster_keyslot(k) for k in found}, found
+    # Every key of the session sits in one slot, on one master. (The node knows the
+    # exit before its mirror has written the stream: looked for until it is there.)
+    want = {keys.meta(r["session"]).encode(), keys.out(r["session"]).encode()}
+    with trio.move_on_after(10):
+        while True:
+            holders = {}
+            for server in redis_cluster.servers:
+                redis = coredis.Redis(host="127.0.0.1", port=server.port, decode_responses=False)
+                async with redis:
+                    found = [k async for k in redis.scan_iter(match=f"*{r['session']}*")]
+                    if found:
+                        holders[server.port] = {await redis.cluster_keyslot(k) for k in found}, found
+            if any(want <= set(found) for _, found in holders.values()):
+                break
+            await trio.sleep(0.1)
     assert len(holders) == 1, holders
     (slots, found), = holders.values()
     assert len(slots) == 1 and {keys.meta(r["session"]).encode(), keys.out(r["session"]).encode()} <= set(found)
