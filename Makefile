@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 NODE_BENCH := bench/node/node_modules/.package-lock.json
 JUPYTER_BENCH := bench/jupyter/.venv/.installed
@@ -34,7 +35,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
 	  echo "make: cannot create a venv; on Debian: apt-get install python3-venv" >&2; exit 1; }
 	@echo "make: installing the package into $(VENV) (log: $(VENV)/install.log)"
-	@{ $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e '.[test,dev,cluster]'; } \
+	@# uv (a dependency of the package: it builds the sessions' environments) installs
+	@# in a quarter of pip's time: 16 s against 44 s on a 2-core machine, caches empty.
+	@{ $(PY) -m pip install -q uv && $(UV) pip install -q --python $(PY) -e '.[test,dev,cluster]'; } \
 	  >$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log >&2; exit 1; }
 	@touch $(STAMP)
 
@@ -94,9 +97,9 @@ $(NODE_BENCH): bench/node/package-lock.json
 
 # The bench's Jupyter ceilings (a warm kernel, and the kernel gateway), in a venv
 # of their own; without it (no PyPI) the bench's Jupyter rows say why they have no figure.
-$(JUPYTER_BENCH): bench/jupyter/requirements.txt
-	@{ test -x bench/jupyter/.venv/bin/python || $(PYTHON) -m venv bench/jupyter/.venv; } \
-	  && bench/jupyter/.venv/bin/python -m pip install -q -r bench/jupyter/requirements.txt \
+$(JUPYTER_BENCH): bench/jupyter/requirements.txt | $(STAMP)
+	@{ test -x bench/jupyter/.venv/bin/python || $(PYTHON) -m venv --without-pip bench/jupyter/.venv; } \
+	  && $(UV) pip install -q --python bench/jupyter/.venv/bin/python -r bench/jupyter/requirements.txt \
 	    >bench/jupyter/install.log 2>&1 \
 	  && touch $@ \
 	  || echo "make: installing bench/jupyter/requirements.txt failed (bench/jupyter/install.log): the bench's Jupyter rows will say so" >&2
