@@ -13,7 +13,9 @@ PORT ?= 8765
 ARGS ?=
 PYTEST_ARGS ?=
 # The suite mostly waits on processes it starts: two workers (pytest-xdist) halve
-# its time on 2 cores. PYTEST_WORKERS=0 runs it in one process.
+# its time on 2 cores. PYTEST_WORKERS=0 runs it in one process. worksteal: a
+# worker that runs out takes tests queued for the other (under xdist's default,
+# one worker ran alone for the last 94 s of a run).
 PYTEST_WORKERS ?= 2
 
 .PHONY: run test install system-deps lint bench fuzz clean cluster web
@@ -26,7 +28,7 @@ run: $(STAMP)
 	@exec $(PY) -m bento.app server $(strip $(RUN_ADDR) $(ARGS))
 
 test: $(STAMP) $(NODE_BENCH) $(JUPYTER_BENCH)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 install: $(STAMP)
 

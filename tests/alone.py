@@ -8,10 +8,16 @@ exclusive for an ``alone`` one. A turnstile lock taken first keeps a waiting
 ``alone`` test from being starved by a worker that takes its next shared lock
 the moment it lets go of the last.
 
+The ``alone`` tests are collected first, so that they run one after another
+on one worker, and that worker keeps its exclusive lock from one ``alone``
+test to the next: else the other worker runs one of its tests between each
+two (a run spent 184 s waiting so, behind the other worker's long tests).
+
 The lock is taken before the test's deadline starts (bento's ``deadlines``
 plugin, which wraps this hook from outside): the longest wait is the other
-worker's current test, which its own deadline bounds. A worker that dies
-lets go of its locks with its process. Without xdist this does nothing.
+worker's current test, which its own deadline bounds, or the ``alone``
+tests themselves. A worker that dies lets go of its locks with its process.
+Without xdist this does nothing but the order.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import pytest
 _lock_fd = -1
 _turnstile_fd = -1
 _paths: tuple[str, str] | None = None  # (lock, turnstile) of this run, in an xdist worker
+_held_alone = False  # this worker holds the lock exclusively, kept for its next ``alone`` test
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,18 +58,37 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             pass  # the other worker removed it first
 
 
+def _alone(item: pytest.Item | None) -> bool:
+    return item is not None and item.get_closest_marker("alone") is not None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items[:] = [i for i in items if _alone(i)] + [i for i in items if not _alone(i)]
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    global _held_alone
     if _lock_fd < 0:
         yield
         return
-    alone = item.get_closest_marker("alone") is not None
-    fcntl.flock(_turnstile_fd, fcntl.LOCK_EX)
-    try:
-        fcntl.flock(_lock_fd, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-    finally:
-        fcntl.flock(_turnstile_fd, fcntl.LOCK_UN)
+    alone = _alone(item)
+    if _held_alone:
+        # Still ours from the last test. Not an ``alone`` one after all (xdist's
+        # worksteal may have handed the one that was next to the other worker): a
+        # shared lock now, without the turnstile, which that worker may hold
+        # while it waits for this very lock.
+        if not alone:
+            fcntl.flock(_lock_fd, fcntl.LOCK_SH)
+    else:
+        fcntl.flock(_turnstile_fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(_lock_fd, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(_turnstile_fd, fcntl.LOCK_UN)
+    _held_alone = alone and _alone(nextitem)
     try:
         yield
     finally:
-        fcntl.flock(_lock_fd, fcntl.LOCK_UN)
+        if not _held_alone:
+            fcntl.flock(_lock_fd, fcntl.LOCK_UN)
