@@ -14,8 +14,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 # The suite mostly waits on processes it starts: two workers (pytest-xdist) halve
 # its time on 2 cores. PYTEST_WORKERS=0 runs it in one process. worksteal: a
-# worker that runs out takes tests queued for the other (under xdist's default,
-# one worker ran alone for the last 94 s of a run).
+# worker that runs out takes tests queued for the other, so both end together.
 PYTEST_WORKERS ?= 2
 
 .PHONY: run test install system-deps lint bench fuzz clean cluster web
@@ -38,7 +37,7 @@ $(STAMP): pyproject.toml
 	  echo "make: cannot create a venv; on Debian: apt-get install python3-venv" >&2; exit 1; }
 	@echo "make: installing the package into $(VENV) (log: $(VENV)/install.log)"
 	@# uv (a dependency of the package: it builds the sessions' environments) installs
-	@# in a quarter of pip's time: 16 s against 44 s on a 2-core machine, caches empty.
+	@# several times faster than pip; pip only bootstraps it.
 	@{ $(PY) -m pip install -q uv && $(UV) pip install -q --python $(PY) -e '.[test,dev,cluster]'; } \
 	  >$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log >&2; exit 1; }
 	@touch $(STAMP)

@@ -11,7 +11,7 @@ the moment it lets go of the last.
 The ``alone`` tests are collected first, so that they run one after another
 on one worker, and that worker keeps its exclusive lock from one ``alone``
 test to the next: else the other worker runs one of its tests between each
-two (a run spent 184 s waiting so, behind the other worker's long tests).
+two, and each ``alone`` test waits for that one to end.
 
 The lock is taken before the test's deadline starts (bento's ``deadlines``
 plugin, which wraps this hook from outside): the longest wait is the other

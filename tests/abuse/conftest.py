@@ -5,8 +5,8 @@ process of its attacks is still alive (and kills it, by pid).
 The module's attacks share one server per backend, as a server meets one attack
 after another (each attack still gets its own health session, baseline, tag and
 canaries). A server that an attack ended (unsandboxed, an attack may kill it: its
-test says so) is replaced for the next test. Started per test, the servers cost
-the suite ~55 s during which no other test may run (the module runs ``alone``)."""
+test says so) is replaced for the next test. (The module runs ``alone``: while it
+does no other test runs, so its servers' starts cost the whole suite.)"""
 
 from __future__ import annotations
 
