@@ -4,6 +4,8 @@ its own (it waits for bwrap while it sets up the sandbox) must not outlive it.""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 
@@ -22,15 +24,25 @@ async def test_stop_ends_the_child_that_is_still_in_the_group(tmp_path):
         while not pid_file.exists() or not pid_file.read_text().strip():
             await trio.sleep(0.02)
     child = int(pid_file.read_text())
-    await _stop(proc)
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            with open(f"/proc/{child}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            break
-        if state == "Z":
-            break  # killed; reaped by init in a moment
-        assert time.monotonic() < deadline, f"the child {child} outlived the stop"
-        await trio.sleep(0.02)
+    ended = False
+    try:
+        await _stop(proc)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                ended = True
+                break
+            if state == "Z":
+                ended = True
+                break  # killed; reaped by init in a moment
+            assert time.monotonic() < deadline, f"the child {child} outlived the stop"
+            await trio.sleep(0.02)
+    finally:
+        if not ended:  # (the stop left it: nothing outlives the test)
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
