@@ -342,6 +342,20 @@ class connect:
 
 
 @asynccontextmanager
+async def dropped(url: str) -> AsyncIterator[Client]:
+    """``async with dropped(url) as c``: a ``connect`` whose block ends in an abrupt
+    TCP drop (the socket closed under the WebSocket, no close frame). The client
+    then ends at once: its reader may be waiting on its full message queue, which
+    nothing frees once the socket is gone (STACK.md), and a normal exit would wait
+    for it."""
+    with trio.CancelScope() as scope:
+        async with connect(url) as c:
+            yield c
+            c.ws._stream.socket.close()
+            scope.cancel()
+
+
+@asynccontextmanager
 async def conn(url: str, hello: bool = True, auth: str | None = None,
                ssl_context: Any = None) -> AsyncIterator[Client]:
     """A raw Client (that has said hello, with ``auth`` when given) that also

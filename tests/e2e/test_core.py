@@ -11,6 +11,7 @@ from helpers import (
     congestion_controls,
     connect,
     data_of,
+    dropped,
 )
 
 ECHO = '''
@@ -161,17 +162,11 @@ async def test_input_before_function_reads_and_after_end(server):
 
 async def test_abrupt_drop_and_reattach_from_seq(server):
     code = "import time\ndef main(n):\n    for i in range(n):\n        print(i)\n        time.sleep(0.002)\n"
-    with trio.CancelScope() as dropped:
-        async with connect(server.url) as c:
-            r = await c.ok("execute", code=code, args=[300])
-            sid, token = r["session"], r["token"]
-            first = await c.frames(sid, until_exit=False, count=20)
-            await trio.sleep(0.1)  # more output arrives, unread
-            # Abrupt TCP drop: close the socket under the WebSocket, no close frame.
-            # Then the client ends at once: its reader may be waiting on its full
-            # message queue, which nothing frees once the socket is gone (STACK.md).
-            c.ws._stream.socket.close()
-            dropped.cancel()
+    async with dropped(server.url) as c:  # ends in an abrupt TCP drop
+        r = await c.ok("execute", code=code, args=[300])
+        sid, token = r["session"], r["token"]
+        first = await c.frames(sid, until_exit=False, count=20)
+        await trio.sleep(0.1)  # more output arrives, unread
     have = first[:20]
     async with connect(server.url) as c2:
         a = await c2.ok("attach", token=token, **{"from": len(have) + 1})
