@@ -17,6 +17,19 @@ The clients use pools that give a slot back when a request on a connection is
 cancelled: coredis's own pools lose the slot of a connection that a cancelled
 blocking command (XREAD BLOCK, BLPOP) leaves unusable, or that is cancelled
 while it connects, and once every slot is lost every command waits forever.
+
+A node makes two clients on its URL (bento/cluster/node.py). coredis sends a
+single command on a connection and puts that connection back in its pool
+before the reply comes, so several commands can be in flight on one
+connection. A command it flags blocking (every XREAD, with BLOCK or not;
+BLPOP) or a pipeline holds a connection alone, and when it is cancelled
+coredis closes that connection, failing with "Connection lost!" every other
+command still in flight on it (coredis tries each twice more): one client's
+attachment cut while another's ``status`` waited on the same connection, and
+the other got ``unavailable``; a write failed that way may have been made. So
+single commands go through one client (``redis``), and XREAD, BLPOP and
+pipelines through the other (``exclusive``), whose connections never carry
+anyone else's command.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ SCHEMES = {  # scheme → (TLS, Redis Cluster)
 }
 CONNECT_TIMEOUT_S = 5.0
 Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]  # what ``client`` makes
-MAX_CONNECTIONS = 256  # per node: each attachment read through this node holds one while it waits
+MAX_CONNECTIONS = 256  # per Redis node and client: each remote attachment's blocking read holds one
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class Control:
         carried out (as one whose connection drops)."""
         rid = secrets.token_hex(12)
         await self.tell(node, sid, request, rid)
-        got = await self.redis.blpop([keys.reply(rid)], timeout=ASK_TIMEOUT_S)
+        got = await self.cluster.exclusive.blpop([keys.reply(rid)], timeout=ASK_TIMEOUT_S)
         if got is None:
             raise protocol.RequestError(
                 "internal", f"node {node}, which runs the session, did not answer within "
@@ -84,7 +84,7 @@ class Control:
         backoff = 0.1
         while True:
             try:
-                got = await self.redis.xread({key: last}, count=256, block=BLOCK_MS)
+                got = await self.cluster.exclusive.xread({key: last}, count=256, block=BLOCK_MS)
                 backoff = 0.1
             except RedisError as exc:
                 log.warning("cannot read this node's control stream: %s (again in %.1f s)", exc, backoff)
@@ -131,7 +131,7 @@ class Control:
             with trio.move_on_after(ASK_TIMEOUT_S):
                 answer = await self._carry_out(s, request)
         if rid:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.cluster.exclusive.pipeline(transaction=False) as pipe:
                 pipe.lpush(keys.reply(rid), [protocol.encode(answer)])
                 pipe.expire(keys.reply(rid), REPLY_TTL_S)
 

@@ -68,7 +68,7 @@ def _optional(meta: dict[bytes, bytes], name: bytes) -> Any:
     return None if raw is None else protocol.decode(raw)
 
 
-async def listing(redis: Client, node: str, key_hash: str | None, local: list[dict],
+async def listing(redis: Client, exclusive: Client, node: str, key_hash: str | None, local: list[dict],
                   key_name: Callable[[str], str]) -> list[dict]:
     """``list`` on node ``node`` in cluster mode: ``local`` (this node's own
     statuses, already filtered by key), then the sessions other nodes run,
@@ -84,7 +84,7 @@ async def listing(redis: Client, node: str, key_hash: str | None, local: list[di
         sids.update(raw.decode() for raw in await redis.smembers(keys.key_sessions(k)))
     here = {st["session"] for st in local}
     wanted = sorted(sids - here)
-    async with redis.pipeline(transaction=False) as pipe:
+    async with exclusive.pipeline(transaction=False) as pipe:
         replies = [pipe.hmget(keys.meta(sid), list(FIELDS)) for sid in wanted]
     found: list[tuple[str, Any]] = [(sid, await reply) for sid, reply in zip(wanted, replies, strict=True)]
     others = []

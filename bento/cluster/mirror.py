@@ -227,7 +227,7 @@ class Mirror:
         together. Its replies in order (a refused command's as its exception)."""
         sid = self.session.sid
         out = keys.out(sid)
-        async with self.redis.pipeline(transaction=True, raise_on_error=False) as pipe:
+        async with self.cluster.exclusive.pipeline(transaction=True, raise_on_error=False) as pipe:
             for i, frame in enumerate(frames):
                 pipe.xadd(out, {"f": bytes(frame)}, identifier=keys.entry_id(start + i))
             if state is not None:

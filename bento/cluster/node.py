@@ -42,13 +42,14 @@ REACH_TIMEOUT_S = 5.0
 class Cluster:
     """The node's cluster side. Made by ``run``; lives as long as the server."""
 
-    def __init__(self, config: Config, redis: connect.Client, registry: Registry,
-                 nursery: trio.Nursery) -> None:
+    def __init__(self, config: Config, redis: connect.Client, exclusive: connect.Client,
+                 registry: Registry, nursery: trio.Nursery) -> None:
         self.config = config
         self.node = config.node
         self.timeout_s = config.node_timeout_s  # a node silent this long is taken for dead
         self.instance = instance(config)
-        self.redis = redis
+        self.redis = redis  # single commands, several in flight on one connection
+        self.exclusive = exclusive  # XREAD, BLPOP and pipelines, each alone on its connection (connect.py)
         self.registry = registry
         self.nursery = nursery
         self.mirrors: dict[str, Mirror] = {}
@@ -94,7 +95,7 @@ class Cluster:
         A snapshot already there (this node restarted) stays: it says what the
         stream holds, and the mirror moves it on. True if the cluster ended the
         session while this node was away (``lost``: mirror.take_verdict)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.exclusive.pipeline(transaction=False) as pipe:
             pipe.set(keys.token(s.meta["owner_hash"]), f"rw {s.sid}")
             if s.meta["viewer_hash"]:  # (empty once revoked)
                 pipe.set(keys.token(s.meta["viewer_hash"]), f"ro {s.sid}")
@@ -120,7 +121,7 @@ class Cluster:
     async def forget(self, s: Session) -> None:
         """Remove the directory entries and the stream of a session that was removed."""
         forgotten = self.unwritten_viewers.get(s.sid, set())
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.exclusive.pipeline(transaction=False) as pipe:
             # One DEL per slot: on a Redis Cluster a command's keys must share one.
             for token_hash in (s.meta["owner_hash"], s.meta["viewer_hash"], *s.meta.get("retired_viewers", ()),
                                *forgotten):
@@ -160,7 +161,7 @@ class Cluster:
         async with self.viewers_lock:
             owed = self.unwritten_viewers.get(s.sid, set())
             deleted = set(owed)
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.exclusive.pipeline(transaction=False) as pipe:
                 for token_hash in s.meta.get("retired_viewers", ()):
                     pipe.set(keys.token(token_hash), f"retired {s.sid}")
                 if s.meta["viewer_hash"]:
@@ -262,7 +263,7 @@ class Cluster:
             # have ended this node's sessions meanwhile (lost.py).
             lapsed = self.beat_error is not None or trio.current_time() - self.beat_at > self.timeout_s / 2
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
+                async with self.exclusive.pipeline(transaction=False) as pipe:
                     pipe.set(keys.node(self.node), value, px=int(self.timeout_s * 1000))
                     pipe.sadd(keys.NODES, [self.node])
                     # Put back after a Redis that lost its data (restarted without
@@ -287,7 +288,7 @@ class Cluster:
         not wait for the functions it stops)."""
         try:
             mirrors = [m for m in self.mirrors.values() if m.session.verdict is None]
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.exclusive.pipeline(transaction=False) as pipe:
                 replies = [pipe.hexists(keys.meta(m.session.sid), "lost") for m in mirrors]
             for mirror, reply in zip(mirrors, replies, strict=True):
                 if await reply:
@@ -359,8 +360,8 @@ async def run(config: Config, registry: Registry, *,
     The client's ``async with`` is here, once, around everything that uses it
     (coredis wraps whatever leaves it in an ExceptionGroup)."""
     assert config.cluster is not None
-    redis = connect.client(config.cluster)
-    async with redis:
+    redis, exclusive = connect.client(config.cluster), connect.client(config.cluster)
+    async with redis, exclusive:
         # One secret for the whole cluster: a retried execute gets the same
         # derived tokens from any node. It replaces this node's own.
         await redis.set(keys.SECRET, secrets.token_bytes(32), condition=coredis.PureToken.NX)
@@ -369,7 +370,7 @@ async def run(config: Config, registry: Registry, *,
             raise RuntimeError(f"{keys.SECRET} in Redis is not 32 bytes: delete it, and a node makes it anew")
         registry.store.secret = secret
         async with trio.open_nursery() as nursery:
-            cluster = Cluster(config, redis, registry, nursery)
+            cluster = Cluster(config, redis, exclusive, registry, nursery)
             for s in list(registry.sessions.values()):
                 await cluster.publish(s)
             nursery.start_soon(cluster.heartbeat)

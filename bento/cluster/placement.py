@@ -95,7 +95,7 @@ class Placement:
     async def live(self) -> dict[str, dict]:
         """The heartbeats of the live nodes (those not yet expired), by name."""
         names = sorted(n.decode() for n in await self.redis.smembers(keys.NODES))
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.cluster.exclusive.pipeline(transaction=False) as pipe:
             pending = [pipe.get(keys.node(name)) for name in names]
         beats = {}
         for name, raw in zip(names, [await p for p in pending], strict=True):

@@ -158,7 +158,7 @@ class Remote:
     async def list(self, key_hash: str | None, local: list[dict], key_name: Any) -> list[dict]:
         """``list`` across the cluster: see bento/cluster/directory.py."""
         try:
-            return await directory.listing(self.redis, self.cluster.node, key_hash, local, key_name)
+            return await directory.listing(self.redis, self.cluster.exclusive, self.cluster.node, key_hash, local, key_name)
         except RedisError as exc:
             raise unavailable(exc) from None
 
@@ -262,7 +262,7 @@ class Remote:
             # One read of both streams: the frames from the attachment's seq on,
             # and a shared state newer than the version it has sent.
             after = {out: keys.entry_id(att.next_seq - 1), state: keys.entry_id(att.state_sent)}
-            got = await self.redis.xread(after, count=BATCH_FRAMES)
+            got = await self.cluster.exclusive.xread(after, count=BATCH_FRAMES)
             if not got:
                 snap = await self._snapshot(att)
                 if snap is None:
@@ -271,7 +271,7 @@ class Remote:
                 if att.next_seq < snap.first_seq:
                     await self._gap(conn, att, snap.first_seq, snap)
                     continue
-                got = await self.redis.xread(after, count=BATCH_FRAMES, block=BLOCK_MS)
+                got = await self.cluster.exclusive.xread(after, count=BATCH_FRAMES, block=BLOCK_MS)
                 if not got:
                     continue
             # A new state goes before the frames read with it, as on the running node.

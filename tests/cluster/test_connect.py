@@ -5,6 +5,8 @@ on a real 3-master Redis Cluster, and the client's pool under cancellation."""
 from __future__ import annotations
 
 import gc
+import math
+import random
 import subprocess
 import sys
 
@@ -12,6 +14,8 @@ import coredis
 import pytest
 import trio
 from conftest import make_ca
+from coredis.exceptions import RedisError
+from coredis.retry import NoRetryPolicy
 from helpers import ServerProcess, assert_contiguous, connect, wait_status
 
 from bento.cluster import connect as rconnect
@@ -258,3 +262,116 @@ async def test_a_node_serves_on_after_many_attachments_detached_mid_wait(nodes):
         await cb.send({"op": "input", "session": r["session"], "seq": 1, "data": None})
         frames = await cb.frames(r["session"], timeout=10)
     assert values(frames) == ["done"]
+
+
+# -- a cancelled XREAD and the commands beside it ------------------------------------------
+
+LAG_S = 0.005  # a Redis in another zone
+
+
+async def lagging_link(port: int, lag: float, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A TCP relay to Redis on ``port`` that hands on every reply ``lag`` seconds
+    late: commands stay in flight long enough for a cancellation to meet them."""
+    async def relay(client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream("127.0.0.1", port) as server:
+            late_send, late_recv = trio.open_memory_channel[tuple[float, bytes]](math.inf)
+
+            async def up() -> None:
+                async for data in client:
+                    await server.send_all(data)
+
+            async def down() -> None:
+                async for data in server:
+                    late_send.send_nowait((trio.current_time() + lag, data))
+
+            async def late() -> None:
+                async for due, data in late_recv:
+                    await trio.sleep_until(due)
+                    await client.send_all(data)
+
+            async def until_closed(part) -> None:
+                try:
+                    await part()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                nursery.cancel_scope.cancel()  # either side gone: the relay ends
+
+            async with trio.open_nursery() as nursery:
+                for part in (up, down, late):
+                    nursery.start_soon(until_closed, part)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, relay, listeners)
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
+async def test_coredis_still_fails_the_commands_beside_a_cancelled_xread(redis_server):
+    """Why a node has two clients (``connect``'s docstring); when this fails,
+    coredis no longer closes a connection under other commands and they can be one."""
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lagging_link, redis_server.port, 0.05)
+        # One connection, and no retry (coredis retries a failed command twice by
+        # default: the third failure in a row is what a node's client answers).
+        redis = coredis.Redis(host="127.0.0.1", port=port, max_connections=1,
+                              connection_pool_cls=rconnect.Pool, retry_policy=NoRetryPolicy())
+        async with redis:
+            await redis.ping()  # the one connection is made
+            got: list = []
+
+            async def get() -> None:
+                try:
+                    got.append(await redis.get("bento:test:none"))
+                except RedisError as exc:
+                    got.append(exc)
+
+            nursery.start_soon(get)
+            await trio.sleep(0.01)  # the GET is sent; its connection, the only one, is back in the pool
+            with trio.move_on_after(0.01):
+                await redis.xread({"bento:test:none": "0-0"}, count=1)
+            with trio.fail_after(5):
+                while not got:
+                    await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert isinstance(got[0], RedisError) and "Connection lost" in str(got[0]), got
+
+
+async def test_attachments_cut_fail_no_other_request(nodes, redis_server, tmp_path):
+    """Clients on node C attach and detach at once (each detach cancels the
+    attachment's XREAD), while other clients ask for the session's status; C
+    reaches Redis 5 ms away. No status and no attach is answered ``unavailable``."""
+    a, _ = nodes
+    statuses, cutters = 4, 4
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lagging_link, redis_server.port, LAG_S)
+        c = ServerProcess(str(tmp_path / "data"), "--cluster", f"redis://127.0.0.1:{port}/0", "--node", "c")
+        await trio.to_thread.run_sync(c.start)
+        try:
+            async with connect(a.url) as ca:
+                r = await ca.ok("execute", code="import time\ndef main():\n    time.sleep(60)\n", attach=False)
+            answers: list[dict] = []
+
+            async def status() -> None:
+                async with connect(c.url) as cc:
+                    for _ in range(200):
+                        answers.append(await cc.request("status", token=r["token"]))
+
+            async def cut() -> None:
+                async with connect(c.url) as cc:
+                    for _ in range(60):
+                        answers.append(q := await cc.request("attach", token=r["token"], **{"from": 1}))
+                        if q["ok"]:
+                            await trio.sleep(random.random() * 0.002)  # its first XREAD is in flight
+                            await cc.ok("detach", session=r["session"])
+
+            with trio.fail_after(90):
+                async with trio.open_nursery() as clients:
+                    for _ in range(statuses):
+                        clients.start_soon(status)
+                    for _ in range(cutters):
+                        clients.start_soon(cut)
+        finally:
+            await trio.to_thread.run_sync(c.stop)
+            nursery.cancel_scope.cancel()
+    refused = [q for q in answers if not q["ok"]]
+    assert not refused and len(answers) == statuses * 200 + cutters * 60, refused[:3]
