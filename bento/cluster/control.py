@@ -13,7 +13,9 @@ last word on input. A request is deleted from the stream once carried out, so
 a restarted node starts with what it had not done (a crash between the two
 repeats one request). A request older than ASK_TIMEOUT_S when it is read (its
 asker has given up and said so) is not carried out; acks always are (an ack
-is applied at most once, an older one changes nothing).
+is applied at most once, an older one changes nothing). A request whose reply
+key was already seen is not carried out again: the client's retry of an XADD
+whose connection was lost after Redis took it adds it twice.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Control:
         self.cluster = cluster
         self.redis = cluster.redis
         self.registry = cluster.registry
+        self.seen: dict[str, float] = {}  # rid -> when its request was read, for ASK_TIMEOUT_S
 
     # -- the asking side -----------------------------------------------------------
 
@@ -117,6 +120,9 @@ class Control:
         if rid and time.time() * 1000 - asked_ms > ASK_TIMEOUT_S * 1000:
             log.info("control stream: %s for session %s came too late, not carried out", op, sid)
             return
+        if rid and self._seen_before(rid):
+            log.info("control stream: %s for session %s came twice, carried out once", op, sid)
+            return
         s = self.registry.sessions.get(sid)
         answer: dict[str, Any] = {"ok": False, "code": "internal",
                                   "message": f"the session's node took over {ASK_TIMEOUT_S:.0f} s"}
@@ -134,6 +140,20 @@ class Control:
             async with self.cluster.exclusive.pipeline(transaction=False) as pipe:
                 pipe.lpush(keys.reply(rid), [protocol.encode(answer)])
                 pipe.expire(keys.reply(rid), REPLY_TTL_S)
+
+    def _seen_before(self, rid: str) -> bool:
+        """Whether a request with this reply key was read within ASK_TIMEOUT_S
+        (an older one is refused as too late anyway); remembers this one."""
+        now = time.monotonic()
+        while self.seen:  # oldest first
+            old, at = next(iter(self.seen.items()))
+            if now - at <= ASK_TIMEOUT_S:
+                break
+            del self.seen[old]
+        if rid in self.seen:
+            return True
+        self.seen[rid] = now
+        return False
 
     async def _carry_out(self, s: Session, request: dict) -> dict:
         op = request["op"]
