@@ -754,19 +754,23 @@ async def test_detach_while_a_flood_streams(abuse):
     # to it. It reads nothing first, so once the flood has ended (32 MB, far beyond
     # what the loopback socket buffers hold) the server is surely blocked mid-send.
     limit = 32_000_000
-    async with open_client(abuse.url) as c, open_client(abuse.url) as watcher:
-        r = await c.ok("execute", code=prelude(abuse.tag) + FLOOD,
-                       limits={"output_bytes": limit, "wall_s": 30})
-        with trio.fail_after(20):
-            while (st := await watcher.ok("status", token=r["token"]))["exit"] is None:
-                await trio.sleep(0.05)
-        assert st["exit"]["error"] == {"type": "LimitExceeded", "message": "output_bytes"}, st["exit"]
-        try:
-            detached = await c.request("detach", session=r["session"], timeout=3)
-            status = await c.request("status", token=r["token"], timeout=3)
-        except trio.TooSlowError:
-            detached = status = None
-            c.ws._stream.socket.close()  # the stream is garbage: drop it
+    detached = status = None
+    with trio.CancelScope() as dropped:
+        async with open_client(abuse.url) as c, open_client(abuse.url) as watcher:
+            r = await c.ok("execute", code=prelude(abuse.tag) + FLOOD,
+                           limits={"output_bytes": limit, "wall_s": 30})
+            with trio.fail_after(20):
+                while (st := await watcher.ok("status", token=r["token"]))["exit"] is None:
+                    await trio.sleep(0.05)
+            assert st["exit"]["error"] == {"type": "LimitExceeded", "message": "output_bytes"}, st["exit"]
+            try:
+                detached = await c.request("detach", session=r["session"], timeout=3)
+                status = await c.request("status", token=r["token"], timeout=3)
+            except trio.TooSlowError:
+                # The stream is garbage: drop it, and end the clients at once (its
+                # reader waits on its full queue, which nothing frees: helpers.dropped).
+                c.ws._stream.socket.close()
+                dropped.cancel()
     assert detached is not None and detached["ok"], "no reply to detach: the connection is wedged"
     assert status is not None and status["ok"], status
     assert not await abuse.wait_no_tagged()
