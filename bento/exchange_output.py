@@ -72,7 +72,7 @@ class Output:
         in pieces, which the log keeps as they are until its batch is written
         (64 KiB chunks stay uncut and uncopied)."""
         seq = self.log.next_seq
-        self.log.append_parts(seq, (protocol.encode_frame(seq, ch, b""), *data_cbor))
+        self.log.append_parts(seq, (protocol.frame_head(seq, ch), *data_cbor))
         if self.log.pending_bytes >= sessionlog.READ_CHUNK:
             self.flush()  # a full batch goes now (a refusal stops the reading)
         if ch == "exit":

@@ -13,6 +13,7 @@ The contract this implements is the Bento wire protocol v1 (docs/protocol.md).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from math import isfinite
 
@@ -144,10 +145,28 @@ def error_event(session: str | None, code: str, message: str) -> bytes:
 
 def encode_frame(seq: int, ch: str, data_cbor: bytes) -> bytes:
     """The CBOR array ``[seq, ch, data]``; ``data_cbor`` is already-encoded CBOR, spliced."""
+    return frame_head(seq, ch) + data_cbor
+
+
+_SEQ16, _SEQ32, _SEQ64 = struct.Struct(">BBH"), struct.Struct(">BBI"), struct.Struct(">BBQ")
+
+
+def frame_head(seq: int, ch: str) -> bytes:
+    """A frame's bytes before its data: the array's head, ``seq`` (its shortest
+    form, as ``encode_head``) and the channel. On every frame's path: no join,
+    no call per byte."""
     chb = _CHANNELS.get(ch)
     if chb is None:
         chb = _text(ch)
-    return b"".join((b"\x83", encode_head(0, seq), chb, data_cbor))
+    if seq < 0x100:
+        if seq < 0:
+            raise ValueError(f"negative seq {seq}")
+        return (bytes((0x83, seq)) if seq < 24 else bytes((0x83, 0x18, seq))) + chb
+    if seq < 0x10000:
+        return _SEQ16.pack(0x83, 0x19, seq) + chb
+    if seq < 0x100000000:
+        return _SEQ32.pack(0x83, 0x1A, seq) + chb
+    return _SEQ64.pack(0x83, 0x1B, seq) + chb
 
 
 def is_exit_frame(frame: bytes | memoryview) -> bool:

@@ -626,7 +626,7 @@ def test_replies_and_events():
 
 
 @pytest.mark.parametrize("size", [0, 1, 23, 24, 255, 256, 65535, 65536])
-@pytest.mark.parametrize("seq", [0, 1, 23, 24, 255, 256, 65536, 2**32, 2**64 - 1])
+@pytest.mark.parametrize("seq", [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1])
 def test_encode_frame_sizes(size, seq):
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     frame = p.encode_frame(seq, "stdout", encode(data))
