@@ -171,7 +171,7 @@ def wait_up(launched: Launched, server_fd: int, timeout: float) -> str | None:
             except (ValueError, protocol.ProtocolError) as exc:
                 return f"the environment's driver broke the internal wire: {exc}"
             launched.up = True
-            launched.early = bytes(framer.buf)
+            launched.early = framer.rest()
             return None
 
 

@@ -129,33 +129,57 @@ class FrameTooLarge(ValueError):
 
 class Framer:
     """Bodies out of a byte stream, bounded: a message over ``max_body`` bytes is
-    an error (raised when its length arrives), never a buffer that grows."""
+    an error (raised when its length arrives), never a buffer that grows.
+
+    What arrived is kept as one ``bytes`` and a read position, so a body is one
+    slice of it (a small message costs no buffer shift); a message that is not
+    whole yet is gathered in pieces and joined once, when its last byte comes
+    (a long one costs no copy per read)."""
 
     def __init__(self, max_body: int) -> None:
         self.max_body = max_body
-        self.buf = bytearray()
+        self.buf = b""
+        self.pos = 0  # where the next message starts in buf
+        self.pieces: list[bytes] = []  # a message not whole yet: its bytes so far,
+        self.whole = 0  # its size with its length,
+        self.missing = 0  # and how many bytes it still needs
 
     def feed(self, data: bytes) -> None:
-        self.buf += data
+        data = bytes(data)  # (the same object when it is bytes)
+        if self.missing:
+            self.pieces.append(data)
+            self.missing -= len(data)
+            if self.missing > 0:
+                return
+            data, self.pieces, self.missing = b"".join(self.pieces), [], 0
+        elif self.pos < len(self.buf):
+            data = self.buf[self.pos :] + data  # (mostly a length's first bytes)
+        self.buf, self.pos = data, 0
 
     def next(self) -> bytes | None:
         """The next whole body, or None until more bytes arrive."""
-        buf = self.buf
-        if len(buf) < 4:
+        buf, pos = self.buf, self.pos
+        if self.missing or len(buf) - pos < 4:
             return None
-        n = LEN.unpack_from(buf, 0)[0]
+        n = LEN.unpack_from(buf, pos)[0]
         if n > self.max_body:
             raise FrameTooLarge(f"message of {n} bytes exceeds {self.max_body}")
-        if len(buf) < 4 + n:
+        end = pos + 4 + n
+        if end > len(buf):  # gathered until whole
+            self.pieces, self.whole, self.missing = [buf[pos:]], end - pos, end - len(buf)
+            self.buf, self.pos = b"", 0
             return None
-        body = bytes(buf[4 : 4 + n])
-        del buf[: 4 + n]
-        return body
+        self.pos = end
+        return buf[pos + 4 : end]
 
     @property
     def pending(self) -> int:
         """Bytes received and not yet returned as a body."""
-        return len(self.buf)
+        return self.whole - self.missing if self.missing else len(self.buf) - self.pos
+
+    def rest(self) -> bytes:
+        """The bytes received and not yet returned as a body."""
+        return b"".join(self.pieces) if self.missing else self.buf[self.pos :]
 
 
 def frame(body: bytes) -> bytes:

@@ -18,6 +18,33 @@ def test_framer_returns_whole_bodies_in_order_whatever_the_chunks():
         assert got == [b"a", b"", b"x" * 70_000, b"end"] and f.pending == 0
 
 
+def test_framer_gathers_a_long_message_and_keeps_what_follows_it():
+    stream = b"".join(wire.frame(b) for b in (b"a" * 10, b"b" * 300_000, b"c" * 7, b"d"))
+    for step in (7, 4096, 65536, 100_000, len(stream)):
+        f = wire.Framer(1 << 20)
+        got = []
+        for at in range(0, len(stream), step):
+            f.feed(stream[at : at + step])
+            while (body := f.next()) is not None:
+                assert type(body) is bytes
+                got.append(body)
+            # What arrived and was not returned yet, counted the whole way.
+            assert f.pending == len(stream[: at + step]) - sum(len(b) + 4 for b in got)
+        assert got == [b"a" * 10, b"b" * 300_000, b"c" * 7, b"d"]
+        assert f.pending == 0 and f.rest() == b""
+
+
+def test_framer_rest_is_what_follows_the_last_body():
+    f = wire.Framer(1 << 20)
+    f.feed(wire.frame(b"up") + wire.frame(b"early") + wire.frame(b"x" * 100)[:9])
+    assert f.next() == b"up"
+    assert f.rest() == wire.frame(b"early") + wire.frame(b"x" * 100)[:9] and f.pending == len(f.rest())
+    assert f.next() == b"early" and f.next() is None  # the third is not whole: gathered
+    assert f.rest() == wire.frame(b"x" * 100)[:9] and f.pending == 9
+    f.feed(wire.frame(b"x" * 100)[9:])
+    assert f.next() == b"x" * 100 and f.pending == 0
+
+
 def test_framer_refuses_a_length_over_its_bound_before_the_body_arrives():
     f = wire.Framer(100)
     f.feed(wire.LEN.pack(101))
