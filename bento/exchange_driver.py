@@ -120,31 +120,36 @@ class DriverSide:
         self.flush()
 
 
+_UINT_BYTES = {24: 1, 25: 2, 26: 4, 27: 8}  # a head's additional info -> its argument's bytes
+_SIMPLE = {(0xF4, 1), (0xF5, 1), (0xF6, 1), (0xF9, 3), (0xFA, 5), (0xFB, 9)}  # (initial byte, size)
+
 
 def plain_scalar(data: bytes) -> bool:
     """True if ``data`` is exactly one valid CBOR integer, byte string, text string,
-    float or false/true/null: the common values, checked without the full decoder."""
+    float or false/true/null: the common values, checked without the full decoder.
+    (On every ``api.send``: a one-byte length, the usual one, is read in place.)"""
     if not data:
         return False
     ib = data[0]
-    major, ai = ib >> 5, ib & 0x1F
-    if major > 3:
-        return ib in (0xF4, 0xF5, 0xF6) and len(data) == 1 or (
-            (ib, len(data)) in ((0xF9, 3), (0xFA, 5), (0xFB, 9)))
+    if ib >= 0x80:  # major type 4 and up: only false, true, null and floats are plain
+        return (ib, len(data)) in _SIMPLE
+    ai = ib & 0x1F
     if ai < 24:
         n, head = ai, 1
-    elif ai <= 27:
-        size = 1 << (ai - 24)
-        if len(data) < 1 + size:
+    elif ai == 24:
+        if len(data) < 2:
+            return False
+        n, head = data[1], 2
+    else:
+        size = _UINT_BYTES.get(ai)
+        if size is None or len(data) < 1 + size:
             return False
         n, head = int.from_bytes(data[1 : 1 + size], "big"), 1 + size
-    else:
-        return False
-    if major <= 1:
+    if ib < 0x40:  # an integer: its head is all of it
         return len(data) == head
     if len(data) != head + n:
         return False
-    if major == 3:
+    if ib >= 0x60:  # a text string: valid UTF-8
         try:
             data[head:].decode("utf-8")
         except UnicodeDecodeError:
