@@ -223,6 +223,12 @@ def encode(value: Any, *, max_depth: int = MAX_DEPTH) -> bytes:
     value itself is depth 1), which also stops cycles. Integers take their
     shortest form, floats are float64 (NaN and infinities half precision).
     """
+    t = type(value)
+    if t is bytes:  # one string, the usual api.send value: no parts to gather
+        return encode_head(2, len(value)) + value
+    if t is str:
+        b = value.encode("utf-8")
+        return encode_head(3, len(b)) + b
     parts: list[bytes] = []
     _encode(value, 1, max_depth, parts.append)
     return b"".join(parts)
