@@ -153,8 +153,8 @@ _SEQ16, _SEQ32, _SEQ64 = struct.Struct(">BBH"), struct.Struct(">BBI"), struct.St
 
 def frame_head(seq: int, ch: str) -> bytes:
     """A frame's bytes before its data: the array's head, ``seq`` (its shortest
-    form, as ``encode_head`` writes it) and the channel. It is on every frame's
-    path, so one struct per size range does it, not ``encode_head`` and a join."""
+    form, as ``encode_head``'s, held to cbor2's bytes by the unit tests) and the
+    channel. On every frame's path: one struct, not ``encode_head`` and a join."""
     chb = _CHANNELS.get(ch)
     if chb is None:
         chb = _text(ch)

@@ -278,19 +278,26 @@ def _encode(value: Any, depth: int, max_depth: int, put: Callable[[bytes], None]
         raise TypeError(f"value of type {t.__name__} cannot be encoded")
 
 
+_HEAD8 = struct.Struct(">BB").pack
+_HEAD16 = struct.Struct(">BH").pack
+_HEAD32 = struct.Struct(">BI").pack
+_HEAD64 = struct.Struct(">BQ").pack
+
+
 def encode_head(major: int, n: int) -> bytes:
-    """The shortest CBOR initial byte(s) for major type ``major`` with argument ``n``."""
+    """The shortest CBOR initial byte(s) for major type ``major`` with argument
+    ``n``. (On every frame's and every string's path: one struct per size.)"""
     mt = major << 5
     if n < 24:
         if n < 0:
             raise ValueError(f"negative CBOR argument {n}")
         return bytes((mt | n,))
     if n < 0x100:
-        return bytes((mt | 24, n))
+        return _HEAD8(mt | 24, n)
     if n < 0x10000:
-        return bytes((mt | 25,)) + n.to_bytes(2, "big")
+        return _HEAD16(mt | 25, n)
     if n < 0x100000000:
-        return bytes((mt | 26,)) + n.to_bytes(4, "big")
+        return _HEAD32(mt | 26, n)
     if n <= _UINT64_MAX:
-        return bytes((mt | 27,)) + n.to_bytes(8, "big")
+        return _HEAD64(mt | 27, n)
     raise ValueError(f"CBOR argument {n} exceeds 64 bits")
