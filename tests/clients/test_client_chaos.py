@@ -11,7 +11,8 @@ import bento_clients
 import pytest
 import trio
 from bento_clients.frames import Exit, Gap, Msg, Stdout
-from client_helpers import Proxy, line_numbers
+from client_helpers import line_numbers
+from proxy import Proxy
 
 # Prints numbered lines without pause and echoes every input it receives
 # (api.send) until its input is closed; returns what it received.

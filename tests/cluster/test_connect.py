@@ -5,7 +5,6 @@ on a real 3-master Redis Cluster, and the client's pool under cancellation."""
 from __future__ import annotations
 
 import gc
-import math
 import random
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from conftest import make_ca
 from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 from helpers import ServerProcess, assert_contiguous, connect, wait_status
+from proxy import Proxy
 
 from bento.cluster import connect as rconnect
 from bento.cluster import keys
@@ -269,51 +269,15 @@ async def test_a_node_serves_on_after_many_attachments_detached_mid_wait(nodes):
 LAG_S = 0.005  # a Redis in another zone
 
 
-async def lagging_link(port: int, lag: float, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """A TCP relay to Redis on ``port`` that hands on every reply ``lag`` seconds
-    late: commands stay in flight long enough for a cancellation to meet them."""
-    async def relay(client: trio.SocketStream) -> None:
-        async with client, await trio.open_tcp_stream("127.0.0.1", port) as server:
-            late_send, late_recv = trio.open_memory_channel[tuple[float, bytes]](math.inf)
-
-            async def up() -> None:
-                async for data in client:
-                    await server.send_all(data)
-
-            async def down() -> None:
-                async for data in server:
-                    late_send.send_nowait((trio.current_time() + lag, data))
-
-            async def late() -> None:
-                async for due, data in late_recv:
-                    await trio.sleep_until(due)
-                    await client.send_all(data)
-
-            async def until_closed(part) -> None:
-                try:
-                    await part()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                nursery.cancel_scope.cancel()  # either side gone: the relay ends
-
-            async with trio.open_nursery() as nursery:
-                for part in (up, down, late):
-                    nursery.start_soon(until_closed, part)
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, relay, listeners)
-        task_status.started(listeners[0].socket.getsockname()[1])
-
-
 async def test_coredis_still_fails_the_commands_beside_a_cancelled_xread(redis_server):
     """Why a node has two clients (``connect``'s docstring); when this fails,
     coredis no longer closes a connection under other commands and they can be one."""
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(lagging_link, redis_server.port, 0.05)
+        proxy = Proxy(redis_server.port, lag=0.05)
+        await nursery.start(proxy.run)
         # One connection, and no retry (coredis retries a failed command twice by
         # default: the third failure in a row is what a node's client answers).
-        redis = coredis.Redis(host="127.0.0.1", port=port, max_connections=1,
+        redis = coredis.Redis(host="127.0.0.1", port=proxy.port, max_connections=1,
                               connection_pool_cls=rconnect.Pool, retry_policy=NoRetryPolicy())
         async with redis:
             await redis.ping()  # the one connection is made
@@ -343,8 +307,9 @@ async def test_attachments_cut_fail_no_other_request(nodes, redis_server, tmp_pa
     a, _ = nodes
     statuses, cutters = 4, 4
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(lagging_link, redis_server.port, LAG_S)
-        c = ServerProcess(str(tmp_path / "data"), "--cluster", f"redis://127.0.0.1:{port}/0", "--node", "c")
+        proxy = Proxy(redis_server.port, lag=LAG_S)
+        await nursery.start(proxy.run)
+        c = ServerProcess(str(tmp_path / "data"), "--cluster", f"redis://127.0.0.1:{proxy.port}/0", "--node", "c")
         await trio.to_thread.run_sync(c.start)
         try:
             async with connect(a.url) as ca:
