@@ -341,18 +341,23 @@ class connect:
             self.client.ws._stream.socket.close()
 
 
+def drop(c: Client, scope: trio.CancelScope) -> None:
+    """An abrupt TCP drop of ``c`` (the socket closed under the WebSocket, no
+    close frame), and ``scope``, around the client's block, cancelled: the client
+    must end at once, as its reader may be waiting on its full message queue,
+    which nothing frees once the socket is gone (STACK.md), and a normal exit
+    of its block would wait for it."""
+    c.ws._stream.socket.close()
+    scope.cancel()
+
+
 @asynccontextmanager
 async def dropped(url: str) -> AsyncIterator[Client]:
-    """``async with dropped(url) as c``: a ``connect`` whose block ends in an abrupt
-    TCP drop (the socket closed under the WebSocket, no close frame). The client
-    then ends at once: its reader may be waiting on its full message queue, which
-    nothing frees once the socket is gone (STACK.md), and a normal exit would wait
-    for it."""
+    """``async with dropped(url) as c``: a ``connect`` whose block ends in ``drop``."""
     with trio.CancelScope() as scope:
         async with connect(url) as c:
             yield c
-            c.ws._stream.socket.close()
-            scope.cancel()
+            drop(c, scope)
 
 
 @asynccontextmanager

@@ -38,6 +38,7 @@ from abuse_kit import (
     sample_every,
     tagged_processes,
 )
+from helpers import drop
 
 # Every attack checks that the server's echo stays within 3x of its baseline, and
 # the memory bombs read the host's available memory: no other test runs beside them.
@@ -767,10 +768,7 @@ async def test_detach_while_a_flood_streams(abuse):
                 detached = await c.request("detach", session=r["session"], timeout=3)
                 status = await c.request("status", token=r["token"], timeout=3)
             except trio.TooSlowError:
-                # The stream is garbage: drop it, and end the clients at once (its
-                # reader waits on its full queue, which nothing frees: helpers.dropped).
-                c.ws._stream.socket.close()
-                dropped.cancel()
+                drop(c, dropped)  # the stream is garbage
     assert detached is not None and detached["ok"], "no reply to detach: the connection is wedged"
     assert status is not None and status["ok"], status
     assert not await abuse.wait_no_tagged()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import psutil
 import pytest
 import trio
-from helpers import Client, close_ws, proc_table, read_proc
+from helpers import Client, close_ws, drop, proc_table, read_proc
 from trio_websocket import open_websocket_url
 
 SESSIONS = int(os.environ.get("BENTO_LEAK_SESSIONS", "300"))
@@ -149,10 +149,7 @@ class Workload:
                 with trio.CancelScope() as scope:
                     r = await c.ok("execute", code=SLEEPER, limits={"wall_s": WALL})
                     await c.frames(r["session"], until_exit=False, count=1)
-                    # Abrupt: the socket closed with no detach and no close frame,
-                    # and the connection's tasks cancelled.
-                    c.ws._stream.socket.close()
-                    scope.cancel()
+                    drop(c, scope)  # abrupt: no detach, no close frame
                 self.abandoned.append((kind, r["session"], time.monotonic()))
             elif kind == "destroyed":
                 r = await c.ok("execute", code=SLEEPER, attach=self.rng.random() < 0.5)
