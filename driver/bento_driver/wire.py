@@ -133,28 +133,28 @@ class Framer:
 
     What arrived is kept as one ``bytes`` and a read position, so a body is one
     slice of it (a small message costs no buffer shift); a message that is not
-    whole yet is gathered in pieces and joined once, when its last byte comes
-    (a long one costs no copy per read)."""
+    whole yet is gathered in a bytearray until its last byte comes (a long one
+    costs no copy of what came before per read, and a peer that sends a byte
+    at a time costs a byte per byte)."""
 
     def __init__(self, max_body: int) -> None:
         self.max_body = max_body
         self.buf = b""
         self.pos = 0  # where the next message starts in buf
-        self.pieces: list[bytes] = []  # a message not whole yet: its bytes so far,
-        self.whole = 0  # its size with its length,
-        self.missing = 0  # and how many bytes it still needs
+        self.gathered = bytearray()  # a message not whole yet: its bytes so far,
+        self.missing = 0  # and how many it still needs
 
     def feed(self, data: bytes) -> None:
-        data = bytes(data)  # (the same object when it is bytes)
         if self.missing:
-            self.pieces.append(data)
+            self.gathered += data
             self.missing -= len(data)
             if self.missing > 0:
                 return
-            data, self.pieces, self.missing = b"".join(self.pieces), [], 0
+            data, self.missing = bytes(self.gathered), 0
+            self.gathered.clear()
         elif self.pos < len(self.buf):
             data = self.buf[self.pos :] + data  # (mostly a length's first bytes)
-        self.buf, self.pos = data, 0
+        self.buf, self.pos = bytes(data), 0  # (the same object when it is bytes)
 
     def next(self) -> bytes | None:
         """The next whole body, or None until more bytes arrive."""
@@ -166,7 +166,8 @@ class Framer:
             raise FrameTooLarge(f"message of {n} bytes exceeds {self.max_body}")
         end = pos + 4 + n
         if end > len(buf):  # gathered until whole
-            self.pieces, self.whole, self.missing = [buf[pos:]], end - pos, end - len(buf)
+            self.gathered += memoryview(buf)[pos:]
+            self.missing = end - len(buf)
             self.buf, self.pos = b"", 0
             return None
         self.pos = end
@@ -175,11 +176,11 @@ class Framer:
     @property
     def pending(self) -> int:
         """Bytes received and not yet returned as a body."""
-        return self.whole - self.missing if self.missing else len(self.buf) - self.pos
+        return len(self.gathered) if self.missing else len(self.buf) - self.pos
 
     def rest(self) -> bytes:
         """The bytes received and not yet returned as a body."""
-        return b"".join(self.pieces) if self.missing else self.buf[self.pos :]
+        return bytes(self.gathered) if self.missing else self.buf[self.pos :]
 
 
 def frame(body: bytes) -> bytes:

@@ -34,6 +34,28 @@ def test_framer_gathers_a_long_message_and_keeps_what_follows_it():
         assert f.pending == 0 and f.rest() == b""
 
 
+def test_framer_gathering_a_message_a_byte_at_a_time_costs_a_byte_per_byte():
+    """A peer (the function may write anything to the driver's link) that sends a
+    long message one byte per read: the framer holds about the bytes it got."""
+    import tracemalloc
+
+    body = b"z" * 200_000
+    stream = wire.frame(body)
+    f = wire.Framer(1 << 20)
+    tracemalloc.start()
+    try:
+        for at in range(len(stream) - 1):
+            f.feed(stream[at : at + 1])
+            assert f.next() is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert f.pending == len(stream) - 1
+    assert peak < 3 * len(stream), peak
+    f.feed(stream[-1:])
+    assert f.next() == body and f.pending == 0
+
+
 def test_framer_rest_is_what_follows_the_last_body():
     f = wire.Framer(1 << 20)
     f.feed(wire.frame(b"up") + wire.frame(b"early") + wire.frame(b"x" * 100)[:9])
