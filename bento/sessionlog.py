@@ -40,11 +40,16 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, prepared: str | None
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     else:
         tmp = prepared
-        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+        # Not O_TRUNC: truncating a file to nothing makes ext4 (auto_da_alloc) start
+        # its write-back when it is closed, a disk write on an execute's path. The
+        # copy is empty; one that is not (a crash's leftover) is cut after the write.
+        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if prepared is not None and os.fstat(fd).st_size > len(data):
+            os.ftruncate(fd, len(data))
         os.close(fd)
         fd = -1
         os.replace(tmp, path)

@@ -147,3 +147,13 @@ def test_a_prepared_directory_whose_meta_was_never_written_is_removed_at_start(t
     os.mkdir(store.session_dir("s_unknown"))
     assert not store.drop_unanswered("s_answered") and not store.drop_unanswered("s_unknown")
     assert store.session_ids() == ["s_answered", "s_unknown"]
+
+
+def test_a_prepared_copy_is_written_whole_even_when_it_was_not_empty(tmp_path):
+    # The copy is written in place, without O_TRUNC (sessionlog.write_atomic says why):
+    # one that a crash left longer than the new content must still end up exactly it.
+    path, ready = tmp_path / "state.cbor", tmp_path / "state.cbor.new"
+    for left in (b"", b"x" * 100):
+        ready.write_bytes(left)
+        sessionlog.write_atomic(str(path), b"abc", prepared=str(ready))
+        assert path.read_bytes() == b"abc" and not ready.exists()
