@@ -229,7 +229,10 @@ class Exchange(EnvironmentLife):
         self.driver = driver = DriverSide(self, link, launched.up)
         self.stdin = Stdin(self, launched.in_w)
         if self.meta.get("work_bytes") is not None:
-            self.work_watch = WorkDirWatch(os.path.join(self.dir, "work"), self.meta["work_bytes"])
+            self.work_watch = WorkDirWatch(os.path.join(self.dir, "work"), self.meta["work_bytes"], started_at)
+        # The first CPU check when the function could first reach its limit, not
+        # at its start (a file read that would delay its first output).
+        self.next_cpu_check = started_at + self.cpu_check_interval(0.0)
         self.output.watch(launched.out_r, launched.err_r)
         self.output.tty_fd = launched.out_r
         self.pidfd = child.process.open_pidfd()

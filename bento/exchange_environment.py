@@ -173,11 +173,15 @@ class EnvironmentLife:
         if used is not None and used >= self.limits.cpu_s:
             self.kill("cpu_s")
             return
-        # The function cannot use more CPU than CPUS per second of wall time: the
-        # next check is when it could first reach the limit (a large limit, like
-        # the server's default, costs a wake-up every few seconds, not ten a second).
-        left = self.limits.cpu_s - (used or 0.0)
-        self.next_cpu_check = now + min(max(left / CPUS, CPU_CHECK_MIN_S), CPU_CHECK_MAX_S)
+        self.next_cpu_check = now + self.cpu_check_interval(used or 0.0)
+
+    def cpu_check_interval(self, used: float) -> float:
+        """Seconds to the next CPU check, ``used`` seconds of the limit gone. The
+        function cannot use more CPU than CPUS per second of wall time: the next
+        check is when it could first reach the limit (a large limit, like the
+        server's default, costs a wake-up every few seconds, not ten a second)."""
+        left = (self.limits.cpu_s or 0.0) - used
+        return min(max(left / CPUS, CPU_CHECK_MIN_S), CPU_CHECK_MAX_S)
 
     def check_work(self, now: float) -> None:
         watch = self.work_watch

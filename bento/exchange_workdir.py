@@ -19,10 +19,12 @@ MAX_ENTRIES = 100_000
 
 
 class WorkDirWatch:
-    def __init__(self, path: str, max_bytes: int) -> None:
+    def __init__(self, path: str, max_bytes: int, start: float) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        self.next_check = 0.0
+        # The first check a second after the function's start, not at it: what is
+        # there then the server put there, and the walk would delay its first output.
+        self.next_check = start + INTERVAL_S
 
     def over(self, now: float) -> bool:
         """Due for a check at ``now`` and over the bound (True at most once per check)."""
