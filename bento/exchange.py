@@ -370,6 +370,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     warm_sock: socket.socket | None = None
     launched: Launched | None = None
+    meta: dict | None = None
     if argv[0] == "--warm":
         warm_sock = socket.socket(fileno=int(argv[1]))
         _detach_stdio()
@@ -380,7 +381,7 @@ def main(argv: list[str]) -> None:
         # exchange.pid and env.pid are there, and the work dir is the home. It
         # holds the directory by an fd (``pinned``) and its logs open since then.
         launched, sdir, lock_fd = got.launched, got.dir, got.lock_fd
-        pinned, logs = got.pinned, got.logs
+        pinned, logs, meta = got.pinned, got.logs, got.meta
         adopt = False
     else:
         sdir = argv[0]
@@ -395,11 +396,12 @@ def main(argv: list[str]) -> None:
     sdir = pinned if pinned is not None else sessiondisk.pin_dir(sdir)
     if launched is not None and launched.pid_file is not None:
         launched.pid_file = os.path.join(sdir, "env.pid")  # (its warm directory, renamed)
-    pre = meta = env_lock = None
+    pre = env_lock = None
     if launched is not None and launched.error is None:
         # A pre-started environment and a brand-new session: the function
         # starts first, and runs while this exchange sets itself up.
-        meta = read_meta(sdir)
+        if meta is None:
+            meta = read_meta(sdir)
         # Unsandboxed, the driver moves to its home by its new name (cwd and
         # HOME); a sandbox's home is a bind, which followed the rename.
         cwd = None if meta["sandbox"] == "bwrap" else work

@@ -37,6 +37,7 @@ from bento.launch import READ_SIZE, START_FIFO, Launched, Link, launch, loads
 
 UP_TIMEOUT_S = 10.0  # an environment not up by then is discarded (the pool tries again later)
 UP_MAX_BYTES = 4096  # the driver's ``up`` is a few bytes: more is a broken driver
+INLINE_META_MAX = 64 * 1024  # a session's meta.cbor up to this size comes with its ``assign``
 STDERR_TAIL = 1000  # of an environment that died before it came up, for the server's log
 
 
@@ -44,12 +45,13 @@ class Assigned:
     """What a warm exchange has when the server assigns it a session."""
 
     def __init__(self, launched: Launched, sdir: str, lock_fd: int, pinned: str,
-                 logs: tuple[sessionlog.Writer, sessionlog.Writer, dict] | None) -> None:
+                 logs: tuple[sessionlog.Writer, sessionlog.Writer, dict] | None, meta: dict | None) -> None:
         self.launched = launched  # the environment
         self.dir = sdir  # the session's directory: the warm one, renamed by the server
         self.lock_fd = lock_fd
         self.pinned = pinned  # that directory as this process holds it (``sessiondisk.pin_dir``)
         self.logs = logs  # ``sessiondisk.open_logs`` of it
+        self.meta = meta  # its meta.cbor, when the ``assign`` brought it
 
 
 def wait_for_session(sock: socket.socket) -> Assigned | None:
@@ -130,7 +132,8 @@ def wait_for_session(sock: socket.socket) -> Assigned | None:
         raise RuntimeError("the server sent more than one message before the session was set up")
     launched.start_sent = bool(assign.get("started"))
     os.set_blocking(sock.fileno(), False)
-    return Assigned(launched, assign["dir"], lock_fd, pinned, logs)
+    meta = loads(assign["meta"]) if "meta" in assign else None
+    return Assigned(launched, assign["dir"], lock_fd, pinned, logs, meta)
 
 
 def wait_up(launched: Launched, server_fd: int, timeout: float) -> str | None:

@@ -220,11 +220,15 @@ class WarmPool:
         link.taken = self.first_hops = trio.Event()
         return link
 
-    async def assign_warm(self, link: ExchangeLink, sdir: str, started: bool) -> dict | None:
+    async def assign_warm(self, link: ExchangeLink, sdir: str, started: bool, meta: bytes) -> dict | None:
         """Hand the session in ``sdir`` to its warm exchange (``started``: its
-        driver has its start already): its hello, or None (gone, too slow)."""
+        driver has its start already; ``meta``: its meta.cbor, sent along when
+        small, so that the exchange need not read it): its hello, or None
+        (gone, too slow)."""
+        msg = {"t": "assign", "dir": sdir, **({"started": True} if started else {}),
+               **({"meta": meta} if len(meta) <= warm.INLINE_META_MAX else {})}
         try:
-            await link.send({"t": "assign", "dir": sdir, **({"started": True} if started else {})})
+            await link.send(msg)
             with trio.fail_after(SPAWN_TIMEOUT_S):
                 return await link.hello()
         except (ExchangeGone, trio.TooSlowError):

@@ -72,7 +72,9 @@ MESSAGES: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
             # may a limit be per process only); then the server may send the driver
             # its start itself, through the directory's start.fifo (bento/launch.py)
             "warm": ("sandbox sandbox_cmd python driver_path network dir", "envs_dir fork limits allow_unenforced"),
-            "assign": ("dir", "started"),  # started: the server sent the driver its start
+            # started: the server sent the driver its start; meta: the session's meta.cbor
+            # (when it is at most bento.warm.INLINE_META_MAX bytes, else read from the dir)
+            "assign": ("dir", "started meta"),
             "input": ("rid seq", "data eof stdin"),  # stdin: data is bytes for fd 0, not a value
             "ack": ("seq", ""),
             "sync": ("rid", ""),  # positions now: replied with the snapshot's fields

@@ -151,3 +151,55 @@ async def test_unsandboxed_a_warm_exchange_that_dies_leaves_one_run_on_the_host(
         assert ran.read_text() == "ran\n"
     finally:
         srv.stop()
+
+
+WAITS_FOR_GO = """
+import os, time
+def main():
+    for _ in range(2000):
+        if os.path.exists("go"):
+            return "ran"
+        time.sleep(0.01)
+"""
+
+
+async def test_a_warm_exchange_takes_a_small_meta_from_its_assign_and_a_large_one_from_its_directory(tmp_path):
+    """The ``assign`` brings the session's meta.cbor when it is small (the warm
+    exchange need not read the file on the way to the first output); a larger
+    one the exchange reads from the directory. Seen from outside: with the
+    warm exchange stopped, its session's meta.cbor is spoiled on disk before
+    it wakes; a session with a small meta still runs on that warm exchange,
+    one with a large meta finds the spoiled file, and its session starts cold
+    (in a fresh directory, with its meta written again) and runs all the same."""
+    from bento.warm import INLINE_META_MAX
+
+    data = str(tmp_path / "data")
+    srv = ServerProcess(data, "--sandbox", "none", "--pool", "1", "--pool-max", "1").start()
+    try:
+        async with conn(srv.url) as c:
+            for pad, on_warm in ((0, True), (INLINE_META_MAX, False)):
+                pid = await one_stopped_warm(data)
+                replies: list[dict] = []
+
+                async def execute(pad: int = pad, replies: list = replies) -> None:
+                    replies.append(await c.ok("execute", code=f"# {'x' * pad}\n{WAITS_FOR_GO}", attach=False))
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(execute)
+                    with trio.fail_after(10):
+                        while not (metas := glob.glob(os.path.join(data, "sessions", "s_*", "meta.cbor"))):
+                            await trio.sleep(0.02)
+                    [meta] = metas
+                    with open(meta + ".spoilt", "wb") as f:
+                        f.write(b"\xff")
+                    os.replace(meta + ".spoilt", meta)
+                    os.kill(pid, signal.SIGCONT)
+                sdir = os.path.join(data, "sessions", replies[0]["session"])
+                with open(os.path.join(sdir, "exchange.pid")) as f:  # (its function waits for "go")
+                    assert (int(f.read()) == pid) is on_warm, pad
+                open(os.path.join(sdir, "work", "go"), "w").close()
+                st = await wait_exit(c, replies[0]["token"])
+                assert st["exit"]["result"] == "ran", (pad, st)
+                await c.ok("destroy", token=replies[0]["token"])
+    finally:
+        srv.stop()

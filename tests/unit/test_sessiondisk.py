@@ -104,7 +104,7 @@ def test_a_prepared_directory_becomes_a_session_with_nothing_left_to_create(tmp_
     try:
         assert sessiondisk.take_lock(str(home)) == -1  # held by the warm exchange from now on
         assert (home / "exchange.pid").read_text() == f"{os.getpid()}\n"
-        sdir = store.create_session("s_prepared", {"code": "x"}, prepared=str(home))
+        sdir = store.create_session("s_prepared", protocol.encode({"code": "x"}), prepared=str(home))
         assert not home.exists()
         names = sorted(os.listdir(sdir))
         assert names == ["exchange.pid", "lock", "meta.cbor", sessionlog.segment_name("out", 1), "sizes.bin.new",
@@ -143,7 +143,7 @@ def test_a_prepared_directory_whose_meta_was_never_written_is_removed_at_start(t
     assert store.drop_unanswered("s_unanswered")
     assert "s_unanswered" not in store.session_ids()
     # A session with its meta, or a directory that was never prepared, is not touched.
-    store.create_session("s_answered", {"code": "x"})
+    store.create_session("s_answered", protocol.encode({"code": "x"}))
     os.mkdir(store.session_dir("s_unknown"))
     assert not store.drop_unanswered("s_answered") and not store.drop_unanswered("s_unknown")
     assert store.session_ids() == ["s_answered", "s_unknown"]
