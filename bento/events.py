@@ -74,7 +74,7 @@ def held() -> Iterator[Held]:
     not wait for its log lines, as an execute's reply does not. A block that
     hands them on (``Held.hand_on``) leaves their writing to the receiver:
     an execute's attachment writes them after its first out event (or
-    before its first wait)."""
+    once it has waited a moment for one)."""
     held = Held()
     token = _held.set(held)
     try:

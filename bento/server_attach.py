@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bento.server")
 
+# An execute's log lines (a few, ~0.3 ms to write) wait this long for its
+# first output to go out before them, no longer.
+LINES_WAIT_S = 0.05
+
 
 class AttachOps:
     if TYPE_CHECKING:  # what bento.server.Connection provides
@@ -178,6 +182,7 @@ class AttachOps:
                 pass
 
     async def _pump(self, att: Attachment, s: Session, cursor: sessionlog.Cursor) -> None:
+        lines_due = None
         while True:
             changed = s.changed
             if s.removed or s.verdict is not None:
@@ -216,5 +221,12 @@ class AttachOps:
                     att.next_seq = cursor.next_seq
                     att.write_lines()
                 continue
-            att.write_lines()
+            if att.lines is not None:
+                if lines_due is None:
+                    lines_due = trio.current_time() + LINES_WAIT_S
+                with trio.move_on_at(lines_due) as waited:
+                    await changed.wait()
+                if waited.cancelled_caught:
+                    att.write_lines()
+                continue
             await changed.wait()

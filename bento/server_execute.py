@@ -70,7 +70,7 @@ class ExecuteOps:
             if ticket is None:
                 return  # another node took it, and this connection has answered
         # The log lines after the reply and, when attached, after the attachment's
-        # first out event (or before its first wait, when there is no output yet).
+        # first out event (or after LINES_WAIT_S without output: bento/server_attach.py).
         with events.held() as lines:
             s, owner, viewer = await start_session(self.server, meta, idem_hash, ticket)
             await self.send(protocol.reply_ok(req["id"], session=s.sid, token=owner, viewer_token=viewer))

@@ -62,7 +62,7 @@ class Attachment:
     ended: bool = False
     why: str = ""  # why it was cut off while its session goes on (a revoked viewer token)
     done: trio.Event = field(default_factory=trio.Event)  # its worker has finished
-    lines: events.Held | None = None  # an execute's log lines: after its first out event or wait
+    lines: events.Held | None = None  # an execute's log lines: after its first out event, or a moment without one
 
     def write_lines(self) -> None:
         """Write the execute's log lines this attachment carries (once)."""

@@ -195,6 +195,20 @@ async def test_json_log_has_every_session_event_and_no_token(make_server, tmp_pa
     assert not any(t in text for t in tokens)
 
 
+async def test_an_attached_execute_without_output_still_logs_its_lines_while_it_runs(make_server):
+    # An attached execute's lines wait for its first out event, so that they do not
+    # delay it, but only a moment (bento/server_attach.py LINES_WAIT_S).
+    srv = make_server("--sandbox", "none")
+    async with conn(srv.url) as c:
+        r = await c.ok("execute", code=WAITS)
+        with trio.fail_after(10):
+            while f"session.created session={r['session']}" not in srv.read_log():
+                await trio.sleep(0.05)
+        assert f"audit op=execute key=- session={r['session']}" in srv.read_log()
+        assert (await c.ok("status", token=r["token"]))["exit"] is None  # (still waiting for its input)
+        await c.ok("destroy", token=r["token"])
+
+
 def test_ctrl_c_stops_with_one_line_and_no_traceback(tmp_path):
     srv = ServerProcess(str(tmp_path / "d"), "--sandbox", "none").start()
     try:
