@@ -399,6 +399,10 @@ def main() -> None:
     link.send({"t": "up"})
     link.start_reader()
     warm_up()
+    # sys.stdin wrapped while this environment waits for a session too (~0.3 ms:
+    # three io objects). A terminal session has its terminal on fd 0 from its spawn.
+    waits = Waits(link)
+    watch_stdin(waits, os.isatty(0))
     start = link.first()
     if start is None or start.get("t") != "start":
         os._exit(70)
@@ -420,9 +424,7 @@ def main() -> None:
     for name, (soft, hard) in start.get("rlimits", {}).items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     encode = _Encoder(start["max_value"], start["max_depth"], start["max_items"])
-    waits = Waits(link)
     api = Api(link, encode, waits)
-    watch_stdin(waits, bool(start.get("tty")))
     report: dict[str, Any] = {"t": "exit", "kind": "return", "result": None, "error": None, "code": 0}
 
     # The work dir's files import each other (`from helper import x`).
