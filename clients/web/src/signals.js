@@ -57,6 +57,9 @@ export class Signals {
     try {
       await this.follower.request('signal', { signal: name });
       this.view.clearNotice('signals');
+      // The function's exit may come before the reply (it ended at the signal): it
+      // says what the signal did, and a confirmation after it would outlive it.
+      if (this.view.exitData !== null) return;
       this.view.notice('control', 'info', `Sent ${name}${note}.`, { forMs: CONFIRM_MS });
     } catch (err) {
       const text = err instanceof ServerError
