@@ -146,26 +146,42 @@ class WireTap:
     """Every WebSocket the pages of ``context`` open goes through here (Playwright's
     ``route_web_socket``): each request a page sends is recorded (its CBOR map),
     and requests whose op is in ``hold`` wait until ``release`` sends them on.
-    The server's messages reach the page untouched."""
+    The server's replies to requests whose op is in ``hold_replies`` wait until
+    ``release_replies`` passes them to the page; its other messages reach the
+    page untouched."""
 
-    def __init__(self, context: Any, hold: tuple[str, ...] = ()) -> None:
+    def __init__(self, context: Any, hold: tuple[str, ...] = (), hold_replies: tuple[str, ...] = ()) -> None:
         self.sent: list[dict] = []
         self.hold = set(hold)
         self.held: list[tuple[Any, bytes]] = []
+        self.hold_replies = set(hold_replies)
+        self.held_replies: list[tuple[Any, bytes]] = []
         context.route_web_socket("**/v1", self._route)
 
     def _route(self, ws: Any) -> None:
         server = ws.connect_to_server()
+        reply_ids: set[int] = set()  # of the requests whose replies are held
 
         def from_page(message: str | bytes) -> None:
             msg = cbor2.loads(message) if isinstance(message, bytes) else {}
             self.sent.append(msg)
+            if msg.get("op") in self.hold_replies:
+                reply_ids.add(msg.get("id"))
             if msg.get("op") in self.hold:
                 self.held.append((server, message))
             else:
                 server.send(message)
 
+        def from_server(message: str | bytes) -> None:
+            msg = cbor2.loads(message) if isinstance(message, bytes) else {}
+            if isinstance(msg, dict) and "ev" not in msg and msg.get("id") in reply_ids:
+                self.held_replies.append((ws, message))
+            else:
+                ws.send(message)
+
         ws.on_message(from_page)
+        if self.hold_replies:
+            server.on_message(from_server)
 
     def ops(self) -> list[str]:
         return [m["op"] for m in self.sent if "op" in m]
@@ -176,3 +192,11 @@ class WireTap:
         for server, message in self.held:
             server.send(message)
         self.held.clear()
+
+    def release_replies(self) -> int:
+        """Passes the held replies to the page, in order, and holds no more; how many."""
+        self.hold_replies.clear()
+        held, self.held_replies = self.held_replies, []
+        for ws, message in held:
+            ws.send(message)
+        return len(held)

@@ -4,8 +4,8 @@ function has ended, a storage refusal said in plain words."""
 
 from __future__ import annotations
 
-import cbor2
 from page_helpers import (
+    WireTap,
     assert_no_page_errors,
     open_page,
     send_input,
@@ -79,42 +79,17 @@ def test_a_signals_confirmation_goes_once_the_function_has_ended(context, server
 def test_a_signals_confirmation_that_comes_after_the_exit_is_not_shown(context, server):
     """The function can end at the signal before the server answers the signal
     request: the exit then comes first, and the confirmation after it must not
-    be shown. Here the page's WebSocket is relayed by the test, which holds the
-    server's reply to the signal until the exit's out event has gone to the page."""
+    be shown. Here the server's reply to the signal is held (WireTap) until the
+    page shows the exit."""
+    tap = WireTap(context, hold_replies=("signal",))
     token, _ = start(server, INTERRUPTIBLE)
-    held: dict = {}
-
-    def relay(ws) -> None:
-        srv = ws.connect_to_server()
-
-        def to_server(message) -> None:
-            msg = cbor2.loads(message) if isinstance(message, bytes) else None
-            if isinstance(msg, dict) and msg.get("op") == "signal":
-                held["id"] = msg["id"]
-            srv.send(message)
-
-        def to_page(message) -> None:
-            msg = cbor2.loads(message) if isinstance(message, bytes) else None
-            if isinstance(msg, dict) and "id" in held and msg.get("id") == held["id"] and "exit" not in held:
-                held["reply"] = message
-                return
-            ws.send(message)
-            if isinstance(msg, dict) and msg.get("ev") == "out" and any(f[1] == "exit" for f in msg["frames"]):
-                held["exit"] = True
-                if "reply" in held:
-                    ws.send(held.pop("reply"))
-
-        ws.on_message(to_server)
-        srv.on_message(to_page)
-
-    context.route_web_socket(lambda url: True, relay)
     page = open_page(context, server, token)
     wait_terminal(page, "ready")
     page.click("button[data-signal=INT]")
     assert wait_exit(page)["result"] == "interrupted"
     wait_js(page, "() => window.bentoPage.status() && window.bentoPage.status().exit")
-    page.wait_for_timeout(300)  # (the held reply is answered by now)
-    assert held.get("exit") and "reply" not in held, held
+    assert tap.release_replies() == 1  # the reply comes after the exit
+    page.wait_for_timeout(300)  # (the page takes the reply)
     assert page.evaluate(NOTICE) == ""
     assert_no_page_errors(page)
 
