@@ -258,10 +258,10 @@ class Registry(SessionLinks, Upkeep):
             # says): also one that follows a warm exchange that failed (below).
             meta["fork"] = self.exchanges.sandbox_template.path
         link = None if meta.get("tty") or tree else self.exchanges.take_warm(meta["network"])
-        encoded = protocol.encode(meta)
+        meta_cbor = protocol.encode(meta)
         try:
             try:
-                sdir = self.store.create_session(sid, encoded, link.home if link is not None else None)
+                sdir = self.store.create_session(sid, meta_cbor, link.home if link is not None else None)
             except OSError as exc:
                 if link is None:
                     raise
@@ -269,7 +269,7 @@ class Registry(SessionLinks, Upkeep):
                 log.warning("session %s: cannot take a warm exchange's directory, starting cold: %s", sid, exc)
                 self.exchanges.close_warm(link)
                 link = None
-                sdir = self.store.create_session(sid, encoded)
+                sdir = self.store.create_session(sid, meta_cbor)
             if tree:
                 os.mkdir(os.path.join(sdir, "work"), 0o755)
                 await trio.to_thread.run_sync(files.write_tree, os.path.join(sdir, "work"), tree)
@@ -286,14 +286,14 @@ class Registry(SessionLinks, Upkeep):
                 link.home = None  # the session's now
                 # The function may start now, while its exchange wakes (bento/launch.py).
                 started = send_start(sdir, meta, link.limits, link.rlimits)
-                hello = await self.exchanges.assign_warm(link, sdir, started, encoded)
+                hello = await self.exchanges.assign_warm(link, sdir, started, meta_cbor)
                 if hello is None:
                     # The warm exchange (killed now) may have begun the function, or the server
                     # did (``started``): that environment dies with its exchange, had no network
                     # and its home goes with the directory, so nothing it did is this session's
                     # (send_start is bwrap's only). A fresh directory for the cold start.
                     self.exchanges.discard_dir(sdir)
-                    self.store.create_session(sid, encoded)
+                    self.store.create_session(sid, meta_cbor)
             if link is not None and hello is not None:
                 self._linked(s, link, hello)
             else:

@@ -103,8 +103,8 @@ class Store:
     def session_dir(self, sid: str) -> str:
         return os.path.join(self.sessions, sid)
 
-    def create_session(self, sid: str, meta: bytes, prepared: str | None = None) -> str:
-        """The new session's directory with its meta.cbor (``meta``, encoded).
+    def create_session(self, sid: str, meta_cbor: bytes, prepared: str | None = None) -> str:
+        """The new session's directory with its meta.cbor (``meta_cbor``).
         ``prepared``: a warm exchange's directory (``sessiondisk.prepare_dir``),
         renamed into place."""
         sdir = self.session_dir(sid)
@@ -114,7 +114,7 @@ class Store:
             os.rename(prepared, sdir)
         try:
             meta_path = os.path.join(sdir, "meta.cbor")
-            write_atomic(meta_path, meta, prepared=None if prepared is None else meta_path + PREPARED)
+            write_atomic(meta_path, meta_cbor, prepared=None if prepared is None else meta_path + PREPARED)
         except OSError:
             shutil.rmtree(sdir, ignore_errors=True)
             raise

@@ -220,13 +220,13 @@ class WarmPool:
         link.taken = self.first_hops = trio.Event()
         return link
 
-    async def assign_warm(self, link: ExchangeLink, sdir: str, started: bool, meta: bytes) -> dict | None:
+    async def assign_warm(self, link: ExchangeLink, sdir: str, started: bool, meta_cbor: bytes) -> dict | None:
         """Hand the session in ``sdir`` to its warm exchange (``started``: its
-        driver has its start already; ``meta``: its meta.cbor, sent along when
+        driver has its start already; ``meta_cbor``: its meta.cbor, sent along when
         small, so that the exchange need not read it): its hello, or None
         (gone, too slow)."""
         msg = {"t": "assign", "dir": sdir, **({"started": True} if started else {}),
-               **({"meta": meta} if len(meta) <= warm.INLINE_META_MAX else {})}
+               **({"meta": meta_cbor} if len(meta_cbor) <= warm.INLINE_META_MAX else {})}
         try:
             await link.send(msg)
             with trio.fail_after(SPAWN_TIMEOUT_S):
